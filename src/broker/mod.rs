@@ -1,0 +1,101 @@
+//! The pub/sub seam: one small trait, two implementations.
+//!
+//! [`RedisBroker`] is what `serve` uses; [`MemoryBroker`] is an in-process
+//! stand-in with Redis's channel and pattern semantics, used by `demo` when no
+//! Redis answers and by fast tests.
+
+mod glob;
+mod memory;
+mod redis;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+
+pub use self::glob::glob_match;
+pub use self::memory::MemoryBroker;
+pub use self::redis::RedisBroker;
+use crate::config::is_pattern;
+
+/// Something to subscribe to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topic {
+    /// An exact channel name (SUBSCRIBE).
+    Channel(String),
+    /// A glob pattern (PSUBSCRIBE).
+    Pattern(String),
+}
+
+impl Topic {
+    /// A pattern when the name contains `*`, `?` or `[`, else a channel.
+    #[must_use]
+    pub fn from_name(name: &str) -> Self {
+        if is_pattern(name) {
+            Topic::Pattern(name.to_owned())
+        } else {
+            Topic::Channel(name.to_owned())
+        }
+    }
+
+    /// Whether a message published on `channel` reaches this topic.
+    #[must_use]
+    pub fn matches(&self, channel: &str) -> bool {
+        match self {
+            Topic::Channel(name) => name == channel,
+            Topic::Pattern(pattern) => glob_match(pattern.as_bytes(), channel.as_bytes()),
+        }
+    }
+}
+
+/// A message received through a subscription.
+#[derive(Debug, Clone)]
+pub struct Inbound {
+    /// Index, in the list given to [`Broker::subscribe`], of the topic it arrived through.
+    pub topic: usize,
+    /// The channel it was published on.
+    pub channel: String,
+    /// The payload, as published.
+    pub payload: Bytes,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outbound {
+    /// Channel name, shared by every message for the same key.
+    pub channel: Arc<str>,
+    /// The payload.
+    pub payload: Bytes,
+}
+
+/// The messages of one subscription, in the order the broker delivered them.
+/// The stream ends when the subscription is lost (for Redis: the connection).
+pub type Subscription = BoxStream<'static, Inbound>;
+
+/// Errors talking to a broker.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    /// The Redis server failed or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// The broker is gone (the in-process broker was shut down).
+    #[error("broker closed")]
+    Closed,
+}
+
+/// A publish/subscribe broker.
+pub trait Broker: Clone + Send + Sync + 'static {
+    /// Subscribes to every topic at once; messages of all of them arrive on
+    /// one stream, each tagged with the index of the topic that matched.
+    fn subscribe(
+        &self,
+        topics: &[Topic],
+    ) -> impl Future<Output = Result<Subscription, BrokerError>> + Send;
+
+    /// Publishes the messages in order, in as few round trips as the broker allows.
+    fn publish(&self, batch: &[Outbound]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// A short description for logs ("redis://host:port", "embedded").
+    fn describe(&self) -> String;
+}

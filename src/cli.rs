@@ -1,0 +1,143 @@
+//! The command line: `serve` (default), `publish`, `demo`, `tail`.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::RedisBroker;
+use crate::config::Settings;
+use crate::telemetry::LogFormat;
+use crate::{Error, demo, producer, shutdown, tail};
+
+/// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
+#[derive(Debug, Parser)]
+#[command(name = "quotebridge", version, about)]
+pub struct Cli {
+    /// Configuration file (TOML) layered over the compiled-in defaults.
+    #[arg(long, short, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do (default: serve).
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the bridge (the default).
+    Serve,
+    /// Publish quotes from a CSV (symbol,price[,ts][,client]) or JSON-lines file.
+    Publish {
+        /// The file to read.
+        file: PathBuf,
+        /// Quotes per second (default: as fast as Redis takes them, pipelined).
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+        /// Start over at the end of the file, until interrupted.
+        #[arg(long = "loop")]
+        repeat: bool,
+        /// Make every quote private to this client code.
+        #[arg(long, value_name = "CODE")]
+        client: Option<String>,
+    },
+    /// See it work: the bridge plus a feeder replaying bundled sample quotes.
+    Demo,
+    /// Print what a client group receives, one JSON per line.
+    Tail {
+        /// The client code to connect as.
+        client_code: String,
+        /// Subscribe to these symbols instead of the defaults (comma-separated).
+        #[arg(long, value_delimiter = ',', value_name = "A,B")]
+        symbols: Option<Vec<String>>,
+        /// Base WebSocket URL (default: ws:// + server.listen).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+}
+
+/// Runs the command `cli` names until it finishes or SIGINT/SIGTERM.
+pub async fn execute(cli: Cli) -> Result<(), Error> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn({
+        let shutdown = shutdown.clone();
+        async move {
+            shutdown::signal().await;
+            shutdown.cancel();
+        }
+    });
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => {
+            let address = settings.server.listen;
+            let listener = TcpListener::bind(address)
+                .await
+                .map_err(|e| Error::io(format!("cannot listen on {address}"), e))?;
+            crate::run(settings, listener, shutdown).await
+        }
+        Command::Publish {
+            file,
+            rate,
+            repeat,
+            client,
+        } => publish(&settings, &file, rate, repeat, client.as_deref(), &shutdown).await,
+        Command::Demo => demo::run(settings, shutdown).await,
+        Command::Tail {
+            client_code,
+            symbols,
+            url,
+        } => {
+            let url = url.unwrap_or_else(|| format!("ws://{}", settings.server.listen));
+            tail::run(&url, &client_code, symbols, shutdown).await
+        }
+    }
+}
+
+async fn publish(
+    settings: &Settings,
+    file: &std::path::Path,
+    rate: Option<f64>,
+    repeat: bool,
+    client: Option<&str>,
+    shutdown: &CancellationToken,
+) -> Result<(), Error> {
+    if let Some(code) = client.filter(|c| !crate::names::is_client_code(c)) {
+        return Err(Error::Usage(format!(
+            "--client {code:?}: expected 1-64 characters from [A-Za-z0-9_-]"
+        )));
+    }
+    if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(Error::Usage("--rate must be a positive number".into()));
+    }
+    let loaded = producer::load(file, client)?;
+    for (line, reason) in &loaded.rejected {
+        eprintln!("{}:{line}: {reason}", file.display());
+    }
+    if loaded.quotes.is_empty() {
+        return Err(Error::Input(format!(
+            "{}: no valid quotes to publish",
+            file.display()
+        )));
+    }
+    let channel = &settings.redis.input[0];
+    if crate::config::is_pattern(channel) {
+        return Err(Error::Usage(format!(
+            "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
+        )));
+    }
+    let broker = RedisBroker::connect(&settings.redis.url).await?;
+    let summary =
+        producer::publish(&broker, channel, &loaded.quotes, rate, repeat, shutdown).await?;
+    println!(
+        "published {} quotes to {channel:?} in {:.2} s ({:.0} quotes/s); {} lines rejected",
+        summary.published,
+        summary.elapsed.as_secs_f64(),
+        summary.rate(),
+        loaded.rejected.len()
+    );
+    Ok(())
+}

@@ -1,0 +1,365 @@
+//! Typed, layered configuration: compiled-in defaults, then an optional file,
+//! then `QUOTEBRIDGE__SECTION__KEY` environment variables. Validated once when
+//! loaded, so the rest of the program can trust every value.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::path::Path;
+use std::time::Duration;
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+
+use crate::names;
+
+/// The compiled-in defaults; every key is documented there.
+pub const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Why configuration could not be loaded. Both variants name the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type or an unknown key.
+    #[error("invalid configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is well-typed but out of range or inconsistent.
+    #[error("invalid configuration: {key}: {message}")]
+    Invalid {
+        /// The offending key, e.g. `sma.window`.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+/// All settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// The `[redis]` section.
+    pub redis: RedisSettings,
+    /// The `[sma]` section.
+    pub sma: SmaSettings,
+    /// The `[websocket]` section.
+    pub websocket: WebSocketSettings,
+    /// The `[server]` section.
+    pub server: ServerSettings,
+}
+
+/// Where quotes come from and where results go.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisSettings {
+    /// Redis URL.
+    pub url: String,
+    /// Input channels and patterns.
+    pub input: Vec<String>,
+    /// Output channel name, optionally containing `{symbol}`.
+    pub output: String,
+    /// Channel for rejected input; empty disables it.
+    pub rejected: String,
+    /// Prefix of the per-client direct channels.
+    pub direct_prefix: String,
+    /// Most SMA messages waiting to be published.
+    pub publish_queue: usize,
+}
+
+/// The moving average.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SmaSettings {
+    /// Prices per average.
+    pub window: usize,
+    /// Emit before the window is full.
+    pub emit_partial: bool,
+    /// Most distinct (client, symbol) keys.
+    pub max_keys: usize,
+}
+
+/// WebSocket clients.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketSettings {
+    /// A new socket's subscriptions.
+    pub default_symbols: Vec<String>,
+    /// Most frames queued for one socket before it is closed as a slow consumer.
+    pub send_queue: usize,
+    /// Most subscriptions per socket.
+    pub max_symbols: usize,
+    /// Largest client frame, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// The HTTP server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// Listen address for HTTP and WebSocket.
+    pub listen: SocketAddr,
+    /// Most concurrent WebSocket connections.
+    pub max_connections: usize,
+    /// Seconds allowed for a clean shutdown.
+    pub shutdown_timeout: u64,
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, None)
+    }
+
+    /// Like [`Settings::load`], with the environment given as a map (for tests).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml));
+        }
+        let environment = Environment::with_prefix("QUOTEBRIDGE")
+            .prefix_separator("__")
+            .separator("__")
+            .list_separator(",")
+            .with_list_parse_key("redis.input")
+            .with_list_parse_key("websocket.default_symbols")
+            .try_parsing(true)
+            .source(env);
+        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// The compiled-in defaults alone.
+    pub fn defaults() -> Result<Self, ConfigError> {
+        Self::load_with_env(None, Some(HashMap::new()))
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let redis = &self.redis;
+        if let Err(err) = redis::Client::open(redis.url.as_str()) {
+            return invalid("redis.url", format!("not a valid Redis URL: {err}"));
+        }
+        if redis.input.is_empty() || redis.input.iter().any(String::is_empty) {
+            return invalid(
+                "redis.input",
+                "must list at least one non-empty channel".into(),
+            );
+        }
+        if redis.direct_prefix.is_empty() || is_pattern(&redis.direct_prefix) {
+            return invalid(
+                "redis.direct_prefix",
+                "must be non-empty and contain none of * ? [".into(),
+            );
+        }
+        if let Some(ch) = redis
+            .input
+            .iter()
+            .find(|ch| !is_pattern(ch) && ch.starts_with(&redis.direct_prefix))
+        {
+            return invalid(
+                "redis.input",
+                format!(
+                    "channel {ch:?} starts with redis.direct_prefix {:?}",
+                    redis.direct_prefix
+                ),
+            );
+        }
+        if redis.output.is_empty() {
+            return invalid("redis.output", "must not be empty".into());
+        }
+        if redis.input.contains(&redis.output) {
+            return invalid(
+                "redis.output",
+                "must differ from every input channel (the bridge would read its own output)"
+                    .into(),
+            );
+        }
+        if !redis.rejected.is_empty() && redis.input.contains(&redis.rejected) {
+            return invalid(
+                "redis.rejected",
+                "must differ from every input channel".into(),
+            );
+        }
+        if redis.publish_queue == 0 {
+            return invalid("redis.publish_queue", "must be at least 1".into());
+        }
+        if !(1..=10_000).contains(&self.sma.window) {
+            return invalid(
+                "sma.window",
+                format!("must be between 1 and 10000 (got {})", self.sma.window),
+            );
+        }
+        if self.sma.max_keys == 0 {
+            return invalid("sma.max_keys", "must be at least 1".into());
+        }
+        let ws = &self.websocket;
+        if let Some(bad) = ws
+            .default_symbols
+            .iter()
+            .find(|s| !names::is_subscription(s))
+        {
+            return invalid(
+                "websocket.default_symbols",
+                format!(
+                    "{bad:?} is neither \"*\" nor a symbol of 1-32 characters from [A-Za-z0-9._:/-]"
+                ),
+            );
+        }
+        if ws.send_queue == 0 {
+            return invalid("websocket.send_queue", "must be at least 1".into());
+        }
+        if ws.max_symbols == 0 || ws.default_symbols.len() > ws.max_symbols {
+            return invalid(
+                "websocket.max_symbols",
+                "must be at least 1 and at least the number of default_symbols".into(),
+            );
+        }
+        if ws.max_message_bytes < 256 {
+            return invalid("websocket.max_message_bytes", "must be at least 256".into());
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The SMA window as the type the window wants.
+    #[must_use]
+    pub fn window(&self) -> NonZeroUsize {
+        // validate() guarantees 1..=10000.
+        NonZeroUsize::new(self.sma.window).unwrap_or(NonZeroUsize::MIN)
+    }
+
+    /// Time allowed for a clean shutdown.
+    #[must_use]
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.server.shutdown_timeout)
+    }
+}
+
+/// Redis treats a channel name containing `*`, `?` or `[` as a glob pattern.
+#[must_use]
+pub fn is_pattern(channel: &str) -> bool {
+    channel.contains(['*', '?', '['])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
+    fn error_with_env(pairs: &[(&str, &str)]) -> String {
+        Settings::load_with_env(None, env(pairs))
+            .expect_err("configuration should be invalid")
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_match_the_contract() {
+        let s = Settings::defaults().expect("defaults are valid");
+        assert_eq!(s.redis.url, "redis://127.0.0.1:6379");
+        assert_eq!(s.redis.input, vec!["quotes"]);
+        assert_eq!(s.redis.output, "sma");
+        assert_eq!(s.redis.rejected, "quotes.rejected");
+        assert_eq!(s.redis.direct_prefix, "client.");
+        assert_eq!(s.sma.window, 10);
+        assert!(!s.sma.emit_partial);
+        assert_eq!(s.websocket.default_symbols, vec!["*"]);
+        assert_eq!(s.server.listen, "127.0.0.1:8080".parse().expect("address"));
+    }
+
+    #[test]
+    fn environment_overrides_with_comma_separated_lists() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("QUOTEBRIDGE__REDIS__URL", "redis://10.0.0.1:6380/2"),
+                ("QUOTEBRIDGE__REDIS__INPUT", "quotes,ticks.*"),
+                ("QUOTEBRIDGE__SMA__WINDOW", "25"),
+                ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+                ("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", "AAPL,MSFT"),
+                ("QUOTEBRIDGE__SERVER__LISTEN", "0.0.0.0:9000"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.redis.url, "redis://10.0.0.1:6380/2");
+        assert_eq!(s.redis.input, vec!["quotes", "ticks.*"]);
+        assert_eq!(s.sma.window, 25);
+        assert!(s.sma.emit_partial);
+        assert_eq!(s.websocket.default_symbols, vec!["AAPL", "MSFT"]);
+        assert_eq!(s.server.listen.port(), 9000);
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_environment_overrides_file() {
+        let path =
+            std::env::temp_dir().join(format!("quotebridge-config-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "[sma]\nwindow = 3\n[redis]\noutput = \"sma.{symbol}\"\n",
+        )
+        .expect("write temp config");
+        let loaded =
+            Settings::load_with_env(Some(&path), env(&[("QUOTEBRIDGE__SMA__WINDOW", "4")]));
+        std::fs::remove_file(&path).ok();
+        let s = loaded.expect("valid");
+        assert_eq!(s.sma.window, 4);
+        assert_eq!(s.redis.output, "sma.{symbol}");
+    }
+
+    #[test]
+    fn window_out_of_range_names_the_key() {
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOW", "0")]);
+        assert!(err.contains("sma.window"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOW", "10001")]);
+        assert!(err.contains("sma.window"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOW", "ten")]);
+        assert!(err.contains("sma.window"), "{err}");
+    }
+
+    #[test]
+    fn bad_url_and_listen_name_their_keys() {
+        let err = error_with_env(&[("QUOTEBRIDGE__REDIS__URL", "http://nope")]);
+        assert!(err.contains("redis.url"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__SERVER__LISTEN", "localhost")]);
+        assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn unknown_section_and_key_are_errors() {
+        let err = error_with_env(&[("QUOTEBRIDGE__BOGUS__KEY", "1")]);
+        assert!(err.contains("bogus"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOWS", "1")]);
+        assert!(err.contains("windows"), "{err}");
+    }
+
+    #[test]
+    fn inconsistent_channels_are_errors() {
+        let err = error_with_env(&[("QUOTEBRIDGE__REDIS__OUTPUT", "quotes")]);
+        assert!(err.contains("redis.output"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__REDIS__INPUT", "client.x")]);
+        assert!(err.contains("redis.input"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__REDIS__DIRECT_PREFIX", "c*")]);
+        assert!(err.contains("redis.direct_prefix"), "{err}");
+        let err = error_with_env(&[("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", "A B")]);
+        assert!(err.contains("websocket.default_symbols"), "{err}");
+    }
+
+    #[test]
+    fn patterns() {
+        assert!(is_pattern("quotes.*"));
+        assert!(is_pattern("q?"));
+        assert!(is_pattern("q[ab]"));
+        assert!(!is_pattern("quotes"));
+    }
+}

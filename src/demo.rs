@@ -1,0 +1,146 @@
+//! `quotebridge demo`: the bridge plus a feeder replaying bundled sample
+//! quotes, on Redis when it answers and on the embedded broker otherwise.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, MemoryBroker, RedisBroker};
+use crate::config::Settings;
+use crate::{Error, producer};
+
+/// Sample quotes bundled into the binary: several symbols, a few thousand rows.
+pub const SAMPLE_QUOTES: &str = include_str!("../data/quotes.csv");
+
+/// Quotes per second per symbol while replaying.
+const QUOTES_PER_SECOND_PER_SYMBOL: f64 = 4.0;
+
+/// How long to wait for Redis before falling back to the embedded broker.
+const REDIS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Runs the demo until `shutdown`.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    let address = settings.server.listen;
+    let listener = TcpListener::bind(address).await.map_err(|e| {
+        Error::io(
+            format!("cannot listen on {address} (set QUOTEBRIDGE__SERVER__LISTEN)"),
+            e,
+        )
+    })?;
+    let local = listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the listen address", e))?;
+
+    let redis = tokio::time::timeout(
+        REDIS_PROBE_TIMEOUT,
+        RedisBroker::connect(&settings.redis.url),
+    )
+    .await;
+    match redis {
+        Ok(Ok(broker)) => {
+            println!("quotebridge demo: using {}", broker.describe());
+            run_with(settings, listener, local, broker, shutdown).await
+        }
+        _ => {
+            println!(
+                "quotebridge demo: no Redis answered at {}; using the embedded in-process broker",
+                redacted(&settings.redis.url)
+            );
+            run_with(settings, listener, local, MemoryBroker::new(), shutdown).await
+        }
+    }
+}
+
+async fn run_with<B: Broker>(
+    settings: Settings,
+    listener: TcpListener,
+    local: std::net::SocketAddr,
+    broker: B,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let loaded = producer::parse_csv(SAMPLE_QUOTES, None)?;
+    let symbols = count_symbols(&loaded.quotes);
+    let rate = QUOTES_PER_SECOND_PER_SYMBOL * symbols as f64;
+    let channel = settings.redis.input[0].clone();
+
+    println!(
+        "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
+        loaded.quotes.len()
+    );
+    println!("  WebSocket:  ws://{local}/ws/demo");
+    println!(
+        "  watch it:   cargo run --release -- tail demo    (or: websocat ws://{local}/ws/demo)"
+    );
+    println!("  Ctrl-C stops it.");
+
+    let feeder = {
+        let broker = broker.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            // Give the listener a moment to subscribe so the first quotes count.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            producer::publish(
+                &broker,
+                &channel,
+                &loaded.quotes,
+                Some(rate),
+                true,
+                &shutdown,
+            )
+            .await
+        })
+    };
+    let served = crate::serve(settings, listener, broker, shutdown).await;
+    if let Ok(Err(err)) = feeder.await {
+        tracing::warn!(cause = %err, "demo feeder stopped");
+    }
+    served
+}
+
+fn count_symbols(quotes: &[Bytes]) -> usize {
+    let symbols: std::collections::BTreeSet<String> = quotes
+        .iter()
+        .filter_map(|q| crate::quote::parse(q).ok())
+        .map(|q| q.symbol.into_owned())
+        .collect();
+    symbols.len().max(1)
+}
+
+/// The URL without credentials, for printing.
+fn redacted(url: &str) -> String {
+    match url.split_once('@') {
+        Some((scheme_and_auth, host)) => {
+            let scheme = scheme_and_auth.split("//").next().unwrap_or("redis:");
+            format!("{scheme}//***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sample_data_is_realistic_and_clean() {
+        let loaded = producer::parse_csv(SAMPLE_QUOTES, None).expect("sample CSV parses");
+        assert!(
+            loaded.rejected.is_empty(),
+            "sample has bad lines: {:?}",
+            loaded.rejected
+        );
+        assert!(loaded.quotes.len() >= 2000, "a few thousand rows");
+        assert!(count_symbols(&loaded.quotes) >= 5, "several symbols");
+    }
+
+    #[test]
+    fn credentials_are_not_printed() {
+        assert_eq!(
+            redacted("redis://:secret@host:6379"),
+            "redis://***@host:6379"
+        );
+        assert_eq!(redacted("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}

@@ -1,0 +1,472 @@
+//! The hub: every open socket, grouped by client code, indexed by symbol.
+//!
+//! The listener pushes frames in (`publish_public`, `send_to_group` — the
+//! seed's `send_message(client_code, message)`); each socket's session drains
+//! its own bounded outbox. Routing looks up the sockets that want a frame in
+//! an index; it never scans every socket.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use tokio::sync::mpsc;
+
+use crate::names::ALL_SYMBOLS;
+use crate::stats::Stats;
+
+/// Identifies one socket for the lifetime of the process.
+pub type SocketId = u64;
+
+/// Shared handle to the hub; clones are cheap and see the same sockets.
+#[derive(Debug, Clone)]
+pub struct Hub {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Mutex<State>,
+    send_queue: usize,
+    max_symbols: usize,
+    stats: Arc<Stats>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    next_id: SocketId,
+    sockets: HashMap<SocketId, Socket>,
+    /// Client code → its sockets. A group exists only while it has a socket.
+    groups: HashMap<Box<str>, Vec<SocketId>>,
+    /// Symbol → sockets subscribed to it by name.
+    by_symbol: HashMap<Box<str>, HashSet<SocketId>>,
+    /// Sockets subscribed to every public symbol.
+    everything: HashSet<SocketId>,
+    /// The latest public SMA frame per symbol, the snapshot for new subscribers.
+    latest: HashMap<Box<str>, Utf8Bytes>,
+}
+
+#[derive(Debug)]
+struct Socket {
+    group: Box<str>,
+    outbox: mpsc::Sender<Message>,
+    subscriptions: BTreeSet<String>,
+}
+
+/// Why a subscription request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubscribeError {
+    /// The socket would exceed `websocket.max_symbols`.
+    #[error("subscription limit reached: at most {0} symbols per socket")]
+    TooManySymbols(usize),
+}
+
+/// The outcome of a subscribe or unsubscribe.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Subscribed {
+    /// The socket's whole subscription set, sorted.
+    pub symbols: Vec<String>,
+    /// Latest SMA frames of the newly subscribed symbols (empty on unsubscribe).
+    pub snapshots: Vec<Utf8Bytes>,
+}
+
+impl Hub {
+    /// An empty hub. `send_queue` bounds each socket's outbox; `max_symbols`
+    /// bounds each socket's subscriptions.
+    #[must_use]
+    pub fn new(send_queue: usize, max_symbols: usize, stats: Arc<Stats>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State::default()),
+                send_queue: send_queue.max(1),
+                max_symbols,
+                stats,
+            }),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        // Every mutation below completes before it can panic, so a poisoned
+        // lock still guards consistent data.
+        self.inner
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds a socket to the group `client`, subscribed to `subscriptions`.
+    /// The socket leaves the hub when the returned [`Membership`] is dropped.
+    pub fn join(
+        &self,
+        client: &str,
+        subscriptions: &[String],
+    ) -> (Membership, mpsc::Receiver<Message>) {
+        let (outbox, rx) = mpsc::channel(self.inner.send_queue);
+        let mut state = self.state();
+        let id = state.next_id;
+        state.next_id += 1;
+        state.sockets.insert(
+            id,
+            Socket {
+                group: client.into(),
+                outbox,
+                subscriptions: BTreeSet::new(),
+            },
+        );
+        state.groups.entry(client.into()).or_default().push(id);
+        state.add_subscriptions(id, subscriptions);
+        drop(state);
+        let membership = Membership {
+            hub: self.clone(),
+            id,
+        };
+        (membership, rx)
+    }
+
+    /// Delivers a public SMA frame to every socket subscribed to `symbol`
+    /// (by name or through `"*"`) and keeps it as the symbol's snapshot.
+    pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
+        let mut state = self.state();
+        let state = &mut *state;
+        match state.latest.get_mut(symbol) {
+            Some(latest) => *latest = frame.clone(),
+            None => {
+                state.latest.insert(symbol.into(), frame.clone());
+            }
+        }
+        let mut slow = Vec::new();
+        let mut queued = 0u64;
+        let named = state.by_symbol.get(symbol);
+        let targets = state.everything.iter().chain(
+            named
+                .into_iter()
+                .flatten()
+                .filter(|id| !state.everything.contains(id)),
+        );
+        for id in targets {
+            if let Some(socket) = state.sockets.get(id) {
+                match socket.outbox.try_send(Message::Text(frame.clone())) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                    // The session is already gone; its membership removes it.
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        self.finish_delivery(state, queued, slow);
+    }
+
+    /// Delivers `message` to every socket of the group `client` — the seed's
+    /// `send_message(client_code, message)`. Returns how many sockets got it.
+    pub fn send_to_group(&self, client: &str, message: Message) -> usize {
+        let mut state = self.state();
+        let state = &mut *state;
+        let Some(members) = state.groups.get(client) else {
+            return 0;
+        };
+        let mut slow = Vec::new();
+        let mut queued = 0u64;
+        for id in members {
+            if let Some(socket) = state.sockets.get(id) {
+                match socket.outbox.try_send(message.clone()) {
+                    Ok(()) => queued += 1,
+                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                }
+            }
+        }
+        self.finish_delivery(state, queued, slow);
+        usize::try_from(queued).unwrap_or(usize::MAX)
+    }
+
+    /// Counts what was queued and evicts the sockets whose outbox was full.
+    /// Dropping an evicted socket's sender ends its outbox, which tells its
+    /// session to close with "slow consumer" once it has drained what is queued.
+    fn finish_delivery(&self, state: &mut State, queued: u64, slow: Vec<SocketId>) {
+        self.inner.stats.frames_queued.fetch_add(queued, Relaxed);
+        for id in slow {
+            if let Some(group) = state.remove(id) {
+                self.inner.stats.slow_consumers_closed.fetch_add(1, Relaxed);
+                tracing::warn!(client = %group, socket = id, "socket fell behind; closing it as a slow consumer");
+            }
+        }
+    }
+
+    /// How many sockets are open.
+    #[must_use]
+    pub fn socket_count(&self) -> usize {
+        self.state().sockets.len()
+    }
+
+    /// How many client groups have at least one socket.
+    #[must_use]
+    pub fn group_count(&self) -> usize {
+        self.state().groups.len()
+    }
+
+    /// How many sockets the group `client` has.
+    #[must_use]
+    pub fn group_size(&self, client: &str) -> usize {
+        self.state().groups.get(client).map_or(0, Vec::len)
+    }
+
+    fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+        let mut state = self.state();
+        let Some(socket) = state.sockets.get(&id) else {
+            return Ok(Subscribed {
+                symbols: Vec::new(),
+                snapshots: Vec::new(),
+            });
+        };
+        let new: BTreeSet<&String> = symbols
+            .iter()
+            .filter(|s| !socket.subscriptions.contains(*s))
+            .collect();
+        if socket.subscriptions.len() + new.len() > self.inner.max_symbols {
+            return Err(SubscribeError::TooManySymbols(self.inner.max_symbols));
+        }
+        let snapshots = if new.iter().any(|s| s.as_str() == ALL_SYMBOLS) {
+            state.latest.values().cloned().collect()
+        } else {
+            new.iter()
+                .filter_map(|s| state.latest.get(s.as_str()).cloned())
+                .collect()
+        };
+        let new: Vec<String> = new.into_iter().cloned().collect();
+        state.add_subscriptions(id, &new);
+        Ok(Subscribed {
+            symbols: state.subscriptions_of(id),
+            snapshots,
+        })
+    }
+
+    fn unsubscribe(&self, id: SocketId, symbols: &[String]) -> Subscribed {
+        let mut state = self.state();
+        for symbol in symbols {
+            state.remove_subscription(id, symbol);
+        }
+        Subscribed {
+            symbols: state.subscriptions_of(id),
+            snapshots: Vec::new(),
+        }
+    }
+}
+
+impl State {
+    fn add_subscriptions(&mut self, id: SocketId, symbols: &[String]) {
+        let Some(socket) = self.sockets.get_mut(&id) else {
+            return;
+        };
+        for symbol in symbols {
+            if !socket.subscriptions.insert(symbol.clone()) {
+                continue;
+            }
+            if symbol == ALL_SYMBOLS {
+                self.everything.insert(id);
+            } else {
+                self.by_symbol
+                    .entry(symbol.as_str().into())
+                    .or_default()
+                    .insert(id);
+            }
+        }
+    }
+
+    fn remove_subscription(&mut self, id: SocketId, symbol: &str) {
+        let Some(socket) = self.sockets.get_mut(&id) else {
+            return;
+        };
+        if !socket.subscriptions.remove(symbol) {
+            return;
+        }
+        if symbol == ALL_SYMBOLS {
+            self.everything.remove(&id);
+        } else if let Some(subscribers) = self.by_symbol.get_mut(symbol) {
+            subscribers.remove(&id);
+            if subscribers.is_empty() {
+                self.by_symbol.remove(symbol);
+            }
+        }
+    }
+
+    fn subscriptions_of(&self, id: SocketId) -> Vec<String> {
+        self.sockets
+            .get(&id)
+            .map(|s| s.subscriptions.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// Removes a socket and every index entry it had; returns its group's
+    /// code, or `None` when it was already gone. The group goes when empty.
+    fn remove(&mut self, id: SocketId) -> Option<Box<str>> {
+        let subscriptions: Vec<String> = self
+            .sockets
+            .get(&id)?
+            .subscriptions
+            .iter()
+            .cloned()
+            .collect();
+        for symbol in &subscriptions {
+            self.remove_subscription(id, symbol);
+        }
+        let socket = self.sockets.remove(&id)?;
+        if let Some(members) = self.groups.get_mut(&socket.group) {
+            members.retain(|m| *m != id);
+            if members.is_empty() {
+                self.groups.remove(&socket.group);
+            }
+        }
+        Some(socket.group)
+    }
+}
+
+/// One socket's place in the hub. Dropping it removes the socket, and its
+/// group with it when it was the last, whatever way the session ended.
+#[derive(Debug)]
+pub struct Membership {
+    hub: Hub,
+    id: SocketId,
+}
+
+impl Membership {
+    /// This socket's id (for logs).
+    #[must_use]
+    pub fn id(&self) -> SocketId {
+        self.id
+    }
+
+    /// Adds symbols; returns the whole set and the snapshots of what is new.
+    pub fn subscribe(&self, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+        self.hub.subscribe(self.id, symbols)
+    }
+
+    /// Removes symbols; returns the whole remaining set.
+    pub fn unsubscribe(&self, symbols: &[String]) -> Subscribed {
+        self.hub.unsubscribe(self.id, symbols)
+    }
+
+    /// The socket's current subscriptions, sorted.
+    #[must_use]
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.hub.state().subscriptions_of(self.id)
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.hub.state().remove(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hub(send_queue: usize) -> Hub {
+        Hub::new(send_queue, 10, Arc::new(Stats::default()))
+    }
+
+    fn strings(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn text(message: Message) -> String {
+        match message {
+            Message::Text(t) => t.to_string(),
+            other => panic!("expected text, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn public_frames_reach_subscribers_once() {
+        let hub = hub(8);
+        let (_all, mut all_rx) = hub.join("a", &strings(&["*", "AAPL"]));
+        let (_aapl, mut aapl_rx) = hub.join("b", &strings(&["AAPL"]));
+        let (_msft, mut msft_rx) = hub.join("c", &strings(&["MSFT"]));
+        hub.publish_public("AAPL", "f1".into());
+        assert_eq!(text(all_rx.recv().await.expect("frame")), "f1");
+        assert!(
+            all_rx.try_recv().is_err(),
+            "a socket in * and AAPL gets one copy"
+        );
+        assert_eq!(text(aapl_rx.recv().await.expect("frame")), "f1");
+        assert!(msft_rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn group_messages_reach_every_socket_of_the_group_only() {
+        let hub = hub(8);
+        let (_a1, mut a1) = hub.join("acme", &[]);
+        let (_a2, mut a2) = hub.join("acme", &[]);
+        let (_b, mut b) = hub.join("other", &strings(&["*"]));
+        assert_eq!(hub.send_to_group("acme", Message::Text("hi".into())), 2);
+        assert_eq!(text(a1.recv().await.expect("frame")), "hi");
+        assert_eq!(text(a2.recv().await.expect("frame")), "hi");
+        assert!(b.try_recv().is_err());
+        assert_eq!(hub.send_to_group("nobody", Message::Text("x".into())), 0);
+    }
+
+    #[test]
+    fn group_disappears_with_its_last_socket() {
+        let hub = hub(8);
+        let (first, _rx1) = hub.join("acme", &strings(&["AAPL"]));
+        let (second, _rx2) = hub.join("acme", &strings(&["*"]));
+        assert_eq!((hub.group_count(), hub.group_size("acme")), (1, 2));
+        drop(first);
+        assert_eq!(hub.group_size("acme"), 1);
+        drop(second);
+        assert_eq!((hub.group_count(), hub.socket_count()), (0, 0));
+        let state = hub.state();
+        assert!(state.by_symbol.is_empty() && state.everything.is_empty());
+    }
+
+    #[test]
+    fn subscribe_returns_sorted_set_and_snapshots_of_new_symbols() {
+        let hub = hub(8);
+        hub.publish_public("MSFT", "m".into());
+        hub.publish_public("AAPL", "a".into());
+        let (socket, _rx) = hub.join("acme", &strings(&["MSFT"]));
+        let got = socket
+            .subscribe(&strings(&["ZZZ", "AAPL", "MSFT"]))
+            .expect("subscribe");
+        assert_eq!(got.symbols, strings(&["AAPL", "MSFT", "ZZZ"]));
+        assert_eq!(
+            got.snapshots,
+            vec![Utf8Bytes::from("a")],
+            "MSFT was not new, ZZZ has none"
+        );
+        let got = socket.unsubscribe(&strings(&["MSFT", "nope"]));
+        assert_eq!(got.symbols, strings(&["AAPL", "ZZZ"]));
+    }
+
+    #[test]
+    fn subscription_limit_is_enforced_atomically() {
+        let hub = Hub::new(8, 2, Arc::new(Stats::default()));
+        let (socket, _rx) = hub.join("acme", &strings(&["A"]));
+        assert_eq!(
+            socket.subscribe(&strings(&["B", "C"])),
+            Err(SubscribeError::TooManySymbols(2))
+        );
+        assert_eq!(socket.subscriptions(), strings(&["A"]));
+        assert!(socket.subscribe(&strings(&["B", "A"])).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_evicts_only_that_socket() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(2, 10, stats.clone());
+        let (_slow, mut slow_rx) = hub.join("acme", &strings(&["*"]));
+        let (_fast, mut fast_rx) = hub.join("acme", &strings(&["*"]));
+        for i in 0..3 {
+            hub.publish_public("A", format!("{i}").into());
+            // The fast socket keeps up.
+            assert_eq!(text(fast_rx.recv().await.expect("frame")), format!("{i}"));
+        }
+        assert_eq!(stats.slow_consumers_closed.load(Relaxed), 1);
+        assert_eq!(hub.group_size("acme"), 1);
+        // The slow socket still gets what was queued, then its outbox ends.
+        assert_eq!(text(slow_rx.recv().await.expect("frame")), "0");
+        assert_eq!(text(slow_rx.recv().await.expect("frame")), "1");
+        assert!(slow_rx.recv().await.is_none());
+    }
+}

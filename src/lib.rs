@@ -1,0 +1,167 @@
+//! quotebridge: Redis pub/sub quotes in, per-symbol simple moving averages
+//! out — to a Redis channel and to WebSocket clients grouped by client code.
+//!
+//! The binary is thin: it parses the command line, loads [`config::Settings`]
+//! and calls [`run`] (or one of the other [`cli`] commands). Tests call the
+//! same [`run`]/[`serve`] with a listener bound to port 0.
+
+#![forbid(unsafe_code)]
+
+pub mod backoff;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod hub;
+pub mod listener;
+pub mod names;
+pub mod producer;
+pub mod protocol;
+pub mod publisher;
+pub mod quote;
+pub mod server;
+pub mod session;
+pub mod shutdown;
+pub mod sma;
+pub mod stats;
+pub mod tail;
+pub mod telemetry;
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::broker::{Broker, BrokerError, RedisBroker};
+use crate::config::{ConfigError, Settings};
+use crate::hub::Hub;
+use crate::listener::Listener;
+use crate::stats::Stats;
+
+/// Everything that can stop a command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Configuration is invalid (exit code 2).
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Redis (or the embedded broker) failed.
+    #[error("cannot use the broker: {0}")]
+    Broker(#[from] BrokerError),
+    /// A file, socket or address could not be used.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The command line is unusable (exit code 2).
+    #[error("{0}")]
+    Usage(String),
+    /// Input the command was given is unusable.
+    #[error("{0}")]
+    Input(String),
+    /// A WebSocket connection failed (the `tail` command).
+    #[error("websocket: {0}")]
+    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+}
+
+impl Error {
+    /// The process exit code for this error: 2 for bad configuration or usage, else 1.
+    #[must_use]
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Config(_) | Error::Usage(_) => 2,
+            _ => 1,
+        }
+    }
+
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Runs the bridge against the Redis server of `settings` until `shutdown`.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let broker = RedisBroker::connect(&settings.redis.url).await?;
+    serve(settings, listener, broker, shutdown).await
+}
+
+/// Runs the bridge on any broker until `shutdown` is cancelled, then closes
+/// every socket with 1001, flushes pending publishes and returns — all within
+/// `server.shutdown_timeout`.
+pub async fn serve<B: Broker>(
+    settings: Settings,
+    listener: TcpListener,
+    broker: B,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let settings = Arc::new(settings);
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(
+        settings.websocket.send_queue,
+        settings.websocket.max_symbols,
+        stats.clone(),
+    );
+    let subscribed = Arc::new(AtomicBool::new(false));
+
+    let (publish, publish_queue) = mpsc::channel(settings.redis.publish_queue);
+    let publisher = tokio::spawn(publisher::run(broker.clone(), publish_queue, stats.clone()));
+    let listener_task = tokio::spawn(
+        Listener::new(
+            &settings,
+            broker,
+            hub.clone(),
+            publish,
+            stats.clone(),
+            subscribed.clone(),
+        )
+        .run(shutdown.clone()),
+    );
+
+    let sessions = TaskTracker::new();
+    let app = server::router(server::AppState {
+        settings: settings.clone(),
+        hub,
+        stats,
+        subscribed,
+        shutdown: shutdown.clone(),
+        sessions: sessions.clone(),
+        connections: Arc::new(Semaphore::new(settings.server.max_connections)),
+    });
+    let address = listener
+        .local_addr()
+        .map_err(|e| Error::io("cannot read the listen address", e))?;
+    tracing::info!(%address, "listening for WebSocket clients on ws://{address}/ws/{{client_code}}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .map_err(|e| Error::io("http server failed", e))?;
+
+    // The token is cancelled: sessions are sending 1001 and the listener has
+    // stopped, which drops the publish queue's sender so the publisher drains.
+    sessions.close();
+    let drained = async {
+        sessions.wait().await;
+        let _ = listener_task.await;
+        let _ = publisher.await;
+    };
+    if tokio::time::timeout(settings.shutdown_timeout(), drained)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?settings.shutdown_timeout(), "shutdown timed out; exiting anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

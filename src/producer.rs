@@ -1,0 +1,330 @@
+//! The producer behind `quotebridge publish` (and `demo`): reads quotes from a
+//! CSV or JSON-lines file, checks each one with the bridge's own parser, and
+//! publishes them pipelined, optionally paced and looped.
+
+use std::borrow::Cow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::broker::{Broker, BrokerError, Outbound};
+use crate::quote::{self, Quote};
+
+/// Most quotes in one pipeline when publishing as fast as possible.
+const MAX_PIPELINE: usize = 1000;
+
+/// Quotes read from a file, ready to publish, and the lines that were not.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// One JSON payload per good line, in file order.
+    pub quotes: Vec<Bytes>,
+    /// `(line number, reason)` for every line that is not a valid quote.
+    pub rejected: Vec<(u64, String)>,
+}
+
+/// What a publish run did.
+#[derive(Debug, Clone, Copy)]
+pub struct Summary {
+    /// Quotes published.
+    pub published: u64,
+    /// Wall time from first to last publish.
+    pub elapsed: Duration,
+}
+
+impl Summary {
+    /// Quotes per second over the run.
+    #[must_use]
+    pub fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.published as f64 / secs
+        } else {
+            self.published as f64
+        }
+    }
+}
+
+/// Reads `path`: CSV when it ends in `.csv` or its first line does not start
+/// with `{`, JSON lines otherwise. `client` makes every quote private to it.
+pub fn load(path: &Path, client: Option<&str>) -> Result<Loaded, crate::Error> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
+    let csv = path
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("csv"))
+        || !text.trim_start().starts_with('{');
+    if csv {
+        parse_csv(&text, client)
+    } else {
+        Ok(parse_json_lines(&text, client))
+    }
+}
+
+/// Parses JSON lines; blank lines are skipped.
+#[must_use]
+pub fn parse_json_lines(text: &str, client: Option<&str>) -> Loaded {
+    let mut loaded = Loaded::default();
+    for (index, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let line_number = index as u64 + 1;
+        match quote::parse(line.as_bytes()) {
+            Ok(mut quote) => {
+                if let Some(code) = client {
+                    quote.client = Some(Cow::Borrowed(code));
+                }
+                loaded.accept(line_number, &quote);
+            }
+            Err(reason) => loaded.rejected.push((line_number, reason.to_string())),
+        }
+    }
+    loaded
+}
+
+/// Parses CSV with a header naming `symbol` and `price`, and optionally `ts`
+/// and `client`, in any order.
+pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Error> {
+    let mut reader = csv::ReaderBuilder::new()
+        .trim(csv::Trim::All)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let headers = reader
+        .headers()
+        .map_err(|e| crate::Error::Input(format!("cannot read the CSV header: {e}")))?
+        .clone();
+    let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+    let (Some(symbol_col), Some(price_col)) = (column("symbol"), column("price")) else {
+        return Err(crate::Error::Input(
+            "the CSV header must name the columns symbol and price (optionally ts and client)"
+                .into(),
+        ));
+    };
+    let (ts_col, client_col) = (column("ts"), column("client"));
+
+    let mut loaded = Loaded::default();
+    for record in reader.records() {
+        let record = match record {
+            Ok(record) => record,
+            Err(err) => {
+                let line = err.position().map_or(0, csv::Position::line);
+                loaded
+                    .rejected
+                    .push((line, format!("unreadable CSV: {err}")));
+                continue;
+            }
+        };
+        let line = record.position().map_or(0, csv::Position::line);
+        let field = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|f| !f.is_empty());
+        let Some(price) = field(Some(price_col)).and_then(|p| p.parse::<f64>().ok()) else {
+            loaded
+                .rejected
+                .push((line, "invalid price: expected a finite number".into()));
+            continue;
+        };
+        let ts = match field(ts_col).map(str::parse::<u64>) {
+            None => None,
+            Some(Ok(ts)) => Some(ts),
+            Some(Err(_)) => {
+                loaded.rejected.push((
+                    line,
+                    "invalid ts: expected milliseconds since the Unix epoch".into(),
+                ));
+                continue;
+            }
+        };
+        let quote = Quote {
+            symbol: Cow::Borrowed(field(Some(symbol_col)).unwrap_or_default()),
+            price,
+            ts,
+            client: client.or(field(client_col)).map(Cow::Borrowed),
+        };
+        loaded.accept(line, &quote);
+    }
+    Ok(loaded)
+}
+
+impl Loaded {
+    /// Encodes `quote` and keeps it if the bridge itself would accept it.
+    fn accept(&mut self, line: u64, quote: &Quote<'_>) {
+        let payload = match serde_json::to_vec(quote) {
+            Ok(payload) => payload,
+            Err(err) => {
+                self.rejected.push((line, format!("cannot encode: {err}")));
+                return;
+            }
+        };
+        match quote::parse(&payload) {
+            Ok(_) => self.quotes.push(payload.into()),
+            Err(reason) => self.rejected.push((line, reason.to_string())),
+        }
+    }
+}
+
+/// Publishes `quotes` on `channel`: pipelined as fast as the broker takes
+/// them, or paced at `rate` quotes per second; once, or looping until
+/// `shutdown` when `repeat` is set.
+pub async fn publish<B: Broker>(
+    broker: &B,
+    channel: &str,
+    quotes: &[Bytes],
+    rate: Option<f64>,
+    repeat: bool,
+    shutdown: &CancellationToken,
+) -> Result<Summary, BrokerError> {
+    let channel: Arc<str> = channel.into();
+    let start = Instant::now();
+    let mut published: u64 = 0;
+    let total = quotes.len() as u64;
+    let mut next = 0usize;
+    let mut batch = Vec::with_capacity(MAX_PIPELINE);
+    while !quotes.is_empty() && (repeat || published < total) {
+        let mut room = MAX_PIPELINE as u64;
+        if let Some(rate) = rate.filter(|r| *r > 0.0) {
+            // Sleep until the next quote is due, then send every quote that is.
+            let due_at = start + Duration::from_secs_f64(published as f64 / rate);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep_until(due_at) => {}
+            }
+            let due = (start.elapsed().as_secs_f64() * rate) as u64 + 1;
+            room = due.saturating_sub(published).clamp(1, MAX_PIPELINE as u64);
+        } else if shutdown.is_cancelled() {
+            break;
+        }
+        if !repeat {
+            room = room.min(total - published);
+        }
+        batch.clear();
+        for _ in 0..room {
+            batch.push(Outbound {
+                channel: channel.clone(),
+                payload: quotes[next].clone(),
+            });
+            next = (next + 1) % quotes.len();
+        }
+        broker.publish(&batch).await?;
+        published += batch.len() as u64;
+    }
+    Ok(Summary {
+        published,
+        elapsed: start.elapsed(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payloads(loaded: &Loaded) -> Vec<&str> {
+        loaded
+            .quotes
+            .iter()
+            .map(|q| std::str::from_utf8(q).expect("utf-8"))
+            .collect()
+    }
+
+    #[test]
+    fn csv_with_optional_columns_in_any_order() {
+        let text = "price,symbol,client,ts\n1.5,AAPL,,\n2,MSFT,acme,17\n";
+        let loaded = parse_csv(text, None).expect("valid CSV");
+        assert_eq!(
+            payloads(&loaded),
+            vec![
+                r#"{"symbol":"AAPL","price":1.5}"#,
+                r#"{"symbol":"MSFT","price":2.0,"ts":17,"client":"acme"}"#
+            ]
+        );
+        assert!(loaded.rejected.is_empty());
+    }
+
+    #[test]
+    fn csv_bad_lines_are_reported_with_line_numbers() {
+        let text = "symbol,price\nAAPL,1\nAAPL,abc\nBAD SYMBOL,2\n,3\nMSFT,4\nAAPL,NaN\n";
+        let loaded = parse_csv(text, None).expect("valid CSV");
+        assert_eq!(loaded.quotes.len(), 2);
+        let lines: Vec<u64> = loaded.rejected.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![3, 4, 5, 7]);
+        assert!(loaded.rejected[0].1.contains("price"));
+        assert!(loaded.rejected[1].1.contains("symbol"));
+    }
+
+    #[test]
+    fn csv_without_required_columns_is_an_error() {
+        assert!(parse_csv("sym,px\nA,1\n", None).is_err());
+    }
+
+    #[test]
+    fn client_override_makes_quotes_private() {
+        let loaded = parse_csv("symbol,price,client\nA,1,other\n", Some("acme")).expect("valid");
+        assert_eq!(
+            payloads(&loaded),
+            vec![r#"{"symbol":"A","price":1.0,"client":"acme"}"#]
+        );
+        let loaded = parse_json_lines("{\"symbol\":\"A\",\"price\":1}\n", Some("acme"));
+        assert_eq!(
+            payloads(&loaded),
+            vec![r#"{"symbol":"A","price":1.0,"client":"acme"}"#]
+        );
+    }
+
+    #[test]
+    fn json_lines_skip_blanks_and_report_bad_lines() {
+        let text =
+            "{\"symbol\":\"A\",\"price\":1}\n\nnot json\n{\"symbol\":\"B\",\"price\":2,\"ts\":5}\n";
+        let loaded = parse_json_lines(text, None);
+        assert_eq!(loaded.quotes.len(), 2);
+        assert_eq!(loaded.rejected.len(), 1);
+        assert_eq!(loaded.rejected[0].0, 3);
+    }
+
+    #[tokio::test]
+    async fn publishes_everything_once_in_order() {
+        use crate::broker::{MemoryBroker, Topic};
+        use futures_util::StreamExt;
+        let broker = MemoryBroker::new();
+        let mut sub = broker
+            .subscribe(&[Topic::from_name("q")])
+            .await
+            .expect("subscribe");
+        let quotes: Vec<Bytes> = (0..2500).map(|i| Bytes::from(format!("{i}"))).collect();
+        let summary = publish(
+            &broker,
+            "q",
+            &quotes,
+            None,
+            false,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("publish");
+        assert_eq!(summary.published, 2500);
+        for i in 0..2500 {
+            let got = sub.next().await.expect("message");
+            assert_eq!(got.payload, format!("{i}"));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn paced_publishing_follows_the_rate() {
+        use crate::broker::MemoryBroker;
+        let quotes: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("{i}"))).collect();
+        let summary = publish(
+            &MemoryBroker::new(),
+            "q",
+            &quotes,
+            Some(100.0),
+            false,
+            &CancellationToken::new(),
+        )
+        .await
+        .expect("publish");
+        assert_eq!(summary.published, 10);
+        // Paused time advances exactly to each due instant: 10 quotes at 100/s.
+        assert_eq!(summary.elapsed, Duration::from_millis(90));
+    }
+}

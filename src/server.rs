@@ -1,0 +1,130 @@
+//! The HTTP side: the WebSocket endpoint and the operational routes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::names;
+use crate::session;
+use crate::stats::Stats;
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    /// Live settings.
+    pub settings: Arc<Settings>,
+    /// The socket hub.
+    pub hub: Hub,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// True while the Redis subscription is established.
+    pub subscribed: Arc<AtomicBool>,
+    /// Cancelled when the bridge shuts down.
+    pub shutdown: CancellationToken,
+    /// Tracks session tasks so shutdown can wait for them.
+    pub sessions: TaskTracker,
+    /// One permit per open WebSocket (`server.max_connections`).
+    pub connections: Arc<Semaphore>,
+}
+
+/// The bridge's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/ws/{*client_code}", get(upgrade))
+        .route("/ws", get(missing_client_code))
+        .route("/ws/", get(missing_client_code))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/stats", get(stats))
+        .with_state(state)
+}
+
+const INVALID_CLIENT_CODE: &str =
+    "invalid client code: expected 1-64 characters from [A-Za-z0-9_-] in /ws/{client_code}\n";
+
+async fn missing_client_code() -> Response {
+    (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response()
+}
+
+/// `GET /ws/{client_code}`: validates, then upgrades to a session.
+async fn upgrade(
+    State(app): State<AppState>,
+    Path(client_code): Path<String>,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !names::is_client_code(&client_code) {
+        return (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response();
+    }
+    let upgrade = match upgrade {
+        Ok(upgrade) => upgrade,
+        Err(rejection) => return rejection.into_response(),
+    };
+    if app.shutdown.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
+    }
+    let Ok(permit) = app.connections.clone().try_acquire_owned() else {
+        tracing::warn!(client = %client_code, "connection limit reached; upgrade refused");
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many connections (server.max_connections)\n",
+        )
+            .into_response();
+    };
+    let limit = app.settings.websocket.max_message_bytes;
+    upgrade
+        .max_message_size(limit)
+        .max_frame_size(limit)
+        .on_upgrade(move |socket| {
+            let session = async move {
+                let _permit = permit;
+                let defaults = &app.settings.websocket.default_symbols;
+                let (membership, outbox) = app.hub.join(&client_code, defaults);
+                let outcome =
+                    session::run(socket, &client_code, membership, outbox, app.shutdown).await;
+                if let Err(err) = outcome {
+                    tracing::info!(client = %client_code, cause = %err, "session ended with an error");
+                }
+            };
+            app.sessions.track_future(session)
+        })
+}
+
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+async fn readyz(State(app): State<AppState>) -> Response {
+    if app.shutdown.is_cancelled() {
+        (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
+    } else if app.subscribed.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: redis subscription not established\n",
+        )
+            .into_response()
+    }
+}
+
+async fn stats(State(app): State<AppState>) -> Response {
+    let mut body = app.stats.to_json();
+    body["sockets"] = app.hub.socket_count().into();
+    body["groups"] = app.hub.group_count().into();
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}

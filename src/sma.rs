@@ -1,0 +1,250 @@
+//! The simple moving average over the last `window` prices of one key.
+//!
+//! Pure and synchronous: no I/O, no clock. The listener owns one [`SmaWindow`]
+//! per (client, symbol) key.
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+/// A fixed-size window of prices with an O(1) mean.
+///
+/// A plain running sum (`sum += new; sum -= old`) accumulates rounding error
+/// with every update, so after millions of quotes it no longer equals the mean
+/// of the prices it claims to hold. The sum here is Neumaier-compensated: the
+/// low-order bits lost by each addition are carried in `compensation`, which
+/// keeps the error at a few ulps of the window's own sum no matter how many
+/// updates have gone through it.
+#[derive(Debug, Clone)]
+pub struct SmaWindow {
+    capacity: NonZeroUsize,
+    prices: VecDeque<f64>,
+    sum: f64,
+    compensation: f64,
+}
+
+/// What one push produced: the mean of the prices now in the window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Average {
+    /// The arithmetic mean of the prices in the window.
+    pub mean: f64,
+    /// How many prices the window holds (at most its capacity).
+    pub count: usize,
+}
+
+impl SmaWindow {
+    /// An empty window that averages the last `capacity` prices.
+    ///
+    /// Storage grows with the prices actually pushed, so a large window on a
+    /// key that sees few quotes costs little.
+    #[must_use]
+    pub fn new(capacity: NonZeroUsize) -> Self {
+        Self {
+            capacity,
+            prices: VecDeque::new(),
+            sum: 0.0,
+            compensation: 0.0,
+        }
+    }
+
+    /// The number of prices the window averages once full.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.capacity.get()
+    }
+
+    /// How many prices the window holds now.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.prices.len()
+    }
+
+    /// True before the first push.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.prices.is_empty()
+    }
+
+    /// True once the window holds `capacity` prices.
+    #[must_use]
+    pub fn is_full(&self) -> bool {
+        self.prices.len() == self.capacity.get()
+    }
+
+    /// Adds `price` (evicting the oldest price when full) and returns the new mean.
+    ///
+    /// The caller guarantees `price` is finite; the quote parser rejects
+    /// anything else before it reaches a window.
+    pub fn push(&mut self, price: f64) -> Average {
+        debug_assert!(price.is_finite(), "non-finite price reached the SMA");
+        if self.is_full()
+            && let Some(oldest) = self.prices.pop_front()
+        {
+            self.add(-oldest);
+        }
+        self.prices.push_back(price);
+        self.add(price);
+        Average {
+            mean: self.mean(),
+            count: self.prices.len(),
+        }
+    }
+
+    /// The mean of the prices in the window, or `None` when it is empty.
+    #[must_use]
+    pub fn average(&self) -> Option<Average> {
+        (!self.is_empty()).then(|| Average {
+            mean: self.mean(),
+            count: self.prices.len(),
+        })
+    }
+
+    /// The prices in the window, oldest first.
+    pub fn prices(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
+        self.prices.iter().copied()
+    }
+
+    fn mean(&self) -> f64 {
+        (self.sum + self.compensation) / self.prices.len() as f64
+    }
+
+    /// Neumaier's variant of Kahan summation: also exact when the addend is
+    /// larger than the running sum, which happens whenever prices move by
+    /// orders of magnitude.
+    fn add(&mut self, value: f64) {
+        let total = self.sum + value;
+        if self.sum.abs() >= value.abs() {
+            self.compensation += (self.sum - total) + value;
+        } else {
+            self.compensation += (value - total) + self.sum;
+        }
+        self.sum = total;
+        if self.prices.is_empty() {
+            // An empty window must read exactly zero, not the residue of
+            // earlier rounding.
+            self.sum = 0.0;
+            self.compensation = 0.0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(capacity: usize) -> SmaWindow {
+        SmaWindow::new(NonZeroUsize::new(capacity).expect("test capacity is non-zero"))
+    }
+
+    fn from_scratch(prices: &[f64]) -> f64 {
+        prices.iter().sum::<f64>() / prices.len() as f64
+    }
+
+    #[test]
+    fn a_new_window_is_empty_and_has_no_average() {
+        let w = window(3);
+        assert!(w.is_empty());
+        assert!(!w.is_full());
+        assert_eq!(w.average(), None);
+        assert_eq!(w.capacity(), 3);
+    }
+
+    #[test]
+    fn partial_window_averages_what_it_holds() {
+        let mut w = window(3);
+        assert_eq!(
+            w.push(10.0),
+            Average {
+                mean: 10.0,
+                count: 1
+            }
+        );
+        assert_eq!(
+            w.push(20.0),
+            Average {
+                mean: 15.0,
+                count: 2
+            }
+        );
+        assert!(!w.is_full());
+    }
+
+    #[test]
+    fn full_window_evicts_the_oldest_price() {
+        let mut w = window(3);
+        for p in [1.0, 2.0, 3.0] {
+            w.push(p);
+        }
+        assert!(w.is_full());
+        assert_eq!(
+            w.push(10.0),
+            Average {
+                mean: 5.0,
+                count: 3
+            }
+        );
+        assert_eq!(w.prices().collect::<Vec<_>>(), vec![2.0, 3.0, 10.0]);
+    }
+
+    #[test]
+    fn window_of_one_is_the_last_price() {
+        let mut w = window(1);
+        for p in [5.5, -3.25, 1e12, 0.0] {
+            assert_eq!(w.push(p), Average { mean: p, count: 1 });
+        }
+    }
+
+    #[test]
+    fn large_price_leaving_the_window_leaves_no_residue() {
+        let mut w = window(2);
+        w.push(1e16);
+        w.push(1.0);
+        // 1e16 leaves: a naive sum would read 0 or 2 here.
+        let avg = w.push(1.0);
+        assert_eq!(avg.mean, 1.0);
+    }
+
+    #[test]
+    fn ten_million_updates_stay_within_1e9_of_a_from_scratch_mean() {
+        const WINDOW: usize = 10;
+        let mut w = window(WINDOW);
+        let mut recent = VecDeque::with_capacity(WINDOW);
+        // A deterministic walk that mixes magnitudes, the worst case for a
+        // running sum: prices jump between ~1e-3 and ~1e6.
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut worst: f64 = 0.0;
+        for i in 0..10_000_000u64 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let unit = (state >> 11) as f64 / (1u64 << 53) as f64;
+            let price = if i % 7 == 0 {
+                unit * 1e6
+            } else {
+                unit * 1e-3 + 100.0
+            };
+            if recent.len() == WINDOW {
+                recent.pop_front();
+            }
+            recent.push_back(price);
+            let got = w.push(price).mean;
+            if i % 1000 == 0 || i > 9_999_990 {
+                let prices: Vec<f64> = recent.iter().copied().collect();
+                let want = from_scratch(&prices);
+                worst = worst.max(((got - want) / want).abs());
+            }
+        }
+        assert!(worst <= 1e-9, "relative error {worst} exceeds 1e-9");
+    }
+
+    #[test]
+    fn repeated_price_does_not_drift() {
+        let mut w = window(4);
+        for _ in 0..100_000 {
+            let mean = w.push(0.1).mean;
+            assert!(
+                (mean - 0.1).abs() <= f64::EPSILON * 0.1,
+                "mean drifted to {mean}"
+            );
+        }
+    }
+}

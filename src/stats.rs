@@ -1,0 +1,68 @@
+//! Counters every part of the bridge bumps and `/stats` reports.
+//!
+//! Plain atomics: one writer per hot counter (the listener), relaxed ordering,
+//! no locks, nothing allocated per event.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde_json::{Map, Value, json};
+
+use crate::quote::Reject;
+
+/// Process-wide counters, shared as `Arc<Stats>`.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Payloads received on the input channels.
+    pub quotes_received: AtomicU64,
+    /// Rejected payloads, indexed like [`Reject::LABELS`].
+    pub quotes_rejected: [AtomicU64; Reject::LABELS.len()],
+    /// SMA results computed and handed to Redis and the sockets.
+    pub smas_emitted: AtomicU64,
+    /// Messages (SMA and rejected) Redis acknowledged.
+    pub published: AtomicU64,
+    /// Messages lost because a publish to Redis failed.
+    pub publish_failed: AtomicU64,
+    /// Direct messages received for client groups.
+    pub direct_received: AtomicU64,
+    /// Frames queued to sockets.
+    pub frames_queued: AtomicU64,
+    /// Sockets closed because they fell behind.
+    pub slow_consumers_closed: AtomicU64,
+    /// Times the Redis subscription was re-established after a loss.
+    pub redis_resubscribes: AtomicU64,
+}
+
+impl Stats {
+    /// Counts one rejected payload.
+    pub fn reject(&self, reason: &Reject) {
+        self.quotes_rejected[reason.index()].fetch_add(1, Relaxed);
+    }
+
+    /// All rejected payloads, whatever the reason.
+    #[must_use]
+    pub fn rejected_total(&self) -> u64 {
+        self.quotes_rejected.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    /// The counters as JSON, with the hub's live gauges added by the caller.
+    #[must_use]
+    pub fn to_json(&self) -> Value {
+        let by_reason: Map<String, Value> = Reject::LABELS
+            .iter()
+            .zip(&self.quotes_rejected)
+            .map(|(label, count)| ((*label).to_owned(), count.load(Relaxed).into()))
+            .collect();
+        json!({
+            "quotes_received": self.quotes_received.load(Relaxed),
+            "quotes_rejected": self.rejected_total(),
+            "quotes_rejected_by_reason": by_reason,
+            "smas_emitted": self.smas_emitted.load(Relaxed),
+            "published": self.published.load(Relaxed),
+            "publish_failed": self.publish_failed.load(Relaxed),
+            "direct_received": self.direct_received.load(Relaxed),
+            "frames_queued": self.frames_queued.load(Relaxed),
+            "slow_consumers_closed": self.slow_consumers_closed.load(Relaxed),
+            "redis_resubscribes": self.redis_resubscribes.load(Relaxed),
+        })
+    }
+}
