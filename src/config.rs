@@ -125,7 +125,9 @@ impl Settings {
             .with_list_parse_key("websocket.default_symbols")
             .try_parsing(true)
             .source(env);
-        let settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+        // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".
+        settings.websocket.default_symbols.retain(|s| !s.is_empty());
         settings.validate()?;
         Ok(settings)
     }

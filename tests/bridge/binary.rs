@@ -1,0 +1,176 @@
+//! The real binary: `serve` + `publish` end to end, SIGTERM, and exit codes.
+
+use std::process::{Command, Stdio};
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_quotebridge");
+
+/// `quotebridge serve` as a child process, killed on drop.
+struct Serve {
+    child: std::process::Child,
+    address: std::net::SocketAddr,
+}
+
+impl Serve {
+    async fn start(redis: &RedisServer) -> Self {
+        let port = free_port();
+        let child = Command::new(BIN)
+            .arg("serve")
+            .env("QUOTEBRIDGE__REDIS__URL", redis.url())
+            .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("QUOTEBRIDGE__SMA__WINDOW", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start quotebridge serve");
+        let address = ([127, 0, 0, 1], port).into();
+        let serve = Serve { child, address };
+        within("quotebridge serve to become ready", async {
+            loop {
+                if let Ok(stream) = tokio::net::TcpStream::connect(address).await {
+                    drop(stream);
+                    if http_get(address, "/readyz").await.0 == 200 {
+                        break;
+                    }
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        serve
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("quotebridge-test-{}-{name}", std::process::id()));
+    std::fs::write(&path, contents).expect("write temp file");
+    path
+}
+
+#[tokio::test]
+async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stops_it() {
+    let redis = RedisServer::start().await;
+    let mut serve = Serve::start(&redis).await;
+    let mut pubsub = redis.subscribe(&["sma"]).await;
+    let mut output = pubsub.on_message();
+
+    let csv = temp_file(
+        "quotes.csv",
+        "symbol,price,ts\nAAPL,1,10\nAAPL,2,11\nMSFT,5,12\nAAPL,oops,13\nAAPL,3,14\nAAPL,7,15\n",
+    );
+    let published = Command::new(BIN)
+        .args(["publish", csv.to_str().expect("utf-8 path")])
+        .env("QUOTEBRIDGE__REDIS__URL", redis.url())
+        .output()
+        .expect("run quotebridge publish");
+    std::fs::remove_file(&csv).ok();
+    let stdout = String::from_utf8_lossy(&published.stdout);
+    let stderr = String::from_utf8_lossy(&published.stderr);
+    assert!(published.status.success(), "publish failed: {stderr}");
+    assert!(stdout.contains("published 5 quotes"), "summary: {stdout}");
+    assert!(stdout.contains("1 lines rejected"), "summary: {stdout}");
+    assert!(
+        stderr.contains(":5: invalid price"),
+        "rejected line is reported with its number: {stderr}"
+    );
+
+    // Window 3: AAPL 1,2,3 → 2; then 2,3,7 → 4.
+    for (sma, ts) in [(2.0, 14), (4.0, 15)] {
+        let (_, payload) = next_redis(&mut output).await;
+        let got: Value = serde_json::from_str(&payload).expect("json");
+        assert_eq!(
+            (
+                got["symbol"].as_str(),
+                got["sma"].as_f64(),
+                got["ts"].as_u64()
+            ),
+            (Some("AAPL"), Some(sma), Some(ts))
+        );
+    }
+    drop(output);
+
+    // SIGTERM: a clean exit with code 0.
+    let pid = serve.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("send SIGTERM");
+    assert!(killed.success());
+    let status = within("quotebridge serve to exit", async {
+        loop {
+            if let Some(status) = serve.child.try_wait().expect("wait for child") {
+                return status;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
+    assert!(
+        http_get_refused(serve.address).await,
+        "the port is released"
+    );
+}
+
+async fn http_get_refused(address: std::net::SocketAddr) -> bool {
+    tokio::net::TcpStream::connect(address).await.is_err()
+}
+
+fn run_with_env(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    let mut command = Command::new(BIN);
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    command.output().expect("run quotebridge")
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let cases: [(&[(&str, &str)], &str); 4] = [
+        (&[("QUOTEBRIDGE__SMA__WINDOW", "0")], "sma.window"),
+        (&[("QUOTEBRIDGE__REDIS__URL", "not a url")], "redis.url"),
+        (
+            &[("QUOTEBRIDGE__SERVER__LISTEN", "nowhere")],
+            "server.listen",
+        ),
+        (&[("QUOTEBRIDGE__NOPE__KEY", "1")], "nope"),
+    ];
+    for (env, key) in cases {
+        let out = run_with_env(&["serve"], env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?}: {stderr}");
+        assert!(
+            stderr.contains(key),
+            "{env:?}: stderr should name {key}: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "no panic: {stderr}");
+        assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    }
+    let file = temp_file("bad.toml", "[sma]\nwindow = -3\n");
+    let out = run_with_env(&["--config", file.to_str().expect("utf-8"), "serve"], &[]);
+    std::fs::remove_file(&file).ok();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("window"));
+}
+
+#[test]
+fn every_command_has_help() {
+    for command in ["serve", "publish", "demo", "tail"] {
+        let out = run_with_env(&[command, "--help"], &[]);
+        assert!(out.status.success(), "{command} --help");
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
+    }
+    let out = run_with_env(&["publish"], &[]);
+    assert_eq!(out.status.code(), Some(2), "missing FILE is a usage error");
+}

@@ -1,0 +1,11 @@
+//! Integration tests: the real bridge against a real redis-server of the
+//! test's own, real WebSocket clients, and the real binary.
+//!
+//! One test binary (modules below) so the suite links once.
+
+mod binary;
+mod end_to_end;
+mod properties;
+mod rejected_input;
+mod support;
+mod websocket;

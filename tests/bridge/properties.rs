@@ -1,0 +1,48 @@
+//! Properties over random input: the SMA equals a from-scratch mean, and the
+//! quote parser never panics and accepts exactly what it should.
+
+use std::num::NonZeroUsize;
+
+use proptest::prelude::*;
+use quotebridge::quote::{self, Quote};
+use quotebridge::sma::SmaWindow;
+
+proptest! {
+    #[test]
+    fn sma_equals_the_mean_of_the_last_window_prices(
+        window in 1usize..64,
+        prices in prop::collection::vec(-1e9f64..1e9, 1..400),
+    ) {
+        let mut sma = SmaWindow::new(NonZeroUsize::new(window).expect("non-zero"));
+        for (i, &price) in prices.iter().enumerate() {
+            let got = sma.push(price);
+            let tail = &prices[(i + 1).saturating_sub(window)..=i];
+            let want = tail.iter().sum::<f64>() / tail.len() as f64;
+            let scale = tail.iter().map(|p| p.abs()).sum::<f64>() / tail.len() as f64;
+            prop_assert_eq!(got.count, tail.len());
+            prop_assert!((got.mean - want).abs() <= 1e-9 * scale.max(1e-300), "{} vs {}", got.mean, want);
+        }
+    }
+
+    #[test]
+    fn the_parser_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = quote::parse(&bytes);
+    }
+
+    #[test]
+    fn the_parser_never_panics_on_json_like_text(text in r#"\{("(symbol|price|ts|client|x)":(-?[0-9.eE+]{0,12}|"[^"]{0,40}"|null|true|\[\]|\{\}),?){0,6}\}"#) {
+        let _ = quote::parse(text.as_bytes());
+    }
+
+    #[test]
+    fn every_valid_quote_round_trips(
+        symbol in "[A-Za-z0-9._:/-]{1,32}",
+        price in prop::num::f64::NORMAL | prop::num::f64::ZERO,
+        ts in prop::option::of(any::<u64>()),
+        client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+    ) {
+        let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
+        let json = serde_json::to_vec(&q).expect("serialize");
+        prop_assert_eq!(quote::parse(&json), Ok(q));
+    }
+}

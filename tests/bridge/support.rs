@@ -1,0 +1,372 @@
+//! Shared test helpers: a private redis-server, the whole app on port 0,
+//! WebSocket and HTTP clients, and a deadline for every wait.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use quotebridge::config::Settings;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+/// How long any single expected event may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Awaits `fut`, failing the test with `what` if it misses [`DEADLINE`].
+pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
+    match tokio::time::timeout(DEADLINE, fut).await {
+        Ok(value) => value,
+        Err(_) => panic!("timed out after {DEADLINE:?} waiting for {what}"),
+    }
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A redis-server of the test's own, on a free port, killed on drop.
+pub struct RedisServer {
+    child: Child,
+    port: u16,
+}
+
+impl RedisServer {
+    /// Starts redis-server and waits until it answers PING.
+    pub async fn start() -> Self {
+        let mut last_error = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let spawned = Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(child) => child,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed; the tests need it. Install it with \
+                     `sudo apt-get install -y redis-server` (Debian/Ubuntu) or \
+                     `brew install redis` (macOS)"
+                ),
+                Err(err) => panic!("cannot start redis-server: {err}"),
+            };
+            let mut server = RedisServer { child, port };
+            if server.wait_until_ready().await {
+                return server;
+            }
+            last_error = format!("redis-server on port {port} did not answer PING");
+            let _ = server.child.kill();
+        }
+        panic!("{last_error}");
+    }
+
+    async fn wait_until_ready(&mut self) -> bool {
+        for _ in 0..200 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return false; // exited: most likely the port was taken
+            }
+            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await {
+                let mut reply = [0u8; 7];
+                if stream.write_all(b"PING\r\n").await.is_ok()
+                    && stream.read_exact(&mut reply).await.is_ok()
+                    && &reply == b"+PONG\r\n"
+                {
+                    return true;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        false
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A client of this server.
+    pub fn client(&self) -> redis::Client {
+        redis::Client::open(self.url()).expect("valid redis url")
+    }
+
+    /// A connection for publishing.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        self.client()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// A pub/sub connection already subscribed to `channels` (confirmed by Redis).
+    pub async fn subscribe(&self, channels: &[&str]) -> redis::aio::PubSub {
+        let mut pubsub = self
+            .client()
+            .get_async_pubsub()
+            .await
+            .expect("pubsub connection");
+        for channel in channels {
+            pubsub.subscribe(*channel).await.expect("subscribe");
+        }
+        pubsub
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Publishes every `(channel, payload)` in one pipeline.
+pub async fn publish_all(
+    conn: &mut redis::aio::MultiplexedConnection,
+    messages: &[(String, Vec<u8>)],
+) {
+    for chunk in messages.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for (channel, payload) in chunk {
+            pipe.publish(channel, payload.as_slice()).ignore();
+        }
+        pipe.query_async::<()>(conn)
+            .await
+            .expect("publish pipeline");
+    }
+}
+
+/// The bridge running in-process against its own redis-server.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub redis: RedisServer,
+    pub settings: Settings,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<Result<(), quotebridge::Error>>>,
+}
+
+/// Starts redis-server and the bridge with default settings.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(&[]).await
+}
+
+/// Starts redis-server and the bridge; `env` overrides settings like
+/// `QUOTEBRIDGE__SECTION__KEY` variables would.
+pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
+    let redis = RedisServer::start().await;
+    let mut vars: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    vars.insert("QUOTEBRIDGE__REDIS__URL".into(), redis.url());
+    let settings = Settings::load_with_env(None, Some(vars)).expect("test settings are valid");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let address = listener.local_addr().expect("local address");
+    let shutdown = CancellationToken::new();
+    let handle = tokio::spawn(quotebridge::run(
+        settings.clone(),
+        listener,
+        shutdown.clone(),
+    ));
+    let app = TestApp {
+        address,
+        redis,
+        settings,
+        shutdown,
+        handle: Some(handle),
+    };
+    within("the bridge to become ready", async {
+        while app.get("/readyz").await.0 != 200 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    app
+}
+
+pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+impl TestApp {
+    /// `ws://ADDRESS/ws/{code}`.
+    pub fn ws_url(&self, code: &str) -> String {
+        format!("ws://{}/ws/{code}", self.address)
+    }
+
+    /// Opens a socket for `code` and returns it with its welcome frame.
+    pub async fn connect(&self, code: &str) -> (Socket, Value) {
+        let (mut socket, _) = within(
+            "the WebSocket handshake",
+            tokio_tungstenite::connect_async(self.ws_url(code)),
+        )
+        .await
+        .expect("WebSocket handshake");
+        let welcome = next_json(&mut socket).await;
+        assert_eq!(
+            welcome["type"], "welcome",
+            "first frame is the welcome: {welcome}"
+        );
+        (socket, welcome)
+    }
+
+    /// A plain HTTP GET; returns status and body.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        http_get(self.address, path).await
+    }
+
+    /// The `/stats` counters.
+    pub async fn stats(&self) -> Value {
+        let (status, body) = self.get("/stats").await;
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).expect("stats are JSON")
+    }
+
+    /// Polls `/stats` until `check` holds.
+    pub async fn wait_for_stats(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        within(what, async {
+            loop {
+                let stats = self.stats().await;
+                if check(&stats) {
+                    return stats;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+
+    /// Stops the bridge the way SIGTERM would and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            within("the bridge to stop", handle)
+                .await
+                .expect("bridge task")
+                .expect("bridge stops cleanly");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// A raw HTTP/1.1 GET.
+pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .expect("send request");
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .await
+        .expect("read response");
+    let response = String::from_utf8_lossy(&response);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status line");
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    (status, body)
+}
+
+/// The next text frame as JSON (pings and pongs skipped).
+pub async fn next_json(socket: &mut Socket) -> Value {
+    let text = next_text(socket).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("frame is not JSON ({e}): {text}"))
+}
+
+/// The next text frame, verbatim.
+pub async fn next_text(socket: &mut Socket) -> String {
+    within("a WebSocket frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return text.to_string(),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a text frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+/// Sends `value` as a text frame.
+pub async fn send_json(socket: &mut Socket, value: Value) {
+    socket
+        .send(Message::text(value.to_string()))
+        .await
+        .expect("send frame");
+}
+
+/// The next message on a Redis subscription: (channel, payload).
+pub async fn next_redis(
+    messages: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+) -> (String, String) {
+    let msg = within("a Redis message", messages.next())
+        .await
+        .expect("subscription open");
+    let payload = String::from_utf8(msg.get_payload_bytes().to_vec()).expect("utf-8 payload");
+    (msg.get_channel_name().to_owned(), payload)
+}
+
+/// The reference SMA: the mean of the last `window` prices, from scratch.
+#[derive(Default)]
+pub struct ReferenceSma {
+    prices: HashMap<(Option<String>, String), Vec<f64>>,
+}
+
+impl ReferenceSma {
+    /// Adds a price; returns `(mean, count)` of the window after it.
+    pub fn push(
+        &mut self,
+        client: Option<&str>,
+        symbol: &str,
+        price: f64,
+        window: usize,
+    ) -> (f64, usize) {
+        let prices = self
+            .prices
+            .entry((client.map(str::to_owned), symbol.to_owned()))
+            .or_default();
+        prices.push(price);
+        let tail = &prices[prices.len().saturating_sub(window)..];
+        (tail.iter().sum::<f64>() / tail.len() as f64, tail.len())
+    }
+}
+
+/// Asserts `got` is the SMA message expected for that quote.
+pub fn assert_sma(got: &Value, want: &Value) {
+    for field in ["symbol", "price", "window", "count", "ts", "client"] {
+        assert_eq!(
+            got.get(field),
+            want.get(field),
+            "field {field}: got {got}, want {want}"
+        );
+    }
+    let (g, w) = (
+        got["sma"].as_f64().expect("sma"),
+        want["sma"].as_f64().expect("sma"),
+    );
+    assert!(
+        ((g - w) / w).abs() <= 1e-9,
+        "sma {g} differs from {w}: got {got}"
+    );
+}

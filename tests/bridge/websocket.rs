@@ -1,0 +1,283 @@
+//! The WebSocket contract: welcome, subscriptions with snapshots, group
+//! routing, direct messages, malformed frames, client-code validation.
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::support::*;
+
+fn quote(symbol: &str, price: f64, client: Option<&str>) -> (String, Vec<u8>) {
+    let mut q = json!({"symbol": symbol, "price": price, "ts": 1});
+    if let Some(c) = client {
+        q["client"] = c.into();
+    }
+    ("quotes".into(), q.to_string().into_bytes())
+}
+
+#[tokio::test]
+async fn welcome_lists_the_default_subscriptions() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", "MSFT,AAPL")]).await;
+    let (_socket, welcome) = app.connect("acme").await;
+    assert_eq!(
+        welcome,
+        json!({"type": "welcome", "client": "acme", "subscriptions": ["AAPL", "MSFT"]})
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn subscribe_replies_with_the_sorted_set_then_snapshots() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", ""),
+        ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+    ])
+    .await;
+    let mut conn = app.redis.connection().await;
+    // A watcher on "*" tells us when the bridge has processed the quotes.
+    let (mut watcher, _) = app.connect("watcher").await;
+    send_json(&mut watcher, json!({"op": "subscribe", "symbols": ["*"]})).await;
+    assert_eq!(next_json(&mut watcher).await["type"], "subscribed");
+    publish_all(
+        &mut conn,
+        &[quote("MSFT", 10.0, None), quote("AAPL", 20.0, None)],
+    )
+    .await;
+    let mut latest_aapl = String::new();
+    for _ in 0..2 {
+        let frame = next_text(&mut watcher).await;
+        if frame.contains("AAPL") {
+            latest_aapl = frame;
+        }
+    }
+
+    let (mut socket, welcome) = app.connect("acme").await;
+    assert_eq!(welcome["subscriptions"], json!([]));
+    send_json(
+        &mut socket,
+        json!({"op": "subscribe", "symbols": ["ZZZ", "AAPL"]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"type": "subscribed", "symbols": ["AAPL", "ZZZ"]})
+    );
+    // Snapshot of AAPL, byte for byte the frame the watcher saw; ZZZ has none.
+    assert_eq!(next_text(&mut socket).await, latest_aapl);
+
+    // Live updates follow for subscribed symbols only.
+    publish_all(
+        &mut conn,
+        &[quote("MSFT", 11.0, None), quote("AAPL", 21.0, None)],
+    )
+    .await;
+    let live = next_json(&mut socket).await;
+    assert_eq!(
+        (live["symbol"].as_str(), live["price"].as_f64()),
+        (Some("AAPL"), Some(21.0))
+    );
+
+    send_json(
+        &mut socket,
+        json!({"op": "unsubscribe", "symbols": ["AAPL"]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"type": "subscribed", "symbols": ["ZZZ"]})
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn private_smas_reach_every_socket_of_their_group_and_no_other() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true")]).await;
+    let mut conn = app.redis.connection().await;
+    let (mut acme_1, _) = app.connect("acme").await;
+    let (mut acme_2, _) = app.connect("acme").await;
+    let (mut other, _) = app.connect("other").await;
+
+    // A private quote for acme, then a public marker. Frames reach a socket in
+    // the order the bridge produced them, so if `other` sees the marker first,
+    // the private SMA was never sent to it.
+    publish_all(
+        &mut conn,
+        &[quote("AAPL", 5.0, Some("acme")), quote("MARK", 1.0, None)],
+    )
+    .await;
+    for socket in [&mut acme_1, &mut acme_2] {
+        let private = next_json(socket).await;
+        assert_eq!(
+            (private["client"].as_str(), private["symbol"].as_str()),
+            (Some("acme"), Some("AAPL"))
+        );
+        assert_eq!(next_json(socket).await["symbol"], "MARK");
+    }
+    let first = next_json(&mut other).await;
+    assert_eq!(first["symbol"], "MARK", "other group got {first}");
+    assert!(first.get("client").is_none());
+
+    // Private quotes go to the group even when it subscribes to nothing public.
+    send_json(&mut acme_1, json!({"op": "unsubscribe", "symbols": ["*"]})).await;
+    assert_eq!(next_json(&mut acme_1).await["symbols"], json!([]));
+    publish_all(&mut conn, &[quote("MSFT", 7.0, Some("acme"))]).await;
+    let private = next_json(&mut acme_1).await;
+    assert_eq!(
+        (private["client"].as_str(), private["symbol"].as_str()),
+        (Some("acme"), Some("MSFT"))
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn direct_messages_reach_every_socket_of_the_group_verbatim() {
+    let app = spawn_app().await;
+    let mut conn = app.redis.connection().await;
+    let (mut acme_1, _) = app.connect("acme").await;
+    let (mut acme_2, _) = app.connect("acme").await;
+    let (mut other, _) = app.connect("other").await;
+    let payload = r#"{"alert": "margin call",  "level": 3}"#;
+    publish_all(
+        &mut conn,
+        &[
+            ("client.acme".into(), payload.as_bytes().to_vec()),
+            ("client.other".into(), b"for other".to_vec()),
+        ],
+    )
+    .await;
+    assert_eq!(
+        next_text(&mut acme_1).await,
+        payload,
+        "verbatim, spacing included"
+    );
+    assert_eq!(next_text(&mut acme_2).await, payload);
+    assert_eq!(
+        next_text(&mut other).await,
+        "for other",
+        "only its own direct message"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn malformed_client_frames_get_errors_and_the_socket_stays_open() {
+    let app = spawn_app().await;
+    let (mut socket, _) = app.connect("acme").await;
+    let bad_frames = [
+        "not json",
+        "{}",
+        r#"{"op":"publish","symbols":["A"]}"#,
+        r#"{"op":"subscribe","symbols":"AAPL"}"#,
+        r#"{"op":"subscribe","symbols":["BAD SYMBOL"]}"#,
+        r#"{"op":"subscribe","symbols":["AA*"]}"#,
+    ];
+    for frame in bad_frames {
+        socket.send(Message::text(frame)).await.expect("send");
+        let reply = next_json(&mut socket).await;
+        assert_eq!(reply["type"], "error", "{frame} got {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    socket
+        .send(Message::binary(vec![1u8, 2, 3]))
+        .await
+        .expect("send");
+    assert_eq!(next_json(&mut socket).await["type"], "error");
+    // Still open and serving.
+    send_json(&mut socket, json!({"op": "subscribe", "symbols": ["AAPL"]})).await;
+    assert_eq!(next_json(&mut socket).await["type"], "subscribed");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn oversized_client_frames_close_the_socket_with_1009() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__MAX_MESSAGE_BYTES", "1024")]).await;
+    let (mut socket, _) = app.connect("acme").await;
+    let huge = format!(r#"{{"op":"subscribe","symbols":["{}"]}}"#, "A".repeat(4096));
+    socket.send(Message::text(huge)).await.expect("send");
+    let close = within("the close frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("close frame has a code");
+    assert_eq!(u16::from(close.code), 1009);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn invalid_client_codes_are_refused_with_400_before_the_upgrade() {
+    let app = spawn_app().await;
+    let long = "c".repeat(65);
+    for code in ["bad.code", "a%20b", "caf%C3%A9", long.as_str(), "a/b", ""] {
+        match tokio_tungstenite::connect_async(app.ws_url(code)).await {
+            Err(tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 400, "client code {code:?}");
+            }
+            other => panic!("client code {code:?} was not refused: {other:?}"),
+        }
+    }
+    // 64 characters is the longest valid code.
+    let (_socket, welcome) = app.connect(&"c".repeat(64)).await;
+    assert_eq!(welcome["client"], "c".repeat(64));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_group_disappears_when_its_last_socket_closes() {
+    let app = spawn_app().await;
+    let (mut first, _) = app.connect("acme").await;
+    let (second, _) = app.connect("acme").await;
+    let (_other, _) = app.connect("other").await;
+    app.wait_for_stats("3 sockets in 2 groups", |s| {
+        s["sockets"] == 3 && s["groups"] == 2
+    })
+    .await;
+
+    first.close(None).await.expect("close");
+    app.wait_for_stats("acme down to one socket", |s| {
+        s["sockets"] == 2 && s["groups"] == 2
+    })
+    .await;
+    // An abrupt disconnect (no close frame) must not leak either.
+    drop(second);
+    app.wait_for_stats("acme gone", |s| s["sockets"] == 1 && s["groups"] == 1)
+        .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn shutdown_closes_sockets_with_1001() {
+    let app = spawn_app().await;
+    let (mut socket, _) = app.connect("acme").await;
+    let stopping = tokio::spawn(app.shutdown());
+    let frame: Option<Value> = within("the close frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return Some(
+                        json!({"code": u16::from(frame.code), "reason": frame.reason.as_str()}),
+                    );
+                }
+                Some(Ok(_)) => continue,
+                _ => return None,
+            }
+        }
+    })
+    .await;
+    assert_eq!(frame, Some(json!({"code": 1001, "reason": "going away"})));
+    stopping.await.expect("shutdown completes");
+}
+
+#[tokio::test]
+async fn health_and_readiness() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+    assert_eq!(app.get("/readyz").await.0, 200);
+    assert_eq!(app.get("/nope").await.0, 404);
+    app.shutdown().await;
+}
