@@ -174,3 +174,64 @@ fn every_command_has_help() {
     let out = run_with_env(&["publish"], &[]);
     assert_eq!(out.status.code(), Some(2), "missing FILE is a usage error");
 }
+
+#[tokio::test]
+async fn tail_prints_what_the_group_receives_one_json_per_line() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let mut tail = tokio::process::Command::new(BIN)
+        .args([
+            "tail",
+            "acme",
+            "--symbols",
+            "AAPL",
+            "--url",
+            &format!("ws://{}", app.address),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start quotebridge tail");
+    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let mut next_line = async || -> Value {
+        let line = within("a line from tail", lines.next_line())
+            .await
+            .expect("read stdout")
+            .expect("tail is still running");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    assert_eq!(next_line().await["type"], "welcome");
+    // tail swaps the default "*" for AAPL: two replies, the last one final.
+    assert_eq!(next_line().await["type"], "subscribed");
+    assert_eq!(next_line().await["symbols"], serde_json::json!(["AAPL"]));
+
+    let mut conn = app.redis.connection().await;
+    let quote = |s: &str| {
+        (
+            "quotes".to_owned(),
+            format!(r#"{{"symbol":"{s}","price":3,"ts":1}}"#).into_bytes(),
+        )
+    };
+    publish_all(&mut conn, &[quote("MSFT"), quote("AAPL")]).await;
+    let sma = next_line().await;
+    assert_eq!(
+        (sma["symbol"].as_str(), sma["sma"].as_f64()),
+        (Some("AAPL"), Some(3.0))
+    );
+    publish_all(
+        &mut conn,
+        &[("client.acme".to_owned(), br#"{"note":"hi"}"#.to_vec())],
+    )
+    .await;
+    assert_eq!(next_line().await["note"], "hi");
+    app.shutdown().await;
+    let status = within("tail to exit when the server closes", tail.wait())
+        .await
+        .expect("wait");
+    assert!(
+        status.success(),
+        "tail exits 0 when the bridge closes the socket"
+    );
+}

@@ -4,6 +4,7 @@
 //! One test binary (modules below) so the suite links once.
 
 mod binary;
+mod embedded;
 mod end_to_end;
 mod properties;
 mod rejected_input;

@@ -1,0 +1,68 @@
+//! The same bridge on the embedded broker: the seam `demo` uses without Redis.
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+use quotebridge::broker::{Broker, MemoryBroker, Outbound, Topic};
+use quotebridge::config::Settings;
+use serde_json::Value;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::*;
+
+#[tokio::test]
+async fn the_bridge_runs_on_the_embedded_broker() {
+    let broker = MemoryBroker::new();
+    let mut output = broker
+        .subscribe(&[Topic::from_name("sma")])
+        .await
+        .expect("subscribe");
+    let mut settings = Settings::defaults().expect("defaults");
+    settings.sma.window = 2;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let shutdown = CancellationToken::new();
+    let bridge = tokio::spawn(quotebridge::serve(
+        settings,
+        listener,
+        broker.clone(),
+        shutdown.clone(),
+    ));
+    within("readiness", async {
+        while http_get(address, "/readyz").await.0 != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut socket).await["type"], "welcome");
+
+    let quotes: Vec<Outbound> = [1.0, 3.0, 5.0]
+        .iter()
+        .map(|p| Outbound {
+            channel: "quotes".into(),
+            payload: Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
+        })
+        .collect();
+    broker.publish(&quotes).await.expect("publish");
+    for want in [2.0, 4.0] {
+        let published = within("an SMA on the embedded broker", output.next())
+            .await
+            .expect("message");
+        let frame = next_text(&mut socket).await;
+        assert_eq!(
+            published.payload,
+            frame.as_bytes(),
+            "same bytes to broker and socket"
+        );
+        let got: Value = serde_json::from_str(&frame).expect("json");
+        assert_eq!(got["sma"].as_f64(), Some(want));
+    }
+    shutdown.cancel();
+    within("shutdown", bridge)
+        .await
+        .expect("join")
+        .expect("clean stop");
+}
