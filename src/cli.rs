@@ -129,7 +129,8 @@ async fn publish(
             "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
         )));
     }
-    let broker = RedisBroker::connect(&settings.redis.url).await?;
+    let broker = RedisBroker::new(&settings.redis.url)?;
+    broker.ping().await?;
     let summary =
         producer::publish(&broker, channel, &loaded.quotes, rate, repeat, shutdown).await?;
     println!(

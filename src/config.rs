@@ -11,6 +11,8 @@ use std::time::Duration;
 use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 
+use crate::backoff::Backoff;
+use crate::broker::HealthCheck;
 use crate::names;
 
 /// The compiled-in defaults; every key is documented there.
@@ -62,6 +64,14 @@ pub struct RedisSettings {
     pub direct_prefix: String,
     /// Most SMA messages waiting to be published.
     pub publish_queue: usize,
+    /// First reconnect delay, in milliseconds.
+    pub reconnect_min_ms: u64,
+    /// Longest reconnect delay, in milliseconds.
+    pub reconnect_max_ms: u64,
+    /// Time between health-check PINGs on the subscriber connection, in milliseconds.
+    pub health_check_interval_ms: u64,
+    /// Longest wait for a health-check answer, in milliseconds.
+    pub health_check_timeout_ms: u64,
 }
 
 /// The moving average.
@@ -187,6 +197,24 @@ impl Settings {
         if redis.publish_queue == 0 {
             return invalid("redis.publish_queue", "must be at least 1".into());
         }
+        if redis.reconnect_min_ms == 0 {
+            return invalid("redis.reconnect_min_ms", "must be at least 1".into());
+        }
+        if redis.reconnect_max_ms < redis.reconnect_min_ms {
+            return invalid(
+                "redis.reconnect_max_ms",
+                "must be at least redis.reconnect_min_ms".into(),
+            );
+        }
+        if redis.health_check_interval_ms == 0 {
+            return invalid(
+                "redis.health_check_interval_ms",
+                "must be at least 1".into(),
+            );
+        }
+        if redis.health_check_timeout_ms == 0 {
+            return invalid("redis.health_check_timeout_ms", "must be at least 1".into());
+        }
         if !(1..=10_000).contains(&self.sma.window) {
             return invalid(
                 "sma.window",
@@ -232,6 +260,24 @@ impl Settings {
     pub fn window(&self) -> NonZeroUsize {
         // validate() guarantees 1..=10000.
         NonZeroUsize::new(self.sma.window).unwrap_or(NonZeroUsize::MIN)
+    }
+
+    /// The reconnect backoff for Redis.
+    #[must_use]
+    pub fn reconnect_backoff(&self) -> Backoff {
+        Backoff::new(
+            Duration::from_millis(self.redis.reconnect_min_ms),
+            Duration::from_millis(self.redis.reconnect_max_ms),
+        )
+    }
+
+    /// The health check for the Redis subscriber connection.
+    #[must_use]
+    pub fn health_check(&self) -> HealthCheck {
+        HealthCheck {
+            interval: Duration::from_millis(self.redis.health_check_interval_ms),
+            timeout: Duration::from_millis(self.redis.health_check_timeout_ms),
+        }
     }
 
     /// Time allowed for a clean shutdown.

@@ -33,13 +33,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
 
-    let redis = tokio::time::timeout(
-        REDIS_PROBE_TIMEOUT,
-        RedisBroker::connect(&settings.redis.url),
-    )
-    .await;
-    match redis {
-        Ok(Ok(broker)) => {
+    let broker = RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
+    match tokio::time::timeout(REDIS_PROBE_TIMEOUT, broker.ping()).await {
+        Ok(Ok(())) => {
             println!("quotebridge demo: using {}", broker.describe());
             run_with(settings, listener, local, broker, shutdown).await
         }

@@ -93,7 +93,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let broker = RedisBroker::connect(&settings.redis.url).await?;
+    let broker = RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
     serve(settings, listener, broker, shutdown).await
 }
 

@@ -36,9 +36,8 @@ use crate::stats::Stats;
 /// The part of a rejected payload republished with its reason.
 const REJECTED_SAMPLE_BYTES: usize = 1024;
 
-/// Reconnect delays for the subscription.
-const RECONNECT_BASE: Duration = Duration::from_millis(100);
-const RECONNECT_CAP: Duration = Duration::from_secs(1);
+/// How often a continuing Redis outage is logged.
+const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
 
 /// The Redis listener: subscribes, then turns every message into its effects.
 pub struct Listener<B> {
@@ -55,6 +54,7 @@ pub struct Listener<B> {
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
     reject_log: RejectLog,
+    backoff: Backoff,
 }
 
 impl<B: Broker> Listener<B> {
@@ -84,6 +84,7 @@ impl<B: Broker> Listener<B> {
             stats,
             subscribed,
             reject_log: RejectLog::default(),
+            backoff: settings.reconnect_backoff(),
         }
     }
 
@@ -91,8 +92,10 @@ impl<B: Broker> Listener<B> {
     /// subscription is lost. SMA windows survive resubscription.
     #[tracing::instrument(name = "listener", skip_all, fields(broker = %self.broker.describe()))]
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut backoff = Backoff::new(RECONNECT_BASE, RECONNECT_CAP);
-        let mut lost_since: Option<Instant> = None;
+        // Set while Redis is unreachable: when the outage began, and when it
+        // was last reported, so a long outage logs every few seconds, not on
+        // every retry.
+        let mut outage: Option<(SystemTime, Instant)> = None;
         loop {
             let subscription = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -101,19 +104,31 @@ impl<B: Broker> Listener<B> {
             let mut messages = match subscription {
                 Ok(messages) => messages,
                 Err(err) => {
-                    tracing::warn!(cause = %err, "subscribe failed; retrying");
+                    match &mut outage {
+                        None => {
+                            tracing::warn!(cause = %err, "cannot subscribe to redis; retrying");
+                            outage = Some((SystemTime::now(), Instant::now()));
+                        }
+                        Some((since, reported)) if reported.elapsed() >= OUTAGE_REPORT_EVERY => {
+                            *reported = Instant::now();
+                            tracing::warn!(cause = %err, disconnected_since = %unix_ms(*since), "redis still unreachable; retrying");
+                        }
+                        Some(_) => {}
+                    }
                     tokio::select! {
                         () = shutdown.cancelled() => return,
-                        () = tokio::time::sleep(backoff.next_delay()) => continue,
+                        () = tokio::time::sleep(self.backoff.next_delay()) => continue,
                     }
                 }
             };
-            backoff.reset();
-            if let Some(since) = lost_since.take() {
-                self.stats.redis_resubscribes.fetch_add(1, Relaxed);
-                tracing::info!(down_for = ?since.elapsed(), "resubscribed");
-            } else {
-                tracing::info!(topics = ?self.topics, "subscribed");
+            self.backoff.reset();
+            match outage.take() {
+                Some((since, _)) => {
+                    self.stats.redis_resubscribes.fetch_add(1, Relaxed);
+                    let down_for = since.elapsed().unwrap_or_default();
+                    tracing::info!(?down_for, "resubscribed to redis");
+                }
+                None => tracing::info!(topics = ?self.topics, "subscribed"),
             }
             self.subscribed.store(true, Relaxed);
             loop {
@@ -127,8 +142,9 @@ impl<B: Broker> Listener<B> {
                 }
             }
             self.subscribed.store(false, Relaxed);
-            lost_since = Some(Instant::now());
-            tracing::warn!("subscription lost; resubscribing");
+            let now = SystemTime::now();
+            outage = Some((now, Instant::now()));
+            tracing::warn!(disconnected_since = %unix_ms(now), "redis subscription lost; reconnecting");
         }
     }
 
@@ -342,8 +358,11 @@ impl RejectLog {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
+    unix_ms(SystemTime::now())
+}
+
+fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 

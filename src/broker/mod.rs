@@ -16,7 +16,7 @@ use futures_util::stream::BoxStream;
 
 pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
-pub use self::redis::RedisBroker;
+pub use self::redis::{HealthCheck, RedisBroker};
 use crate::config::is_pattern;
 
 /// Something to subscribe to.

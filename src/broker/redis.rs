@@ -1,10 +1,12 @@
 //! The Redis broker: one subscriber connection for every channel and pattern,
 //! and one multiplexed, auto-reconnecting connection that publishes in pipelines.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use tokio::sync::OnceCell;
 
 use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic};
 
@@ -16,8 +18,30 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Clone)]
 pub struct RedisBroker {
     client: redis::Client,
-    publisher: ConnectionManager,
+    /// Connected on first use, so the bridge can start before Redis does;
+    /// afterwards the manager reconnects by itself.
+    publisher: Arc<OnceCell<ConnectionManager>>,
     address: String,
+    health_check: HealthCheck,
+}
+
+/// How the subscriber connection is checked for a silent (half-open) death:
+/// a PING every `interval`, which must be answered within `timeout`.
+#[derive(Debug, Clone, Copy)]
+pub struct HealthCheck {
+    /// Time between PINGs.
+    pub interval: Duration,
+    /// Longest wait for the answer.
+    pub timeout: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisBroker {
@@ -30,40 +54,78 @@ impl std::fmt::Debug for RedisBroker {
 }
 
 impl RedisBroker {
-    /// Connects the publishing connection; fails when Redis does not answer.
-    pub async fn connect(url: &str) -> Result<Self, BrokerError> {
+    /// A broker for the server at `url`. Nothing is connected yet.
+    pub fn new(url: &str) -> Result<Self, BrokerError> {
         let client = redis::Client::open(url)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT));
-        let publisher = ConnectionManager::new_with_config(client.clone(), config).await?;
         let address = client.get_connection_info().addr().to_string();
         Ok(Self {
             client,
-            publisher,
+            publisher: Arc::new(OnceCell::new()),
             address,
+            health_check: HealthCheck::default(),
         })
     }
 
-    /// Whether the server answers PING.
+    /// Uses `health_check` on every subscription.
+    #[must_use]
+    pub fn with_health_check(mut self, health_check: HealthCheck) -> Self {
+        self.health_check = health_check;
+        self
+    }
+
+    /// Whether the server answers PING (connecting the publisher if needed).
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        let mut conn = self.publisher.clone();
+        let mut conn = self.publisher().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+
+    async fn publisher(&self) -> Result<ConnectionManager, BrokerError> {
+        let connect = || {
+            let config = ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            ConnectionManager::new_with_config(self.client.clone(), config)
+        };
+        Ok(self.publisher.get_or_try_init(connect).await?.clone())
+    }
+}
+
+/// Completes when the subscriber connection stops answering PING in time.
+async fn unanswered_ping(mut sink: PubSubSink, check: HealthCheck) {
+    let mut ticks = tokio::time::interval(check.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match tokio::time::timeout(check.timeout, sink.ping::<redis::Value>()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(cause = %err, "redis subscriber connection failed its health check");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?check.timeout, "redis subscriber connection did not answer PING; treating it as dead");
+                return;
+            }
+        }
     }
 }
 
 impl Broker for RedisBroker {
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let mut pubsub = self.client.get_async_pubsub().await?;
+        let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
         for topic in topics {
             match topic {
-                Topic::Channel(name) => pubsub.subscribe(name).await?,
-                Topic::Pattern(pattern) => pubsub.psubscribe(pattern).await?,
+                Topic::Channel(name) => sink.subscribe(name).await?,
+                Topic::Pattern(pattern) => sink.psubscribe(pattern).await?,
             }
         }
         let topics = topics.to_vec();
-        let messages = pubsub.into_on_message().filter_map(move |msg| {
+        // The stream ends when the connection closes or, for a connection
+        // that died silently, when a PING goes unanswered.
+        let stream = stream.take_until(Box::pin(unanswered_ping(sink, self.health_check)));
+        let messages = stream.filter_map(move |msg| {
             let pattern: Option<String> = msg.get_pattern().ok().flatten();
             let channel = msg.get_channel_name();
             let topic = topics.iter().position(|t| match (t, &pattern) {
@@ -90,7 +152,7 @@ impl Broker for RedisBroker {
             pipe.publish(&*message.channel, message.payload.as_ref())
                 .ignore();
         }
-        let mut conn = self.publisher.clone();
+        let mut conn = self.publisher().await?;
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
     }

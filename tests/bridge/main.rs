@@ -7,6 +7,7 @@ mod binary;
 mod embedded;
 mod end_to_end;
 mod properties;
+mod redis_faults;
 mod rejected_input;
 mod support;
 mod websocket;

@@ -42,53 +42,59 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
-    /// Starts redis-server and waits until it answers PING.
+    /// Starts redis-server on a free port and waits until it answers PING.
     pub async fn start() -> Self {
-        let mut last_error = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let spawned = Command::new("redis-server")
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match spawned {
-                Ok(child) => child,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "redis-server is not installed; the tests need it. Install it with \
-                     `sudo apt-get install -y redis-server` (Debian/Ubuntu) or \
-                     `brew install redis` (macOS)"
-                ),
-                Err(err) => panic!("cannot start redis-server: {err}"),
-            };
-            let mut server = RedisServer { child, port };
-            if server.wait_until_ready().await {
-                return server;
+            if let Some(child) = Self::spawn_ready(port).await {
+                return RedisServer { child, port };
             }
-            last_error = format!("redis-server on port {port} did not answer PING");
-            let _ = server.child.kill();
         }
-        panic!("{last_error}");
+        panic!("redis-server did not come up on any of five free ports");
     }
 
-    async fn wait_until_ready(&mut self) -> bool {
-        for _ in 0..200 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return false; // exited: most likely the port was taken
-            }
-            if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)).await {
-                let mut reply = [0u8; 7];
-                if stream.write_all(b"PING\r\n").await.is_ok()
-                    && stream.read_exact(&mut reply).await.is_ok()
-                    && &reply == b"+PONG\r\n"
-                {
-                    return true;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+    /// Starts redis-server on `port`; `None` if it does not answer (port taken).
+    async fn spawn_ready(port: u16) -> Option<Child> {
+        let spawned = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                "redis-server is not installed; the tests need it. Install it with \
+                 `sudo apt-get install -y redis-server` (Debian/Ubuntu) or \
+                 `brew install redis` (macOS)"
+            ),
+            Err(err) => panic!("cannot start redis-server: {err}"),
+        };
+        if wait_until_ready(&mut child, port).await {
+            Some(child)
+        } else {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
         }
-        false
+    }
+
+    /// Kills the server (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts a fresh server on the same port, after [`RedisServer::kill`].
+    pub async fn start_again(&mut self) {
+        for _ in 0..50 {
+            if let Some(child) = Self::spawn_ready(self.port).await {
+                self.child = child;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("redis-server could not be restarted on port {}", self.port);
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -123,10 +129,29 @@ impl RedisServer {
     }
 }
 
+/// Waits until the server on `port` answers PING; false if it exits first.
+async fn wait_until_ready(child: &mut Child, port: u16) -> bool {
+    for _ in 0..200 {
+        if let Ok(Some(_)) = child.try_wait() {
+            return false; // exited: most likely the port was taken
+        }
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
+            let mut reply = [0u8; 7];
+            if stream.write_all(b"PING\r\n").await.is_ok()
+                && stream.read_exact(&mut reply).await.is_ok()
+                && &reply == b"+PONG\r\n"
+            {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    false
+}
+
 impl Drop for RedisServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 
@@ -163,14 +188,24 @@ pub async fn spawn_app() -> TestApp {
 /// Starts redis-server and the bridge; `env` overrides settings like
 /// `QUOTEBRIDGE__SECTION__KEY` variables would.
 pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
-    let redis = RedisServer::start().await;
+    let app = spawn_app_on(RedisServer::start().await, env);
+    app.wait_until_ready().await;
+    app
+}
+
+/// Starts the bridge against `redis` without waiting for it to be ready.
+pub fn spawn_app_on(redis: RedisServer, env: &[(&str, &str)]) -> TestApp {
     let mut vars: HashMap<String, String> = env
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
     vars.insert("QUOTEBRIDGE__REDIS__URL".into(), redis.url());
     let settings = Settings::load_with_env(None, Some(vars)).expect("test settings are valid");
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+    listener
+        .set_nonblocking(true)
+        .expect("non-blocking listener");
+    let listener = TcpListener::from_std(listener).expect("tokio listener");
     let address = listener.local_addr().expect("local address");
     let shutdown = CancellationToken::new();
     let handle = tokio::spawn(quotebridge::run(
@@ -178,25 +213,28 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
         listener,
         shutdown.clone(),
     ));
-    let app = TestApp {
+    TestApp {
         address,
         redis,
         settings,
         shutdown,
         handle: Some(handle),
-    };
-    within("the bridge to become ready", async {
-        while app.get("/readyz").await.0 != 200 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await;
-    app
+    }
 }
 
 pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 impl TestApp {
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_until_ready(&self) {
+        within("the bridge to become ready", async {
+            while self.get("/readyz").await.0 != 200 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+    }
+
     /// `ws://ADDRESS/ws/{code}`.
     pub fn ws_url(&self, code: &str) -> String {
         format!("ws://{}/ws/{code}", self.address)
