@@ -94,10 +94,16 @@ pub struct WebSocketSettings {
     pub default_symbols: Vec<String>,
     /// Most frames queued for one socket before it is closed as a slow consumer.
     pub send_queue: usize,
+    /// Most bytes queued for one socket before it is closed as a slow consumer.
+    pub send_queue_bytes: usize,
     /// Most subscriptions per socket.
     pub max_symbols: usize,
     /// Largest client frame, in bytes.
     pub max_message_bytes: usize,
+    /// Most client frames per second.
+    pub client_messages_per_second: u32,
+    /// Keepalive ping period, in milliseconds.
+    pub ping_interval_ms: u64,
 }
 
 /// The HTTP server.
@@ -108,6 +114,8 @@ pub struct ServerSettings {
     pub listen: SocketAddr,
     /// Most concurrent WebSocket connections.
     pub max_connections: usize,
+    /// Most concurrent WebSocket connections per client code.
+    pub max_connections_per_client: usize,
     /// Seconds allowed for a clean shutdown.
     pub shutdown_timeout: u64,
 }
@@ -240,6 +248,21 @@ impl Settings {
         if ws.send_queue == 0 {
             return invalid("websocket.send_queue", "must be at least 1".into());
         }
+        if ws.send_queue_bytes < ws.max_message_bytes.min(65_536) {
+            return invalid(
+                "websocket.send_queue_bytes",
+                "must be at least 65536 (or websocket.max_message_bytes if smaller)".into(),
+            );
+        }
+        if ws.client_messages_per_second == 0 {
+            return invalid(
+                "websocket.client_messages_per_second",
+                "must be at least 1".into(),
+            );
+        }
+        if ws.ping_interval_ms < 10 {
+            return invalid("websocket.ping_interval_ms", "must be at least 10".into());
+        }
         if ws.max_symbols == 0 || ws.default_symbols.len() > ws.max_symbols {
             return invalid(
                 "websocket.max_symbols",
@@ -251,6 +274,12 @@ impl Settings {
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1".into());
+        }
+        if self.server.max_connections_per_client == 0 {
+            return invalid(
+                "server.max_connections_per_client",
+                "must be at least 1".into(),
+            );
         }
         Ok(())
     }

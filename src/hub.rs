@@ -6,6 +6,7 @@
 //! an index; it never scans every socket.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -27,9 +28,21 @@ pub struct Hub {
 #[derive(Debug)]
 struct Inner {
     state: Mutex<State>,
-    send_queue: usize,
-    max_symbols: usize,
+    limits: HubLimits,
     stats: Arc<Stats>,
+}
+
+/// Bounds on what one socket or one client may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct HubLimits {
+    /// Frames queued for one socket before it is a slow consumer.
+    pub send_queue: usize,
+    /// Bytes queued for one socket before it is a slow consumer.
+    pub send_queue_bytes: usize,
+    /// Subscriptions per socket.
+    pub max_symbols: usize,
+    /// Open sockets per client code.
+    pub max_sockets_per_client: usize,
 }
 
 #[derive(Debug, Default)]
@@ -44,13 +57,103 @@ struct State {
     everything: HashSet<SocketId>,
     /// The latest public SMA frame per symbol, the snapshot for new subscribers.
     latest: HashMap<Box<str>, Utf8Bytes>,
+    /// Client code → sockets admitted (upgrading or open), for the per-client limit.
+    admitted: HashMap<Box<str>, usize>,
 }
 
 #[derive(Debug)]
 struct Socket {
     group: Box<str>,
     outbox: mpsc::Sender<Message>,
+    /// Bytes in the outbox; the hub adds, the session subtracts.
+    queued_bytes: Arc<AtomicUsize>,
     subscriptions: BTreeSet<String>,
+}
+
+/// What happened when a frame was offered to one socket.
+enum Offer {
+    Queued,
+    /// The socket is over its frame or byte bound.
+    Full,
+    /// The session has ended; its membership is removing it.
+    Gone,
+}
+
+impl Socket {
+    fn offer(&self, message: Message, limits: &HubLimits) -> Offer {
+        let len = message_len(&message);
+        if self.queued_bytes.load(Relaxed) + len > limits.send_queue_bytes {
+            return Offer::Full;
+        }
+        match self.outbox.try_send(message) {
+            Ok(()) => {
+                self.queued_bytes.fetch_add(len, Relaxed);
+                Offer::Queued
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
+            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        }
+    }
+}
+
+fn message_len(message: &Message) -> usize {
+    match message {
+        Message::Text(text) => text.len(),
+        Message::Binary(data) => data.len(),
+        _ => 0,
+    }
+}
+
+/// Why a socket was not admitted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdmitError {
+    /// The client code already has `server.max_connections_per_client` sockets.
+    #[error("client code has too many open sockets (at most {0})")]
+    TooManySockets(usize),
+}
+
+/// A socket's place in its client's connection count, taken before the
+/// upgrade so the limit holds even for handshakes in flight. Released on drop.
+#[derive(Debug)]
+pub struct Admission {
+    hub: Hub,
+    client: Box<str>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut state = self.hub.state();
+        if let Some(count) = state.admitted.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                state.admitted.remove(&self.client);
+            }
+        }
+    }
+}
+
+/// The receiving end of one socket's bounded queue.
+#[derive(Debug)]
+pub struct Outbox {
+    frames: mpsc::Receiver<Message>,
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+impl Outbox {
+    /// The next queued frame; `None` once the hub has evicted the socket and
+    /// everything queued before that has been taken.
+    pub async fn recv(&mut self) -> Option<Message> {
+        let message = self.frames.recv().await?;
+        self.queued_bytes.fetch_sub(message_len(&message), Relaxed);
+        Some(message)
+    }
+
+    /// A queued frame, if one is ready now.
+    pub fn try_recv(&mut self) -> Option<Message> {
+        let message = self.frames.try_recv().ok()?;
+        self.queued_bytes.fetch_sub(message_len(&message), Relaxed);
+        Some(message)
+    }
 }
 
 /// Why a subscription request was refused.
@@ -71,18 +174,36 @@ pub struct Subscribed {
 }
 
 impl Hub {
-    /// An empty hub. `send_queue` bounds each socket's outbox; `max_symbols`
-    /// bounds each socket's subscriptions.
+    /// An empty hub.
     #[must_use]
-    pub fn new(send_queue: usize, max_symbols: usize, stats: Arc<Stats>) -> Self {
+    pub fn new(limits: HubLimits, stats: Arc<Stats>) -> Self {
+        let limits = HubLimits {
+            send_queue: limits.send_queue.max(1),
+            ..limits
+        };
         Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(State::default()),
-                send_queue: send_queue.max(1),
-                max_symbols,
+                limits,
                 stats,
             }),
         }
+    }
+
+    /// Counts a socket about to open for `client`, or refuses it when the
+    /// client is at `max_sockets_per_client`.
+    pub fn admit(&self, client: &str) -> Result<Admission, AdmitError> {
+        let max = self.inner.limits.max_sockets_per_client;
+        let mut state = self.state();
+        let count = state.admitted.entry(client.into()).or_default();
+        if *count >= max {
+            return Err(AdmitError::TooManySockets(max));
+        }
+        *count += 1;
+        Ok(Admission {
+            hub: self.clone(),
+            client: client.into(),
+        })
     }
 
     fn state(&self) -> MutexGuard<'_, State> {
@@ -94,33 +215,41 @@ impl Hub {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Adds a socket to the group `client`, subscribed to `subscriptions`.
-    /// The socket leaves the hub when the returned [`Membership`] is dropped.
-    pub fn join(
-        &self,
-        client: &str,
-        subscriptions: &[String],
-    ) -> (Membership, mpsc::Receiver<Message>) {
-        let (outbox, rx) = mpsc::channel(self.inner.send_queue);
+    /// Adds an admitted socket to its client's group, subscribed to
+    /// `subscriptions`. The socket leaves the hub, and its admission is
+    /// released, when the returned [`Membership`] is dropped.
+    pub fn join(&self, admission: Admission, subscriptions: &[String]) -> (Membership, Outbox) {
+        let (sender, frames) = mpsc::channel(self.inner.limits.send_queue);
+        let queued_bytes = Arc::new(AtomicUsize::new(0));
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
         state.sockets.insert(
             id,
             Socket {
-                group: client.into(),
-                outbox,
+                group: admission.client.clone(),
+                outbox: sender,
+                queued_bytes: queued_bytes.clone(),
                 subscriptions: BTreeSet::new(),
             },
         );
-        state.groups.entry(client.into()).or_default().push(id);
+        state
+            .groups
+            .entry(admission.client.clone())
+            .or_default()
+            .push(id);
         state.add_subscriptions(id, subscriptions);
         drop(state);
         let membership = Membership {
             hub: self.clone(),
             id,
+            _admission: admission,
         };
-        (membership, rx)
+        let outbox = Outbox {
+            frames,
+            queued_bytes,
+        };
+        (membership, outbox)
     }
 
     /// Delivers a public SMA frame to every socket subscribed to `symbol`
@@ -145,11 +274,10 @@ impl Hub {
         );
         for id in targets {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.outbox.try_send(Message::Text(frame.clone())) {
-                    Ok(()) => queued += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
-                    // The session is already gone; its membership removes it.
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                match socket.offer(Message::Text(frame.clone()), &self.inner.limits) {
+                    Offer::Queued => queued += 1,
+                    Offer::Full => slow.push(*id),
+                    Offer::Gone => {}
                 }
             }
         }
@@ -168,10 +296,10 @@ impl Hub {
         let mut queued = 0u64;
         for id in members {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.outbox.try_send(message.clone()) {
-                    Ok(()) => queued += 1,
-                    Err(mpsc::error::TrySendError::Full(_)) => slow.push(*id),
-                    Err(mpsc::error::TrySendError::Closed(_)) => {}
+                match socket.offer(message.clone(), &self.inner.limits) {
+                    Offer::Queued => queued += 1,
+                    Offer::Full => slow.push(*id),
+                    Offer::Gone => {}
                 }
             }
         }
@@ -222,8 +350,9 @@ impl Hub {
             .iter()
             .filter(|s| !socket.subscriptions.contains(*s))
             .collect();
-        if socket.subscriptions.len() + new.len() > self.inner.max_symbols {
-            return Err(SubscribeError::TooManySymbols(self.inner.max_symbols));
+        let max_symbols = self.inner.limits.max_symbols;
+        if socket.subscriptions.len() + new.len() > max_symbols {
+            return Err(SubscribeError::TooManySymbols(max_symbols));
         }
         let snapshots = if new.iter().any(|s| s.as_str() == ALL_SYMBOLS) {
             state.latest.values().cloned().collect()
@@ -326,6 +455,7 @@ impl State {
 pub struct Membership {
     hub: Hub,
     id: SocketId,
+    _admission: Admission,
 }
 
 impl Membership {
@@ -345,6 +475,12 @@ impl Membership {
         self.hub.unsubscribe(self.id, symbols)
     }
 
+    /// The process-wide counters, for the session to count its own events.
+    #[must_use]
+    pub fn stats(&self) -> &Stats {
+        &self.hub.inner.stats
+    }
+
     /// The socket's current subscriptions, sorted.
     #[must_use]
     pub fn subscriptions(&self) -> Vec<String> {
@@ -362,8 +498,22 @@ impl Drop for Membership {
 mod tests {
     use super::*;
 
+    fn limits(send_queue: usize) -> HubLimits {
+        HubLimits {
+            send_queue,
+            send_queue_bytes: 1 << 20,
+            max_symbols: 10,
+            max_sockets_per_client: 4,
+        }
+    }
+
     fn hub(send_queue: usize) -> Hub {
-        Hub::new(send_queue, 10, Arc::new(Stats::default()))
+        Hub::new(limits(send_queue), Arc::new(Stats::default()))
+    }
+
+    fn join(hub: &Hub, client: &str, subscriptions: &[&str]) -> (Membership, Outbox) {
+        let admission = hub.admit(client).expect("admitted");
+        hub.join(admission, &strings(subscriptions))
     }
 
     fn strings(items: &[&str]) -> Vec<String> {
@@ -380,37 +530,37 @@ mod tests {
     #[tokio::test]
     async fn public_frames_reach_subscribers_once() {
         let hub = hub(8);
-        let (_all, mut all_rx) = hub.join("a", &strings(&["*", "AAPL"]));
-        let (_aapl, mut aapl_rx) = hub.join("b", &strings(&["AAPL"]));
-        let (_msft, mut msft_rx) = hub.join("c", &strings(&["MSFT"]));
+        let (_all, mut all_rx) = join(&hub, "a", &["*", "AAPL"]);
+        let (_aapl, mut aapl_rx) = join(&hub, "b", &["AAPL"]);
+        let (_msft, mut msft_rx) = join(&hub, "c", &["MSFT"]);
         hub.publish_public("AAPL", "f1".into());
         assert_eq!(text(all_rx.recv().await.expect("frame")), "f1");
         assert!(
-            all_rx.try_recv().is_err(),
+            all_rx.try_recv().is_none(),
             "a socket in * and AAPL gets one copy"
         );
         assert_eq!(text(aapl_rx.recv().await.expect("frame")), "f1");
-        assert!(msft_rx.try_recv().is_err());
+        assert!(msft_rx.try_recv().is_none());
     }
 
     #[tokio::test]
     async fn group_messages_reach_every_socket_of_the_group_only() {
         let hub = hub(8);
-        let (_a1, mut a1) = hub.join("acme", &[]);
-        let (_a2, mut a2) = hub.join("acme", &[]);
-        let (_b, mut b) = hub.join("other", &strings(&["*"]));
+        let (_a1, mut a1) = join(&hub, "acme", &[]);
+        let (_a2, mut a2) = join(&hub, "acme", &[]);
+        let (_b, mut b) = join(&hub, "other", &["*"]);
         assert_eq!(hub.send_to_group("acme", Message::Text("hi".into())), 2);
         assert_eq!(text(a1.recv().await.expect("frame")), "hi");
         assert_eq!(text(a2.recv().await.expect("frame")), "hi");
-        assert!(b.try_recv().is_err());
+        assert!(b.try_recv().is_none());
         assert_eq!(hub.send_to_group("nobody", Message::Text("x".into())), 0);
     }
 
     #[test]
     fn group_disappears_with_its_last_socket() {
         let hub = hub(8);
-        let (first, _rx1) = hub.join("acme", &strings(&["AAPL"]));
-        let (second, _rx2) = hub.join("acme", &strings(&["*"]));
+        let (first, _rx1) = join(&hub, "acme", &["AAPL"]);
+        let (second, _rx2) = join(&hub, "acme", &["*"]);
         assert_eq!((hub.group_count(), hub.group_size("acme")), (1, 2));
         drop(first);
         assert_eq!(hub.group_size("acme"), 1);
@@ -425,7 +575,7 @@ mod tests {
         let hub = hub(8);
         hub.publish_public("MSFT", "m".into());
         hub.publish_public("AAPL", "a".into());
-        let (socket, _rx) = hub.join("acme", &strings(&["MSFT"]));
+        let (socket, _rx) = join(&hub, "acme", &["MSFT"]);
         let got = socket
             .subscribe(&strings(&["ZZZ", "AAPL", "MSFT"]))
             .expect("subscribe");
@@ -441,8 +591,14 @@ mod tests {
 
     #[test]
     fn subscription_limit_is_enforced_atomically() {
-        let hub = Hub::new(8, 2, Arc::new(Stats::default()));
-        let (socket, _rx) = hub.join("acme", &strings(&["A"]));
+        let hub = Hub::new(
+            HubLimits {
+                max_symbols: 2,
+                ..limits(8)
+            },
+            Arc::new(Stats::default()),
+        );
+        let (socket, _rx) = join(&hub, "acme", &["A"]);
         assert_eq!(
             socket.subscribe(&strings(&["B", "C"])),
             Err(SubscribeError::TooManySymbols(2))
@@ -454,9 +610,9 @@ mod tests {
     #[tokio::test]
     async fn a_full_outbox_evicts_only_that_socket() {
         let stats = Arc::new(Stats::default());
-        let hub = Hub::new(2, 10, stats.clone());
-        let (_slow, mut slow_rx) = hub.join("acme", &strings(&["*"]));
-        let (_fast, mut fast_rx) = hub.join("acme", &strings(&["*"]));
+        let hub = Hub::new(limits(2), stats.clone());
+        let (_slow, mut slow_rx) = join(&hub, "acme", &["*"]);
+        let (_fast, mut fast_rx) = join(&hub, "acme", &["*"]);
         for i in 0..3 {
             hub.publish_public("A", format!("{i}").into());
             // The fast socket keeps up.
@@ -468,5 +624,61 @@ mod tests {
         assert_eq!(text(slow_rx.recv().await.expect("frame")), "0");
         assert_eq!(text(slow_rx.recv().await.expect("frame")), "1");
         assert!(slow_rx.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn the_byte_bound_evicts_too() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(
+            HubLimits {
+                send_queue_bytes: 10,
+                ..limits(100)
+            },
+            stats.clone(),
+        );
+        let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+        hub.publish_public("A", "123456".into());
+        hub.publish_public("A", "123456".into());
+        assert_eq!(
+            stats.slow_consumers_closed.load(Relaxed),
+            1,
+            "12 bytes > 10"
+        );
+        assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
+        assert!(outbox.recv().await.is_none());
+    }
+
+    #[tokio::test]
+    async fn draining_the_outbox_frees_its_byte_budget() {
+        let hub = Hub::new(
+            HubLimits {
+                send_queue_bytes: 10,
+                ..limits(100)
+            },
+            Arc::new(Stats::default()),
+        );
+        let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+        for _ in 0..100 {
+            hub.publish_public("A", "123456".into());
+            assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
+        }
+        assert_eq!(hub.socket_count(), 1);
+    }
+
+    #[test]
+    fn admission_limits_sockets_per_client_and_is_released_on_drop() {
+        let hub = hub(8);
+        let admitted: Vec<Admission> = (0..4)
+            .map(|_| hub.admit("acme").expect("admitted"))
+            .collect();
+        assert_eq!(hub.admit("acme").err(), Some(AdmitError::TooManySockets(4)));
+        assert!(hub.admit("other").is_ok(), "the limit is per client code");
+        drop(admitted);
+        let (membership, _outbox) = join(&hub, "acme", &[]);
+        drop(membership);
+        assert!(
+            hub.state().admitted.is_empty(),
+            "no entry outlives its sockets"
+        );
     }
 }

@@ -37,7 +37,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, RedisBroker};
 use crate::config::{ConfigError, Settings};
-use crate::hub::Hub;
+use crate::hub::{Hub, HubLimits};
 use crate::listener::Listener;
 use crate::stats::Stats;
 
@@ -109,8 +109,12 @@ pub async fn serve<B: Broker>(
     let settings = Arc::new(settings);
     let stats = Arc::new(Stats::default());
     let hub = Hub::new(
-        settings.websocket.send_queue,
-        settings.websocket.max_symbols,
+        HubLimits {
+            send_queue: settings.websocket.send_queue,
+            send_queue_bytes: settings.websocket.send_queue_bytes,
+            max_symbols: settings.websocket.max_symbols,
+            max_sockets_per_client: settings.server.max_connections_per_client,
+        },
         stats.clone(),
     );
     let subscribed = Arc::new(AtomicBool::new(false));

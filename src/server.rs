@@ -73,6 +73,13 @@ async fn upgrade(
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
     }
+    let admission = match app.hub.admit(&client_code) {
+        Ok(admission) => admission,
+        Err(err) => {
+            tracing::warn!(client = %client_code, "per-client connection limit reached; upgrade refused");
+            return (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response();
+        }
+    };
     let Ok(permit) = app.connections.clone().try_acquire_owned() else {
         tracing::warn!(client = %client_code, "connection limit reached; upgrade refused");
         return (
@@ -88,10 +95,18 @@ async fn upgrade(
         .on_upgrade(move |socket| {
             let session = async move {
                 let _permit = permit;
-                let defaults = &app.settings.websocket.default_symbols;
-                let (membership, outbox) = app.hub.join(&client_code, defaults);
-                let outcome =
-                    session::run(socket, &client_code, membership, outbox, app.shutdown).await;
+                let websocket = &app.settings.websocket;
+                let (membership, outbox) = app.hub.join(admission, &websocket.default_symbols);
+                let limits = session::Limits::from_settings(websocket);
+                let outcome = session::run(
+                    socket,
+                    &client_code,
+                    membership,
+                    outbox,
+                    limits,
+                    app.shutdown,
+                )
+                .await;
                 if let Err(err) = outcome {
                     tracing::info!(client = %client_code, cause = %err, "session ended with an error");
                 }

@@ -4,14 +4,17 @@
 //! frames the client sent — like the seed's `handle_client_connection`
 //! raced a socket's reads against a producer.
 
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
+use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::mpsc;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use crate::hub::Membership;
+use crate::config::WebSocketSettings;
+use crate::hub::{Membership, Outbox};
 use crate::names;
 use crate::protocol::{ClientOp, ServerFrame};
 
@@ -22,6 +25,29 @@ const MAX_BATCH: usize = 256;
 /// How long one batch of writes may take. A client that stops reading fills
 /// its TCP window and would stall the session forever; past this it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What one socket may do.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Client frames per second (and the burst allowed).
+    pub client_messages_per_second: u32,
+    /// Time between keepalive pings.
+    pub ping_interval: Duration,
+}
+
+impl Limits {
+    /// The limits `[websocket]` configures.
+    #[must_use]
+    pub fn from_settings(settings: &WebSocketSettings) -> Self {
+        Self {
+            client_messages_per_second: settings.client_messages_per_second,
+            ping_interval: Duration::from_millis(settings.ping_interval_ms),
+        }
+    }
+}
+
+/// Pings sent without a pong since; at this many the peer is gone.
+const MAX_UNANSWERED_PINGS: u32 = 2;
 
 /// Why a session ended abnormally. Ordinary disconnects are not errors.
 #[derive(Debug, thiserror::Error)]
@@ -34,13 +60,15 @@ pub enum SessionError {
     WriteTimeout(Duration),
 }
 
-/// Runs one socket until the client leaves, the hub evicts it, or shutdown.
+/// Runs one socket until the client leaves, the hub evicts it, a limit is
+/// broken, or shutdown.
 #[tracing::instrument(name = "session", skip_all, fields(client = %client, socket = membership.id()))]
 pub async fn run(
     mut socket: WebSocket,
     client: &str,
     membership: Membership,
-    mut outbox: mpsc::Receiver<Message>,
+    mut outbox: Outbox,
+    limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     let subscriptions = membership.subscriptions();
@@ -51,11 +79,26 @@ pub async fn run(
     write(&mut socket, [welcome.encode()].map(Message::Text)).await?;
     tracing::debug!("socket opened");
 
+    let mut rate = TokenBucket::new(limits.client_messages_per_second, Instant::now());
+    let mut keepalive =
+        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut unanswered_pings = 0u32;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
                 close(&mut socket, close_code::AWAY, "going away").await;
                 return Ok(());
+            }
+            _ = keepalive.tick() => {
+                if unanswered_pings >= MAX_UNANSWERED_PINGS {
+                    tracing::info!("no pong to the last two pings; closing");
+                    membership.stats().keepalive_timeouts.fetch_add(1, Relaxed);
+                    close(&mut socket, close_code::AWAY, "keepalive timeout").await;
+                    return Ok(());
+                }
+                unanswered_pings += 1;
+                write(&mut socket, [Message::Ping(Bytes::new())]).await?;
             }
             queued = outbox.recv() => {
                 let Some(first) = queued else {
@@ -63,7 +106,7 @@ pub async fn run(
                     close(&mut socket, close_code::POLICY, "slow consumer").await;
                     return Ok(());
                 };
-                let more = std::iter::from_fn(|| outbox.try_recv().ok()).take(MAX_BATCH - 1);
+                let more = std::iter::from_fn(|| outbox.try_recv()).take(MAX_BATCH - 1);
                 let batch: Vec<Message> = std::iter::once(first).chain(more).collect();
                 write(&mut socket, batch).await?;
             }
@@ -72,18 +115,56 @@ pub async fn run(
                     tracing::debug!("client closed the socket");
                     return Ok(());
                 }
-                Some(Ok(Message::Text(text))) => {
-                    let replies = answer(&membership, &text);
+                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if !rate.take(Instant::now()) {
+                        tracing::info!("client exceeded websocket.client_messages_per_second; closing");
+                        membership.stats().rate_limited_closes.fetch_add(1, Relaxed);
+                        close(&mut socket, close_code::POLICY, "rate limit exceeded").await;
+                        return Ok(());
+                    }
+                    let replies = match message {
+                        Message::Text(text) => answer(&membership, &text),
+                        _ => vec![ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode()],
+                    };
                     write(&mut socket, replies.into_iter().map(Message::Text)).await?;
                 }
-                Some(Ok(Message::Binary(_))) => {
-                    let reply = ServerFrame::Error { message: "binary frames are not supported; send JSON text" };
-                    write(&mut socket, [Message::Text(reply.encode())]).await?;
-                }
-                // Pongs are answered by the WebSocket engine itself.
-                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
+                // The WebSocket engine answers pings itself.
+                Some(Ok(Message::Ping(_))) => {}
                 Some(Err(err)) => return end_on_read_error(&mut socket, err).await,
             },
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens per second, holding at most `rate`.
+#[derive(Debug)]
+struct TokenBucket {
+    rate: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: u32, now: Instant) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self {
+            rate,
+            tokens: rate,
+            refilled: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
+        self.refilled = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -166,5 +247,31 @@ async fn end_on_read_error(socket: &mut WebSocket, err: axum::Error) -> Result<(
             Ok(())
         }
         _ => Err(SessionError::Socket(axum::Error::new(inner))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_bucket_allows_a_burst_then_the_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(5, start);
+        for _ in 0..5 {
+            assert!(bucket.take(start));
+        }
+        assert!(!bucket.take(start), "burst spent");
+        assert!(
+            !bucket.take(start + Duration::from_millis(100)),
+            "half a token"
+        );
+        assert!(
+            bucket.take(start + Duration::from_millis(200)),
+            "one token after 1/5 s"
+        );
+        // A long pause refills to the burst, not beyond.
+        let later = start + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
     }
 }

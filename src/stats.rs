@@ -28,6 +28,10 @@ pub struct Stats {
     pub frames_queued: AtomicU64,
     /// Sockets closed because they fell behind.
     pub slow_consumers_closed: AtomicU64,
+    /// Sockets closed for sending faster than allowed.
+    pub rate_limited_closes: AtomicU64,
+    /// Sockets closed for not answering pings.
+    pub keepalive_timeouts: AtomicU64,
     /// Times the Redis subscription was re-established after a loss.
     pub redis_resubscribes: AtomicU64,
 }
@@ -62,6 +66,8 @@ impl Stats {
             "direct_received": self.direct_received.load(Relaxed),
             "frames_queued": self.frames_queued.load(Relaxed),
             "slow_consumers_closed": self.slow_consumers_closed.load(Relaxed),
+            "rate_limited_closes": self.rate_limited_closes.load(Relaxed),
+            "keepalive_timeouts": self.keepalive_timeouts.load(Relaxed),
             "redis_resubscribes": self.redis_resubscribes.load(Relaxed),
         })
     }

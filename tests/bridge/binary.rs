@@ -9,19 +9,21 @@ use crate::support::*;
 const BIN: &str = env!("CARGO_BIN_EXE_quotebridge");
 
 /// `quotebridge serve` as a child process, killed on drop.
-struct Serve {
-    child: std::process::Child,
-    address: std::net::SocketAddr,
+pub struct Serve {
+    pub child: std::process::Child,
+    pub address: std::net::SocketAddr,
 }
 
 impl Serve {
-    async fn start(redis: &RedisServer) -> Self {
+    /// Starts `quotebridge serve` against `redis` with extra environment
+    /// settings, and waits until it is ready.
+    pub async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(BIN)
             .arg("serve")
             .env("QUOTEBRIDGE__REDIS__URL", redis.url())
             .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-            .env("QUOTEBRIDGE__SMA__WINDOW", "3")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -42,6 +44,17 @@ impl Serve {
         .await;
         serve
     }
+
+    /// The resident set size of the process, in KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
 }
 
 impl Drop for Serve {
@@ -60,7 +73,7 @@ fn temp_file(name: &str, contents: &str) -> std::path::PathBuf {
 #[tokio::test]
 async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stops_it() {
     let redis = RedisServer::start().await;
-    let mut serve = Serve::start(&redis).await;
+    let mut serve = Serve::start(&redis, &[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
     let mut pubsub = redis.subscribe(&["sma"]).await;
     let mut output = pubsub.on_message();
 

@@ -6,6 +6,7 @@
 mod binary;
 mod embedded;
 mod end_to_end;
+mod hostile_clients;
 mod properties;
 mod redis_faults;
 mod rejected_input;

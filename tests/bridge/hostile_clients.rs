@@ -1,0 +1,256 @@
+//! Slow, silent, greedy and hostile WebSocket clients: each is bounded, and
+//! nobody else notices.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use crate::binary::Serve;
+use crate::support::*;
+
+async fn close_frame(socket: &mut Socket) -> (u16, String) {
+    within("a close frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
+async fn refused_status(url: String) -> u16 {
+    match tokio_tungstenite::connect_async(url).await {
+        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        other => panic!("upgrade was not refused: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_client_flooding_frames_is_closed_with_1008() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "5")]).await;
+    let (mut flooder, _) = app.connect("acme").await;
+    let (mut calm, _) = app.connect("acme").await;
+    for _ in 0..50 {
+        if flooder
+            .send(Message::text(r#"{"op":"subscribe","symbols":["A"]}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        close_frame(&mut flooder).await,
+        (1008, "rate limit exceeded".into())
+    );
+    // Its neighbour in the same group is untouched.
+    send_json(&mut calm, json!({"op": "subscribe", "symbols": ["B"]})).await;
+    assert_eq!(next_json(&mut calm).await["type"], "subscribed");
+    app.wait_for_stats("the close to be counted", |s| s["rate_limited_closes"] == 1)
+        .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn connection_limits_refuse_upgrades_with_429_and_503() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "2"),
+        ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS", "3"),
+    ])
+    .await;
+    let (_a1, _) = app.connect("acme").await;
+    let (a2, _) = app.connect("acme").await;
+    assert_eq!(
+        refused_status(app.ws_url("acme")).await,
+        429,
+        "per client code"
+    );
+    let (_b1, _) = app.connect("other").await;
+    assert_eq!(refused_status(app.ws_url("third")).await, 503, "in total");
+    // A closed socket gives its place back.
+    drop(a2);
+    app.wait_for_stats("the socket to be gone", |s| s["sockets"] == 2)
+        .await;
+    within("a place for acme again", async {
+        loop {
+            if tokio_tungstenite::connect_async(app.ws_url("acme"))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_client_that_never_answers_pings_is_closed_and_a_live_one_is_not() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__PING_INTERVAL_MS", "50")]).await;
+    let (silent, _) = app.connect("acme").await;
+    let (mut live, _) = app.connect("acme").await;
+    // The live client reads (and so answers pings) until told to stop.
+    let pings = Arc::new(AtomicUsize::new(0));
+    let reader = tokio::spawn({
+        let pings = pings.clone();
+        async move {
+            while let Some(Ok(message)) = live.next().await {
+                if matches!(message, Message::Ping(_)) {
+                    pings.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            live
+        }
+    });
+    app.wait_for_stats("the silent client to time out", |s| {
+        s["keepalive_timeouts"] == 1 && s["sockets"] == 1
+    })
+    .await;
+    // The live socket has answered pings all along and is still open: it keeps
+    // getting them after the silent one was dropped.
+    let seen = pings.load(Ordering::Relaxed);
+    within("more pings to the live socket", async {
+        while pings.load(Ordering::Relaxed) < seen + 3 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(app.stats().await["keepalive_timeouts"], 1);
+    drop(silent);
+    app.shutdown().await;
+    let _ = reader.await;
+}
+
+#[tokio::test]
+async fn requests_that_are_not_websocket_upgrades_get_clean_http_errors() {
+    let app = spawn_app().await;
+    // A plain GET on the WebSocket path.
+    let (status, _) = app.get("/ws/acme").await;
+    assert!((400..500).contains(&status), "plain GET got {status}");
+    // Garbage bytes instead of HTTP.
+    let mut stream = TcpStream::connect(app.address).await.expect("connect");
+    stream
+        .write_all(b"\x16\x03\x01garbage that is not http\r\n\r\n")
+        .await
+        .expect("write");
+    let mut response = Vec::new();
+    within(
+        "the server to answer garbage",
+        stream.read_to_end(&mut response),
+    )
+    .await
+    .expect("read");
+    let response = String::from_utf8_lossy(&response);
+    assert!(
+        response.is_empty() || response.starts_with("HTTP/1.1 400"),
+        "garbage got {response:?}"
+    );
+    // The server is unharmed.
+    let (_socket, welcome) = app.connect("acme").await;
+    assert_eq!(welcome["client"], "acme");
+    app.shutdown().await;
+}
+
+/// 50 sockets that never read while 100,000 SMA frames flow: each is closed
+/// as a slow consumer, memory stays bounded, and healthy sockets get every frame.
+#[tokio::test]
+async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
+    const QUOTES: usize = 100_000;
+    const STALLED: usize = 50;
+    const HEALTHY: usize = 3;
+    /// Documented in README (slow consumers): growth allowed while the stalled
+    /// sockets fill their queues, before they are cut off.
+    const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
+
+    let redis = RedisServer::start().await;
+    let serve = Serve::start(&redis, &[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let url = format!("ws://{}/ws/", serve.address);
+    let mut stalled = Vec::new();
+    for i in 0..STALLED {
+        let (socket, _) = tokio_tungstenite::connect_async(format!("{url}stalled{i}"))
+            .await
+            .expect("connect");
+        stalled.push(socket); // never read again
+    }
+    let received: Vec<Arc<AtomicUsize>> = (0..HEALTHY)
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
+    let mut readers = Vec::new();
+    for (i, count) in received.iter().enumerate() {
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("{url}healthy{i}"))
+            .await
+            .expect("connect");
+        let count = count.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(text) = message
+                    && text.starts_with("{\"symbol\"")
+                {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let rss_before = serve.rss_kib();
+
+    // Publish in chunks and let the healthy readers catch up after each, so
+    // they never fall behind while the stalled sockets take everything.
+    let mut conn = redis.connection().await;
+    let mut peak = rss_before;
+    for chunk in 0..QUOTES / 2000 {
+        let quotes: Vec<(String, Vec<u8>)> = (0..2000)
+            .map(|i| {
+                let n = chunk * 2000 + i;
+                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % 100);
+                ("quotes".to_owned(), quote.into_bytes())
+            })
+            .collect();
+        publish_all(&mut conn, &quotes).await;
+        let want = (chunk + 1) * 2000;
+        within("healthy sockets to keep up", async {
+            while received.iter().any(|c| c.load(Ordering::Relaxed) < want) {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        peak = peak.max(serve.rss_kib());
+    }
+    let stats = within("the stalled sockets to be closed", async {
+        loop {
+            let (_, body) = http_get(serve.address, "/stats").await;
+            let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+            if stats["slow_consumers_closed"] == STALLED && stats["sockets"] == HEALTHY {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    for count in &received {
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            QUOTES,
+            "healthy sockets receive 100%"
+        );
+    }
+    let growth = peak.saturating_sub(rss_before);
+    eprintln!("RSS before {rss_before} KiB, peak {peak} KiB, growth {growth} KiB; stats {stats}");
+    assert!(
+        growth <= RSS_GROWTH_BOUND_KIB,
+        "RSS grew by {growth} KiB, over the {RSS_GROWTH_BOUND_KIB} KiB bound"
+    );
+    drop(stalled);
+}
