@@ -46,6 +46,52 @@ pub struct Settings {
     pub websocket: WebSocketSettings,
     /// The `[server]` section.
     pub server: ServerSettings,
+    /// The `[auth]` section.
+    pub auth: AuthSettings,
+}
+
+/// How clients authenticate (see the `auth` module).
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthSettings {
+    /// `none`, `token` or `jwt`.
+    pub mode: AuthMode,
+    /// `CLIENT_CODE=TOKEN` entries for `token` mode.
+    pub tokens: Vec<String>,
+    /// `HS256`, `RS256` or `ES256`.
+    pub jwt_algorithm: String,
+    /// The HS256 secret.
+    pub jwt_secret: String,
+    /// PEM public key file for RS256/ES256.
+    pub jwt_public_key_file: String,
+    /// Allowed clock skew for `exp`, in seconds.
+    pub jwt_leeway_seconds: u64,
+}
+
+impl std::fmt::Debug for AuthSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Tokens and secrets never reach a log line.
+        f.debug_struct("AuthSettings")
+            .field("mode", &self.mode)
+            .field("tokens", &format_args!("[{} redacted]", self.tokens.len()))
+            .field("jwt_algorithm", &self.jwt_algorithm)
+            .field("jwt_secret", &"<redacted>")
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_leeway_seconds", &self.jwt_leeway_seconds)
+            .finish()
+    }
+}
+
+/// The authentication modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No authentication.
+    None,
+    /// A fixed token per client code.
+    Token,
+    /// Signed JWTs.
+    Jwt,
 }
 
 /// Where quotes come from and where results go.
@@ -141,12 +187,16 @@ impl Settings {
             .list_separator(",")
             .with_list_parse_key("redis.input")
             .with_list_parse_key("websocket.default_symbols")
+            .with_list_parse_key("auth.tokens")
             .try_parsing(true)
             .source(env);
         let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".
         settings.websocket.default_symbols.retain(|s| !s.is_empty());
+        settings.auth.tokens.retain(|s| !s.is_empty());
         settings.validate()?;
+        // Building the authenticator checks the [auth] keys (and key files).
+        crate::auth::Authenticator::from_settings(&settings.auth)?;
         Ok(settings)
     }
 

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod backoff;
 pub mod broker;
 pub mod cli;
@@ -134,9 +135,16 @@ pub async fn serve<B: Broker>(
     );
 
     let sessions = TaskTracker::new();
+    let auth = Arc::new(auth::Authenticator::from_settings(&settings.auth)?);
+    if !auth.is_enabled() {
+        tracing::warn!(
+            "auth.mode = \"none\": any client may connect as any client code; enable token or jwt auth in production"
+        );
+    }
     let app = server::router(server::AppState {
         settings: settings.clone(),
         hub,
+        auth,
         stats,
         subscribed,
         shutdown: shutdown.clone(),

@@ -5,14 +5,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::hub::Hub;
 use crate::names;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// The socket hub.
     pub hub: Hub,
+    /// Checks client tokens.
+    pub auth: Arc<Authenticator>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// True while the Redis subscription is established.
@@ -57,10 +60,31 @@ async fn missing_client_code() -> Response {
     (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response()
 }
 
-/// `GET /ws/{client_code}`: validates, then upgrades to a session.
+/// `?token=` for browsers, which cannot set an Authorization header.
+#[derive(serde::Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+/// The bearer token from the Authorization header, else from `?token=`.
+fn bearer_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .or(query.token.as_deref())
+}
+
+/// `GET /ws/{client_code}`: validates, authenticates, then upgrades to a session.
 async fn upgrade(
     State(app): State<AppState>,
     Path(client_code): Path<String>,
+    Query(query): Query<TokenQuery>,
+    headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     if !names::is_client_code(&client_code) {
@@ -69,6 +93,21 @@ async fn upgrade(
     let upgrade = match upgrade {
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
+    };
+    let grant = match app
+        .auth
+        .authenticate(&client_code, bearer_token(&headers, &query))
+    {
+        Ok(grant) => grant,
+        Err(err) => {
+            tracing::info!(client = %client_code, reason = %err, "upgrade refused: authentication failed");
+            return (
+                StatusCode::UNAUTHORIZED,
+                [(header::WWW_AUTHENTICATE, "Bearer")],
+                format!("unauthorized: {err}\n"),
+            )
+                .into_response();
+        }
     };
     if app.shutdown.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
@@ -96,12 +135,14 @@ async fn upgrade(
             let session = async move {
                 let _permit = permit;
                 let websocket = &app.settings.websocket;
-                let (membership, outbox) = app.hub.join(admission, &websocket.default_symbols);
+                let initial = grant.initial_subscriptions(&websocket.default_symbols);
+                let (membership, outbox) = app.hub.join(admission, &initial);
                 let limits = session::Limits::from_settings(websocket);
                 let outcome = session::run(
                     socket,
                     &client_code,
                     membership,
+                    grant,
                     outbox,
                     limits,
                     app.shutdown,

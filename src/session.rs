@@ -13,6 +13,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Grant;
 use crate::config::WebSocketSettings;
 use crate::hub::{Membership, Outbox};
 use crate::names;
@@ -67,6 +68,7 @@ pub async fn run(
     mut socket: WebSocket,
     client: &str,
     membership: Membership,
+    grant: Grant,
     mut outbox: Outbox,
     limits: Limits,
     shutdown: CancellationToken,
@@ -123,7 +125,7 @@ pub async fn run(
                         return Ok(());
                     }
                     let replies = match message {
-                        Message::Text(text) => answer(&membership, &text),
+                        Message::Text(text) => answer(&membership, &grant, &text),
                         _ => vec![ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode()],
                     };
                     write(&mut socket, replies.into_iter().map(Message::Text)).await?;
@@ -170,7 +172,7 @@ impl TokenBucket {
 }
 
 /// Handles one text frame from the client; returns the frames to send back.
-fn answer(membership: &Membership, text: &str) -> Vec<Utf8Bytes> {
+fn answer(membership: &Membership, grant: &Grant, text: &str) -> Vec<Utf8Bytes> {
     let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
     let op = match ClientOp::parse(text) {
         Ok(op) => op,
@@ -184,6 +186,14 @@ fn answer(membership: &Membership, text: &str) -> Vec<Utf8Bytes> {
         return error(&message);
     }
     let outcome = match op {
+        ClientOp::Subscribe { symbols } if symbols.iter().any(|s| !grant.allows(s)) => {
+            let denied: Vec<&str> = symbols
+                .iter()
+                .filter(|s| !grant.allows(s))
+                .map(String::as_str)
+                .collect();
+            return error(&format!("not entitled to {}", denied.join(", ")));
+        }
         ClientOp::Subscribe { symbols } => match membership.subscribe(&symbols) {
             Ok(outcome) => outcome,
             Err(err) => return error(&err.to_string()),

@@ -3,6 +3,7 @@
 //!
 //! One test binary (modules below) so the suite links once.
 
+mod auth;
 mod binary;
 mod embedded;
 mod end_to_end;

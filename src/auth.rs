@@ -1,0 +1,363 @@
+//! Who may open a socket as a client code, and which symbols it may see.
+//!
+//! Checked before the WebSocket upgrade; a refusal is HTTP 401. Tokens and
+//! secrets are never logged: neither [`Authenticator`] nor the settings it is
+//! built from print them in `Debug`.
+
+use std::collections::{BTreeSet, HashMap};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::config::{AuthMode, AuthSettings, ConfigError};
+use crate::names;
+
+/// What an authenticated socket may do.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Grant {
+    /// The public symbols it may subscribe to; `None` means all of them.
+    /// `"*"` in the set also means all.
+    pub symbols: Option<BTreeSet<String>>,
+}
+
+impl Grant {
+    /// Whether the socket may subscribe to `symbol` (or `"*"`).
+    #[must_use]
+    pub fn allows(&self, symbol: &str) -> bool {
+        match &self.symbols {
+            None => true,
+            Some(set) => set.contains(names::ALL_SYMBOLS) || set.contains(symbol),
+        }
+    }
+
+    /// The initial subscriptions for this grant: the configured defaults the
+    /// grant allows, with a disallowed `"*"` standing for every entitled symbol.
+    #[must_use]
+    pub fn initial_subscriptions(&self, defaults: &[String]) -> Vec<String> {
+        let mut initial: BTreeSet<String> = defaults
+            .iter()
+            .filter(|s| self.allows(s))
+            .cloned()
+            .collect();
+        if let Some(entitled) = &self.symbols
+            && defaults.iter().any(|s| s == names::ALL_SYMBOLS)
+            && !self.allows(names::ALL_SYMBOLS)
+        {
+            initial.extend(entitled.iter().cloned());
+        }
+        initial.into_iter().collect()
+    }
+}
+
+/// Why a socket was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// No token in `Authorization: Bearer` or `?token=`.
+    #[error("missing token: send Authorization: Bearer <token> or ?token=<token>")]
+    Missing,
+    /// The token is wrong, tampered with or malformed.
+    #[error("invalid token")]
+    Invalid,
+    /// The JWT's `exp` has passed.
+    #[error("token expired")]
+    Expired,
+    /// The JWT's `sub` names another client code.
+    #[error("token is for another client code")]
+    WrongClient,
+}
+
+/// Checks tokens according to `auth.mode`.
+pub enum Authenticator {
+    /// Everyone is admitted with every symbol.
+    None,
+    /// A fixed token per client code.
+    Tokens(HashMap<String, String>),
+    /// Signed JWTs.
+    Jwt(Box<JwtCheck>),
+}
+
+/// How JWTs are verified.
+pub struct JwtCheck {
+    /// The verification key.
+    key: DecodingKey,
+    /// Algorithm, expiry and required claims.
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Authenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authenticator::None => f.write_str("Authenticator::None"),
+            Authenticator::Tokens(tokens) => {
+                write!(f, "Authenticator::Tokens({} client codes)", tokens.len())
+            }
+            Authenticator::Jwt(check) => {
+                write!(f, "Authenticator::Jwt({:?})", check.validation.algorithms)
+            }
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Claims {
+    sub: String,
+    #[serde(default)]
+    symbols: Option<Vec<String>>,
+}
+
+impl Authenticator {
+    /// Builds the authenticator `[auth]` describes, reading key files.
+    pub fn from_settings(settings: &AuthSettings) -> Result<Self, ConfigError> {
+        let invalid = |key, message: String| ConfigError::Invalid { key, message };
+        match settings.mode {
+            AuthMode::None => Ok(Authenticator::None),
+            AuthMode::Token => {
+                let mut tokens = HashMap::new();
+                for entry in &settings.tokens {
+                    let Some((code, token)) = entry.split_once('=') else {
+                        return Err(invalid(
+                            "auth.tokens",
+                            "entries are CLIENT_CODE=TOKEN".into(),
+                        ));
+                    };
+                    if !names::is_client_code(code) || token.is_empty() {
+                        return Err(invalid(
+                            "auth.tokens",
+                            format!(
+                                "entry for {code:?} needs a valid client code and a non-empty token"
+                            ),
+                        ));
+                    }
+                    tokens.insert(code.to_owned(), token.to_owned());
+                }
+                if tokens.is_empty() {
+                    return Err(invalid(
+                        "auth.tokens",
+                        "auth.mode = \"token\" needs at least one entry".into(),
+                    ));
+                }
+                Ok(Authenticator::Tokens(tokens))
+            }
+            AuthMode::Jwt => {
+                let algorithm = match settings.jwt_algorithm.as_str() {
+                    "HS256" => Algorithm::HS256,
+                    "RS256" => Algorithm::RS256,
+                    "ES256" => Algorithm::ES256,
+                    other => {
+                        return Err(invalid(
+                            "auth.jwt_algorithm",
+                            format!("{other:?} is not one of HS256, RS256, ES256"),
+                        ));
+                    }
+                };
+                let key = if algorithm == Algorithm::HS256 {
+                    if settings.jwt_secret.len() < 16 {
+                        return Err(invalid(
+                            "auth.jwt_secret",
+                            "HS256 needs a secret of at least 16 bytes".into(),
+                        ));
+                    }
+                    DecodingKey::from_secret(settings.jwt_secret.as_bytes())
+                } else {
+                    let path = &settings.jwt_public_key_file;
+                    let pem = std::fs::read(path).map_err(|e| {
+                        invalid(
+                            "auth.jwt_public_key_file",
+                            format!("cannot read {path:?}: {e}"),
+                        )
+                    })?;
+                    let parsed = if algorithm == Algorithm::RS256 {
+                        DecodingKey::from_rsa_pem(&pem)
+                    } else {
+                        DecodingKey::from_ec_pem(&pem)
+                    };
+                    parsed.map_err(|e| {
+                        invalid(
+                            "auth.jwt_public_key_file",
+                            format!("not a PEM public key: {e}"),
+                        )
+                    })?
+                };
+                let mut validation = Validation::new(algorithm);
+                validation.set_required_spec_claims(&["exp", "sub"]);
+                validation.leeway = settings.jwt_leeway_seconds;
+                Ok(Authenticator::Jwt(Box::new(JwtCheck { key, validation })))
+            }
+        }
+    }
+
+    /// Whether any check is made at all.
+    #[must_use]
+    pub fn is_enabled(&self) -> bool {
+        !matches!(self, Authenticator::None)
+    }
+
+    /// Checks `token` for `client_code`.
+    pub fn authenticate(&self, client_code: &str, token: Option<&str>) -> Result<Grant, AuthError> {
+        match self {
+            Authenticator::None => Ok(Grant::default()),
+            Authenticator::Tokens(tokens) => {
+                let token = token.ok_or(AuthError::Missing)?;
+                // Compare against something even for unknown codes, so the
+                // time taken does not tell which codes exist.
+                let expected = tokens.get(client_code).map_or("\u{0}", String::as_str);
+                let equal: bool = expected.as_bytes().ct_eq(token.as_bytes()).into();
+                if equal && tokens.contains_key(client_code) {
+                    Ok(Grant::default())
+                } else {
+                    Err(AuthError::Invalid)
+                }
+            }
+            Authenticator::Jwt(check) => {
+                let token = token.ok_or(AuthError::Missing)?;
+                let claims = jsonwebtoken::decode::<Claims>(token, &check.key, &check.validation)
+                    .map_err(|e| match e.kind() {
+                        ErrorKind::ExpiredSignature => AuthError::Expired,
+                        _ => AuthError::Invalid,
+                    })?
+                    .claims;
+                if claims.sub != client_code {
+                    return Err(AuthError::WrongClient);
+                }
+                Ok(Grant {
+                    symbols: claims.symbols.map(|s| s.into_iter().collect()),
+                })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header};
+    use serde_json::json;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn settings(mode: AuthMode) -> AuthSettings {
+        AuthSettings {
+            mode,
+            tokens: vec!["acme=s3cret".into(), "beta=other".into()],
+            jwt_algorithm: "HS256".into(),
+            jwt_secret: SECRET.into(),
+            jwt_public_key_file: String::new(),
+            jwt_leeway_seconds: 0,
+        }
+    }
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock after 1970")
+            .as_secs()
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(SECRET.as_bytes()),
+        )
+        .expect("sign")
+    }
+
+    #[test]
+    fn none_admits_everyone_with_everything() {
+        let auth = Authenticator::from_settings(&settings(AuthMode::None)).expect("valid");
+        assert_eq!(auth.authenticate("x", None), Ok(Grant::default()));
+        assert!(!auth.is_enabled());
+    }
+
+    #[test]
+    fn tokens_are_per_client_code() {
+        let auth = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
+        assert!(auth.authenticate("acme", Some("s3cret")).is_ok());
+        assert_eq!(
+            auth.authenticate("acme", Some("s3cre")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            auth.authenticate("acme", Some("other")),
+            Err(AuthError::Invalid),
+            "beta's token"
+        );
+        assert_eq!(
+            auth.authenticate("nobody", Some("\u{0}")),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(auth.authenticate("acme", None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn jwt_checks_signature_expiry_and_subject() {
+        let auth = Authenticator::from_settings(&settings(AuthMode::Jwt)).expect("valid");
+        let good = jwt(json!({"sub": "acme", "exp": now() + 60}));
+        assert_eq!(auth.authenticate("acme", Some(&good)), Ok(Grant::default()));
+        assert_eq!(
+            auth.authenticate("beta", Some(&good)),
+            Err(AuthError::WrongClient)
+        );
+        let expired = jwt(json!({"sub": "acme", "exp": now() - 60}));
+        assert_eq!(
+            auth.authenticate("acme", Some(&expired)),
+            Err(AuthError::Expired)
+        );
+        let no_exp = jwt(json!({"sub": "acme"}));
+        assert_eq!(
+            auth.authenticate("acme", Some(&no_exp)),
+            Err(AuthError::Invalid)
+        );
+        let mut tampered = good.clone();
+        tampered.pop();
+        tampered.push(if good.ends_with('A') { 'B' } else { 'A' });
+        assert_eq!(
+            auth.authenticate("acme", Some(&tampered)),
+            Err(AuthError::Invalid)
+        );
+        assert_eq!(
+            auth.authenticate("acme", Some("not.a.jwt")),
+            Err(AuthError::Invalid)
+        );
+    }
+
+    #[test]
+    fn jwt_symbols_claim_becomes_entitlements() {
+        let auth = Authenticator::from_settings(&settings(AuthMode::Jwt)).expect("valid");
+        let token = jwt(json!({"sub": "acme", "exp": now() + 60, "symbols": ["MSFT", "AAPL"]}));
+        let grant = auth.authenticate("acme", Some(&token)).expect("valid");
+        assert!(grant.allows("AAPL") && !grant.allows("TSLA") && !grant.allows("*"));
+        let defaults = vec!["*".to_owned(), "TSLA".to_owned()];
+        assert_eq!(grant.initial_subscriptions(&defaults), vec!["AAPL", "MSFT"]);
+        assert_eq!(
+            Grant::default().initial_subscriptions(&defaults),
+            vec!["*", "TSLA"]
+        );
+    }
+
+    #[test]
+    fn bad_settings_name_their_key() {
+        let mut s = settings(AuthMode::Jwt);
+        s.jwt_secret = "short".into();
+        let err = Authenticator::from_settings(&s).expect_err("short secret");
+        assert!(err.to_string().contains("auth.jwt_secret"));
+        s.jwt_algorithm = "RS256".into();
+        s.jwt_public_key_file = "/nonexistent.pem".into();
+        let err = Authenticator::from_settings(&s).expect_err("missing key file");
+        assert!(err.to_string().contains("auth.jwt_public_key_file"));
+        let mut s = settings(AuthMode::Token);
+        s.tokens = vec!["no-equals-sign".into()];
+        assert!(
+            Authenticator::from_settings(&s)
+                .expect_err("bad entry")
+                .to_string()
+                .contains("auth.tokens")
+        );
+        // Secrets never show in Debug.
+        let auth = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
+        assert!(!format!("{auth:?}").contains("s3cret"));
+        assert!(!format!("{:?}", settings(AuthMode::Token)).contains("s3cret"));
+    }
+}

@@ -1,0 +1,224 @@
+//! Authentication before the upgrade, and entitlements after it.
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, http::HeaderValue};
+
+use crate::support::*;
+
+const SECRET: &str = "a-test-secret-of-32-bytes-length";
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+fn hs256(claims: Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign")
+}
+
+/// Opens `/ws/{code}` with `token` in the Authorization header; Ok(welcome)
+/// or Err(HTTP status).
+async fn open_with_header(app: &TestApp, code: &str, token: &str) -> Result<(Socket, Value), u16> {
+    let mut request = app.ws_url(code).into_client_request().expect("request");
+    let bearer = HeaderValue::from_str(&format!("Bearer {token}")).expect("header value");
+    request.headers_mut().insert("Authorization", bearer);
+    finish(tokio_tungstenite::connect_async(request).await).await
+}
+
+/// Opens `/ws/{code}?token=...` (as a browser would).
+async fn open_with_query(
+    app: &TestApp,
+    code: &str,
+    token: Option<&str>,
+) -> Result<(Socket, Value), u16> {
+    let url = match token {
+        Some(token) => format!("{}?token={token}", app.ws_url(code)),
+        None => app.ws_url(code),
+    };
+    finish(tokio_tungstenite::connect_async(url).await).await
+}
+
+async fn finish<R>(
+    result: Result<(Socket, R), tungstenite::Error>,
+) -> Result<(Socket, Value), u16> {
+    match result {
+        Ok((mut socket, _)) => {
+            let welcome = next_json(&mut socket).await;
+            Ok((socket, welcome))
+        }
+        Err(tungstenite::Error::Http(response)) => Err(response.status().as_u16()),
+        Err(other) => panic!("unexpected handshake error: {other}"),
+    }
+}
+
+#[tokio::test]
+async fn token_mode_admits_only_the_right_token_for_the_client_code() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__AUTH__MODE", "token"),
+        (
+            "QUOTEBRIDGE__AUTH__TOKENS",
+            "acme=s3cret-acme,beta=s3cret-beta",
+        ),
+    ])
+    .await;
+    assert_eq!(
+        open_with_query(&app, "acme", None).await.err(),
+        Some(401),
+        "missing token"
+    );
+    assert_eq!(
+        open_with_header(&app, "acme", "wrong").await.err(),
+        Some(401),
+        "wrong token"
+    );
+    assert_eq!(
+        open_with_header(&app, "acme", "s3cret-beta").await.err(),
+        Some(401),
+        "another code's token"
+    );
+    assert_eq!(
+        open_with_header(&app, "nobody", "s3cret-acme").await.err(),
+        Some(401),
+        "unknown code"
+    );
+    let (_socket, welcome) = open_with_header(&app, "acme", "s3cret-acme")
+        .await
+        .expect("admitted by header");
+    assert_eq!(welcome["client"], "acme");
+    let (_socket, welcome) = open_with_query(&app, "beta", Some("s3cret-beta"))
+        .await
+        .expect("admitted by ?token=");
+    assert_eq!(welcome["client"], "beta");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn jwt_mode_refuses_expired_foreign_tampered_and_missing_tokens() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+        ("QUOTEBRIDGE__AUTH__JWT_SECRET", SECRET),
+        ("QUOTEBRIDGE__AUTH__JWT_LEEWAY_SECONDS", "0"),
+    ])
+    .await;
+    let good = hs256(json!({"sub": "acme", "exp": now() + 300}));
+    let expired = hs256(json!({"sub": "acme", "exp": now() - 300}));
+    let foreign = hs256(json!({"sub": "beta", "exp": now() + 300}));
+    let (head, _) = good.rsplit_once('.').expect("three parts");
+    let tampered = format!("{head}.{}", "A".repeat(43));
+    let other_key = jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &json!({"sub": "acme", "exp": now() + 300}),
+        &EncodingKey::from_secret(b"some-other-secret-entirely-here"),
+    )
+    .expect("sign");
+    for (name, token) in [
+        ("expired", &expired),
+        ("for another code", &foreign),
+        ("tampered", &tampered),
+        ("signed with another key", &other_key),
+    ] {
+        assert_eq!(
+            open_with_header(&app, "acme", token).await.err(),
+            Some(401),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        open_with_query(&app, "acme", None).await.err(),
+        Some(401),
+        "missing"
+    );
+    let (_socket, welcome) = open_with_query(&app, "acme", Some(&good))
+        .await
+        .expect("valid token");
+    assert_eq!(welcome["subscriptions"], json!(["*"]));
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_entitled_socket_cannot_subscribe_outside_its_symbols() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+        ("QUOTEBRIDGE__AUTH__JWT_SECRET", SECRET),
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+    ])
+    .await;
+    let token = hs256(json!({"sub": "acme", "exp": now() + 300, "symbols": ["MSFT", "AAPL"]}));
+    let (mut socket, welcome) = open_with_header(&app, "acme", &token)
+        .await
+        .expect("admitted");
+    assert_eq!(
+        welcome["subscriptions"],
+        json!(["AAPL", "MSFT"]),
+        "the default \"*\" narrows to the entitlement"
+    );
+    for symbols in [json!(["TSLA"]), json!(["*"]), json!(["AAPL", "TSLA"])] {
+        send_json(&mut socket, json!({"op": "subscribe", "symbols": symbols})).await;
+        let reply = next_json(&mut socket).await;
+        assert_eq!(reply["type"], "error", "{symbols} got {reply}");
+        assert!(
+            reply["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("not entitled"))
+        );
+    }
+    // Public quotes outside the entitlement never arrive; inside, they do.
+    let mut conn = app.redis.connection().await;
+    let quote = |s: &str| {
+        (
+            "quotes".to_owned(),
+            format!(r#"{{"symbol":"{s}","price":1,"ts":1}}"#).into_bytes(),
+        )
+    };
+    publish_all(&mut conn, &[quote("TSLA"), quote("AAPL")]).await;
+    assert_eq!(next_json(&mut socket).await["symbol"], "AAPL");
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn jwt_with_asymmetric_keys_from_pem_files() {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    for (algorithm, name) in [(Algorithm::ES256, "es256"), (Algorithm::RS256, "rs256")] {
+        let public = format!("{fixtures}/{name}-public.pem");
+        let app = spawn_app_with(&[
+            ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+            (
+                "QUOTEBRIDGE__AUTH__JWT_ALGORITHM",
+                &format!("{algorithm:?}"),
+            ),
+            ("QUOTEBRIDGE__AUTH__JWT_PUBLIC_KEY_FILE", &public),
+        ])
+        .await;
+        let private = std::fs::read(format!("{fixtures}/{name}-private.pem")).expect("private key");
+        let key = match algorithm {
+            Algorithm::ES256 => EncodingKey::from_ec_pem(&private),
+            _ => EncodingKey::from_rsa_pem(&private),
+        }
+        .expect("parse private key");
+        let token = jsonwebtoken::encode(
+            &Header::new(algorithm),
+            &json!({"sub": "acme", "exp": now() + 300}),
+            &key,
+        )
+        .expect("sign");
+        let (_socket, welcome) = open_with_header(&app, "acme", &token)
+            .await
+            .expect("admitted");
+        assert_eq!(welcome["client"], "acme", "{algorithm:?}");
+        assert_eq!(
+            open_with_header(&app, "beta", &token).await.err(),
+            Some(401),
+            "{algorithm:?}: sub must match"
+        );
+        app.shutdown().await;
+    }
+}
