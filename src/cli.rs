@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::RedisBroker;
+use crate::broker::{BrokerError, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
 use crate::{Error, demo, producer, shutdown, tail};
@@ -44,6 +44,10 @@ pub enum Command {
         /// Make every quote private to this client code.
         #[arg(long, value_name = "CODE")]
         client: Option<String>,
+        /// Append to the input stream (redis.input_stream, durable mode)
+        /// instead of publishing on the input channel.
+        #[arg(long)]
+        stream: bool,
     },
     /// See it work: the bridge plus a feeder replaying bundled sample quotes.
     Demo,
@@ -84,7 +88,16 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             rate,
             repeat,
             client,
-        } => publish(&settings, &file, rate, repeat, client.as_deref(), &shutdown).await,
+            stream,
+        } => {
+            let options = PublishOptions {
+                rate,
+                repeat,
+                client: client.as_deref(),
+                stream,
+            };
+            publish(&settings, &file, &options, &shutdown).await
+        }
         Command::Demo => demo::run(settings, shutdown).await,
         Command::Tail {
             client_code,
@@ -97,14 +110,26 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// The `publish` command's options.
+struct PublishOptions<'a> {
+    rate: Option<f64>,
+    repeat: bool,
+    client: Option<&'a str>,
+    stream: bool,
+}
+
 async fn publish(
     settings: &Settings,
     file: &std::path::Path,
-    rate: Option<f64>,
-    repeat: bool,
-    client: Option<&str>,
+    options: &PublishOptions<'_>,
     shutdown: &CancellationToken,
 ) -> Result<(), Error> {
+    let PublishOptions {
+        rate,
+        repeat,
+        client,
+        stream,
+    } = *options;
     if let Some(code) = client.filter(|c| !crate::names::is_client_code(c)) {
         return Err(Error::Usage(format!(
             "--client {code:?}: expected 1-64 characters from [A-Za-z0-9_-]"
@@ -123,18 +148,37 @@ async fn publish(
             file.display()
         )));
     }
-    let channel = &settings.redis.input[0];
-    if crate::config::is_pattern(channel) {
-        return Err(Error::Usage(format!(
-            "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
-        )));
-    }
-    let broker = RedisBroker::new(&settings.redis.url)?;
-    broker.ping().await?;
-    let summary =
-        producer::publish(&broker, channel, &loaded.quotes, rate, repeat, shutdown).await?;
+    let redis = &settings.redis;
+    let (summary, target) = if stream {
+        let client = redis::Client::open(redis.url.as_str()).map_err(BrokerError::from)?;
+        let key = &redis.input_stream;
+        let maxlen = redis.output_stream_maxlen;
+        let summary = producer::append_to_stream(
+            &client,
+            key,
+            maxlen,
+            &loaded.quotes,
+            rate,
+            repeat,
+            shutdown,
+        )
+        .await?;
+        (summary, format!("stream {key:?}"))
+    } else {
+        let channel = &redis.input[0];
+        if crate::config::is_pattern(channel) {
+            return Err(Error::Usage(format!(
+                "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
+            )));
+        }
+        let broker = RedisBroker::new(&redis.url)?;
+        broker.ping().await?;
+        let summary =
+            producer::publish(&broker, channel, &loaded.quotes, rate, repeat, shutdown).await?;
+        (summary, format!("{channel:?}"))
+    };
     println!(
-        "published {} quotes to {channel:?} in {:.2} s ({:.0} quotes/s); {} lines rejected",
+        "published {} quotes to {target} in {:.2} s ({:.0} quotes/s); {} lines rejected",
         summary.published,
         summary.elapsed.as_secs_f64(),
         summary.rate(),

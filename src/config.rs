@@ -94,12 +94,25 @@ pub enum AuthMode {
     Jwt,
 }
 
+/// How quotes arrive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputMode {
+    /// Redis pub/sub channels: at most once.
+    #[serde(rename = "pubsub")]
+    PubSub,
+    /// A Redis stream read through a consumer group: nothing lost.
+    Stream,
+}
+
 /// Where quotes come from and where results go.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisSettings {
     /// Redis URL.
     pub url: String,
+    /// Pub/sub or stream input.
+    pub input_mode: InputMode,
     /// Input channels and patterns.
     pub input: Vec<String>,
     /// Output channel name, optionally containing `{symbol}`.
@@ -118,6 +131,22 @@ pub struct RedisSettings {
     pub health_check_interval_ms: u64,
     /// Longest wait for a health-check answer, in milliseconds.
     pub health_check_timeout_ms: u64,
+    /// Stream mode: the input stream key.
+    pub input_stream: String,
+    /// Stream mode: the consumer group.
+    pub consumer_group: String,
+    /// Stream mode: this consumer's name.
+    pub consumer_name: String,
+    /// Stream mode: entries per batch.
+    pub stream_batch: usize,
+    /// Stream mode: idle time before another consumer's entries are claimed, in milliseconds.
+    pub claim_idle_ms: u64,
+    /// Stream mode: output stream key, or empty to PUBLISH on `output`.
+    pub output_stream: String,
+    /// Stream mode: approximate length of the output stream.
+    pub output_stream_maxlen: usize,
+    /// Stream mode: the hash of window states.
+    pub state_key: String,
 }
 
 /// The moving average.
@@ -254,6 +283,27 @@ impl Settings {
         }
         if redis.publish_queue == 0 {
             return invalid("redis.publish_queue", "must be at least 1".into());
+        }
+        if redis.input_mode == InputMode::Stream {
+            for (key, value) in [
+                ("redis.input_stream", &redis.input_stream),
+                ("redis.consumer_group", &redis.consumer_group),
+                ("redis.consumer_name", &redis.consumer_name),
+                ("redis.state_key", &redis.state_key),
+            ] {
+                if value.is_empty() {
+                    return invalid(key, "must not be empty in stream mode".into());
+                }
+            }
+            if !(1..=100_000).contains(&redis.stream_batch) {
+                return invalid("redis.stream_batch", "must be between 1 and 100000".into());
+            }
+            if redis.output_stream == redis.input_stream {
+                return invalid(
+                    "redis.output_stream",
+                    "must differ from redis.input_stream".into(),
+                );
+            }
         }
         if redis.reconnect_min_ms == 0 {
             return invalid("redis.reconnect_min_ms", "must be at least 1".into());

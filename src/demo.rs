@@ -21,7 +21,9 @@ const QUOTES_PER_SECOND_PER_SYMBOL: f64 = 4.0;
 const REDIS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the demo until `shutdown`.
-pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
+    // The feeder publishes; the durable stream mode is for real deployments.
+    settings.redis.input_mode = crate::config::InputMode::PubSub;
     let address = settings.server.listen;
     let listener = TcpListener::bind(address).await.map_err(|e| {
         Error::io(

@@ -16,6 +16,7 @@ pub mod demo;
 pub mod hub;
 pub mod listener;
 pub mod names;
+pub mod pipeline;
 pub mod producer;
 pub mod protocol;
 pub mod publisher;
@@ -25,6 +26,7 @@ pub mod session;
 pub mod shutdown;
 pub mod sma;
 pub mod stats;
+pub mod stream;
 pub mod tail;
 pub mod telemetry;
 
@@ -37,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, RedisBroker};
-use crate::config::{ConfigError, Settings};
+use crate::config::{ConfigError, InputMode, Settings};
 use crate::hub::{Hub, HubLimits};
 use crate::listener::Listener;
 use crate::stats::Stats;
@@ -119,6 +121,17 @@ pub async fn serve<B: Broker>(
         stats.clone(),
     );
     let subscribed = Arc::new(AtomicBool::new(false));
+    let mut ready = vec![subscribed.clone()];
+    let stream_task = match settings.redis.input_mode {
+        InputMode::PubSub => None,
+        InputMode::Stream => {
+            let consuming = Arc::new(AtomicBool::new(false));
+            ready.push(consuming.clone());
+            let consumer = stream::StreamConsumer::new(&settings, hub.clone(), stats.clone(), consuming)
+                .map_err(BrokerError::from)?;
+            Some(tokio::spawn(consumer.run(shutdown.clone())))
+        }
+    };
 
     let (publish, publish_queue) = mpsc::channel(settings.redis.publish_queue);
     let publisher = tokio::spawn(publisher::run(broker.clone(), publish_queue, stats.clone()));
@@ -146,7 +159,7 @@ pub async fn serve<B: Broker>(
         hub,
         auth,
         stats,
-        subscribed,
+        ready,
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
         connections: Arc::new(Semaphore::new(settings.server.max_connections)),
@@ -166,6 +179,9 @@ pub async fn serve<B: Broker>(
     let drained = async {
         sessions.wait().await;
         let _ = listener_task.await;
+        if let Some(stream_task) = stream_task {
+            let _ = stream_task.await;
+        }
         let _ = publisher.await;
     };
     if tokio::time::timeout(settings.shutdown_timeout(), drained)

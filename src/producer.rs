@@ -177,43 +177,114 @@ pub async fn publish<B: Broker>(
     shutdown: &CancellationToken,
 ) -> Result<Summary, BrokerError> {
     let channel: Arc<str> = channel.into();
-    let start = Instant::now();
-    let mut published: u64 = 0;
-    let total = quotes.len() as u64;
-    let mut next = 0usize;
+    let mut pacer = Pacer::new(quotes, rate, repeat);
     let mut batch = Vec::with_capacity(MAX_PIPELINE);
-    while !quotes.is_empty() && (repeat || published < total) {
+    while let Some(due) = pacer.next_batch(shutdown).await {
+        batch.clear();
+        batch.extend(due.iter().map(|payload| Outbound {
+            channel: channel.clone(),
+            payload: payload.clone(),
+        }));
+        broker.publish(&batch).await?;
+    }
+    Ok(pacer.summary())
+}
+
+/// Appends `quotes` to the stream `key` (for the durable stream mode), each
+/// as the field `quote`, pipelined and paced like [`publish`]. The stream is
+/// trimmed to about `maxlen` entries.
+pub async fn append_to_stream(
+    client: &redis::Client,
+    key: &str,
+    maxlen: usize,
+    quotes: &[Bytes],
+    rate: Option<f64>,
+    repeat: bool,
+    shutdown: &CancellationToken,
+) -> Result<Summary, BrokerError> {
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut pacer = Pacer::new(quotes, rate, repeat);
+    while let Some(due) = pacer.next_batch(shutdown).await {
+        let mut pipe = redis::pipe();
+        for quote in due {
+            pipe.cmd("XADD")
+                .arg(key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(maxlen)
+                .arg("*")
+                .arg(crate::stream::QUOTE_FIELD)
+                .arg(quote.as_ref())
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await?;
+    }
+    Ok(pacer.summary())
+}
+
+/// Hands out `quotes` in batches: [`MAX_PIPELINE`] at a time when unpaced,
+/// else, at `rate` quotes per second, as many as are due.
+struct Pacer<'q> {
+    quotes: &'q [Bytes],
+    rate: Option<f64>,
+    repeat: bool,
+    start: Instant,
+    handed_out: u64,
+    next: usize,
+    batch: Vec<Bytes>,
+}
+
+impl<'q> Pacer<'q> {
+    fn new(quotes: &'q [Bytes], rate: Option<f64>, repeat: bool) -> Self {
+        Self {
+            quotes,
+            rate: rate.filter(|r| *r > 0.0),
+            repeat,
+            start: Instant::now(),
+            handed_out: 0,
+            next: 0,
+            batch: Vec::with_capacity(MAX_PIPELINE),
+        }
+    }
+
+    /// The next batch, once it is due; `None` when done or shut down.
+    async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<&[Bytes]> {
+        let total = self.quotes.len() as u64;
+        if self.quotes.is_empty() || (!self.repeat && self.handed_out >= total) {
+            return None;
+        }
         let mut room = MAX_PIPELINE as u64;
-        if let Some(rate) = rate.filter(|r| *r > 0.0) {
-            // Sleep until the next quote is due, then send every quote that is.
-            let due_at = start + Duration::from_secs_f64(published as f64 / rate);
+        if let Some(rate) = self.rate {
+            // Sleep until the next quote is due, then take every quote that is.
+            let due_at = self.start + Duration::from_secs_f64(self.handed_out as f64 / rate);
             tokio::select! {
-                () = shutdown.cancelled() => break,
+                () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep_until(due_at) => {}
             }
-            let due = (start.elapsed().as_secs_f64() * rate) as u64 + 1;
-            room = due.saturating_sub(published).clamp(1, MAX_PIPELINE as u64);
+            let due = (self.start.elapsed().as_secs_f64() * rate) as u64 + 1;
+            room = due.saturating_sub(self.handed_out).clamp(1, MAX_PIPELINE as u64);
         } else if shutdown.is_cancelled() {
-            break;
+            return None;
         }
-        if !repeat {
-            room = room.min(total - published);
+        if !self.repeat {
+            room = room.min(total - self.handed_out);
         }
-        batch.clear();
+        self.batch.clear();
         for _ in 0..room {
-            batch.push(Outbound {
-                channel: channel.clone(),
-                payload: quotes[next].clone(),
-            });
-            next = (next + 1) % quotes.len();
+            self.batch.push(self.quotes[self.next].clone());
+            self.next = (self.next + 1) % self.quotes.len();
         }
-        broker.publish(&batch).await?;
-        published += batch.len() as u64;
+        self.handed_out += room;
+        Some(&self.batch)
     }
-    Ok(Summary {
-        published,
-        elapsed: start.elapsed(),
-    })
+
+    /// What was handed out, and over how long.
+    fn summary(&self) -> Summary {
+        Summary {
+            published: self.handed_out,
+            elapsed: self.start.elapsed(),
+        }
+    }
 }
 
 #[cfg(test)]

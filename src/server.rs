@@ -31,8 +31,9 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// Counters.
     pub stats: Arc<Stats>,
-    /// True while the Redis subscription is established.
-    pub subscribed: Arc<AtomicBool>,
+    /// Each flag is true while one input is established (the subscription,
+    /// and in stream mode the consumer); ready when all are.
+    pub ready: Vec<Arc<AtomicBool>>,
     /// Cancelled when the bridge shuts down.
     pub shutdown: CancellationToken,
     /// Tracks session tasks so shutdown can wait for them.
@@ -163,12 +164,12 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if app.subscribed.load(Ordering::Relaxed) {
+    } else if app.ready.iter().all(|flag| flag.load(Ordering::Relaxed)) {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: redis subscription not established\n",
+            "not ready: redis input not established\n",
         )
             .into_response()
     }

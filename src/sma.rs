@@ -6,6 +6,8 @@
 use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 
+use serde::{Deserialize, Serialize};
+
 /// A fixed-size window of prices with an O(1) mean.
 ///
 /// A plain running sum (`sum += new; sum -= old`) accumulates rounding error
@@ -20,6 +22,17 @@ pub struct SmaWindow {
     prices: VecDeque<f64>,
     sum: f64,
     compensation: f64,
+}
+
+/// A window's complete state, for persisting it (durable stream mode).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WindowState {
+    /// The prices, oldest first.
+    pub prices: Vec<f64>,
+    /// The running sum.
+    pub sum: f64,
+    /// The running sum's compensation term.
+    pub compensation: f64,
 }
 
 /// What one push produced: the mean of the prices now in the window.
@@ -96,6 +109,43 @@ impl SmaWindow {
             mean: self.mean(),
             count: self.prices.len(),
         })
+    }
+
+    /// Everything needed to continue this window elsewhere bit for bit: the
+    /// prices and the running sum with its compensation (a mean recomputed
+    /// from the prices could differ in the last bits).
+    #[must_use]
+    pub fn state(&self) -> WindowState {
+        WindowState {
+            prices: self.prices.iter().copied().collect(),
+            sum: self.sum,
+            compensation: self.compensation,
+        }
+    }
+
+    /// A window continuing from `state`. When `state` came from a window of
+    /// another capacity (the configuration changed), the sum is rebuilt from
+    /// the newest `capacity` prices instead.
+    #[must_use]
+    pub fn restore(capacity: NonZeroUsize, state: WindowState) -> Self {
+        let consistent = state.prices.len() <= capacity.get()
+            && state.prices.iter().all(|p| p.is_finite())
+            && state.sum.is_finite()
+            && state.compensation.is_finite();
+        if consistent {
+            return Self {
+                capacity,
+                prices: state.prices.into(),
+                sum: state.sum,
+                compensation: state.compensation,
+            };
+        }
+        let mut window = Self::new(capacity);
+        let skip = state.prices.len().saturating_sub(capacity.get());
+        for price in state.prices.into_iter().skip(skip).filter(|p| p.is_finite()) {
+            window.push(price);
+        }
+        window
     }
 
     /// The prices in the window, oldest first.
@@ -234,6 +284,29 @@ mod tests {
             }
         }
         assert!(worst <= 1e-9, "relative error {worst} exceeds 1e-9");
+    }
+
+    #[test]
+    fn a_restored_window_continues_bit_for_bit() {
+        let mut original = window(3);
+        for p in [0.1, 0.7, 1e9, 0.3, 0.2] {
+            original.push(p);
+        }
+        let mut restored = SmaWindow::restore(original.capacity, original.state());
+        for p in [0.9, 1e-7, 3.3, 0.1] {
+            assert_eq!(original.push(p).mean.to_bits(), restored.push(p).mean.to_bits());
+        }
+    }
+
+    #[test]
+    fn a_state_from_a_larger_window_is_trimmed_and_resummed() {
+        let mut big = window(5);
+        for p in [1.0, 2.0, 3.0, 4.0, 5.0] {
+            big.push(p);
+        }
+        let small = SmaWindow::restore(NonZeroUsize::new(2).expect("non-zero"), big.state());
+        assert_eq!(small.prices().collect::<Vec<_>>(), vec![4.0, 5.0]);
+        assert_eq!(small.average(), Some(Average { mean: 4.5, count: 2 }));
     }
 
     #[test]

@@ -34,6 +34,10 @@ pub struct Stats {
     pub keepalive_timeouts: AtomicU64,
     /// Times the Redis subscription was re-established after a loss.
     pub redis_resubscribes: AtomicU64,
+    /// Stream mode: batches applied with MULTI/EXEC.
+    pub stream_batches: AtomicU64,
+    /// Stream mode: entries replayed after a restart or claimed from another consumer.
+    pub stream_replayed: AtomicU64,
 }
 
 impl Stats {
@@ -69,6 +73,8 @@ impl Stats {
             "rate_limited_closes": self.rate_limited_closes.load(Relaxed),
             "keepalive_timeouts": self.keepalive_timeouts.load(Relaxed),
             "redis_resubscribes": self.redis_resubscribes.load(Relaxed),
+            "stream_batches": self.stream_batches.load(Relaxed),
+            "stream_replayed": self.stream_replayed.load(Relaxed),
         })
     }
 }

@@ -1,0 +1,360 @@
+//! The data path, top to bottom, shared by both input modes:
+//!
+//! ```text
+//! payload ─▶ quote::parse ─▶ SmaWindow::push ─▶ SmaMessage::encode (once) ─▶ Sma { channel, frame }
+//!                │ bad                                                          ├─▶ Redis (publish / MULTI)
+//!                ▼                                                              └─▶ hub ─▶ sockets
+//!        notice for redis.rejected
+//! ```
+//!
+//! [`Pipeline`] does no I/O: the pub/sub listener (`listener.rs`) and the
+//! durable stream consumer (`stream.rs`) decide when its results go out.
+//! One task owns a pipeline, so per-key order is input order and no lock
+//! guards the windows.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{Message, Utf8Bytes};
+
+use crate::broker::Outbound;
+use crate::config::Settings;
+use crate::hub::Hub;
+use crate::protocol::SmaMessage;
+use crate::quote::{self, Quote, Reject};
+use crate::sma::{SmaWindow, WindowState};
+use crate::stats::Stats;
+
+/// The part of a rejected payload republished with its reason.
+const REJECTED_SAMPLE_BYTES: usize = 1024;
+
+/// Quote → SMA → encoded result, for every key.
+pub struct Pipeline {
+    windows: Windows,
+    output: OutputChannel,
+    rejected_channel: Option<Arc<str>>,
+    emit_partial: bool,
+    stats: Arc<Stats>,
+    reject_log: RejectLog,
+}
+
+/// What one input payload produced.
+pub enum Outcome<'a> {
+    /// A valid quote; its key's window took the price. `sma` is set when the
+    /// key emits a result (always, once the window is full).
+    Accepted {
+        /// The quote.
+        quote: Quote<'a>,
+        /// The result to publish and fan out.
+        sma: Option<Sma>,
+    },
+    /// Not a valid quote: counted and logged. `notice` is the message for
+    /// `redis.rejected`, unless that is disabled.
+    Rejected {
+        /// The rejection notice to publish.
+        notice: Option<Outbound>,
+    },
+}
+
+/// One SMA result, encoded once.
+pub struct Sma {
+    /// The output channel of its key.
+    pub channel: Arc<str>,
+    /// The JSON message, shared by Redis and every socket.
+    pub frame: Utf8Bytes,
+}
+
+impl Sma {
+    /// The message to publish on Redis (the same bytes as the frame).
+    #[must_use]
+    pub fn outbound(&self) -> Outbound {
+        Outbound {
+            channel: self.channel.clone(),
+            payload: self.frame.clone().into(),
+        }
+    }
+
+    /// Fans the result out: a public result to the symbol's subscribers, a
+    /// private one to every socket of its client's group.
+    pub fn deliver(&self, hub: &Hub, quote: &Quote<'_>) {
+        match quote.client.as_deref() {
+            None => hub.publish_public(&quote.symbol, self.frame.clone()),
+            Some(code) => {
+                hub.send_to_group(code, Message::Text(self.frame.clone()));
+            }
+        }
+    }
+}
+
+impl Pipeline {
+    /// A pipeline with no windows yet.
+    #[must_use]
+    pub fn new(settings: &Settings, stats: Arc<Stats>) -> Self {
+        let redis = &settings.redis;
+        Self {
+            windows: Windows::new(settings.window(), settings.sma.max_keys),
+            output: OutputChannel::new(&redis.output),
+            rejected_channel: (!redis.rejected.is_empty()).then(|| redis.rejected.as_str().into()),
+            emit_partial: settings.sma.emit_partial,
+            stats,
+            reject_log: RejectLog::default(),
+        }
+    }
+
+    /// Runs one payload through parse → window → encode.
+    pub fn process<'a>(&mut self, payload: &'a [u8]) -> Outcome<'a> {
+        self.stats.quotes_received.fetch_add(1, Relaxed);
+        let quote = match quote::parse(payload) {
+            Ok(quote) => quote,
+            Err(reason) => return self.reject(&reason, payload),
+        };
+        let client = quote.client.as_deref();
+        let Some(key) = self.windows.get_or_insert(client, &quote.symbol, &self.output) else {
+            return self.reject(&Reject::TooManyKeys, payload);
+        };
+        let average = key.window.push(quote.price);
+        if !self.emit_partial && !key.window.is_full() {
+            return Outcome::Accepted { quote, sma: None };
+        }
+        let frame = SmaMessage {
+            symbol: &quote.symbol,
+            price: quote.price,
+            sma: average.mean,
+            window: key.window.capacity(),
+            count: average.count,
+            ts: quote.ts.unwrap_or_else(now_ms),
+            client,
+        }
+        .encode();
+        let sma = Sma {
+            channel: key.channel.clone(),
+            frame,
+        };
+        self.stats.smas_emitted.fetch_add(1, Relaxed);
+        Outcome::Accepted {
+            quote,
+            sma: Some(sma),
+        }
+    }
+
+    fn reject<'a>(&mut self, reason: &Reject, payload: &[u8]) -> Outcome<'a> {
+        self.stats.reject(reason);
+        let sample = &payload[..payload.len().min(REJECTED_SAMPLE_BYTES)];
+        let sample = String::from_utf8_lossy(sample);
+        self.reject_log.record(reason, &sample);
+        let notice = self.rejected_channel.as_ref().map(|channel| {
+            let body = serde_json::json!({ "error": reason.to_string(), "payload": sample });
+            Outbound {
+                channel: channel.clone(),
+                payload: body.to_string().into(),
+            }
+        });
+        Outcome::Rejected { notice }
+    }
+
+    /// The state of one key's window, if the key exists.
+    #[must_use]
+    pub fn window_state(&self, client: Option<&str>, symbol: &str) -> Option<WindowState> {
+        self.windows.get(client, symbol).map(|key| key.window.state())
+    }
+
+    /// Replaces one key's window with `state` (restoring after a restart).
+    pub fn restore_window(&mut self, client: Option<&str>, symbol: &str, state: WindowState) {
+        let capacity = self.windows.window;
+        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.output) {
+            key.window = SmaWindow::restore(capacity, state);
+        }
+    }
+
+    /// Forgets every window (before restoring them all again).
+    pub fn clear(&mut self) {
+        self.windows = Windows::new(self.windows.window, self.windows.max_keys);
+    }
+}
+
+/// One key's window and the output channel its results go to.
+struct Key {
+    window: SmaWindow,
+    channel: Arc<str>,
+}
+
+/// Every SMA window, public by symbol and private by client then symbol, so
+/// lookups borrow the quote's strings and allocate nothing.
+struct Windows {
+    window: NonZeroUsize,
+    max_keys: usize,
+    len: usize,
+    public: HashMap<Box<str>, Key>,
+    private: HashMap<Box<str>, HashMap<Box<str>, Key>>,
+}
+
+impl Windows {
+    fn new(window: NonZeroUsize, max_keys: usize) -> Self {
+        Self {
+            window,
+            max_keys,
+            len: 0,
+            public: HashMap::new(),
+            private: HashMap::new(),
+        }
+    }
+
+    fn get(&self, client: Option<&str>, symbol: &str) -> Option<&Key> {
+        match client {
+            None => self.public.get(symbol),
+            Some(code) => self.private.get(code)?.get(symbol),
+        }
+    }
+
+    /// The key's state, created on first use; `None` when `max_keys` is reached.
+    fn get_or_insert(
+        &mut self,
+        client: Option<&str>,
+        symbol: &str,
+        output: &OutputChannel,
+    ) -> Option<&mut Key> {
+        let full = self.len >= self.max_keys;
+        let map = match client {
+            None => &mut self.public,
+            Some(code) => {
+                if !self.private.contains_key(code) {
+                    if full {
+                        return None;
+                    }
+                    self.private.insert(code.into(), HashMap::new());
+                }
+                self.private.get_mut(code)?
+            }
+        };
+        if !map.contains_key(symbol) {
+            if full {
+                return None;
+            }
+            self.len += 1;
+            let key = Key {
+                window: SmaWindow::new(self.window),
+                channel: output.for_symbol(symbol),
+            };
+            map.insert(symbol.into(), key);
+        }
+        map.get_mut(symbol)
+    }
+}
+
+/// `redis.output`, with `{symbol}` expanded per symbol.
+enum OutputChannel {
+    Fixed(Arc<str>),
+    PerSymbol { before: String, after: String },
+}
+
+impl OutputChannel {
+    fn new(template: &str) -> Self {
+        match template.split_once("{symbol}") {
+            Some((before, after)) => OutputChannel::PerSymbol {
+                before: before.to_owned(),
+                after: after.to_owned(),
+            },
+            None => OutputChannel::Fixed(template.into()),
+        }
+    }
+
+    fn for_symbol(&self, symbol: &str) -> Arc<str> {
+        match self {
+            OutputChannel::Fixed(name) => name.clone(),
+            OutputChannel::PerSymbol { before, after } => format!("{before}{symbol}{after}").into(),
+        }
+    }
+}
+
+/// Logs rejected input at most once a second, with a sample and how many
+/// rejections the quiet period hid, so a flood of garbage cannot flood logs.
+#[derive(Default)]
+struct RejectLog {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RejectLog {
+    fn record(&mut self, reason: &Reject, sample: &str) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < Duration::from_secs(1))
+        {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            reason = reason.label(),
+            error = %reason,
+            sample = %sample.chars().take(200).collect::<String>(),
+            suppressed = self.suppressed,
+            "rejected input"
+        );
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+fn now_ms() -> u64 {
+    unix_ms(SystemTime::now())
+}
+
+/// Milliseconds since the Unix epoch.
+pub(crate) fn unix_ms(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn output_channel_template() {
+        assert_eq!(&*OutputChannel::new("sma").for_symbol("AAPL"), "sma");
+        assert_eq!(
+            &*OutputChannel::new("sma.{symbol}").for_symbol("AAPL"),
+            "sma.AAPL"
+        );
+        assert_eq!(
+            &*OutputChannel::new("{symbol}:avg").for_symbol("X"),
+            "X:avg"
+        );
+    }
+
+    #[test]
+    fn windows_are_per_client_and_symbol_and_bounded() {
+        let output = OutputChannel::new("sma");
+        let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3);
+        windows
+            .get_or_insert(None, "A", &output)
+            .expect("key")
+            .window
+            .push(1.0);
+        windows
+            .get_or_insert(Some("c1"), "A", &output)
+            .expect("key")
+            .window
+            .push(5.0);
+        let public = windows.get_or_insert(None, "A", &output).expect("key");
+        assert_eq!(
+            public.window.push(3.0).mean,
+            2.0,
+            "private prices do not mix in"
+        );
+        assert!(windows.get_or_insert(Some("c2"), "A", &output).is_some());
+        assert!(
+            windows.get_or_insert(Some("c2"), "B", &output).is_none(),
+            "fourth key refused"
+        );
+        assert!(windows.get_or_insert(Some("c3"), "A", &output).is_none());
+        assert!(
+            windows.get_or_insert(Some("c1"), "A", &output).is_some(),
+            "known keys still work"
+        );
+    }
+}

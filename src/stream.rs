@@ -1,0 +1,298 @@
+//! Durable input: quotes from a Redis stream, read through a consumer group,
+//! with nothing lost and nothing applied twice.
+//!
+//! ```text
+//! XREADGROUP batch ─▶ Pipeline (per entry) ─▶ MULTI
+//!                                               PUBLISH/XADD every SMA and rejection notice
+//!                                               HSET the touched windows' state
+//!                                               XACK every entry of the batch
+//!                                             EXEC ─▶ hub ─▶ sockets
+//! ```
+//!
+//! A batch's effects land in Redis together or not at all. A crash before
+//! EXEC leaves the entries pending and the stored windows as they were; on
+//! start the consumer restores the windows, replays its pending entries
+//! (then claims other consumers' stale ones), and computes exactly what the
+//! lost run would have. A crash after EXEC replays nothing. Sockets are fed
+//! only after EXEC succeeds.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use redis::aio::MultiplexedConnection;
+use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::{AsyncConnectionConfig, RedisResult, Value};
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::config::{RedisSettings, Settings};
+use crate::hub::Hub;
+use crate::pipeline::{Outcome, Pipeline, Sma};
+use crate::quote::Quote;
+use crate::sma::WindowState;
+use crate::stats::Stats;
+
+/// The field of an input entry that holds the quote JSON.
+pub const QUOTE_FIELD: &str = "quote";
+
+/// The field of an output entry that holds the SMA JSON.
+pub const SMA_FIELD: &str = "sma";
+
+/// How long one XREADGROUP waits for new entries; also how often shutdown is noticed.
+const BLOCK: Duration = Duration::from_millis(1000);
+
+/// The durable consumer.
+pub struct StreamConsumer {
+    client: redis::Client,
+    redis: RedisSettings,
+    pipeline: Pipeline,
+    hub: Hub,
+    stats: Arc<Stats>,
+    consuming: Arc<AtomicBool>,
+    backoff: Backoff,
+}
+
+impl StreamConsumer {
+    /// A consumer for `settings`' stream, feeding `hub`.
+    pub fn new(
+        settings: &Settings,
+        hub: Hub,
+        stats: Arc<Stats>,
+        consuming: Arc<AtomicBool>,
+    ) -> RedisResult<Self> {
+        Ok(Self {
+            client: redis::Client::open(settings.redis.url.as_str())?,
+            redis: settings.redis.clone(),
+            pipeline: Pipeline::new(settings, stats.clone()),
+            hub,
+            stats,
+            consuming,
+            backoff: settings.reconnect_backoff(),
+        })
+    }
+
+    /// Consumes until `shutdown`, finishing the batch in hand; reconnects
+    /// with backoff after any failure, restoring state from Redis each time.
+    #[tracing::instrument(name = "stream", skip_all, fields(stream = %self.redis.input_stream, consumer = %self.redis.consumer_name))]
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            match self.consume(&shutdown).await {
+                Ok(()) => return,
+                Err(err) => {
+                    self.consuming.store(false, Relaxed);
+                    tracing::warn!(cause = %err, "stream consumer failed; restoring from redis and retrying");
+                    tokio::select! {
+                        () = shutdown.cancelled() => return,
+                        () = tokio::time::sleep(self.backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume(&mut self, shutdown: &CancellationToken) -> RedisResult<()> {
+        // A connection of its own: XREADGROUP BLOCK would hold up anything
+        // else multiplexed on it.
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(2)))
+            .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
+        let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        self.create_group(&mut conn).await?;
+        let restored = self.restore_windows(&mut conn).await?;
+        self.consuming.store(true, Relaxed);
+        self.backoff.reset();
+        tracing::info!(windows = restored, "stream consumer ready");
+
+        // First what this consumer read but never applied, then what others
+        // abandoned, then new entries.
+        let replayed = self.replay_pending(&mut conn).await?;
+        if replayed > 0 {
+            tracing::info!(entries = replayed, "replayed unacknowledged entries");
+        }
+        self.claim_stale(&mut conn).await?;
+        let mut last_claim = Instant::now();
+        let claim_every = Duration::from_millis(self.redis.claim_idle_ms.max(1000));
+        while !shutdown.is_cancelled() {
+            let options = StreamReadOptions::default()
+                .group(&self.redis.consumer_group, &self.redis.consumer_name)
+                .count(self.redis.stream_batch)
+                .block(BLOCK.as_millis() as usize);
+            let reply: StreamReadReply = redis::cmd("XREADGROUP")
+                .arg(&options)
+                .arg("STREAMS")
+                .arg(&self.redis.input_stream)
+                .arg(">")
+                .query_async(&mut conn)
+                .await?;
+            let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            if !entries.is_empty() {
+                self.apply(&mut conn, &entries).await?;
+            }
+            if last_claim.elapsed() >= claim_every {
+                self.claim_stale(&mut conn).await?;
+                last_claim = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    async fn create_group(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+        // From "0": entries added before the group existed are processed too.
+        let created: RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.redis.input_stream)
+            .arg(&self.redis.consumer_group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match created {
+            Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    /// Loads every window's state as of the last applied batch.
+    async fn restore_windows(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<usize> {
+        let stored: HashMap<Vec<u8>, Vec<u8>> = redis::cmd("HGETALL")
+            .arg(&self.redis.state_key)
+            .query_async(conn)
+            .await?;
+        self.pipeline.clear();
+        let mut restored = 0;
+        for (field, value) in stored {
+            let key = serde_json::from_slice::<(Option<String>, String)>(&field);
+            let state = serde_json::from_slice::<WindowState>(&value);
+            match (key, state) {
+                (Ok((client, symbol)), Ok(state)) => {
+                    self.pipeline.restore_window(client.as_deref(), &symbol, state);
+                    restored += 1;
+                }
+                _ => tracing::warn!(
+                    field = %String::from_utf8_lossy(&field),
+                    "unreadable window state ignored"
+                ),
+            }
+        }
+        Ok(restored)
+    }
+
+    /// Re-reads and applies this consumer's own pending entries.
+    async fn replay_pending(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<usize> {
+        let mut replayed = 0;
+        loop {
+            let options = StreamReadOptions::default()
+                .group(&self.redis.consumer_group, &self.redis.consumer_name)
+                .count(self.redis.stream_batch);
+            let reply: StreamReadReply = redis::cmd("XREADGROUP")
+                .arg(&options)
+                .arg("STREAMS")
+                .arg(&self.redis.input_stream)
+                .arg("0")
+                .query_async(conn)
+                .await?;
+            let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            if entries.is_empty() {
+                return Ok(replayed);
+            }
+            replayed += entries.len();
+            self.stats.stream_replayed.fetch_add(entries.len() as u64, Relaxed);
+            self.apply(conn, &entries).await?;
+        }
+    }
+
+    /// Claims and applies entries other consumers left pending too long.
+    async fn claim_stale(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+        let mut cursor = "0-0".to_owned();
+        loop {
+            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
+                .arg(&self.redis.input_stream)
+                .arg(&self.redis.consumer_group)
+                .arg(&self.redis.consumer_name)
+                .arg(self.redis.claim_idle_ms)
+                .arg(&cursor)
+                .arg(StreamAutoClaimOptions::default().count(self.redis.stream_batch))
+                .query_async(conn)
+                .await?;
+            if !reply.claimed.is_empty() {
+                tracing::info!(entries = reply.claimed.len(), "claimed entries abandoned by another consumer");
+                self.stats.stream_replayed.fetch_add(reply.claimed.len() as u64, Relaxed);
+                self.apply(conn, &reply.claimed).await?;
+            }
+            if reply.next_stream_id == "0-0" {
+                return Ok(());
+            }
+            cursor = reply.next_stream_id;
+        }
+    }
+
+    /// Runs a batch through the pipeline and applies all its effects in one
+    /// MULTI/EXEC; then feeds the sockets.
+    async fn apply(&mut self, conn: &mut MultiplexedConnection, entries: &[StreamId]) -> RedisResult<()> {
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
+        let mut deliveries: Vec<(Quote<'_>, Sma)> = Vec::new();
+        for entry in entries {
+            let payload = match entry.map.get(QUOTE_FIELD) {
+                Some(Value::BulkString(bytes)) => bytes.as_slice(),
+                // A trimmed or foreign entry: the parser rejects it, visibly.
+                _ => b"".as_slice(),
+            };
+            match self.pipeline.process(payload) {
+                Outcome::Accepted { quote, sma } => {
+                    touched.insert((quote.client.as_deref().map(str::to_owned), quote.symbol.to_string()));
+                    if let Some(sma) = sma {
+                        self.add_output(&mut transaction, &sma);
+                        deliveries.push((quote, sma));
+                    }
+                }
+                Outcome::Rejected { notice: Some(notice) } => {
+                    transaction.publish(&*notice.channel, notice.payload.as_ref()).ignore();
+                }
+                Outcome::Rejected { notice: None } => {}
+            }
+        }
+        for (client, symbol) in &touched {
+            if let Some(state) = self.pipeline.window_state(client.as_deref(), symbol) {
+                let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();
+                let value = serde_json::to_string(&state).unwrap_or_default();
+                transaction.hset(&self.redis.state_key, field, value).ignore();
+            }
+        }
+        let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
+        transaction
+            .xack(&self.redis.input_stream, &self.redis.consumer_group, &ids)
+            .ignore();
+        // If this fails the windows in memory are ahead of Redis; the caller
+        // reconnects and restores them from the state EXEC did (or did not) write.
+        transaction.query_async::<()>(conn).await?;
+
+        self.stats.stream_batches.fetch_add(1, Relaxed);
+        self.stats.published.fetch_add(deliveries.len() as u64, Relaxed);
+        for (quote, sma) in &deliveries {
+            sma.deliver(&self.hub, quote);
+        }
+        Ok(())
+    }
+
+    fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
+        if self.redis.output_stream.is_empty() {
+            transaction.publish(&*sma.channel, sma.frame.as_bytes()).ignore();
+        } else {
+            transaction
+                .cmd("XADD")
+                .arg(&self.redis.output_stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.redis.output_stream_maxlen)
+                .arg("*")
+                .arg(SMA_FIELD)
+                .arg(sma.frame.as_bytes())
+                .ignore();
+        }
+    }
+}
