@@ -127,8 +127,9 @@ pub async fn serve<B: Broker>(
         InputMode::Stream => {
             let consuming = Arc::new(AtomicBool::new(false));
             ready.push(consuming.clone());
-            let consumer = stream::StreamConsumer::new(&settings, hub.clone(), stats.clone(), consuming)
-                .map_err(BrokerError::from)?;
+            let consumer =
+                stream::StreamConsumer::new(&settings, hub.clone(), stats.clone(), consuming)
+                    .map_err(BrokerError::from)?;
             Some(tokio::spawn(consumer.run(shutdown.clone())))
         }
     };

@@ -112,7 +112,10 @@ impl Pipeline {
             Err(reason) => return self.reject(&reason, payload),
         };
         let client = quote.client.as_deref();
-        let Some(key) = self.windows.get_or_insert(client, &quote.symbol, &self.output) else {
+        let Some(key) = self
+            .windows
+            .get_or_insert(client, &quote.symbol, &self.output)
+        else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
         let average = key.window.push(quote.price);
@@ -158,7 +161,9 @@ impl Pipeline {
     /// The state of one key's window, if the key exists.
     #[must_use]
     pub fn window_state(&self, client: Option<&str>, symbol: &str) -> Option<WindowState> {
-        self.windows.get(client, symbol).map(|key| key.window.state())
+        self.windows
+            .get(client, symbol)
+            .map(|key| key.window.state())
     }
 
     /// Replaces one key's window with `state` (restoring after a restart).

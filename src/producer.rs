@@ -262,7 +262,9 @@ impl<'q> Pacer<'q> {
                 () = tokio::time::sleep_until(due_at) => {}
             }
             let due = (self.start.elapsed().as_secs_f64() * rate) as u64 + 1;
-            room = due.saturating_sub(self.handed_out).clamp(1, MAX_PIPELINE as u64);
+            room = due
+                .saturating_sub(self.handed_out)
+                .clamp(1, MAX_PIPELINE as u64);
         } else if shutdown.is_cancelled() {
             return None;
         }

@@ -142,7 +142,12 @@ impl SmaWindow {
         }
         let mut window = Self::new(capacity);
         let skip = state.prices.len().saturating_sub(capacity.get());
-        for price in state.prices.into_iter().skip(skip).filter(|p| p.is_finite()) {
+        for price in state
+            .prices
+            .into_iter()
+            .skip(skip)
+            .filter(|p| p.is_finite())
+        {
             window.push(price);
         }
         window
@@ -294,7 +299,10 @@ mod tests {
         }
         let mut restored = SmaWindow::restore(original.capacity, original.state());
         for p in [0.9, 1e-7, 3.3, 0.1] {
-            assert_eq!(original.push(p).mean.to_bits(), restored.push(p).mean.to_bits());
+            assert_eq!(
+                original.push(p).mean.to_bits(),
+                restored.push(p).mean.to_bits()
+            );
         }
     }
 
@@ -306,7 +314,13 @@ mod tests {
         }
         let small = SmaWindow::restore(NonZeroUsize::new(2).expect("non-zero"), big.state());
         assert_eq!(small.prices().collect::<Vec<_>>(), vec![4.0, 5.0]);
-        assert_eq!(small.average(), Some(Average { mean: 4.5, count: 2 }));
+        assert_eq!(
+            small.average(),
+            Some(Average {
+                mean: 4.5,
+                count: 2
+            })
+        );
     }
 
     #[test]

@@ -23,7 +23,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
-use redis::streams::{StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply};
+use redis::streams::{
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+};
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -99,7 +101,10 @@ impl StreamConsumer {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
-        let mut conn = self.client.get_multiplexed_async_connection_with_config(&config).await?;
+        let mut conn = self
+            .client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         self.create_group(&mut conn).await?;
         let restored = self.restore_windows(&mut conn).await?;
         self.consuming.store(true, Relaxed);
@@ -168,7 +173,8 @@ impl StreamConsumer {
             let state = serde_json::from_slice::<WindowState>(&value);
             match (key, state) {
                 (Ok((client, symbol)), Ok(state)) => {
-                    self.pipeline.restore_window(client.as_deref(), &symbol, state);
+                    self.pipeline
+                        .restore_window(client.as_deref(), &symbol, state);
                     restored += 1;
                 }
                 _ => tracing::warn!(
@@ -199,7 +205,9 @@ impl StreamConsumer {
                 return Ok(replayed);
             }
             replayed += entries.len();
-            self.stats.stream_replayed.fetch_add(entries.len() as u64, Relaxed);
+            self.stats
+                .stream_replayed
+                .fetch_add(entries.len() as u64, Relaxed);
             self.apply(conn, &entries).await?;
         }
     }
@@ -218,8 +226,13 @@ impl StreamConsumer {
                 .query_async(conn)
                 .await?;
             if !reply.claimed.is_empty() {
-                tracing::info!(entries = reply.claimed.len(), "claimed entries abandoned by another consumer");
-                self.stats.stream_replayed.fetch_add(reply.claimed.len() as u64, Relaxed);
+                tracing::info!(
+                    entries = reply.claimed.len(),
+                    "claimed entries abandoned by another consumer"
+                );
+                self.stats
+                    .stream_replayed
+                    .fetch_add(reply.claimed.len() as u64, Relaxed);
                 self.apply(conn, &reply.claimed).await?;
             }
             if reply.next_stream_id == "0-0" {
@@ -231,7 +244,11 @@ impl StreamConsumer {
 
     /// Runs a batch through the pipeline and applies all its effects in one
     /// MULTI/EXEC; then feeds the sockets.
-    async fn apply(&mut self, conn: &mut MultiplexedConnection, entries: &[StreamId]) -> RedisResult<()> {
+    async fn apply(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        entries: &[StreamId],
+    ) -> RedisResult<()> {
         let mut transaction = redis::pipe();
         transaction.atomic();
         let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
@@ -244,14 +261,21 @@ impl StreamConsumer {
             };
             match self.pipeline.process(payload) {
                 Outcome::Accepted { quote, sma } => {
-                    touched.insert((quote.client.as_deref().map(str::to_owned), quote.symbol.to_string()));
+                    touched.insert((
+                        quote.client.as_deref().map(str::to_owned),
+                        quote.symbol.to_string(),
+                    ));
                     if let Some(sma) = sma {
                         self.add_output(&mut transaction, &sma);
                         deliveries.push((quote, sma));
                     }
                 }
-                Outcome::Rejected { notice: Some(notice) } => {
-                    transaction.publish(&*notice.channel, notice.payload.as_ref()).ignore();
+                Outcome::Rejected {
+                    notice: Some(notice),
+                } => {
+                    transaction
+                        .publish(&*notice.channel, notice.payload.as_ref())
+                        .ignore();
                 }
                 Outcome::Rejected { notice: None } => {}
             }
@@ -260,7 +284,9 @@ impl StreamConsumer {
             if let Some(state) = self.pipeline.window_state(client.as_deref(), symbol) {
                 let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();
                 let value = serde_json::to_string(&state).unwrap_or_default();
-                transaction.hset(&self.redis.state_key, field, value).ignore();
+                transaction
+                    .hset(&self.redis.state_key, field, value)
+                    .ignore();
             }
         }
         let ids: Vec<&str> = entries.iter().map(|e| e.id.as_str()).collect();
@@ -272,7 +298,9 @@ impl StreamConsumer {
         transaction.query_async::<()>(conn).await?;
 
         self.stats.stream_batches.fetch_add(1, Relaxed);
-        self.stats.published.fetch_add(deliveries.len() as u64, Relaxed);
+        self.stats
+            .published
+            .fetch_add(deliveries.len() as u64, Relaxed);
         for (quote, sma) in &deliveries {
             sma.deliver(&self.hub, quote);
         }
@@ -281,7 +309,9 @@ impl StreamConsumer {
 
     fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
         if self.redis.output_stream.is_empty() {
-            transaction.publish(&*sma.channel, sma.frame.as_bytes()).ignore();
+            transaction
+                .publish(&*sma.channel, sma.frame.as_bytes())
+                .ignore();
         } else {
             transaction
                 .cmd("XADD")

@@ -112,7 +112,12 @@ async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stop
     }
     drop(output);
 
-    // SIGTERM: a clean exit with code 0.
+    // SIGTERM: every socket is closed with 1001, then a clean exit with code 0.
+    let (mut socket, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws/acme", serve.address))
+            .await
+            .expect("connect");
+    assert_eq!(next_json(&mut socket).await["type"], "welcome");
     let pid = serve.child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -129,6 +134,18 @@ async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stop
     })
     .await;
     assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
+    let close = within("the close frame", async {
+        loop {
+            match futures_util::StreamExt::next(&mut socket).await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("close frame with a code");
+    assert_eq!(u16::from(close.code), 1001);
     assert!(
         http_get_refused(serve.address).await,
         "the port is released"

@@ -5,6 +5,7 @@
 
 mod auth;
 mod binary;
+mod durable;
 mod embedded;
 mod end_to_end;
 mod hostile_clients;

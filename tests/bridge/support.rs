@@ -97,6 +97,12 @@ impl RedisServer {
         panic!("redis-server could not be restarted on port {}", self.port);
     }
 
+    /// A stand-in that owns no process (what is left behind by `take_redis`).
+    fn detached() -> Self {
+        let child = Command::new("true").spawn().expect("spawn true");
+        RedisServer { child, port: 0 }
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
@@ -282,8 +288,19 @@ impl TestApp {
         .await
     }
 
+    /// Stops the bridge and hands back its Redis, still running.
+    pub async fn take_redis(mut self) -> RedisServer {
+        self.stop().await;
+        let placeholder = RedisServer::detached();
+        std::mem::replace(&mut self.redis, placeholder)
+    }
+
     /// Stops the bridge the way SIGTERM would and waits for it to finish.
     pub async fn shutdown(mut self) {
+        self.stop().await;
+    }
+
+    async fn stop(&mut self) {
         self.shutdown.cancel();
         if let Some(handle) = self.handle.take() {
             within("the bridge to stop", handle)

@@ -1,0 +1,277 @@
+//! Durable stream mode: nothing lost across crashes, nothing applied twice.
+
+use std::collections::HashMap;
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use quotebridge::protocol::SmaMessage;
+use quotebridge::sma::SmaWindow;
+use redis::streams::StreamRangeReply;
+use serde_json::{Value, json};
+
+use crate::binary::Serve;
+use crate::support::*;
+
+const STREAM_MODE: (&str, &str) = ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream");
+
+async fn xadd_all(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>]) {
+    for chunk in quotes.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for quote in chunk {
+            pipe.cmd("XADD")
+                .arg("quotes.stream")
+                .arg("*")
+                .arg("quote")
+                .arg(quote.as_slice())
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await.expect("XADD pipeline");
+    }
+}
+
+async fn xlen(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> usize {
+    redis::cmd("XLEN")
+        .arg(key)
+        .query_async(conn)
+        .await
+        .expect("XLEN")
+}
+
+/// Entries delivered to the group but not acknowledged.
+async fn pending(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let (count, _, _, _): (usize, redis::Value, redis::Value, redis::Value) =
+        redis::cmd("XPENDING")
+            .arg("quotes.stream")
+            .arg("quotebridge")
+            .query_async(conn)
+            .await
+            .expect("XPENDING");
+    count
+}
+
+#[tokio::test]
+async fn stream_input_is_processed_acknowledged_and_restored_after_a_restart() {
+    let window = ("QUOTEBRIDGE__SMA__WINDOW", "3");
+    let app = spawn_app_with(&[STREAM_MODE, window]).await;
+    let mut output = app.redis.subscribe(&["sma", "quotes.rejected"]).await;
+    let mut output = output.on_message();
+    let (mut socket, _) = app.connect("acme").await;
+    let mut conn = app.redis.connection().await;
+    let quotes: Vec<Vec<u8>> = [
+        r#"{"symbol":"A","price":1,"ts":1}"#,
+        "garbage",
+        r#"{"symbol":"A","price":2,"ts":2}"#,
+        r#"{"symbol":"A","price":3,"ts":3}"#,
+    ]
+    .iter()
+    .map(|q| q.as_bytes().to_vec())
+    .collect();
+    xadd_all(&mut conn, &quotes).await;
+    let (channel, rejected) = next_redis(&mut output).await;
+    assert_eq!(channel, "quotes.rejected");
+    assert!(rejected.contains("not valid JSON"));
+    let (channel, payload) = next_redis(&mut output).await;
+    assert_eq!(channel, "sma");
+    assert_eq!(
+        serde_json::from_str::<Value>(&payload).expect("json")["sma"],
+        2.0
+    );
+    assert_eq!(
+        next_text(&mut socket).await,
+        payload,
+        "the socket gets the same bytes after EXEC"
+    );
+    within("every entry to be acknowledged", async {
+        while pending(&mut conn).await != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+
+    // A new bridge on the same Redis continues the window where it stopped.
+    let redis = app.take_redis().await;
+    let app = spawn_app_on(redis, &[STREAM_MODE, window]);
+    app.wait_until_ready().await;
+    let mut conn = app.redis.connection().await;
+    let mut output = app.redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    xadd_all(&mut conn, &[br#"{"symbol":"A","price":7,"ts":4}"#.to_vec()]).await;
+    let (_, payload) = next_redis(&mut output).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&payload).expect("json")["sma"],
+        4.0,
+        "(2 + 3 + 7) / 3"
+    );
+    app.shutdown().await;
+}
+
+/// The reference: what an uninterrupted bridge emits for `quotes`, byte for byte.
+fn uninterrupted_run(quotes: &[Value], window: usize) -> Vec<String> {
+    let capacity = NonZeroUsize::new(window).expect("non-zero");
+    let mut windows: HashMap<(Option<String>, String), SmaWindow> = HashMap::new();
+    let mut outputs = Vec::new();
+    for q in quotes {
+        let client = q["client"].as_str();
+        let symbol = q["symbol"].as_str().expect("symbol");
+        let price = q["price"].as_f64().expect("price");
+        let w = windows
+            .entry((client.map(str::to_owned), symbol.to_owned()))
+            .or_insert_with(|| SmaWindow::new(capacity));
+        let average = w.push(price);
+        if w.is_full() {
+            let message = SmaMessage {
+                symbol,
+                price,
+                sma: average.mean,
+                window,
+                count: average.count,
+                ts: q["ts"].as_u64().expect("ts"),
+                client,
+            };
+            outputs.push(message.encode().to_string());
+        }
+    }
+    outputs
+}
+
+async fn stream_replayed(serve: &Serve) -> u64 {
+    let (_, body) = http_get(serve.address, "/stats").await;
+    serde_json::from_str::<Value>(&body).expect("stats")["stream_replayed"]
+        .as_u64()
+        .expect("counter")
+}
+
+#[tokio::test]
+async fn entries_read_but_never_applied_are_replayed_on_start() {
+    // What a crash between XREADGROUP and EXEC leaves behind: entries
+    // delivered to this consumer and never acknowledged.
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let quotes: Vec<Vec<u8>> = (1..=3)
+        .map(|p| format!(r#"{{"symbol":"A","price":{p},"ts":{p}}}"#).into_bytes())
+        .collect();
+    xadd_all(&mut conn, &quotes).await;
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("quotes.stream")
+        .arg("quotebridge")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("quotebridge")
+        .arg("bridge-1")
+        .arg("STREAMS")
+        .arg("quotes.stream")
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("read as the bridge would");
+    assert_eq!(pending(&mut conn).await, 3);
+
+    let mut output = redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    let app = spawn_app_on(redis, &[STREAM_MODE, ("QUOTEBRIDGE__SMA__WINDOW", "3")]);
+    let (_, payload) = next_redis(&mut output).await;
+    assert_eq!(
+        serde_json::from_str::<Value>(&payload).expect("json")["sma"],
+        2.0
+    );
+    app.wait_for_stats("the replay to be counted", |s| s["stream_replayed"] == 3)
+        .await;
+    let mut conn = app.redis.connection().await;
+    assert_eq!(pending(&mut conn).await, 0);
+    drop(output);
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() {
+    const QUOTES: usize = 100_000;
+    let env = [
+        STREAM_MODE,
+        ("QUOTEBRIDGE__REDIS__OUTPUT_STREAM", "sma.out"),
+        ("QUOTEBRIDGE__REDIS__STREAM_BATCH", "200"),
+    ];
+    let quotes: Vec<Value> = (0..QUOTES)
+        .map(|i| {
+            let mut q = json!({"symbol": format!("S{}", i % 97), "price": 100.0 + ((i * 7919) % 1013) as f64 / 7.0, "ts": i});
+            if i % 5 == 0 {
+                q["client"] = json!(["alpha", "beta"][i % 2]);
+            }
+            q
+        })
+        .collect();
+    let expected = uninterrupted_run(&quotes, 10);
+
+    // The whole input is queued first, so the bridge is always mid-work when
+    // it is killed.
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let payloads: Vec<Vec<u8>> = quotes.iter().map(|q| q.to_string().into_bytes()).collect();
+    xadd_all(&mut conn, &payloads).await;
+    let mut serve = Serve::start(&redis, &env).await;
+    let mut replayed = 0;
+
+    for fraction in [0.15, 0.5] {
+        let threshold = (expected.len() as f64 * fraction) as usize;
+        let at_kill = within("output to reach the kill point", async {
+            loop {
+                let len = xlen(&mut conn, "sma.out").await;
+                if len >= threshold {
+                    return len;
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await;
+        replayed += stream_replayed(&serve).await;
+        serve.child.kill().expect("kill -9"); // SIGKILL: no shutdown code runs
+        serve.child.wait().expect("reap");
+        eprintln!("killed at {at_kill} of {} outputs", expected.len());
+        assert!(at_kill < expected.len(), "the kill must land mid-stream");
+        serve = Serve::start(&redis, &env).await;
+    }
+
+    within("every output and acknowledgement", async {
+        while xlen(&mut conn, "sma.out").await < expected.len() || pending(&mut conn).await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut got = Vec::with_capacity(expected.len());
+    let mut start = "-".to_owned();
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg("sma.out")
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+        let Some(last) = page.ids.last() else { break };
+        start = format!("({}", last.id);
+        for entry in &page.ids {
+            let sma: String = entry.get("sma").expect("sma field");
+            got.push(sma);
+        }
+    }
+    replayed += stream_replayed(&serve).await;
+    eprintln!("entries replayed after the kills: {replayed}");
+    assert_eq!(
+        got.len(),
+        expected.len(),
+        "no output lost and none duplicated"
+    );
+    if let Some(i) = got.iter().zip(&expected).position(|(g, e)| g != e) {
+        panic!(
+            "output {i} differs:\n got  {}\n want {}",
+            got[i], expected[i]
+        );
+    }
+    drop(serve);
+}
