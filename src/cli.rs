@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{BrokerError, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
-use crate::{Error, demo, producer, shutdown, tail};
+use crate::{Error, bench, demo, producer, shutdown, tail};
 
 /// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
 #[derive(Debug, Parser)]
@@ -51,6 +51,48 @@ pub enum Command {
     },
     /// See it work: the bridge plus a feeder replaying bundled sample quotes.
     Demo,
+    /// Measure the bridge: throughput, latency, fan-out, memory per socket.
+    Bench {
+        /// Scenarios to run (default: all).
+        #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+        scenario: Vec<bench::Scenario>,
+        /// Redis to use (default: a throwaway redis-server on a free port).
+        #[arg(long, value_name = "URL")]
+        redis: Option<String>,
+        /// Ingest: quotes to push.
+        #[arg(long, default_value_t = 1_000_000)]
+        quotes: usize,
+        /// Distinct symbols.
+        #[arg(long, default_value_t = 1_000)]
+        symbols: usize,
+        /// Latency: input rates in quotes/s.
+        #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+        rates: Vec<u64>,
+        /// Latency: sockets receiving every public SMA.
+        #[arg(long, default_value_t = 100)]
+        latency_sockets: usize,
+        /// Latency: seconds per rate.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+        /// Fan-out: socket counts.
+        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+        fanout_sockets: Vec<usize>,
+        /// Fan-out: client groups.
+        #[arg(long, default_value_t = 10)]
+        groups: usize,
+        /// Fan-out: frames to deliver per socket count.
+        #[arg(long, default_value_t = 5_000_000)]
+        fanout_frames: u64,
+        /// Connections: idle sockets.
+        #[arg(long, default_value_t = 50_000)]
+        idle_sockets: usize,
+        /// Micro: quotes through the pipeline.
+        #[arg(long, default_value_t = 2_000_000)]
+        micro_quotes: usize,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print what a client group receives, one JSON per line.
     Tail {
         /// The client code to connect as.
@@ -99,6 +141,52 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             publish(&settings, &file, &options, &shutdown).await
         }
         Command::Demo => demo::run(settings, shutdown).await,
+        Command::Bench {
+            scenario,
+            redis,
+            quotes,
+            symbols,
+            rates,
+            latency_sockets,
+            seconds,
+            fanout_sockets,
+            groups,
+            fanout_frames,
+            idle_sockets,
+            micro_quotes,
+            json,
+        } => {
+            let defaults = bench::Options::default();
+            let options = bench::Options {
+                scenarios: if scenario.is_empty() {
+                    defaults.scenarios
+                } else {
+                    scenario
+                },
+                redis_url: redis,
+                quotes,
+                symbols,
+                rates,
+                latency_sockets,
+                seconds,
+                fanout_sockets,
+                groups,
+                fanout_frames,
+                idle_sockets,
+                micro_quotes,
+                bridge_binary: bench::environment::current_binary(),
+            };
+            let report = bench::run(&options).await?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).unwrap_or_default()
+                );
+            } else {
+                print!("{}", report.table());
+            }
+            Ok(())
+        }
         Command::Tail {
             client_code,
             symbols,

@@ -9,6 +9,7 @@
 
 pub mod auth;
 pub mod backoff;
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;

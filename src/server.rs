@@ -54,6 +54,14 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Bytes read from a socket at a time. Clients send only small requests, and
+/// an idle socket should cost little (tungstenite's default is 128 KiB).
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+
+/// Bytes fed before a write reaches the socket without a flush; sessions
+/// flush after every batch anyway.
+const WRITE_BUFFER_BYTES: usize = 32 * 1024;
+
 const INVALID_CLIENT_CODE: &str =
     "invalid client code: expected 1-64 characters from [A-Za-z0-9_-] in /ws/{client_code}\n";
 
@@ -130,6 +138,8 @@ async fn upgrade(
     };
     let limit = app.settings.websocket.max_message_bytes;
     upgrade
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_message_size(limit)
         .max_frame_size(limit)
         .on_upgrade(move |socket| {

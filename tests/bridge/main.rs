@@ -4,6 +4,7 @@
 //! One test binary (modules below) so the suite links once.
 
 mod auth;
+mod bench;
 mod binary;
 mod durable;
 mod embedded;

@@ -1,0 +1,17 @@
+//! Arbitrary bytes on the input channel: the parser must never panic, and
+//! whatever it accepts must satisfy the contract and survive a round trip.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use quotebridge::names;
+use quotebridge::quote;
+
+fuzz_target!(|payload: &[u8]| {
+    if let Ok(q) = quote::parse(payload) {
+        assert!(names::is_symbol(&q.symbol));
+        assert!(q.price.is_finite());
+        assert!(q.client.as_deref().is_none_or(names::is_client_code));
+        let encoded = serde_json::to_vec(&q).expect("an accepted quote encodes");
+        assert_eq!(quote::parse(&encoded).as_ref(), Ok(&q));
+    }
+});

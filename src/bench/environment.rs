@@ -1,0 +1,213 @@
+//! What the benchmark runs against: a Redis server and bridges.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::Error;
+use crate::config::Settings;
+
+/// The Redis server the benchmark uses; a throwaway one is killed on drop.
+pub struct Environment {
+    /// Its URL.
+    pub url: String,
+    spawned: Option<Child>,
+}
+
+impl Environment {
+    /// Uses `url`, or starts `redis-server` on a free port.
+    pub async fn start(url: Option<&str>) -> Result<Self, Error> {
+        if let Some(url) = url {
+            return Ok(Self {
+                url: url.to_owned(),
+                spawned: None,
+            });
+        }
+        let port = free_port()?;
+        // Unlimited pub/sub output buffers: the ceiling run deliberately lets a
+        // subscriber fall behind, which Redis's default limit would punish by
+        // disconnecting it.
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--client-output-buffer-limit", "pubsub 0 0 0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| {
+                Error::io(
+                    "cannot start redis-server (install it: apt-get install redis-server, or pass --redis URL)",
+                    e,
+                )
+            })?;
+        let environment = Self {
+            url: format!("redis://127.0.0.1:{port}"),
+            spawned: Some(child),
+        };
+        for _ in 0..200 {
+            if ping(port).await {
+                return Ok(environment);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err(Error::Input(format!(
+            "redis-server on port {port} did not answer PING"
+        )))
+    }
+
+    /// Settings for a bridge on this Redis, with `overrides` as
+    /// `QUOTEBRIDGE__…` variables would give them.
+    pub fn settings(&self, overrides: &[(&str, String)]) -> Result<Settings, Error> {
+        let mut env: HashMap<String, String> = overrides
+            .iter()
+            .map(|(k, v)| (format!("QUOTEBRIDGE__{k}"), v.clone()))
+            .collect();
+        env.insert("QUOTEBRIDGE__REDIS__URL".into(), self.url.clone());
+        Ok(Settings::load_with_env(None, Some(env))?)
+    }
+
+    /// Starts a bridge in this process and waits until it is subscribed.
+    pub async fn start_bridge(&self, overrides: &[(&str, String)]) -> Result<Bridge, Error> {
+        let settings = self.settings(overrides)?;
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .map_err(|e| Error::io("cannot bind the bridge", e))?;
+        let address = listener
+            .local_addr()
+            .map_err(|e| Error::io("cannot read the bridge address", e))?;
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(crate::run(settings, listener, shutdown.clone()));
+        wait_ready(address).await?;
+        Ok(Bridge {
+            address,
+            shutdown,
+            task,
+        })
+    }
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        if let Some(child) = &mut self.spawned {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A bridge running in this process.
+pub struct Bridge {
+    /// Its HTTP/WebSocket address.
+    pub address: SocketAddr,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), Error>>,
+}
+
+impl Bridge {
+    /// Stops it and waits.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// Waits until `/readyz` at `address` answers 200.
+pub async fn wait_ready(address: SocketAddr) -> Result<(), Error> {
+    for _ in 0..500 {
+        if http_status(address, "/readyz").await == Some(200) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Err(Error::Input(format!(
+        "the bridge at {address} did not become ready"
+    )))
+}
+
+async fn http_status(address: SocketAddr, path: &str) -> Option<u16> {
+    let mut stream = TcpStream::connect(address).await.ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    std::str::from_utf8(&response)
+        .ok()?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+async fn ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await else {
+        return false;
+    };
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").await.is_ok()
+        && stream.read_exact(&mut reply).await.is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> Result<u16, Error> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .map_err(|e| Error::io("cannot find a free port", e))
+}
+
+/// Resident set size of process `pid` (this process when `None`), in KiB.
+pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/status"),
+        None => "/proc/self/status".to_owned(),
+    };
+    let status = std::fs::read_to_string(path).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Raises the open-file limit as far as allowed; returns the new soft limit.
+pub fn raise_file_limit(wanted: u64) -> u64 {
+    use rlimit::Resource;
+    // Root may raise the hard limit too; anyone may raise soft up to hard.
+    let _ = Resource::NOFILE.set(wanted, wanted);
+    let _ = rlimit::increase_nofile_limit(wanted);
+    Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
+}
+
+/// CPU model, core count and memory, for the report header.
+pub fn describe_machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let memory = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemTotal:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or_else(String::new, |kib| format!(", {} GiB", kib / 1024 / 1024));
+    format!("{cores} cores, {model}{memory}")
+}
+
+/// The quotebridge binary when it is this process (the `bench` command).
+#[must_use]
+pub fn current_binary() -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let name = exe.file_stem()?.to_str()?;
+    (name == "quotebridge").then_some(exe)
+}

@@ -1,0 +1,95 @@
+//! Ingest: quotes/s end to end through the bridge, against the Redis ceiling
+//! — the same messages published and received with no bridge in between.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{spawn_subscriber, wait_for};
+use super::{Environment, Row, Scenario, quote};
+use crate::Error;
+use crate::broker::BrokerError;
+
+/// Most messages published but not yet received; keeps every subscriber
+/// (the bridge's included) within reach of Redis's output buffers.
+const MAX_IN_FLIGHT: u64 = 100_000;
+
+pub async fn run(environment: &Environment, quotes: usize, symbols: usize) -> Result<Row, Error> {
+    let payloads: Vec<Bytes> = (0..quotes).map(|i| quote(i, symbols, i as u64)).collect();
+
+    let ceiling = pump(environment, "bench.ceiling", "bench.ceiling", &payloads).await?;
+
+    let bridge = environment
+        .start_bridge(&[
+            ("REDIS__INPUT", "bench.quotes".into()),
+            ("REDIS__OUTPUT", "bench.sma".into()),
+            ("SMA__EMIT_PARTIAL", "true".into()),
+            ("SMA__MAX_KEYS", (symbols + 1).to_string()),
+            ("REDIS__PUBLISH_QUEUE", "65536".into()),
+        ])
+        .await?;
+    let bridged = pump(environment, "bench.quotes", "bench.sma", &payloads).await?;
+    bridge.stop().await;
+
+    let bridge_rate = quotes as f64 / bridged.as_secs_f64();
+    let ceiling_rate = quotes as f64 / ceiling.as_secs_f64();
+    Ok(Row::new(
+        Scenario::Ingest,
+        format!("{quotes} quotes / {symbols} symbols"),
+    )
+    .with("bridge_quotes_per_s", bridge_rate.round())
+    .with("ceiling_msgs_per_s", ceiling_rate.round())
+    .with(
+        "ratio",
+        (bridge_rate / ceiling_rate * 100.0).round() / 100.0,
+    ))
+}
+
+/// Publishes `payloads` on `publish_to`, pipelined, and times until as many
+/// messages have arrived on `receive_from`.
+async fn pump(
+    environment: &Environment,
+    publish_to: &str,
+    receive_from: &str,
+    payloads: &[Bytes],
+) -> Result<Duration, Error> {
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let subscriber =
+        spawn_subscriber(&environment.url, receive_from, &received, &stop, false).await?;
+    let client = redis::Client::open(environment.url.as_str()).map_err(BrokerError::from)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(BrokerError::from)?;
+
+    let start = Instant::now();
+    let mut published = 0u64;
+    for chunk in payloads.chunks(1000) {
+        while published.saturating_sub(received.load(Relaxed)) > MAX_IN_FLIGHT {
+            tokio::time::sleep(Duration::from_micros(100)).await;
+        }
+        let mut pipe = redis::pipe();
+        for payload in chunk {
+            pipe.publish(publish_to, payload.as_ref()).ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::from)?;
+        published += chunk.len() as u64;
+    }
+    let complete = wait_for(&received, published, Duration::from_secs(120)).await;
+    let elapsed = start.elapsed();
+    stop.cancel();
+    let _ = subscriber.await;
+    if !complete {
+        return Err(Error::Input(format!(
+            "{receive_from}: only {} of {published} messages arrived",
+            received.load(Relaxed)
+        )));
+    }
+    Ok(elapsed)
+}

@@ -1,0 +1,103 @@
+//! Latency: quotes at a fixed rate, one SMA per quote, received on the output
+//! channel and by every one of `latency_sockets` sockets.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{collect, connect_sockets, spawn_readers, spawn_subscriber, wait_for};
+use super::{Environment, Options, Row, Scenario, now_ns, quote};
+use crate::Error;
+use crate::broker::BrokerError;
+
+pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Result<Row, Error> {
+    let sockets = options.latency_sockets;
+    let bridge = environment
+        .start_bridge(&[
+            ("REDIS__INPUT", "bench.latency.in".into()),
+            ("REDIS__OUTPUT", "bench.latency.out".into()),
+            ("SMA__EMIT_PARTIAL", "true".into()),
+            ("WEBSOCKET__SEND_QUEUE", "65536".into()),
+            ("WEBSOCKET__SEND_QUEUE_BYTES", (64 << 20).to_string()),
+            (
+                "SERVER__MAX_CONNECTIONS_PER_CLIENT",
+                (sockets + 1).to_string(),
+            ),
+            ("SERVER__MAX_CONNECTIONS", (sockets + 1).to_string()),
+        ])
+        .await?;
+    let stop = CancellationToken::new();
+    let frames = Arc::new(AtomicU64::new(0));
+    let open = connect_sockets(
+        bridge.address,
+        sockets,
+        |i| format!("latency{}", i % 10),
+        &[],
+    )
+    .await?;
+    let readers = spawn_readers(open, &frames, &stop);
+    let outputs = Arc::new(AtomicU64::new(0));
+    let subscriber =
+        spawn_subscriber(&environment.url, "bench.latency.out", &outputs, &stop, true).await?;
+
+    let client = redis::Client::open(environment.url.as_str()).map_err(BrokerError::from)?;
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .map_err(BrokerError::from)?;
+    let total = (rate as f64 * options.seconds).max(1.0) as u64;
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        // Everything due by now goes out in one pipeline, stamped as it leaves.
+        let due_at = start + Duration::from_secs_f64(sent as f64 / rate as f64);
+        tokio::time::sleep_until(due_at).await;
+        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
+        let mut pipe = redis::pipe();
+        let ts = now_ns();
+        for i in sent..due.max(sent + 1) {
+            pipe.publish(
+                "bench.latency.in",
+                quote(i as usize, options.symbols, ts).as_ref(),
+            )
+            .ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::from)?;
+        sent = due.max(sent + 1);
+    }
+    let limit = Duration::from_secs(60);
+    let complete = wait_for(&outputs, sent, limit).await
+        && wait_for(&frames, sent * sockets as u64, limit).await;
+    stop.cancel();
+    let socket_latency = collect(readers).await;
+    let output_latency = collect(vec![subscriber]).await;
+    bridge.stop().await;
+
+    let mut row = Row::new(
+        Scenario::Latency,
+        format!("{rate} quotes/s × {sockets} sockets"),
+    )
+    .with("output_p50_us", output_latency.quantile_us(0.5))
+    .with("output_p99_us", output_latency.quantile_us(0.99))
+    .with("output_p999_us", output_latency.quantile_us(0.999))
+    .with("output_max_us", output_latency.max_us())
+    .with("socket_p50_us", socket_latency.quantile_us(0.5))
+    .with("socket_p99_us", socket_latency.quantile_us(0.99))
+    .with("socket_p999_us", socket_latency.quantile_us(0.999))
+    .with("socket_max_us", socket_latency.max_us())
+    .with("frames", frames.load(Relaxed) as f64);
+    if !complete {
+        row.note = Some(format!(
+            "incomplete: {} of {sent} outputs, {} of {} frames arrived",
+            outputs.load(Relaxed),
+            frames.load(Relaxed),
+            sent * sockets as u64
+        ));
+    }
+    Ok(row)
+}

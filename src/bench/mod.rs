@@ -1,0 +1,268 @@
+//! `quotebridge bench`: the project's own benchmark.
+//!
+//! It starts what it needs — a throwaway redis-server on a free port unless
+//! `--redis` names one, the bridge in-process (or, to measure its memory
+//! alone, as a child process) — drives it, and reports a table or JSON.
+//! docs/BENCHMARKS.md records the results and how they were produced.
+//!
+//! Latency is measured on one clock: the benchmark stamps each quote's `ts`
+//! with its own nanosecond clock at publish time (the bridge passes `ts`
+//! through untouched) and subtracts it on arrival.
+
+mod clients;
+mod connections;
+pub mod environment;
+mod fanout;
+mod ingest;
+mod latency;
+mod micro;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use serde::Serialize;
+
+pub use self::environment::Environment;
+use crate::Error;
+
+/// One benchmark scenario.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// Quotes/s end to end through the bridge, against the Redis ceiling.
+    Ingest,
+    /// Publish → output channel and → socket latency at fixed rates.
+    Latency,
+    /// Frames/s delivered to many sockets in many groups.
+    Fanout,
+    /// Memory per idle socket.
+    Connections,
+    /// Parse + SMA + serialize per quote, no I/O.
+    Micro,
+}
+
+/// What to run, and how big.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Scenarios, in order.
+    pub scenarios: Vec<Scenario>,
+    /// Redis to use; `None` starts a throwaway redis-server.
+    pub redis_url: Option<String>,
+    /// Ingest: quotes to push.
+    pub quotes: usize,
+    /// Ingest and latency: distinct symbols.
+    pub symbols: usize,
+    /// Latency: input rates, quotes/s.
+    pub rates: Vec<u64>,
+    /// Latency: sockets receiving every public SMA.
+    pub latency_sockets: usize,
+    /// Latency: seconds per rate.
+    pub seconds: f64,
+    /// Fan-out: socket counts to try.
+    pub fanout_sockets: Vec<usize>,
+    /// Fan-out: client groups the sockets are spread over.
+    pub groups: usize,
+    /// Fan-out: frames to deliver per socket count.
+    pub fanout_frames: u64,
+    /// Connections: idle sockets to open.
+    pub idle_sockets: usize,
+    /// Micro: quotes to run through the pipeline.
+    pub micro_quotes: usize,
+    /// The quotebridge binary for scenarios that run the bridge as a child
+    /// (connections); `None` runs it in-process.
+    pub bridge_binary: Option<PathBuf>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            scenarios: vec![
+                Scenario::Micro,
+                Scenario::Ingest,
+                Scenario::Latency,
+                Scenario::Fanout,
+                Scenario::Connections,
+            ],
+            redis_url: None,
+            quotes: 1_000_000,
+            symbols: 1_000,
+            rates: vec![10_000, 50_000],
+            latency_sockets: 100,
+            seconds: 5.0,
+            fanout_sockets: vec![100, 1_000, 10_000],
+            groups: 10,
+            fanout_frames: 5_000_000,
+            idle_sockets: 50_000,
+            micro_quotes: 2_000_000,
+            bridge_binary: None,
+        }
+    }
+}
+
+/// One line of results.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Which scenario.
+    pub scenario: Scenario,
+    /// Its parameters, e.g. `1000 sockets / 10 groups`.
+    pub parameters: String,
+    /// Named measurements, in display order.
+    pub results: Vec<(String, f64)>,
+    /// Anything the reader should know about this row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl Row {
+    fn new(scenario: Scenario, parameters: String) -> Self {
+        Self {
+            scenario,
+            parameters,
+            results: Vec::new(),
+            note: None,
+        }
+    }
+
+    fn with(mut self, name: &str, value: f64) -> Self {
+        self.results.push((name.to_owned(), value));
+        self
+    }
+
+    /// The value of one named result.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.results
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| *v)
+    }
+}
+
+/// Everything a run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// What the machine was.
+    pub machine: String,
+    /// One row per scenario and size.
+    pub rows: Vec<Row>,
+}
+
+impl Report {
+    /// A plain-text table.
+    #[must_use]
+    pub fn table(&self) -> String {
+        let mut out = format!("quotebridge bench — {}\n\n", self.machine);
+        let _ = writeln!(out, "{:<12} {:<32} results", "scenario", "parameters");
+        for row in &self.rows {
+            let results: Vec<String> = row
+                .results
+                .iter()
+                .map(|(name, value)| format!("{name} {}", human(*value)))
+                .collect();
+            let scenario = format!("{:?}", row.scenario).to_lowercase();
+            let _ = writeln!(
+                out,
+                "{scenario:<12} {:<32} {}",
+                row.parameters,
+                results.join(", ")
+            );
+            if let Some(note) = &row.note {
+                let _ = writeln!(out, "{:<12} {:<32} note: {note}", "", "");
+            }
+        }
+        out
+    }
+}
+
+fn human(value: f64) -> String {
+    if value.fract() == 0.0 || value.abs() >= 100.0 {
+        format!("{value:.0}")
+    } else {
+        format!("{value:.2}")
+    }
+}
+
+/// Runs every scenario of `options`.
+pub async fn run(options: &Options) -> Result<Report, Error> {
+    let environment = Environment::start(options.redis_url.as_deref()).await?;
+    let mut rows = Vec::new();
+    for scenario in &options.scenarios {
+        tracing::info!(?scenario, "running");
+        match scenario {
+            Scenario::Micro => rows.push(micro::run(options.micro_quotes, options.symbols)),
+            Scenario::Ingest => {
+                rows.push(ingest::run(&environment, options.quotes, options.symbols).await?)
+            }
+            Scenario::Latency => {
+                for &rate in &options.rates {
+                    rows.push(latency::run(&environment, rate, options).await?);
+                }
+            }
+            Scenario::Fanout => {
+                for &sockets in &options.fanout_sockets {
+                    rows.push(fanout::run(&environment, sockets, options).await?);
+                }
+            }
+            Scenario::Connections => rows.push(connections::run(&environment, options).await?),
+        }
+    }
+    Ok(Report {
+        machine: environment::describe_machine(),
+        rows,
+    })
+}
+
+/// Nanoseconds on the benchmark's one clock.
+pub(crate) fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The `ts` of an SMA message, found without a full JSON parse.
+pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
+    const KEY: &[u8] = b"\"ts\":";
+    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit());
+    let mut ts: u64 = 0;
+    let mut any = false;
+    for d in digits {
+        ts = ts.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        any = true;
+    }
+    any.then_some(ts)
+}
+
+/// A quote for symbol number `i % symbols`, stamped with `ts`.
+pub(crate) fn quote(i: usize, symbols: usize, ts: u64) -> bytes::Bytes {
+    let price = 100.0 + (i % 997) as f64 / 8.0;
+    format!(
+        r#"{{"symbol":"S{}","price":{price},"ts":{ts}}}"#,
+        i % symbols.max(1)
+    )
+    .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ts_is_found_without_parsing() {
+        assert_eq!(
+            ts_of(br#"{"symbol":"A","price":1.0,"sma":1.0,"window":1,"count":1,"ts":12345}"#),
+            Some(12345)
+        );
+        assert_eq!(ts_of(br#"{"ts":7,"client":"x"}"#), Some(7));
+        assert_eq!(ts_of(b"{}"), None);
+    }
+
+    #[test]
+    fn quotes_parse() {
+        let q = quote(1234, 1000, 99);
+        let parsed = crate::quote::parse(&q).expect("bench quotes are valid");
+        assert_eq!((parsed.symbol.as_ref(), parsed.ts), ("S234", Some(99)));
+    }
+}

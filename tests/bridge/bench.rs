@@ -1,0 +1,60 @@
+//! The benchmark never rots: every scenario runs at toy sizes and reports
+//! numbers. Speed itself is never asserted here.
+
+use quotebridge::bench::{self, Options, Scenario};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_reports() {
+    let options = Options {
+        quotes: 2_000,
+        symbols: 10,
+        rates: vec![500],
+        latency_sockets: 3,
+        seconds: 0.5,
+        fanout_sockets: vec![5],
+        groups: 2,
+        fanout_frames: 2_000,
+        idle_sockets: 20,
+        micro_quotes: 1_000,
+        bridge_binary: Some(env!("CARGO_BIN_EXE_quotebridge").into()),
+        ..Options::default()
+    };
+    let report = bench::run(&options).await.expect("bench runs");
+    let table = report.table();
+    for (scenario, metric) in [
+        (Scenario::Micro, "ns_per_quote"),
+        (Scenario::Ingest, "bridge_quotes_per_s"),
+        (Scenario::Ingest, "ceiling_msgs_per_s"),
+        (Scenario::Latency, "socket_p99_us"),
+        (Scenario::Fanout, "frames_per_s"),
+        (Scenario::Connections, "rss_after_kib"),
+    ] {
+        let row = report
+            .rows
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .unwrap_or_else(|| panic!("no {scenario:?} row in\n{table}"));
+        let value = row
+            .get(metric)
+            .unwrap_or_else(|| panic!("no {metric} in\n{table}"));
+        assert!(value > 0.0, "{metric} is {value} in\n{table}");
+        assert!(
+            row.note
+                .as_deref()
+                .is_none_or(|n| !n.contains("incomplete")),
+            "{table}"
+        );
+    }
+    let latency = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == Scenario::Latency)
+        .expect("latency row");
+    assert_eq!(
+        latency.get("frames"),
+        Some(250.0 * 3.0),
+        "every frame reached every socket"
+    );
+    let json = serde_json::to_value(&report).expect("report serializes");
+    assert!(json["rows"].as_array().is_some_and(|rows| rows.len() == 5));
+}
