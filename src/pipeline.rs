@@ -12,13 +12,17 @@
 //! One task owns a pipeline, so per-key order is input order and no lock
 //! guards the windows.
 
-use std::collections::HashMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::extract::ws::{Message, Utf8Bytes};
+// hashbrown for `entry_ref` (look up by &str, allocate only on insert) and its
+// fast, randomly seeded default hasher. Keys come from publishers, so the
+// number of keys is capped by sma.max_keys as well.
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 
 use crate::broker::Outbound;
 use crate::config::Settings;
@@ -202,8 +206,8 @@ impl Windows {
             window,
             max_keys,
             len: 0,
-            public: HashMap::new(),
-            private: HashMap::new(),
+            public: HashMap::default(),
+            private: HashMap::default(),
         }
     }
 
@@ -215,6 +219,7 @@ impl Windows {
     }
 
     /// The key's state, created on first use; `None` when `max_keys` is reached.
+    /// One hash per map on the hot path, and an allocation only for a new key.
     fn get_or_insert(
         &mut self,
         client: Option<&str>,
@@ -224,28 +229,23 @@ impl Windows {
         let full = self.len >= self.max_keys;
         let map = match client {
             None => &mut self.public,
-            Some(code) => {
-                if !self.private.contains_key(code) {
-                    if full {
-                        return None;
-                    }
-                    self.private.insert(code.into(), HashMap::new());
-                }
-                self.private.get_mut(code)?
-            }
+            Some(code) => match self.private.entry_ref(code) {
+                EntryRef::Occupied(entry) => entry.into_mut(),
+                EntryRef::Vacant(_) if full => return None,
+                EntryRef::Vacant(entry) => entry.insert(HashMap::default()),
+            },
         };
-        if !map.contains_key(symbol) {
-            if full {
-                return None;
+        match map.entry_ref(symbol) {
+            EntryRef::Occupied(entry) => Some(entry.into_mut()),
+            EntryRef::Vacant(_) if full => None,
+            EntryRef::Vacant(entry) => {
+                self.len += 1;
+                Some(entry.insert(Key {
+                    window: SmaWindow::new(self.window),
+                    channel: output.for_symbol(symbol),
+                }))
             }
-            self.len += 1;
-            let key = Key {
-                window: SmaWindow::new(self.window),
-                channel: output.for_symbol(symbol),
-            };
-            map.insert(symbol.into(), key);
         }
-        map.get_mut(symbol)
     }
 }
 

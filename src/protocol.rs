@@ -6,6 +6,8 @@
 use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::names;
+
 /// One SMA result, as published to Redis and sent to sockets.
 #[derive(Debug, Clone, Serialize)]
 pub struct SmaMessage<'a> {
@@ -28,10 +30,75 @@ pub struct SmaMessage<'a> {
 
 impl SmaMessage<'_> {
     /// Serializes once; the result is shared by Redis and every socket.
+    ///
+    /// This is the hottest serialization in the bridge, so it is written by
+    /// hand into one exactly-sized buffer: symbols and client codes are
+    /// restricted to characters JSON never escapes, so they are copied as
+    /// they are. Anything else (only possible through this public type, never
+    /// from the parser) goes through serde_json.
     #[must_use]
     pub fn encode(&self) -> Utf8Bytes {
-        // Serializing plain strings and finite floats into a String cannot fail.
-        serde_json::to_string(self).unwrap_or_default().into()
+        let plain = names::is_symbol(self.symbol) && self.client.is_none_or(names::is_client_code);
+        if !plain {
+            return serde_json::to_string(self).unwrap_or_default().into();
+        }
+        let mut floats = [zmij::Buffer::new(), zmij::Buffer::new()];
+        let [price_buf, sma_buf] = &mut floats;
+        let price = json_float(price_buf, self.price);
+        let sma = json_float(sma_buf, self.sma);
+        let mut ints = [
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        ];
+        let [window_buf, count_buf, ts_buf] = &mut ints;
+        let window = window_buf.format(self.window);
+        let count = count_buf.format(self.count);
+        let ts = ts_buf.format(self.ts);
+        // The exact length: a buffer with no spare capacity becomes `Bytes`
+        // without being copied or reallocated.
+        const FIXED: usize = r#"{"symbol":"","price":,"sma":,"window":,"count":,"ts":}"#.len();
+        const CLIENT_FIXED: usize = r#","client":"""#.len();
+        let client_len = self.client.map_or(0, |c| c.len() + CLIENT_FIXED);
+        let exact = FIXED
+            + self.symbol.len()
+            + price.len()
+            + sma.len()
+            + window.len()
+            + count.len()
+            + ts.len()
+            + client_len;
+        let mut out = String::with_capacity(exact);
+        out.push_str("{\"symbol\":\"");
+        out.push_str(self.symbol);
+        out.push_str("\",\"price\":");
+        out.push_str(price);
+        out.push_str(",\"sma\":");
+        out.push_str(sma);
+        out.push_str(",\"window\":");
+        out.push_str(window);
+        out.push_str(",\"count\":");
+        out.push_str(count);
+        out.push_str(",\"ts\":");
+        out.push_str(ts);
+        if let Some(client) = self.client {
+            out.push_str(",\"client\":\"");
+            out.push_str(client);
+            out.push('"');
+        }
+        out.push('}');
+        debug_assert_eq!(out.len(), exact);
+        out.into()
+    }
+}
+
+/// A float as JSON: shortest round-trip form, `null` for a non-finite value
+/// (a mean can overflow when prices near f64::MAX are summed), as serde_json does.
+fn json_float(buffer: &mut zmij::Buffer, value: f64) -> &str {
+    if value.is_finite() {
+        buffer.format_finite(value)
+    } else {
+        "null"
     }
 }
 
@@ -117,6 +184,47 @@ mod tests {
             msg.encode().as_str(),
             r#"{"symbol":"AAPL","price":190.25,"sma":189.5,"window":10,"count":10,"ts":1700000000000}"#
         );
+    }
+
+    #[test]
+    fn hand_written_encoding_equals_serde_json_as_json() {
+        for (price, sma, client) in [
+            (1.0, 1.0, None),
+            (0.1, 1e-7, Some("acme")),
+            (1e21, 123_456.789, None),
+            (-3.5, f64::MAX, Some("a-b_c")),
+        ] {
+            let msg = SmaMessage {
+                symbol: "BRK.B/X:1-_",
+                price,
+                sma,
+                window: 10_000,
+                count: 7,
+                ts: u64::MAX,
+                client,
+            };
+            let fast: Value = serde_json::from_str(msg.encode().as_str()).expect("valid JSON");
+            let slow: Value =
+                serde_json::from_str(&serde_json::to_string(&msg).expect("serialize"))
+                    .expect("json");
+            assert_eq!(fast, slow);
+        }
+        let overflowed = SmaMessage {
+            symbol: "A",
+            price: 1.0,
+            sma: f64::INFINITY,
+            window: 1,
+            count: 1,
+            ts: 0,
+            client: None,
+        };
+        assert_eq!(as_json(&overflowed.encode())["sma"], Value::Null);
+        // A symbol JSON would escape takes the general path and stays valid.
+        let odd = SmaMessage {
+            symbol: "a\"b",
+            ..overflowed
+        };
+        assert_eq!(as_json(&odd.encode())["symbol"], "a\"b");
     }
 
     #[test]

@@ -110,6 +110,20 @@ pub fn parse(payload: &[u8]) -> Result<Quote<'_>, Reject> {
     if payload.len() > MAX_QUOTE_BYTES {
         return Err(Reject::TooLarge(payload.len()));
     }
+    // Nearly every quote is a flat object of the four known fields with
+    // plain values; those take a single scan. Anything else — unknown
+    // fields, escapes, nulls, any error — gets the full parser, which alone
+    // decides what is rejected and why. The two agree on every input the
+    // fast path accepts (tests and the fuzz target check it).
+    if let Some(quote) = fast::parse(payload) {
+        return Ok(quote);
+    }
+    parse_fully(payload)
+}
+
+/// The general parser: serde_json, with the reason for any rejection.
+#[doc(hidden)]
+pub fn parse_fully(payload: &[u8]) -> Result<Quote<'_>, Reject> {
     let mut reason = None;
     let mut de = serde_json::Deserializer::from_slice(payload);
     let parsed = QuoteSeed {
@@ -246,6 +260,153 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
             ts: ts.flatten(),
             client: client.flatten(),
         })
+    }
+}
+
+/// The single-scan parser for the common shape of a quote.
+mod fast {
+    use std::borrow::Cow;
+
+    use super::Quote;
+    use crate::names;
+
+    /// The quote, if `payload` is a flat JSON object whose only members are
+    /// `symbol` and `price` and optionally `ts` and `client`, with a plain
+    /// string symbol and client, a JSON number price and a digits-only ts,
+    /// all valid. `None` means "ask the full parser", never "invalid".
+    pub(super) fn parse(payload: &[u8]) -> Option<Quote<'_>> {
+        let mut scan = Scan {
+            bytes: payload,
+            at: 0,
+        };
+        let (mut symbol, mut price, mut ts, mut client) = (None, None, None, None);
+        scan.skip_whitespace();
+        scan.expect(b'{')?;
+        loop {
+            scan.skip_whitespace();
+            let key = scan.plain_bytes()?;
+            scan.skip_whitespace();
+            scan.expect(b':')?;
+            scan.skip_whitespace();
+            match key {
+                b"symbol" if symbol.is_none() => {
+                    symbol = Some(scan.plain_string().filter(|s| names::is_symbol(s))?)
+                }
+                b"price" if price.is_none() => price = Some(scan.number()?),
+                b"ts" if ts.is_none() => ts = Some(scan.digits()?),
+                b"client" if client.is_none() => {
+                    client = Some(scan.plain_string().filter(|s| names::is_client_code(s))?)
+                }
+                _ => return None,
+            }
+            scan.skip_whitespace();
+            match scan.next()? {
+                b',' => continue,
+                b'}' => break,
+                _ => return None,
+            }
+        }
+        scan.skip_whitespace();
+        if scan.at != payload.len() {
+            return None;
+        }
+        Some(Quote {
+            symbol: Cow::Borrowed(symbol?),
+            price: price?,
+            ts,
+            client: client.map(Cow::Borrowed),
+        })
+    }
+
+    struct Scan<'a> {
+        bytes: &'a [u8],
+        at: usize,
+    }
+
+    impl<'a> Scan<'a> {
+        fn next(&mut self) -> Option<u8> {
+            let b = *self.bytes.get(self.at)?;
+            self.at += 1;
+            Some(b)
+        }
+
+        fn expect(&mut self, wanted: u8) -> Option<()> {
+            (self.next()? == wanted).then_some(())
+        }
+
+        fn skip_whitespace(&mut self) {
+            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+                self.at += 1;
+            }
+        }
+
+        fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
+            let start = self.at;
+            while self.bytes.get(self.at).is_some_and(|&b| keep(b)) {
+                self.at += 1;
+            }
+            &self.bytes[start..self.at]
+        }
+
+        /// The bytes of a string of printable ASCII without escapes.
+        fn plain_bytes(&mut self) -> Option<&'a [u8]> {
+            self.expect(b'"')?;
+            let rest = self.bytes.get(self.at..)?;
+            let len = rest
+                .iter()
+                .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))?;
+            if rest[len] != b'"' {
+                return None;
+            }
+            self.at += len + 1;
+            Some(&rest[..len])
+        }
+
+        /// A string of printable ASCII without escapes.
+        fn plain_string(&mut self) -> Option<&'a str> {
+            // Printable ASCII is UTF-8.
+            std::str::from_utf8(self.plain_bytes()?).ok()
+        }
+
+        /// An unsigned integer, as JSON writes it (no leading zeros).
+        fn digits(&mut self) -> Option<u64> {
+            let digits = self.take_while(|b| b.is_ascii_digit());
+            if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
+                return None;
+            }
+            digits.iter().try_fold(0u64, |n, &d| {
+                n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
+            })
+        }
+
+        /// A finite number in strict JSON grammar, correctly rounded.
+        fn number(&mut self) -> Option<f64> {
+            let start = self.at;
+            if self.bytes.get(self.at) == Some(&b'-') {
+                self.at += 1;
+            }
+            let int = self.take_while(|b| b.is_ascii_digit());
+            if int.is_empty() || (int.len() > 1 && int[0] == b'0') {
+                return None;
+            }
+            if self.bytes.get(self.at) == Some(&b'.') {
+                self.at += 1;
+                if self.take_while(|b| b.is_ascii_digit()).is_empty() {
+                    return None;
+                }
+            }
+            if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+                self.at += 1;
+                if let Some(b'+' | b'-') = self.bytes.get(self.at) {
+                    self.at += 1;
+                }
+                if self.take_while(|b| b.is_ascii_digit()).is_empty() {
+                    return None;
+                }
+            }
+            let text = std::str::from_utf8(&self.bytes[start..self.at]).ok()?;
+            text.parse::<f64>().ok().filter(|p| p.is_finite())
+        }
     }
 }
 
@@ -429,6 +590,56 @@ mod tests {
             serde_json::to_string(&public).expect("serialize"),
             r#"{"symbol":"A","price":1.0}"#
         );
+    }
+
+    #[test]
+    fn fast_and_full_parsers_agree_on_common_shapes() {
+        for payload in [
+            r#"{"symbol":"AAPL","price":189.5}"#,
+            r#" { "symbol" : "AAPL" , "price" : -0.0 , "ts" : 0 , "client" : "acme" } "#,
+            r#"{"price":1e-7,"symbol":"BTC/USD","ts":18446744073709551615}"#,
+            r#"{"symbol":"A","price":3.451576960480499e-210}"#,
+            r#"{"symbol":"A","price":12345678901234567890123}"#,
+            r#"{"symbol":"A","price":1E+2,"client":"x_y-z"}"#,
+        ] {
+            let fast = fast::parse(payload.as_bytes());
+            assert!(fast.is_some(), "fast path should take {payload}");
+            assert_eq!(
+                fast.map(Ok),
+                Some(parse_fully(payload.as_bytes())),
+                "{payload}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_fast_path_leaves_everything_unusual_to_the_full_parser() {
+        for payload in [
+            r#"{"symbol":"A","price":01}"#,
+            r#"{"symbol":"A","price":1.}"#,
+            r#"{"symbol":"A","price":.5}"#,
+            r#"{"symbol":"A","price":+1}"#,
+            r#"{"symbol":"A","price":1e}"#,
+            r#"{"symbol":"A","price":1e999}"#,
+            r#"{"symbol":"A","price":NaN}"#,
+            r#"{"symbol":"A","price":"1"}"#,
+            r#"{"symbol":"A\u0042","price":1}"#,
+            r#"{"symbol":"A","price":1,"ts":null}"#,
+            r#"{"symbol":"A","price":1,"ts":01}"#,
+            r#"{"symbol":"A","price":1,"ts":-1}"#,
+            r#"{"symbol":"A","price":1,"ts":99999999999999999999}"#,
+            r#"{"symbol":"A","price":1,"client":null}"#,
+            r#"{"symbol":"A","price":1,"venue":"X"}"#,
+            r#"{"symbol":"A","symbol":"B","price":1}"#,
+            r#"{"symbol":"A"}"#,
+            r#"{"symbol":"A","price":1,}"#,
+            r#"{"symbol":"A","price":1} x"#,
+            r#"{"symbol":"A B","price":1}"#,
+            "{}",
+            "",
+        ] {
+            assert_eq!(fast::parse(payload.as_bytes()), None, "{payload}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! Arbitrary bytes on the input channel: the parser must never panic, and
-//! whatever it accepts must satisfy the contract and survive a round trip.
+//! Arbitrary bytes on the input channel: the parser must never panic, its
+//! fast path must agree with the full parser, and whatever it accepts must
+//! satisfy the contract and survive a round trip.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -7,6 +8,8 @@ use quotebridge::names;
 use quotebridge::quote;
 
 fuzz_target!(|payload: &[u8]| {
+    // The single-scan fast path and the full parser must agree on everything.
+    assert_eq!(quote::parse(payload), quote::parse_fully(payload));
     if let Ok(q) = quote::parse(payload) {
         assert!(names::is_symbol(&q.symbol));
         assert!(q.price.is_finite());

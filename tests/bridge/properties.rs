@@ -35,6 +35,27 @@ proptest! {
     }
 
     #[test]
+    fn the_fast_path_agrees_with_the_full_parser(
+        text in r#"\s?\{\s?("(symbol|price|ts|client|x)"\s?:\s?(-?[0-9]{0,3}(\.[0-9]{0,3})?([eE][+-]?[0-9]{0,3})?|"[A-Za-z0-9 ._\\-]{0,8}"|null|0[0-9]),?\s?){0,5}\}\s?"#,
+    ) {
+        prop_assert_eq!(quote::parse(text.as_bytes()), quote::parse_fully(text.as_bytes()));
+    }
+
+    #[test]
+    fn the_fast_path_agrees_on_generated_quotes(
+        symbol in "[A-Za-z0-9._:/-]{1,32}",
+        price in any::<f64>(),
+        ts in prop::option::of(any::<u64>()),
+        client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+    ) {
+        let mut text = format!(r#"{{"symbol":"{symbol}","price":{price:e}"#);
+        if let Some(ts) = ts { text.push_str(&format!(r#","ts":{ts}"#)); }
+        if let Some(client) = &client { text.push_str(&format!(r#","client":"{client}""#)); }
+        text.push('}');
+        prop_assert_eq!(quote::parse(text.as_bytes()), quote::parse_fully(text.as_bytes()));
+    }
+
+    #[test]
     fn every_valid_quote_round_trips(
         symbol in "[A-Za-z0-9._:/-]{1,32}",
         price in prop::num::f64::NORMAL | prop::num::f64::ZERO,
