@@ -238,7 +238,7 @@ async fn publish(
     }
     let redis = &settings.redis;
     let (summary, target) = if stream {
-        let client = redis::Client::open(redis.url.as_str()).map_err(BrokerError::from)?;
+        let client = crate::broker::redis_client(&redis.url).map_err(BrokerError::from)?;
         let key = &redis.input_stream;
         let maxlen = redis.output_stream_maxlen;
         let summary = producer::append_to_stream(

@@ -34,6 +34,7 @@ pub mod telemetry;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -170,6 +171,12 @@ pub async fn serve<B: Broker>(
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
     tracing::info!(%address, "listening for WebSocket clients on ws://{address}/ws/{{client_code}}");
+    // Frames are small and latency matters: no Nagle delay on any socket.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
+        }
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

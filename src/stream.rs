@@ -66,7 +66,7 @@ impl StreamConsumer {
         consuming: Arc<AtomicBool>,
     ) -> RedisResult<Self> {
         Ok(Self {
-            client: redis::Client::open(settings.redis.url.as_str())?,
+            client: crate::broker::redis_client(&settings.redis.url)?,
             redis: settings.redis.clone(),
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,

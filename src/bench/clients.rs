@@ -140,7 +140,7 @@ pub async fn spawn_subscriber(
     stop: &CancellationToken,
     measure_latency: bool,
 ) -> Result<JoinHandle<Latency>, Error> {
-    let client = redis::Client::open(url).map_err(crate::broker::BrokerError::from)?;
+    let client = crate::broker::redis_client(url).map_err(crate::broker::BrokerError::from)?;
     let mut pubsub = client
         .get_async_pubsub()
         .await
@@ -167,6 +167,20 @@ pub async fn spawn_subscriber(
         }
         latency
     }))
+}
+
+/// A connection for publishing load. Its timeouts are generous: a machine
+/// saturated on purpose answers slowly, and that is a result, not an error.
+pub async fn publisher(url: &str) -> Result<redis::aio::MultiplexedConnection, Error> {
+    let client = crate::broker::redis_client(url).map_err(crate::broker::BrokerError::from)?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(10)))
+        .set_response_timeout(Some(Duration::from_secs(60)));
+    let conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .map_err(crate::broker::BrokerError::from)?;
+    Ok(conn)
 }
 
 /// Waits until `counter` reaches `target`, or `limit` passes; true if reached.

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -13,20 +14,26 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::config::Settings;
 
-/// The Redis server the benchmark uses; a throwaway one is killed on drop.
+/// The Redis server the benchmark uses (a throwaway one is killed on drop),
+/// and how bridges are run.
 pub struct Environment {
     /// Its URL.
     pub url: String,
     spawned: Option<Child>,
+    /// Run bridges as child processes of this binary; in-process when `None`.
+    bridge_binary: Option<PathBuf>,
 }
 
 impl Environment {
-    /// Uses `url`, or starts `redis-server` on a free port.
-    pub async fn start(url: Option<&str>) -> Result<Self, Error> {
+    /// Uses `url`, or starts `redis-server` on a free port. Bridges run as
+    /// children of `bridge_binary` when given, so their memory and
+    /// descriptors are their own.
+    pub async fn start(url: Option<&str>, bridge_binary: Option<PathBuf>) -> Result<Self, Error> {
         if let Some(url) = url {
             return Ok(Self {
                 url: url.to_owned(),
                 spawned: None,
+                bridge_binary,
             });
         }
         let port = free_port()?;
@@ -49,6 +56,7 @@ impl Environment {
         let environment = Self {
             url: format!("redis://127.0.0.1:{port}"),
             spawned: Some(child),
+            bridge_binary,
         };
         for _ in 0..200 {
             if ping(port).await {
@@ -72,8 +80,14 @@ impl Environment {
         Ok(Settings::load_with_env(None, Some(env))?)
     }
 
-    /// Starts a bridge in this process and waits until it is subscribed.
+    /// Starts a bridge — a child process, or in this process — and waits
+    /// until it is subscribed.
     pub async fn start_bridge(&self, overrides: &[(&str, String)]) -> Result<Bridge, Error> {
+        if let Some(binary) = &self.bridge_binary {
+            let bridge = self.start_child(binary, overrides)?;
+            wait_ready(bridge.address).await?;
+            return Ok(bridge);
+        }
         let settings = self.settings(overrides)?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
@@ -86,9 +100,38 @@ impl Environment {
         wait_ready(address).await?;
         Ok(Bridge {
             address,
-            shutdown,
-            task,
+            running: Running::InProcess { shutdown, task },
         })
+    }
+
+    fn start_child(&self, binary: &Path, overrides: &[(&str, String)]) -> Result<Bridge, Error> {
+        // Check the overrides here, where a mistake gets a clear error.
+        self.settings(overrides)?;
+        let port = free_port()?;
+        let mut command = Command::new(binary);
+        command
+            .arg("serve")
+            .env("QUOTEBRIDGE__REDIS__URL", &self.url)
+            .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (key, value) in overrides {
+            command.env(format!("QUOTEBRIDGE__{key}"), value);
+        }
+        let child = command
+            .spawn()
+            .map_err(|e| Error::io(format!("cannot start {}", binary.display()), e))?;
+        Ok(Bridge {
+            address: ([127, 0, 0, 1], port).into(),
+            running: Running::Child(child),
+        })
+    }
+
+    /// Whether bridges run in this process (and so share its descriptors).
+    #[must_use]
+    pub fn in_process(&self) -> bool {
+        self.bridge_binary.is_none()
     }
 }
 
@@ -101,19 +144,50 @@ impl Drop for Environment {
     }
 }
 
-/// A bridge running in this process.
+/// A running bridge.
 pub struct Bridge {
     /// Its HTTP/WebSocket address.
     pub address: SocketAddr,
-    shutdown: CancellationToken,
-    task: JoinHandle<Result<(), Error>>,
+    running: Running,
+}
+
+enum Running {
+    InProcess {
+        shutdown: CancellationToken,
+        task: JoinHandle<Result<(), Error>>,
+    },
+    Child(Child),
 }
 
 impl Bridge {
+    /// Its process id, when it runs as a child.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        match &self.running {
+            Running::Child(child) => Some(child.id()),
+            Running::InProcess { .. } => None,
+        }
+    }
+
     /// Stops it and waits.
-    pub async fn stop(self) {
-        self.shutdown.cancel();
-        let _ = self.task.await;
+    pub async fn stop(mut self) {
+        if let Running::InProcess { shutdown, task } = &mut self.running {
+            shutdown.cancel();
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Bridge {
+    /// Whatever way a scenario ends, no bridge outlives it.
+    fn drop(&mut self) {
+        match &mut self.running {
+            Running::InProcess { shutdown, .. } => shutdown.cancel(),
+            Running::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
     }
 }
 
@@ -175,11 +249,17 @@ pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
-/// Raises the open-file limit as far as allowed; returns the new soft limit.
+/// Raises the open-file limit towards `wanted` (never lowering it); returns
+/// the soft limit now in force. Child processes inherit it.
 pub fn raise_file_limit(wanted: u64) -> u64 {
     use rlimit::Resource;
-    // Root may raise the hard limit too; anyone may raise soft up to hard.
-    let _ = Resource::NOFILE.set(wanted, wanted);
+    let Ok((_, hard)) = Resource::NOFILE.get() else {
+        return 1024;
+    };
+    if wanted > hard {
+        // Only a privileged process may raise the hard limit; try anyway.
+        let _ = Resource::NOFILE.set(wanted, wanted);
+    }
     let _ = rlimit::increase_nofile_limit(wanted);
     Resource::NOFILE.get().map_or(1024, |(soft, _)| soft)
 }

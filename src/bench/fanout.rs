@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{collect, connect_sockets, spawn_readers, wait_for};
+use super::clients::{collect, connect_sockets, publisher, spawn_readers, wait_for};
 use super::environment::raise_file_limit;
 use super::{Environment, Options, Row, Scenario, now_ns, quote};
 use crate::Error;
@@ -22,10 +22,12 @@ pub async fn run(
     sockets: usize,
     options: &Options,
 ) -> Result<Row, Error> {
-    // Each socket is two descriptors here (client and server end).
-    let limit = raise_file_limit(sockets as u64 * 2 + 1_024);
+    // A socket is one descriptor here, and one more if the bridge shares the process.
+    let ends = if environment.in_process() { 2 } else { 1 };
+    let limit = raise_file_limit(sockets as u64 * ends + 1_024);
+    let wanted = sockets;
     let sockets =
-        sockets.min(usize::try_from(limit.saturating_sub(1_024) / 2).unwrap_or(usize::MAX));
+        sockets.min(usize::try_from(limit.saturating_sub(1_024) / ends).unwrap_or(usize::MAX));
     let groups = options.groups.max(1);
     let bridge = environment
         .start_bridge(&[
@@ -52,11 +54,7 @@ pub async fn run(
     .await?;
     let readers = spawn_readers(open, &frames, &stop);
 
-    let client = redis::Client::open(environment.url.as_str()).map_err(BrokerError::from)?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(BrokerError::from)?;
+    let mut conn = publisher(&environment.url).await?;
     let per_round = (ROUND_FRAMES / sockets.max(1) as u64).max(1);
     let rounds = options
         .fanout_frames
@@ -101,6 +99,10 @@ pub async fn run(
     .with("max_us", latency.max_us());
     if !complete {
         row.note = Some("incomplete: a round did not arrive within 60 s".into());
+    } else if sockets < wanted {
+        row.note = Some(format!(
+            "{wanted} wanted; the open-file limit ({limit}) allows {sockets}"
+        ));
     }
     Ok(row)
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{spawn_subscriber, wait_for};
+use super::clients::{publisher, spawn_subscriber, wait_for};
 use super::{Environment, Row, Scenario, quote};
 use crate::Error;
 use crate::broker::BrokerError;
@@ -60,11 +60,7 @@ async fn pump(
     let stop = CancellationToken::new();
     let subscriber =
         spawn_subscriber(&environment.url, receive_from, &received, &stop, false).await?;
-    let client = redis::Client::open(environment.url.as_str()).map_err(BrokerError::from)?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(BrokerError::from)?;
+    let mut conn = publisher(&environment.url).await?;
 
     let start = Instant::now();
     let mut published = 0u64;

@@ -8,7 +8,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{collect, connect_sockets, spawn_readers, spawn_subscriber, wait_for};
+use super::clients::{
+    collect, connect_sockets, publisher, spawn_readers, spawn_subscriber, wait_for,
+};
 use super::{Environment, Options, Row, Scenario, now_ns, quote};
 use crate::Error;
 use crate::broker::BrokerError;
@@ -42,12 +44,12 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let outputs = Arc::new(AtomicU64::new(0));
     let subscriber =
         spawn_subscriber(&environment.url, "bench.latency.out", &outputs, &stop, true).await?;
+    // The baseline: the same quotes straight from Redis, no bridge in between.
+    let inputs = Arc::new(AtomicU64::new(0));
+    let baseline =
+        spawn_subscriber(&environment.url, "bench.latency.in", &inputs, &stop, true).await?;
 
-    let client = redis::Client::open(environment.url.as_str()).map_err(BrokerError::from)?;
-    let mut conn = client
-        .get_multiplexed_async_connection()
-        .await
-        .map_err(BrokerError::from)?;
+    let mut conn = publisher(&environment.url).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
     let start = Instant::now();
     let mut sent = 0u64;
@@ -76,12 +78,16 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     stop.cancel();
     let socket_latency = collect(readers).await;
     let output_latency = collect(vec![subscriber]).await;
+    let redis_latency = collect(vec![baseline]).await;
     bridge.stop().await;
 
     let mut row = Row::new(
         Scenario::Latency,
         format!("{rate} quotes/s × {sockets} sockets"),
     )
+    .with("redis_p50_us", redis_latency.quantile_us(0.5))
+    .with("redis_p99_us", redis_latency.quantile_us(0.99))
+    .with("redis_max_us", redis_latency.max_us())
     .with("output_p50_us", output_latency.quantile_us(0.5))
     .with("output_p99_us", output_latency.quantile_us(0.99))
     .with("output_p999_us", output_latency.quantile_us(0.999))

@@ -70,8 +70,8 @@ pub struct Options {
     pub idle_sockets: usize,
     /// Micro: quotes to run through the pipeline.
     pub micro_quotes: usize,
-    /// The quotebridge binary for scenarios that run the bridge as a child
-    /// (connections); `None` runs it in-process.
+    /// The quotebridge binary to run bridges as child processes (so their
+    /// memory and descriptors are their own); `None` runs them in-process.
     pub bridge_binary: Option<PathBuf>,
 }
 
@@ -186,7 +186,8 @@ fn human(value: f64) -> String {
 
 /// Runs every scenario of `options`.
 pub async fn run(options: &Options) -> Result<Report, Error> {
-    let environment = Environment::start(options.redis_url.as_deref()).await?;
+    let environment =
+        Environment::start(options.redis_url.as_deref(), options.bridge_binary.clone()).await?;
     let mut rows = Vec::new();
     for scenario in &options.scenarios {
         tracing::info!(?scenario, "running");

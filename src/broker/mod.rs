@@ -16,7 +16,7 @@ use futures_util::stream::BoxStream;
 
 pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
-pub use self::redis::{HealthCheck, RedisBroker};
+pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
 use crate::config::is_pattern;
 
 /// Something to subscribe to.

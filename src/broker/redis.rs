@@ -14,6 +14,19 @@ use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// A client for `url` whose connections send small writes at once.
+///
+/// redis-rs leaves Nagle's algorithm on; every message here is small and
+/// latency-sensitive, so a publish would otherwise wait for the previous
+/// one's ACK (tens of milliseconds with delayed ACKs).
+pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
+    use redis::IntoConnectionInfo;
+    let info = url
+        .into_connection_info()?
+        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    redis::Client::open(info)
+}
+
 /// A broker backed by a Redis server.
 #[derive(Clone)]
 pub struct RedisBroker {
@@ -56,7 +69,7 @@ impl std::fmt::Debug for RedisBroker {
 impl RedisBroker {
     /// A broker for the server at `url`. Nothing is connected yet.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        let client = redis::Client::open(url)?;
+        let client = client(url)?;
         let address = client.get_connection_info().addr().to_string();
         Ok(Self {
             client,
