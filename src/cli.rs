@@ -52,47 +52,7 @@ pub enum Command {
     /// See it work: the bridge plus a feeder replaying bundled sample quotes.
     Demo,
     /// Measure the bridge: throughput, latency, fan-out, memory per socket.
-    Bench {
-        /// Scenarios to run (default: all).
-        #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
-        scenario: Vec<bench::Scenario>,
-        /// Redis to use (default: a throwaway redis-server on a free port).
-        #[arg(long, value_name = "URL")]
-        redis: Option<String>,
-        /// Ingest: quotes to push.
-        #[arg(long, default_value_t = 1_000_000)]
-        quotes: usize,
-        /// Distinct symbols.
-        #[arg(long, default_value_t = 1_000)]
-        symbols: usize,
-        /// Latency: input rates in quotes/s.
-        #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
-        rates: Vec<u64>,
-        /// Latency: sockets receiving every public SMA.
-        #[arg(long, default_value_t = 100)]
-        latency_sockets: usize,
-        /// Latency: seconds per rate.
-        #[arg(long, default_value_t = 5.0)]
-        seconds: f64,
-        /// Fan-out: socket counts.
-        #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
-        fanout_sockets: Vec<usize>,
-        /// Fan-out: client groups.
-        #[arg(long, default_value_t = 10)]
-        groups: usize,
-        /// Fan-out: frames to deliver per socket count.
-        #[arg(long, default_value_t = 5_000_000)]
-        fanout_frames: u64,
-        /// Connections: idle sockets.
-        #[arg(long, default_value_t = 50_000)]
-        idle_sockets: usize,
-        /// Micro: quotes through the pipeline.
-        #[arg(long, default_value_t = 2_000_000)]
-        micro_quotes: usize,
-        /// Print JSON instead of a table.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
     /// Print what a client group receives, one JSON per line.
     Tail {
         /// The client code to connect as.
@@ -104,6 +64,74 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         url: Option<String>,
     },
+}
+
+/// The `bench` command's options (see docs/BENCHMARKS.md).
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Scenarios to run (default: all).
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "LIST")]
+    scenario: Vec<bench::Scenario>,
+    /// Redis to use (default: a throwaway redis-server on a free port).
+    #[arg(long, value_name = "URL")]
+    redis: Option<String>,
+    /// Ingest: quotes to push.
+    #[arg(long, default_value_t = 1_000_000)]
+    quotes: usize,
+    /// Distinct symbols.
+    #[arg(long, default_value_t = 1_000)]
+    symbols: usize,
+    /// Latency: input rates in quotes/s.
+    #[arg(long, value_delimiter = ',', default_value = "10000,50000")]
+    rates: Vec<u64>,
+    /// Latency: sockets receiving every public SMA.
+    #[arg(long, default_value_t = 100)]
+    latency_sockets: usize,
+    /// Latency: seconds per rate.
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    /// Fan-out: socket counts.
+    #[arg(long, value_delimiter = ',', default_value = "100,1000,10000")]
+    fanout_sockets: Vec<usize>,
+    /// Fan-out: client groups.
+    #[arg(long, default_value_t = 10)]
+    groups: usize,
+    /// Fan-out: frames to deliver per socket count.
+    #[arg(long, default_value_t = 5_000_000)]
+    fanout_frames: u64,
+    /// Connections: idle sockets.
+    #[arg(long, default_value_t = 50_000)]
+    idle_sockets: usize,
+    /// Micro: quotes through the pipeline.
+    #[arg(long, default_value_t = 2_000_000)]
+    micro_quotes: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+impl BenchArgs {
+    fn into_options(self) -> bench::Options {
+        bench::Options {
+            scenarios: if self.scenario.is_empty() {
+                bench::Options::default().scenarios
+            } else {
+                self.scenario
+            },
+            redis_url: self.redis,
+            quotes: self.quotes,
+            symbols: self.symbols,
+            rates: self.rates,
+            latency_sockets: self.latency_sockets,
+            seconds: self.seconds,
+            fanout_sockets: self.fanout_sockets,
+            groups: self.groups,
+            fanout_frames: self.fanout_frames,
+            idle_sockets: self.idle_sockets,
+            micro_quotes: self.micro_quotes,
+            bridge_binary: bench::environment::current_binary(),
+        }
+    }
 }
 
 /// Runs the command `cli` names until it finishes or SIGINT/SIGTERM.
@@ -141,41 +169,9 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             publish(&settings, &file, &options, &shutdown).await
         }
         Command::Demo => demo::run(settings, shutdown).await,
-        Command::Bench {
-            scenario,
-            redis,
-            quotes,
-            symbols,
-            rates,
-            latency_sockets,
-            seconds,
-            fanout_sockets,
-            groups,
-            fanout_frames,
-            idle_sockets,
-            micro_quotes,
-            json,
-        } => {
-            let defaults = bench::Options::default();
-            let options = bench::Options {
-                scenarios: if scenario.is_empty() {
-                    defaults.scenarios
-                } else {
-                    scenario
-                },
-                redis_url: redis,
-                quotes,
-                symbols,
-                rates,
-                latency_sockets,
-                seconds,
-                fanout_sockets,
-                groups,
-                fanout_frames,
-                idle_sockets,
-                micro_quotes,
-                bridge_binary: bench::environment::current_binary(),
-            };
+        Command::Bench(args) => {
+            let json = args.json;
+            let options = args.into_options();
             let report = bench::run(&options).await?;
             if json {
                 println!(

@@ -2,13 +2,10 @@
 //! frames/s delivered. Quotes go out in rounds sized so every socket's queue
 //! holds a round; each round waits until every frame has arrived.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use tokio_util::sync::CancellationToken;
-
-use super::clients::{collect, connect_sockets, publisher, spawn_readers, wait_for};
+use super::clients::{collect, publisher, rig, wait_for};
 use super::environment::raise_file_limit;
 use super::{Environment, Options, Row, Scenario, now_ns, quote};
 use crate::Error;
@@ -29,30 +26,8 @@ pub async fn run(
     let sockets =
         sockets.min(usize::try_from(limit.saturating_sub(1_024) / ends).unwrap_or(usize::MAX));
     let groups = options.groups.max(1);
-    let bridge = environment
-        .start_bridge(&[
-            ("REDIS__INPUT", "bench.fanout.in".into()),
-            ("REDIS__OUTPUT", "bench.fanout.out".into()),
-            ("SMA__EMIT_PARTIAL", "true".into()),
-            ("WEBSOCKET__SEND_QUEUE", "65536".into()),
-            ("WEBSOCKET__SEND_QUEUE_BYTES", (64 << 20).to_string()),
-            (
-                "SERVER__MAX_CONNECTIONS_PER_CLIENT",
-                (sockets + 1).to_string(),
-            ),
-            ("SERVER__MAX_CONNECTIONS", (sockets + 1).to_string()),
-        ])
-        .await?;
-    let stop = CancellationToken::new();
-    let frames = Arc::new(AtomicU64::new(0));
-    let open = connect_sockets(
-        bridge.address,
-        sockets,
-        |i| format!("fanout{}", i % groups),
-        &[],
-    )
-    .await?;
-    let readers = spawn_readers(open, &frames, &stop);
+    let rig = rig(environment, "fanout", sockets, groups).await?;
+    let frames = rig.frames.clone();
 
     let mut conn = publisher(&environment.url).await?;
     let per_round = (ROUND_FRAMES / sockets.max(1) as u64).max(1);
@@ -67,7 +42,7 @@ pub async fn run(
         let ts = now_ns();
         for i in 0..per_round {
             let n = (round * per_round + i) as usize;
-            pipe.publish("bench.fanout.in", quote(n, options.symbols, ts).as_ref())
+            pipe.publish(&rig.input, quote(n, options.symbols, ts).as_ref())
                 .ignore();
         }
         pipe.query_async::<()>(&mut conn)
@@ -80,9 +55,9 @@ pub async fn run(
         }
     }
     let elapsed = start.elapsed();
-    stop.cancel();
-    let latency = collect(readers).await;
-    bridge.stop().await;
+    rig.stop.cancel();
+    let latency = collect(rig.readers).await;
+    rig.bridge.stop().await;
 
     let delivered = frames.load(Relaxed);
     let mut row = Row::new(

@@ -6,48 +6,21 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
-use super::clients::{
-    collect, connect_sockets, publisher, spawn_readers, spawn_subscriber, wait_for,
-};
+use super::clients::{collect, publisher, rig, spawn_subscriber, wait_for};
 use super::{Environment, Options, Row, Scenario, now_ns, quote};
 use crate::Error;
 use crate::broker::BrokerError;
 
 pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Result<Row, Error> {
     let sockets = options.latency_sockets;
-    let bridge = environment
-        .start_bridge(&[
-            ("REDIS__INPUT", "bench.latency.in".into()),
-            ("REDIS__OUTPUT", "bench.latency.out".into()),
-            ("SMA__EMIT_PARTIAL", "true".into()),
-            ("WEBSOCKET__SEND_QUEUE", "65536".into()),
-            ("WEBSOCKET__SEND_QUEUE_BYTES", (64 << 20).to_string()),
-            (
-                "SERVER__MAX_CONNECTIONS_PER_CLIENT",
-                (sockets + 1).to_string(),
-            ),
-            ("SERVER__MAX_CONNECTIONS", (sockets + 1).to_string()),
-        ])
-        .await?;
-    let stop = CancellationToken::new();
-    let frames = Arc::new(AtomicU64::new(0));
-    let open = connect_sockets(
-        bridge.address,
-        sockets,
-        |i| format!("latency{}", i % 10),
-        &[],
-    )
-    .await?;
-    let readers = spawn_readers(open, &frames, &stop);
+    let rig = rig(environment, "latency", sockets, 10).await?;
+    let (frames, stop) = (rig.frames.clone(), rig.stop.clone());
     let outputs = Arc::new(AtomicU64::new(0));
-    let subscriber =
-        spawn_subscriber(&environment.url, "bench.latency.out", &outputs, &stop, true).await?;
+    let subscriber = spawn_subscriber(&environment.url, &rig.output, &outputs, &stop, true).await?;
     // The baseline: the same quotes straight from Redis, no bridge in between.
     let inputs = Arc::new(AtomicU64::new(0));
-    let baseline =
-        spawn_subscriber(&environment.url, "bench.latency.in", &inputs, &stop, true).await?;
+    let baseline = spawn_subscriber(&environment.url, &rig.input, &inputs, &stop, true).await?;
 
     let mut conn = publisher(&environment.url).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
@@ -61,11 +34,8 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
         let mut pipe = redis::pipe();
         let ts = now_ns();
         for i in sent..due.max(sent + 1) {
-            pipe.publish(
-                "bench.latency.in",
-                quote(i as usize, options.symbols, ts).as_ref(),
-            )
-            .ignore();
+            pipe.publish(&rig.input, quote(i as usize, options.symbols, ts).as_ref())
+                .ignore();
         }
         pipe.query_async::<()>(&mut conn)
             .await
@@ -76,10 +46,10 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let complete = wait_for(&outputs, sent, limit).await
         && wait_for(&frames, sent * sockets as u64, limit).await;
     stop.cancel();
-    let socket_latency = collect(readers).await;
+    let socket_latency = collect(rig.readers).await;
     let output_latency = collect(vec![subscriber]).await;
     let redis_latency = collect(vec![baseline]).await;
-    bridge.stop().await;
+    rig.bridge.stop().await;
 
     let mut row = Row::new(
         Scenario::Latency,
