@@ -86,6 +86,8 @@ pub async fn run(
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut unanswered_pings = 0u32;
+    // Grows to the largest batch seen, on first use: idle sockets pay nothing.
+    let mut batch: Vec<Message> = Vec::new();
     loop {
         tokio::select! {
             () = shutdown.cancelled() => {
@@ -108,9 +110,11 @@ pub async fn run(
                     close(&mut socket, close_code::POLICY, "slow consumer").await;
                     return Ok(());
                 };
-                let more = std::iter::from_fn(|| outbox.try_recv()).take(MAX_BATCH - 1);
-                let batch: Vec<Message> = std::iter::once(first).chain(more).collect();
-                write(&mut socket, batch).await?;
+                // Everything already queued goes out with one flush; the
+                // batch buffer is reused, so a busy socket allocates nothing.
+                batch.push(first);
+                batch.extend(std::iter::from_fn(|| outbox.try_recv()).take(MAX_BATCH - 1));
+                write(&mut socket, batch.drain(..)).await?;
             }
             incoming = socket.next() => match incoming {
                 None | Some(Ok(Message::Close(_))) => {
