@@ -16,6 +16,7 @@ pub mod config;
 pub mod demo;
 pub mod hub;
 pub mod listener;
+pub mod metrics;
 pub mod names;
 pub mod pipeline;
 pub mod producer;
@@ -123,21 +124,32 @@ pub async fn serve<B: Broker>(
         stats.clone(),
     );
     let subscribed = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(metrics::Metrics::new());
     let mut ready = vec![subscribed.clone()];
     let stream_task = match settings.redis.input_mode {
         InputMode::PubSub => None,
         InputMode::Stream => {
             let consuming = Arc::new(AtomicBool::new(false));
             ready.push(consuming.clone());
-            let consumer =
-                stream::StreamConsumer::new(&settings, hub.clone(), stats.clone(), consuming)
-                    .map_err(BrokerError::from)?;
+            let consumer = stream::StreamConsumer::new(
+                metrics.clone(),
+                &settings,
+                hub.clone(),
+                stats.clone(),
+                consuming,
+            )
+            .map_err(BrokerError::from)?;
             Some(tokio::spawn(consumer.run(shutdown.clone())))
         }
     };
 
     let (publish, publish_queue) = mpsc::channel(settings.redis.publish_queue);
-    let publisher = tokio::spawn(publisher::run(broker.clone(), publish_queue, stats.clone()));
+    let publisher = tokio::spawn(publisher::run(
+        broker.clone(),
+        publish_queue,
+        stats.clone(),
+        metrics.clone(),
+    ));
     let listener_task = tokio::spawn(
         Listener::new(
             &settings,
@@ -161,6 +173,7 @@ pub async fn serve<B: Broker>(
         settings: settings.clone(),
         hub,
         auth,
+        metrics,
         stats,
         ready,
         shutdown: shutdown.clone(),

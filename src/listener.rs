@@ -28,6 +28,7 @@ use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
 use crate::pipeline::{Outcome, Pipeline, unix_ms};
+use crate::publisher::Queued;
 use crate::stats::Stats;
 
 /// How often a continuing Redis outage is logged.
@@ -41,7 +42,7 @@ pub struct Listener<B> {
     direct_prefix: String,
     pipeline: Pipeline,
     hub: Hub,
-    publish: mpsc::Sender<Outbound>,
+    publish: mpsc::Sender<Queued>,
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
     backoff: Backoff,
@@ -54,7 +55,7 @@ impl<B: Broker> Listener<B> {
         settings: &Settings,
         broker: B,
         hub: Hub,
-        publish: mpsc::Sender<Outbound>,
+        publish: mpsc::Sender<Queued>,
         stats: Arc<Stats>,
         subscribed: Arc<AtomicBool>,
     ) -> Self {
@@ -147,18 +148,19 @@ impl<B: Broker> Listener<B> {
 
     /// quote → SMA → one encoding → Redis and sockets.
     async fn on_quote(&mut self, payload: &[u8]) {
+        let arrived = Instant::now();
         match self.pipeline.process(payload) {
             Outcome::Accepted {
                 quote,
                 sma: Some(sma),
             } => {
                 sma.deliver(&self.hub, &quote);
-                self.enqueue(sma.outbound()).await;
+                self.enqueue(sma.outbound(), Some(arrived)).await;
             }
             Outcome::Accepted { sma: None, .. } | Outcome::Rejected { notice: None } => {}
             Outcome::Rejected {
                 notice: Some(notice),
-            } => self.enqueue(notice).await,
+            } => self.enqueue(notice, None).await,
         }
     }
 
@@ -179,10 +181,10 @@ impl<B: Broker> Listener<B> {
         self.hub.send_to_group(code, message);
     }
 
-    async fn enqueue(&self, outbound: Outbound) {
+    async fn enqueue(&self, outbound: Outbound, since: Option<Instant>) {
         // Waiting here is the backpressure when Redis is slower than input;
         // the queue is bounded by redis.publish_queue.
-        if self.publish.send(outbound).await.is_err() {
+        if self.publish.send(Queued { outbound, since }).await.is_err() {
             self.stats.publish_failed.fetch_add(1, Relaxed);
         }
     }

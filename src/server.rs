@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Authenticator;
 use crate::config::Settings;
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::names;
 use crate::session;
 use crate::stats::Stats;
@@ -29,6 +30,8 @@ pub struct AppState {
     pub hub: Hub,
     /// Checks client tokens.
     pub auth: Arc<Authenticator>,
+    /// The Prometheus exposition.
+    pub metrics: Arc<Metrics>,
     /// Counters.
     pub stats: Arc<Stats>,
     /// Each flag is true while one input is established (the subscription,
@@ -51,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -194,4 +198,11 @@ async fn stats(State(app): State<AppState>) -> Response {
         body.to_string(),
     )
         .into_response()
+}
+
+async fn metrics(State(app): State<AppState>) -> Response {
+    let body = app
+        .metrics
+        .render(&app.stats, app.hub.socket_count(), app.hub.group_count());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
 }

@@ -32,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
+use crate::metrics::Metrics;
 use crate::pipeline::{Outcome, Pipeline, Sma};
 use crate::quote::Quote;
 use crate::sma::WindowState;
@@ -55,11 +56,13 @@ pub struct StreamConsumer {
     stats: Arc<Stats>,
     consuming: Arc<AtomicBool>,
     backoff: Backoff,
+    metrics: Arc<Metrics>,
 }
 
 impl StreamConsumer {
     /// A consumer for `settings`' stream, feeding `hub`.
     pub fn new(
+        metrics: Arc<Metrics>,
         settings: &Settings,
         hub: Hub,
         stats: Arc<Stats>,
@@ -73,6 +76,7 @@ impl StreamConsumer {
             stats,
             consuming,
             backoff: settings.reconnect_backoff(),
+            metrics,
         })
     }
 
@@ -249,6 +253,7 @@ impl StreamConsumer {
         conn: &mut MultiplexedConnection,
         entries: &[StreamId],
     ) -> RedisResult<()> {
+        let arrived = Instant::now();
         let mut transaction = redis::pipe();
         transaction.atomic();
         let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
@@ -301,7 +306,9 @@ impl StreamConsumer {
         self.stats
             .published
             .fetch_add(deliveries.len() as u64, Relaxed);
+        let latency = arrived.elapsed();
         for (quote, sma) in &deliveries {
+            self.metrics.record_publish_latency(latency);
             sma.deliver(&self.hub, quote);
         }
         Ok(())

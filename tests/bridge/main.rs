@@ -10,6 +10,7 @@ mod durable;
 mod embedded;
 mod end_to_end;
 mod hostile_clients;
+mod metrics;
 mod properties;
 mod redis_faults;
 mod rejected_input;
