@@ -14,5 +14,6 @@ mod metrics;
 mod properties;
 mod redis_faults;
 mod rejected_input;
+mod schemas;
 mod support;
 mod websocket;
