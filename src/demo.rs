@@ -67,6 +67,7 @@ async fn run_with<B: Broker>(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
         loaded.quotes.len()
     );
+    println!("  dashboard:  http://{local}/");
     println!("  WebSocket:  ws://{local}/ws/demo");
     println!(
         "  watch it:   cargo run --release -- tail demo    (or: websocat ws://{local}/ws/demo)"

@@ -51,6 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ws/{*client_code}", get(upgrade))
         .route("/ws", get(missing_client_code))
         .route("/ws/", get(missing_client_code))
+        .route("/", get(dashboard))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
@@ -169,6 +170,14 @@ async fn upgrade(
             };
             app.sessions.track_future(session)
         })
+}
+
+/// The live dashboard: one self-contained page (no CDN, no build step)
+/// compiled into the binary.
+const DASHBOARD: &str = include_str!("../assets/dashboard.html");
+
+async fn dashboard() -> axum::response::Html<&'static str> {
+    axum::response::Html(DASHBOARD)
 }
 
 async fn healthz() -> &'static str {

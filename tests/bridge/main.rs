@@ -6,6 +6,7 @@
 mod auth;
 mod bench;
 mod binary;
+mod dashboard;
 mod durable;
 mod embedded;
 mod end_to_end;

@@ -1,0 +1,182 @@
+//! The dashboard in a real browser: headless Chromium driven over WebDriver
+//! shows the SMAs the test computed, draws the chart, and lists a direct
+//! message. Needs `chromium` and `chromium-driver` (Debian packages; .ci/run
+//! installs them).
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use fantoccini::{Client, ClientBuilder, Locator};
+use serde_json::json;
+
+use crate::support::*;
+
+/// chromedriver on a free port, killed on drop.
+struct ChromeDriver {
+    child: Child,
+    url: String,
+}
+
+impl ChromeDriver {
+    async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "cannot start chromedriver ({e}); the dashboard test needs it: \
+                     `sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu)"
+                )
+            });
+        within("chromedriver to listen", async {
+            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_err()
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+        Self {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for ChromeDriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn browser(driver: &ChromeDriver, profile: &std::path::Path) -> Client {
+    let mut capabilities = serde_json::Map::new();
+    capabilities.insert(
+        "goog:chromeOptions".into(),
+        json!({
+            "binary": "/usr/bin/chromium",
+            "args": [
+                "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                "--disable-background-networking", "--disable-component-update",
+                "--disable-sync", "--no-first-run", "--window-size=1280,800",
+                format!("--user-data-dir={}", profile.display()),
+            ]
+        }),
+    );
+    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+        .capabilities(capabilities)
+        .connect(&driver.url)
+        .await
+        .expect("a WebDriver session in headless Chromium")
+}
+
+/// Polls `check` (a JavaScript expression) until it returns true.
+async fn wait_until(browser: &Client, what: &str, check: &str) {
+    let script = format!("return Boolean({check});");
+    within(what, async {
+        loop {
+            if browser
+                .execute(&script, vec![])
+                .await
+                .ok()
+                .and_then(|v| v.as_bool())
+                == Some(true)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
+    let driver = ChromeDriver::start().await;
+    let profile = std::env::temp_dir().join(format!("quotebridge-chromium-{}", std::process::id()));
+    let browser = browser(&driver, &profile).await;
+    browser
+        .goto(&format!("http://{}/?client=acme", app.address))
+        .await
+        .expect("open the dashboard");
+    wait_until(
+        &browser,
+        "the socket to open",
+        "document.getElementById('status').dataset.state === 'open'",
+    )
+    .await;
+
+    // Window 3 over 1, 2, 4, 9: the SMAs are 7/3 and 5.
+    let mut conn = app.redis.connection().await;
+    let quotes: Vec<(String, Vec<u8>)> = [1.0, 2.0, 4.0, 9.0]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            (
+                "quotes".to_owned(),
+                json!({"symbol": "AAPL", "price": p, "ts": 1_700_000_000_000u64 + i as u64})
+                    .to_string()
+                    .into_bytes(),
+            )
+        })
+        .collect();
+    publish_all(&mut conn, &quotes).await;
+    let row = "document.querySelector('tr[data-symbol=\"AAPL\"]')";
+    wait_until(
+        &browser,
+        "the table to show the last SMA",
+        &format!("{row} && {row}.querySelector('td.sma').textContent === '5.000'"),
+    )
+    .await;
+    let price = browser
+        .find(Locator::Css("tr[data-symbol='AAPL'] td.price"))
+        .await
+        .expect("price cell")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(price, "9.000");
+    let count = browser
+        .find(Locator::Css("tr[data-symbol='AAPL'] td.count"))
+        .await
+        .expect("count cell")
+        .text()
+        .await
+        .expect("text");
+    assert_eq!(count, "3/3");
+    wait_until(
+        &browser,
+        "the chart to be drawn",
+        "Number(document.getElementById('chart').dataset.points) === 2",
+    )
+    .await;
+
+    publish_all(
+        &mut conn,
+        &[(
+            "client.acme".to_owned(),
+            br#"{"alert":"margin call"}"#.to_vec(),
+        )],
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the direct message",
+        "document.getElementById('direct').textContent.includes('margin call')",
+    )
+    .await;
+
+    let png = browser.screenshot().await.expect("screenshot");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    std::fs::write(&path, png).expect("save the screenshot");
+    eprintln!("dashboard screenshot: {}", path.display());
+    browser.close().await.expect("close the browser");
+    let _ = std::fs::remove_dir_all(&profile);
+    app.shutdown().await;
+}
