@@ -258,6 +258,7 @@ impl StreamConsumer {
         transaction.atomic();
         let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
         let mut deliveries: Vec<(Quote<'_>, Sma)> = Vec::new();
+        let mut notices = 0u64;
         for entry in entries {
             let payload = match entry.map.get(QUOTE_FIELD) {
                 Some(Value::BulkString(bytes)) => bytes.as_slice(),
@@ -281,6 +282,7 @@ impl StreamConsumer {
                     transaction
                         .publish(&*notice.channel, notice.payload.as_ref())
                         .ignore();
+                    notices += 1;
                 }
                 Outcome::Rejected { notice: None } => {}
             }
@@ -303,9 +305,10 @@ impl StreamConsumer {
         transaction.query_async::<()>(conn).await?;
 
         self.stats.stream_batches.fetch_add(1, Relaxed);
+        // Every output and rejection notice went out inside the EXEC.
         self.stats
             .published
-            .fetch_add(deliveries.len() as u64, Relaxed);
+            .fetch_add(deliveries.len() as u64 + notices, Relaxed);
         let latency = arrived.elapsed();
         for (quote, sma) in &deliveries {
             self.metrics.record_publish_latency(latency);
