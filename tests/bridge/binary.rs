@@ -265,3 +265,57 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
         "tail exits 0 when the bridge closes the socket"
     );
 }
+
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_stable_fields() {
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "json", "serve"])
+        .env("QUOTEBRIDGE__REDIS__URL", redis.url())
+        .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start quotebridge serve");
+    let address = ([127, 0, 0, 1], port).into();
+    within("the bridge to become ready", async {
+        while http_get_status(address).await != Some(200) {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("SIGTERM");
+    assert!(killed.success());
+    within("the bridge to exit", async {
+        while child.try_wait().expect("wait").is_none() {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read logs");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert!(
+        lines.len() >= 3,
+        "startup, ready and shutdown lines: {stderr}"
+    );
+    for line in lines {
+        let entry: Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("not one JSON object ({e}): {line}"));
+        for field in ["timestamp", "level", "target", "message"] {
+            assert!(entry.get(field).is_some(), "no {field} in {line}");
+        }
+    }
+    assert!(stderr.contains("\"message\":\"stopped\""), "{stderr}");
+}
+
+async fn http_get_status(address: std::net::SocketAddr) -> Option<u16> {
+    tokio::net::TcpStream::connect(address).await.ok()?;
+    Some(http_get(address, "/readyz").await.0)
+}
