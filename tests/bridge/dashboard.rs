@@ -54,12 +54,34 @@ impl Drop for ChromeDriver {
     }
 }
 
+/// The Chromium (or Chrome) binary on PATH.
+fn chromium() -> String {
+    let names = [
+        "chromium",
+        "chromium-browser",
+        "google-chrome",
+        "google-chrome-stable",
+    ];
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .flat_map(|dir| names.iter().map(move |name| dir.join(name)))
+        .find(|path| path.is_file())
+        .map(|path| path.display().to_string())
+        .unwrap_or_else(|| {
+            panic!(
+                "no chromium on PATH; the dashboard test needs it: \
+                 `sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu)"
+            )
+        })
+}
+
 async fn browser(driver: &ChromeDriver, profile: &std::path::Path) -> Client {
     let mut capabilities = serde_json::Map::new();
     capabilities.insert(
         "goog:chromeOptions".into(),
         json!({
-            "binary": "/usr/bin/chromium",
+            "binary": chromium(),
             "args": [
                 "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
                 "--disable-background-networking", "--disable-component-update",
