@@ -18,14 +18,25 @@ impl Serve {
     /// Starts `quotebridge serve` against `redis` with extra environment
     /// settings, and waits until it is ready.
     pub async fn start(redis: &RedisServer, env: &[(&str, &str)]) -> Self {
+        Self::start_with(redis, &[], env, Stdio::null()).await
+    }
+
+    /// Like [`Serve::start`], with options before `serve` and a chosen stderr.
+    pub async fn start_with(
+        redis: &RedisServer,
+        options: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Self {
         let port = free_port();
         let child = Command::new(BIN)
+            .args(options)
             .arg("serve")
             .env("QUOTEBRIDGE__REDIS__URL", redis.url())
             .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start quotebridge serve");
         let address = ([127, 0, 0, 1], port).into();
@@ -43,6 +54,24 @@ impl Serve {
         })
         .await;
         serve
+    }
+
+    /// Sends SIGTERM and waits for the process to exit.
+    pub async fn terminate(&mut self) -> std::process::ExitStatus {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("send SIGTERM");
+        assert!(killed.success());
+        within("quotebridge serve to exit", async {
+            loop {
+                if let Some(status) = self.child.try_wait().expect("wait for child") {
+                    return status;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
     }
 
     /// The resident set size of the process, in KiB, from /proc.
@@ -118,34 +147,9 @@ async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stop
             .await
             .expect("connect");
     assert_eq!(next_json(&mut socket).await["type"], "welcome");
-    let pid = serve.child.id().to_string();
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("send SIGTERM");
-    assert!(killed.success());
-    let status = within("quotebridge serve to exit", async {
-        loop {
-            if let Some(status) = serve.child.try_wait().expect("wait for child") {
-                return status;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let status = serve.terminate().await;
     assert_eq!(status.code(), Some(0), "serve exits 0 on SIGTERM");
-    let close = within("the close frame", async {
-        loop {
-            match futures_util::StreamExt::next(&mut socket).await {
-                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("close frame with a code");
-    assert_eq!(u16::from(close.code), 1001);
+    assert_eq!(close_frame(&mut socket).await.0, 1001);
     assert!(
         http_get_refused(serve.address).await,
         "the port is released"
@@ -269,36 +273,12 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_stable_fields() {
     let redis = RedisServer::start().await;
-    let port = free_port();
-    let mut child = Command::new(BIN)
-        .args(["--log-format", "json", "serve"])
-        .env("QUOTEBRIDGE__REDIS__URL", redis.url())
-        .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start quotebridge serve");
-    let address = ([127, 0, 0, 1], port).into();
-    within("the bridge to become ready", async {
-        while http_get_status(address).await != Some(200) {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-    })
-    .await;
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("SIGTERM");
-    assert!(killed.success());
-    within("the bridge to exit", async {
-        while child.try_wait().expect("wait").is_none() {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-    })
-    .await;
+    let options = ["--log-format", "json"];
+    let env = [("RUST_LOG", "info")];
+    let mut serve = Serve::start_with(&redis, &options, &env, Stdio::piped()).await;
+    serve.terminate().await;
     let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+    std::io::Read::read_to_string(&mut serve.child.stderr.take().expect("stderr"), &mut stderr)
         .expect("read logs");
     let lines: Vec<&str> = stderr.lines().collect();
     assert!(
@@ -313,9 +293,4 @@ async fn json_logs_are_one_object_per_line_with_stable_fields() {
         }
     }
     assert!(stderr.contains("\"message\":\"stopped\""), "{stderr}");
-}
-
-async fn http_get_status(address: std::net::SocketAddr) -> Option<u16> {
-    tokio::net::TcpStream::connect(address).await.ok()?;
-    Some(http_get(address, "/readyz").await.0)
 }

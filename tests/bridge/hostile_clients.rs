@@ -14,21 +14,6 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::binary::Serve;
 use crate::support::*;
 
-async fn close_frame(socket: &mut Socket) -> (u16, String) {
-    within("a close frame", async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return (u16::from(frame.code), frame.reason.to_string());
-                }
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-}
-
 async fn refused_status(url: String) -> u16 {
     match tokio_tungstenite::connect_async(url).await {
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),

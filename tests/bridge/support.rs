@@ -363,6 +363,23 @@ pub async fn next_text(socket: &mut Socket) -> String {
     .await
 }
 
+/// The close frame the server sends next, as (code, reason); frames before
+/// it are skipped. Fails the test if the socket ends without one.
+pub async fn close_frame(socket: &mut Socket) -> (u16, String) {
+    within("a close frame", async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string());
+                }
+                Some(Ok(_)) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+}
+
 /// Sends `value` as a text frame.
 pub async fn send_json(socket: &mut Socket, value: Value) {
     socket

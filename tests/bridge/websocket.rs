@@ -1,8 +1,8 @@
 //! The WebSocket contract: welcome, subscriptions with snapshots, group
 //! routing, direct messages, malformed frames, client-code validation.
 
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use futures_util::SinkExt;
+use serde_json::json;
 use tokio_tungstenite::tungstenite::{self, Message};
 
 use crate::support::*;
@@ -194,18 +194,7 @@ async fn oversized_client_frames_close_the_socket_with_1009() {
     let (mut socket, _) = app.connect("acme").await;
     let huge = format!(r#"{{"op":"subscribe","symbols":["{}"]}}"#, "A".repeat(4096));
     socket.send(Message::text(huge)).await.expect("send");
-    let close = within("the close frame", async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
-                Some(Ok(_)) => continue,
-                other => panic!("expected a close frame, got {other:?}"),
-            }
-        }
-    })
-    .await
-    .expect("close frame has a code");
-    assert_eq!(u16::from(close.code), 1009);
+    assert_eq!(close_frame(&mut socket).await.0, 1009);
     app.shutdown().await;
 }
 
@@ -255,21 +244,10 @@ async fn shutdown_closes_sockets_with_1001() {
     let app = spawn_app().await;
     let (mut socket, _) = app.connect("acme").await;
     let stopping = tokio::spawn(app.shutdown());
-    let frame: Option<Value> = within("the close frame", async {
-        loop {
-            match socket.next().await {
-                Some(Ok(Message::Close(Some(frame)))) => {
-                    return Some(
-                        json!({"code": u16::from(frame.code), "reason": frame.reason.as_str()}),
-                    );
-                }
-                Some(Ok(_)) => continue,
-                _ => return None,
-            }
-        }
-    })
-    .await;
-    assert_eq!(frame, Some(json!({"code": 1001, "reason": "going away"})));
+    assert_eq!(
+        close_frame(&mut socket).await,
+        (1001, "going away".to_owned())
+    );
     stopping.await.expect("shutdown completes");
 }
 
