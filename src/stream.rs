@@ -125,18 +125,7 @@ impl StreamConsumer {
         let mut last_claim = Instant::now();
         let claim_every = Duration::from_millis(self.redis.claim_idle_ms.max(1000));
         while !shutdown.is_cancelled() {
-            let options = StreamReadOptions::default()
-                .group(&self.redis.consumer_group, &self.redis.consumer_name)
-                .count(self.redis.stream_batch)
-                .block(BLOCK.as_millis() as usize);
-            let reply: StreamReadReply = redis::cmd("XREADGROUP")
-                .arg(&options)
-                .arg("STREAMS")
-                .arg(&self.redis.input_stream)
-                .arg(">")
-                .query_async(&mut conn)
-                .await?;
-            let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            let entries = self.read_group(&mut conn, ">", Some(BLOCK)).await?;
             if !entries.is_empty() {
                 self.apply(&mut conn, &entries).await?;
             }
@@ -194,17 +183,7 @@ impl StreamConsumer {
     async fn replay_pending(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<usize> {
         let mut replayed = 0;
         loop {
-            let options = StreamReadOptions::default()
-                .group(&self.redis.consumer_group, &self.redis.consumer_name)
-                .count(self.redis.stream_batch);
-            let reply: StreamReadReply = redis::cmd("XREADGROUP")
-                .arg(&options)
-                .arg("STREAMS")
-                .arg(&self.redis.input_stream)
-                .arg("0")
-                .query_async(conn)
-                .await?;
-            let entries: Vec<StreamId> = reply.keys.into_iter().flat_map(|k| k.ids).collect();
+            let entries = self.read_group(conn, "0", None).await?;
             if entries.is_empty() {
                 return Ok(replayed);
             }
@@ -214,6 +193,30 @@ impl StreamConsumer {
                 .fetch_add(entries.len() as u64, Relaxed);
             self.apply(conn, &entries).await?;
         }
+    }
+
+    /// One XREADGROUP of up to a batch: `">"` for new entries (waiting up to
+    /// `block`), `"0"` for this consumer's own pending ones.
+    async fn read_group(
+        &self,
+        conn: &mut MultiplexedConnection,
+        from: &str,
+        block: Option<Duration>,
+    ) -> RedisResult<Vec<StreamId>> {
+        let mut options = StreamReadOptions::default()
+            .group(&self.redis.consumer_group, &self.redis.consumer_name)
+            .count(self.redis.stream_batch);
+        if let Some(block) = block {
+            options = options.block(block.as_millis() as usize);
+        }
+        let reply: StreamReadReply = redis::cmd("XREADGROUP")
+            .arg(&options)
+            .arg("STREAMS")
+            .arg(&self.redis.input_stream)
+            .arg(from)
+            .query_async(conn)
+            .await?;
+        Ok(reply.keys.into_iter().flat_map(|k| k.ids).collect())
     }
 
     /// Claims and applies entries other consumers left pending too long.
