@@ -6,9 +6,10 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, RedisBroker};
+use crate::broker::{BrokerError, ClusterBroker, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
+use crate::topology::{Channels, Role, Shard};
 use crate::{Error, bench, demo, producer, shutdown, tail};
 
 /// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
@@ -30,7 +31,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the bridge (the default).
-    Serve,
+    Serve(ServeArgs),
     /// Publish quotes from a CSV (symbol,price[,ts][,client]) or JSON-lines file.
     Publish {
         /// The file to read.
@@ -64,6 +65,17 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         url: Option<String>,
     },
+}
+
+/// The `serve` command's options; each overrides its `[node]` key.
+#[derive(Debug, Default, clap::Args)]
+pub struct ServeArgs {
+    /// all: compute and serve sockets; compute: SMAs only; gateway: sockets only.
+    #[arg(long, value_enum, value_name = "ROLE")]
+    role: Option<Role>,
+    /// Compute shard I/N: handle only symbols whose hash is I modulo N.
+    #[arg(long, value_name = "I/N")]
+    shard: Option<Shard>,
 }
 
 /// The `bench` command's options (see docs/BENCHMARKS.md).
@@ -145,8 +157,12 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             shutdown.cancel();
         }
     });
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => {
+    match cli
+        .command
+        .unwrap_or_else(|| Command::Serve(ServeArgs::default()))
+    {
+        Command::Serve(args) => {
+            let settings = settings.with_node(args.role, args.shard)?;
             let address = settings.server.listen;
             let listener = TcpListener::bind(address)
                 .await
@@ -255,11 +271,25 @@ async fn publish(
                 "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
             )));
         }
-        let broker = RedisBroker::new(&redis.url)?;
-        broker.ping().await?;
-        let summary =
-            producer::publish(&broker, channel, &loaded.quotes, rate, repeat, shutdown).await?;
-        (summary, format!("{channel:?}"))
+        let channels = Channels::new(redis);
+        let quotes = producer::address(&loaded.quotes, &channels)?;
+        let summary = if redis.cluster_nodes.is_empty() {
+            let broker = RedisBroker::new(&redis.url)?;
+            broker.ping().await?;
+            producer::publish(&broker, &quotes, rate, repeat, shutdown).await?
+        } else {
+            let broker = ClusterBroker::new(&redis.cluster_nodes)?;
+            producer::publish(&broker, &quotes, rate, repeat, shutdown).await?
+        };
+        let target = if channels.is_partitioned() {
+            format!(
+                "{channel:?} ({} partitions, sharded)",
+                channels.partitions()
+            )
+        } else {
+            format!("{channel:?}")
+        };
+        (summary, target)
     };
     println!(
         "published {} quotes to {target} in {:.2} s ({:.0} quotes/s); {} lines rejected",

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use crate::backoff::Backoff;
 use crate::broker::HealthCheck;
 use crate::names;
+use crate::topology::{Role, Shard};
 
 /// The compiled-in defaults; every key is documented there.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
@@ -48,6 +49,18 @@ pub struct Settings {
     pub server: ServerSettings,
     /// The `[auth]` section.
     pub auth: AuthSettings,
+    /// The `[node]` section.
+    pub node: NodeSettings,
+}
+
+/// This node's part in a deployment (see the `topology` module).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSettings {
+    /// `all`, `compute` or `gateway`.
+    pub role: Role,
+    /// The compute shard, `I/N`.
+    pub shard: Shard,
 }
 
 /// How clients authenticate (see the `auth` module).
@@ -147,6 +160,13 @@ pub struct RedisSettings {
     pub output_stream_maxlen: usize,
     /// Stream mode: the hash of window states.
     pub state_key: String,
+    /// The hash of the latest public result per symbol, which compute nodes
+    /// write and gateways read for snapshots.
+    pub snapshot_key: String,
+    /// Redis Cluster seed nodes; empty for a single server at `url`.
+    pub cluster_nodes: Vec<String>,
+    /// Cluster only: sharded channels per input/output channel.
+    pub partitions: u32,
 }
 
 /// The moving average.
@@ -217,12 +237,14 @@ impl Settings {
             .with_list_parse_key("redis.input")
             .with_list_parse_key("websocket.default_symbols")
             .with_list_parse_key("auth.tokens")
+            .with_list_parse_key("redis.cluster_nodes")
             .try_parsing(true)
             .source(env);
         let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
         // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".
         settings.websocket.default_symbols.retain(|s| !s.is_empty());
         settings.auth.tokens.retain(|s| !s.is_empty());
+        settings.redis.cluster_nodes.retain(|s| !s.is_empty());
         settings.validate()?;
         // Building the authenticator checks the [auth] keys (and key files).
         crate::auth::Authenticator::from_settings(&settings.auth)?;
@@ -323,6 +345,7 @@ impl Settings {
         if redis.health_check_timeout_ms == 0 {
             return invalid("redis.health_check_timeout_ms", "must be at least 1".into());
         }
+        self.validate_topology()?;
         if !(1..=10_000).contains(&self.sma.window) {
             return invalid(
                 "sma.window",
@@ -379,6 +402,84 @@ impl Settings {
             return invalid(
                 "server.max_connections_per_client",
                 "must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// These settings with the command line's `--role` and `--shard`, checked again.
+    pub fn with_node(
+        mut self,
+        role: Option<Role>,
+        shard: Option<Shard>,
+    ) -> Result<Self, ConfigError> {
+        self.node.role = role.unwrap_or(self.node.role);
+        self.node.shard = shard.unwrap_or(self.node.shard);
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The `[node]` keys and the cluster keys of `[redis]`, which constrain each other.
+    fn validate_topology(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let (redis, node) = (&self.redis, &self.node);
+        if node.shard.count() > 1 && node.role != Role::Compute {
+            return invalid(
+                "node.shard",
+                format!(
+                    "only compute nodes split the symbols (node.role is {}); use --role compute",
+                    node.role
+                ),
+            );
+        }
+        if redis.snapshot_key.is_empty() {
+            return invalid("redis.snapshot_key", "must not be empty".into());
+        }
+        if node.role == Role::Gateway && !redis.output_stream.is_empty() {
+            return invalid(
+                "redis.output_stream",
+                "gateways follow results on the redis.output channel; leave output_stream empty"
+                    .into(),
+            );
+        }
+        if redis.cluster_nodes.is_empty() {
+            return Ok(());
+        }
+        if let Err(err) = redis::cluster::ClusterClient::new(redis.cluster_nodes.clone()) {
+            return invalid(
+                "redis.cluster_nodes",
+                format!("not valid Redis URLs: {err}"),
+            );
+        }
+        if !(1..=1024).contains(&redis.partitions) {
+            return invalid("redis.partitions", "must be between 1 and 1024".into());
+        }
+        if redis.partitions % node.shard.count() != 0 {
+            return invalid(
+                "redis.partitions",
+                format!(
+                    "must be a multiple of the shard count {} so each partition has one shard",
+                    node.shard.count()
+                ),
+            );
+        }
+        if redis.input_mode == InputMode::Stream {
+            return invalid(
+                "redis.input_mode",
+                "stream mode needs a single Redis server (its MULTI/EXEC spans keys in many slots)"
+                    .into(),
+            );
+        }
+        if let Some(pattern) = redis.input.iter().find(|name| is_pattern(name)) {
+            return invalid(
+                "redis.input",
+                format!("{pattern:?} is a pattern; sharded pub/sub on a cluster has none"),
+            );
+        }
+        if redis.output.contains("{symbol}") {
+            return invalid(
+                "redis.output",
+                "{symbol} is not supported on a cluster: results go to partitioned channels".into(),
             );
         }
         Ok(())
@@ -538,5 +639,68 @@ mod tests {
         assert!(is_pattern("q?"));
         assert!(is_pattern("q[ab]"));
         assert!(!is_pattern("quotes"));
+    }
+
+    #[test]
+    fn node_role_and_shard() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("QUOTEBRIDGE__NODE__ROLE", "compute"),
+                ("QUOTEBRIDGE__NODE__SHARD", "1/2"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.node.role, Role::Compute);
+        assert_eq!(s.node.shard.to_string(), "1/2");
+        let defaults = Settings::defaults().expect("defaults");
+        assert_eq!(
+            (defaults.node.role, defaults.node.shard),
+            (Role::All, Shard::WHOLE)
+        );
+
+        assert!(error_with_env(&[("QUOTEBRIDGE__NODE__SHARD", "0/2")]).contains("node.shard"));
+        assert!(error_with_env(&[("QUOTEBRIDGE__NODE__SHARD", "2/2")]).contains("I/N"));
+        assert!(error_with_env(&[("QUOTEBRIDGE__NODE__ROLE", "edge")]).contains("edge"));
+    }
+
+    #[test]
+    fn cluster_settings_are_checked_together() {
+        let cluster = (
+            "QUOTEBRIDGE__REDIS__CLUSTER_NODES",
+            "redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        );
+        let s = Settings::load_with_env(None, env(&[cluster])).expect("valid");
+        assert_eq!(s.redis.cluster_nodes.len(), 2);
+        for (pairs, key) in [
+            (
+                vec![("QUOTEBRIDGE__REDIS__PARTITIONS", "0")],
+                "redis.partitions",
+            ),
+            (
+                vec![
+                    ("QUOTEBRIDGE__REDIS__PARTITIONS", "5"),
+                    ("QUOTEBRIDGE__NODE__ROLE", "compute"),
+                    ("QUOTEBRIDGE__NODE__SHARD", "0/2"),
+                ],
+                "redis.partitions",
+            ),
+            (
+                vec![("QUOTEBRIDGE__REDIS__INPUT", "quotes.*")],
+                "redis.input",
+            ),
+            (
+                vec![("QUOTEBRIDGE__REDIS__OUTPUT", "sma.{symbol}")],
+                "redis.output",
+            ),
+            (
+                vec![("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream")],
+                "redis.input_mode",
+            ),
+        ] {
+            let mut pairs = pairs;
+            pairs.push(cluster);
+            assert!(error_with_env(&pairs).contains(key), "{key} refused");
+        }
     }
 }

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Settings;
+use crate::topology::Channels;
 use crate::{Error, producer};
 
 /// Sample quotes bundled into the binary: several symbols, a few thousand rows.
@@ -22,8 +23,12 @@ const REDIS_PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Runs the demo until `shutdown`.
 pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<(), Error> {
-    // The feeder publishes; the durable stream mode is for real deployments.
+    // One self-contained process on one Redis (or none): the feeder
+    // publishes; stream mode, clusters and split roles are for deployments.
     settings.redis.input_mode = crate::config::InputMode::PubSub;
+    settings.redis.cluster_nodes.clear();
+    settings.node.role = crate::topology::Role::All;
+    settings.node.shard = crate::topology::Shard::WHOLE;
     let address = settings.server.listen;
     let listener = TcpListener::bind(address).await.map_err(|e| {
         Error::io(
@@ -62,6 +67,7 @@ async fn run_with<B: Broker>(
     let symbols = count_symbols(&loaded.quotes);
     let rate = QUOTES_PER_SECOND_PER_SYMBOL * symbols as f64;
     let channel = settings.redis.input[0].clone();
+    let quotes = producer::address(&loaded.quotes, &Channels::new(&settings.redis))?;
 
     println!(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
@@ -80,15 +86,7 @@ async fn run_with<B: Broker>(
         tokio::spawn(async move {
             // Give the listener a moment to subscribe so the first quotes count.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            producer::publish(
-                &broker,
-                &channel,
-                &loaded.quotes,
-                Some(rate),
-                true,
-                &shutdown,
-            )
-            .await
+            producer::publish(&broker, &quotes, Some(rate), true, &shutdown).await
         })
     };
     let served = crate::serve(settings, listener, broker, shutdown).await;

@@ -284,6 +284,12 @@ impl Hub {
         self.finish_delivery(state, queued, slow);
     }
 
+    /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
+    /// gateway seeding snapshots that compute nodes stored in Redis.
+    pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {
+        self.state().latest.insert(symbol.into(), frame);
+    }
+
     /// Delivers `message` to every socket of the group `client` — the seed's
     /// `send_message(client_code, message)`. Returns how many sockets got it.
     pub fn send_to_group(&self, client: &str, message: Message) -> usize {

@@ -31,6 +31,7 @@ pub mod stats;
 pub mod stream;
 pub mod tail;
 pub mod telemetry;
+pub mod topology;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -41,7 +42,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, BrokerError, RedisBroker};
+use crate::broker::{Broker, BrokerError, ClusterBroker, RedisBroker};
 use crate::config::{ConfigError, InputMode, Settings};
 use crate::hub::{Hub, HubLimits};
 use crate::listener::Listener;
@@ -99,8 +100,14 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let broker = RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
-    serve(settings, listener, broker, shutdown).await
+    if settings.redis.cluster_nodes.is_empty() {
+        let broker =
+            RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
+        serve(settings, listener, broker, shutdown).await
+    } else {
+        let broker = ClusterBroker::new(&settings.redis.cluster_nodes)?;
+        serve(settings, listener, broker, shutdown).await
+    }
 }
 
 /// Runs the bridge on any broker until `shutdown` is cancelled, then closes
@@ -123,12 +130,12 @@ pub async fn serve<B: Broker>(
         },
         stats.clone(),
     );
+    let role = settings.node.role;
     let subscribed = Arc::new(AtomicBool::new(false));
     let metrics = Arc::new(metrics::Metrics::new());
-    let mut ready = vec![subscribed.clone()];
+    let mut ready = Vec::new();
     let stream_task = match settings.redis.input_mode {
-        InputMode::PubSub => None,
-        InputMode::Stream => {
+        InputMode::Stream if role.computes() => {
             let consuming = Arc::new(AtomicBool::new(false));
             ready.push(consuming.clone());
             let consumer = stream::StreamConsumer::new(
@@ -141,6 +148,7 @@ pub async fn serve<B: Broker>(
             .map_err(BrokerError::from)?;
             Some(tokio::spawn(consumer.run(shutdown.clone())))
         }
+        InputMode::Stream | InputMode::PubSub => None,
     };
 
     let (publish, publish_queue) = mpsc::channel(settings.redis.publish_queue);
@@ -150,17 +158,19 @@ pub async fn serve<B: Broker>(
         stats.clone(),
         metrics.clone(),
     ));
-    let listener_task = tokio::spawn(
-        Listener::new(
-            &settings,
-            broker,
-            hub.clone(),
-            publish,
-            stats.clone(),
-            subscribed.clone(),
-        )
-        .run(shutdown.clone()),
+    let redis_listener = Listener::new(
+        &settings,
+        broker,
+        hub.clone(),
+        publish,
+        stats.clone(),
+        subscribed.clone(),
     );
+    // A compute node in stream mode reads only the stream.
+    let listener_task = redis_listener.has_topics().then(|| {
+        ready.push(subscribed.clone());
+        tokio::spawn(redis_listener.run(shutdown.clone()))
+    });
 
     let sessions = TaskTracker::new();
     let auth = Arc::new(auth::Authenticator::from_settings(&settings.auth)?);
@@ -183,7 +193,11 @@ pub async fn serve<B: Broker>(
     let address = listener
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
-    tracing::info!(%address, "listening for WebSocket clients on ws://{address}/ws/{{client_code}}");
+    if role.serves_sockets() {
+        tracing::info!(%address, %role, shard = %settings.node.shard, "listening for WebSocket clients on ws://{address}/ws/{{client_code}}");
+    } else {
+        tracing::info!(%address, %role, shard = %settings.node.shard, "no WebSocket listener; health and metrics on http://{address}/");
+    }
     // Frames are small and latency matters: no Nagle delay on any socket.
     let listener = listener.tap_io(|tcp| {
         if let Err(err) = tcp.set_nodelay(true) {
@@ -200,7 +214,9 @@ pub async fn serve<B: Broker>(
     sessions.close();
     let drained = async {
         sessions.wait().await;
-        let _ = listener_task.await;
+        if let Some(listener_task) = listener_task {
+            let _ = listener_task.await;
+        }
         if let Some(stream_task) = stream_task {
             let _ = stream_task.await;
         }

@@ -1,11 +1,12 @@
 //! The Redis listener (the seed's `ThreadedRedisMessageListener`): one
-//! subscription for the input channels and the direct-message pattern.
+//! subscription for everything this node's role reads.
 //!
 //! ```text
-//! input channel ─▶ Pipeline ─▶ SMA ─┬─▶ publisher ─▶ redis.output
-//!                     │ bad          └─▶ hub ─▶ sockets
+//! input channel ─▶ Pipeline ─▶ SMA ─┬─▶ publisher ─▶ redis.output   (all, compute)
+//!                     │ bad          └─▶ hub ─▶ sockets              (all)
 //!                     └─▶ publisher ─▶ redis.rejected
-//! direct channel ────────────────────▶ hub ─▶ one group's sockets
+//! output channel ─────────────────────▶ hub ─▶ sockets              (gateway)
+//! direct channel ─────────────────────▶ hub ─▶ one group's sockets  (all, gateway)
 //! ```
 //!
 //! In durable stream mode quotes come from `stream.rs` instead and this
@@ -28,18 +29,34 @@ use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
 use crate::pipeline::{Outcome, Pipeline, unix_ms};
+use crate::protocol::ResultRoute;
 use crate::publisher::Queued;
 use crate::stats::Stats;
+use crate::topology::{Channels, Role};
 
 /// How often a continuing Redis outage is logged.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
 
+/// What arrives through a topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Feed {
+    /// Quotes to compute.
+    Quotes,
+    /// Results compute nodes published, for a gateway's sockets.
+    Results,
+    /// Payloads for one client group.
+    Direct,
+}
+
 /// The Redis listener: subscribes, then turns every message into its effects.
 pub struct Listener<B> {
     broker: B,
-    /// Input channels and patterns first, the direct-message pattern last.
     topics: Vec<Topic>,
-    direct_prefix: String,
+    /// What each of `topics` carries.
+    feeds: Vec<Feed>,
+    channels: Channels,
+    /// Snapshot hashes to load after subscribing (gateways only).
+    snapshot_keys: Vec<String>,
     pipeline: Pipeline,
     hub: Hub,
     publish: mpsc::Sender<Queued>,
@@ -59,16 +76,34 @@ impl<B: Broker> Listener<B> {
         stats: Arc<Stats>,
         subscribed: Arc<AtomicBool>,
     ) -> Self {
-        let redis = &settings.redis;
-        let mut topics: Vec<Topic> = match redis.input_mode {
-            InputMode::PubSub => redis.input.iter().map(|n| Topic::from_name(n)).collect(),
-            InputMode::Stream => Vec::new(),
+        let channels = Channels::new(&settings.redis);
+        let role = settings.node.role;
+        let mut feeds = Vec::new();
+        let mut topics = Vec::new();
+        let mut add = |feed, more: Vec<Topic>| {
+            feeds.extend(std::iter::repeat_n(feed, more.len()));
+            topics.extend(more);
         };
-        topics.push(Topic::Pattern(format!("{}*", redis.direct_prefix)));
+        if role.computes() && settings.redis.input_mode == InputMode::PubSub {
+            add(Feed::Quotes, channels.input_topics(settings.node.shard));
+        }
+        if role == Role::Gateway {
+            add(Feed::Results, channels.output_topics());
+        }
+        if role.serves_sockets() {
+            add(Feed::Direct, vec![channels.direct_topic()]);
+        }
+        let snapshot_keys = if role == Role::Gateway {
+            channels.snapshot_keys()
+        } else {
+            Vec::new()
+        };
         Self {
             broker,
             topics,
-            direct_prefix: redis.direct_prefix.clone(),
+            feeds,
+            channels,
+            snapshot_keys,
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
             publish,
@@ -76,6 +111,13 @@ impl<B: Broker> Listener<B> {
             subscribed,
             backoff: settings.reconnect_backoff(),
         }
+    }
+
+    /// Whether this node's role needs a subscription at all (a compute node
+    /// in stream mode reads only the stream).
+    #[must_use]
+    pub fn has_topics(&self) -> bool {
+        !self.topics.is_empty()
     }
 
     /// Runs until `shutdown`, resubscribing (with backoff) whenever the
@@ -120,6 +162,7 @@ impl<B: Broker> Listener<B> {
                 }
                 None => tracing::info!(topics = ?self.topics, "subscribed"),
             }
+            self.load_snapshots().await;
             self.subscribed.store(true, Relaxed);
             loop {
                 tokio::select! {
@@ -139,10 +182,60 @@ impl<B: Broker> Listener<B> {
     }
 
     async fn handle(&mut self, message: Inbound) {
-        if message.topic == self.topics.len() - 1 {
-            self.on_direct(&message.channel, message.payload);
-        } else {
-            self.on_quote(&message.payload).await;
+        match self.feeds.get(message.topic) {
+            Some(Feed::Quotes) => self.on_quote(&message.payload).await,
+            Some(Feed::Results) => self.on_result(message.payload),
+            Some(Feed::Direct) => self.on_direct(&message.channel, message.payload),
+            None => {}
+        }
+    }
+
+    /// A gateway seeds its snapshots from the hashes compute nodes keep.
+    /// Called after subscribing, so a result published meanwhile is either
+    /// in the hash or on its way through the subscription; a failure only
+    /// delays snapshots until the symbols' next results.
+    async fn load_snapshots(&self) {
+        if self.snapshot_keys.is_empty() {
+            return;
+        }
+        match self.broker.read_snapshots(&self.snapshot_keys).await {
+            Ok(snapshots) => {
+                let mut loaded = 0usize;
+                for (symbol, frame) in snapshots {
+                    let Ok(frame) = Utf8Bytes::try_from(frame) else {
+                        continue;
+                    };
+                    if names::is_symbol(&symbol) {
+                        self.hub.remember_latest(&symbol, frame);
+                        loaded += 1;
+                    }
+                }
+                tracing::info!(symbols = loaded, "snapshots loaded");
+            }
+            Err(err) => {
+                tracing::warn!(cause = %err, "cannot load snapshots; they follow with the next results")
+            }
+        }
+    }
+
+    /// A result a compute node published: fanned out as `all` would, with
+    /// the very bytes the compute node encoded.
+    fn on_result(&mut self, payload: Bytes) {
+        let Ok(frame) = Utf8Bytes::try_from(payload) else {
+            self.stats.results_unroutable.fetch_add(1, Relaxed);
+            return;
+        };
+        let Some(route) = ResultRoute::of(frame.as_str()) else {
+            self.stats.results_unroutable.fetch_add(1, Relaxed);
+            tracing::debug!(message = %frame.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
+            return;
+        };
+        self.stats.results_relayed.fetch_add(1, Relaxed);
+        match route.client {
+            None => self.hub.publish_public(&route.symbol, frame.clone()),
+            Some(code) => {
+                self.hub.send_to_group(&code, Message::Text(frame.clone()));
+            }
         }
     }
 
@@ -157,7 +250,9 @@ impl<B: Broker> Listener<B> {
                 sma.deliver(&self.hub, &quote);
                 self.enqueue(sma.outbound(), Some(arrived)).await;
             }
-            Outcome::Accepted { sma: None, .. } | Outcome::Rejected { notice: None } => {}
+            Outcome::Accepted { sma: None, .. }
+            | Outcome::Rejected { notice: None }
+            | Outcome::OtherShard => {}
             Outcome::Rejected {
                 notice: Some(notice),
             } => self.enqueue(notice, None).await,
@@ -166,9 +261,7 @@ impl<B: Broker> Listener<B> {
 
     /// A payload on `{direct_prefix}{CODE}`, forwarded verbatim to CODE's group.
     fn on_direct(&mut self, channel: &str, payload: Bytes) {
-        let code = channel
-            .strip_prefix(&self.direct_prefix)
-            .unwrap_or_default();
+        let code = self.channels.direct_client(channel).unwrap_or_default();
         if !names::is_client_code(code) {
             tracing::debug!(channel, "direct message for an invalid client code ignored");
             return;

@@ -80,6 +80,21 @@ impl Metrics {
                 &stats.quotes_received,
             ),
             (
+                "quotebridge_quotes_other_shard_total",
+                "Valid quotes skipped because another compute shard owns their symbol",
+                &stats.quotes_other_shard,
+            ),
+            (
+                "quotebridge_results_relayed_total",
+                "Results a gateway received from compute nodes and fanned out",
+                &stats.results_relayed,
+            ),
+            (
+                "quotebridge_results_unroutable_total",
+                "Messages on the output channels a gateway could not route",
+                &stats.results_unroutable,
+            ),
+            (
                 "quotebridge_smas_emitted_total",
                 "SMA results computed and sent to Redis and sockets",
                 &stats.smas_emitted,

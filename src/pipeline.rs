@@ -31,6 +31,7 @@ use crate::protocol::SmaMessage;
 use crate::quote::{self, Quote, Reject};
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
+use crate::topology::{Channels, Shard, SnapshotSlot};
 
 /// The part of a rejected payload republished with its reason.
 const REJECTED_SAMPLE_BYTES: usize = 1024;
@@ -38,9 +39,10 @@ const REJECTED_SAMPLE_BYTES: usize = 1024;
 /// Quote → SMA → encoded result, for every key.
 pub struct Pipeline {
     windows: Windows,
-    output: OutputChannel,
+    naming: Naming,
     rejected_channel: Option<Arc<str>>,
     emit_partial: bool,
+    shard: Shard,
     stats: Arc<Stats>,
     reject_log: RejectLog,
 }
@@ -55,6 +57,8 @@ pub enum Outcome<'a> {
         /// The result to publish and fan out.
         sma: Option<Sma>,
     },
+    /// A valid quote for a symbol another compute shard handles: ignored.
+    OtherShard,
     /// Not a valid quote: counted and logged. `notice` is the message for
     /// `redis.rejected`, unless that is disabled.
     Rejected {
@@ -69,6 +73,8 @@ pub struct Sma {
     pub channel: Arc<str>,
     /// The JSON message, shared by Redis and every socket.
     pub frame: Utf8Bytes,
+    /// Where the result is kept for gateways' snapshots, if it is.
+    pub snapshot: Option<Arc<SnapshotSlot>>,
 }
 
 impl Sma {
@@ -78,6 +84,7 @@ impl Sma {
         Outbound {
             channel: self.channel.clone(),
             payload: self.frame.clone().into(),
+            snapshot: self.snapshot.clone(),
         }
     }
 
@@ -97,12 +104,19 @@ impl Pipeline {
     /// A pipeline with no windows yet.
     #[must_use]
     pub fn new(settings: &Settings, stats: Arc<Stats>) -> Self {
-        let redis = &settings.redis;
+        let channels = Channels::new(&settings.redis);
+        let shard = settings.node.shard;
         Self {
             windows: Windows::new(settings.window(), settings.sma.max_keys),
-            output: OutputChannel::new(&redis.output),
-            rejected_channel: (!redis.rejected.is_empty()).then(|| redis.rejected.as_str().into()),
+            // Every shard sees unparseable input; shard 0 alone reports it,
+            // so a bad payload yields one notice, not N.
+            rejected_channel: channels.rejected_channel().filter(|_| shard.index() == 0),
+            naming: Naming {
+                channels,
+                snapshots: settings.node.role.stores_snapshots(),
+            },
             emit_partial: settings.sma.emit_partial,
+            shard,
             stats,
             reject_log: RejectLog::default(),
         }
@@ -115,10 +129,14 @@ impl Pipeline {
             Ok(quote) => quote,
             Err(reason) => return self.reject(&reason, payload),
         };
+        if !self.shard.owns(&quote.symbol) {
+            self.stats.quotes_other_shard.fetch_add(1, Relaxed);
+            return Outcome::OtherShard;
+        }
         let client = quote.client.as_deref();
         let Some(key) = self
             .windows
-            .get_or_insert(client, &quote.symbol, &self.output)
+            .get_or_insert(client, &quote.symbol, &self.naming)
         else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
@@ -139,6 +157,7 @@ impl Pipeline {
         let sma = Sma {
             channel: key.channel.clone(),
             frame,
+            snapshot: key.snapshot.clone(),
         };
         self.stats.smas_emitted.fetch_add(1, Relaxed);
         Outcome::Accepted {
@@ -154,12 +173,15 @@ impl Pipeline {
         self.reject_log.record(reason, &sample);
         let notice = self.rejected_channel.as_ref().map(|channel| {
             let body = serde_json::json!({ "error": reason.to_string(), "payload": sample });
-            Outbound {
-                channel: channel.clone(),
-                payload: body.to_string().into(),
-            }
+            Outbound::new(channel.clone(), body.to_string().into())
         });
         Outcome::Rejected { notice }
+    }
+
+    /// Whether this pipeline's shard handles `symbol`.
+    #[must_use]
+    pub fn owns(&self, symbol: &str) -> bool {
+        self.shard.owns(symbol)
     }
 
     /// The state of one key's window, if the key exists.
@@ -173,7 +195,7 @@ impl Pipeline {
     /// Replaces one key's window with `state` (restoring after a restart).
     pub fn restore_window(&mut self, client: Option<&str>, symbol: &str, state: WindowState) {
         let capacity = self.windows.window;
-        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.output) {
+        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.naming) {
             key.window = SmaWindow::restore(capacity, state);
         }
     }
@@ -184,10 +206,29 @@ impl Pipeline {
     }
 }
 
-/// One key's window and the output channel its results go to.
+/// One key's window and where its results go.
 struct Key {
     window: SmaWindow,
     channel: Arc<str>,
+    snapshot: Option<Arc<SnapshotSlot>>,
+}
+
+/// Names a new key's output channel and snapshot slot.
+struct Naming {
+    channels: Channels,
+    /// Whether public results are kept for gateways.
+    snapshots: bool,
+}
+
+impl Naming {
+    fn key(&self, client: Option<&str>, symbol: &str, window: NonZeroUsize) -> Key {
+        Key {
+            window: SmaWindow::new(window),
+            channel: self.channels.output_channel(symbol),
+            snapshot: (self.snapshots && client.is_none())
+                .then(|| Arc::new(self.channels.snapshot_slot(symbol))),
+        }
+    }
 }
 
 /// Every SMA window, public by symbol and private by client then symbol, so
@@ -224,7 +265,7 @@ impl Windows {
         &mut self,
         client: Option<&str>,
         symbol: &str,
-        output: &OutputChannel,
+        naming: &Naming,
     ) -> Option<&mut Key> {
         let full = self.len >= self.max_keys;
         let map = match client {
@@ -240,36 +281,8 @@ impl Windows {
             EntryRef::Vacant(_) if full => None,
             EntryRef::Vacant(entry) => {
                 self.len += 1;
-                Some(entry.insert(Key {
-                    window: SmaWindow::new(self.window),
-                    channel: output.for_symbol(symbol),
-                }))
+                Some(entry.insert(naming.key(client, symbol, self.window)))
             }
-        }
-    }
-}
-
-/// `redis.output`, with `{symbol}` expanded per symbol.
-enum OutputChannel {
-    Fixed(Arc<str>),
-    PerSymbol { before: String, after: String },
-}
-
-impl OutputChannel {
-    fn new(template: &str) -> Self {
-        match template.split_once("{symbol}") {
-            Some((before, after)) => OutputChannel::PerSymbol {
-                before: before.to_owned(),
-                after: after.to_owned(),
-            },
-            None => OutputChannel::Fixed(template.into()),
-        }
-    }
-
-    fn for_symbol(&self, symbol: &str) -> Arc<str> {
-        match self {
-            OutputChannel::Fixed(name) => name.clone(),
-            OutputChannel::PerSymbol { before, after } => format!("{before}{symbol}{after}").into(),
         }
     }
 }
@@ -319,21 +332,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn output_channel_template() {
-        assert_eq!(&*OutputChannel::new("sma").for_symbol("AAPL"), "sma");
-        assert_eq!(
-            &*OutputChannel::new("sma.{symbol}").for_symbol("AAPL"),
-            "sma.AAPL"
-        );
-        assert_eq!(
-            &*OutputChannel::new("{symbol}:avg").for_symbol("X"),
-            "X:avg"
-        );
-    }
-
-    #[test]
     fn windows_are_per_client_and_symbol_and_bounded() {
-        let output = OutputChannel::new("sma");
+        let settings = Settings::defaults().expect("defaults");
+        let output = Naming {
+            channels: Channels::new(&settings.redis),
+            snapshots: false,
+        };
         let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3);
         windows
             .get_or_insert(None, "A", &output)

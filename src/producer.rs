@@ -3,6 +3,7 @@
 //! publishes them pipelined, optionally paced and looped.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, BrokerError, Outbound};
 use crate::quote::{self, Quote};
+use crate::topology::Channels;
 
 /// Most quotes in one pipeline when publishing as fast as possible.
 const MAX_PIPELINE: usize = 1000;
@@ -165,27 +167,44 @@ impl Loaded {
     }
 }
 
-/// Publishes `quotes` on `channel`: pipelined as fast as the broker takes
-/// them, or paced at `rate` quotes per second; once, or looping until
-/// `shutdown` when `repeat` is set.
+/// Addresses each quote to the input channel its symbol goes to: the first
+/// `redis.input` channel, or its partition on a Redis Cluster.
+pub fn address(quotes: &[Bytes], channels: &Channels) -> Result<Vec<Outbound>, crate::Error> {
+    // One shared name per channel, however many quotes go to it.
+    let mut names: HashMap<String, Arc<str>> = HashMap::new();
+    quotes
+        .iter()
+        .map(|payload| {
+            let symbol = quote::parse(payload)
+                .map(|q| q.symbol.into_owned())
+                .map_err(|reason| crate::Error::Input(format!("not a quote: {reason}")))?;
+            let channel = channels.input_channel(&symbol).ok_or_else(|| {
+                crate::Error::Usage(
+                    "the first redis.input entry is a pattern; publish needs a channel".into(),
+                )
+            })?;
+            let channel = names
+                .entry(channel)
+                .or_insert_with_key(|name| name.as_str().into())
+                .clone();
+            Ok(Outbound::new(channel, payload.clone()))
+        })
+        .collect()
+}
+
+/// Publishes `quotes`: pipelined as fast as the broker takes them, or paced
+/// at `rate` quotes per second; once, or looping until `shutdown` when
+/// `repeat` is set.
 pub async fn publish<B: Broker>(
     broker: &B,
-    channel: &str,
-    quotes: &[Bytes],
+    quotes: &[Outbound],
     rate: Option<f64>,
     repeat: bool,
     shutdown: &CancellationToken,
 ) -> Result<Summary, BrokerError> {
-    let channel: Arc<str> = channel.into();
     let mut pacer = Pacer::new(quotes, rate, repeat);
-    let mut batch = Vec::with_capacity(MAX_PIPELINE);
     while let Some(due) = pacer.next_batch(shutdown).await {
-        batch.clear();
-        batch.extend(due.iter().map(|payload| Outbound {
-            channel: channel.clone(),
-            payload: payload.clone(),
-        }));
-        broker.publish(&batch).await?;
+        broker.publish(due).await?;
     }
     Ok(pacer.summary())
 }
@@ -224,18 +243,18 @@ pub async fn append_to_stream(
 
 /// Hands out `quotes` in batches: [`MAX_PIPELINE`] at a time when unpaced,
 /// else, at `rate` quotes per second, as many as are due.
-struct Pacer<'q> {
-    quotes: &'q [Bytes],
+struct Pacer<'q, T> {
+    quotes: &'q [T],
     rate: Option<f64>,
     repeat: bool,
     start: Instant,
     handed_out: u64,
     next: usize,
-    batch: Vec<Bytes>,
+    batch: Vec<T>,
 }
 
-impl<'q> Pacer<'q> {
-    fn new(quotes: &'q [Bytes], rate: Option<f64>, repeat: bool) -> Self {
+impl<'q, T: Clone> Pacer<'q, T> {
+    fn new(quotes: &'q [T], rate: Option<f64>, repeat: bool) -> Self {
         Self {
             quotes,
             rate: rate.filter(|r| *r > 0.0),
@@ -248,7 +267,7 @@ impl<'q> Pacer<'q> {
     }
 
     /// The next batch, once it is due; `None` when done or shut down.
-    async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<&[Bytes]> {
+    async fn next_batch(&mut self, shutdown: &CancellationToken) -> Option<&[T]> {
         let total = self.quotes.len() as u64;
         if self.quotes.is_empty() || (!self.repeat && self.handed_out >= total) {
             return None;
@@ -364,17 +383,12 @@ mod tests {
             .subscribe(&[Topic::from_name("q")])
             .await
             .expect("subscribe");
-        let quotes: Vec<Bytes> = (0..2500).map(|i| Bytes::from(format!("{i}"))).collect();
-        let summary = publish(
-            &broker,
-            "q",
-            &quotes,
-            None,
-            false,
-            &CancellationToken::new(),
-        )
-        .await
-        .expect("publish");
+        let quotes: Vec<Outbound> = (0..2500)
+            .map(|i| Outbound::new("q".into(), Bytes::from(format!("{i}"))))
+            .collect();
+        let summary = publish(&broker, &quotes, None, false, &CancellationToken::new())
+            .await
+            .expect("publish");
         assert_eq!(summary.published, 2500);
         for i in 0..2500 {
             let got = sub.next().await.expect("message");
@@ -382,13 +396,38 @@ mod tests {
         }
     }
 
+    #[test]
+    fn quotes_are_addressed_to_their_partition_on_a_cluster() {
+        let quotes: Vec<Bytes> = ["A", "B", "C", "A"]
+            .iter()
+            .map(|s| Bytes::from(format!(r#"{{"symbol":"{s}","price":1}}"#)))
+            .collect();
+        let mut settings = crate::config::Settings::defaults().expect("defaults");
+        let single = address(&quotes, &Channels::new(&settings.redis)).expect("addressed");
+        assert!(single.iter().all(|o| &*o.channel == "quotes"));
+        settings.redis.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
+        let channels = Channels::new(&settings.redis);
+        let cluster = address(&quotes, &channels).expect("addressed");
+        for (outbound, symbol) in cluster.iter().zip(["A", "B", "C", "A"]) {
+            assert_eq!(
+                Some(outbound.channel.to_string()),
+                channels.input_channel(symbol)
+            );
+        }
+        assert!(
+            Arc::ptr_eq(&cluster[0].channel, &cluster[3].channel),
+            "names are shared"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn paced_publishing_follows_the_rate() {
         use crate::broker::MemoryBroker;
-        let quotes: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("{i}"))).collect();
+        let quotes: Vec<Outbound> = (0..10)
+            .map(|i| Outbound::new("q".into(), Bytes::from(format!("{i}"))))
+            .collect();
         let summary = publish(
             &MemoryBroker::new(),
-            "q",
             &quotes,
             Some(100.0),
             false,

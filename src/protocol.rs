@@ -129,6 +129,32 @@ impl ClientOp {
     }
 }
 
+/// Who a published SMA result is for: what a gateway needs to fan it out.
+#[derive(Debug, PartialEq, Deserialize)]
+pub struct ResultRoute<'a> {
+    /// The symbol: public results go to its subscribers.
+    #[serde(borrow)]
+    pub symbol: std::borrow::Cow<'a, str>,
+    /// The client code of a private result: it goes to that group.
+    #[serde(borrow, default)]
+    pub client: Option<std::borrow::Cow<'a, str>>,
+    /// Present in every SMA message; required so other JSON is not taken for one.
+    #[serde(rename = "sma")]
+    _sma: f64,
+}
+
+impl<'a> ResultRoute<'a> {
+    /// The route of an SMA message as compute nodes publish it; `None` for
+    /// anything else (no `sma` number, or names the bridge would not produce).
+    #[must_use]
+    pub fn of(message: &'a str) -> Option<Self> {
+        let route: Self = serde_json::from_str(message).ok()?;
+        let valid = names::is_symbol(&route.symbol)
+            && route.client.as_deref().is_none_or(names::is_client_code);
+        valid.then_some(route)
+    }
+}
+
 /// A control frame the server sends.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
@@ -164,6 +190,47 @@ impl ServerFrame<'_> {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn result_routes_come_from_sma_messages_only() {
+        let public = SmaMessage {
+            symbol: "AAPL",
+            price: 1.0,
+            sma: 2.0,
+            window: 3,
+            count: 3,
+            ts: 4,
+            client: None,
+        }
+        .encode();
+        let route = ResultRoute::of(public.as_str()).expect("routable");
+        assert_eq!((&*route.symbol, route.client), ("AAPL", None));
+        let private = SmaMessage {
+            client: Some("acme"),
+            ..SmaMessage {
+                symbol: "MSFT",
+                price: 1.0,
+                sma: 2.0,
+                window: 3,
+                count: 3,
+                ts: 4,
+                client: None,
+            }
+        }
+        .encode();
+        let route = ResultRoute::of(private.as_str()).expect("routable");
+        assert_eq!(route.client.as_deref(), Some("acme"));
+        for junk in [
+            "",
+            "not json",
+            r#"{"symbol":"AAPL"}"#,
+            r#"{"symbol":"AAPL","sma":"x"}"#,
+            r#"{"symbol":"bad symbol","sma":1}"#,
+            r#"{"symbol":"AAPL","sma":1,"client":"no/slash"}"#,
+        ] {
+            assert!(ResultRoute::of(junk).is_none(), "{junk:?} is not routable");
+        }
+    }
 
     fn as_json(bytes: &Utf8Bytes) -> Value {
         serde_json::from_str(bytes.as_str()).expect("frame is JSON")

@@ -47,11 +47,18 @@ pub struct AppState {
 
 /// The bridge's routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/ws/{*client_code}", get(upgrade))
-        .route("/ws", get(missing_client_code))
-        .route("/ws/", get(missing_client_code))
-        .route("/", get(dashboard))
+    let routes = Router::new();
+    // A compute node has no sockets: only health, readiness and counters.
+    let routes = if state.settings.node.role.serves_sockets() {
+        routes
+            .route("/ws/{*client_code}", get(upgrade))
+            .route("/ws", get(missing_client_code))
+            .route("/ws/", get(missing_client_code))
+            .route("/", get(dashboard))
+    } else {
+        routes
+    };
+    routes
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))

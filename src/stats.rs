@@ -16,6 +16,12 @@ pub struct Stats {
     pub quotes_received: AtomicU64,
     /// Rejected payloads, indexed like [`Reject::LABELS`].
     pub quotes_rejected: [AtomicU64; Reject::LABELS.len()],
+    /// Valid quotes ignored because another compute shard handles their symbol.
+    pub quotes_other_shard: AtomicU64,
+    /// Results a gateway received on the output channels and fanned out.
+    pub results_relayed: AtomicU64,
+    /// Messages on the output channels a gateway could not route (not an SMA result).
+    pub results_unroutable: AtomicU64,
     /// SMA results computed and handed to Redis and the sockets.
     pub smas_emitted: AtomicU64,
     /// Messages (SMA and rejected) Redis acknowledged.
@@ -64,7 +70,10 @@ impl Stats {
             "quotes_received": self.quotes_received.load(Relaxed),
             "quotes_rejected": self.rejected_total(),
             "quotes_rejected_by_reason": by_reason,
+            "quotes_other_shard": self.quotes_other_shard.load(Relaxed),
             "smas_emitted": self.smas_emitted.load(Relaxed),
+            "results_relayed": self.results_relayed.load(Relaxed),
+            "results_unroutable": self.results_unroutable.load(Relaxed),
             "published": self.published.load(Relaxed),
             "publish_failed": self.publish_failed.load(Relaxed),
             "direct_received": self.direct_received.load(Relaxed),

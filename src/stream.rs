@@ -68,9 +68,22 @@ impl StreamConsumer {
         stats: Arc<Stats>,
         consuming: Arc<AtomicBool>,
     ) -> RedisResult<Self> {
+        let mut redis = settings.redis.clone();
+        let shard = settings.node.shard;
+        if shard.count() > 1 {
+            // A group hands each entry to one of its consumers, whatever the
+            // symbol; every shard needs every entry, so each reads through a
+            // group of its own and skips the symbols it does not own.
+            redis.consumer_group = format!(
+                "{}.shard-{}-of-{}",
+                redis.consumer_group,
+                shard.index(),
+                shard.count()
+            );
+        }
         Ok(Self {
             client: crate::broker::redis_client(&settings.redis.url)?,
-            redis: settings.redis.clone(),
+            redis,
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
             stats,
@@ -165,6 +178,8 @@ impl StreamConsumer {
             let key = serde_json::from_slice::<(Option<String>, String)>(&field);
             let state = serde_json::from_slice::<WindowState>(&value);
             match (key, state) {
+                // Another compute shard's window.
+                (Ok((_, symbol)), Ok(_)) if !self.pipeline.owns(&symbol) => {}
                 (Ok((client, symbol)), Ok(state)) => {
                     self.pipeline
                         .restore_window(client.as_deref(), &symbol, state);
@@ -287,7 +302,7 @@ impl StreamConsumer {
                         .ignore();
                     notices += 1;
                 }
-                Outcome::Rejected { notice: None } => {}
+                Outcome::Rejected { notice: None } | Outcome::OtherShard => {}
             }
         }
         for (client, symbol) in &touched {
@@ -321,6 +336,11 @@ impl StreamConsumer {
     }
 
     fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
+        if let Some(slot) = &sma.snapshot {
+            transaction
+                .hset(&*slot.key, &*slot.field, sma.frame.as_bytes())
+                .ignore();
+        }
         if self.redis.output_stream.is_empty() {
             transaction
                 .publish(&*sma.channel, sma.frame.as_bytes())

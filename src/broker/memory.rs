@@ -3,7 +3,10 @@
 //! Redis's glob rules, and a subscriber that falls too far behind loses
 //! messages (Redis would disconnect it) instead of stalling the publisher.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
 
 use futures_util::StreamExt;
 use futures_util::stream;
@@ -17,7 +20,14 @@ const SUBSCRIPTION_QUEUE: usize = 65_536;
 /// A pub/sub broker living inside this process. Clones share the same channels.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryBroker {
-    subscribers: Arc<Mutex<Vec<Subscriber>>>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    subscribers: Vec<Subscriber>,
+    /// Hash key → field → value, as HSET would leave them.
+    snapshots: HashMap<String, HashMap<String, Bytes>>,
 }
 
 #[derive(Debug)]
@@ -33,10 +43,10 @@ impl MemoryBroker {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Subscriber>> {
-        // A panic while holding the lock cannot leave the list inconsistent
-        // (every mutation is a single push or retain), so poison is ignored.
-        self.subscribers
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the state inconsistent
+        // (every mutation is a single push, insert or retain), so poison is ignored.
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -45,7 +55,7 @@ impl MemoryBroker {
 impl Broker for MemoryBroker {
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
         let (queue, rx) = mpsc::channel(SUBSCRIPTION_QUEUE);
-        self.lock().push(Subscriber {
+        self.lock().subscribers.push(Subscriber {
             topics: topics.to_vec(),
             queue,
         });
@@ -57,10 +67,17 @@ impl Broker for MemoryBroker {
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {
-        let mut subscribers = self.lock();
-        subscribers.retain(|s| !s.queue.is_closed());
+        let mut state = self.lock();
+        state.subscribers.retain(|s| !s.queue.is_closed());
         for message in batch {
-            for subscriber in subscribers.iter() {
+            if let Some(slot) = &message.snapshot {
+                state
+                    .snapshots
+                    .entry(slot.key.to_string())
+                    .or_default()
+                    .insert(slot.field.to_string(), message.payload.clone());
+            }
+            for subscriber in &state.subscribers {
                 for (topic, _) in subscriber
                     .topics
                     .iter()
@@ -84,6 +101,15 @@ impl Broker for MemoryBroker {
         Ok(())
     }
 
+    async fn read_snapshots(&self, keys: &[String]) -> Result<Vec<(String, Bytes)>, BrokerError> {
+        let state = self.lock();
+        Ok(keys
+            .iter()
+            .filter_map(|key| state.snapshots.get(key))
+            .flat_map(|hash| hash.iter().map(|(f, v)| (f.clone(), v.clone())))
+            .collect())
+    }
+
     fn describe(&self) -> String {
         "embedded broker".to_owned()
     }
@@ -92,13 +118,9 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bytes::Bytes;
 
     fn out(channel: &str, payload: &'static str) -> Outbound {
-        Outbound {
-            channel: channel.into(),
-            payload: Bytes::from_static(payload.as_bytes()),
-        }
+        Outbound::new(channel.into(), Bytes::from_static(payload.as_bytes()))
     }
 
     #[tokio::test]
@@ -133,6 +155,6 @@ mod tests {
             .expect("subscribe");
         drop(sub);
         broker.publish(&[out("a", "x")]).await.expect("publish");
-        assert!(broker.lock().is_empty());
+        assert!(broker.lock().subscribers.is_empty());
     }
 }

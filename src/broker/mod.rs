@@ -4,6 +4,7 @@
 //! stand-in with Redis's channel and pattern semantics, used by `demo` when no
 //! Redis answers and by fast tests.
 
+mod cluster;
 mod glob;
 mod memory;
 mod redis;
@@ -14,10 +15,12 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
+pub use self::cluster::ClusterBroker;
 pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
 pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
 use crate::config::is_pattern;
+use crate::topology::SnapshotSlot;
 
 /// Something to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,6 +29,8 @@ pub enum Topic {
     Channel(String),
     /// A glob pattern (PSUBSCRIBE).
     Pattern(String),
+    /// A sharded channel of a Redis Cluster (SSUBSCRIBE).
+    Sharded(String),
 }
 
 impl Topic {
@@ -43,7 +48,7 @@ impl Topic {
     #[must_use]
     pub fn matches(&self, channel: &str) -> bool {
         match self {
-            Topic::Channel(name) => name == channel,
+            Topic::Channel(name) | Topic::Sharded(name) => name == channel,
             Topic::Pattern(pattern) => glob_match(pattern.as_bytes(), channel.as_bytes()),
         }
     }
@@ -67,6 +72,21 @@ pub struct Outbound {
     pub channel: Arc<str>,
     /// The payload.
     pub payload: Bytes,
+    /// Also store the payload here, before publishing it (the latest result
+    /// of a public symbol, for gateways' snapshots).
+    pub snapshot: Option<Arc<SnapshotSlot>>,
+}
+
+impl Outbound {
+    /// A message to publish on `channel`, stored nowhere.
+    #[must_use]
+    pub fn new(channel: Arc<str>, payload: Bytes) -> Self {
+        Self {
+            channel,
+            payload,
+            snapshot: None,
+        }
+    }
 }
 
 /// The messages of one subscription, in the order the broker delivered them.
@@ -82,6 +102,9 @@ pub enum BrokerError {
     /// The broker is gone (the in-process broker was shut down).
     #[error("broker closed")]
     Closed,
+    /// The broker cannot do what was asked.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// A publish/subscribe broker.
@@ -95,6 +118,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// Publishes the messages in order, in as few round trips as the broker allows.
     fn publish(&self, batch: &[Outbound]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Every `(field, value)` of the snapshot hashes `keys`.
+    fn read_snapshots(
+        &self,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<(String, Bytes)>, BrokerError>> + Send;
 
     /// A short description for logs ("redis://host:port", "embedded").
     fn describe(&self) -> String;

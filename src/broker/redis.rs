@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::OnceCell;
@@ -132,6 +133,11 @@ impl Broker for RedisBroker {
             match topic {
                 Topic::Channel(name) => sink.subscribe(name).await?,
                 Topic::Pattern(pattern) => sink.psubscribe(pattern).await?,
+                Topic::Sharded(_) => {
+                    return Err(BrokerError::Unsupported(
+                        "sharded channels need redis.cluster_nodes",
+                    ));
+                }
             }
         }
         let topics = topics.to_vec();
@@ -143,13 +149,13 @@ impl Broker for RedisBroker {
             let channel = msg.get_channel_name();
             let topic = topics.iter().position(|t| match (t, &pattern) {
                 (Topic::Pattern(p), Some(got)) => p == got,
-                (Topic::Channel(c), None) => c == channel,
+                (Topic::Channel(c) | Topic::Sharded(c), None) => c == channel,
                 _ => false,
             });
             let inbound = topic.map(|topic| Inbound {
                 topic,
                 channel: channel.to_owned(),
-                payload: bytes::Bytes::copy_from_slice(msg.get_payload_bytes()),
+                payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
             });
             std::future::ready(inbound)
         });
@@ -162,12 +168,33 @@ impl Broker for RedisBroker {
         }
         let mut pipe = redis::pipe();
         for message in batch {
+            // Stored first, so a gateway that reads the hash after
+            // subscribing misses no result: it either finds it there or
+            // receives it on the channel.
+            if let Some(slot) = &message.snapshot {
+                pipe.hset(&*slot.key, &*slot.field, message.payload.as_ref())
+                    .ignore();
+            }
             pipe.publish(&*message.channel, message.payload.as_ref())
                 .ignore();
         }
         let mut conn = self.publisher().await?;
         pipe.query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+
+    async fn read_snapshots(&self, keys: &[String]) -> Result<Vec<(String, Bytes)>, BrokerError> {
+        let mut conn = self.publisher().await?;
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.hgetall(key);
+        }
+        let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(&mut conn).await?;
+        Ok(hashes
+            .into_iter()
+            .flatten()
+            .map(|(field, value)| (field, Bytes::from(value)))
+            .collect())
     }
 
     fn describe(&self) -> String {

@@ -41,9 +41,11 @@ async fn the_bridge_runs_on_the_embedded_broker() {
 
     let quotes: Vec<Outbound> = [1.0, 3.0, 5.0]
         .iter()
-        .map(|p| Outbound {
-            channel: "quotes".into(),
-            payload: Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
+        .map(|p| {
+            Outbound::new(
+                "quotes".into(),
+                Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
+            )
         })
         .collect();
     broker.publish(&quotes).await.expect("publish");
