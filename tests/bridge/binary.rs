@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_quotebridge");
+pub const BIN: &str = env!("CARGO_BIN_EXE_quotebridge");
 
 /// `quotebridge serve` as a child process, killed on drop.
 pub struct Serve {
@@ -28,11 +28,21 @@ impl Serve {
         env: &[(&str, &str)],
         stderr: Stdio,
     ) -> Self {
+        let args: Vec<&str> = options.iter().copied().chain(["serve"]).collect();
+        let url = redis.url();
+        let env: Vec<(&str, &str)> = [("QUOTEBRIDGE__REDIS__URL", url.as_str())]
+            .into_iter()
+            .chain(env.iter().copied())
+            .collect();
+        Self::launch(&args, &env, stderr).await
+    }
+
+    /// Runs the binary with `args` (which must serve) and `env`, on a free
+    /// port, and waits until `/readyz` says it is ready.
+    pub async fn launch(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Self {
         let port = free_port();
         let child = Command::new(BIN)
-            .args(options)
-            .arg("serve")
-            .env("QUOTEBRIDGE__REDIS__URL", redis.url())
+            .args(args)
             .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
@@ -54,6 +64,19 @@ impl Serve {
         })
         .await;
         serve
+    }
+
+    /// This process's `/stats`.
+    pub async fn stats(&self) -> Value {
+        let (status, body) = http_get(self.address, "/stats").await;
+        assert_eq!(status, 200, "GET /stats: {body}");
+        serde_json::from_str(&body).expect("stats are JSON")
+    }
+
+    /// Kills the process at once (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Sends SIGTERM and waits for the process to exit.
@@ -88,8 +111,7 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }
 

@@ -15,6 +15,7 @@ mod metrics;
 mod properties;
 mod redis_faults;
 mod rejected_input;
+mod scale_out;
 mod schemas;
 mod support;
 mod websocket;

@@ -248,18 +248,7 @@ impl TestApp {
 
     /// Opens a socket for `code` and returns it with its welcome frame.
     pub async fn connect(&self, code: &str) -> (Socket, Value) {
-        let (mut socket, _) = within(
-            "the WebSocket handshake",
-            tokio_tungstenite::connect_async(self.ws_url(code)),
-        )
-        .await
-        .expect("WebSocket handshake");
-        let welcome = next_json(&mut socket).await;
-        assert_eq!(
-            welcome["type"], "welcome",
-            "first frame is the welcome: {welcome}"
-        );
-        (socket, welcome)
+        connect_ws(&self.ws_url(code)).await
     }
 
     /// A plain HTTP GET; returns status and body.
@@ -341,6 +330,22 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
         .map(|(_, b)| b.to_owned())
         .unwrap_or_default();
     (status, body)
+}
+
+/// Opens a WebSocket to `url` and returns it with its welcome frame.
+pub async fn connect_ws(url: &str) -> (Socket, Value) {
+    let (mut socket, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("WebSocket handshake");
+    let welcome = next_json(&mut socket).await;
+    assert_eq!(
+        welcome["type"], "welcome",
+        "first frame is the welcome: {welcome}"
+    );
+    (socket, welcome)
 }
 
 /// The next text frame as JSON (pings and pongs skipped).
