@@ -6,6 +6,7 @@
 mod auth;
 mod bench;
 mod binary;
+mod cluster;
 mod dashboard;
 mod durable;
 mod embedded;

@@ -127,6 +127,11 @@ impl Round {
     /// what a socket of `client` (subscribed to everything) should.
     pub async fn check_socket(&self, socket: &mut Socket, client: &str) {
         let mut until = UntilSentinels::new(&self.sentinels);
+        if self.direct.contains_key(client) {
+            // Direct messages may take another path than results (on a
+            // cluster they do), so the direct one is awaited too.
+            until.missing.push(DIRECT);
+        }
         while !until.take(next_json(socket).await) {}
         let none = BTreeMap::new();
         let private = if client == "acme" {
@@ -206,6 +211,9 @@ fn symbol(frame: &Value) -> String {
     frame["symbol"].as_str().expect("symbol").to_owned()
 }
 
+/// Stands for a round's direct message among the awaited sentinels.
+const DIRECT: &str = "(direct message)";
+
 /// Collects frames until each sentinel symbol's result has arrived.
 pub struct UntilSentinels<'a> {
     missing: Vec<&'a str>,
@@ -223,9 +231,12 @@ impl<'a> UntilSentinels<'a> {
 
     /// Takes `frame`; true once every sentinel has arrived.
     pub fn take(&mut self, frame: Value) -> bool {
-        if let Some(symbol) = frame.get("symbol").and_then(Value::as_str) {
-            self.missing.retain(|s| *s != symbol);
-        }
+        let arrived = match frame.get("symbol").and_then(Value::as_str) {
+            Some(symbol) => symbol,
+            None if frame.get("direct").is_some() => DIRECT,
+            None => "",
+        };
+        self.missing.retain(|s| *s != arrived);
         self.frames.push(frame);
         self.missing.is_empty()
     }

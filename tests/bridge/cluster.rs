@@ -1,0 +1,380 @@
+//! The bridge on a 3-master Redis Cluster of the test's own, end to end with
+//! sharded pub/sub, including a slot moving to another master under load.
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use quotebridge::broker::{Broker, ClusterBroker, Outbound};
+use quotebridge::config::Settings;
+use quotebridge::topology::Channels;
+use redis::Value as RedisValue;
+use serde_json::json;
+
+use crate::binary::BIN;
+use crate::scale_out::{Round, connect, start_node};
+use crate::support::*;
+
+/// Three masters, no replicas, on free loopback ports; killed on drop.
+struct RedisCluster {
+    nodes: Vec<(Child, u16)>,
+    dir: std::path::PathBuf,
+}
+
+impl RedisCluster {
+    async fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "quotebridge-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).expect("cluster directory");
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let (port, bus) = (free_port(), free_port());
+            let spawned = Command::new("redis-server")
+                .current_dir(&dir)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--cluster-port",
+                    &bus.to_string(),
+                ])
+                .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn();
+            let child = match spawned {
+                Ok(child) => child,
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+                    "redis-server is not installed; the tests need it (with redis-cli). \
+                     Install it with `sudo apt-get install -y redis-server`"
+                ),
+                Err(err) => panic!("cannot start redis-server: {err}"),
+            };
+            nodes.push((child, port));
+        }
+        let cluster = RedisCluster { nodes, dir };
+        for port in cluster.ports() {
+            within("a cluster node to answer", async {
+                while redis::Client::open(format!("redis://127.0.0.1:{port}"))
+                    .expect("url")
+                    .get_multiplexed_async_connection()
+                    .await
+                    .is_err()
+                {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+            })
+            .await;
+        }
+        let addresses: Vec<String> = cluster.ports().map(|p| format!("127.0.0.1:{p}")).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()
+            .unwrap_or_else(|err| {
+                panic!("cannot run redis-cli ({err}); install it with `sudo apt-get install -y redis-tools`")
+            });
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&created.stdout)
+        );
+        for port in cluster.ports() {
+            within("the cluster to agree", async {
+                loop {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut node(port).await)
+                        .await
+                        .expect("CLUSTER INFO");
+                    if info.contains("cluster_state:ok") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+            .await;
+        }
+        cluster
+    }
+
+    fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        self.nodes.iter().map(|(_, port)| *port)
+    }
+
+    /// `redis://127.0.0.1:P1,redis://127.0.0.1:P2,...`
+    fn urls(&self) -> String {
+        self.ports()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The port of the master serving `slot`.
+    async fn owner(&self, slot: u16) -> u16 {
+        for port in self.ports() {
+            let slots: RedisValue = redis::cmd("CLUSTER")
+                .arg("SLOTS")
+                .query_async(&mut node(port).await)
+                .await
+                .expect("CLUSTER SLOTS");
+            if let Some(owner) = slot_owner(&slots, slot) {
+                return owner;
+            }
+        }
+        panic!("no master serves slot {slot}");
+    }
+
+    /// Moves `slot`, with its keys, from the master on `from` to the one on
+    /// `to`, as `redis-cli --cluster reshard` would.
+    async fn move_slot(&self, slot: u16, from: u16, to: u16) {
+        let id = |port| async move {
+            redis::cmd("CLUSTER")
+                .arg("MYID")
+                .query_async::<String>(&mut node(port).await)
+                .await
+                .expect("MYID")
+        };
+        let (from_id, to_id) = (id(from).await, id(to).await);
+        let mut source = node(from).await;
+        let mut target = node(to).await;
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("IMPORTING")
+            .arg(&from_id)
+            .query_async::<()>(&mut target)
+            .await
+            .expect("IMPORTING");
+        redis::cmd("CLUSTER")
+            .arg("SETSLOT")
+            .arg(slot)
+            .arg("MIGRATING")
+            .arg(&to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .expect("MIGRATING");
+        let keys: Vec<String> = redis::cmd("CLUSTER")
+            .arg("GETKEYSINSLOT")
+            .arg(slot)
+            .arg(1000)
+            .query_async(&mut source)
+            .await
+            .expect("GETKEYSINSLOT");
+        if !keys.is_empty() {
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut source)
+                .await
+                .expect("MIGRATE");
+        }
+        for port in [to, from]
+            .into_iter()
+            .chain(self.ports().filter(|p| *p != to && *p != from))
+        {
+            redis::cmd("CLUSTER")
+                .arg("SETSLOT")
+                .arg(slot)
+                .arg("NODE")
+                .arg(&to_id)
+                .query_async::<()>(&mut node(port).await)
+                .await
+                .expect("SETSLOT NODE");
+        }
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for (child, _) in &mut self.nodes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to a cluster node")
+}
+
+/// The port of the master for `slot` in a CLUSTER SLOTS reply.
+fn slot_owner(reply: &RedisValue, slot: u16) -> Option<u16> {
+    let RedisValue::Array(ranges) = reply else {
+        return None;
+    };
+    ranges.iter().find_map(|range| {
+        let RedisValue::Array(fields) = range else {
+            return None;
+        };
+        let int = |v: &RedisValue| match v {
+            RedisValue::Int(n) => Some(*n),
+            _ => None,
+        };
+        let (start, end) = (int(fields.first()?)?, int(fields.get(1)?)?);
+        if !(start..=end).contains(&i64::from(slot)) {
+            return None;
+        }
+        let RedisValue::Array(master) = fields.get(2)? else {
+            return None;
+        };
+        u16::try_from(int(master.get(1)?)?).ok()
+    })
+}
+
+/// Publishes a round: quotes with SPUBLISH through the bridge's own cluster
+/// broker, direct messages with classic PUBLISH on one node.
+async fn publish_round(broker: &ClusterBroker, any_node: u16, round: &Round) {
+    let mut direct = node(any_node).await;
+    for (channel, payload) in &round.messages {
+        if channel.starts_with("client.") {
+            redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(payload)
+                .query_async::<()>(&mut direct)
+                .await
+                .expect("PUBLISH");
+        } else {
+            let message = Outbound::new(channel.as_str().into(), payload.clone().into());
+            broker.publish(&[message]).await.expect("SPUBLISH");
+        }
+    }
+}
+
+/// How many subscribers each of `channels` has on the master on `port`.
+async fn shard_subscribers(port: u16, channels: &[String]) -> Vec<i64> {
+    let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
+        .arg("SHARDNUMSUB")
+        .arg(channels)
+        .query_async(&mut node(port).await)
+        .await
+        .expect("SHARDNUMSUB");
+    reply.into_iter().map(|(_, n)| n).collect()
+}
+
+#[tokio::test]
+async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move() {
+    let cluster = RedisCluster::start().await;
+    let urls = cluster.urls();
+    let env = [("QUOTEBRIDGE__REDIS__CLUSTER_NODES", urls.as_str())];
+    let _compute = [
+        start_node("compute", Some("0/2"), &env).await,
+        start_node("compute", Some("1/2"), &env).await,
+    ];
+    let gateway = start_node("gateway", None, &env).await;
+    let mut acme = connect(&gateway, "acme").await;
+    let mut beta = connect(&gateway, "beta").await;
+
+    let mut settings = Settings::defaults().expect("defaults");
+    settings.redis.cluster_nodes = urls.split(',').map(str::to_owned).collect();
+    let channels = Channels::new(&settings.redis);
+    let broker = ClusterBroker::new(&settings.redis.cluster_nodes).expect("cluster broker");
+    let any_node = cluster.ports().next().expect("a node");
+
+    let symbols: Vec<String> = (0..12).map(|n| format!("S{n}")).collect();
+    let mut reference = ReferenceSma::default();
+    let to_input = |symbol: &str| channels.input_channel(symbol).expect("a channel");
+    let to_direct = |code: &str| format!("client.{code}");
+    let round = Round::new(1, &symbols, &mut reference, &to_input, &to_direct);
+    publish_round(&broker, any_node, &round).await;
+    round.check_socket(&mut acme, "acme").await;
+    round.check_socket(&mut beta, "beta").await;
+
+    // The partitions spread over every master: each one carries part of the
+    // input and output subscriptions, none carries all of them.
+    let partitions: Vec<String> = (0..channels.partitions())
+        .flat_map(|p| [format!("quotes.{{{p}}}"), format!("sma.{{{p}}}")])
+        .collect();
+    let mut per_master = Vec::new();
+    for port in cluster.ports() {
+        let here: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .query_async(&mut node(port).await)
+            .await
+            .expect("SHARDCHANNELS");
+        assert!(here.iter().all(|c| partitions.contains(c)), "{here:?}");
+        per_master.push(here.len());
+    }
+    assert!(
+        per_master.iter().all(|&n| n > 0 && n < partitions.len()),
+        "subscriptions per master: {per_master:?}"
+    );
+
+    // Move the slot of S0's partition to another master. The old master
+    // ends its subscriptions with a sunsubscribe push; the bridge must
+    // subscribe again at the new one.
+    let partition = channels.partition("S0");
+    let moved = [
+        format!("quotes.{{{partition}}}"),
+        format!("sma.{{{partition}}}"),
+    ];
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&moved[0])
+        .query_async(&mut node(any_node).await)
+        .await
+        .expect("KEYSLOT");
+    let from = cluster.owner(slot).await;
+    let to = cluster
+        .ports()
+        .find(|p| *p != from)
+        .expect("another master");
+    cluster.move_slot(slot, from, to).await;
+    within(
+        "the bridge to resubscribe at the slot's new master",
+        async {
+            // One compute shard on the input partition, the gateway on the output.
+            while shard_subscribers(to, &moved).await != [1, 1] {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        },
+    )
+    .await;
+
+    let round = Round::new(2, &symbols, &mut reference, &to_input, &to_direct);
+    publish_round(&broker, any_node, &round).await;
+    round.check_socket(&mut acme, "acme").await;
+    round.check_socket(&mut beta, "beta").await;
+
+    // `quotebridge publish` addresses each quote to its partition too.
+    let csv = std::env::temp_dir().join(format!("quotebridge-cluster-{}.csv", std::process::id()));
+    std::fs::write(&csv, "symbol,price,ts\nS0,100,1\nS1,200,2\n").expect("write csv");
+    let published = Command::new(BIN)
+        .args(["publish", csv.to_str().expect("utf-8 path")])
+        .env("QUOTEBRIDGE__REDIS__CLUSTER_NODES", &urls)
+        .output()
+        .expect("run quotebridge publish");
+    std::fs::remove_file(&csv).ok();
+    assert!(
+        published.status.success(),
+        "{}",
+        String::from_utf8_lossy(&published.stderr)
+    );
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        got.push(next_json(&mut acme).await);
+    }
+    got.sort_by_key(|frame| frame["symbol"].as_str().map(str::to_owned));
+    assert_eq!(
+        (got[0]["symbol"].clone(), got[0]["price"].clone()),
+        (json!("S0"), json!(100.0))
+    );
+    assert_eq!(
+        (got[1]["symbol"].clone(), got[1]["price"].clone()),
+        (json!("S1"), json!(200.0))
+    );
+}
