@@ -117,6 +117,10 @@ pub struct BenchArgs {
     /// Micro: quotes through the pipeline.
     #[arg(long, default_value_t = 2_000_000)]
     micro_quotes: usize,
+    /// Run bridges as this role: compute (ingest, with snapshot writes) or
+    /// gateway (latency, fan-out, connections, fed ready-made results).
+    #[arg(long, value_enum, default_value_t = Role::All)]
+    role: Role,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -142,6 +146,7 @@ impl BenchArgs {
             idle_sockets: self.idle_sockets,
             micro_quotes: self.micro_quotes,
             bridge_binary: bench::environment::current_binary(),
+            role: self.role,
         }
     }
 }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 use crate::config::Settings;
+use crate::topology::Role;
 
 /// The Redis server the benchmark uses (a throwaway one is killed on drop),
 /// and how bridges are run.
@@ -22,18 +23,25 @@ pub struct Environment {
     spawned: Option<Child>,
     /// Run bridges as child processes of this binary; in-process when `None`.
     bridge_binary: Option<PathBuf>,
+    /// The role every bridge runs in.
+    pub role: Role,
 }
 
 impl Environment {
     /// Uses `url`, or starts `redis-server` on a free port. Bridges run as
     /// children of `bridge_binary` when given, so their memory and
     /// descriptors are their own.
-    pub async fn start(url: Option<&str>, bridge_binary: Option<PathBuf>) -> Result<Self, Error> {
+    pub async fn start(
+        url: Option<&str>,
+        bridge_binary: Option<PathBuf>,
+        role: Role,
+    ) -> Result<Self, Error> {
         if let Some(url) = url {
             return Ok(Self {
                 url: url.to_owned(),
                 spawned: None,
                 bridge_binary,
+                role,
             });
         }
         let port = free_port()?;
@@ -57,6 +65,7 @@ impl Environment {
             url: format!("redis://127.0.0.1:{port}"),
             spawned: Some(child),
             bridge_binary,
+            role,
         };
         for _ in 0..200 {
             if ping(port).await {
@@ -72,9 +81,10 @@ impl Environment {
     /// Settings for a bridge on this Redis, with `overrides` as
     /// `QUOTEBRIDGE__…` variables would give them.
     pub fn settings(&self, overrides: &[(&str, String)]) -> Result<Settings, Error> {
-        let mut env: HashMap<String, String> = overrides
-            .iter()
-            .map(|(k, v)| (format!("QUOTEBRIDGE__{k}"), v.clone()))
+        let mut env: HashMap<String, String> = self
+            .overrides(overrides)
+            .into_iter()
+            .map(|(k, v)| (format!("QUOTEBRIDGE__{k}"), v))
             .collect();
         env.insert("QUOTEBRIDGE__REDIS__URL".into(), self.url.clone());
         Ok(Settings::load_with_env(None, Some(env))?)
@@ -116,7 +126,7 @@ impl Environment {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
-        for (key, value) in overrides {
+        for (key, value) in self.overrides(overrides) {
             command.env(format!("QUOTEBRIDGE__{key}"), value);
         }
         let child = command
@@ -126,6 +136,13 @@ impl Environment {
             address: ([127, 0, 0, 1], port).into(),
             running: Running::Child(child),
         })
+    }
+
+    /// A scenario's overrides, with this environment's role.
+    fn overrides(&self, overrides: &[(&str, String)]) -> Vec<(String, String)> {
+        std::iter::once(("NODE__ROLE".to_owned(), self.role.to_string()))
+            .chain(overrides.iter().map(|(k, v)| ((*k).to_owned(), v.clone())))
+            .collect()
     }
 
     /// Whether bridges run in this process (and so share its descriptors).

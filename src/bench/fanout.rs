@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::clients::{collect, publisher, rig, wait_for};
 use super::environment::raise_file_limit;
-use super::{Environment, Options, Row, Scenario, now_ns, quote};
+use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -42,8 +42,8 @@ pub async fn run(
         let ts = now_ns();
         for i in 0..per_round {
             let n = (round * per_round + i) as usize;
-            pipe.publish(&rig.input, quote(n, options.symbols, ts).as_ref())
-                .ignore();
+            let (channel, payload) = feed(environment.role, &rig, n, options.symbols, ts);
+            pipe.publish(channel, payload.as_ref()).ignore();
         }
         pipe.query_async::<()>(&mut conn)
             .await
@@ -62,7 +62,7 @@ pub async fn run(
     let delivered = frames.load(Relaxed);
     let mut row = Row::new(
         Scenario::Fanout,
-        format!("{sockets} sockets / {groups} groups"),
+        format!("{sockets} sockets / {groups} groups, {}", environment.role),
     )
     .with(
         "frames_per_s",

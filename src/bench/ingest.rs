@@ -38,7 +38,7 @@ pub async fn run(environment: &Environment, quotes: usize, symbols: usize) -> Re
     let ceiling_rate = quotes as f64 / ceiling.as_secs_f64();
     Ok(Row::new(
         Scenario::Ingest,
-        format!("{quotes} quotes / {symbols} symbols"),
+        format!("{quotes} quotes / {symbols} symbols, {}", environment.role),
     )
     .with("bridge_quotes_per_s", bridge_rate.round())
     .with("ceiling_msgs_per_s", ceiling_rate.round())

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::clients::{collect, publisher, rig, spawn_subscriber, wait_for};
-use super::{Environment, Options, Row, Scenario, now_ns, quote};
+use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -18,9 +18,11 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let (frames, stop) = (rig.frames.clone(), rig.stop.clone());
     let outputs = Arc::new(AtomicU64::new(0));
     let subscriber = spawn_subscriber(&environment.url, &rig.output, &outputs, &stop, true).await?;
-    // The baseline: the same quotes straight from Redis, no bridge in between.
+    // The baseline: the same messages straight from Redis, no bridge in between.
+    let role = environment.role;
+    let fed = feed(role, &rig, 0, 1, 0).0.to_owned();
     let inputs = Arc::new(AtomicU64::new(0));
-    let baseline = spawn_subscriber(&environment.url, &rig.input, &inputs, &stop, true).await?;
+    let baseline = spawn_subscriber(&environment.url, &fed, &inputs, &stop, true).await?;
 
     let mut conn = publisher(&environment.url).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
@@ -34,8 +36,8 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
         let mut pipe = redis::pipe();
         let ts = now_ns();
         for i in sent..due.max(sent + 1) {
-            pipe.publish(&rig.input, quote(i as usize, options.symbols, ts).as_ref())
-                .ignore();
+            let (channel, payload) = feed(role, &rig, i as usize, options.symbols, ts);
+            pipe.publish(channel, payload.as_ref()).ignore();
         }
         pipe.query_async::<()>(&mut conn)
             .await
@@ -53,7 +55,7 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
 
     let mut row = Row::new(
         Scenario::Latency,
-        format!("{rate} quotes/s × {sockets} sockets"),
+        format!("{rate} quotes/s × {sockets} sockets, {role}"),
     )
     .with("redis_p50_us", redis_latency.quantile_us(0.5))
     .with("redis_p99_us", redis_latency.quantile_us(0.99))

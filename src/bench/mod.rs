@@ -26,6 +26,7 @@ use serde::Serialize;
 
 pub use self::environment::Environment;
 use crate::Error;
+use crate::topology::Role;
 
 /// One benchmark scenario.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
@@ -73,6 +74,9 @@ pub struct Options {
     /// The quotebridge binary to run bridges as child processes (so their
     /// memory and descriptors are their own); `None` runs them in-process.
     pub bridge_binary: Option<PathBuf>,
+    /// The role bridges run in: `compute` measures ingest with snapshot
+    /// writes, `gateway` measures sockets fed with ready results.
+    pub role: Role,
 }
 
 impl Default for Options {
@@ -97,6 +101,7 @@ impl Default for Options {
             idle_sockets: 50_000,
             micro_quotes: 2_000_000,
             bridge_binary: None,
+            role: Role::All,
         }
     }
 }
@@ -123,6 +128,19 @@ impl Row {
             results: Vec::new(),
             note: None,
         }
+    }
+
+    /// A row saying the scenario does not apply to `role`.
+    fn not_applicable(scenario: Scenario, role: Role) -> Self {
+        let mut row = Self::new(scenario, format!("role {role}"));
+        row.note = Some(format!(
+            "not applicable: a {role} node {}",
+            match role {
+                Role::Gateway => "computes nothing",
+                Role::Compute | Role::All => "serves no sockets",
+            }
+        ));
+        row
     }
 
     fn with(mut self, name: &str, value: f64) -> Self {
@@ -186,11 +204,25 @@ fn human(value: f64) -> String {
 
 /// Runs every scenario of `options`.
 pub async fn run(options: &Options) -> Result<Report, Error> {
-    let environment =
-        Environment::start(options.redis_url.as_deref(), options.bridge_binary.clone()).await?;
+    let role = options.role;
+    let environment = Environment::start(
+        options.redis_url.as_deref(),
+        options.bridge_binary.clone(),
+        role,
+    )
+    .await?;
     let mut rows = Vec::new();
-    for scenario in &options.scenarios {
-        tracing::info!(?scenario, "running");
+    for &scenario in &options.scenarios {
+        tracing::info!(?scenario, %role, "running");
+        let applies = match scenario {
+            Scenario::Micro => true,
+            Scenario::Ingest => role.computes(),
+            Scenario::Latency | Scenario::Fanout | Scenario::Connections => role.serves_sockets(),
+        };
+        if !applies {
+            rows.push(Row::not_applicable(scenario, role));
+            continue;
+        }
         match scenario {
             Scenario::Micro => rows.push(micro::run(options.micro_quotes, options.symbols)),
             Scenario::Ingest => {
@@ -234,6 +266,34 @@ pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
         any = true;
     }
     any.then_some(ts)
+}
+
+/// What the benchmark publishes to drive a bridge of `role`, and where: a
+/// quote on the input channel, or, for a gateway, the SMA message a compute
+/// node would have published on the output channel.
+pub(crate) fn feed(
+    role: Role,
+    rig: &clients::Rig,
+    i: usize,
+    symbols: usize,
+    ts: u64,
+) -> (&str, bytes::Bytes) {
+    if role != Role::Gateway {
+        return (&rig.input, quote(i, symbols, ts));
+    }
+    let price = 100.0 + (i % 997) as f64 / 8.0;
+    let symbol = format!("S{}", i % symbols.max(1));
+    let frame = crate::protocol::SmaMessage {
+        symbol: &symbol,
+        price,
+        sma: price,
+        window: 1,
+        count: 1,
+        ts,
+        client: None,
+    }
+    .encode();
+    (&rig.output, frame.into())
 }
 
 /// A quote for symbol number `i % symbols`, stamped with `ts`.

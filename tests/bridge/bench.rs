@@ -2,6 +2,7 @@
 //! numbers. Speed itself is never asserted here.
 
 use quotebridge::bench::{self, Options, Scenario};
+use quotebridge::topology::Role;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
@@ -57,4 +58,63 @@ async fn every_scenario_runs_and_reports() {
     );
     let json = serde_json::to_value(&report).expect("report serializes");
     assert!(json["rows"].as_array().is_some_and(|rows| rows.len() == 5));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compute_and_gateway_roles_are_measured_on_their_own() {
+    let tiny = Options {
+        quotes: 1_000,
+        symbols: 10,
+        rates: vec![500],
+        latency_sockets: 3,
+        seconds: 0.5,
+        fanout_sockets: vec![5],
+        groups: 2,
+        fanout_frames: 1_000,
+        idle_sockets: 10,
+        bridge_binary: Some(env!("CARGO_BIN_EXE_quotebridge").into()),
+        scenarios: vec![Scenario::Ingest, Scenario::Latency, Scenario::Fanout],
+        ..Options::default()
+    };
+    let compute = bench::run(&Options {
+        role: Role::Compute,
+        ..tiny.clone()
+    })
+    .await
+    .expect("bench runs");
+    let gateway = bench::run(&Options {
+        role: Role::Gateway,
+        ..tiny
+    })
+    .await
+    .expect("bench runs");
+    let row = |report: &bench::Report, scenario| {
+        report
+            .rows
+            .iter()
+            .find(|r| r.scenario == scenario)
+            .cloned()
+            .expect("a row")
+    };
+    assert!(row(&compute, Scenario::Ingest).get("bridge_quotes_per_s") > Some(0.0));
+    assert!(row(&gateway, Scenario::Fanout).get("frames_per_s") > Some(0.0));
+    assert_eq!(
+        row(&gateway, Scenario::Latency).get("frames"),
+        Some(250.0 * 3.0),
+        "a gateway relays every result to every socket"
+    );
+    for (report, scenario) in [
+        (&compute, Scenario::Fanout),
+        (&compute, Scenario::Latency),
+        (&gateway, Scenario::Ingest),
+    ] {
+        let row = row(report, scenario);
+        assert!(
+            row.note
+                .as_deref()
+                .is_some_and(|n| n.starts_with("not applicable")),
+            "{}",
+            report.table()
+        );
+    }
 }

@@ -46,17 +46,20 @@ pub struct Round {
     pub private: BTreeMap<String, Vec<Value>>,
     /// The direct payload for each client code.
     pub direct: BTreeMap<String, Value>,
-    /// One public symbol per compute shard, quoted last: once a socket has
-    /// both results, it has everything published before them.
+    /// Public symbols quoted last, one per path results take (per compute
+    /// shard on one server, per partition on a cluster): order holds along
+    /// a path, so once a socket has every sentinel's result it has
+    /// everything published before them.
     pub sentinels: Vec<String>,
 }
 
 impl Round {
-    /// `public_symbols` quoted `rounds` times, two private symbols of `acme`,
-    /// a direct message to `acme` and `beta`, then the sentinels.
+    /// `public_symbols` quoted four times, two private symbols of `acme`,
+    /// a direct message to `acme` and `beta`, then the `sentinels`.
     pub fn new(
         number: u64,
         public_symbols: &[String],
+        sentinels: Vec<String>,
         reference: &mut ReferenceSma,
         channel_of: &dyn Fn(&str) -> String,
         direct_channel_of: &dyn Fn(&str) -> String,
@@ -66,9 +69,7 @@ impl Round {
             public: BTreeMap::new(),
             private: BTreeMap::new(),
             direct: BTreeMap::new(),
-            sentinels: (0..2)
-                .map(|i| symbol_of_shard(&format!("END{number}x"), i))
-                .collect(),
+            sentinels,
         };
         let mut ts = number * 1_000_000;
         let mut quote = |round: &mut Round, client: Option<&str>, symbol: &str, price: f64| {
@@ -242,6 +243,13 @@ impl<'a> UntilSentinels<'a> {
     }
 }
 
+/// Round `number`'s sentinels for two compute shards on one server.
+fn sentinels_per_shard(number: u64) -> Vec<String> {
+    (0..2)
+        .map(|i| symbol_of_shard(&format!("END{number}x"), i))
+        .collect()
+}
+
 /// Connects `code` to `node`.
 pub async fn connect(node: &Serve, code: &str) -> Socket {
     connect_ws(&format!("ws://{}/ws/{code}", node.address))
@@ -290,7 +298,14 @@ async fn two_compute_shards_and_two_gateways_deliver_every_message_once_to_exact
     let mut reference = ReferenceSma::default();
     let to_input = |_: &str| "quotes".to_owned();
     let to_direct = |code: &str| format!("client.{code}");
-    let round = Round::new(1, &symbols, &mut reference, &to_input, &to_direct);
+    let round = Round::new(
+        1,
+        &symbols,
+        sentinels_per_shard(1),
+        &mut reference,
+        &to_input,
+        &to_direct,
+    );
     publish_all(&mut redis.connection().await, &round.messages).await;
 
     for socket in &mut acme {
@@ -337,7 +352,14 @@ async fn two_compute_shards_and_two_gateways_deliver_every_message_once_to_exact
 
     // Killing one gateway leaves the other's sockets fully served.
     gateways[0].kill();
-    let round = Round::new(2, &symbols, &mut reference, &to_input, &to_direct);
+    let round = Round::new(
+        2,
+        &symbols,
+        sentinels_per_shard(2),
+        &mut reference,
+        &to_input,
+        &to_direct,
+    );
     publish_all(&mut redis.connection().await, &round.messages).await;
     round.check_socket(&mut acme[1], "acme").await;
     round.check_socket(&mut beta[1], "beta").await;
@@ -359,7 +381,14 @@ async fn a_restarted_compute_shard_resumes_its_symbols_and_a_new_gateway_has_sna
     let mut reference = ReferenceSma::default();
     let to_input = |_: &str| "quotes".to_owned();
     let to_direct = |code: &str| format!("client.{code}");
-    let round = Round::new(1, &symbols, &mut reference, &to_input, &to_direct);
+    let round = Round::new(
+        1,
+        &symbols,
+        sentinels_per_shard(1),
+        &mut reference,
+        &to_input,
+        &to_direct,
+    );
     publish_all(&mut redis.connection().await, &round.messages).await;
     round.check_socket(&mut socket, "acme").await;
 
