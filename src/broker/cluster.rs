@@ -26,7 +26,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic};
+use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes};
 use crate::backoff::Backoff;
 
 /// How long connecting or a single request may take before it counts as failed.
@@ -90,10 +90,8 @@ fn hash_tag(name: &str) -> &str {
         .unwrap_or(name)
 }
 
-/// Routes subscription pushes to topic indexes and restores subscriptions
-/// the server ends when a slot moves.
+/// Routes subscription pushes to topic indexes.
 struct Router {
-    connection: ClusterConnection,
     /// Channel name → topic index, for sharded and plain channels.
     channels: HashMap<Vec<u8>, usize>,
     /// Pattern → topic index.
@@ -101,6 +99,24 @@ struct Router {
 }
 
 impl Router {
+    fn new(topics: &[Topic]) -> Self {
+        let mut router = Router {
+            channels: HashMap::new(),
+            patterns: HashMap::new(),
+        };
+        for (index, topic) in topics.iter().enumerate() {
+            match topic {
+                Topic::Sharded(name) | Topic::Channel(name) => {
+                    router.channels.insert(name.clone().into_bytes(), index)
+                }
+                Topic::Pattern(pattern) => {
+                    router.patterns.insert(pattern.clone().into_bytes(), index)
+                }
+            };
+        }
+        router
+    }
+
     /// The message a push carries, if it is one for a topic of ours.
     fn message(&self, push: PushInfo) -> Option<Inbound> {
         let mut data = push.data.into_iter();
@@ -123,19 +139,90 @@ impl Router {
         })
     }
 
-    /// Subscribes to `channel` again after the server ended the subscription
-    /// (its slot moved), retrying until it succeeds.
-    async fn resubscribe(&mut self, channel: Vec<u8>) {
-        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-        loop {
-            match self.connection.ssubscribe(&channel).await {
-                Ok(()) => {
-                    tracing::info!(channel = %String::from_utf8_lossy(&channel), "slot moved; resubscribed to sharded channel");
-                    return;
-                }
-                Err(err) => {
-                    tracing::warn!(cause = %err, channel = %String::from_utf8_lossy(&channel), "cannot resubscribe to sharded channel; retrying");
-                    tokio::time::sleep(backoff.next_delay()).await;
+    /// What must be subscribed again after `push`, if anything.
+    fn repair(&self, push: &PushInfo) -> Option<Repair> {
+        match push.kind {
+            // Unsolicited: the slot of a channel of ours moved away.
+            PushKind::SUnsubscribe => {
+                let channel = push.data.first().cloned().and_then(bulk)?;
+                self.channels.get(&channel).copied().map(Repair::Topic)
+            }
+            // A node's connection dropped: redis-rs reconnects and replays
+            // its subscriptions once, which a node still starting up (or
+            // refusing with CLUSTERDOWN) loses.
+            PushKind::Disconnection => Some(Repair::All),
+            _ => None,
+        }
+    }
+}
+
+/// Subscriptions to restore.
+#[derive(Debug, Clone, Copy)]
+enum Repair {
+    /// The topic with this index.
+    Topic(usize),
+    /// Every topic (repeating a live subscription is harmless).
+    All,
+}
+
+async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redis::RedisResult<()> {
+    match topic {
+        Topic::Sharded(name) => connection.ssubscribe(name).await,
+        Topic::Channel(name) => connection.subscribe(name).await,
+        Topic::Pattern(pattern) => connection.psubscribe(pattern).await,
+    }
+}
+
+/// Restores subscriptions on request, retrying each until Redis accepts it,
+/// beside the message stream so a node that stays down delays no messages
+/// from the others. Ends when the subscription is dropped.
+async fn keep_subscribed(
+    mut connection: ClusterConnection,
+    topics: Vec<Topic>,
+    mut requests: mpsc::UnboundedReceiver<Repair>,
+) {
+    let mut pending: Vec<usize> = Vec::new();
+    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    let add = |pending: &mut Vec<usize>, repair: Repair| match repair {
+        Repair::Topic(index) if !pending.contains(&index) => pending.push(index),
+        Repair::Topic(_) => {}
+        Repair::All => {
+            pending.clear();
+            pending.extend(0..topics.len());
+        }
+    };
+    loop {
+        if pending.is_empty() {
+            match requests.recv().await {
+                Some(repair) => add(&mut pending, repair),
+                None => return,
+            }
+        }
+        while let Ok(repair) = requests.try_recv() {
+            add(&mut pending, repair);
+        }
+        let mut failed = None;
+        let mut still = Vec::new();
+        for index in pending.drain(..) {
+            if let Err(err) = subscribe_to(&mut connection, &topics[index]).await {
+                failed = Some(err);
+                still.push(index);
+            }
+        }
+        pending = still;
+        match failed {
+            None => {
+                backoff.reset();
+                tracing::info!("redis cluster subscriptions restored");
+            }
+            Some(err) => {
+                tracing::debug!(cause = %err, topics = pending.len(), "cannot restore redis cluster subscriptions yet; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff.next_delay()) => {}
+                    closed = requests.recv() => match closed {
+                        Some(repair) => add(&mut pending, repair),
+                        None => return,
+                    },
                 }
             }
         }
@@ -157,52 +244,27 @@ impl Broker for ClusterBroker {
             .push_sender(pushes)
             .build()?;
         let mut connection = client.get_async_connection().await?;
-        let mut router = Router {
-            connection: connection.clone(),
-            channels: HashMap::new(),
-            patterns: HashMap::new(),
-        };
-        for (index, topic) in topics.iter().enumerate() {
-            match topic {
-                Topic::Sharded(name) => {
-                    connection.ssubscribe(name).await?;
-                    router.channels.insert(name.clone().into_bytes(), index);
-                }
-                Topic::Channel(name) => {
-                    connection.subscribe(name).await?;
-                    router.channels.insert(name.clone().into_bytes(), index);
-                }
-                Topic::Pattern(pattern) => {
-                    connection.psubscribe(pattern).await?;
-                    router.patterns.insert(pattern.clone().into_bytes(), index);
-                }
-            }
+        for topic in topics {
+            subscribe_to(&mut connection, topic).await?;
         }
+        let router = Router::new(topics);
+        let (repairs, requests) = mpsc::unbounded_channel();
+        tokio::spawn(keep_subscribed(connection, topics.to_vec(), requests));
         // redis-rs reconnects on its own, so this stream ends only when the
-        // subscriber drops it (and with it the connection).
+        // subscriber drops it (and with it the connection and the keeper).
         let messages = futures_util::stream::unfold(
-            (router, received),
-            |(mut router, mut pushes)| async move {
+            (router, received, repairs),
+            |(router, mut pushes, repairs)| async move {
                 while let Some(push) = pushes.recv().await {
-                    match push.kind {
-                        PushKind::SUnsubscribe => {
-                            let Some(channel) = push.data.into_iter().next().and_then(bulk) else {
-                                continue;
-                            };
-                            if router.channels.contains_key(&channel) {
-                                router.resubscribe(channel).await;
-                            }
-                        }
-                        PushKind::Disconnection => {
+                    if let Some(repair) = router.repair(&push) {
+                        if matches!(repair, Repair::All) {
                             tracing::warn!(
-                                "a redis cluster connection dropped; redis-rs reconnects and resubscribes"
+                                "a redis cluster connection dropped; reconnecting and resubscribing"
                             );
                         }
-                        _ => {
-                            if let Some(inbound) = router.message(push) {
-                                return Some((inbound, (router, pushes)));
-                            }
-                        }
+                        let _ = repairs.send(repair);
+                    } else if let Some(inbound) = router.message(push) {
+                        return Some((inbound, (router, pushes, repairs)));
                     }
                 }
                 None
@@ -217,18 +279,27 @@ impl Broker for ClusterBroker {
         }
         // A pipeline must stay within one slot: one per hash tag, sent
         // concurrently. A channel's messages share a tag, so their order holds.
-        let mut pipes: HashMap<&str, redis::Pipeline> = HashMap::new();
+        let mut slots: HashMap<&str, Vec<&Outbound>> = HashMap::new();
         for message in batch {
-            let pipe = pipes.entry(hash_tag(&message.channel)).or_default();
-            if let Some(slot) = &message.snapshot {
-                pipe.hset(&*slot.key, &*slot.field, message.payload.as_ref())
+            slots
+                .entry(hash_tag(&message.channel))
+                .or_default()
+                .push(message);
+        }
+        let pipes = slots.into_values().map(|messages| {
+            let mut pipe = redis::pipe();
+            // Snapshots first, as on a single server (see `RedisBroker::publish`).
+            for hset in snapshot_writes(messages.iter().copied()) {
+                pipe.add_command(hset).ignore();
+            }
+            for message in messages {
+                pipe.spublish(&*message.channel, message.payload.as_ref())
                     .ignore();
             }
-            pipe.spublish(&*message.channel, message.payload.as_ref())
-                .ignore();
-        }
+            pipe
+        });
         let connection = self.publisher().await?;
-        try_join_all(pipes.into_values().map(|pipe| {
+        try_join_all(pipes.map(|pipe| {
             let mut connection = connection.clone();
             async move { pipe.query_async::<()>(&mut connection).await }
         }))

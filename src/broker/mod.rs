@@ -89,6 +89,32 @@ impl Outbound {
     }
 }
 
+/// One HSET per snapshot hash for every snapshot in `batch`, to go before
+/// the batch's publishes. One command with many fields costs Redis far less
+/// than one per result; a field given twice ends with its later value, as
+/// the results' order requires.
+pub(crate) fn snapshot_writes<'a>(
+    batch: impl IntoIterator<Item = &'a Outbound>,
+) -> Vec<::redis::Cmd> {
+    let mut writes: Vec<(&str, ::redis::Cmd)> = Vec::new();
+    for message in batch {
+        let Some(slot) = &message.snapshot else {
+            continue;
+        };
+        let at = match writes.iter().position(|(key, _)| *key == &*slot.key) {
+            Some(at) => at,
+            None => {
+                let mut hset = ::redis::cmd("HSET");
+                hset.arg(&*slot.key);
+                writes.push((&slot.key, hset));
+                writes.len() - 1
+            }
+        };
+        writes[at].1.arg(&*slot.field).arg(message.payload.as_ref());
+    }
+    writes.into_iter().map(|(_, hset)| hset).collect()
+}
+
 /// The messages of one subscription, in the order the broker delivered them.
 /// The stream ends when the subscription is lost (for Redis: the connection).
 pub type Subscription = BoxStream<'static, Inbound>;

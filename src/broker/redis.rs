@@ -9,7 +9,7 @@ use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use tokio::sync::OnceCell;
 
-use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic};
+use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes};
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -167,14 +167,12 @@ impl Broker for RedisBroker {
             return Ok(());
         }
         let mut pipe = redis::pipe();
+        // Stored first, so a gateway that reads the hash after subscribing
+        // misses no result: it either finds it there or receives it on the channel.
+        for hset in snapshot_writes(batch) {
+            pipe.add_command(hset).ignore();
+        }
         for message in batch {
-            // Stored first, so a gateway that reads the hash after
-            // subscribing misses no result: it either finds it there or
-            // receives it on the channel.
-            if let Some(slot) = &message.snapshot {
-                pipe.hset(&*slot.key, &*slot.field, message.payload.as_ref())
-                    .ignore();
-            }
             pipe.publish(&*message.channel, message.payload.as_ref())
                 .ignore();
         }

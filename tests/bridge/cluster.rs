@@ -16,8 +16,36 @@ use crate::support::*;
 
 /// Three masters, no replicas, on free loopback ports; killed on drop.
 struct RedisCluster {
-    nodes: Vec<(Child, u16)>,
+    /// Each master's process, port and cluster bus port.
+    nodes: Vec<(Child, u16, u16)>,
     dir: std::path::PathBuf,
+}
+
+/// A cluster-enabled redis-server in `dir`; its node table persists there,
+/// so a restart on the same ports rejoins the cluster as the same node.
+fn spawn_node(dir: &std::path::Path, port: u16, bus: u16) -> Child {
+    let spawned = Command::new("redis-server")
+        .current_dir(dir)
+        .args([
+            "--port",
+            &port.to_string(),
+            "--cluster-port",
+            &bus.to_string(),
+        ])
+        .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
+        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn();
+    match spawned {
+        Ok(child) => child,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed; the tests need it (with redis-cli). \
+             Install it with `sudo apt-get install -y redis-server`"
+        ),
+        Err(err) => panic!("cannot start redis-server: {err}"),
+    }
 }
 
 impl RedisCluster {
@@ -31,43 +59,11 @@ impl RedisCluster {
         let mut nodes = Vec::new();
         for _ in 0..3 {
             let (port, bus) = (free_port(), free_port());
-            let spawned = Command::new("redis-server")
-                .current_dir(&dir)
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--cluster-port",
-                    &bus.to_string(),
-                ])
-                .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
-                .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn();
-            let child = match spawned {
-                Ok(child) => child,
-                Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-                    "redis-server is not installed; the tests need it (with redis-cli). \
-                     Install it with `sudo apt-get install -y redis-server`"
-                ),
-                Err(err) => panic!("cannot start redis-server: {err}"),
-            };
-            nodes.push((child, port));
+            nodes.push((spawn_node(&dir, port, bus), port, bus));
         }
         let cluster = RedisCluster { nodes, dir };
         for port in cluster.ports() {
-            within("a cluster node to answer", async {
-                while redis::Client::open(format!("redis://127.0.0.1:{port}"))
-                    .expect("url")
-                    .get_multiplexed_async_connection()
-                    .await
-                    .is_err()
-                {
-                    tokio::time::sleep(Duration::from_millis(25)).await;
-                }
-            })
-            .await;
+            answering(port).await;
         }
         let addresses: Vec<String> = cluster.ports().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -83,7 +79,13 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&created.stdout)
         );
-        for port in cluster.ports() {
+        cluster.wait_until_healthy().await;
+        cluster
+    }
+
+    /// Waits until every node reports `cluster_state:ok`.
+    async fn wait_until_healthy(&self) {
+        for port in self.ports() {
             within("the cluster to agree", async {
                 loop {
                     let info: String = redis::cmd("CLUSTER")
@@ -99,11 +101,25 @@ impl RedisCluster {
             })
             .await;
         }
-        cluster
+    }
+
+    /// Kills the master on `port` and starts it again as the same node.
+    async fn restart(&mut self, port: u16) {
+        let dir = self.dir.clone();
+        let (child, _, bus) = self
+            .nodes
+            .iter_mut()
+            .find(|(_, p, _)| *p == port)
+            .expect("a node on that port");
+        let _ = child.kill();
+        let _ = child.wait();
+        *child = spawn_node(&dir, port, *bus);
+        answering(port).await;
+        self.wait_until_healthy().await;
     }
 
     fn ports(&self) -> impl Iterator<Item = u16> + '_ {
-        self.nodes.iter().map(|(_, port)| *port)
+        self.nodes.iter().map(|(_, port, _)| *port)
     }
 
     /// `redis://127.0.0.1:P1,redis://127.0.0.1:P2,...`
@@ -196,12 +212,27 @@ impl RedisCluster {
 
 impl Drop for RedisCluster {
     fn drop(&mut self) {
-        for (child, _) in &mut self.nodes {
+        for (child, _, _) in &mut self.nodes {
             let _ = child.kill();
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Waits until the server on `port` accepts connections.
+async fn answering(port: u16) {
+    within("a cluster node to answer", async {
+        while redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .is_err()
+        {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    })
+    .await;
 }
 
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {
@@ -280,8 +311,8 @@ async fn shard_subscribers(port: u16, channels: &[String]) -> Vec<i64> {
 }
 
 #[tokio::test]
-async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move() {
-    let cluster = RedisCluster::start().await;
+async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_restart() {
+    let mut cluster = RedisCluster::start().await;
     let urls = cluster.urls();
     let env = [("QUOTEBRIDGE__REDIS__CLUSTER_NODES", urls.as_str())];
     let _compute = [
@@ -369,6 +400,27 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move() {
         2,
         &symbols,
         sentinels(2, &channels),
+        &mut reference,
+        &to_input,
+        &to_direct,
+    );
+    publish_round(&broker, any_node, &round).await;
+    round.check_socket(&mut acme, "acme").await;
+    round.check_socket(&mut beta, "beta").await;
+
+    // Restart that master: its connections drop, and the bridge
+    // (redis-rs, per node) reconnects and subscribes again.
+    cluster.restart(to).await;
+    within("the bridge to resubscribe at the restarted master", async {
+        while shard_subscribers(to, &moved).await != [1, 1] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let round = Round::new(
+        3,
+        &symbols,
+        sentinels(3, &channels),
         &mut reference,
         &to_input,
         &to_direct,
