@@ -153,7 +153,8 @@ impl Pipeline {
             ts: quote.ts.unwrap_or_else(now_ms),
             client,
         }
-        .encode();
+        // The parser admitted only valid names.
+        .encode_plain();
         let sma = Sma {
             channel: key.channel.clone(),
             frame,

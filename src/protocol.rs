@@ -42,6 +42,15 @@ impl SmaMessage<'_> {
         if !plain {
             return serde_json::to_string(self).unwrap_or_default().into();
         }
+        self.encode_plain()
+    }
+
+    /// [`SmaMessage::encode`] for a symbol and client code already known to
+    /// be valid names (a parsed quote's), which JSON never escapes.
+    pub(crate) fn encode_plain(&self) -> Utf8Bytes {
+        debug_assert!(
+            names::is_symbol(self.symbol) && self.client.is_none_or(names::is_client_code)
+        );
         let mut floats = [zmij::Buffer::new(), zmij::Buffer::new()];
         let [price_buf, sma_buf] = &mut floats;
         let price = json_float(price_buf, self.price);

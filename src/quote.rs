@@ -284,17 +284,19 @@ mod fast {
         scan.expect(b'{')?;
         loop {
             scan.skip_whitespace();
-            let key = scan.plain_bytes()?;
+            // A key is compared with the four known ones, quotes included,
+            // rather than scanned: anything else goes to the full parser.
+            let key = scan.known_key()?;
             scan.skip_whitespace();
             scan.expect(b':')?;
             scan.skip_whitespace();
             match key {
-                b"symbol" if symbol.is_none() => {
+                Key::Symbol if symbol.is_none() => {
                     symbol = Some(scan.plain_string().filter(|s| names::is_symbol(s))?)
                 }
-                b"price" if price.is_none() => price = Some(scan.number()?),
-                b"ts" if ts.is_none() => ts = Some(scan.digits()?),
-                b"client" if client.is_none() => {
+                Key::Price if price.is_none() => price = Some(scan.number()?),
+                Key::Ts if ts.is_none() => ts = Some(scan.digits()?),
+                Key::Client if client.is_none() => {
                     client = Some(scan.plain_string().filter(|s| names::is_client_code(s))?)
                 }
                 _ => return None,
@@ -323,6 +325,21 @@ mod fast {
         at: usize,
     }
 
+    /// The members the fast path knows.
+    #[derive(Clone, Copy)]
+    enum Key {
+        Symbol,
+        Price,
+        Ts,
+        Client,
+    }
+
+    /// Powers of ten a `f64` holds exactly.
+    const EXACT_POWERS_OF_TEN: [f64; 23] = [
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
+        1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+    ];
+
     impl<'a> Scan<'a> {
         fn next(&mut self) -> Option<u8> {
             let b = *self.bytes.get(self.at)?;
@@ -346,6 +363,24 @@ mod fast {
                 self.at += 1;
             }
             &self.bytes[start..self.at]
+        }
+
+        /// One of the known member names, with its quotes.
+        fn known_key(&mut self) -> Option<Key> {
+            let rest = self.bytes.get(self.at..)?;
+            let (key, len) = if rest.starts_with(b"\"symbol\"") {
+                (Key::Symbol, 8)
+            } else if rest.starts_with(b"\"price\"") {
+                (Key::Price, 7)
+            } else if rest.starts_with(b"\"ts\"") {
+                (Key::Ts, 4)
+            } else if rest.starts_with(b"\"client\"") {
+                (Key::Client, 8)
+            } else {
+                return None;
+            };
+            self.at += len;
+            Some(key)
         }
 
         /// The bytes of a string of printable ASCII without escapes.
@@ -374,6 +409,10 @@ mod fast {
             if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
                 return None;
             }
+            // Up to 19 digits always fit in a u64; more may not.
+            if digits.len() <= 19 {
+                return Some(digits.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')));
+            }
             digits.iter().try_fold(0u64, |n, &d| {
                 n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
             })
@@ -382,20 +421,34 @@ mod fast {
         /// A finite number in strict JSON grammar, correctly rounded.
         fn number(&mut self) -> Option<f64> {
             let start = self.at;
-            if self.bytes.get(self.at) == Some(&b'-') {
+            let negative = self.bytes.get(self.at) == Some(&b'-');
+            if negative {
                 self.at += 1;
             }
             let int = self.take_while(|b| b.is_ascii_digit());
             if int.is_empty() || (int.len() > 1 && int[0] == b'0') {
                 return None;
             }
+            let mut fraction: &[u8] = &[];
             if self.bytes.get(self.at) == Some(&b'.') {
                 self.at += 1;
-                if self.take_while(|b| b.is_ascii_digit()).is_empty() {
+                fraction = self.take_while(|b| b.is_ascii_digit());
+                if fraction.is_empty() {
                     return None;
                 }
             }
-            if let Some(b'e' | b'E') = self.bytes.get(self.at) {
+            let exponent = matches!(self.bytes.get(self.at), Some(b'e' | b'E'));
+            // Clinger's fast path: with at most 15 significant digits and
+            // at most 22 decimals, the digits as an integer and the power of
+            // ten are both exact in an f64, so one IEEE division rounds
+            // correctly — the same value the general algorithm finds.
+            if !exponent && int.len() + fraction.len() <= 15 {
+                let digit = |m: u64, &d: &u8| m * 10 + u64::from(d - b'0');
+                let mantissa = fraction.iter().fold(int.iter().fold(0, digit), digit);
+                let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
+                return Some(if negative { -value } else { value });
+            }
+            if exponent {
                 self.at += 1;
                 if let Some(b'+' | b'-') = self.bytes.get(self.at) {
                     self.at += 1;

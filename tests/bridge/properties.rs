@@ -56,6 +56,17 @@ proptest! {
     }
 
     #[test]
+    fn decimal_prices_parse_to_the_same_bits_on_both_paths(
+        price in r"-?(0|[1-9][0-9]{0,16})(\.[0-9]{1,17})?",
+    ) {
+        // Up to 15 digits take the fast path's exact-division shortcut;
+        // longer ones the general algorithm. Both must round like serde_json.
+        let text = format!(r#"{{"symbol":"A","price":{price}}}"#);
+        let bits = |q: Result<quote::Quote<'_>, _>| q.map(|q| q.price.to_bits());
+        prop_assert_eq!(bits(quote::parse(text.as_bytes())), bits(quote::parse_fully(text.as_bytes())));
+    }
+
+    #[test]
     fn every_valid_quote_round_trips(
         symbol in "[A-Za-z0-9._:/-]{1,32}",
         price in prop::num::f64::NORMAL | prop::num::f64::ZERO,
