@@ -255,6 +255,11 @@ async fn publish(
     }
     let redis = &settings.redis;
     let (summary, target) = if stream {
+        if !redis.cluster_nodes.is_empty() {
+            return Err(Error::Usage(
+                "--stream needs a single Redis server (redis.cluster_nodes is set)".into(),
+            ));
+        }
         let client = crate::broker::redis_client(&redis.url).map_err(BrokerError::from)?;
         let key = &redis.input_stream;
         let maxlen = redis.output_stream_maxlen;

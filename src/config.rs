@@ -482,6 +482,25 @@ impl Settings {
                 "{symbol} is not supported on a cluster: results go to partitioned channels".into(),
             );
         }
+        // The bridge adds the hash tag `{p}`; another brace would move the
+        // slot and split a partition's channel from its snapshot hash.
+        for (key, name) in [
+            ("redis.output", &redis.output),
+            ("redis.snapshot_key", &redis.snapshot_key),
+            ("redis.rejected", &redis.rejected),
+        ]
+        .into_iter()
+        .chain(redis.input.iter().map(|name| ("redis.input", name)))
+        {
+            if name.contains(['{', '}']) {
+                return invalid(
+                    key,
+                    format!(
+                        "{name:?}: braces are Redis Cluster hash tags, which the bridge sets itself"
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
@@ -697,6 +716,11 @@ mod tests {
                 vec![("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream")],
                 "redis.input_mode",
             ),
+            (
+                vec![("QUOTEBRIDGE__REDIS__SNAPSHOT_KEY", "latest{x}")],
+                "redis.snapshot_key",
+            ),
+            (vec![("QUOTEBRIDGE__REDIS__INPUT", "q{1}")], "redis.input"),
         ] {
             let mut pairs = pairs;
             pairs.push(cluster);

@@ -105,7 +105,8 @@ pub async fn run(
             RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
         serve(settings, listener, broker, shutdown).await
     } else {
-        let broker = ClusterBroker::new(&settings.redis.cluster_nodes)?;
+        let broker = ClusterBroker::new(&settings.redis.cluster_nodes)?
+            .with_health_check(settings.health_check());
         serve(settings, listener, broker, shutdown).await
     }
 }

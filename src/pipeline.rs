@@ -39,10 +39,15 @@ const REJECTED_SAMPLE_BYTES: usize = 1024;
 /// Quote → SMA → encoded result, for every key.
 pub struct Pipeline {
     windows: Windows,
-    naming: Naming,
+    addressing: ResultAddressing,
     rejected_channel: Option<Arc<str>>,
     emit_partial: bool,
     shard: Shard,
+    /// Whether payloads that are not quotes at all are reported here.
+    reports_unparseable: bool,
+    /// Whether each input channel carries only this shard's symbols (a
+    /// cluster's partitions), so a stranger is misaddressed, not another's.
+    partitioned: bool,
     stats: Arc<Stats>,
     reject_log: RejectLog,
 }
@@ -108,10 +113,13 @@ impl Pipeline {
         let shard = settings.node.shard;
         Self {
             windows: Windows::new(settings.window(), settings.sma.max_keys),
-            // Every shard sees unparseable input; shard 0 alone reports it,
-            // so a bad payload yields one notice, not N.
-            rejected_channel: channels.rejected_channel().filter(|_| shard.index() == 0),
-            naming: Naming {
+            rejected_channel: channels.rejected_channel(),
+            // On one server every shard reads every payload: shard 0 alone
+            // reports the unparseable ones, so each yields one notice, not N.
+            // A cluster partition's channel reaches one shard only.
+            reports_unparseable: shard.index() == 0 || channels.is_partitioned(),
+            partitioned: channels.is_partitioned(),
+            addressing: ResultAddressing {
                 channels,
                 snapshots: settings.node.role.stores_snapshots(),
             },
@@ -130,13 +138,16 @@ impl Pipeline {
             Err(reason) => return self.reject(&reason, payload),
         };
         if !self.shard.owns(&quote.symbol) {
+            if self.partitioned {
+                return self.reject(&Reject::WrongPartition, payload);
+            }
             self.stats.quotes_other_shard.fetch_add(1, Relaxed);
             return Outcome::OtherShard;
         }
         let client = quote.client.as_deref();
         let Some(key) = self
             .windows
-            .get_or_insert(client, &quote.symbol, &self.naming)
+            .get_or_insert(client, &quote.symbol, &self.addressing)
         else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
@@ -172,7 +183,13 @@ impl Pipeline {
         let sample = &payload[..payload.len().min(REJECTED_SAMPLE_BYTES)];
         let sample = String::from_utf8_lossy(sample);
         self.reject_log.record(reason, &sample);
-        let notice = self.rejected_channel.as_ref().map(|channel| {
+        // Only the owning shard meets these; any shard meets the rest.
+        let own = matches!(reason, Reject::TooManyKeys | Reject::WrongPartition);
+        let channel = self
+            .rejected_channel
+            .as_ref()
+            .filter(|_| own || self.reports_unparseable);
+        let notice = channel.map(|channel| {
             let body = serde_json::json!({ "error": reason.to_string(), "payload": sample });
             Outbound::new(channel.clone(), body.to_string().into())
         });
@@ -196,7 +213,7 @@ impl Pipeline {
     /// Replaces one key's window with `state` (restoring after a restart).
     pub fn restore_window(&mut self, client: Option<&str>, symbol: &str, state: WindowState) {
         let capacity = self.windows.window;
-        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.naming) {
+        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.addressing) {
             key.window = SmaWindow::restore(capacity, state);
         }
     }
@@ -214,14 +231,14 @@ struct Key {
     snapshot: Option<Arc<SnapshotSlot>>,
 }
 
-/// Names a new key's output channel and snapshot slot.
-struct Naming {
+/// Where a new key's results go: its output channel and snapshot slot.
+struct ResultAddressing {
     channels: Channels,
     /// Whether public results are kept for gateways.
     snapshots: bool,
 }
 
-impl Naming {
+impl ResultAddressing {
     fn key(&self, client: Option<&str>, symbol: &str, window: NonZeroUsize) -> Key {
         Key {
             window: SmaWindow::new(window),
@@ -266,7 +283,7 @@ impl Windows {
         &mut self,
         client: Option<&str>,
         symbol: &str,
-        naming: &Naming,
+        addressing: &ResultAddressing,
     ) -> Option<&mut Key> {
         let full = self.len >= self.max_keys;
         let map = match client {
@@ -282,7 +299,7 @@ impl Windows {
             EntryRef::Vacant(_) if full => None,
             EntryRef::Vacant(entry) => {
                 self.len += 1;
-                Some(entry.insert(naming.key(client, symbol, self.window)))
+                Some(entry.insert(addressing.key(client, symbol, self.window)))
             }
         }
     }
@@ -335,7 +352,7 @@ mod tests {
     #[test]
     fn windows_are_per_client_and_symbol_and_bounded() {
         let settings = Settings::defaults().expect("defaults");
-        let output = Naming {
+        let output = ResultAddressing {
             channels: Channels::new(&settings.redis),
             snapshots: false,
         };
@@ -365,6 +382,70 @@ mod tests {
         assert!(
             windows.get_or_insert(Some("c1"), "A", &output).is_some(),
             "known keys still work"
+        );
+    }
+
+    fn notice(outcome: Outcome<'_>) -> Option<String> {
+        match outcome {
+            Outcome::Rejected { notice } => {
+                notice.map(|n| String::from_utf8_lossy(&n.payload).into_owned())
+            }
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn shards_of_one_server_report_unparseable_input_once() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.node.role = crate::topology::Role::Compute;
+        settings.sma.max_keys = 1;
+        let stats = Arc::new(Stats::default());
+        let mut shards: Vec<Pipeline> = (0..2)
+            .map(|i| {
+                settings.node.shard = Shard::new(i, 2).expect("shard");
+                Pipeline::new(&settings, stats.clone())
+            })
+            .collect();
+        let reported: Vec<bool> = shards
+            .iter_mut()
+            .map(|p| notice(p.process(b"not a quote")).is_some())
+            .collect();
+        assert_eq!(reported, [true, false], "shard 0 alone reports it");
+
+        // A key refused for max_keys is reported by the shard that owns it.
+        let owner = |symbol: &str| usize::from(!Shard::new(0, 2).expect("shard").owns(symbol));
+        let symbols: Vec<String> = (0..40).map(|n| format!("S{n}")).collect();
+        let on_1: Vec<&String> = symbols.iter().filter(|s| owner(s) == 1).take(2).collect();
+        let quote = |s: &str| format!(r#"{{"symbol":"{s}","price":1}}"#);
+        assert!(matches!(
+            shards[1].process(quote(on_1[0]).as_bytes()),
+            Outcome::Accepted { .. }
+        ));
+        let refused = notice(shards[1].process(quote(on_1[1]).as_bytes())).expect("a notice");
+        assert!(refused.contains("too many distinct keys"), "{refused}");
+        assert!(matches!(
+            shards[0].process(quote(on_1[1]).as_bytes()),
+            Outcome::OtherShard
+        ));
+    }
+
+    #[test]
+    fn a_cluster_shard_rejects_quotes_on_the_wrong_partition() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.node.role = crate::topology::Role::Compute;
+        settings.node.shard = Shard::new(1, 2).expect("shard");
+        settings.redis.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
+        let mut pipeline = Pipeline::new(&settings, Arc::new(Stats::default()));
+        let stranger = (0..)
+            .map(|n| format!("S{n}"))
+            .find(|s| !pipeline.owns(s))
+            .expect("a symbol of shard 0");
+        let payload = format!(r#"{{"symbol":"{stranger}","price":1}}"#);
+        let refused = notice(pipeline.process(payload.as_bytes())).expect("a notice");
+        assert!(refused.contains("wrong partition"), "{refused}");
+        assert!(
+            notice(pipeline.process(b"{")).is_some(),
+            "unparseable input is reported too"
         );
     }
 }

@@ -64,11 +64,15 @@ pub enum Reject {
     /// The quote would open a new SMA key beyond `sma.max_keys`.
     #[error("too many distinct keys: sma.max_keys reached")]
     TooManyKeys,
+    /// On a Redis Cluster, the quote arrived on another partition's channel
+    /// than its symbol's (a producer with another `redis.partitions`).
+    #[error("wrong partition: the symbol belongs to another partition's channel")]
+    WrongPartition,
 }
 
 impl Reject {
     /// Every label, in a fixed order (for metrics that list them all).
-    pub const LABELS: [&'static str; 10] = [
+    pub const LABELS: [&'static str; 11] = [
         "too_large",
         "malformed",
         "not_object",
@@ -79,6 +83,7 @@ impl Reject {
         "invalid_ts",
         "invalid_client",
         "too_many_keys",
+        "wrong_partition",
     ];
 
     /// The position of this reason's label in [`Reject::LABELS`].
@@ -95,6 +100,7 @@ impl Reject {
             Reject::InvalidTs => 7,
             Reject::InvalidClient => 8,
             Reject::TooManyKeys => 9,
+            Reject::WrongPartition => 10,
         }
     }
 
@@ -336,8 +342,8 @@ mod fast {
 
     /// Powers of ten a `f64` holds exactly.
     const EXACT_POWERS_OF_TEN: [f64; 23] = [
-        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15,
-        1e16, 1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
+        1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
+        1e17, 1e18, 1e19, 1e20, 1e21, 1e22,
     ];
 
     impl<'a> Scan<'a> {

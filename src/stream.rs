@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamReadOptions, StreamReadReply,
+    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply,
+    StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
@@ -37,6 +38,7 @@ use crate::pipeline::{Outcome, Pipeline, Sma};
 use crate::quote::Quote;
 use crate::sma::WindowState;
 use crate::stats::Stats;
+use crate::topology::Role;
 
 /// The field of an input entry that holds the quote JSON.
 pub const QUOTE_FIELD: &str = "quote";
@@ -57,6 +59,11 @@ pub struct StreamConsumer {
     consuming: Arc<AtomicBool>,
     backoff: Backoff,
     metrics: Arc<Metrics>,
+    /// For a compute shard: the unsharded group its own group takes over from.
+    unsharded_group: Option<String>,
+    /// Whether results are also published on the output channel although
+    /// they go to `output_stream`: a compute node's gateways follow the channel.
+    feeds_gateways: bool,
 }
 
 impl StreamConsumer {
@@ -70,6 +77,7 @@ impl StreamConsumer {
     ) -> RedisResult<Self> {
         let mut redis = settings.redis.clone();
         let shard = settings.node.shard;
+        let unsharded_group = (shard.count() > 1).then(|| redis.consumer_group.clone());
         if shard.count() > 1 {
             // A group hands each entry to one of its consumers, whatever the
             // symbol; every shard needs every entry, so each reads through a
@@ -90,6 +98,8 @@ impl StreamConsumer {
             consuming,
             backoff: settings.reconnect_backoff(),
             metrics,
+            unsharded_group,
+            feeds_gateways: settings.node.role == Role::Compute,
         })
     }
 
@@ -152,11 +162,29 @@ impl StreamConsumer {
 
     async fn create_group(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
         // From "0": entries added before the group existed are processed too.
+        // A shard's new group starts where the unsharded group stopped, so
+        // switching one consumer for N shards applies nothing twice (stop
+        // the unsharded consumer cleanly first: what it left pending stays
+        // with its group).
+        let mut start = "0".to_owned();
+        if let Some(unsharded) = &self.unsharded_group {
+            let groups: RedisResult<StreamInfoGroupsReply> = redis::cmd("XINFO")
+                .arg("GROUPS")
+                .arg(&self.redis.input_stream)
+                .query_async(conn)
+                .await;
+            if let Some(group) = groups
+                .ok()
+                .and_then(|reply| reply.groups.into_iter().find(|g| &g.name == unsharded))
+            {
+                start = group.last_delivered_id;
+            }
+        }
         let created: RedisResult<()> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&self.redis.input_stream)
             .arg(&self.redis.consumer_group)
-            .arg("0")
+            .arg(&start)
             .arg("MKSTREAM")
             .query_async(conn)
             .await;
@@ -341,11 +369,12 @@ impl StreamConsumer {
                 .hset(&*slot.key, &*slot.field, sma.frame.as_bytes())
                 .ignore();
         }
-        if self.redis.output_stream.is_empty() {
+        if self.redis.output_stream.is_empty() || self.feeds_gateways {
             transaction
                 .publish(&*sma.channel, sma.frame.as_bytes())
                 .ignore();
-        } else {
+        }
+        if !self.redis.output_stream.is_empty() {
             transaction
                 .cmd("XADD")
                 .arg(&self.redis.output_stream)

@@ -8,14 +8,18 @@
 //! masters. Direct messages stay on classic PSUBSCRIBE (sharded pub/sub has
 //! no patterns); they are few.
 //!
-//! redis-rs resubscribes by itself after a reconnect or a topology refresh.
-//! When a slot moves, the old owner ends its subscriptions with an
-//! unsolicited `sunsubscribe` push; redis-rs takes that as final, so this
-//! broker subscribes again, and the new SSUBSCRIBE follows the slot's
-//! `MOVED` redirect to the new owner.
+//! Resubscription: when a slot moves, the old owner ends its subscriptions
+//! with an unsolicited `sunsubscribe` push, which redis-rs takes as final;
+//! when a node's connection drops, redis-rs reconnects and replays its
+//! subscriptions once, which a master still starting up refuses. Either way
+//! (and when the cluster stops answering PING) the subscription stream ends
+//! and the listener subscribes again on a fresh connection, with backoff,
+//! reloading snapshots and answering `/readyz` with 503 meanwhile — the same
+//! path as a lost single-server subscription.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,17 +30,23 @@ use redis::cluster_async::ClusterConnection;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::{OnceCell, mpsc};
 
-use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes};
-use crate::backoff::Backoff;
+use super::{
+    Broker, BrokerError, HealthCheck, Inbound, Outbound, Subscription, Topic, snapshot_writes,
+};
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Most pushes waiting for the listener before the subscription counts as
+/// fallen behind (see [`ClusterBroker::subscribe`]).
+const SUBSCRIPTION_BUFFER: usize = 65_536;
+
 /// A broker backed by a Redis Cluster.
 #[derive(Clone)]
 pub struct ClusterBroker {
     nodes: Arc<[String]>,
+    health_check: HealthCheck,
     /// Connected on first use; redis-rs reconnects and follows slots after that.
     publisher: Arc<OnceCell<ClusterConnection>>,
 }
@@ -57,8 +67,16 @@ impl ClusterBroker {
         Self::builder(nodes).build()?;
         Ok(Self {
             nodes: nodes.into(),
+            health_check: HealthCheck::default(),
             publisher: Arc::new(OnceCell::new()),
         })
+    }
+
+    /// Uses `health_check` on every subscription.
+    #[must_use]
+    pub fn with_health_check(mut self, health_check: HealthCheck) -> Self {
+        self.health_check = health_check;
+        self
     }
 
     fn builder(nodes: &[String]) -> ClusterClientBuilder {
@@ -98,6 +116,16 @@ struct Router {
     patterns: HashMap<Vec<u8>, usize>,
 }
 
+/// What a push means for the subscription.
+enum Event {
+    /// A message for the topic it names.
+    Message(Inbound),
+    /// Subscriptions were lost: start over.
+    Lost(&'static str),
+    /// Nothing for us (confirmations, other channels).
+    Ignore,
+}
+
 impl Router {
     fn new(topics: &[Topic]) -> Self {
         let mut router = Router {
@@ -115,6 +143,33 @@ impl Router {
             };
         }
         router
+    }
+
+    fn event(&self, push: PushInfo) -> Event {
+        match push.kind {
+            PushKind::SMessage | PushKind::Message | PushKind::PMessage => {
+                self.message(push).map_or(Event::Ignore, Event::Message)
+            }
+            // Unsolicited (this side never unsubscribes): the slot of a
+            // channel of ours moved to another master.
+            PushKind::SUnsubscribe => {
+                let ours = push
+                    .data
+                    .into_iter()
+                    .next()
+                    .and_then(bulk)
+                    .is_some_and(|channel| self.channels.contains_key(&channel));
+                if ours {
+                    Event::Lost("a slot moved to another master")
+                } else {
+                    Event::Ignore
+                }
+            }
+            // redis-rs reconnects the node and replays its subscriptions
+            // once, which a master still starting up (CLUSTERDOWN) loses.
+            PushKind::Disconnection => Event::Lost("a node connection dropped"),
+            _ => Event::Ignore,
+        }
     }
 
     /// The message a push carries, if it is one for a topic of ours.
@@ -138,31 +193,6 @@ impl Router {
             payload: Bytes::from(bulk(data.next()?)?),
         })
     }
-
-    /// What must be subscribed again after `push`, if anything.
-    fn repair(&self, push: &PushInfo) -> Option<Repair> {
-        match push.kind {
-            // Unsolicited: the slot of a channel of ours moved away.
-            PushKind::SUnsubscribe => {
-                let channel = push.data.first().cloned().and_then(bulk)?;
-                self.channels.get(&channel).copied().map(Repair::Topic)
-            }
-            // A node's connection dropped: redis-rs reconnects and replays
-            // its subscriptions once, which a node still starting up (or
-            // refusing with CLUSTERDOWN) loses.
-            PushKind::Disconnection => Some(Repair::All),
-            _ => None,
-        }
-    }
-}
-
-/// Subscriptions to restore.
-#[derive(Debug, Clone, Copy)]
-enum Repair {
-    /// The topic with this index.
-    Topic(usize),
-    /// Every topic (repeating a live subscription is harmless).
-    All,
 }
 
 async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redis::RedisResult<()> {
@@ -173,57 +203,25 @@ async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redi
     }
 }
 
-/// Restores subscriptions on request, retrying each until Redis accepts it,
-/// beside the message stream so a node that stays down delays no messages
-/// from the others. Ends when the subscription is dropped.
-async fn keep_subscribed(
-    mut connection: ClusterConnection,
-    topics: Vec<Topic>,
-    mut requests: mpsc::UnboundedReceiver<Repair>,
-) {
-    let mut pending: Vec<usize> = Vec::new();
-    let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-    let add = |pending: &mut Vec<usize>, repair: Repair| match repair {
-        Repair::Topic(index) if !pending.contains(&index) => pending.push(index),
-        Repair::Topic(_) => {}
-        Repair::All => {
-            pending.clear();
-            pending.extend(0..topics.len());
-        }
-    };
+/// Completes when the cluster stops answering PING in time (a node that
+/// died silently sends no disconnection).
+async fn unanswered_ping(mut connection: ClusterConnection, check: HealthCheck) {
+    let mut ticks = tokio::time::interval(check.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
     loop {
-        if pending.is_empty() {
-            match requests.recv().await {
-                Some(repair) => add(&mut pending, repair),
-                None => return,
+        ticks.tick().await;
+        let ping = redis::cmd("PING");
+        match tokio::time::timeout(check.timeout, ping.query_async::<Value>(&mut connection)).await
+        {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(cause = %err, "redis cluster failed its health check");
+                return;
             }
-        }
-        while let Ok(repair) = requests.try_recv() {
-            add(&mut pending, repair);
-        }
-        let mut failed = None;
-        let mut still = Vec::new();
-        for index in pending.drain(..) {
-            if let Err(err) = subscribe_to(&mut connection, &topics[index]).await {
-                failed = Some(err);
-                still.push(index);
-            }
-        }
-        pending = still;
-        match failed {
-            None => {
-                backoff.reset();
-                tracing::info!("redis cluster subscriptions restored");
-            }
-            Some(err) => {
-                tracing::debug!(cause = %err, topics = pending.len(), "cannot restore redis cluster subscriptions yet; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(backoff.next_delay()) => {}
-                    closed = requests.recv() => match closed {
-                        Some(repair) => add(&mut pending, repair),
-                        None => return,
-                    },
-                }
+            Err(_) => {
+                tracing::warn!(timeout = ?check.timeout, "redis cluster did not answer PING; treating the subscription as dead");
+                return;
             }
         }
     }
@@ -237,40 +235,63 @@ fn bulk(value: Value) -> Option<Vec<u8>> {
 }
 
 impl Broker for ClusterBroker {
+    /// Subscribes on a connection of its own. The stream ends — and the
+    /// listener subscribes again from scratch, reloading snapshots and
+    /// reporting itself unready meanwhile — whenever subscriptions may have
+    /// been lost: a slot moved, a node connection dropped, the cluster
+    /// stopped answering, or this side fell [`SUBSCRIPTION_BUFFER`] behind.
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let (pushes, received) = mpsc::unbounded_channel::<PushInfo>();
+        let (pushes, received) = mpsc::channel::<PushInfo>(SUBSCRIPTION_BUFFER);
+        let overflowed = Arc::new(AtomicBool::new(false));
+        let push_sender = {
+            let overflowed = overflowed.clone();
+            move |push: PushInfo| {
+                // Redis would disconnect a subscriber this far behind; here
+                // the subscription ends the same way instead of growing.
+                if pushes.try_send(push).is_err() {
+                    overflowed.store(true, Relaxed);
+                }
+                Ok::<(), redis::aio::SendError>(())
+            }
+        };
         let client = Self::builder(&self.nodes)
             .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(pushes)
+            .push_sender(push_sender)
             .build()?;
         let mut connection = client.get_async_connection().await?;
         for topic in topics {
             subscribe_to(&mut connection, topic).await?;
         }
-        let router = Router::new(topics);
-        let (repairs, requests) = mpsc::unbounded_channel();
-        tokio::spawn(keep_subscribed(connection, topics.to_vec(), requests));
-        // redis-rs reconnects on its own, so this stream ends only when the
-        // subscriber drops it (and with it the connection and the keeper).
+        let dead = Box::pin(unanswered_ping(connection, self.health_check));
         let messages = futures_util::stream::unfold(
-            (router, received, repairs),
-            |(router, mut pushes, repairs)| async move {
+            (Router::new(topics), received, overflowed),
+            |(router, mut pushes, overflowed)| async move {
                 while let Some(push) = pushes.recv().await {
-                    if let Some(repair) = router.repair(&push) {
-                        if matches!(repair, Repair::All) {
-                            tracing::warn!(
-                                "a redis cluster connection dropped; reconnecting and resubscribing"
-                            );
+                    if overflowed.load(Relaxed) {
+                        tracing::warn!(
+                            buffer = SUBSCRIPTION_BUFFER,
+                            "fell behind the redis cluster subscription; resubscribing"
+                        );
+                        return None;
+                    }
+                    match router.event(push) {
+                        Event::Message(inbound) => {
+                            return Some((inbound, (router, pushes, overflowed)));
                         }
-                        let _ = repairs.send(repair);
-                    } else if let Some(inbound) = router.message(push) {
-                        return Some((inbound, (router, pushes, repairs)));
+                        Event::Lost(why) => {
+                            tracing::warn!(
+                                why,
+                                "redis cluster subscriptions may be lost; resubscribing"
+                            );
+                            return None;
+                        }
+                        Event::Ignore => {}
                     }
                 }
                 None
             },
         );
-        Ok(messages.boxed())
+        Ok(messages.take_until(dead).boxed())
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {

@@ -429,6 +429,14 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
     round.check_socket(&mut acme, "acme").await;
     round.check_socket(&mut beta, "beta").await;
 
+    // Both the slot move and the restart made the gateway start over
+    // (and reload its snapshots), as a lost single-server subscription does.
+    let resubscribes = gateway.stats().await["redis_resubscribes"].as_u64();
+    assert!(
+        resubscribes >= Some(2),
+        "gateway resubscribed {resubscribes:?} times"
+    );
+
     // `quotebridge publish` addresses each quote to its partition too.
     let csv = std::env::temp_dir().join(format!("quotebridge-cluster-{}.csv", std::process::id()));
     std::fs::write(&csv, "symbol,price,ts\nS0,100,1\nS1,200,2\n").expect("write csv");

@@ -275,3 +275,86 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
     }
     drop(serve);
 }
+
+#[tokio::test]
+async fn stream_mode_shards_take_over_from_one_consumer_applying_nothing_twice() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let env = [
+        STREAM_MODE,
+        ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
+        ("QUOTEBRIDGE__SMA__WINDOW", "3"),
+        ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+    ];
+    let mut pubsub = redis.subscribe(&["sma"]).await;
+    let mut output = pubsub.on_message();
+    let mut conn = redis.connection().await;
+    let mut reference = ReferenceSma::default();
+    let mut phase = |ts_base: u64| {
+        let mut quotes = Vec::new();
+        let mut want = HashMap::new();
+        for round in 0..5u32 {
+            for n in 0..10u32 {
+                let (symbol, price, ts) = (
+                    format!("S{n}"),
+                    f64::from(round * 10 + n + 1),
+                    ts_base + u64::from(round * 10 + n),
+                );
+                quotes.push(
+                    json!({"symbol": symbol, "price": price, "ts": ts})
+                        .to_string()
+                        .into_bytes(),
+                );
+                let (sma, count) = reference.push(None, &symbol, price, 3);
+                want.insert(ts, json!({"symbol": symbol, "price": price, "sma": sma, "window": 3, "count": count, "ts": ts}));
+            }
+        }
+        (quotes, want)
+    };
+    let mut receive = async |want: &HashMap<u64, Value>| {
+        let mut seen = 0;
+        while seen < want.len() {
+            let got: Value = serde_json::from_str(&next_redis(&mut output).await.1).expect("JSON");
+            let ts = got["ts"].as_u64().expect("ts");
+            let expected = want
+                .get(&ts)
+                .unwrap_or_else(|| panic!("unexpected (replayed?) result {got}"));
+            assert_sma(&got, expected);
+            seen += 1;
+        }
+    };
+
+    // One unsharded consumer applies the first half, then stops cleanly.
+    let mut single = Serve::launch(&["serve"], &env, std::process::Stdio::null()).await;
+    let (quotes, first) = phase(1_000);
+    xadd_all(&mut conn, &quotes).await;
+    receive(&first).await;
+    assert!(single.terminate().await.success());
+
+    // Two compute shards take over: each continues its symbols' windows from
+    // the stored state and starts where the unsharded group stopped. They
+    // also append to an output stream, and still publish for gateways.
+    let sharded: Vec<(&str, &str)> = env
+        .iter()
+        .copied()
+        .chain([("QUOTEBRIDGE__REDIS__OUTPUT_STREAM", "sma.stream")])
+        .collect();
+    let _shards = [
+        Serve::launch(
+            &["serve", "--role", "compute", "--shard", "0/2"],
+            &sharded,
+            std::process::Stdio::null(),
+        )
+        .await,
+        Serve::launch(
+            &["serve", "--role", "compute", "--shard", "1/2"],
+            &sharded,
+            std::process::Stdio::null(),
+        )
+        .await,
+    ];
+    let (quotes, second) = phase(2_000);
+    xadd_all(&mut conn, &quotes).await;
+    receive(&second).await;
+    assert_eq!(xlen(&mut conn, "sma.stream").await, second.len());
+}
