@@ -43,6 +43,9 @@ pub struct HubLimits {
     pub max_symbols: usize,
     /// Open sockets per client code.
     pub max_sockets_per_client: usize,
+    /// Symbols whose latest result is kept for snapshots (`sma.max_keys`):
+    /// a gateway's symbols come from Redis, not from a bounded pipeline.
+    pub max_snapshots: usize,
 }
 
 #[derive(Debug, Default)]
@@ -257,12 +260,7 @@ impl Hub {
     pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
         let mut state = self.state();
         let state = &mut *state;
-        match state.latest.get_mut(symbol) {
-            Some(latest) => *latest = frame.clone(),
-            None => {
-                state.latest.insert(symbol.into(), frame.clone());
-            }
-        }
+        state.remember(symbol, &frame, self.inner.limits.max_snapshots);
         let mut slow = Vec::new();
         let mut queued = 0u64;
         let named = state.by_symbol.get(symbol);
@@ -287,7 +285,8 @@ impl Hub {
     /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
     /// gateway seeding snapshots that compute nodes stored in Redis.
     pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {
-        self.state().latest.insert(symbol.into(), frame);
+        self.state()
+            .remember(symbol, &frame, self.inner.limits.max_snapshots);
     }
 
     /// Delivers `message` to every socket of the group `client` — the seed's
@@ -388,6 +387,19 @@ impl Hub {
 }
 
 impl State {
+    /// Keeps `frame` as `symbol`'s snapshot, unless that would make more
+    /// than `max` symbols (the result is still delivered, just not kept).
+    fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {
+        let room = self.latest.len() < max;
+        match self.latest.get_mut(symbol) {
+            Some(latest) => *latest = frame.clone(),
+            None if room => {
+                self.latest.insert(symbol.into(), frame.clone());
+            }
+            None => {}
+        }
+    }
+
     fn add_subscriptions(&mut self, id: SocketId, symbols: &[String]) {
         let Some(socket) = self.sockets.get_mut(&id) else {
             return;
@@ -510,6 +522,7 @@ mod tests {
             send_queue_bytes: 1 << 20,
             max_symbols: 10,
             max_sockets_per_client: 4,
+            max_snapshots: 100,
         }
     }
 
@@ -593,6 +606,33 @@ mod tests {
         );
         let got = socket.unsubscribe(&strings(&["MSFT", "nope"]));
         assert_eq!(got.symbols, strings(&["AAPL", "ZZZ"]));
+    }
+
+    #[test]
+    fn snapshots_are_kept_for_at_most_max_snapshots_symbols() {
+        let hub = Hub::new(
+            HubLimits {
+                max_snapshots: 2,
+                ..limits(8)
+            },
+            Arc::new(Stats::default()),
+        );
+        for symbol in ["A", "B", "C"] {
+            hub.publish_public(symbol, Utf8Bytes::from_static("old"));
+        }
+        hub.publish_public("A", Utf8Bytes::from_static("new"));
+        hub.remember_latest("D", Utf8Bytes::from_static("stored"));
+        let (socket, _rx) = join(&hub, "acme", &[]);
+        let mut got = socket
+            .subscribe(&strings(&["A", "B", "C", "D"]))
+            .expect("subscribed")
+            .snapshots;
+        got.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        assert_eq!(
+            got,
+            ["new", "old"],
+            "A updated, B kept, C and D over the bound"
+        );
     }
 
     #[test]

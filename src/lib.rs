@@ -128,6 +128,7 @@ pub async fn serve<B: Broker>(
             send_queue_bytes: settings.websocket.send_queue_bytes,
             max_symbols: settings.websocket.max_symbols,
             max_sockets_per_client: settings.server.max_connections_per_client,
+            max_snapshots: settings.sma.max_keys,
         },
         stats.clone(),
     );
