@@ -12,9 +12,13 @@ pub const ALL_SYMBOLS: &str = "*";
 /// A symbol is 1–32 characters of `[A-Za-z0-9._:/-]`.
 #[must_use]
 pub fn is_symbol(s: &str) -> bool {
-    (1..=MAX_SYMBOL_LEN).contains(&s.len())
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-'))
+    (1..=MAX_SYMBOL_LEN).contains(&s.len()) && s.bytes().all(is_symbol_byte)
+}
+
+/// Whether `b` may appear in a symbol.
+#[must_use]
+pub const fn is_symbol_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'/' | b'-')
 }
 
 /// A client code is 1–64 characters of `[A-Za-z0-9_-]`.

@@ -27,7 +27,8 @@ use hashbrown::hash_map::EntryRef;
 use crate::broker::Outbound;
 use crate::config::Settings;
 use crate::hub::Hub;
-use crate::protocol::SmaMessage;
+use crate::names;
+use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
@@ -43,6 +44,8 @@ pub struct Pipeline {
     rejected_channel: Option<Arc<str>>,
     emit_partial: bool,
     shard: Shard,
+    /// `sma.window` written out once, for every message.
+    window_framing: WindowFraming,
     /// Whether payloads that are not quotes at all are reported here.
     reports_unparseable: bool,
     /// Whether each input channel carries only this shard's symbols (a
@@ -114,6 +117,7 @@ impl Pipeline {
         Self {
             windows: Windows::new(settings.window(), settings.sma.max_keys),
             rejected_channel: channels.rejected_channel(),
+            window_framing: WindowFraming::new(settings.window().get()),
             // On one server every shard reads every payload: shard 0 alone
             // reports the unparseable ones, so each yields one notice, not N.
             // A cluster partition's channel reaches one shard only.
@@ -165,7 +169,7 @@ impl Pipeline {
             client,
         }
         // The parser admitted only valid names.
-        .encode_plain();
+        .encode_framed(&key.framing, &self.window_framing);
         let sma = Sma {
             channel: key.channel.clone(),
             frame,
@@ -211,7 +215,13 @@ impl Pipeline {
     }
 
     /// Replaces one key's window with `state` (restoring after a restart).
+    /// Names that are not valid (a hand-edited state hash) are skipped:
+    /// results are encoded on the assumption that every key's names are.
     pub fn restore_window(&mut self, client: Option<&str>, symbol: &str, state: WindowState) {
+        if !names::is_symbol(symbol) || !client.is_none_or(names::is_client_code) {
+            tracing::warn!(symbol, client, "window state for invalid names ignored");
+            return;
+        }
         let capacity = self.windows.window;
         if let Some(key) = self.windows.get_or_insert(client, symbol, &self.addressing) {
             key.window = SmaWindow::restore(capacity, state);
@@ -229,6 +239,8 @@ struct Key {
     window: SmaWindow,
     channel: Arc<str>,
     snapshot: Option<Arc<SnapshotSlot>>,
+    /// The key's fixed parts of every message, written out once.
+    framing: KeyFraming,
 }
 
 /// Where a new key's results go: its output channel and snapshot slot.
@@ -245,6 +257,7 @@ impl ResultAddressing {
             channel: self.channels.output_channel(symbol),
             snapshot: (self.snapshots && client.is_none())
                 .then(|| Arc::new(self.channels.snapshot_slot(symbol))),
+            framing: KeyFraming::new(symbol, client),
         }
     }
 }

@@ -42,62 +42,104 @@ impl SmaMessage<'_> {
         if !plain {
             return serde_json::to_string(self).unwrap_or_default().into();
         }
-        self.encode_plain()
+        let key = KeyFraming::new(self.symbol, self.client);
+        self.encode_framed(&key, &WindowFraming::new(self.window))
     }
 
-    /// [`SmaMessage::encode`] for a symbol and client code already known to
-    /// be valid names (a parsed quote's), which JSON never escapes.
-    pub(crate) fn encode_plain(&self) -> Utf8Bytes {
-        debug_assert!(
-            names::is_symbol(self.symbol) && self.client.is_none_or(names::is_client_code)
-        );
+    /// [`SmaMessage::encode`] with the parts that are the same for every
+    /// result of a key and window written out beforehand, so most of the
+    /// message is copied in three pieces. `key` must be this message's
+    /// (valid names, which JSON never escapes) and `window` its window.
+    pub(crate) fn encode_framed(&self, key: &KeyFraming, window: &WindowFraming) -> Utf8Bytes {
+        debug_assert_eq!(*key, KeyFraming::new(self.symbol, self.client));
+        debug_assert_eq!(window.window, self.window);
         let mut floats = [zmij::Buffer::new(), zmij::Buffer::new()];
         let [price_buf, sma_buf] = &mut floats;
         let price = json_float(price_buf, self.price);
         let sma = json_float(sma_buf, self.sma);
-        let mut ints = [
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-            itoa::Buffer::new(),
-        ];
-        let [window_buf, count_buf, ts_buf] = &mut ints;
-        let window = window_buf.format(self.window);
-        let count = count_buf.format(self.count);
+        let mut ints = [itoa::Buffer::new(), itoa::Buffer::new()];
+        let [count_buf, ts_buf] = &mut ints;
         let ts = ts_buf.format(self.ts);
+        const SMA: &str = ",\"sma\":";
+        // A full window's `,"window":W,"count":W,"ts":` is always the same.
+        let count = (self.count != window.window).then(|| count_buf.format(self.count));
+        let middle_len = match count {
+            None => window.full.len(),
+            Some(count) => PARTIAL_FIXED + window.text.len() + count.len(),
+        };
         // The exact length: a buffer with no spare capacity becomes `Bytes`
         // without being copied or reallocated.
-        const FIXED: usize = r#"{"symbol":"","price":,"sma":,"window":,"count":,"ts":}"#.len();
-        const CLIENT_FIXED: usize = r#","client":"""#.len();
-        let client_len = self.client.map_or(0, |c| c.len() + CLIENT_FIXED);
-        let exact = FIXED
-            + self.symbol.len()
+        let exact = key.head.len()
             + price.len()
+            + SMA.len()
             + sma.len()
-            + window.len()
-            + count.len()
+            + middle_len
             + ts.len()
-            + client_len;
+            + key.tail.len();
         let mut out = String::with_capacity(exact);
-        out.push_str("{\"symbol\":\"");
-        out.push_str(self.symbol);
-        out.push_str("\",\"price\":");
+        out.push_str(&key.head);
         out.push_str(price);
-        out.push_str(",\"sma\":");
+        out.push_str(SMA);
         out.push_str(sma);
-        out.push_str(",\"window\":");
-        out.push_str(window);
-        out.push_str(",\"count\":");
-        out.push_str(count);
-        out.push_str(",\"ts\":");
-        out.push_str(ts);
-        if let Some(client) = self.client {
-            out.push_str(",\"client\":\"");
-            out.push_str(client);
-            out.push('"');
+        match count {
+            None => out.push_str(&window.full),
+            Some(count) => {
+                out.push_str(",\"window\":");
+                out.push_str(&window.text);
+                out.push_str(",\"count\":");
+                out.push_str(count);
+                out.push_str(",\"ts\":");
+            }
         }
-        out.push('}');
+        out.push_str(ts);
+        out.push_str(&key.tail);
         debug_assert_eq!(out.len(), exact);
         out.into()
+    }
+}
+
+/// `,"window":,"count":,"ts":` around a partial window's numbers.
+const PARTIAL_FIXED: usize = r#","window":,"count":,"ts":"#.len();
+
+/// What every SMA message of one key starts and ends with:
+/// `{"symbol":"AAPL","price":` and `}` (or `,"client":"acme"}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyFraming {
+    head: Box<str>,
+    tail: Box<str>,
+}
+
+impl KeyFraming {
+    /// The framing for `symbol` and `client`, which must be valid names.
+    pub(crate) fn new(symbol: &str, client: Option<&str>) -> Self {
+        Self {
+            head: format!("{{\"symbol\":\"{symbol}\",\"price\":").into(),
+            tail: match client {
+                None => "}".into(),
+                Some(client) => format!(",\"client\":\"{client}\"}}").into(),
+            },
+        }
+    }
+}
+
+/// The window of every SMA message of a pipeline, written out.
+#[derive(Debug, Clone)]
+pub(crate) struct WindowFraming {
+    window: usize,
+    /// `W`
+    text: Box<str>,
+    /// `,"window":W,"count":W,"ts":`
+    full: Box<str>,
+}
+
+impl WindowFraming {
+    /// The framing for windows of `window` prices.
+    pub(crate) fn new(window: usize) -> Self {
+        Self {
+            window,
+            text: window.to_string().into(),
+            full: format!(",\"window\":{window},\"count\":{window},\"ts\":").into(),
+        }
     }
 }
 
@@ -199,6 +241,27 @@ impl ServerFrame<'_> {
 mod tests {
     use super::*;
     use serde_json::{Value, json};
+
+    #[test]
+    fn framed_encoding_is_byte_for_byte_the_general_one() {
+        for (count, client) in [(3, None), (1, None), (3, Some("acme")), (2, Some("b-2"))] {
+            let message = SmaMessage {
+                symbol: "BRK.B",
+                price: 412.5,
+                sma: 410.123_456_789,
+                window: 3,
+                count,
+                ts: 1_764_115_200_123,
+                client,
+            };
+            let framed = message.encode_framed(
+                &KeyFraming::new(message.symbol, client),
+                &WindowFraming::new(3),
+            );
+            let general = serde_json::to_string(&message).expect("serializes");
+            assert_eq!(framed.as_str(), general, "count {count}, client {client:?}");
+        }
+    }
 
     #[test]
     fn result_routes_come_from_sma_messages_only() {

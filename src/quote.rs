@@ -297,9 +297,7 @@ mod fast {
             scan.expect(b':')?;
             scan.skip_whitespace();
             match key {
-                Key::Symbol if symbol.is_none() => {
-                    symbol = Some(scan.plain_string().filter(|s| names::is_symbol(s))?)
-                }
+                Key::Symbol if symbol.is_none() => symbol = Some(scan.symbol()?),
                 Key::Price if price.is_none() => price = Some(scan.number()?),
                 Key::Ts if ts.is_none() => ts = Some(scan.digits()?),
                 Key::Client if client.is_none() => {
@@ -340,6 +338,17 @@ mod fast {
         Client,
     }
 
+    /// 10^0 ..= 10^15, for the fast path's mantissas.
+    const POWERS_OF_TEN: [u64; 16] = {
+        let mut table = [1u64; 16];
+        let mut i = 1;
+        while i < 16 {
+            table[i] = table[i - 1] * 10;
+            i += 1;
+        }
+        table
+    };
+
     /// Powers of ten a `f64` holds exactly.
     const EXACT_POWERS_OF_TEN: [f64; 23] = [
         1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16,
@@ -358,17 +367,32 @@ mod fast {
         }
 
         fn skip_whitespace(&mut self) {
-            while let Some(b' ' | b'\t' | b'\n' | b'\r') = self.bytes.get(self.at) {
+            // Usually there is none: one comparison says so.
+            while let Some(&b) = self.bytes.get(self.at) {
+                if b > b' ' || !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+                    return;
+                }
                 self.at += 1;
             }
         }
 
-        fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
-            let start = self.at;
-            while self.bytes.get(self.at).is_some_and(|&b| keep(b)) {
-                self.at += 1;
+        /// A string that is a valid symbol, checked as it is scanned.
+        fn symbol(&mut self) -> Option<&'a str> {
+            self.expect(b'"')?;
+            let name = self.take_while(names::is_symbol_byte);
+            self.expect(b'"')?;
+            if !(1..=names::MAX_SYMBOL_LEN).contains(&name.len()) {
+                return None;
             }
-            &self.bytes[start..self.at]
+            // Symbol bytes are ASCII, hence UTF-8.
+            std::str::from_utf8(name).ok()
+        }
+
+        fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
+            let rest = self.bytes.get(self.at..).unwrap_or_default();
+            let len = rest.iter().position(|&b| !keep(b)).unwrap_or(rest.len());
+            self.at += len;
+            &rest[..len]
         }
 
         /// One of the known member names, with its quotes.
@@ -409,15 +433,33 @@ mod fast {
             std::str::from_utf8(self.plain_bytes()?).ok()
         }
 
+        /// A run of digits and its value, in one pass. The value wraps past
+        /// 19 digits; callers use it only for shorter runs.
+        fn decimal(&mut self) -> (&'a [u8], u64) {
+            let rest = self.bytes.get(self.at..).unwrap_or_default();
+            let mut value: u64 = 0;
+            let mut len = 0;
+            for &b in rest {
+                let digit = b.wrapping_sub(b'0');
+                if digit > 9 {
+                    break;
+                }
+                value = value.wrapping_mul(10).wrapping_add(u64::from(digit));
+                len += 1;
+            }
+            self.at += len;
+            (&rest[..len], value)
+        }
+
         /// An unsigned integer, as JSON writes it (no leading zeros).
         fn digits(&mut self) -> Option<u64> {
-            let digits = self.take_while(|b| b.is_ascii_digit());
+            let (digits, value) = self.decimal();
             if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
                 return None;
             }
             // Up to 19 digits always fit in a u64; more may not.
             if digits.len() <= 19 {
-                return Some(digits.iter().fold(0, |n, &d| n * 10 + u64::from(d - b'0')));
+                return Some(value);
             }
             digits.iter().try_fold(0u64, |n, &d| {
                 n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
@@ -431,14 +473,14 @@ mod fast {
             if negative {
                 self.at += 1;
             }
-            let int = self.take_while(|b| b.is_ascii_digit());
+            let (int, int_value) = self.decimal();
             if int.is_empty() || (int.len() > 1 && int[0] == b'0') {
                 return None;
             }
-            let mut fraction: &[u8] = &[];
+            let (mut fraction, mut fraction_value): (&[u8], u64) = (&[], 0);
             if self.bytes.get(self.at) == Some(&b'.') {
                 self.at += 1;
-                fraction = self.take_while(|b| b.is_ascii_digit());
+                (fraction, fraction_value) = self.decimal();
                 if fraction.is_empty() {
                     return None;
                 }
@@ -449,8 +491,8 @@ mod fast {
             // ten are both exact in an f64, so one IEEE division rounds
             // correctly — the same value the general algorithm finds.
             if !exponent && int.len() + fraction.len() <= 15 {
-                let digit = |m: u64, &d: &u8| m * 10 + u64::from(d - b'0');
-                let mantissa = fraction.iter().fold(int.iter().fold(0, digit), digit);
+                // At most 15 digits: no wrapping happened, and none here.
+                let mantissa = int_value * POWERS_OF_TEN[fraction.len()] + fraction_value;
                 let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
                 return Some(if negative { -value } else { value });
             }

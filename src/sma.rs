@@ -3,7 +3,6 @@
 //! Pure and synchronous: no I/O, no clock. The listener owns one [`SmaWindow`]
 //! per (client, symbol) key.
 
-use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
@@ -19,7 +18,10 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone)]
 pub struct SmaWindow {
     capacity: NonZeroUsize,
-    prices: VecDeque<f64>,
+    /// A ring once full: the newest price overwrites the oldest in place.
+    prices: Vec<f64>,
+    /// Where the oldest price is (0 until the window is full).
+    oldest: usize,
     sum: f64,
     compensation: f64,
 }
@@ -53,7 +55,8 @@ impl SmaWindow {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             capacity,
-            prices: VecDeque::new(),
+            prices: Vec::new(),
+            oldest: 0,
             sum: 0.0,
             compensation: 0.0,
         }
@@ -89,12 +92,16 @@ impl SmaWindow {
     /// anything else before it reaches a window.
     pub fn push(&mut self, price: f64) -> Average {
         debug_assert!(price.is_finite(), "non-finite price reached the SMA");
-        if self.is_full()
-            && let Some(oldest) = self.prices.pop_front()
-        {
+        if self.is_full() {
+            let oldest = std::mem::replace(&mut self.prices[self.oldest], price);
+            self.oldest += 1;
+            if self.oldest == self.prices.len() {
+                self.oldest = 0;
+            }
             self.add(-oldest);
+        } else {
+            self.prices.push(price);
         }
-        self.prices.push_back(price);
         self.add(price);
         Average {
             mean: self.mean(),
@@ -117,7 +124,7 @@ impl SmaWindow {
     #[must_use]
     pub fn state(&self) -> WindowState {
         WindowState {
-            prices: self.prices.iter().copied().collect(),
+            prices: self.prices().collect(),
             sum: self.sum,
             compensation: self.compensation,
         }
@@ -135,7 +142,8 @@ impl SmaWindow {
         if consistent {
             return Self {
                 capacity,
-                prices: state.prices.into(),
+                prices: state.prices,
+                oldest: 0,
                 sum: state.sum,
                 compensation: state.compensation,
             };
@@ -154,8 +162,9 @@ impl SmaWindow {
     }
 
     /// The prices in the window, oldest first.
-    pub fn prices(&self) -> impl ExactSizeIterator<Item = f64> + '_ {
-        self.prices.iter().copied()
+    pub fn prices(&self) -> impl Iterator<Item = f64> + '_ {
+        let (newer, older) = self.prices.split_at(self.oldest);
+        older.iter().chain(newer).copied()
     }
 
     fn mean(&self) -> f64 {
@@ -184,6 +193,8 @@ impl SmaWindow {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
+
     use super::*;
 
     fn window(capacity: usize) -> SmaWindow {

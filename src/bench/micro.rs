@@ -11,8 +11,10 @@ use crate::pipeline::{Outcome, Pipeline};
 use crate::stats::Stats;
 
 pub fn run(quotes: usize, symbols: usize) -> Row {
+    // Timestamps as producers send them: milliseconds since the epoch.
+    const EPOCH_MS: u64 = 1_764_115_200_000;
     let payloads: Vec<bytes::Bytes> = (0..symbols.max(1) * 16)
-        .map(|i| quote(i, symbols, i as u64))
+        .map(|i| quote(i, symbols, EPOCH_MS + i as u64))
         .collect();
     let Ok(mut settings) = Settings::defaults() else {
         return Row::new(Scenario::Micro, "defaults did not load".into());
