@@ -68,6 +68,12 @@ pub async fn connect_sockets(
             let tcp = match source {
                 Some(ip) => {
                     let socket = TcpSocket::new_v4().map_err(|e| Error::io("socket", e))?;
+                    // Ports still in TIME_WAIT from an earlier run may be
+                    // reused; without this a second run within a minute
+                    // runs out of ports on the source address.
+                    socket
+                        .set_reuseaddr(true)
+                        .map_err(|e| Error::io("SO_REUSEADDR", e))?;
                     socket
                         .bind(SocketAddr::new(ip, 0))
                         .map_err(|e| Error::io(format!("bind {ip}"), e))?;
