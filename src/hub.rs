@@ -67,10 +67,25 @@ struct State {
 #[derive(Debug)]
 struct Socket {
     group: Box<str>,
-    outbox: mpsc::Sender<Message>,
-    /// Bytes in the outbox; the hub adds, the session subtracts.
-    queued_bytes: Arc<AtomicUsize>,
+    /// Bounded by `backlog`, which is checked before every send: a tokio
+    /// bounded channel would take a semaphore (and its mutex) per frame.
+    outbox: mpsc::UnboundedSender<Message>,
+    backlog: Arc<Backlog>,
     subscriptions: BTreeSet<String>,
+}
+
+/// What one socket's outbox holds; the hub adds, the session subtracts.
+#[derive(Debug, Default)]
+struct Backlog {
+    frames: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+impl Backlog {
+    fn taken(&self, message: &Message) {
+        self.frames.fetch_sub(1, Relaxed);
+        self.bytes.fetch_sub(message_len(message), Relaxed);
+    }
 }
 
 /// What happened when a frame was offered to one socket.
@@ -85,16 +100,17 @@ enum Offer {
 impl Socket {
     fn offer(&self, message: Message, limits: &HubLimits) -> Offer {
         let len = message_len(&message);
-        if self.queued_bytes.load(Relaxed) + len > limits.send_queue_bytes {
+        if self.backlog.frames.load(Relaxed) >= limits.send_queue
+            || self.backlog.bytes.load(Relaxed) + len > limits.send_queue_bytes
+        {
             return Offer::Full;
         }
-        match self.outbox.try_send(message) {
-            Ok(()) => {
-                self.queued_bytes.fetch_add(len, Relaxed);
-                Offer::Queued
-            }
-            Err(mpsc::error::TrySendError::Full(_)) => Offer::Full,
-            Err(mpsc::error::TrySendError::Closed(_)) => Offer::Gone,
+        // Counted first, so the session never subtracts what is not added.
+        self.backlog.frames.fetch_add(1, Relaxed);
+        self.backlog.bytes.fetch_add(len, Relaxed);
+        match self.outbox.send(message) {
+            Ok(()) => Offer::Queued,
+            Err(_) => Offer::Gone,
         }
     }
 }
@@ -138,8 +154,8 @@ impl Drop for Admission {
 /// The receiving end of one socket's bounded queue.
 #[derive(Debug)]
 pub struct Outbox {
-    frames: mpsc::Receiver<Message>,
-    queued_bytes: Arc<AtomicUsize>,
+    frames: mpsc::UnboundedReceiver<Message>,
+    backlog: Arc<Backlog>,
 }
 
 impl Outbox {
@@ -147,14 +163,14 @@ impl Outbox {
     /// everything queued before that has been taken.
     pub async fn recv(&mut self) -> Option<Message> {
         let message = self.frames.recv().await?;
-        self.queued_bytes.fetch_sub(message_len(&message), Relaxed);
+        self.backlog.taken(&message);
         Some(message)
     }
 
     /// A queued frame, if one is ready now.
     pub fn try_recv(&mut self) -> Option<Message> {
         let message = self.frames.try_recv().ok()?;
-        self.queued_bytes.fetch_sub(message_len(&message), Relaxed);
+        self.backlog.taken(&message);
         Some(message)
     }
 }
@@ -222,8 +238,8 @@ impl Hub {
     /// `subscriptions`. The socket leaves the hub, and its admission is
     /// released, when the returned [`Membership`] is dropped.
     pub fn join(&self, admission: Admission, subscriptions: &[String]) -> (Membership, Outbox) {
-        let (sender, frames) = mpsc::channel(self.inner.limits.send_queue);
-        let queued_bytes = Arc::new(AtomicUsize::new(0));
+        let (sender, frames) = mpsc::unbounded_channel();
+        let backlog = Arc::new(Backlog::default());
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -232,7 +248,7 @@ impl Hub {
             Socket {
                 group: admission.client.clone(),
                 outbox: sender,
-                queued_bytes: queued_bytes.clone(),
+                backlog: backlog.clone(),
                 subscriptions: BTreeSet::new(),
             },
         );
@@ -248,10 +264,7 @@ impl Hub {
             id,
             _admission: admission,
         };
-        let outbox = Outbox {
-            frames,
-            queued_bytes,
-        };
+        let outbox = Outbox { frames, backlog };
         (membership, outbox)
     }
 

@@ -88,9 +88,13 @@ pub async fn run(
     let mut unanswered_pings = 0u32;
     // Grows to the largest batch seen, on first use: idle sockets pay nothing.
     let mut batch: Vec<Message> = Vec::new();
+    // Registered once: a `cancelled()` per turn of the loop would lock the
+    // token's waiter list, which every socket shares, twice per batch.
+    let shutting_down = shutdown.cancelled();
+    tokio::pin!(shutting_down);
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => {
+            () = &mut shutting_down => {
                 close(&mut socket, close_code::AWAY, "going away").await;
                 return Ok(());
             }

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use futures_util::{StreamExt, stream};
+use futures_util::{FutureExt, StreamExt, stream};
 use hdrhistogram::Histogram;
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
@@ -116,21 +116,40 @@ pub fn spawn_readers(
             let stop = stop.clone();
             tokio::spawn(async move {
                 let mut latency = Latency::new();
-                loop {
-                    let message = tokio::select! {
-                        () = stop.cancelled() => break,
+                // One registration for the whole run, not one per frame: the
+                // readers' own overhead is CPU the bridge under test loses.
+                let stopped = stop.cancelled();
+                tokio::pin!(stopped);
+                'reading: loop {
+                    let first = tokio::select! {
+                        biased;
                         message = socket.next() => message,
+                        () = &mut stopped => break,
                     };
-                    match message {
-                        Some(Ok(Message::Text(text))) => {
-                            if let Some(ts) = ts_of(text.as_bytes()) {
-                                latency.record_since(ts);
-                                frames.fetch_add(1, Relaxed);
+                    // Everything already received is counted with one update
+                    // of the shared counter, which all readers contend on.
+                    let mut counted = 0;
+                    let mut next = first;
+                    loop {
+                        match next {
+                            Some(Ok(Message::Text(text))) => {
+                                if let Some(ts) = ts_of(text.as_bytes()) {
+                                    latency.record_since(ts);
+                                    counted += 1;
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            _ => {
+                                frames.fetch_add(counted, Relaxed);
+                                break 'reading;
                             }
                         }
-                        Some(Ok(_)) => {}
-                        _ => break,
+                        match socket.next().now_or_never() {
+                            Some(message) => next = message,
+                            None => break,
+                        }
                     }
+                    frames.fetch_add(counted, Relaxed);
                 }
                 latency
             })
@@ -161,10 +180,13 @@ pub async fn spawn_subscriber(
     Ok(tokio::spawn(async move {
         let mut latency = Latency::new();
         let mut messages = pubsub.into_on_message();
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             let message = tokio::select! {
-                () = stop.cancelled() => break,
+                biased;
                 message = messages.next() => message,
+                () = &mut stopped => break,
             };
             let Some(message) = message else { break };
             if measure_latency && let Some(ts) = ts_of(message.get_payload_bytes()) {

@@ -257,7 +257,8 @@ pub(crate) fn now_ns() -> u64 {
 /// The `ts` of an SMA message, found without a full JSON parse.
 pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"ts\":";
-    let at = frame.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    // From the end: `ts` is the last member but for `client`.
+    let at = frame.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
     let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit());
     let mut ts: u64 = 0;
     let mut any = false;
