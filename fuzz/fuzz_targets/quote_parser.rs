@@ -10,6 +10,9 @@ use quotebridge::quote;
 fuzz_target!(|payload: &[u8]| {
     // The single-scan fast path and the full parser must agree on everything.
     assert_eq!(quote::parse(payload), quote::parse_fully(payload));
+    // Equal as numbers is not enough (0.0 == -0.0): the same bits.
+    let bits = |q: Result<quote::Quote<'_>, _>| q.map(|q| q.price.to_bits());
+    assert_eq!(bits(quote::parse(payload)), bits(quote::parse_fully(payload)));
     if let Ok(q) = quote::parse(payload) {
         assert!(names::is_symbol(&q.symbol));
         assert!(q.price.is_finite());
