@@ -198,7 +198,7 @@ pub async fn serve<B: Broker>(
     if role.serves_sockets() {
         tracing::info!(%address, %role, shard = %settings.node.shard, "listening for WebSocket clients on ws://{address}/ws/{{client_code}}");
     } else {
-        tracing::info!(%address, %role, shard = %settings.node.shard, "no WebSocket listener; health and metrics on http://{address}/");
+        tracing::info!(%address, %role, shard = %settings.node.shard, "no WebSocket listener; /healthz, /readyz, /stats and /metrics on http://{address}");
     }
     // Frames are small and latency matters: no Nagle delay on any socket.
     let listener = listener.tap_io(|tcp| {
