@@ -265,31 +265,22 @@ mod tests {
 
     #[test]
     fn result_routes_come_from_sma_messages_only() {
-        let public = SmaMessage {
-            symbol: "AAPL",
-            price: 1.0,
-            sma: 2.0,
-            window: 3,
-            count: 3,
-            ts: 4,
-            client: None,
-        }
-        .encode();
-        let route = ResultRoute::of(public.as_str()).expect("routable");
-        assert_eq!((&*route.symbol, route.client), ("AAPL", None));
-        let private = SmaMessage {
-            client: Some("acme"),
-            ..SmaMessage {
-                symbol: "MSFT",
+        let message = |symbol, client| {
+            SmaMessage {
+                symbol,
                 price: 1.0,
                 sma: 2.0,
                 window: 3,
                 count: 3,
                 ts: 4,
-                client: None,
+                client,
             }
-        }
-        .encode();
+            .encode()
+        };
+        let public = message("AAPL", None);
+        let route = ResultRoute::of(public.as_str()).expect("routable");
+        assert_eq!((&*route.symbol, route.client), ("AAPL", None));
+        let private = message("MSFT", Some("acme"));
         let route = ResultRoute::of(private.as_str()).expect("routable");
         assert_eq!(route.client.as_deref(), Some("acme"));
         for junk in [

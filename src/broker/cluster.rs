@@ -32,6 +32,7 @@ use tokio::sync::{OnceCell, mpsc};
 
 use super::{
     Broker, BrokerError, HealthCheck, Inbound, Outbound, Subscription, Topic, snapshot_writes,
+    until_unanswered,
 };
 
 /// How long connecting or a single request may take before it counts as failed.
@@ -203,30 +204,6 @@ async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redi
     }
 }
 
-/// Completes when the cluster stops answering PING in time (a node that
-/// died silently sends no disconnection).
-async fn unanswered_ping(mut connection: ClusterConnection, check: HealthCheck) {
-    let mut ticks = tokio::time::interval(check.interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        let ping = redis::cmd("PING");
-        match tokio::time::timeout(check.timeout, ping.query_async::<Value>(&mut connection)).await
-        {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(cause = %err, "redis cluster failed its health check");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?check.timeout, "redis cluster did not answer PING; treating the subscription as dead");
-                return;
-            }
-        }
-    }
-}
-
 fn bulk(value: Value) -> Option<Vec<u8>> {
     match value {
         Value::BulkString(bytes) => Some(bytes),
@@ -262,7 +239,15 @@ impl Broker for ClusterBroker {
         for topic in topics {
             subscribe_to(&mut connection, topic).await?;
         }
-        let dead = Box::pin(unanswered_ping(connection, self.health_check));
+        // A node that died silently sends no disconnection.
+        let dead = Box::pin(until_unanswered(
+            self.health_check,
+            "redis cluster",
+            move || {
+                let mut connection = connection.clone();
+                async move { redis::cmd("PING").query_async::<()>(&mut connection).await }
+            },
+        ));
         let messages = futures_util::stream::unfold(
             (Router::new(topics), received, overflowed),
             |(router, mut pushes, overflowed)| async move {

@@ -89,6 +89,34 @@ impl Outbound {
     }
 }
 
+/// Completes when `ping` fails or is not answered within `check.timeout`,
+/// asked every `check.interval`: how a subscription that died silently
+/// (a half-open connection sends no error) is noticed. `what` names the
+/// connection in the log line.
+pub(crate) async fn until_unanswered<F, Fut>(check: HealthCheck, what: &str, mut ping: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ::redis::RedisResult<()>>,
+{
+    let mut ticks = tokio::time::interval(check.interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks.tick().await;
+    loop {
+        ticks.tick().await;
+        match tokio::time::timeout(check.timeout, ping()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(cause = %err, "{what} failed its health check");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?check.timeout, "{what} did not answer PING; treating it as dead");
+                return;
+            }
+        }
+    }
+}
+
 /// One HSET per snapshot hash for every snapshot in `batch`, to go before
 /// the batch's publishes. One command with many fields costs Redis far less
 /// than one per result; a field given twice ends with its later value, as

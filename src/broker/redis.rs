@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes};
+use super::{
+    Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes, until_unanswered,
+};
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -105,27 +107,6 @@ impl RedisBroker {
     }
 }
 
-/// Completes when the subscriber connection stops answering PING in time.
-async fn unanswered_ping(mut sink: PubSubSink, check: HealthCheck) {
-    let mut ticks = tokio::time::interval(check.interval);
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    ticks.tick().await;
-    loop {
-        ticks.tick().await;
-        match tokio::time::timeout(check.timeout, sink.ping::<redis::Value>()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => {
-                tracing::warn!(cause = %err, "redis subscriber connection failed its health check");
-                return;
-            }
-            Err(_) => {
-                tracing::warn!(timeout = ?check.timeout, "redis subscriber connection did not answer PING; treating it as dead");
-                return;
-            }
-        }
-    }
-}
-
 impl Broker for RedisBroker {
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
         let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
@@ -143,7 +124,15 @@ impl Broker for RedisBroker {
         let topics = topics.to_vec();
         // The stream ends when the connection closes or, for a connection
         // that died silently, when a PING goes unanswered.
-        let stream = stream.take_until(Box::pin(unanswered_ping(sink, self.health_check)));
+        let dead = until_unanswered(
+            self.health_check,
+            "redis subscriber connection",
+            move || {
+                let mut sink = sink.clone();
+                async move { sink.ping::<redis::Value>().await.map(drop) }
+            },
+        );
+        let stream = stream.take_until(Box::pin(dead));
         let messages = stream.filter_map(move |msg| {
             let pattern: Option<String> = msg.get_pattern().ok().flatten();
             let channel = msg.get_channel_name();

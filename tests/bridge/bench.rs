@@ -4,9 +4,9 @@
 use quotebridge::bench::{self, Options, Scenario};
 use quotebridge::topology::Role;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_scenario_runs_and_reports() {
-    let options = Options {
+/// Every scenario at toy sizes, the bridge as a child process.
+fn tiny() -> Options {
+    Options {
         quotes: 2_000,
         symbols: 10,
         rates: vec![500],
@@ -19,7 +19,12 @@ async fn every_scenario_runs_and_reports() {
         micro_quotes: 1_000,
         bridge_binary: Some(env!("CARGO_BIN_EXE_quotebridge").into()),
         ..Options::default()
-    };
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_scenario_runs_and_reports() {
+    let options = tiny();
     let report = bench::run(&options).await.expect("bench runs");
     let table = report.table();
     for (scenario, metric) in [
@@ -63,18 +68,8 @@ async fn every_scenario_runs_and_reports() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compute_and_gateway_roles_are_measured_on_their_own() {
     let tiny = Options {
-        quotes: 1_000,
-        symbols: 10,
-        rates: vec![500],
-        latency_sockets: 3,
-        seconds: 0.5,
-        fanout_sockets: vec![5],
-        groups: 2,
-        fanout_frames: 1_000,
-        idle_sockets: 10,
-        bridge_binary: Some(env!("CARGO_BIN_EXE_quotebridge").into()),
         scenarios: vec![Scenario::Ingest, Scenario::Latency, Scenario::Fanout],
-        ..Options::default()
+        ..tiny()
     };
     let compute = bench::run(&Options {
         role: Role::Compute,

@@ -299,6 +299,46 @@ fn sentinels(number: u64, channels: &Channels) -> Vec<String> {
         .collect()
 }
 
+/// Rounds of input published on the cluster and checked on two sockets.
+struct Rounds {
+    broker: ClusterBroker,
+    any_node: u16,
+    channels: Channels,
+    reference: ReferenceSma,
+}
+
+impl Rounds {
+    /// Publishes round `number` and checks what `acme` and `beta` receive.
+    async fn check(&mut self, number: u64, acme: &mut Socket, beta: &mut Socket) {
+        let symbols: Vec<String> = (0..12).map(|n| format!("S{n}")).collect();
+        let channels = &self.channels;
+        let to_input = |symbol: &str| channels.input_channel(symbol).expect("a channel");
+        let to_direct = |code: &str| format!("client.{code}");
+        let round = Round::new(
+            number,
+            &symbols,
+            sentinels(number, channels),
+            &mut self.reference,
+            &to_input,
+            &to_direct,
+        );
+        publish_round(&self.broker, self.any_node, &round).await;
+        round.check_socket(acme, "acme").await;
+        round.check_socket(beta, "beta").await;
+    }
+}
+
+/// Waits until one compute shard and the gateway are subscribed to the
+/// `moved` input and output channels at the master on `port`.
+async fn resubscribed(what: &str, port: u16, moved: &[String]) {
+    within(what, async {
+        while shard_subscribers(port, moved).await != [1, 1] {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+}
+
 /// How many subscribers each of `channels` has on the master on `port`.
 async fn shard_subscribers(port: u16, channels: &[String]) -> Vec<i64> {
     let reply: Vec<(String, i64)> = redis::cmd("PUBSUB")
@@ -329,21 +369,13 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
     let broker = ClusterBroker::new(&settings.redis.cluster_nodes).expect("cluster broker");
     let any_node = cluster.ports().next().expect("a node");
 
-    let symbols: Vec<String> = (0..12).map(|n| format!("S{n}")).collect();
-    let mut reference = ReferenceSma::default();
-    let to_input = |symbol: &str| channels.input_channel(symbol).expect("a channel");
-    let to_direct = |code: &str| format!("client.{code}");
-    let round = Round::new(
-        1,
-        &symbols,
-        sentinels(1, &channels),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
-    publish_round(&broker, any_node, &round).await;
-    round.check_socket(&mut acme, "acme").await;
-    round.check_socket(&mut beta, "beta").await;
+    let mut rounds = Rounds {
+        broker,
+        any_node,
+        channels: channels.clone(),
+        reference: ReferenceSma::default(),
+    };
+    rounds.check(1, &mut acme, &mut beta).await;
 
     // The partitions spread over every master: each one carries part of the
     // input and output subscriptions, none carries all of them.
@@ -385,49 +417,24 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
         .find(|p| *p != from)
         .expect("another master");
     cluster.move_slot(slot, from, to).await;
-    within(
+    resubscribed(
         "the bridge to resubscribe at the slot's new master",
-        async {
-            // One compute shard on the input partition, the gateway on the output.
-            while shard_subscribers(to, &moved).await != [1, 1] {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        },
+        to,
+        &moved,
     )
     .await;
-
-    let round = Round::new(
-        2,
-        &symbols,
-        sentinels(2, &channels),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
-    publish_round(&broker, any_node, &round).await;
-    round.check_socket(&mut acme, "acme").await;
-    round.check_socket(&mut beta, "beta").await;
+    rounds.check(2, &mut acme, &mut beta).await;
 
     // Restart that master: its connections drop, and the bridge
     // (redis-rs, per node) reconnects and subscribes again.
     cluster.restart(to).await;
-    within("the bridge to resubscribe at the restarted master", async {
-        while shard_subscribers(to, &moved).await != [1, 1] {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
+    resubscribed(
+        "the bridge to resubscribe at the restarted master",
+        to,
+        &moved,
+    )
     .await;
-    let round = Round::new(
-        3,
-        &symbols,
-        sentinels(3, &channels),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
-    publish_round(&broker, any_node, &round).await;
-    round.check_socket(&mut acme, "acme").await;
-    round.check_socket(&mut beta, "beta").await;
+    rounds.check(3, &mut acme, &mut beta).await;
 
     // Both the slot move and the restart made the gateway start over
     // (and reload its snapshots), as a lost single-server subscription does.

@@ -250,6 +250,21 @@ fn sentinels_per_shard(number: u64) -> Vec<String> {
         .collect()
 }
 
+/// Round `number` on one server: quotes on `quotes`, direct messages on
+/// `client.{CODE}`.
+fn single_server_round(number: u64, symbols: &[String], reference: &mut ReferenceSma) -> Round {
+    let to_input = |_: &str| "quotes".to_owned();
+    let to_direct = |code: &str| format!("client.{code}");
+    Round::new(
+        number,
+        symbols,
+        sentinels_per_shard(number),
+        reference,
+        &to_input,
+        &to_direct,
+    )
+}
+
 /// Connects `code` to `node`.
 pub async fn connect(node: &Serve, code: &str) -> Socket {
     connect_ws(&format!("ws://{}/ws/{code}", node.address))
@@ -296,16 +311,7 @@ async fn two_compute_shards_and_two_gateways_deliver_every_message_once_to_exact
 
     let symbols = public_symbols();
     let mut reference = ReferenceSma::default();
-    let to_input = |_: &str| "quotes".to_owned();
-    let to_direct = |code: &str| format!("client.{code}");
-    let round = Round::new(
-        1,
-        &symbols,
-        sentinels_per_shard(1),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
+    let round = single_server_round(1, &symbols, &mut reference);
     publish_all(&mut redis.connection().await, &round.messages).await;
 
     for socket in &mut acme {
@@ -352,14 +358,7 @@ async fn two_compute_shards_and_two_gateways_deliver_every_message_once_to_exact
 
     // Killing one gateway leaves the other's sockets fully served.
     gateways[0].kill();
-    let round = Round::new(
-        2,
-        &symbols,
-        sentinels_per_shard(2),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
+    let round = single_server_round(2, &symbols, &mut reference);
     publish_all(&mut redis.connection().await, &round.messages).await;
     round.check_socket(&mut acme[1], "acme").await;
     round.check_socket(&mut beta[1], "beta").await;
@@ -379,16 +378,7 @@ async fn a_restarted_compute_shard_resumes_its_symbols_and_a_new_gateway_has_sna
 
     let symbols = public_symbols();
     let mut reference = ReferenceSma::default();
-    let to_input = |_: &str| "quotes".to_owned();
-    let to_direct = |code: &str| format!("client.{code}");
-    let round = Round::new(
-        1,
-        &symbols,
-        sentinels_per_shard(1),
-        &mut reference,
-        &to_input,
-        &to_direct,
-    );
+    let round = single_server_round(1, &symbols, &mut reference);
     publish_all(&mut redis.connection().await, &round.messages).await;
     round.check_socket(&mut socket, "acme").await;
 
