@@ -282,7 +282,7 @@ async fn publish(
             )));
         }
         let channels = Channels::new(redis);
-        let quotes = producer::address(&loaded.quotes, &channels)?;
+        let quotes = producer::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
             let broker = RedisBroker::new(&redis.url)?;
             broker.ping().await?;

@@ -3,7 +3,6 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -64,10 +63,10 @@ async fn run_with<B: Broker>(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let loaded = producer::parse_csv(SAMPLE_QUOTES, None)?;
-    let symbols = count_symbols(&loaded.quotes);
+    let symbols = count_symbols(&loaded);
     let rate = QUOTES_PER_SECOND_PER_SYMBOL * symbols as f64;
     let channel = settings.redis.input[0].clone();
-    let quotes = producer::address(&loaded.quotes, &Channels::new(&settings.redis))?;
+    let quotes = producer::address(&loaded, &Channels::new(&settings.redis))?;
 
     println!(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
@@ -96,12 +95,8 @@ async fn run_with<B: Broker>(
     served
 }
 
-fn count_symbols(quotes: &[Bytes]) -> usize {
-    let symbols: std::collections::BTreeSet<String> = quotes
-        .iter()
-        .filter_map(|q| crate::quote::parse(q).ok())
-        .map(|q| q.symbol.into_owned())
-        .collect();
+fn count_symbols(loaded: &producer::Loaded) -> usize {
+    let symbols: std::collections::BTreeSet<&str> = loaded.symbols.iter().map(|s| &**s).collect();
     symbols.len().max(1)
 }
 
@@ -129,7 +124,7 @@ mod tests {
             loaded.rejected
         );
         assert!(loaded.quotes.len() >= 2000, "a few thousand rows");
-        assert!(count_symbols(&loaded.quotes) >= 5, "several symbols");
+        assert!(count_symbols(&loaded) >= 5, "several symbols");
     }
 
     #[test]

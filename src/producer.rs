@@ -24,6 +24,8 @@ const MAX_PIPELINE: usize = 1000;
 pub struct Loaded {
     /// One JSON payload per good line, in file order.
     pub quotes: Vec<Bytes>,
+    /// The symbol of each of `quotes`, which decides its channel on a cluster.
+    pub symbols: Vec<Box<str>>,
     /// `(line number, reason)` for every line that is not a valid quote.
     pub rejected: Vec<(u64, String)>,
 }
@@ -161,7 +163,10 @@ impl Loaded {
             }
         };
         match quote::parse(&payload) {
-            Ok(_) => self.quotes.push(payload.into()),
+            Ok(parsed) => {
+                self.symbols.push(parsed.symbol.into());
+                self.quotes.push(payload.into());
+            }
             Err(reason) => self.rejected.push((line, reason.to_string())),
         }
     }
@@ -169,16 +174,15 @@ impl Loaded {
 
 /// Addresses each quote to the input channel its symbol goes to: the first
 /// `redis.input` channel, or its partition on a Redis Cluster.
-pub fn address(quotes: &[Bytes], channels: &Channels) -> Result<Vec<Outbound>, crate::Error> {
+pub fn address(loaded: &Loaded, channels: &Channels) -> Result<Vec<Outbound>, crate::Error> {
     // One shared name per channel, however many quotes go to it.
     let mut names: HashMap<String, Arc<str>> = HashMap::new();
-    quotes
+    loaded
+        .quotes
         .iter()
-        .map(|payload| {
-            let symbol = quote::parse(payload)
-                .map(|q| q.symbol.into_owned())
-                .map_err(|reason| crate::Error::Input(format!("not a quote: {reason}")))?;
-            let channel = channels.input_channel(&symbol).ok_or_else(|| {
+        .zip(&loaded.symbols)
+        .map(|(payload, symbol)| {
+            let channel = channels.input_channel(symbol).ok_or_else(|| {
                 crate::Error::Usage(
                     "the first redis.input entry is a pattern; publish needs a channel".into(),
                 )
@@ -398,10 +402,12 @@ mod tests {
 
     #[test]
     fn quotes_are_addressed_to_their_partition_on_a_cluster() {
-        let quotes: Vec<Bytes> = ["A", "B", "C", "A"]
-            .iter()
-            .map(|s| Bytes::from(format!(r#"{{"symbol":"{s}","price":1}}"#)))
-            .collect();
+        let quotes = parse_json_lines(
+            &["A", "B", "C", "A"]
+                .map(|s| format!(r#"{{"symbol":"{s}","price":1}}"#))
+                .join("\n"),
+            None,
+        );
         let mut settings = crate::config::Settings::defaults().expect("defaults");
         let single = address(&quotes, &Channels::new(&settings.redis)).expect("addressed");
         assert!(single.iter().all(|o| &*o.channel == "quotes"));
