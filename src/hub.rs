@@ -295,6 +295,17 @@ impl Hub {
         self.finish_delivery(state, queued, slow);
     }
 
+    /// Fans out one SMA result: a public one (`client` is `None`) to the
+    /// symbol's subscribers, a private one to every socket of its client's group.
+    pub fn deliver_result(&self, symbol: &str, client: Option<&str>, frame: Utf8Bytes) {
+        match client {
+            None => self.publish_public(symbol, frame),
+            Some(code) => {
+                self.send_to_group(code, Message::Text(frame));
+            }
+        }
+    }
+
     /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
     /// gateway seeding snapshots that compute nodes stored in Redis.
     pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {

@@ -231,12 +231,8 @@ impl<B: Broker> Listener<B> {
             return;
         };
         self.stats.results_relayed.fetch_add(1, Relaxed);
-        match route.client {
-            None => self.hub.publish_public(&route.symbol, frame.clone()),
-            Some(code) => {
-                self.hub.send_to_group(&code, Message::Text(frame.clone()));
-            }
-        }
+        self.hub
+            .deliver_result(&route.symbol, route.client.as_deref(), frame.clone());
     }
 
     /// quote → SMA → one encoding → Redis and sockets.

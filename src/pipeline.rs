@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Utf8Bytes;
 // hashbrown for `entry_ref` (look up by &str, allocate only on insert) and its
 // fast, randomly seeded default hasher. Keys come from publishers, so the
 // number of keys is capped by sma.max_keys as well.
@@ -99,12 +99,7 @@ impl Sma {
     /// Fans the result out: a public result to the symbol's subscribers, a
     /// private one to every socket of its client's group.
     pub fn deliver(&self, hub: &Hub, quote: &Quote<'_>) {
-        match quote.client.as_deref() {
-            None => hub.publish_public(&quote.symbol, self.frame.clone()),
-            Some(code) => {
-                hub.send_to_group(code, Message::Text(self.frame.clone()));
-            }
-        }
+        hub.deliver_result(&quote.symbol, quote.client.as_deref(), self.frame.clone());
     }
 }
 
