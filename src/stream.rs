@@ -31,6 +31,7 @@ use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
+use crate::broker::snapshot_writes;
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -333,6 +334,13 @@ impl StreamConsumer {
                 Outcome::Rejected { notice: None } | Outcome::OtherShard => {}
             }
         }
+        // Inside MULTI/EXEC, so the latest results land with the publishes.
+        let snapshots = deliveries
+            .iter()
+            .filter_map(|(_, sma)| Some((sma.snapshot.as_deref()?, sma.frame.as_bytes())));
+        for hset in snapshot_writes(snapshots) {
+            transaction.add_command(hset).ignore();
+        }
         for (client, symbol) in &touched {
             if let Some(state) = self.pipeline.window_state(client.as_deref(), symbol) {
                 let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();
@@ -364,11 +372,6 @@ impl StreamConsumer {
     }
 
     fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
-        if let Some(slot) = &sma.snapshot {
-            transaction
-                .hset(&*slot.key, &*slot.field, sma.frame.as_bytes())
-                .ignore();
-        }
         if self.redis.output_stream.is_empty() || self.feeds_gateways {
             transaction
                 .publish(&*sma.channel, sma.frame.as_bytes())

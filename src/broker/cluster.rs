@@ -295,7 +295,7 @@ impl Broker for ClusterBroker {
         let pipes = slots.into_values().map(|messages| {
             let mut pipe = redis::pipe();
             // Snapshots first, as on a single server (see `RedisBroker::publish`).
-            for hset in snapshot_writes(messages.iter().copied()) {
+            for hset in snapshot_writes(messages.iter().filter_map(|m| m.snapshot_write())) {
                 pipe.add_command(hset).ignore();
             }
             for message in messages {

@@ -78,6 +78,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
+    /// Where to store this message, with the bytes to store, if anywhere.
+    pub(crate) fn snapshot_write(&self) -> Option<(&SnapshotSlot, &[u8])> {
+        Some((self.snapshot.as_deref()?, self.payload.as_ref()))
+    }
+
     /// A message to publish on `channel`, stored nowhere.
     #[must_use]
     pub fn new(channel: Arc<str>, payload: Bytes) -> Self {
@@ -117,18 +122,15 @@ where
     }
 }
 
-/// One HSET per snapshot hash for every snapshot in `batch`, to go before
-/// the batch's publishes. One command with many fields costs Redis far less
+/// One HSET per snapshot hash for every `(slot, payload)` of a batch of
+/// results, in order. One command with many fields costs Redis far less
 /// than one per result; a field given twice ends with its later value, as
 /// the results' order requires.
 pub(crate) fn snapshot_writes<'a>(
-    batch: impl IntoIterator<Item = &'a Outbound>,
+    snapshots: impl IntoIterator<Item = (&'a SnapshotSlot, &'a [u8])>,
 ) -> Vec<::redis::Cmd> {
     let mut writes: Vec<(&str, ::redis::Cmd)> = Vec::new();
-    for message in batch {
-        let Some(slot) = &message.snapshot else {
-            continue;
-        };
+    for (slot, payload) in snapshots {
         let at = match writes.iter().position(|(key, _)| *key == &*slot.key) {
             Some(at) => at,
             None => {
@@ -138,7 +140,7 @@ pub(crate) fn snapshot_writes<'a>(
                 writes.len() - 1
             }
         };
-        writes[at].1.arg(&*slot.field).arg(message.payload.as_ref());
+        writes[at].1.arg(&*slot.field).arg(payload);
     }
     writes.into_iter().map(|(_, hset)| hset).collect()
 }

@@ -158,7 +158,7 @@ impl Broker for RedisBroker {
         let mut pipe = redis::pipe();
         // Stored first, so a gateway that reads the hash after subscribing
         // misses no result: it either finds it there or receives it on the channel.
-        for hset in snapshot_writes(batch) {
+        for hset in snapshot_writes(batch.iter().filter_map(Outbound::snapshot_write)) {
             pipe.add_command(hset).ignore();
         }
         for message in batch {

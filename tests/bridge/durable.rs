@@ -357,4 +357,16 @@ async fn stream_mode_shards_take_over_from_one_consumer_applying_nothing_twice()
     xadd_all(&mut conn, &quotes).await;
     receive(&second).await;
     assert_eq!(xlen(&mut conn, "sma.stream").await, second.len());
+
+    // The compute shards kept each symbol's latest result for gateways.
+    let latest: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg("quotebridge:latest")
+        .query_async(&mut conn)
+        .await
+        .expect("HGETALL");
+    assert_eq!(latest.len(), 10);
+    for n in 0..10u64 {
+        let stored: Value = serde_json::from_str(&latest[&format!("S{n}")]).expect("JSON");
+        assert_sma(&stored, &second[&(2_040 + n)]);
+    }
 }
