@@ -1,7 +1,7 @@
 //! The bridge on a 3-master Redis Cluster of the test's own, end to end with
 //! sharded pub/sub, including a slot moving to another master under load.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::Duration;
 
 use quotebridge::broker::{Broker, ClusterBroker, Outbound};
@@ -24,28 +24,24 @@ struct RedisCluster {
 /// A cluster-enabled redis-server in `dir`; its node table persists there,
 /// so a restart on the same ports rejoins the cluster as the same node.
 fn spawn_node(dir: &std::path::Path, port: u16, bus: u16) -> Child {
-    let spawned = Command::new("redis-server")
-        .current_dir(dir)
-        .args([
-            "--port",
-            &port.to_string(),
-            "--cluster-port",
-            &bus.to_string(),
-        ])
-        .args(["--bind", "127.0.0.1", "--cluster-enabled", "yes"])
-        .args(["--cluster-config-file", &format!("nodes-{port}.conf")])
-        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    match spawned {
-        Ok(child) => child,
-        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-            "redis-server is not installed; the tests need it (with redis-cli). \
-             Install it with `sudo apt-get install -y redis-server`"
-        ),
-        Err(err) => panic!("cannot start redis-server: {err}"),
-    }
+    let (bus, table) = (bus.to_string(), format!("nodes-{port}.conf"));
+    let cluster = [
+        "--cluster-enabled",
+        "yes",
+        "--cluster-port",
+        &bus,
+        "--cluster-config-file",
+        &table,
+    ];
+    spawn_redis_server(port, &cluster, Some(dir))
+}
+
+/// Waits until the cluster node on `port` answers PING.
+async fn answering(child: &mut Child, port: u16) {
+    assert!(
+        wait_until_ready(child, port).await,
+        "the cluster node on port {port} exited instead of answering"
+    );
 }
 
 impl RedisCluster {
@@ -61,9 +57,9 @@ impl RedisCluster {
             let (port, bus) = (free_port(), free_port());
             nodes.push((spawn_node(&dir, port, bus), port, bus));
         }
-        let cluster = RedisCluster { nodes, dir };
-        for port in cluster.ports() {
-            answering(port).await;
+        let mut cluster = RedisCluster { nodes, dir };
+        for (child, port, _) in &mut cluster.nodes {
+            answering(child, *port).await;
         }
         let addresses: Vec<String> = cluster.ports().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
@@ -114,7 +110,7 @@ impl RedisCluster {
         let _ = child.kill();
         let _ = child.wait();
         *child = spawn_node(&dir, port, *bus);
-        answering(port).await;
+        answering(child, port).await;
         self.wait_until_healthy().await;
     }
 
@@ -218,21 +214,6 @@ impl Drop for RedisCluster {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// Waits until the server on `port` accepts connections.
-async fn answering(port: u16) {
-    within("a cluster node to answer", async {
-        while redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .expect("url")
-            .get_multiplexed_async_connection()
-            .await
-            .is_err()
-        {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-    })
-    .await;
 }
 
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {

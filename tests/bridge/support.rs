@@ -55,21 +55,7 @@ impl RedisServer {
 
     /// Starts redis-server on `port`; `None` if it does not answer (port taken).
     async fn spawn_ready(port: u16) -> Option<Child> {
-        let spawned = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn();
-        let mut child = match spawned {
-            Ok(child) => child,
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
-                "redis-server is not installed; the tests need it. Install it with \
-                 `sudo apt-get install -y redis-server` (Debian/Ubuntu) or \
-                 `brew install redis` (macOS)"
-            ),
-            Err(err) => panic!("cannot start redis-server: {err}"),
-        };
+        let mut child = spawn_redis_server(port, &[], None);
         if wait_until_ready(&mut child, port).await {
             Some(child)
         } else {
@@ -135,8 +121,33 @@ impl RedisServer {
     }
 }
 
+/// `redis-server` on `port`, keeping nothing on disk, with `extra`
+/// arguments, run in `dir` if given. Fails the test with an install hint
+/// when redis-server is missing.
+pub fn spawn_redis_server(port: u16, extra: &[&str], dir: Option<&std::path::Path>) -> Child {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    if let Some(dir) = dir {
+        command.current_dir(dir);
+    }
+    match command.spawn() {
+        Ok(child) => child,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => panic!(
+            "redis-server is not installed; the tests need it (and redis-cli). Install it \
+             with `sudo apt-get install -y redis-server` (Debian/Ubuntu) or \
+             `brew install redis` (macOS)"
+        ),
+        Err(err) => panic!("cannot start redis-server: {err}"),
+    }
+}
+
 /// Waits until the server on `port` answers PING; false if it exits first.
-async fn wait_until_ready(child: &mut Child, port: u16) -> bool {
+pub async fn wait_until_ready(child: &mut Child, port: u16) -> bool {
     for _ in 0..200 {
         if let Ok(Some(_)) = child.try_wait() {
             return false; // exited: most likely the port was taken
