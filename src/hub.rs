@@ -6,15 +6,13 @@
 //! an index; it never scans every socket.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::extract::ws::{Message, Utf8Bytes};
-use tokio::sync::mpsc;
-
 use crate::names::ALL_SYMBOLS;
+use crate::outbox::{self, Offer, Outbox};
 use crate::stats::Stats;
+use axum::extract::ws::{Message, Utf8Bytes};
 
 /// Identifies one socket for the lifetime of the process.
 pub type SocketId = u64;
@@ -67,60 +65,8 @@ struct State {
 #[derive(Debug)]
 struct Socket {
     group: Box<str>,
-    /// Bounded by `backlog`, which is checked before every send: a tokio
-    /// bounded channel would take a semaphore (and its mutex) per frame.
-    outbox: mpsc::UnboundedSender<Message>,
-    backlog: Arc<Backlog>,
+    outbox: outbox::Sender,
     subscriptions: BTreeSet<String>,
-}
-
-/// What one socket's outbox holds; the hub adds, the session subtracts.
-#[derive(Debug, Default)]
-struct Backlog {
-    frames: AtomicUsize,
-    bytes: AtomicUsize,
-}
-
-impl Backlog {
-    fn taken(&self, message: &Message) {
-        self.frames.fetch_sub(1, Relaxed);
-        self.bytes.fetch_sub(message_len(message), Relaxed);
-    }
-}
-
-/// What happened when a frame was offered to one socket.
-enum Offer {
-    Queued,
-    /// The socket is over its frame or byte bound.
-    Full,
-    /// The session has ended; its membership is removing it.
-    Gone,
-}
-
-impl Socket {
-    fn offer(&self, message: Message, limits: &HubLimits) -> Offer {
-        let len = message_len(&message);
-        if self.backlog.frames.load(Relaxed) >= limits.send_queue
-            || self.backlog.bytes.load(Relaxed) + len > limits.send_queue_bytes
-        {
-            return Offer::Full;
-        }
-        // Counted first, so the session never subtracts what is not added.
-        self.backlog.frames.fetch_add(1, Relaxed);
-        self.backlog.bytes.fetch_add(len, Relaxed);
-        match self.outbox.send(message) {
-            Ok(()) => Offer::Queued,
-            Err(_) => Offer::Gone,
-        }
-    }
-}
-
-fn message_len(message: &Message) -> usize {
-    match message {
-        Message::Text(text) => text.len(),
-        Message::Binary(data) => data.len(),
-        _ => 0,
-    }
 }
 
 /// Why a socket was not admitted.
@@ -148,30 +94,6 @@ impl Drop for Admission {
                 state.admitted.remove(&self.client);
             }
         }
-    }
-}
-
-/// The receiving end of one socket's bounded queue.
-#[derive(Debug)]
-pub struct Outbox {
-    frames: mpsc::UnboundedReceiver<Message>,
-    backlog: Arc<Backlog>,
-}
-
-impl Outbox {
-    /// The next queued frame; `None` once the hub has evicted the socket and
-    /// everything queued before that has been taken.
-    pub async fn recv(&mut self) -> Option<Message> {
-        let message = self.frames.recv().await?;
-        self.backlog.taken(&message);
-        Some(message)
-    }
-
-    /// A queued frame, if one is ready now.
-    pub fn try_recv(&mut self) -> Option<Message> {
-        let message = self.frames.try_recv().ok()?;
-        self.backlog.taken(&message);
-        Some(message)
     }
 }
 
@@ -238,8 +160,11 @@ impl Hub {
     /// `subscriptions`. The socket leaves the hub, and its admission is
     /// released, when the returned [`Membership`] is dropped.
     pub fn join(&self, admission: Admission, subscriptions: &[String]) -> (Membership, Outbox) {
-        let (sender, frames) = mpsc::unbounded_channel();
-        let backlog = Arc::new(Backlog::default());
+        let limits = &self.inner.limits;
+        let (sender, outbox) = outbox::bounded(outbox::Bounds {
+            frames: limits.send_queue,
+            bytes: limits.send_queue_bytes,
+        });
         let mut state = self.state();
         let id = state.next_id;
         state.next_id += 1;
@@ -248,7 +173,6 @@ impl Hub {
             Socket {
                 group: admission.client.clone(),
                 outbox: sender,
-                backlog: backlog.clone(),
                 subscriptions: BTreeSet::new(),
             },
         );
@@ -264,7 +188,6 @@ impl Hub {
             id,
             _admission: admission,
         };
-        let outbox = Outbox { frames, backlog };
         (membership, outbox)
     }
 
@@ -285,7 +208,7 @@ impl Hub {
         );
         for id in targets {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.offer(Message::Text(frame.clone()), &self.inner.limits) {
+                match socket.outbox.offer(Message::Text(frame.clone())) {
                     Offer::Queued => queued += 1,
                     Offer::Full => slow.push(*id),
                     Offer::Gone => {}
@@ -325,7 +248,7 @@ impl Hub {
         let mut queued = 0u64;
         for id in members {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.offer(message.clone(), &self.inner.limits) {
+                match socket.outbox.offer(message.clone()) {
                     Offer::Queued => queued += 1,
                     Offer::Full => slow.push(*id),
                     Offer::Gone => {}

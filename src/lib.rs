@@ -18,6 +18,7 @@ pub mod hub;
 pub mod listener;
 pub mod metrics;
 pub mod names;
+pub mod outbox;
 pub mod pipeline;
 pub mod producer;
 pub mod protocol;

@@ -15,8 +15,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
 use crate::config::WebSocketSettings;
-use crate::hub::{Membership, Outbox};
+use crate::hub::Membership;
 use crate::names;
+use crate::outbox::Outbox;
 use crate::protocol::{ClientOp, ServerFrame};
 
 /// Most queued frames written before one flush; bounds the time one busy
@@ -108,16 +109,14 @@ pub async fn run(
                 unanswered_pings += 1;
                 write(&mut socket, [Message::Ping(Bytes::new())]).await?;
             }
-            queued = outbox.recv() => {
-                let Some(first) = queued else {
-                    // The hub dropped our sender: we fell behind.
+            taken = outbox.recv_many(&mut batch, MAX_BATCH) => {
+                if taken == 0 {
+                    // The hub closed our outbox: we fell behind.
                     close(&mut socket, close_code::POLICY, "slow consumer").await;
                     return Ok(());
-                };
+                }
                 // Everything already queued goes out with one flush; the
                 // batch buffer is reused, so a busy socket allocates nothing.
-                batch.push(first);
-                batch.extend(std::iter::from_fn(|| outbox.try_recv()).take(MAX_BATCH - 1));
                 write(&mut socket, batch.drain(..)).await?;
             }
             incoming = socket.next() => match incoming {
