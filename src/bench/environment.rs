@@ -186,6 +186,12 @@ impl Bridge {
         }
     }
 
+    /// CPU time it has used so far, when it runs as a child.
+    #[must_use]
+    pub fn cpu_time(&self) -> Option<Duration> {
+        cpu_time(self.pid()?)
+    }
+
     /// Stops it and waits.
     pub async fn stop(mut self) {
         if let Running::InProcess { shutdown, task } = &mut self.running {
@@ -253,6 +259,27 @@ pub fn free_port() -> Result<u16, Error> {
         .map_err(|e| Error::io("cannot find a free port", e))
 }
 
+/// CPU time (user and system, all threads) process `pid` has used so far.
+pub fn cpu_time(pid: u32) -> Option<Duration> {
+    // Linux reports it in USER_HZ ticks, which are 1/100 s on every
+    // architecture it runs on.
+    const TICKS_PER_SECOND: u64 = 100;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(Duration::from_millis(
+        cpu_ticks(&stat)? * 1000 / TICKS_PER_SECOND,
+    ))
+}
+
+/// utime + stime from a `/proc/PID/stat` line.
+fn cpu_ticks(stat: &str) -> Option<u64> {
+    // The command name may hold spaces and parentheses; fields after it don't.
+    let mut fields = stat.get(stat.rfind(')')? + 2..)?.split(' ');
+    // utime and stime are fields 14 and 15 of proc(5), 12 and 13 after the name.
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
 /// Resident set size of process `pid` (this process when `None`), in KiB.
 pub fn rss_kib(pid: Option<u32>) -> Option<u64> {
     let path = match pid {
@@ -307,4 +334,16 @@ pub fn current_binary() -> Option<std::path::PathBuf> {
     let exe = std::env::current_exe().ok()?;
     let name = exe.file_stem()?.to_str()?;
     (name == "quotebridge").then_some(exe)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_ticks_are_read_past_an_awkward_command_name() {
+        let stat = "42 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1";
+        assert_eq!(cpu_ticks(stat), Some(325));
+        assert!(cpu_time(std::process::id()).is_some());
+    }
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::clients::{collect, publisher, rig, wait_for};
 use super::environment::raise_file_limit;
-use super::{Environment, Options, Row, Scenario, feed, now_ns};
+use super::{Environment, Options, Row, Scenario, cpu_per_frame, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -35,6 +35,7 @@ pub async fn run(
         .fanout_frames
         .div_ceil(per_round * sockets.max(1) as u64)
         .max(1);
+    let cpu_before = rig.bridge.cpu_time();
     let start = Instant::now();
     let mut complete = true;
     for round in 0..rounds {
@@ -55,6 +56,11 @@ pub async fn run(
         }
     }
     let elapsed = start.elapsed();
+    let cpu = rig
+        .bridge
+        .cpu_time()
+        .zip(cpu_before)
+        .map(|(after, before)| after.saturating_sub(before));
     rig.stop.cancel();
     let latency = collect(rig.readers).await;
     rig.bridge.stop().await;
@@ -72,6 +78,9 @@ pub async fn run(
     .with("p50_us", latency.quantile_us(0.5))
     .with("p99_us", latency.quantile_us(0.99))
     .with("max_us", latency.max_us());
+    if let Some(cpu) = cpu {
+        row = row.with("bridge_cpu_ns_per_frame", cpu_per_frame(cpu, delivered));
+    }
     if !complete {
         row.note = Some("incomplete: a round did not arrive within 60 s".into());
     } else if sockets < wanted {

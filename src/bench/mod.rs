@@ -254,6 +254,12 @@ pub(crate) fn now_ns() -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
+/// The bridge's CPU time per delivered frame, in nanoseconds: unlike
+/// latency, it hardly depends on what else the machine is doing.
+pub(crate) fn cpu_per_frame(cpu: std::time::Duration, frames: u64) -> f64 {
+    (cpu.as_nanos() as f64 / frames.max(1) as f64).round()
+}
+
 /// The `ts` of an SMA message, found without a full JSON parse.
 pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"ts\":";
