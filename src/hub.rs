@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::Waker;
 
 use crate::names::ALL_SYMBOLS;
 use crate::outbox::{self, Offer, Outbox};
@@ -60,6 +61,10 @@ struct State {
     latest: HashMap<Box<str>, Utf8Bytes>,
     /// Client code → sockets admitted (upgrading or open), for the per-client limit.
     admitted: HashMap<Box<str>, usize>,
+    /// Sessions with newly queued frames, not yet woken.
+    wakes: Vec<Waker>,
+    /// Open [`WakeHold`]s; while there are any, `wakes` waits.
+    holds: usize,
 }
 
 #[derive(Debug)]
@@ -208,7 +213,10 @@ impl Hub {
         );
         for id in targets {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.outbox.offer(Message::Text(frame.clone())) {
+                match socket
+                    .outbox
+                    .offer(Message::Text(frame.clone()), &mut state.wakes)
+                {
                     Offer::Queued => queued += 1,
                     Offer::Full => slow.push(*id),
                     Offer::Gone => {}
@@ -248,7 +256,7 @@ impl Hub {
         let mut queued = 0u64;
         for id in members {
             if let Some(socket) = state.sockets.get(id) {
-                match socket.outbox.offer(message.clone()) {
+                match socket.outbox.offer(message.clone(), &mut state.wakes) {
                     Offer::Queued => queued += 1,
                     Offer::Full => slow.push(*id),
                     Offer::Gone => {}
@@ -263,6 +271,9 @@ impl Hub {
     /// Dropping an evicted socket's sender ends its outbox, which tells its
     /// session to close with "slow consumer" once it has drained what is queued.
     fn finish_delivery(&self, state: &mut State, queued: u64, slow: Vec<SocketId>) {
+        if state.holds == 0 {
+            state.wake_sessions();
+        }
         self.inner.stats.frames_queued.fetch_add(queued, Relaxed);
         for id in slow {
             if let Some(group) = state.remove(id) {
@@ -270,6 +281,22 @@ impl Hub {
                 tracing::warn!(client = %group, socket = id, "socket fell behind; closing it as a slow consumer");
             }
         }
+    }
+
+    /// Defers waking sessions until the returned hold is dropped: the
+    /// listener queues everything that has arrived, then each session wakes
+    /// once and writes it all. Woken per frame, a session on the other core
+    /// would drain its outbox while the listener is still filling it, and
+    /// both cores would fight over its lock.
+    pub fn hold_wakes(&self) -> WakeHold {
+        self.state().holds += 1;
+        WakeHold { hub: self.clone() }
+    }
+
+    /// Wakes the sessions with frames queued so far, holds or not: for a
+    /// holder about to wait.
+    pub fn wake_held(&self) {
+        self.state().wake_sessions();
     }
 
     /// How many sockets are open.
@@ -333,7 +360,31 @@ impl Hub {
     }
 }
 
+/// Keeps sessions from being woken until it is dropped; see [`Hub::hold_wakes`].
+#[derive(Debug)]
+#[must_use = "the hold ends, and sessions wake, when it is dropped"]
+pub struct WakeHold {
+    hub: Hub,
+}
+
+impl Drop for WakeHold {
+    fn drop(&mut self) {
+        let mut state = self.hub.state();
+        state.holds -= 1;
+        if state.holds == 0 {
+            state.wake_sessions();
+        }
+    }
+}
+
 impl State {
+    /// Wakes every session with newly queued frames. Under the hub's lock:
+    /// waking only schedules a task, and a session never takes this lock to
+    /// write.
+    fn wake_sessions(&mut self) {
+        self.wakes.drain(..).for_each(Waker::wake);
+    }
+
     /// Keeps `frame` as `symbol`'s snapshot, unless that would make more
     /// than `max` symbols (the result is still delivered, just not kept).
     fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {
@@ -656,6 +707,31 @@ mod tests {
             assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
         }
         assert_eq!(hub.socket_count(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_hold_defers_waking_sessions_until_it_is_dropped() {
+        let hub = hub(8);
+        let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+        let session = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            outbox.recv_many(&mut batch, 8).await;
+            batch.len()
+        });
+        tokio::task::yield_now().await;
+        let hold = hub.hold_wakes();
+        hub.publish_public("A", "1".into());
+        hub.publish_public("B", "2".into());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!session.is_finished(), "woken while the hold was open");
+        drop(hold);
+        assert_eq!(
+            session.await.expect("session ran"),
+            2,
+            "one wake, both frames"
+        );
     }
 
     #[test]

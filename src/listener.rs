@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -33,6 +33,9 @@ use crate::protocol::ResultRoute;
 use crate::publisher::Queued;
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
+
+/// Most messages handled before the sessions they fed are woken.
+const MAX_BURST: usize = 64;
 
 /// How often a continuing Redis outage is logged.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
@@ -165,13 +168,30 @@ impl<B: Broker> Listener<B> {
             self.load_snapshots().await;
             self.subscribed.store(true, Relaxed);
             loop {
-                tokio::select! {
+                let first = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return,
-                    message = messages.next() => match message {
-                        Some(message) => self.handle(message).await,
+                    message = messages.next() => message,
+                };
+                let Some(first) = first else { break };
+                // Messages arrive in bursts (a producer's pipeline, a compute
+                // node's batch). Everything already here is queued for the
+                // sockets before any session wakes to write it.
+                let _hold = self.hub.hold_wakes();
+                self.handle(first).await;
+                let mut ended = false;
+                for _ in 1..MAX_BURST {
+                    match messages.next().now_or_never() {
+                        Some(Some(message)) => self.handle(message).await,
+                        Some(None) => {
+                            ended = true;
+                            break;
+                        }
                         None => break,
-                    },
+                    }
+                }
+                if ended {
+                    break;
                 }
             }
             self.subscribed.store(false, Relaxed);
@@ -271,9 +291,19 @@ impl<B: Broker> Listener<B> {
     }
 
     async fn enqueue(&self, outbound: Outbound, since: Option<Instant>) {
-        // Waiting here is the backpressure when Redis is slower than input;
-        // the queue is bounded by redis.publish_queue.
-        if self.publish.send(Queued { outbound, since }).await.is_err() {
+        let queued = match self.publish.try_send(Queued { outbound, since }) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(queued)) => queued,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.publish_failed.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        // Waiting here is the backpressure when Redis is slower than input
+        // (the queue is bounded by redis.publish_queue). The sessions need
+        // not wait with us for what is already queued for them.
+        self.hub.wake_held();
+        if self.publish.send(queued).await.is_err() {
             self.stats.publish_failed.fetch_add(1, Relaxed);
         }
     }

@@ -82,7 +82,9 @@ pub struct Sender {
 
 impl Sender {
     /// Queues `message` unless the outbox is full or its session has ended.
-    pub fn offer(&self, message: Message) -> Offer {
+    /// When the session must be woken to take it, its waker is added to
+    /// `wakes`: the caller wakes it, once it has queued all it has.
+    pub fn offer(&self, message: Message, wakes: &mut Vec<Waker>) -> Offer {
         let len = payload_len(&message);
         let mut queue = self.shared.lock();
         if queue.abandoned {
@@ -94,11 +96,7 @@ impl Sender {
         queue.frames.push_back(message);
         queue.bytes += len;
         // Only a session parked on an empty queue needs waking, and only once.
-        let waiting = queue.waiting.take();
-        drop(queue);
-        if let Some(waker) = waiting {
-            waker.wake();
-        }
+        wakes.extend(queue.waiting.take());
         Offer::Queued
     }
 }
@@ -198,6 +196,14 @@ mod tests {
         Bounds { frames, bytes }
     }
 
+    /// Offers `text` and wakes the session at once.
+    fn offer(sender: &Sender, text: &str) -> Offer {
+        let mut wakes = Vec::new();
+        let offer = sender.offer(Message::Text(text.to_owned().into()), &mut wakes);
+        wakes.into_iter().for_each(Waker::wake);
+        offer
+    }
+
     fn text(message: &Message) -> &str {
         match message {
             Message::Text(t) => t.as_str(),
@@ -209,10 +215,7 @@ mod tests {
     async fn frames_come_out_in_order_and_at_most_max_at_a_time() {
         let (sender, mut outbox) = bounded(bounds(10, 1000));
         for i in 0..5 {
-            assert_eq!(
-                sender.offer(Message::Text(i.to_string().into())),
-                Offer::Queued
-            );
+            assert_eq!(offer(&sender, &i.to_string()), Offer::Queued);
         }
         let mut batch = Vec::new();
         assert_eq!(outbox.recv_many(&mut batch, 3).await, 3);
@@ -230,7 +233,7 @@ mod tests {
             batch
         });
         tokio::task::yield_now().await;
-        sender.offer(Message::Text("late".into()));
+        offer(&sender, "late");
         let batch = waiting.await.expect("receiver ran");
         assert_eq!(batch.iter().map(text).collect::<Vec<_>>(), ["late"]);
     }
@@ -238,35 +241,20 @@ mod tests {
     #[tokio::test]
     async fn both_bounds_hold_and_taking_frees_room() {
         let (sender, mut outbox) = bounded(bounds(2, 10));
-        assert_eq!(sender.offer(Message::Text("12345".into())), Offer::Queued);
-        assert_eq!(
-            sender.offer(Message::Text("123456".into())),
-            Offer::Full,
-            "11 bytes > 10"
-        );
-        assert_eq!(sender.offer(Message::Text("1".into())), Offer::Queued);
-        assert_eq!(
-            sender.offer(Message::Text("2".into())),
-            Offer::Full,
-            "3 frames > 2"
-        );
+        assert_eq!(offer(&sender, "12345"), Offer::Queued);
+        assert_eq!(offer(&sender, "123456"), Offer::Full, "11 bytes > 10");
+        assert_eq!(offer(&sender, "1"), Offer::Queued);
+        assert_eq!(offer(&sender, "2"), Offer::Full, "3 frames > 2");
         let mut batch = Vec::new();
         assert_eq!(outbox.recv_many(&mut batch, 10).await, 2);
-        assert_eq!(
-            sender.offer(Message::Text("123456789".into())),
-            Offer::Queued
-        );
-        assert_eq!(
-            sender.offer(Message::Text("12".into())),
-            Offer::Full,
-            "11 bytes > 10"
-        );
+        assert_eq!(offer(&sender, "123456789"), Offer::Queued);
+        assert_eq!(offer(&sender, "12"), Offer::Full, "11 bytes > 10");
     }
 
     #[tokio::test]
     async fn closing_lets_the_session_drain_then_ends_it() {
         let (sender, mut outbox) = bounded(bounds(10, 1000));
-        sender.offer(Message::Text("last".into()));
+        offer(&sender, "last");
         drop(sender);
         let mut batch = Vec::new();
         assert_eq!(outbox.recv_many(&mut batch, 10).await, 1);
@@ -277,6 +265,6 @@ mod tests {
     fn offers_to_an_ended_session_are_refused() {
         let (sender, outbox) = bounded(bounds(10, 1000));
         drop(outbox);
-        assert_eq!(sender.offer(Message::Text("x".into())), Offer::Gone);
+        assert_eq!(offer(&sender, "x"), Offer::Gone);
     }
 }

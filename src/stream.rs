@@ -364,6 +364,7 @@ impl StreamConsumer {
             .published
             .fetch_add(deliveries.len() as u64 + notices, Relaxed);
         let latency = arrived.elapsed();
+        let _hold = self.hub.hold_wakes();
         for (quote, sma) in &deliveries {
             self.metrics.record_publish_latency(latency);
             sma.deliver(&self.hub, quote);
