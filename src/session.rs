@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use bytes::Bytes;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
@@ -226,6 +226,13 @@ async fn write(
         }
         socket.flush().await
     };
+    let mut writes = std::pin::pin!(writes);
+    // Nearly every batch fits the socket's send buffer and completes at
+    // once; only one that has to wait is worth arming a timer for (a timer
+    // per batch was a lock on the runtime's timer wheel per batch).
+    if let Some(written) = writes.as_mut().now_or_never() {
+        return Ok(written?);
+    }
     tokio::time::timeout(WRITE_TIMEOUT, writes)
         .await
         .map_err(|_| SessionError::WriteTimeout(WRITE_TIMEOUT))??;
