@@ -199,8 +199,8 @@ impl Hub {
     /// Delivers a public SMA frame to every socket subscribed to `symbol`
     /// (by name or through `"*"`) and keeps it as the symbol's snapshot.
     pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
-        let mut state = self.state();
-        let state = &mut *state;
+        let mut guard = self.state();
+        let state = &mut *guard;
         state.remember(symbol, &frame, self.inner.limits.max_snapshots);
         let mut slow = Vec::new();
         let mut queued = 0u64;
@@ -224,6 +224,7 @@ impl Hub {
             }
         }
         self.finish_delivery(state, queued, slow);
+        self.wake_unless_held(guard);
     }
 
     /// Fans out one SMA result: a public one (`client` is `None`) to the
@@ -247,8 +248,8 @@ impl Hub {
     /// Delivers `message` to every socket of the group `client` — the seed's
     /// `send_message(client_code, message)`. Returns how many sockets got it.
     pub fn send_to_group(&self, client: &str, message: Message) -> usize {
-        let mut state = self.state();
-        let state = &mut *state;
+        let mut guard = self.state();
+        let state = &mut *guard;
         let Some(members) = state.groups.get(client) else {
             return 0;
         };
@@ -264,6 +265,7 @@ impl Hub {
             }
         }
         self.finish_delivery(state, queued, slow);
+        self.wake_unless_held(guard);
         usize::try_from(queued).unwrap_or(usize::MAX)
     }
 
@@ -271,9 +273,6 @@ impl Hub {
     /// Dropping an evicted socket's sender ends its outbox, which tells its
     /// session to close with "slow consumer" once it has drained what is queued.
     fn finish_delivery(&self, state: &mut State, queued: u64, slow: Vec<SocketId>) {
-        if state.holds == 0 {
-            state.wake_sessions();
-        }
         self.inner.stats.frames_queued.fetch_add(queued, Relaxed);
         for id in slow {
             if let Some(group) = state.remove(id) {
@@ -283,20 +282,32 @@ impl Hub {
         }
     }
 
+    /// Wakes the sessions frames were queued for, unless a hold defers it.
+    /// Outside the hub's lock: thousands of wakes would keep joins and
+    /// subscribes waiting.
+    fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
+        if state.holds > 0 || state.wakes.is_empty() {
+            return;
+        }
+        let mut wakes = std::mem::take(&mut state.wakes);
+        drop(state);
+        wakes.drain(..).for_each(Waker::wake);
+        // Kept for reuse: no allocation per delivery.
+        let mut state = self.state();
+        if state.wakes.is_empty() {
+            state.wakes = wakes;
+        }
+    }
+
     /// Defers waking sessions until the returned hold is dropped: the
     /// listener queues everything that has arrived, then each session wakes
     /// once and writes it all. Woken per frame, a session on the other core
     /// would drain its outbox while the listener is still filling it, and
-    /// both cores would fight over its lock.
+    /// both cores would fight over its lock. A hold must not be kept across
+    /// an `.await`; an outbox past half full wakes its session regardless.
     pub fn hold_wakes(&self) -> WakeHold {
         self.state().holds += 1;
         WakeHold { hub: self.clone() }
-    }
-
-    /// Wakes the sessions with frames queued so far, holds or not: for a
-    /// holder about to wait.
-    pub fn wake_held(&self) {
-        self.state().wake_sessions();
     }
 
     /// How many sockets are open.
@@ -371,20 +382,11 @@ impl Drop for WakeHold {
     fn drop(&mut self) {
         let mut state = self.hub.state();
         state.holds -= 1;
-        if state.holds == 0 {
-            state.wake_sessions();
-        }
+        self.hub.wake_unless_held(state);
     }
 }
 
 impl State {
-    /// Wakes every session with newly queued frames. Under the hub's lock:
-    /// waking only schedules a task, and a session never takes this lock to
-    /// write.
-    fn wake_sessions(&mut self) {
-        self.wakes.drain(..).for_each(Waker::wake);
-    }
-
     /// Keeps `frame` as `symbol`'s snapshot, unless that would make more
     /// than `max` symbols (the result is still delivered, just not kept).
     fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {

@@ -19,12 +19,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
-use futures_util::{FutureExt, StreamExt};
+use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, Inbound, Outbound, Topic};
+use crate::broker::{Broker, Inbound, Topic};
 use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
@@ -34,8 +34,11 @@ use crate::publisher::Queued;
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
 
-/// Most messages handled before the sessions they fed are woken.
+/// Most messages handled before the sessions they fed are woken...
 const MAX_BURST: usize = 64;
+
+/// ...and the longest: at 10,000 sockets one message is 10,000 frames.
+const MAX_BURST_TIME: Duration = Duration::from_micros(250);
 
 /// How often a continuing Redis outage is logged.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
@@ -63,6 +66,8 @@ pub struct Listener<B> {
     pipeline: Pipeline,
     hub: Hub,
     publish: mpsc::Sender<Queued>,
+    /// What a burst sends to Redis, sent once its sessions are woken.
+    to_publish: Vec<Queued>,
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
     backoff: Backoff,
@@ -110,6 +115,7 @@ impl<B: Broker> Listener<B> {
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
             publish,
+            to_publish: Vec::new(),
             stats,
             subscribed,
             backoff: settings.reconnect_backoff(),
@@ -174,20 +180,12 @@ impl<B: Broker> Listener<B> {
                     message = messages.next() => message,
                 };
                 let Some(first) = first else { break };
-                // Messages arrive in bursts (a producer's pipeline, a compute
-                // node's batch). Everything already here is queued for the
-                // sockets before any session wakes to write it.
-                let _hold = self.hub.hold_wakes();
-                self.handle(first).await;
-                let mut ended = false;
-                for _ in 1..MAX_BURST {
-                    match messages.next().now_or_never() {
-                        Some(Some(message)) => self.handle(message).await,
-                        Some(None) => {
-                            ended = true;
-                            break;
-                        }
-                        None => break,
+                let ended = self.handle_burst(first, &mut messages);
+                // Publishing may wait (backpressure from Redis); sessions are
+                // woken by now and never wait with it.
+                for queued in self.to_publish.drain(..) {
+                    if self.publish.send(queued).await.is_err() {
+                        self.stats.publish_failed.fetch_add(1, Relaxed);
                     }
                 }
                 if ended {
@@ -201,9 +199,36 @@ impl<B: Broker> Listener<B> {
         }
     }
 
-    async fn handle(&mut self, message: Inbound) {
+    /// Handles `first` and whatever else has already arrived — messages come
+    /// in bursts (a producer's pipeline, a compute node's batch) — queuing
+    /// every frame before any session is woken to write it. The burst ends
+    /// after [`MAX_BURST`] messages or [`MAX_BURST_TIME`], and nothing in it
+    /// waits: what goes to Redis collects in `to_publish`. Returns whether
+    /// the subscription ended.
+    fn handle_burst(
+        &mut self,
+        first: Inbound,
+        messages: &mut (impl Stream<Item = Inbound> + Unpin),
+    ) -> bool {
+        let _hold = self.hub.hold_wakes();
+        let started = Instant::now();
+        self.handle(first);
+        for _ in 1..MAX_BURST {
+            if started.elapsed() >= MAX_BURST_TIME {
+                break;
+            }
+            match messages.next().now_or_never() {
+                Some(Some(message)) => self.handle(message),
+                Some(None) => return true,
+                None => break,
+            }
+        }
+        false
+    }
+
+    fn handle(&mut self, message: Inbound) {
         match self.feeds.get(message.topic) {
-            Some(Feed::Quotes) => self.on_quote(&message.payload).await,
+            Some(Feed::Quotes) => self.on_quote(&message.payload),
             Some(Feed::Results) => self.on_result(message.payload),
             Some(Feed::Direct) => self.on_direct(&message.channel, message.payload),
             None => {}
@@ -255,8 +280,8 @@ impl<B: Broker> Listener<B> {
             .deliver_result(&route.symbol, route.client.as_deref(), frame.clone());
     }
 
-    /// quote → SMA → one encoding → Redis and sockets.
-    async fn on_quote(&mut self, payload: &[u8]) {
+    /// quote → SMA → one encoding → sockets, and queued for Redis.
+    fn on_quote(&mut self, payload: &[u8]) {
         let arrived = Instant::now();
         match self.pipeline.process(payload) {
             Outcome::Accepted {
@@ -264,14 +289,20 @@ impl<B: Broker> Listener<B> {
                 sma: Some(sma),
             } => {
                 sma.deliver(&self.hub, &quote);
-                self.enqueue(sma.outbound(), Some(arrived)).await;
+                self.to_publish.push(Queued {
+                    outbound: sma.outbound(),
+                    since: Some(arrived),
+                });
             }
             Outcome::Accepted { sma: None, .. }
             | Outcome::Rejected { notice: None }
             | Outcome::OtherShard => {}
             Outcome::Rejected {
                 notice: Some(notice),
-            } => self.enqueue(notice, None).await,
+            } => self.to_publish.push(Queued {
+                outbound: notice,
+                since: None,
+            }),
         }
     }
 
@@ -288,23 +319,5 @@ impl<B: Broker> Listener<B> {
             Err(_) => Message::Binary(payload),
         };
         self.hub.send_to_group(code, message);
-    }
-
-    async fn enqueue(&self, outbound: Outbound, since: Option<Instant>) {
-        let queued = match self.publish.try_send(Queued { outbound, since }) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(queued)) => queued,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.stats.publish_failed.fetch_add(1, Relaxed);
-                return;
-            }
-        };
-        // Waiting here is the backpressure when Redis is slower than input
-        // (the queue is bounded by redis.publish_queue). The sessions need
-        // not wait with us for what is already queued for them.
-        self.hub.wake_held();
-        if self.publish.send(queued).await.is_err() {
-            self.stats.publish_failed.fetch_add(1, Relaxed);
-        }
     }
 }

@@ -46,6 +46,8 @@ struct Queue {
     abandoned: bool,
     /// The session, when it waits on an empty queue.
     waiting: Option<Waker>,
+    /// A clone of `waiting` was handed to a caller to wake later.
+    wake_handed_out: bool,
 }
 
 #[derive(Debug, Default)]
@@ -83,7 +85,9 @@ pub struct Sender {
 impl Sender {
     /// Queues `message` unless the outbox is full or its session has ended.
     /// When the session must be woken to take it, its waker is added to
-    /// `wakes`: the caller wakes it, once it has queued all it has.
+    /// `wakes`: the caller wakes it, once it has queued all it has. An
+    /// outbox past half of either bound wakes its session at once instead,
+    /// so deferring never makes a socket that keeps up a slow consumer.
     pub fn offer(&self, message: Message, wakes: &mut Vec<Waker>) -> Offer {
         let len = payload_len(&message);
         let mut queue = self.shared.lock();
@@ -95,8 +99,21 @@ impl Sender {
         }
         queue.frames.push_back(message);
         queue.bytes += len;
-        // Only a session parked on an empty queue needs waking, and only once.
-        wakes.extend(queue.waiting.take());
+        // Only a parked session needs waking: once by the caller, and once
+        // more, directly, should the queue fill up before the caller does.
+        let filling =
+            queue.frames.len() * 2 > self.bounds.frames || queue.bytes * 2 > self.bounds.bytes;
+        if filling {
+            if let Some(waiting) = queue.waiting.take() {
+                drop(queue);
+                waiting.wake();
+            }
+        } else if !queue.wake_handed_out
+            && let Some(waiting) = &queue.waiting
+        {
+            wakes.push(waiting.clone());
+            queue.wake_handed_out = true;
+        }
         Offer::Queued
     }
 }
@@ -120,8 +137,8 @@ pub struct Outbox {
 }
 
 impl Outbox {
-    /// Waits for queued frames and moves up to `max` of them into `batch`;
-    /// returns how many. 0 means the hub closed the outbox and everything
+    /// Waits for queued frames and moves up to `max` (at least one) of them
+    /// into `batch`; returns how many. 0 means the hub closed the outbox and everything
     /// queued before that has been taken. Cancel-safe: nothing is taken
     /// unless it returns.
     pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> usize {
@@ -138,6 +155,8 @@ impl Outbox {
                         .inspect(|m| freed += payload_len(m)),
                 );
                 queue.bytes -= freed;
+                // Running now; offers need not wake it until it parks again.
+                queue.waiting = None;
                 return Poll::Ready(take);
             }
             if queue.closed {
@@ -147,6 +166,7 @@ impl Outbox {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
                 waiting => *waiting = Some(cx.waker().clone()),
             }
+            queue.wake_handed_out = false;
             Poll::Pending
         })
         .await
@@ -266,5 +286,34 @@ mod tests {
         let (sender, outbox) = bounded(bounds(10, 1000));
         drop(outbox);
         assert_eq!(offer(&sender, "x"), Offer::Gone);
+    }
+
+    #[tokio::test]
+    async fn an_outbox_past_half_full_wakes_its_session_at_once() {
+        let (sender, mut outbox) = bounded(Bounds {
+            frames: 4,
+            bytes: 1000,
+        });
+        let session = tokio::spawn(async move {
+            let mut batch = Vec::new();
+            outbox.recv_many(&mut batch, 10).await;
+            batch.len()
+        });
+        tokio::task::yield_now().await;
+        let mut wakes = Vec::new();
+        for text in ["1", "2", "3"] {
+            assert_eq!(
+                sender.offer(Message::Text(text.into()), &mut wakes),
+                Offer::Queued
+            );
+        }
+        assert_eq!(wakes.len(), 1, "the first frame's wake is deferred");
+        // 3 of 4 frames: the session is woken directly, while the deferred
+        // wake is still held.
+        let taken = tokio::time::timeout(std::time::Duration::from_secs(10), session)
+            .await
+            .expect("woken without the deferred wake")
+            .expect("session ran");
+        assert!(taken >= 3);
     }
 }

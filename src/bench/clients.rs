@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 
@@ -94,9 +95,12 @@ pub async fn connect_sockets(
             let _ = tcp.set_nodelay(true);
             let (mut socket, _) =
                 tokio_tungstenite::client_async_with_config(url, tcp, Some(config)).await?;
-            // The welcome frame.
-            let _ = tokio::time::timeout(Duration::from_secs(30), socket.next()).await;
-            Ok::<Socket, Error>(socket)
+            // The welcome frame, read here so that nothing is left in
+            // tungstenite's buffer when a reader takes the bare stream.
+            match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+                Ok(Some(Ok(Message::Text(_)))) => Ok::<Socket, Error>(socket),
+                _ => Err(Error::Input(format!("no welcome frame from {address}"))),
+            }
         }
     });
     stream::iter(attempts)
@@ -147,7 +151,7 @@ pub fn spawn_readers(
                     let now = now_ns();
                     let mut counted = 0;
                     let mut pings = Vec::new();
-                    let scanned = reader.filled(n, |frame| match frame {
+                    let scanned = reader.scan(n, |frame| match frame {
                         Frame::Text(payload) => {
                             if let Some(ts) = ts_of(payload) {
                                 latency.record(now.saturating_sub(ts));
@@ -158,13 +162,17 @@ pub fn spawn_readers(
                         Frame::Other => {}
                     });
                     frames.fetch_add(counted, Relaxed);
+                    let mut answered = true;
                     for reply in pings {
-                        if tcp.write_all(&reply).await.is_err() {
+                        answered = answered && tcp.write_all(&reply).await.is_ok();
+                    }
+                    match scanned {
+                        Ok(()) if answered => {}
+                        Ok(()) | Err(Ended::Closed) => break,
+                        Err(ended) => {
+                            tracing::warn!(?ended, "benchmark reader stopped");
                             break;
                         }
-                    }
-                    if scanned.is_err() {
-                        break;
                     }
                 }
                 latency
@@ -180,9 +188,14 @@ enum Frame<'a> {
     Other,
 }
 
-/// The socket closed, or sent what a bridge never sends.
-#[derive(Debug)]
-struct Ended;
+/// Why a reader stops.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// The bridge closed the socket.
+    Closed,
+    /// A frame a server never sends (masked, or longer than anything real).
+    Protocol,
+}
 
 /// Splits a byte stream into WebSocket frames from a server.
 #[derive(Default)]
@@ -193,7 +206,8 @@ struct FrameReader {
 }
 
 impl FrameReader {
-    const CAPACITY: usize = 64 * 1024;
+    /// About a hundred SMA frames; at 10,000 sockets, 160 MiB in all.
+    const CAPACITY: usize = 16 * 1024;
 
     /// Room to read into.
     fn spare(&mut self) -> &mut [u8] {
@@ -205,7 +219,7 @@ impl FrameReader {
 
     /// Takes `n` more bytes read into `spare()` and hands every complete
     /// frame to `each`; a partial frame waits for the next read.
-    fn filled(&mut self, n: usize, mut each: impl FnMut(Frame<'_>)) -> Result<(), Ended> {
+    fn scan(&mut self, n: usize, mut each: impl FnMut(Frame<'_>)) -> Result<(), Ended> {
         self.filled += n;
         let mut at = 0;
         let result = loop {
@@ -220,7 +234,7 @@ impl FrameReader {
                     });
                     at += len.header + len.payload;
                     if closed {
-                        break Err(Ended);
+                        break Err(Ended::Closed);
                     }
                 }
                 Ok(None) => break Ok(()),
@@ -231,7 +245,7 @@ impl FrameReader {
         self.filled -= at;
         if self.filled == self.buffer.len() {
             // One frame larger than the buffer: the bridge sends none.
-            return Err(Ended);
+            return Err(Ended::Protocol);
         }
         result
     }
@@ -256,7 +270,7 @@ fn frame_at(bytes: &[u8]) -> Result<Option<(FrameKind, FrameLen)>, Ended> {
     };
     if second & 0x80 != 0 {
         // A server never masks its frames.
-        return Err(Ended);
+        return Err(Ended::Protocol);
     }
     let (header, payload) = match second & 0x7f {
         126 if bytes.len() >= 4 => (4, usize::from(u16::from_be_bytes([bytes[2], bytes[3]]))),
@@ -265,12 +279,16 @@ fn frame_at(bytes: &[u8]) -> Result<Option<(FrameKind, FrameLen)>, Ended> {
             len.copy_from_slice(&bytes[2..10]);
             (
                 10,
-                usize::try_from(u64::from_be_bytes(len)).map_err(|_| Ended)?,
+                usize::try_from(u64::from_be_bytes(len)).map_err(|_| Ended::Protocol)?,
             )
         }
         126 | 127 => return Ok(None),
         short => (2, usize::from(short)),
     };
+    if payload > FrameReader::CAPACITY {
+        // Could never fit the buffer; the bridge's frames are ~200 bytes.
+        return Err(Ended::Protocol);
+    }
     if bytes.len() < header + payload {
         return Ok(None);
     }
@@ -455,7 +473,7 @@ mod tests {
         let mut result = Ok(());
         for piece in stream.chunks(chunk) {
             reader.spare()[..piece.len()].copy_from_slice(piece);
-            result = reader.filled(piece.len(), |frame| {
+            result = reader.scan(piece.len(), |frame| {
                 seen.push(match frame {
                     Frame::Text(t) => format!("text {}", String::from_utf8_lossy(t)),
                     Frame::Ping(p) => format!("ping {}", String::from_utf8_lossy(p)),
@@ -496,10 +514,15 @@ mod tests {
         stream.extend(frame(0x1, b"after"));
         let (seen, result) = scan(&stream, stream.len());
         assert_eq!(seen, ["text a", "other"]);
-        assert!(result.is_err());
+
+        assert_eq!(result, Err(Ended::Closed));
 
         let masked = [0x81, 0x81, 1, 2, 3, 4, b'a' ^ 1];
-        assert!(scan(&masked, masked.len()).1.is_err());
+        assert_eq!(scan(&masked, masked.len()).1, Err(Ended::Protocol));
+
+        let mut huge = vec![0x81, 127];
+        huge.extend_from_slice(&u64::MAX.to_be_bytes());
+        assert_eq!(scan(&huge, huge.len()).1, Err(Ended::Protocol));
     }
 
     #[test]

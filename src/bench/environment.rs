@@ -341,6 +341,7 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(target_os = "linux")]
     fn cpu_ticks_are_read_past_an_awkward_command_name() {
         let stat = "42 (a b) c)) S 1 2 3 4 5 6 7 8 9 10 250 75 0 0 20 0 1";
         assert_eq!(cpu_ticks(stat), Some(325));

@@ -78,8 +78,8 @@ pub async fn run(
     .with("p50_us", latency.quantile_us(0.5))
     .with("p99_us", latency.quantile_us(0.99))
     .with("max_us", latency.max_us());
-    if let Some(cpu) = cpu {
-        row = row.with("bridge_cpu_ns_per_frame", cpu_per_frame(cpu, delivered));
+    if let Some(per_frame) = cpu.and_then(|cpu| cpu_per_frame(cpu, delivered)) {
+        row = row.with("bridge_cpu_ns_per_frame", per_frame);
     }
     if !complete {
         row.note = Some("incomplete: a round did not arrive within 60 s".into());

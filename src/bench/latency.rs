@@ -75,11 +75,8 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     .with("socket_p999_us", socket_latency.quantile_us(0.999))
     .with("socket_max_us", socket_latency.max_us())
     .with("frames", frames.load(Relaxed) as f64);
-    if let Some(cpu) = cpu {
-        row = row.with(
-            "bridge_cpu_ns_per_frame",
-            cpu_per_frame(cpu, frames.load(Relaxed)),
-        );
+    if let Some(per_frame) = cpu.and_then(|cpu| cpu_per_frame(cpu, frames.load(Relaxed))) {
+        row = row.with("bridge_cpu_ns_per_frame", per_frame);
     }
     if !complete {
         row.note = Some(format!(

@@ -255,9 +255,11 @@ pub(crate) fn now_ns() -> u64 {
 }
 
 /// The bridge's CPU time per delivered frame, in nanoseconds: unlike
-/// latency, it hardly depends on what else the machine is doing.
-pub(crate) fn cpu_per_frame(cpu: std::time::Duration, frames: u64) -> f64 {
-    (cpu.as_nanos() as f64 / frames.max(1) as f64).round()
+/// latency, it hardly depends on what else the machine is doing. `None`
+/// below 100 ms of CPU: the kernel counts it in 10 ms ticks.
+pub(crate) fn cpu_per_frame(cpu: std::time::Duration, frames: u64) -> Option<f64> {
+    (cpu >= std::time::Duration::from_millis(100))
+        .then(|| (cpu.as_nanos() as f64 / frames.max(1) as f64).round())
 }
 
 /// The `ts` of an SMA message, found without a full JSON parse.
