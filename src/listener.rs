@@ -66,7 +66,8 @@ pub struct Listener<B> {
     pipeline: Pipeline,
     hub: Hub,
     publish: mpsc::Sender<Queued>,
-    /// What a burst sends to Redis, sent once its sessions are woken.
+    /// What a burst could not hand to the full publish queue; sent, with
+    /// waiting, once the burst's sessions are woken.
     to_publish: Vec<Queued>,
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
@@ -203,8 +204,8 @@ impl<B: Broker> Listener<B> {
     /// in bursts (a producer's pipeline, a compute node's batch) — queuing
     /// every frame before any session is woken to write it. The burst ends
     /// after [`MAX_BURST`] messages or [`MAX_BURST_TIME`], and nothing in it
-    /// waits: what goes to Redis collects in `to_publish`. Returns whether
-    /// the subscription ended.
+    /// waits: what the publish queue has no room for collects in
+    /// `to_publish`. Returns whether the subscription ended.
     fn handle_burst(
         &mut self,
         first: Inbound,
@@ -289,7 +290,7 @@ impl<B: Broker> Listener<B> {
                 sma: Some(sma),
             } => {
                 sma.deliver(&self.hub, &quote);
-                self.to_publish.push(Queued {
+                self.queue_publish(Queued {
                     outbound: sma.outbound(),
                     since: Some(arrived),
                 });
@@ -299,10 +300,27 @@ impl<B: Broker> Listener<B> {
             | Outcome::OtherShard => {}
             Outcome::Rejected {
                 notice: Some(notice),
-            } => self.to_publish.push(Queued {
+            } => self.queue_publish(Queued {
                 outbound: notice,
                 since: None,
             }),
+        }
+    }
+
+    /// Hands a message to the publisher now if its queue has room, so Redis
+    /// hears of a result while the burst goes on; otherwise it waits in
+    /// `to_publish`, behind which everything else waits too, to keep order.
+    fn queue_publish(&mut self, queued: Queued) {
+        if !self.to_publish.is_empty() {
+            self.to_publish.push(queued);
+            return;
+        }
+        match self.publish.try_send(queued) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(queued)) => self.to_publish.push(queued),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.stats.publish_failed.fetch_add(1, Relaxed);
+            }
         }
     }
 
