@@ -68,3 +68,60 @@ async fn the_bridge_runs_on_the_embedded_broker() {
         .expect("join")
         .expect("clean stop");
 }
+
+#[tokio::test]
+async fn a_burst_larger_than_the_publish_queue_reaches_redis_whole_and_in_order() {
+    const QUOTES: usize = 300;
+    let broker = MemoryBroker::new();
+    let mut output = broker
+        .subscribe(&[Topic::from_name("sma")])
+        .await
+        .expect("subscribe");
+    let mut settings = Settings::defaults().expect("defaults");
+    settings.sma.emit_partial = true;
+    // Far smaller than a burst: most of each burst waits for room.
+    settings.redis.publish_queue = 1;
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("address");
+    let shutdown = CancellationToken::new();
+    let bridge = tokio::spawn(quotebridge::serve(
+        settings,
+        listener,
+        broker.clone(),
+        shutdown.clone(),
+    ));
+    within("readiness", async {
+        while http_get(address, "/readyz").await.0 != 200 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
+        .await
+        .expect("connect");
+    assert_eq!(next_json(&mut socket).await["type"], "welcome");
+
+    let quotes: Vec<Outbound> = (1..=QUOTES)
+        .map(|p| {
+            Outbound::new(
+                "quotes".into(),
+                Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
+            )
+        })
+        .collect();
+    broker.publish(&quotes).await.expect("publish");
+    for want in 1..=QUOTES {
+        let published = within("every SMA on the output channel", output.next())
+            .await
+            .expect("message");
+        let got: Value = serde_json::from_slice(&published.payload).expect("json");
+        assert_eq!(got["price"].as_f64(), Some(want as f64), "in order");
+        let frame: Value = serde_json::from_str(&next_text(&mut socket).await).expect("json");
+        assert_eq!(frame["price"].as_f64(), Some(want as f64));
+    }
+    shutdown.cancel();
+    within("shutdown", bridge)
+        .await
+        .expect("join")
+        .expect("clean stop");
+}
