@@ -10,10 +10,11 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
 
+use axum::extract::ws::{Message, Utf8Bytes};
+
 use crate::names::ALL_SYMBOLS;
 use crate::outbox::{self, Offer, Outbox};
 use crate::stats::Stats;
-use axum::extract::ws::{Message, Utf8Bytes};
 
 /// Identifies one socket for the lifetime of the process.
 pub type SocketId = u64;

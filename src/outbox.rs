@@ -138,9 +138,9 @@ pub struct Outbox {
 
 impl Outbox {
     /// Waits for queued frames and moves up to `max` (at least one) of them
-    /// into `batch`; returns how many. 0 means the hub closed the outbox and everything
-    /// queued before that has been taken. Cancel-safe: nothing is taken
-    /// unless it returns.
+    /// into `batch`; returns how many. 0 means the hub closed the outbox and
+    /// everything queued before that has been taken. Cancel-safe: nothing is
+    /// taken unless it returns.
     pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> usize {
         poll_fn(|cx| {
             let mut queue = self.shared.lock();
