@@ -146,24 +146,44 @@ pub fn spawn_redis_server(port: u16, extra: &[&str], dir: Option<&std::path::Pat
     }
 }
 
-/// Waits until the server on `port` answers PING; false if it exits first.
+/// Waits until the server on `port` answers, and is `child` itself; false
+/// if it exits first. Checking the answering server's process id matters:
+/// when another test's server holds the port, ours exits, and until it has,
+/// the other one would answer PING and the two tests would share a server.
 pub async fn wait_until_ready(child: &mut Child, port: u16) -> bool {
+    let want = format!("process_id:{}\r\n", child.id());
     for _ in 0..200 {
         if let Ok(Some(_)) = child.try_wait() {
             return false; // exited: most likely the port was taken
         }
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)).await {
-            let mut reply = [0u8; 7];
-            if stream.write_all(b"PING\r\n").await.is_ok()
-                && stream.read_exact(&mut reply).await.is_ok()
-                && &reply == b"+PONG\r\n"
-            {
-                return true;
-            }
+        if let Some(info) = server_info(port).await {
+            return info.contains(&want);
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     false
+}
+
+/// The `INFO server` text of whatever answers on `port`.
+async fn server_info(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+    stream.write_all(b"INFO server\r\n").await.ok()?;
+    // A bulk string: `$LEN\r\n`, LEN bytes, `\r\n`.
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        reply.extend_from_slice(&chunk[..n]);
+        let text = std::str::from_utf8(&reply).ok()?;
+        let (header, body) = text.split_once("\r\n")?;
+        let len: usize = header.strip_prefix('$')?.parse().ok()?;
+        if body.len() >= len {
+            return Some(body[..len].to_owned());
+        }
+    }
 }
 
 impl Drop for RedisServer {
