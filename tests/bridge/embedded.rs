@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use quotebridge::broker::{Broker, MemoryBroker, Outbound, Topic};
+use quotebridge::broker::{Broker, MemoryBroker, Outbound, Subscription, Topic};
 use quotebridge::config::Settings;
 use serde_json::Value;
 use tokio::net::TcpListener;
@@ -10,50 +10,84 @@ use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
+/// A bridge with `settings` on a fresh embedded broker, the broker's `sma`
+/// channel subscribed, and one `acme` socket past its welcome.
+struct Embedded {
+    broker: MemoryBroker,
+    output: Subscription,
+    socket: Socket,
+    shutdown: CancellationToken,
+    bridge: tokio::task::JoinHandle<Result<(), quotebridge::Error>>,
+}
+
+impl Embedded {
+    async fn start(settings: Settings) -> Self {
+        let broker = MemoryBroker::new();
+        let output = broker
+            .subscribe(&[Topic::from_name("sma")])
+            .await
+            .expect("subscribe");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let bridge = tokio::spawn(quotebridge::serve(
+            settings,
+            listener,
+            broker.clone(),
+            shutdown.clone(),
+        ));
+        within("readiness", async {
+            while http_get(address, "/readyz").await.0 != 200 {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+        })
+        .await;
+        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
+            .await
+            .expect("connect");
+        assert_eq!(next_json(&mut socket).await["type"], "welcome");
+        Self {
+            broker,
+            output,
+            socket,
+            shutdown,
+            bridge,
+        }
+    }
+
+    /// Publishes `{"symbol":"A","price":P,"ts":9}` for each price, in one batch.
+    async fn publish_prices(&self, prices: impl Iterator<Item = f64>) {
+        let quotes: Vec<Outbound> = prices
+            .map(|p| {
+                Outbound::new(
+                    "quotes".into(),
+                    Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
+                )
+            })
+            .collect();
+        self.broker.publish(&quotes).await.expect("publish");
+    }
+
+    async fn stop(self) {
+        self.shutdown.cancel();
+        within("shutdown", self.bridge)
+            .await
+            .expect("join")
+            .expect("clean stop");
+    }
+}
+
 #[tokio::test]
 async fn the_bridge_runs_on_the_embedded_broker() {
-    let broker = MemoryBroker::new();
-    let mut output = broker
-        .subscribe(&[Topic::from_name("sma")])
-        .await
-        .expect("subscribe");
     let mut settings = Settings::defaults().expect("defaults");
     settings.sma.window = 2;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let bridge = tokio::spawn(quotebridge::serve(
-        settings,
-        listener,
-        broker.clone(),
-        shutdown.clone(),
-    ));
-    within("readiness", async {
-        while http_get(address, "/readyz").await.0 != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
-        .await
-        .expect("connect");
-    assert_eq!(next_json(&mut socket).await["type"], "welcome");
-
-    let quotes: Vec<Outbound> = [1.0, 3.0, 5.0]
-        .iter()
-        .map(|p| {
-            Outbound::new(
-                "quotes".into(),
-                Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
-            )
-        })
-        .collect();
-    broker.publish(&quotes).await.expect("publish");
+    let mut bridge = Embedded::start(settings).await;
+    bridge.publish_prices([1.0, 3.0, 5.0].into_iter()).await;
     for want in [2.0, 4.0] {
-        let published = within("an SMA on the embedded broker", output.next())
+        let published = within("an SMA on the embedded broker", bridge.output.next())
             .await
             .expect("message");
-        let frame = next_text(&mut socket).await;
+        let frame = next_text(&mut bridge.socket).await;
         assert_eq!(
             published.payload,
             frame.as_bytes(),
@@ -62,66 +96,27 @@ async fn the_bridge_runs_on_the_embedded_broker() {
         let got: Value = serde_json::from_str(&frame).expect("json");
         assert_eq!(got["sma"].as_f64(), Some(want));
     }
-    shutdown.cancel();
-    within("shutdown", bridge)
-        .await
-        .expect("join")
-        .expect("clean stop");
+    bridge.stop().await;
 }
 
 #[tokio::test]
 async fn a_burst_larger_than_the_publish_queue_reaches_redis_whole_and_in_order() {
     const QUOTES: usize = 300;
-    let broker = MemoryBroker::new();
-    let mut output = broker
-        .subscribe(&[Topic::from_name("sma")])
-        .await
-        .expect("subscribe");
     let mut settings = Settings::defaults().expect("defaults");
     settings.sma.emit_partial = true;
     // Far smaller than a burst: most of each burst waits for room.
     settings.redis.publish_queue = 1;
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let address = listener.local_addr().expect("address");
-    let shutdown = CancellationToken::new();
-    let bridge = tokio::spawn(quotebridge::serve(
-        settings,
-        listener,
-        broker.clone(),
-        shutdown.clone(),
-    ));
-    within("readiness", async {
-        while http_get(address, "/readyz").await.0 != 200 {
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
-        .await
-        .expect("connect");
-    assert_eq!(next_json(&mut socket).await["type"], "welcome");
-
-    let quotes: Vec<Outbound> = (1..=QUOTES)
-        .map(|p| {
-            Outbound::new(
-                "quotes".into(),
-                Bytes::from(format!(r#"{{"symbol":"A","price":{p},"ts":9}}"#)),
-            )
-        })
-        .collect();
-    broker.publish(&quotes).await.expect("publish");
+    let mut bridge = Embedded::start(settings).await;
+    bridge.publish_prices((1..=QUOTES).map(|p| p as f64)).await;
     for want in 1..=QUOTES {
-        let published = within("every SMA on the output channel", output.next())
+        let published = within("every SMA on the output channel", bridge.output.next())
             .await
             .expect("message");
         let got: Value = serde_json::from_slice(&published.payload).expect("json");
         assert_eq!(got["price"].as_f64(), Some(want as f64), "in order");
-        let frame: Value = serde_json::from_str(&next_text(&mut socket).await).expect("json");
+        let frame: Value =
+            serde_json::from_str(&next_text(&mut bridge.socket).await).expect("json");
         assert_eq!(frame["price"].as_f64(), Some(want as f64));
     }
-    shutdown.cancel();
-    within("shutdown", bridge)
-        .await
-        .expect("join")
-        .expect("clean stop");
+    bridge.stop().await;
 }
