@@ -186,10 +186,14 @@ impl Bridge {
         }
     }
 
-    /// CPU time it has used so far, when it runs as a child.
+    /// Starts measuring the CPU time it uses from now on.
     #[must_use]
-    pub fn cpu_time(&self) -> Option<Duration> {
-        cpu_time(self.pid()?)
+    pub fn cpu_meter(&self) -> CpuMeter {
+        let pid = self.pid();
+        CpuMeter {
+            pid,
+            start: pid.and_then(cpu_time),
+        }
     }
 
     /// Stops it and waits.
@@ -257,6 +261,25 @@ pub fn free_port() -> Result<u16, Error> {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .map_err(|e| Error::io("cannot find a free port", e))
+}
+
+/// The CPU time a bridge running as a child uses from a starting point.
+pub struct CpuMeter {
+    pid: Option<u32>,
+    start: Option<Duration>,
+}
+
+impl CpuMeter {
+    /// The CPU time used since the start per delivered frame, in
+    /// nanoseconds: unlike latency, it hardly depends on what else the
+    /// machine is doing. `None` for a bridge in this process, and below
+    /// 100 ms of CPU, since the kernel counts it in 10 ms ticks.
+    #[must_use]
+    pub fn ns_per_frame(&self, frames: u64) -> Option<f64> {
+        let used = cpu_time(self.pid?)?.saturating_sub(self.start?);
+        (used >= Duration::from_millis(100))
+            .then(|| (used.as_nanos() as f64 / frames.max(1) as f64).round())
+    }
 }
 
 /// CPU time (user and system, all threads) process `pid` has used so far.

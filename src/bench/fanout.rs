@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use super::clients::{collect, publisher, rig, wait_for};
 use super::environment::raise_file_limit;
-use super::{Environment, Options, Row, Scenario, cpu_per_frame, feed, now_ns};
+use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -35,7 +35,7 @@ pub async fn run(
         .fanout_frames
         .div_ceil(per_round * sockets.max(1) as u64)
         .max(1);
-    let cpu_before = rig.bridge.cpu_time();
+    let cpu = rig.bridge.cpu_meter();
     let start = Instant::now();
     let mut complete = true;
     for round in 0..rounds {
@@ -56,11 +56,7 @@ pub async fn run(
         }
     }
     let elapsed = start.elapsed();
-    let cpu = rig
-        .bridge
-        .cpu_time()
-        .zip(cpu_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
     rig.stop.cancel();
     let latency = collect(rig.readers).await;
     rig.bridge.stop().await;
@@ -78,7 +74,7 @@ pub async fn run(
     .with("p50_us", latency.quantile_us(0.5))
     .with("p99_us", latency.quantile_us(0.99))
     .with("max_us", latency.max_us());
-    if let Some(per_frame) = cpu.and_then(|cpu| cpu_per_frame(cpu, delivered)) {
+    if let Some(per_frame) = cpu_per_frame {
         row = row.with("bridge_cpu_ns_per_frame", per_frame);
     }
     if !complete {

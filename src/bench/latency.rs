@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::clients::{collect, publisher, rig, spawn_subscriber, wait_for};
-use super::{Environment, Options, Row, Scenario, cpu_per_frame, feed, now_ns};
+use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -26,7 +26,7 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
 
     let mut conn = publisher(&environment.url).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
-    let cpu_before = rig.bridge.cpu_time();
+    let cpu = rig.bridge.cpu_meter();
     let start = Instant::now();
     let mut sent = 0u64;
     while sent < total {
@@ -48,11 +48,7 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let limit = Duration::from_secs(60);
     let complete = wait_for(&outputs, sent, limit).await
         && wait_for(&frames, sent * sockets as u64, limit).await;
-    let cpu = rig
-        .bridge
-        .cpu_time()
-        .zip(cpu_before)
-        .map(|(after, before)| after.saturating_sub(before));
+    let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
     stop.cancel();
     let socket_latency = collect(rig.readers).await;
     let output_latency = collect(vec![subscriber]).await;
@@ -75,7 +71,7 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     .with("socket_p999_us", socket_latency.quantile_us(0.999))
     .with("socket_max_us", socket_latency.max_us())
     .with("frames", frames.load(Relaxed) as f64);
-    if let Some(per_frame) = cpu.and_then(|cpu| cpu_per_frame(cpu, frames.load(Relaxed))) {
+    if let Some(per_frame) = cpu_per_frame {
         row = row.with("bridge_cpu_ns_per_frame", per_frame);
     }
     if !complete {

@@ -254,14 +254,6 @@ pub(crate) fn now_ns() -> u64 {
     u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
 }
 
-/// The bridge's CPU time per delivered frame, in nanoseconds: unlike
-/// latency, it hardly depends on what else the machine is doing. `None`
-/// below 100 ms of CPU: the kernel counts it in 10 ms ticks.
-pub(crate) fn cpu_per_frame(cpu: std::time::Duration, frames: u64) -> Option<f64> {
-    (cpu >= std::time::Duration::from_millis(100))
-        .then(|| (cpu.as_nanos() as f64 / frames.max(1) as f64).round())
-}
-
 /// The `ts` of an SMA message, found without a full JSON parse.
 pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"ts\":";
