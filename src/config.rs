@@ -35,6 +35,11 @@ pub enum ConfigError {
     },
 }
 
+/// The error for a `key` whose value is out of range or inconsistent.
+fn invalid(key: &'static str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { key, message })
+}
+
 /// All settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -257,7 +262,6 @@ impl Settings {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         let redis = &self.redis;
         if let Err(err) = redis::Client::open(redis.url.as_str()) {
             return invalid("redis.url", format!("not a valid Redis URL: {err}"));
@@ -421,7 +425,6 @@ impl Settings {
 
     /// The `[node]` keys and the cluster keys of `[redis]`, which constrain each other.
     fn validate_topology(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
         let (redis, node) = (&self.redis, &self.node);
         if node.shard.count() > 1 && node.role != Role::Compute {
             return invalid(
