@@ -7,6 +7,11 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
+/// How much larger than the window's new total a leaving price may be
+/// before the running sum is rebuilt; see [`SmaWindow::push`]. Within it the
+/// compensation's own rounding stays below 2^16 ulps of the total (~1e-11).
+const CANCELLATION_RATIO: f64 = 65_536.0;
+
 /// A fixed-size window of prices with an O(1) mean.
 ///
 /// A plain running sum (`sum += new; sum -= old`) accumulates rounding error
@@ -92,17 +97,31 @@ impl SmaWindow {
     /// anything else before it reaches a window.
     pub fn push(&mut self, price: f64) -> Average {
         debug_assert!(price.is_finite(), "non-finite price reached the SMA");
+        let mut evicted = 0.0f64;
         if self.is_full() {
-            let oldest = std::mem::replace(&mut self.prices[self.oldest], price);
+            evicted = std::mem::replace(&mut self.prices[self.oldest], price);
             self.oldest += 1;
             if self.oldest == self.prices.len() {
                 self.oldest = 0;
             }
-            self.add(-oldest);
+            self.add(-evicted);
         } else {
             self.prices.push(price);
         }
         self.add(price);
+        let total = self.sum + self.compensation;
+        // Two cases the running sum cannot come back from, so the window is
+        // summed afresh (O(window), and only then):
+        // - An overflowing price made it inf (or NaN, once inf - inf). Once
+        //   such prices have left the window the fresh sum is finite again;
+        //   while they are in it the mean stays non-finite (`null` on the
+        //   wire), which is the truth.
+        // - A price far larger than what remains just left: the remainder
+        //   then lives in the compensation term, which itself has only 53
+        //   bits and may have rounded away the smaller prices added since.
+        if !total.is_finite() || evicted.abs() > CANCELLATION_RATIO * total.abs() {
+            self.resum();
+        }
         Average {
             mean: self.mean(),
             count: self.prices.len(),
@@ -167,6 +186,18 @@ impl SmaWindow {
         older.iter().chain(newer).copied()
     }
 
+    /// Rebuilds the running sum from the prices in the window. O(window);
+    /// only called when the running sum is no longer finite.
+    fn resum(&mut self) {
+        let prices = std::mem::take(&mut self.prices);
+        self.sum = 0.0;
+        self.compensation = 0.0;
+        for &price in &prices {
+            self.add_unchecked(price);
+        }
+        self.prices = prices;
+    }
+
     fn mean(&self) -> f64 {
         (self.sum + self.compensation) / self.prices.len() as f64
     }
@@ -175,6 +206,16 @@ impl SmaWindow {
     /// larger than the running sum, which happens whenever prices move by
     /// orders of magnitude.
     fn add(&mut self, value: f64) {
+        self.add_unchecked(value);
+        if self.prices.is_empty() {
+            // An empty window must read exactly zero, not the residue of
+            // earlier rounding.
+            self.sum = 0.0;
+            self.compensation = 0.0;
+        }
+    }
+
+    fn add_unchecked(&mut self, value: f64) {
         let total = self.sum + value;
         if self.sum.abs() >= value.abs() {
             self.compensation += (self.sum - total) + value;
@@ -182,12 +223,6 @@ impl SmaWindow {
             self.compensation += (value - total) + self.sum;
         }
         self.sum = total;
-        if self.prices.is_empty() {
-            // An empty window must read exactly zero, not the residue of
-            // earlier rounding.
-            self.sum = 0.0;
-            self.compensation = 0.0;
-        }
     }
 }
 
@@ -267,6 +302,21 @@ mod tests {
         // 1e16 leaves: a naive sum would read 0 or 2 here.
         let avg = w.push(1.0);
         assert_eq!(avg.mean, 1.0);
+    }
+
+    #[test]
+    fn an_overflowing_sum_recovers_once_its_prices_leave_the_window() {
+        let mut w = window(3);
+        w.push(f64::MAX);
+        assert!(
+            !w.push(f64::MAX).mean.is_finite(),
+            "the window's own sum overflows"
+        );
+        assert!(!w.push(1.0).mean.is_finite(), "still two MAX in the window");
+        // One MAX left: the sum is representable again.
+        assert_eq!(w.push(2.0).mean, (f64::MAX + 3.0) / 3.0);
+        assert_eq!(w.push(3.0).mean, 2.0);
+        assert_eq!(w.push(4.0).mean, 3.0);
     }
 
     #[test]

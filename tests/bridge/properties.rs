@@ -24,6 +24,41 @@ proptest! {
         }
     }
 
+    /// Whatever came before (overflowing prices included), once the window
+    /// holds only ordinary prices its mean is their mean again.
+    #[test]
+    fn any_history_then_a_window_of_ordinary_prices_gives_their_mean(
+        window in 1usize..32,
+        history in prop::collection::vec(
+            prop_oneof![
+                Just(f64::MAX),
+                Just(-f64::MAX),
+                Just(1.797_693_134_862_315_7e308),
+                (-1e308f64..1e308),
+                any::<f64>().prop_filter("finite", |p| p.is_finite()),
+                (-1e6f64..1e6),
+            ],
+            0..100,
+        ),
+        ordinary in prop::collection::vec(-1e6f64..1e6, 32),
+    ) {
+        let mut sma = SmaWindow::new(NonZeroUsize::new(window).expect("non-zero"));
+        for &price in &history {
+            sma.push(price);
+        }
+        let tail = &ordinary[..window];
+        let mut got = None;
+        for &price in tail {
+            got = Some(sma.push(price));
+        }
+        let got = got.expect("the window is at least 1");
+        let want = tail.iter().sum::<f64>() / window as f64;
+        let scale = tail.iter().map(|p| p.abs()).sum::<f64>() / window as f64;
+        prop_assert_eq!(got.count, window);
+        prop_assert!(got.mean.is_finite(), "mean stayed {} after the history {:?}", got.mean, history);
+        prop_assert!((got.mean - want).abs() <= 1e-9 * scale.max(1e-300), "{} vs {}", got.mean, want);
+    }
+
     #[test]
     fn the_parser_never_panics_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = quote::parse(&bytes);
