@@ -189,9 +189,42 @@ pub struct ResultRoute<'a> {
     /// The client code of a private result: it goes to that group.
     #[serde(borrow, default)]
     pub client: Option<std::borrow::Cow<'a, str>>,
-    /// Present in every SMA message; required so other JSON is not taken for one.
+    /// Present in every SMA message (a number, or `null` while a window's
+    /// sum overflows); required so other JSON is not taken for one.
     #[serde(rename = "sma")]
-    _sma: f64,
+    _sma: SmaValue,
+}
+
+/// The `sma` member of a result: a number or `null`, but never absent.
+/// (An `Option<f64>` field would also accept a missing member.)
+#[derive(Debug, PartialEq)]
+struct SmaValue;
+
+impl<'de> Deserialize<'de> for SmaValue {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct NumberOrNull;
+        impl serde::de::Visitor<'_> for NumberOrNull {
+            type Value = SmaValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number or null")
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<SmaValue, E> {
+                Ok(SmaValue)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<SmaValue, E> {
+                Ok(SmaValue)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<SmaValue, E> {
+                Ok(SmaValue)
+            }
+            fn visit_unit<E>(self) -> Result<SmaValue, E> {
+                Ok(SmaValue)
+            }
+        }
+        // `deserialize_any`, not `deserialize_option`: serde answers the
+        // latter for a missing member with "none", which would let one pass.
+        deserializer.deserialize_any(NumberOrNull)
+    }
 }
 
 impl<'a> ResultRoute<'a> {
@@ -283,11 +316,28 @@ mod tests {
         let private = message("MSFT", Some("acme"));
         let route = ResultRoute::of(private.as_str()).expect("routable");
         assert_eq!(route.client.as_deref(), Some("acme"));
+        // A window whose sum overflows publishes `"sma":null`: still a result.
+        let overflowed = SmaMessage {
+            sma: f64::INFINITY,
+            ..SmaMessage {
+                symbol: "AAPL",
+                price: 1.0,
+                sma: 0.0,
+                window: 1,
+                count: 1,
+                ts: 0,
+                client: Some("acme"),
+            }
+        }
+        .encode();
+        let route = ResultRoute::of(overflowed.as_str()).expect("a null sma is routable");
+        assert_eq!(route.client.as_deref(), Some("acme"));
         for junk in [
             "",
             "not json",
             r#"{"symbol":"AAPL"}"#,
             r#"{"symbol":"AAPL","sma":"x"}"#,
+            r#"{"symbol":"AAPL","price":1}"#,
             r#"{"symbol":"bad symbol","sma":1}"#,
             r#"{"symbol":"AAPL","sma":1,"client":"no/slash"}"#,
         ] {
