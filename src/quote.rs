@@ -130,6 +130,16 @@ pub fn parse(payload: &[u8]) -> Result<Quote<'_>, Reject> {
 /// The general parser: serde_json, with the reason for any rejection.
 #[doc(hidden)]
 pub fn parse_fully(payload: &[u8]) -> Result<Quote<'_>, Reject> {
+    // serde_json checks UTF-8 only in strings it decodes; one it skips (an
+    // unknown member's value) could carry any bytes. The whole payload is
+    // checked here instead. The fast path needs no such check: every byte it
+    // accepts is ASCII.
+    if let Err(err) = std::str::from_utf8(payload) {
+        return Err(Reject::Malformed(format!(
+            "invalid UTF-8 at byte {}",
+            err.valid_up_to()
+        )));
+    }
     let mut reason = None;
     let mut de = serde_json::Deserializer::from_slice(payload);
     let parsed = QuoteSeed {
@@ -575,6 +585,29 @@ mod tests {
         ));
         assert!(matches!(rejected(""), Reject::Malformed(_)));
         assert!(matches!(parse(&[0xff, 0xfe]), Err(Reject::Malformed(_))));
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_is_rejected_even_in_an_ignored_member() {
+        for payload in [
+            &b"{\"symbol\":\"A\",\"price\":1,\"note\":\"\xff\"}"[..],
+            b"{\"symbol\":\"A\",\"price\":1,\"\xc3\":2}",
+            b"{\"symbol\":\"A\",\"price\":1,\"x\":[\"\xed\xa0\x80\"]}",
+        ] {
+            assert_eq!(
+                parse(payload),
+                Err(Reject::Malformed(format!(
+                    "invalid UTF-8 at byte {}",
+                    std::str::from_utf8(payload).unwrap_err().valid_up_to()
+                ))),
+                "{payload:?}"
+            );
+        }
+        // Valid multi-byte UTF-8 in an ignored member is fine.
+        assert_eq!(
+            ok(r#"{"symbol":"A","price":1,"note":"prix en €"}"#).symbol,
+            "A"
+        );
     }
 
     #[test]
