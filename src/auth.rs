@@ -63,6 +63,16 @@ pub enum AuthError {
     /// The JWT's `exp` has passed.
     #[error("token expired")]
     Expired,
+    /// The JWT's `nbf` is still ahead (beyond the leeway).
+    #[error("token not valid yet (nbf)")]
+    NotYetValid,
+    /// The JWT's `iss` is not `auth.jwt_issuer`, or is missing when that is set.
+    #[error("token issuer not accepted")]
+    WrongIssuer,
+    /// The JWT's `aud` does not include `auth.jwt_audience` (or names an
+    /// audience when none is configured).
+    #[error("token audience not accepted")]
+    WrongAudience,
     /// The JWT's `sub` names another client code.
     #[error("token is for another client code")]
     WrongClient,
@@ -181,8 +191,20 @@ impl Authenticator {
                     })?
                 };
                 let mut validation = Validation::new(algorithm);
-                validation.set_required_spec_claims(&["exp", "sub"]);
+                let mut required = vec!["exp", "sub"];
+                validation.validate_nbf = true;
                 validation.leeway = settings.jwt_leeway_seconds;
+                if !settings.jwt_issuer.is_empty() {
+                    validation.set_issuer(&[&settings.jwt_issuer]);
+                    required.push("iss");
+                }
+                // Unset, a token that names an audience is refused (RFC 7519
+                // §4.1.3: we cannot tell whether we are in it).
+                if !settings.jwt_audience.is_empty() {
+                    validation.set_audience(&[&settings.jwt_audience]);
+                    required.push("aud");
+                }
+                validation.set_required_spec_claims(&required);
                 Ok(Authenticator::Jwt(Box::new(JwtCheck { key, validation })))
             }
         }
@@ -215,6 +237,9 @@ impl Authenticator {
                 let claims = jsonwebtoken::decode::<Claims>(token, &check.key, &check.validation)
                     .map_err(|e| match e.kind() {
                         ErrorKind::ExpiredSignature => AuthError::Expired,
+                        ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                        ErrorKind::InvalidIssuer => AuthError::WrongIssuer,
+                        ErrorKind::InvalidAudience => AuthError::WrongAudience,
                         _ => AuthError::Invalid,
                     })?
                     .claims;
@@ -245,6 +270,8 @@ mod tests {
             jwt_secret: SECRET.into(),
             jwt_public_key_file: String::new(),
             jwt_leeway_seconds: 0,
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
         }
     }
 
@@ -289,6 +316,70 @@ mod tests {
             Err(AuthError::Invalid)
         );
         assert_eq!(auth.authenticate("acme", None), Err(AuthError::Missing));
+    }
+
+    #[test]
+    fn jwt_nbf_is_enforced_with_the_leeway() {
+        let mut s = settings(AuthMode::Jwt);
+        s.jwt_leeway_seconds = 30;
+        let auth = Authenticator::from_settings(&s).expect("valid");
+        let later = jwt(json!({"sub": "acme", "exp": now() + 7200, "nbf": now() + 3600}));
+        assert_eq!(
+            auth.authenticate("acme", Some(&later)),
+            Err(AuthError::NotYetValid)
+        );
+        let skewed = jwt(json!({"sub": "acme", "exp": now() + 7200, "nbf": now() + 10}));
+        assert_eq!(
+            auth.authenticate("acme", Some(&skewed)),
+            Ok(Grant::default()),
+            "within the leeway"
+        );
+        let past = jwt(json!({"sub": "acme", "exp": now() + 60, "nbf": now() - 60}));
+        assert_eq!(auth.authenticate("acme", Some(&past)), Ok(Grant::default()));
+    }
+
+    #[test]
+    fn jwt_issuer_and_audience_are_checked_when_configured() {
+        let open = Authenticator::from_settings(&settings(AuthMode::Jwt)).expect("valid");
+        let plain = jwt(json!({"sub": "acme", "exp": now() + 60}));
+        let with_iss = jwt(json!({"sub": "acme", "exp": now() + 60, "iss": "https://idp"}));
+        let with_aud = jwt(json!({"sub": "acme", "exp": now() + 60, "aud": "quotebridge"}));
+        assert!(open.authenticate("acme", Some(&with_iss)).is_ok());
+        assert_eq!(
+            open.authenticate("acme", Some(&with_aud)),
+            Err(AuthError::WrongAudience),
+            "an audience we were not told we are"
+        );
+
+        let mut s = settings(AuthMode::Jwt);
+        s.jwt_issuer = "https://idp".into();
+        s.jwt_audience = "quotebridge".into();
+        let strict = Authenticator::from_settings(&s).expect("valid");
+        let both = jwt(json!({
+            "sub": "acme", "exp": now() + 60, "iss": "https://idp", "aud": ["other", "quotebridge"]
+        }));
+        assert_eq!(
+            strict.authenticate("acme", Some(&both)),
+            Ok(Grant::default())
+        );
+        let other_iss = jwt(json!({
+            "sub": "acme", "exp": now() + 60, "iss": "https://evil", "aud": "quotebridge"
+        }));
+        assert_eq!(
+            strict.authenticate("acme", Some(&other_iss)),
+            Err(AuthError::WrongIssuer)
+        );
+        let other_aud = jwt(json!({
+            "sub": "acme", "exp": now() + 60, "iss": "https://idp", "aud": "billing"
+        }));
+        assert_eq!(
+            strict.authenticate("acme", Some(&other_aud)),
+            Err(AuthError::WrongAudience)
+        );
+        // Required when configured: a token without them is refused.
+        for missing in [plain, with_iss, with_aud] {
+            assert!(strict.authenticate("acme", Some(&missing)).is_err());
+        }
     }
 
     #[test]

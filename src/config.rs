@@ -82,8 +82,13 @@ pub struct AuthSettings {
     pub jwt_secret: String,
     /// PEM public key file for RS256/ES256.
     pub jwt_public_key_file: String,
-    /// Allowed clock skew for `exp`, in seconds.
+    /// Allowed clock skew for `exp` and `nbf`, in seconds.
     pub jwt_leeway_seconds: u64,
+    /// When set, a JWT's `iss` must equal it.
+    pub jwt_issuer: String,
+    /// When set, a JWT's `aud` must include it; when empty, a JWT that names
+    /// an audience is refused.
+    pub jwt_audience: String,
 }
 
 impl std::fmt::Debug for AuthSettings {
@@ -96,6 +101,8 @@ impl std::fmt::Debug for AuthSettings {
             .field("jwt_secret", &"<redacted>")
             .field("jwt_public_key_file", &self.jwt_public_key_file)
             .field("jwt_leeway_seconds", &self.jwt_leeway_seconds)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
             .finish()
     }
 }
