@@ -48,6 +48,9 @@ impl Limits {
     }
 }
 
+/// How long a closing socket waits for the other side's Close.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Pings sent without a pong since; at this many the peer is gone.
 const MAX_UNANSWERED_PINGS: u32 = 2;
 
@@ -119,29 +122,46 @@ pub async fn run(
                 // batch buffer is reused, so a busy socket allocates nothing.
                 write(&mut socket, batch.drain(..)).await?;
             }
-            incoming = socket.next() => match incoming {
-                None | Some(Ok(Message::Close(_))) => {
-                    tracing::debug!("client closed the socket");
-                    return Ok(());
-                }
-                Some(Ok(message @ (Message::Text(_) | Message::Binary(_)))) => {
-                    if !rate.take(Instant::now()) {
-                        tracing::info!("client exceeded websocket.client_messages_per_second; closing");
-                        membership.stats().rate_limited_closes.fetch_add(1, Relaxed);
-                        close(&mut socket, close_code::POLICY, "rate limit exceeded").await;
+            incoming = socket.next() => {
+                let message = match incoming {
+                    None => {
+                        tracing::debug!("client went away");
                         return Ok(());
                     }
-                    let replies = match message {
-                        Message::Text(text) => answer(&membership, &grant, &text),
-                        _ => vec![ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode()],
-                    };
-                    write(&mut socket, replies.into_iter().map(Message::Text)).await?;
+                    Some(Err(err)) => return end_on_read_error(&mut socket, err).await,
+                    Some(Ok(Message::Close(_))) => {
+                        // The engine has queued the reply Close (RFC 6455
+                        // §5.5.1); flushing sends it before the TCP
+                        // connection goes, so the client sees a clean close.
+                        tracing::debug!("client closed the socket");
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, socket.flush()).await;
+                        return Ok(());
+                    }
+                    Some(Ok(message)) => message,
+                };
+                // Every frame counts, control frames too: a flood of pings
+                // costs a pong each.
+                if !rate.take(Instant::now()) {
+                    tracing::info!("client exceeded websocket.client_messages_per_second; closing");
+                    membership.stats().rate_limited_closes.fetch_add(1, Relaxed);
+                    close(&mut socket, close_code::POLICY, "rate limit exceeded").await;
+                    return Ok(());
                 }
-                Some(Ok(Message::Pong(_))) => unanswered_pings = 0,
-                // The WebSocket engine answers pings itself.
-                Some(Ok(Message::Ping(_))) => {}
-                Some(Err(err)) => return end_on_read_error(&mut socket, err).await,
-            },
+                match message {
+                    Message::Text(text) => {
+                        let replies = answer(&membership, &grant, &text);
+                        write(&mut socket, replies.into_iter().map(Message::Text)).await?;
+                    }
+                    Message::Binary(_) => {
+                        let reply = ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode();
+                        write(&mut socket, [Message::Text(reply)]).await?;
+                    }
+                    Message::Pong(_) => unanswered_pings = 0,
+                    // The WebSocket engine answers pings itself; reading
+                    // never yields raw frames or (here) a Close.
+                    Message::Ping(_) | Message::Close(_) => {}
+                }
+            }
         }
     }
 }
@@ -207,12 +227,12 @@ fn answer(membership: &Membership, grant: &Grant, text: &str) -> Vec<Utf8Bytes> 
         },
         ClientOp::Unsubscribe { symbols } => membership.unsubscribe(&symbols),
     };
+    // The snapshots wait in the outbox, which the session drains after
+    // writing this reply.
     let reply = ServerFrame::Subscribed {
         symbols: &outcome.symbols,
     };
-    std::iter::once(reply.encode())
-        .chain(outcome.snapshots)
-        .collect()
+    vec![reply.encode()]
 }
 
 /// Feeds every message, then flushes once, within [`WRITE_TIMEOUT`].
@@ -239,17 +259,25 @@ async fn write(
     Ok(())
 }
 
-/// Sends a close frame, best effort: the peer may already be gone.
+/// Sends a close frame and waits (at most [`CLOSE_TIMEOUT`]) for the client's
+/// reply, best effort: the peer may already be gone. Reading to the reply
+/// also drains what the client sent meanwhile, so the TCP connection ends
+/// with a FIN the client can read up to, not a reset over unread data.
 async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = write(socket, [Message::Close(Some(frame))]).await;
+    if write(socket, [Message::Close(Some(frame))]).await.is_err() {
+        return;
+    }
+    let reply = async { while let Some(Ok(_)) = socket.next().await {} };
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, reply).await;
 }
 
 /// Sorts a read error into an ordinary disconnect, a client that broke the
-/// size limit (closed with 1009), or a real failure.
+/// size limit (closed with 1009) or the protocol (1002, or 1007 for text
+/// that is not UTF-8), or a real failure.
 async fn end_on_read_error(socket: &mut WebSocket, err: axum::Error) -> Result<(), SessionError> {
     use tokio_tungstenite::tungstenite::Error as WsError;
     use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -268,6 +296,16 @@ async fn end_on_read_error(socket: &mut WebSocket, err: axum::Error) -> Result<(
             | WsError::Io(_),
         ) => {
             tracing::debug!("client went away");
+            Ok(())
+        }
+        Some(WsError::Utf8(_)) => {
+            tracing::info!("client sent a text frame that is not UTF-8; closing");
+            close(socket, close_code::INVALID, "text frame is not UTF-8").await;
+            Ok(())
+        }
+        Some(WsError::Protocol(violation)) => {
+            tracing::info!(violation = ?violation, "client broke the WebSocket protocol; closing");
+            close(socket, close_code::PROTOCOL, "protocol error").await;
             Ok(())
         }
         _ => Err(SessionError::Socket(axum::Error::new(inner))),
