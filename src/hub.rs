@@ -6,6 +6,7 @@
 //! an index; it never scans every socket.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
@@ -30,6 +31,9 @@ struct Inner {
     state: Mutex<State>,
     limits: HubLimits,
     stats: Arc<Stats>,
+    /// Whether a frame too large for any socket has been logged (once is
+    /// enough: the counter tells how often).
+    logged_too_large: AtomicBool,
 }
 
 /// Bounds on what one socket or one client may hold.
@@ -116,8 +120,9 @@ pub enum SubscribeError {
 pub struct Subscribed {
     /// The socket's whole subscription set, sorted.
     pub symbols: Vec<String>,
-    /// Latest SMA frames of the newly subscribed symbols (empty on unsubscribe).
-    pub snapshots: Vec<Utf8Bytes>,
+    /// How many snapshots (latest results of the newly subscribed symbols)
+    /// were queued to the socket, after the reply; 0 on unsubscribe.
+    pub snapshots: usize,
 }
 
 impl Hub {
@@ -133,6 +138,7 @@ impl Hub {
                 state: Mutex::new(State::default()),
                 limits,
                 stats,
+                logged_too_large: AtomicBool::new(false),
             }),
         }
     }
@@ -200,6 +206,9 @@ impl Hub {
     /// Delivers a public SMA frame to every socket subscribed to `symbol`
     /// (by name or through `"*"`) and keeps it as the symbol's snapshot.
     pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
+        if !self.fits_a_socket(frame.len()) {
+            return;
+        }
         let mut guard = self.state();
         let state = &mut *guard;
         state.remember(symbol, &frame, self.inner.limits.max_snapshots);
@@ -249,6 +258,9 @@ impl Hub {
     /// Delivers `message` to every socket of the group `client` — the seed's
     /// `send_message(client_code, message)`. Returns how many sockets got it.
     pub fn send_to_group(&self, client: &str, message: Message) -> usize {
+        if !self.fits_a_socket(outbox::payload_len(&message)) {
+            return 0;
+        }
         let mut guard = self.state();
         let state = &mut *guard;
         let Some(members) = state.groups.get(client) else {
@@ -268,6 +280,25 @@ impl Hub {
         self.finish_delivery(state, queued, slow);
         self.wake_unless_held(guard);
         usize::try_from(queued).unwrap_or(usize::MAX)
+    }
+
+    /// Whether a frame of `len` bytes fits an empty outbox. One that does
+    /// not would find every socket "full" and evict each as a slow consumer,
+    /// although none is slow: it is refused here instead, once for all.
+    fn fits_a_socket(&self, len: usize) -> bool {
+        let bound = self.inner.limits.send_queue_bytes;
+        if len <= bound {
+            return true;
+        }
+        self.inner.stats.frames_too_large.fetch_add(1, Relaxed);
+        if !self.inner.logged_too_large.swap(true, Relaxed) {
+            tracing::warn!(
+                bytes = len,
+                limit = bound,
+                "frame larger than websocket.send_queue_bytes refused (logged once; counted in frames_too_large)"
+            );
+        }
+        false
     }
 
     /// Counts what was queued and evicts the sockets whose outbox was full.
@@ -330,11 +361,12 @@ impl Hub {
     }
 
     fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
         let Some(socket) = state.sockets.get(&id) else {
             return Ok(Subscribed {
                 symbols: Vec::new(),
-                snapshots: Vec::new(),
+                snapshots: 0,
             });
         };
         let new: BTreeSet<&String> = symbols
@@ -345,19 +377,43 @@ impl Hub {
         if socket.subscriptions.len() + new.len() > max_symbols {
             return Err(SubscribeError::TooManySymbols(max_symbols));
         }
-        let snapshots = if new.iter().any(|s| s.as_str() == ALL_SYMBOLS) {
-            state.latest.values().cloned().collect()
+        // The snapshots go into the socket's own outbox, under the lock so
+        // no newer live frame can be queued ahead of them, and within the
+        // outbox's bounds: a client that subscribes to "*" again and again
+        // gets no more than its queue holds, and the copying stops there.
+        let everything = new.iter().any(|s| s.as_str() == ALL_SYMBOLS);
+        let wanted = if everything {
+            state.latest.len()
         } else {
             new.iter()
-                .filter_map(|s| state.latest.get(s.as_str()).cloned())
-                .collect()
+                .filter(|s| state.latest.contains_key(s.as_str()))
+                .count()
         };
+        let snapshots = if everything {
+            socket
+                .outbox
+                .offer_while_room(state.latest.values(), &mut state.wakes)
+        } else {
+            let latest = &state.latest;
+            let frames = new.iter().filter_map(|s| latest.get(s.as_str()));
+            socket.outbox.offer_while_room(frames, &mut state.wakes)
+        };
+        let skipped = wanted - snapshots;
+        if skipped > 0 {
+            self.inner
+                .stats
+                .snapshots_skipped
+                .fetch_add(skipped as u64, Relaxed);
+        }
+        self.inner
+            .stats
+            .frames_queued
+            .fetch_add(snapshots as u64, Relaxed);
         let new: Vec<String> = new.into_iter().cloned().collect();
         state.add_subscriptions(id, &new);
-        Ok(Subscribed {
-            symbols: state.subscriptions_of(id),
-            snapshots,
-        })
+        let symbols = state.subscriptions_of(id);
+        self.wake_unless_held(guard);
+        Ok(Subscribed { symbols, snapshots })
     }
 
     fn unsubscribe(&self, id: SocketId, symbols: &[String]) -> Subscribed {
@@ -367,7 +423,7 @@ impl Hub {
         }
         Subscribed {
             symbols: state.subscriptions_of(id),
-            snapshots: Vec::new(),
+            snapshots: 0,
         }
     }
 }
@@ -590,21 +646,23 @@ mod tests {
         assert!(state.by_symbol.is_empty() && state.everything.is_empty());
     }
 
+    /// Everything queued in `outbox` now, as text.
+    fn queued(outbox: &mut Outbox) -> Vec<String> {
+        std::iter::from_fn(|| outbox.try_recv()).map(text).collect()
+    }
+
     #[test]
-    fn subscribe_returns_sorted_set_and_snapshots_of_new_symbols() {
+    fn subscribe_returns_sorted_set_and_queues_snapshots_of_new_symbols() {
         let hub = hub(8);
         hub.publish_public("MSFT", "m".into());
         hub.publish_public("AAPL", "a".into());
-        let (socket, _rx) = join(&hub, "acme", &["MSFT"]);
+        let (socket, mut rx) = join(&hub, "acme", &["MSFT"]);
         let got = socket
             .subscribe(&strings(&["ZZZ", "AAPL", "MSFT"]))
             .expect("subscribe");
         assert_eq!(got.symbols, strings(&["AAPL", "MSFT", "ZZZ"]));
-        assert_eq!(
-            got.snapshots,
-            vec![Utf8Bytes::from("a")],
-            "MSFT was not new, ZZZ has none"
-        );
+        assert_eq!(got.snapshots, 1);
+        assert_eq!(queued(&mut rx), ["a"], "MSFT was not new, ZZZ has none");
         let got = socket.unsubscribe(&strings(&["MSFT", "nope"]));
         assert_eq!(got.symbols, strings(&["AAPL", "ZZZ"]));
     }
@@ -623,17 +681,81 @@ mod tests {
         }
         hub.publish_public("A", Utf8Bytes::from_static("new"));
         hub.remember_latest("D", Utf8Bytes::from_static("stored"));
-        let (socket, _rx) = join(&hub, "acme", &[]);
-        let mut got = socket
+        let (socket, mut rx) = join(&hub, "acme", &[]);
+        socket
             .subscribe(&strings(&["A", "B", "C", "D"]))
-            .expect("subscribed")
-            .snapshots;
-        got.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+            .expect("subscribed");
+        let mut got = queued(&mut rx);
+        got.sort();
         assert_eq!(
             got,
             ["new", "old"],
             "A updated, B kept, C and D over the bound"
         );
+    }
+
+    #[test]
+    fn snapshots_stay_within_the_outbox_bounds_however_often_asked() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(
+            HubLimits {
+                max_snapshots: 1000,
+                ..limits(16)
+            },
+            stats.clone(),
+        );
+        for i in 0..100 {
+            hub.publish_public(&format!("S{i}"), format!("snapshot {i}").into());
+        }
+        let (socket, mut rx) = join(&hub, "acme", &[]);
+        for _ in 0..20 {
+            socket.subscribe(&strings(&["*"])).expect("subscribed");
+            socket.unsubscribe(&strings(&["*"]));
+        }
+        assert_eq!(
+            queued(&mut rx).len(),
+            16,
+            "never more than the outbox holds"
+        );
+        assert_eq!(stats.snapshots_skipped.load(Relaxed), 20 * 100 - 16);
+        assert_eq!(
+            hub.socket_count(),
+            1,
+            "a full outbox from snapshots evicts nobody"
+        );
+        // Once drained, the socket still gets live frames.
+        hub.send_to_group("acme", Message::Text("live".into()));
+        assert_eq!(queued(&mut rx), ["live"]);
+    }
+
+    #[test]
+    fn a_frame_larger_than_any_outbox_is_refused_without_evicting_anyone() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(
+            HubLimits {
+                send_queue_bytes: 64,
+                ..limits(8)
+            },
+            stats.clone(),
+        );
+        let (_a1, mut a1) = join(&hub, "acme", &["*"]);
+        let (_a2, mut a2) = join(&hub, "acme", &["*"]);
+        let huge = "x".repeat(65);
+        assert_eq!(
+            hub.send_to_group("acme", Message::Text(huge.as_str().into())),
+            0
+        );
+        hub.publish_public("A", huge.as_str().into());
+        assert_eq!(stats.frames_too_large.load(Relaxed), 2);
+        assert_eq!(stats.slow_consumers_closed.load(Relaxed), 0);
+        assert_eq!(hub.group_size("acme"), 2, "nobody evicted");
+        assert!(
+            hub.state().latest.is_empty(),
+            "not kept as a snapshot either"
+        );
+        assert_eq!(hub.send_to_group("acme", Message::Text("ok".into())), 2);
+        assert_eq!(queued(&mut a1), ["ok"]);
+        assert_eq!(queued(&mut a2), ["ok"]);
     }
 
     #[test]

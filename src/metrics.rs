@@ -135,6 +135,26 @@ impl Metrics {
                 &stats.keepalive_timeouts,
             ),
             (
+                "quotebridge_frames_too_large_total",
+                "Frames refused because one alone exceeds websocket.send_queue_bytes",
+                &stats.frames_too_large,
+            ),
+            (
+                "quotebridge_snapshots_skipped_total",
+                "Snapshots not sent on subscribe for lack of outbox room",
+                &stats.snapshots_skipped,
+            ),
+            (
+                "quotebridge_subscription_overflows_total",
+                "Times the Redis subscription buffer overflowed and was re-established",
+                &stats.subscription_overflows,
+            ),
+            (
+                "quotebridge_http_header_timeouts_total",
+                "HTTP connections closed for not sending request headers in time",
+                &stats.http_header_timeouts,
+            ),
+            (
                 "quotebridge_redis_reconnects_total",
                 "Times the Redis input was re-established after a loss",
                 &stats.redis_resubscribes,

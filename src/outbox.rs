@@ -13,7 +13,7 @@ use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 
-use axum::extract::ws::Message;
+use axum::extract::ws::{Message, Utf8Bytes};
 
 /// How much one outbox may hold before its socket is a slow consumer.
 #[derive(Debug, Clone, Copy)]
@@ -118,6 +118,42 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// Queues frames from `frames` while they fit within the bounds, never
+    /// past them and never evicting: what does not fit is left out. Returns
+    /// how many were queued. Frames are cloned only once they are queued, so
+    /// the work is bounded by the outbox's room, not by the offer.
+    pub fn offer_while_room<'f>(
+        &self,
+        frames: impl IntoIterator<Item = &'f Utf8Bytes>,
+        wakes: &mut Vec<Waker>,
+    ) -> usize {
+        let mut queue = self.shared.lock();
+        if queue.abandoned {
+            return 0;
+        }
+        let mut queued = 0;
+        for frame in frames {
+            if queue.frames.len() >= self.bounds.frames
+                || queue.bytes + frame.len() > self.bounds.bytes
+            {
+                break;
+            }
+            queue.bytes += frame.len();
+            queue.frames.push_back(Message::Text(frame.clone()));
+            queued += 1;
+        }
+        if queued > 0
+            && !queue.wake_handed_out
+            && let Some(waiting) = &queue.waiting
+        {
+            wakes.push(waiting.clone());
+            queue.wake_handed_out = true;
+        }
+        queued
+    }
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
         let mut queue = self.shared.lock();
@@ -200,7 +236,7 @@ impl Drop for Outbox {
 }
 
 /// What a frame counts against the byte bound.
-fn payload_len(message: &Message) -> usize {
+pub(crate) fn payload_len(message: &Message) -> usize {
     match message {
         Message::Text(text) => text.len(),
         Message::Binary(data) => data.len(),

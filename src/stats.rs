@@ -40,6 +40,14 @@ pub struct Stats {
     pub keepalive_timeouts: AtomicU64,
     /// Times the Redis subscription was re-established after a loss.
     pub redis_resubscribes: AtomicU64,
+    /// Frames (direct messages, relayed results) refused because one alone exceeds a socket's byte bound (websocket.send_queue_bytes).
+    pub frames_too_large: AtomicU64,
+    /// Snapshots a subscribe did not queue because the socket's outbox had no room; those symbols follow with their next results.
+    pub snapshots_skipped: AtomicU64,
+    /// Times the Redis subscription's bounded buffer overflowed (the listener fell behind) and was re-established.
+    pub subscription_overflows: AtomicU64,
+    /// HTTP connections closed for not sending a complete request head within server.header_read_timeout_ms.
+    pub http_header_timeouts: AtomicU64,
     /// Stream mode: batches applied with MULTI/EXEC.
     pub stream_batches: AtomicU64,
     /// Stream mode: entries replayed after a restart or claimed from another consumer.
@@ -82,6 +90,10 @@ impl Stats {
             "rate_limited_closes": self.rate_limited_closes.load(Relaxed),
             "keepalive_timeouts": self.keepalive_timeouts.load(Relaxed),
             "redis_resubscribes": self.redis_resubscribes.load(Relaxed),
+            "frames_too_large": self.frames_too_large.load(Relaxed),
+            "snapshots_skipped": self.snapshots_skipped.load(Relaxed),
+            "subscription_overflows": self.subscription_overflows.load(Relaxed),
+            "http_header_timeouts": self.http_header_timeouts.load(Relaxed),
             "stream_batches": self.stream_batches.load(Relaxed),
             "stream_replayed": self.stream_replayed.load(Relaxed),
         })
