@@ -339,6 +339,12 @@ impl Drop for TestApp {
 
 /// A raw HTTP/1.1 GET.
 pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
+    let (status, _, body) = http_get_with_headers(address, path).await;
+    (status, body)
+}
+
+/// A raw HTTP/1.1 GET: the status, the header block (lower-cased) and the body.
+pub async fn http_get_with_headers(address: SocketAddr, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     stream
@@ -356,11 +362,8 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .expect("status line");
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
-    (status, body)
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
 }
 
 /// Opens a WebSocket to `url` and returns it with its welcome frame.

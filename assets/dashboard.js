@@ -1,0 +1,178 @@
+"use strict";
+// The live dashboard. Everything from the socket is data: the DOM is built
+// with createElement and textContent only (no HTML strings anywhere), and
+// the page's Content-Security-Policy allows no inline script.
+
+// State: one entry per symbol (public and private alike, private keyed with the client code).
+const HISTORY = 300;
+const series = new Map();   // key -> { symbol, client, points: [{t, price, sma}], row }
+let selected = null, socket = null, retryMs = 500, retryTimer = null, dirty = false, manualClose = false;
+const $ = (id) => document.getElementById(id);
+const params = new URLSearchParams(location.search);
+if (params.get("client")) $("client").value = params.get("client");
+const token = params.get("token");
+// The token must not stay in the address bar, the history or a Referer.
+if (params.has("token")) {
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(null, "", location.pathname + (query ? `?${query}` : "") + location.hash);
+}
+
+function element(tag, props = {}, children = []) {
+  const node = document.createElement(tag);
+  Object.assign(node, props);
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function setStatus(state, text) { const s = $("status"); s.dataset.state = state; s.textContent = text; }
+
+function connect() {
+  clearTimeout(retryTimer);
+  if (socket) { manualClose = true; socket.close(); }
+  manualClose = false;
+  const code = $("client").value.trim();
+  const scheme = location.protocol === "https:" ? "wss" : "ws";
+  const url = `${scheme}://${location.host}/ws/${encodeURIComponent(code)}` + (token ? `?token=${encodeURIComponent(token)}` : "");
+  setStatus("connecting", "connecting…");
+  const ws = new WebSocket(url);
+  socket = ws;
+  ws.onopen = () => { retryMs = 500; setStatus("open", `open as ${code}`); };
+  ws.onmessage = (event) => onFrame(event.data);
+  ws.onclose = (event) => {
+    if (socket !== ws || manualClose) return;
+    const wait = retryMs; retryMs = Math.min(retryMs * 2, 10000);
+    setStatus("closed", `closed (${event.code || "no code"}); retrying in ${(wait / 1000).toFixed(1)} s`);
+    retryTimer = setTimeout(connect, wait * (0.5 + Math.random() / 2));
+  };
+}
+
+function send(op) {
+  const symbols = $("symbols").value.split(",").map((s) => s.trim()).filter(Boolean);
+  if (socket && socket.readyState === WebSocket.OPEN && symbols.length) socket.send(JSON.stringify({ op, symbols }));
+}
+
+function onFrame(data) {
+  if (typeof data !== "string") { addDirect(`<${data.size ?? "binary"} bytes>`); return; }
+  let msg = null;
+  try { msg = JSON.parse(data); } catch { addDirect(data); return; }
+  if (msg && msg.type === "welcome" && Array.isArray(msg.subscriptions)) { showSubscriptions(msg.subscriptions); return; }
+  if (msg && msg.type === "subscribed" && Array.isArray(msg.symbols)) { showSubscriptions(msg.symbols); return; }
+  if (msg && msg.type === "error") { addDirect(`error: ${String(msg.message)}`); return; }
+  if (isSma(msg)) { onSma(msg); return; }
+  addDirect(data);
+}
+
+function showSubscriptions(symbols) { $("subscriptions").textContent = symbols.map(String).join(", ") || "none"; }
+
+// A result as the bridge encodes it; anything else is shown as a direct message.
+function isSma(m) {
+  const number = (v) => typeof v === "number" || v === null;
+  return m !== null && typeof m === "object" && typeof m.symbol === "string" && number(m.sma) && number(m.price)
+    && typeof m.window === "number" && typeof m.count === "number" && typeof m.ts === "number"
+    && (m.client === undefined || typeof m.client === "string");
+}
+
+function onSma(m) {
+  const key = m.client ? `${m.client}:${m.symbol}` : m.symbol;
+  let s = series.get(key);
+  if (!s) {
+    const row = document.createElement("tr");
+    row.dataset.symbol = m.symbol;
+    if (m.client) row.dataset.client = m.client;
+    const name = element("td", { textContent: m.symbol });
+    if (m.client) name.append(" ", element("span", { className: "dim", textContent: `(${m.client})` }));
+    row.append(
+      name,
+      element("td", { className: "price" }),
+      element("td", { className: "sma" }),
+      element("td", { className: "count" }),
+      element("td", {}, [element("time")]),
+    );
+    row.addEventListener("click", () => select(key));
+    insertSorted(row, key);
+    s = { symbol: m.symbol, client: m.client, points: [], row };
+    series.set(key, s);
+    if (!selected) select(key);
+  }
+  const last = s.points[s.points.length - 1];
+  s.points.push({ t: m.ts, price: m.price, sma: m.sma });
+  if (s.points.length > HISTORY) s.points.shift();
+  const cells = s.row.cells;
+  flash(cells[1], m.price, last && last.price); cells[1].textContent = fmt(m.price);
+  flash(cells[2], m.sma, last && last.sma); cells[2].textContent = fmt(m.sma);
+  cells[3].textContent = `${m.count}/${m.window}`;
+  cells[4].firstChild.textContent = new Date(m.ts).toLocaleTimeString();
+  if (key === selected) dirty = true;
+}
+
+function insertSorted(row, key) {
+  const rows = $("rows");
+  const after = [...rows.children].find((r) => (r.dataset.key || "") > key);
+  row.dataset.key = key;
+  rows.insertBefore(row, after || null);
+}
+
+function flash(cell, now, before) {
+  if (before === undefined || before === null || now === before) return;
+  cell.classList.remove("up", "down"); void cell.offsetWidth; cell.classList.add(now > before ? "up" : "down");
+}
+
+function fmt(x) { return x === null ? "–" : Number(x).toFixed(Math.abs(x) >= 1000 ? 1 : Math.abs(x) >= 1 ? 3 : 6); }
+
+function select(key) {
+  selected = key;
+  for (const r of $("rows").children) r.classList.toggle("selected", r.dataset.key === key);
+  $("chart-symbol").textContent = key;
+  dirty = true;
+}
+
+function addDirect(text) {
+  const li = element("li", {}, [element("time", { textContent: new Date().toLocaleTimeString() }), " ", text]);
+  const list = $("direct");
+  list.prepend(li);
+  while (list.children.length > 50) list.lastChild.remove();
+}
+
+// Drawing happens at most once per animation frame, whatever the update rate.
+function draw() {
+  requestAnimationFrame(draw);
+  if (!dirty) return;
+  dirty = false;
+  const s = series.get(selected);
+  const canvas = $("chart"), ctx = canvas.getContext("2d");
+  const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
+  if (canvas.width !== w * dpr || canvas.height !== h * dpr) { canvas.width = w * dpr; canvas.height = h * dpr; }
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.clearRect(0, 0, w, h);
+  if (!s || s.points.length === 0) return;
+  const pts = s.points, left = 64, right = w - 10, top = 10, bottom = h - 24;
+  const values = pts.flatMap((p) => [p.price, p.sma]).filter((v) => v !== null);
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (hi === lo) { hi += 1; lo -= 1; }
+  const pad = (hi - lo) * 0.05; lo -= pad; hi += pad;
+  const x = (i) => left + (pts.length === 1 ? 0 : (i / (pts.length - 1)) * (right - left));
+  const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  ctx.strokeStyle = "#263241"; ctx.fillStyle = "#7f8ea3"; ctx.font = "11px system-ui"; ctx.lineWidth = 1;
+  for (let i = 0; i <= 4; i++) {
+    const v = lo + ((hi - lo) * i) / 4, yy = y(v);
+    ctx.beginPath(); ctx.moveTo(left, yy); ctx.lineTo(right, yy); ctx.stroke();
+    ctx.fillText(fmt(v), 4, yy + 4);
+  }
+  ctx.fillText(new Date(pts[0].t).toLocaleTimeString(), left, h - 6);
+  const end = new Date(pts[pts.length - 1].t).toLocaleTimeString();
+  ctx.fillText(end, right - ctx.measureText(end).width, h - 6);
+  for (const [field, color] of [["price", "#58a6ff"], ["sma", "#f0b429"]]) {
+    ctx.strokeStyle = color; ctx.lineWidth = 1.5; ctx.beginPath();
+    pts.forEach((p, i) => { if (p[field] === null) return; i ? ctx.lineTo(x(i), y(p[field])) : ctx.moveTo(x(i), y(p[field])); });
+    ctx.stroke();
+  }
+  canvas.dataset.points = String(pts.length);
+}
+
+$("connect").addEventListener("click", connect);
+$("subscribe").addEventListener("click", () => send("subscribe"));
+$("unsubscribe").addEventListener("click", () => send("unsubscribe"));
+$("client").addEventListener("keydown", (e) => { if (e.key === "Enter") connect(); });
+requestAnimationFrame(draw);
+connect();
