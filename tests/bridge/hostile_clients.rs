@@ -239,3 +239,94 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
     );
     drop(stalled);
 }
+
+/// Reads what follows a close frame: a clean end (the server closed the TCP
+/// connection after the handshake), never a reset or a protocol error.
+async fn assert_ends_cleanly(socket: &mut Socket) {
+    within("the connection to end", async {
+        loop {
+            match socket.next().await {
+                None | Some(Err(tungstenite::Error::ConnectionClosed)) => return,
+                Some(Ok(Message::Close(_) | Message::Ping(_) | Message::Pong(_))) => continue,
+                other => panic!("expected a clean end after the close handshake, got {other:?}"),
+            }
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_client_close_is_answered_before_the_connection_ends() {
+    let app = spawn_app().await;
+    let (mut socket, _) = app.connect("acme").await;
+    socket.close(None).await.expect("send a close frame");
+    match within("the close reply", socket.next()).await {
+        Some(Ok(Message::Close(_))) => {}
+        other => panic!("the server did not answer the close (RFC 6455 5.5.1): {other:?}"),
+    }
+    assert_ends_cleanly(&mut socket).await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_closed_flooder_reads_its_close_frame_and_no_reset() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "5")]).await;
+    for _ in 0..5 {
+        let (mut flooder, _) = app.connect("acme").await;
+        // Far more than the limit, sent at once: most are still unread
+        // when the server decides to close.
+        for _ in 0..200 {
+            flooder
+                .feed(Message::text(r#"{"op":"subscribe","symbols":["A"]}"#))
+                .await
+                .expect("queue a frame");
+        }
+        flooder.flush().await.expect("send the flood");
+        assert_eq!(
+            close_frame(&mut flooder).await,
+            (1008, "rate limit exceeded".into())
+        );
+        assert_ends_cleanly(&mut flooder).await;
+    }
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn pings_count_toward_the_client_frame_rate() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "5")]).await;
+    let (mut pinger, _) = app.connect("acme").await;
+    for _ in 0..50 {
+        if pinger
+            .send(Message::Ping(Default::default()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    assert_eq!(
+        close_frame(&mut pinger).await,
+        (1008, "rate limit exceeded".into())
+    );
+    app.wait_for_stats("the close to be counted", |s| s["rate_limited_closes"] == 1)
+        .await;
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn protocol_violations_close_with_1002_and_bad_text_with_1007() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let app = spawn_app().await;
+    let (mut socket, _) = app.connect("acme").await;
+    let not_utf8 = Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true);
+    socket.send(Message::Frame(not_utf8)).await.expect("send");
+    assert_eq!(close_frame(&mut socket).await.0, 1007);
+
+    let (mut socket, _) = app.connect("acme").await;
+    let reserved = Frame::message(vec![1, 2, 3], OpCode::Data(Data::Reserved(3)), true);
+    socket.send(Message::Frame(reserved)).await.expect("send");
+    assert_eq!(close_frame(&mut socket).await.0, 1002);
+    app.shutdown().await;
+}

@@ -259,3 +259,73 @@ async fn health_and_readiness() {
     assert_eq!(app.get("/nope").await.0, 404);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_direct_message_larger_than_a_socket_may_queue_is_refused_and_evicts_nobody() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__SEND_QUEUE_BYTES", "65536")]).await;
+    let mut conn = app.redis.connection().await;
+    let (mut acme_1, _) = app.connect("acme").await;
+    let (mut acme_2, _) = app.connect("acme").await;
+    let huge = vec![b'x'; 2 << 20];
+    publish_all(
+        &mut conn,
+        &[
+            ("client.acme".into(), huge),
+            ("client.acme".into(), b"after".to_vec()),
+        ],
+    )
+    .await;
+    assert_eq!(next_text(&mut acme_1).await, "after");
+    assert_eq!(next_text(&mut acme_2).await, "after");
+    let stats = app.stats().await;
+    assert_eq!(stats["frames_too_large"], 1, "{stats}");
+    assert_eq!(stats["slow_consumers_closed"], 0, "{stats}");
+    let metrics = app.get("/metrics").await.1;
+    assert!(
+        metrics.contains("quotebridge_frames_too_large_total 1"),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn snapshots_stay_within_the_socket_queue_and_repeating_costs_nothing_more() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", ""),
+        ("QUOTEBRIDGE__WEBSOCKET__SEND_QUEUE", "8"),
+        ("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "100"),
+        ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+    ])
+    .await;
+    let mut conn = app.redis.connection().await;
+    let quotes: Vec<_> = (0..40)
+        .map(|i| quote(&format!("S{i}"), 1.0, None))
+        .collect();
+    publish_all(&mut conn, &quotes).await;
+    app.wait_for_stats("40 results", |s| s["smas_emitted"] == 40)
+        .await;
+
+    let (mut socket, _) = app.connect("acme").await;
+    send_json(&mut socket, json!({"op": "subscribe", "symbols": ["*"]})).await;
+    assert_eq!(next_json(&mut socket).await["type"], "subscribed");
+    for _ in 0..8 {
+        assert!(next_json(&mut socket).await["sma"].is_number());
+    }
+    app.wait_for_stats("the rest counted as skipped", |s| {
+        s["snapshots_skipped"] == 32
+    })
+    .await;
+    // Asking again and again: each time at most the queue's worth.
+    for _ in 0..10 {
+        send_json(&mut socket, json!({"op": "unsubscribe", "symbols": ["*"]})).await;
+        send_json(&mut socket, json!({"op": "subscribe", "symbols": ["*"]})).await;
+    }
+    let stats = app
+        .wait_for_stats("ten more subscribes", |s| {
+            s["snapshots_skipped"].as_u64().unwrap_or(0) >= 32 + 10 * 32
+        })
+        .await;
+    assert_eq!(stats["slow_consumers_closed"], 0, "{stats}");
+    assert_eq!(stats["sockets"], 1, "{stats}");
+    app.shutdown().await;
+}
