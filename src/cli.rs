@@ -168,6 +168,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
     {
         Command::Serve(args) => {
             let settings = settings.with_node(args.role, args.shard)?;
+            crate::server::raise_descriptor_limit(&settings);
             let address = settings.server.listen;
             let listener = TcpListener::bind(address)
                 .await
@@ -189,7 +190,10 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             };
             publish(&settings, &file, &options, &shutdown).await
         }
-        Command::Demo => demo::run(settings, shutdown).await,
+        Command::Demo => {
+            crate::server::raise_descriptor_limit(&settings);
+            demo::run(settings, shutdown).await
+        }
         Command::Bench(args) => {
             let json = args.json;
             let options = args.into_options();

@@ -225,6 +225,12 @@ pub struct ServerSettings {
     pub max_connections_per_client: usize,
     /// Seconds allowed for a clean shutdown.
     pub shutdown_timeout: u64,
+    /// Milliseconds a connection may take to send a request's head (line
+    /// and headers); slower connections are closed.
+    pub header_read_timeout_ms: u64,
+    /// Most connections accepted whose first request has not arrived whole;
+    /// further clients wait in the kernel's backlog.
+    pub max_pending_connections: usize,
 }
 
 impl Settings {
@@ -409,6 +415,21 @@ impl Settings {
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", "must be at least 1".into());
         }
+        if self.server.max_pending_connections == 0 {
+            return invalid(
+                "server.max_pending_connections",
+                "must be at least 1".into(),
+            );
+        }
+        if !(100..=600_000).contains(&self.server.header_read_timeout_ms) {
+            return invalid(
+                "server.header_read_timeout_ms",
+                format!(
+                    "must be between 100 and 600000 (got {})",
+                    self.server.header_read_timeout_ms
+                ),
+            );
+        }
         if self.server.max_connections_per_client == 0 {
             return invalid(
                 "server.max_connections_per_client",
@@ -537,6 +558,12 @@ impl Settings {
             interval: Duration::from_millis(self.redis.health_check_interval_ms),
             timeout: Duration::from_millis(self.redis.health_check_timeout_ms),
         }
+    }
+
+    /// Time a connection has to send a request head.
+    #[must_use]
+    pub fn header_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.header_read_timeout_ms)
     }
 
     /// Time allowed for a clean shutdown.

@@ -37,7 +37,6 @@ pub mod topology;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -187,7 +186,7 @@ pub async fn serve<B: Broker>(
         hub,
         auth,
         metrics,
-        stats,
+        stats: stats.clone(),
         ready,
         shutdown: shutdown.clone(),
         sessions: sessions.clone(),
@@ -201,16 +200,7 @@ pub async fn serve<B: Broker>(
     } else {
         tracing::info!(%address, %role, shard = %settings.node.shard, "no WebSocket listener; /healthz, /readyz, /stats and /metrics on http://{address}");
     }
-    // Frames are small and latency matters: no Nagle delay on any socket.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
-        }
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await
-        .map_err(|e| Error::io("http server failed", e))?;
+    server::serve_http(listener, app, &settings, stats, shutdown.clone()).await;
 
     // The token is cancelled: sessions are sending 1001 and the listener has
     // stopped, which drops the publish queue's sender so the publisher drains.

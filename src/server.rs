@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
@@ -9,6 +10,10 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -268,4 +273,121 @@ async fn metrics(State(app): State<AppState>) -> Response {
         .metrics
         .render(&app.stats, app.hub.socket_count(), app.hub.group_count());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+/// Serves `app` on `listener` until `shutdown`, bounding what a connection
+/// may hold before it is a WebSocket session: at most
+/// `server.max_pending_connections` connections that are not (yet) upgraded,
+/// each with `server.header_read_timeout_ms` to send every request head.
+/// (`axum::serve` runs without a timer: a client that sent half a request
+/// line held its descriptor forever.) On shutdown, accepting stops and idle
+/// connections close; requests in flight finish.
+pub async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    settings: &Settings,
+    stats: Arc<Stats>,
+    shutdown: CancellationToken,
+) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(settings.header_read_timeout())
+        .max_headers(64);
+    let pending = Arc::new(Semaphore::new(settings.server.max_pending_connections));
+    let connections = TaskTracker::new();
+    loop {
+        // A slot first, then a connection: when every slot is taken, new
+        // clients wait in the kernel's backlog and cost no descriptor here.
+        let permit = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            permit = pending.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let (tcp, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) => {
+                    // Out of descriptors (EMFILE) or the like: wait for some
+                    // to close instead of spinning.
+                    tracing::warn!(cause = %err, "cannot accept a connection; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        // Frames are small and latency matters: no Nagle delay.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
+        }
+        let connection = http
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()))
+            .with_upgrades();
+        let shutdown = shutdown.clone();
+        let stats = stats.clone();
+        connections.spawn(async move {
+            // Held until the connection closes or becomes a WebSocket (the
+            // connection future ends when it hands its socket over).
+            let _permit = permit;
+            let mut connection = std::pin::pin!(connection);
+            let mut draining = false;
+            let outcome = loop {
+                tokio::select! {
+                    outcome = connection.as_mut() => break outcome,
+                    () = shutdown.cancelled(), if !draining => {
+                        draining = true;
+                        connection.as_mut().graceful_shutdown();
+                    }
+                }
+            };
+            match outcome {
+                Ok(()) => {}
+                Err(err) if err.is_timeout() => {
+                    stats.http_header_timeouts.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "request head not received in time; connection closed");
+                }
+                Err(err) => tracing::debug!(%peer, cause = %err, "http connection failed"),
+            }
+        });
+    }
+    drop(listener);
+    connections.close();
+    // Idle connections closed at once; one mid-request finishes, and one
+    // mid-head has at most the header timeout left.
+    let _ = tokio::time::timeout(settings.shutdown_timeout(), connections.wait()).await;
+}
+
+/// Raises this process's open-file soft limit to its hard limit (every
+/// socket is a descriptor; distributions default the soft limit to 1024) and
+/// logs both, warning when the limit is below what the configured
+/// connection caps may need.
+pub fn raise_descriptor_limit(settings: &Settings) {
+    use rlimit::Resource;
+    let Ok((soft, hard)) = Resource::NOFILE.get() else {
+        tracing::warn!("cannot read the open-file limit");
+        return;
+    };
+    let raised = match rlimit::increase_nofile_limit(hard) {
+        Ok(now) => now,
+        Err(err) => {
+            tracing::warn!(cause = %err, soft, hard, "cannot raise the open-file limit");
+            soft
+        }
+    };
+    tracing::info!(was = soft, now = raised, hard, "open-file limit");
+    // Sockets and handshakes, plus a margin for Redis, logs and the like.
+    let needed =
+        (settings.server.max_connections + settings.server.max_pending_connections + 64) as u64;
+    if raised < needed {
+        tracing::warn!(
+            limit = raised,
+            needed,
+            "the open-file limit is below server.max_connections + server.max_pending_connections; \
+             connections past it will fail to be accepted"
+        );
+    }
 }

@@ -330,3 +330,83 @@ async fn protocol_violations_close_with_1002_and_bad_text_with_1007() {
     assert_eq!(close_frame(&mut socket).await.0, 1002);
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn silent_and_trickling_http_clients_are_bounded_and_timed_out() {
+    let redis = RedisServer::start().await;
+    let bridge = Serve::start(
+        &redis,
+        &[
+            ("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+            ("QUOTEBRIDGE__SERVER__MAX_PENDING_CONNECTIONS", "16"),
+        ],
+    )
+    .await;
+    let before = bridge.descriptors();
+
+    // 100 clients that connect and say nothing: the bridge holds at most
+    // 16 of them at a time, and closes each when its time is up.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(TcpStream::connect(bridge.address).await.expect("connect"));
+    }
+    let held = bridge.descriptors();
+    assert!(
+        held <= before + 16,
+        "{held} descriptors with 100 silent clients, {before} before"
+    );
+    for mut client in silent {
+        let mut buf = [0u8; 64];
+        let read = within("a silent connection to be closed", client.read(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(0) | Err(_)),
+            "a silent client got an answer: {read:?}"
+        );
+    }
+
+    // A client that sends its request a byte at a time, slower than the
+    // header timeout allows, is cut off before it finishes.
+    let request = b"GET /healthz HTTP/1.1\r\nHost: bridge\r\n\r\n";
+    let mut trickle = TcpStream::connect(bridge.address).await.expect("connect");
+    let mut sent = 0;
+    let mut answer = Vec::new();
+    within("the trickling client to be cut off", async {
+        for byte in request {
+            let mut buf = [0u8; 256];
+            tokio::select! {
+                read = trickle.read(&mut buf) => {
+                    match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => answer.extend_from_slice(&buf[..n]),
+                    }
+                }
+                () = tokio::time::sleep(Duration::from_millis(100)) => {
+                    if trickle.write_all(&[*byte]).await.is_err() {
+                        return;
+                    }
+                    sent += 1;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(sent < request.len(), "the whole request went through");
+    assert!(
+        answer.is_empty(),
+        "got {}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Honest clients are served all along, and the descriptors are back.
+    assert_eq!(http_get(bridge.address, "/healthz").await.0, 200);
+    let stats = bridge.stats().await;
+    assert!(
+        stats["http_header_timeouts"].as_u64() >= Some(101),
+        "{stats}"
+    );
+    let after = bridge.descriptors();
+    assert!(
+        after <= before + 2,
+        "{after} descriptors after, {before} before"
+    );
+}
