@@ -194,6 +194,9 @@ impl<B: Broker> Listener<B> {
                 }
             }
             self.subscribed.store(false, Relaxed);
+            self.stats
+                .subscription_overflows
+                .store(self.broker.overflows(), Relaxed);
             let now = SystemTime::now();
             outage = Some((now, Instant::now()));
             tracing::warn!(disconnected_since = %unix_ms(now), "redis subscription lost; reconnecting");

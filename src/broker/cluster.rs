@@ -19,7 +19,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -27,21 +27,16 @@ use futures_util::StreamExt;
 use futures_util::future::try_join_all;
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{PushInfo, PushKind, Value};
-use tokio::sync::{OnceCell, mpsc};
+use tokio::sync::OnceCell;
 
 use super::{
-    Broker, BrokerError, HealthCheck, Inbound, Outbound, Subscription, Topic, snapshot_writes,
+    Broker, BrokerError, HealthCheck, Outbound, Subscription, Topic, pushes, snapshot_writes,
     until_unanswered,
 };
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Most pushes waiting for the listener before the subscription counts as
-/// fallen behind (see [`ClusterBroker::subscribe`]).
-const SUBSCRIPTION_BUFFER: usize = 65_536;
 
 /// A broker backed by a Redis Cluster.
 #[derive(Clone)]
@@ -50,6 +45,8 @@ pub struct ClusterBroker {
     health_check: HealthCheck,
     /// Connected on first use; redis-rs reconnects and follows slots after that.
     publisher: Arc<OnceCell<ClusterConnection>>,
+    /// Subscriptions ended because the listener fell behind.
+    overflows: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for ClusterBroker {
@@ -70,6 +67,7 @@ impl ClusterBroker {
             nodes: nodes.into(),
             health_check: HealthCheck::default(),
             publisher: Arc::new(OnceCell::new()),
+            overflows: Arc::default(),
         })
     }
 
@@ -109,93 +107,6 @@ fn hash_tag(name: &str) -> &str {
         .unwrap_or(name)
 }
 
-/// Routes subscription pushes to topic indexes.
-struct Router {
-    /// Channel name → topic index, for sharded and plain channels.
-    channels: HashMap<Vec<u8>, usize>,
-    /// Pattern → topic index.
-    patterns: HashMap<Vec<u8>, usize>,
-}
-
-/// What a push means for the subscription.
-enum Event {
-    /// A message for the topic it names.
-    Message(Inbound),
-    /// Subscriptions were lost: start over.
-    Lost(&'static str),
-    /// Nothing for us (confirmations, other channels).
-    Ignore,
-}
-
-impl Router {
-    fn new(topics: &[Topic]) -> Self {
-        let mut router = Router {
-            channels: HashMap::new(),
-            patterns: HashMap::new(),
-        };
-        for (index, topic) in topics.iter().enumerate() {
-            match topic {
-                Topic::Sharded(name) | Topic::Channel(name) => {
-                    router.channels.insert(name.clone().into_bytes(), index)
-                }
-                Topic::Pattern(pattern) => {
-                    router.patterns.insert(pattern.clone().into_bytes(), index)
-                }
-            };
-        }
-        router
-    }
-
-    fn event(&self, push: PushInfo) -> Event {
-        match push.kind {
-            PushKind::SMessage | PushKind::Message | PushKind::PMessage => {
-                self.message(push).map_or(Event::Ignore, Event::Message)
-            }
-            // Unsolicited (this side never unsubscribes): the slot of a
-            // channel of ours moved to another master.
-            PushKind::SUnsubscribe => {
-                let ours = push
-                    .data
-                    .into_iter()
-                    .next()
-                    .and_then(bulk)
-                    .is_some_and(|channel| self.channels.contains_key(&channel));
-                if ours {
-                    Event::Lost("a slot moved to another master")
-                } else {
-                    Event::Ignore
-                }
-            }
-            // redis-rs reconnects the node and replays its subscriptions
-            // once, which a master still starting up (CLUSTERDOWN) loses.
-            PushKind::Disconnection => Event::Lost("a node connection dropped"),
-            _ => Event::Ignore,
-        }
-    }
-
-    /// The message a push carries, if it is one for a topic of ours.
-    fn message(&self, push: PushInfo) -> Option<Inbound> {
-        let mut data = push.data.into_iter();
-        let (topic, channel) = match push.kind {
-            PushKind::SMessage | PushKind::Message => {
-                let channel = bulk(data.next()?)?;
-                (*self.channels.get(&channel)?, channel)
-            }
-            PushKind::PMessage => {
-                let pattern = bulk(data.next()?)?;
-                let channel = bulk(data.next()?)?;
-                (*self.patterns.get(&pattern)?, channel)
-            }
-            _ => return None,
-        };
-        Some(Inbound {
-            topic,
-            channel: String::from_utf8(channel).ok()?,
-            payload: Bytes::from(bulk(data.next()?)?),
-        })
-    }
-}
-
 async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redis::RedisResult<()> {
     match topic {
         Topic::Sharded(name) => connection.ssubscribe(name).await,
@@ -204,33 +115,14 @@ async fn subscribe_to(connection: &mut ClusterConnection, topic: &Topic) -> redi
     }
 }
 
-fn bulk(value: Value) -> Option<Vec<u8>> {
-    match value {
-        Value::BulkString(bytes) => Some(bytes),
-        _ => None,
-    }
-}
-
 impl Broker for ClusterBroker {
     /// Subscribes on a connection of its own. The stream ends — and the
     /// listener subscribes again from scratch, reloading snapshots and
     /// reporting itself unready meanwhile — whenever subscriptions may have
     /// been lost: a slot moved, a node connection dropped, the cluster
-    /// stopped answering, or this side fell [`SUBSCRIPTION_BUFFER`] behind.
+    /// stopped answering, or this side fell [`pushes::BUFFER`] behind.
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let (pushes, received) = mpsc::channel::<PushInfo>(SUBSCRIPTION_BUFFER);
-        let overflowed = Arc::new(AtomicBool::new(false));
-        let push_sender = {
-            let overflowed = overflowed.clone();
-            move |push: PushInfo| {
-                // Redis would disconnect a subscriber this far behind; here
-                // the subscription ends the same way instead of growing.
-                if pushes.try_send(push).is_err() {
-                    overflowed.store(true, Relaxed);
-                }
-                Ok::<(), redis::aio::SendError>(())
-            }
-        };
+        let (push_sender, pushes) = pushes::bounded();
         let client = Self::builder(&self.nodes)
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_sender)
@@ -248,34 +140,8 @@ impl Broker for ClusterBroker {
                 async move { redis::cmd("PING").query_async::<()>(&mut connection).await }
             },
         ));
-        let messages = futures_util::stream::unfold(
-            (Router::new(topics), received, overflowed),
-            |(router, mut pushes, overflowed)| async move {
-                while let Some(push) = pushes.recv().await {
-                    if overflowed.load(Relaxed) {
-                        tracing::warn!(
-                            buffer = SUBSCRIPTION_BUFFER,
-                            "fell behind the redis cluster subscription; resubscribing"
-                        );
-                        return None;
-                    }
-                    match router.event(push) {
-                        Event::Message(inbound) => {
-                            return Some((inbound, (router, pushes, overflowed)));
-                        }
-                        Event::Lost(why) => {
-                            tracing::warn!(
-                                why,
-                                "redis cluster subscriptions may be lost; resubscribing"
-                            );
-                            return None;
-                        }
-                        Event::Ignore => {}
-                    }
-                }
-                None
-            },
-        );
+        let messages =
+            pushes.into_messages(topics, "redis cluster subscription", self.overflows.clone());
         Ok(messages.take_until(dead).boxed())
     }
 
@@ -324,6 +190,10 @@ impl Broker for ClusterBroker {
             snapshots.extend(entries.into_iter().map(|(f, v)| (f, Bytes::from(v))));
         }
         Ok(snapshots)
+    }
+
+    fn overflows(&self) -> u64 {
+        self.overflows.load(Relaxed)
     }
 
     fn describe(&self) -> String {

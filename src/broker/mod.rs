@@ -7,6 +7,7 @@
 mod cluster;
 mod glob;
 mod memory;
+mod pushes;
 mod redis;
 
 use std::future::Future;
@@ -180,6 +181,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
         &self,
         keys: &[String],
     ) -> impl Future<Output = Result<Vec<(String, Bytes)>, BrokerError>> + Send;
+
+    /// How many subscriptions so far ended because the listener fell a
+    /// whole buffer behind (and so lost messages).
+    fn overflows(&self) -> u64 {
+        0
+    }
 
     /// A short description for logs ("redis://host:port", "embedded").
     fn describe(&self) -> String;

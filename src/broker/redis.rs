@@ -1,16 +1,23 @@
 //! The Redis broker: one subscriber connection for every channel and pattern,
 //! and one multiplexed, auto-reconnecting connection that publishes in pipelines.
+//!
+//! The subscriber speaks RESP3, so its messages arrive as pushes into a
+//! bounded queue (`pushes`): redis-rs's RESP2 pub/sub connection buffers
+//! them in an unbounded channel, where a listener that falls behind would
+//! grow memory without limit.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
 use super::{
-    Broker, BrokerError, Inbound, Outbound, Subscription, Topic, snapshot_writes, until_unanswered,
+    Broker, BrokerError, Outbound, Subscription, Topic, pushes, snapshot_writes, until_unanswered,
 };
 
 /// How long connecting or a single request may take before it counts as failed.
@@ -34,6 +41,10 @@ pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
 #[derive(Clone)]
 pub struct RedisBroker {
     client: redis::Client,
+    /// The same server over RESP3, for subscribing (see the module doc).
+    subscriber: redis::Client,
+    /// Subscriptions ended because the listener fell behind.
+    overflows: Arc<AtomicU64>,
     /// Connected on first use, so the bridge can start before Redis does;
     /// afterwards the manager reconnects by itself.
     publisher: Arc<OnceCell<ConnectionManager>>,
@@ -74,8 +85,16 @@ impl RedisBroker {
     pub fn new(url: &str) -> Result<Self, BrokerError> {
         let client = client(url)?;
         let address = client.get_connection_info().addr().to_string();
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let subscriber = redis::Client::open(info.set_redis_settings(resp3))?;
         Ok(Self {
             client,
+            subscriber,
+            overflows: Arc::default(),
             publisher: Arc::new(OnceCell::new()),
             address,
             health_check: HealthCheck::default(),
@@ -109,46 +128,44 @@ impl RedisBroker {
 
 impl Broker for RedisBroker {
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let (mut sink, stream) = self.client.get_async_pubsub().await?.split();
+        if topics.iter().any(|t| matches!(t, Topic::Sharded(_))) {
+            return Err(BrokerError::Unsupported(
+                "sharded channels need redis.cluster_nodes",
+            ));
+        }
+        let (push_sender, pushes) = pushes::bounded();
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
+            .set_push_sender(push_sender);
+        let mut connection = self
+            .subscriber
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
+        // The config holds a handle on the queue's sender: it must go, so
+        // that the connection's end closes the queue.
+        drop(config);
         for topic in topics {
             match topic {
-                Topic::Channel(name) => sink.subscribe(name).await?,
-                Topic::Pattern(pattern) => sink.psubscribe(pattern).await?,
-                Topic::Sharded(_) => {
-                    return Err(BrokerError::Unsupported(
-                        "sharded channels need redis.cluster_nodes",
-                    ));
-                }
+                Topic::Channel(name) => connection.subscribe(name).await?,
+                Topic::Pattern(pattern) => connection.psubscribe(pattern).await?,
+                Topic::Sharded(_) => {}
             }
         }
-        let topics = topics.to_vec();
         // The stream ends when the connection closes or, for a connection
-        // that died silently, when a PING goes unanswered.
+        // that died silently, when a PING goes unanswered. The health check
+        // holds the only handle on the connection: dropping the stream
+        // closes it.
         let dead = until_unanswered(
             self.health_check,
             "redis subscriber connection",
             move || {
-                let mut sink = sink.clone();
-                async move { sink.ping::<redis::Value>().await.map(drop) }
+                let mut connection = connection.clone();
+                async move { redis::cmd("PING").query_async::<()>(&mut connection).await }
             },
         );
-        let stream = stream.take_until(Box::pin(dead));
-        let messages = stream.filter_map(move |msg| {
-            let pattern: Option<String> = msg.get_pattern().ok().flatten();
-            let channel = msg.get_channel_name();
-            let topic = topics.iter().position(|t| match (t, &pattern) {
-                (Topic::Pattern(p), Some(got)) => p == got,
-                (Topic::Channel(c) | Topic::Sharded(c), None) => c == channel,
-                _ => false,
-            });
-            let inbound = topic.map(|topic| Inbound {
-                topic,
-                channel: channel.to_owned(),
-                payload: Bytes::copy_from_slice(msg.get_payload_bytes()),
-            });
-            std::future::ready(inbound)
-        });
-        Ok(messages.boxed())
+        let messages = pushes.into_messages(topics, "redis subscription", self.overflows.clone());
+        Ok(messages.take_until(Box::pin(dead)).boxed())
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {
@@ -182,6 +199,10 @@ impl Broker for RedisBroker {
             .flatten()
             .map(|(field, value)| (field, Bytes::from(value)))
             .collect())
+    }
+
+    fn overflows(&self) -> u64 {
+        self.overflows.load(Relaxed)
     }
 
     fn describe(&self) -> String {

@@ -157,3 +157,81 @@ async fn the_bridge_starts_before_redis_and_becomes_ready_when_it_answers() {
     quotes_flow_through(&app, &mut socket, "LATE").await;
     app.shutdown().await;
 }
+
+/// The test process's resident set size, in MiB.
+fn own_rss_mib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").expect("read /proc/self/status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        / 1024
+}
+
+/// A producer far faster than the listener: the subscription's buffer is
+/// bounded, so memory stays put, the overflow is counted and the
+/// subscription ends (the listener then subscribes again) rather than
+/// queuing without limit.
+#[tokio::test]
+async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
+    use futures_util::StreamExt;
+    use quotebridge::broker::{Broker, RedisBroker, Topic};
+
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    // Redis itself would cut off so slow a subscriber; the bound under test
+    // is the bridge's own.
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("client-output-buffer-limit")
+        .arg("pubsub 0 0 0")
+        .query_async(&mut conn)
+        .await
+        .expect("CONFIG SET");
+    let broker = RedisBroker::new(&redis.url()).expect("broker");
+    let mut messages = broker
+        .subscribe(&[Topic::Channel("flood".into())])
+        .await
+        .expect("subscribe");
+    let before = own_rss_mib();
+
+    // 150,000 messages of 2 KiB (300 MiB) that nobody reads yet.
+    let payload = vec![b'x'; 2048];
+    for _ in 0..150 {
+        let mut pipe = redis::pipe();
+        for _ in 0..1000 {
+            pipe.publish("flood", &payload).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.expect("publish");
+    }
+    // Redis has handed everything to the subscriber's socket, which
+    // redis-rs keeps reading into the bounded queue.
+    within("redis to drain the subscriber's output buffer", async {
+        loop {
+            let clients: String = redis::cmd("CLIENT")
+                .arg("LIST")
+                .arg("TYPE")
+                .arg("pubsub")
+                .query_async(&mut conn)
+                .await
+                .expect("CLIENT LIST");
+            if clients.contains(" omem=0 ") {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    let grown = own_rss_mib().saturating_sub(before);
+    // The queue holds at most 65,536 messages (~130 MiB of these); an
+    // unbounded one would hold all 300 MiB.
+    assert!(grown < 200, "memory grew by {grown} MiB");
+
+    let after_overflow = within("the subscription to end", messages.next()).await;
+    assert!(
+        after_overflow.is_none(),
+        "a subscription that overflowed must end, not deliver a gap"
+    );
+    assert_eq!(broker.overflows(), 1);
+}

@@ -1,0 +1,294 @@
+//! A subscription's pushes on a RESP3 connection, bounded.
+//!
+//! redis-rs hands every push (message, confirmation, disconnection) to a
+//! sender of our choosing. Here that is a bounded queue: when the listener
+//! falls [`BUFFER`] pushes behind, the subscription ends (and the listener
+//! subscribes again), as Redis itself would cut off a subscriber that far
+//! behind, instead of memory growing without limit. Both Redis brokers use it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use redis::{PushInfo, PushKind, Value};
+use tokio::sync::mpsc;
+
+use super::{Inbound, Topic};
+
+/// Most pushes waiting for the listener before the subscription counts as
+/// fallen behind.
+pub(super) const BUFFER: usize = 65_536;
+
+/// The receiving end of a subscription's bounded push queue.
+pub(super) struct Pushes {
+    received: mpsc::Receiver<PushInfo>,
+    overflowed: Arc<AtomicBool>,
+}
+
+/// A push sender for redis-rs that queues into a new [`Pushes`] and, once
+/// full, drops pushes and marks the queue overflowed (redis-rs must not
+/// block its connection on us).
+pub(super) fn bounded() -> (
+    impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static,
+    Pushes,
+) {
+    bounded_to(BUFFER)
+}
+
+fn bounded_to(
+    capacity: usize,
+) -> (
+    impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static,
+    Pushes,
+) {
+    let (pushes, received) = mpsc::channel::<PushInfo>(capacity);
+    let overflowed = Arc::new(AtomicBool::new(false));
+    let sender = {
+        let overflowed = overflowed.clone();
+        move |push: PushInfo| {
+            if pushes.try_send(push).is_err() {
+                overflowed.store(true, Relaxed);
+            }
+            Ok(())
+        }
+    };
+    (
+        sender,
+        Pushes {
+            received,
+            overflowed,
+        },
+    )
+}
+
+impl Pushes {
+    /// The messages for `topics`, in order. Ends when the connection drops
+    /// (its sender goes), when subscriptions may have been lost, or once the
+    /// queue overflowed, which is counted in `overflows`. `what` names the
+    /// subscription in log lines.
+    pub(super) fn into_messages(
+        self,
+        topics: &[Topic],
+        what: &'static str,
+        overflows: Arc<AtomicU64>,
+    ) -> impl Stream<Item = Inbound> + Send + 'static {
+        let router = Router::new(topics);
+        futures_util::stream::unfold(
+            (router, self, overflows),
+            move |(router, mut pushes, overflows)| async move {
+                while let Some(push) = pushes.received.recv().await {
+                    if pushes.overflowed.load(Relaxed) {
+                        overflows.fetch_add(1, Relaxed);
+                        tracing::warn!(
+                            buffer = BUFFER,
+                            subscription = what,
+                            "fell behind the subscription; resubscribing"
+                        );
+                        return None;
+                    }
+                    match router.event(push) {
+                        Event::Message(inbound) => {
+                            return Some((inbound, (router, pushes, overflows)));
+                        }
+                        Event::Lost(why) => {
+                            tracing::warn!(
+                                why,
+                                subscription = what,
+                                "subscriptions may be lost; resubscribing"
+                            );
+                            return None;
+                        }
+                        Event::Ignore => {}
+                    }
+                }
+                None
+            },
+        )
+    }
+}
+
+/// Routes subscription pushes to topic indexes.
+struct Router {
+    /// Channel name → topic index, for sharded and plain channels.
+    channels: HashMap<Vec<u8>, usize>,
+    /// Pattern → topic index.
+    patterns: HashMap<Vec<u8>, usize>,
+}
+
+/// What a push means for the subscription.
+enum Event {
+    /// A message for the topic it names.
+    Message(Inbound),
+    /// Subscriptions were lost: start over.
+    Lost(&'static str),
+    /// Nothing for us (confirmations, other channels).
+    Ignore,
+}
+
+impl Router {
+    fn new(topics: &[Topic]) -> Self {
+        let mut router = Router {
+            channels: HashMap::new(),
+            patterns: HashMap::new(),
+        };
+        for (index, topic) in topics.iter().enumerate() {
+            match topic {
+                Topic::Sharded(name) | Topic::Channel(name) => {
+                    router.channels.insert(name.clone().into_bytes(), index)
+                }
+                Topic::Pattern(pattern) => {
+                    router.patterns.insert(pattern.clone().into_bytes(), index)
+                }
+            };
+        }
+        router
+    }
+
+    fn event(&self, push: PushInfo) -> Event {
+        match push.kind {
+            PushKind::SMessage | PushKind::Message | PushKind::PMessage => {
+                self.message(push).map_or(Event::Ignore, Event::Message)
+            }
+            // Unsolicited (this side never unsubscribes): the slot of a
+            // channel of ours moved to another master.
+            PushKind::SUnsubscribe => {
+                let ours = push
+                    .data
+                    .into_iter()
+                    .next()
+                    .and_then(bulk)
+                    .is_some_and(|channel| self.channels.contains_key(&channel));
+                if ours {
+                    Event::Lost("a slot moved to another master")
+                } else {
+                    Event::Ignore
+                }
+            }
+            // redis-rs reconnects the node and replays its subscriptions
+            // once, which a master still starting up (CLUSTERDOWN) loses.
+            PushKind::Disconnection => Event::Lost("a node connection dropped"),
+            _ => Event::Ignore,
+        }
+    }
+
+    /// The message a push carries, if it is one for a topic of ours.
+    fn message(&self, push: PushInfo) -> Option<Inbound> {
+        let mut data = push.data.into_iter();
+        let (topic, channel) = match push.kind {
+            PushKind::SMessage | PushKind::Message => {
+                let channel = bulk(data.next()?)?;
+                (*self.channels.get(&channel)?, channel)
+            }
+            PushKind::PMessage => {
+                let pattern = bulk(data.next()?)?;
+                let channel = bulk(data.next()?)?;
+                (*self.patterns.get(&pattern)?, channel)
+            }
+            _ => return None,
+        };
+        Some(Inbound {
+            topic,
+            channel: String::from_utf8(channel).ok()?,
+            payload: Bytes::from(bulk(data.next()?)?),
+        })
+    }
+}
+
+fn bulk(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+
+    use super::*;
+
+    fn message(channel: &str, payload: &str) -> PushInfo {
+        PushInfo {
+            kind: PushKind::Message,
+            data: vec![
+                Value::BulkString(channel.as_bytes().to_vec()),
+                Value::BulkString(payload.as_bytes().to_vec()),
+            ],
+        }
+    }
+
+    #[tokio::test]
+    async fn messages_are_routed_to_their_topics_and_others_ignored() {
+        let (send, pushes) = bounded_to(8);
+        let topics = [
+            Topic::Channel("quotes".into()),
+            Topic::Pattern("client.*".into()),
+        ];
+        send(message("quotes", "q1")).expect("queued");
+        send(message("elsewhere", "x")).expect("queued");
+        send(PushInfo {
+            kind: PushKind::PMessage,
+            data: vec![
+                Value::BulkString(b"client.*".to_vec()),
+                Value::BulkString(b"client.acme".to_vec()),
+                Value::BulkString(b"hi".to_vec()),
+            ],
+        })
+        .expect("queued");
+        drop(send);
+        let got: Vec<(usize, String, Bytes)> = pushes
+            .into_messages(&topics, "test", Arc::default())
+            .map(|m| (m.topic, m.channel, m.payload))
+            .collect()
+            .await;
+        assert_eq!(
+            got,
+            [
+                (0, "quotes".into(), Bytes::from("q1")),
+                (1, "client.acme".into(), Bytes::from("hi"))
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn an_overflowing_queue_ends_the_subscription_and_is_counted() {
+        let (send, pushes) = bounded_to(4);
+        for i in 0..10 {
+            send(message("quotes", &i.to_string())).expect("never blocks");
+        }
+        let overflows = Arc::new(AtomicU64::new(0));
+        let got: Vec<Inbound> = pushes
+            .into_messages(
+                &[Topic::Channel("quotes".into())],
+                "test",
+                overflows.clone(),
+            )
+            .collect()
+            .await;
+        assert!(
+            got.is_empty(),
+            "nothing after an overflow is trusted: {got:?}"
+        );
+        assert_eq!(overflows.load(Relaxed), 1);
+        drop(send);
+    }
+
+    #[tokio::test]
+    async fn a_disconnection_ends_the_subscription() {
+        let (send, pushes) = bounded_to(8);
+        send(message("quotes", "q1")).expect("queued");
+        send(PushInfo {
+            kind: PushKind::Disconnection,
+            data: vec![],
+        })
+        .expect("queued");
+        send(message("quotes", "q2")).expect("queued");
+        let got: Vec<Inbound> = pushes
+            .into_messages(&[Topic::Channel("quotes".into())], "test", Arc::default())
+            .collect()
+            .await;
+        assert_eq!(got.len(), 1);
+    }
+}
