@@ -1,98 +1,118 @@
 //! Redis's glob-style pattern matching (`*`, `?`, `[abc]`, `[^a-z]`, `\x`),
 //! so the in-process broker routes patterns exactly as Redis would.
 
-/// True when `text` matches the Redis glob `pattern`.
+/// True when `text` matches the Redis glob `pattern`, exactly as Redis's
+/// `stringmatchlen` decides it, quirks included: an unterminated class
+/// `[bc` is a class of what follows, `[a-]` takes `]` as the end of a range,
+/// and an empty name is matched only by an empty pattern. A differential
+/// test runs the same patterns and names through a real redis-server.
 #[must_use]
 pub fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    // Iterative matcher with single-star backtracking: linear in practice and
-    // never recursive, so a hostile pattern cannot blow the stack.
-    let (mut p, mut t) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() {
-            match pattern[p] {
-                b'*' => {
-                    backtrack = Some((p, t));
-                    p += 1;
-                    continue;
-                }
-                b'?' => {
-                    p += 1;
-                    t += 1;
-                    continue;
-                }
-                b'[' => {
-                    if let Some((matched, next)) = match_class(pattern, p, text[t])
-                        && matched
-                    {
-                        p = next;
-                        t += 1;
-                        continue;
-                    }
-                }
-                b'\\' if p + 1 < pattern.len() => {
-                    if pattern[p + 1] == text[t] {
-                        p += 2;
-                        t += 1;
-                        continue;
-                    }
-                }
-                c => {
-                    if c == text[t] {
-                        p += 1;
-                        t += 1;
-                        continue;
-                    }
-                }
-            }
-        }
-        match backtrack {
-            Some((star, from)) => {
-                p = star + 1;
-                t = from + 1;
-                backtrack = Some((star, from + 1));
-            }
-            None => return false,
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
+    let mut give_up = false;
+    matches(pattern, text, &mut give_up, 0)
 }
 
-/// Matches `c` against the class starting at `pattern[start] == b'['`.
-/// Returns whether it matched and the index just past the class.
-fn match_class(pattern: &[u8], start: usize, c: u8) -> Option<(bool, usize)> {
-    let mut i = start + 1;
-    let negate = pattern.get(i) == Some(&b'^');
-    if negate {
-        i += 1;
+/// Deepest `*` nesting tried, as in Redis: a pattern of more stars than this
+/// matches nothing rather than recursing further.
+const MAX_NESTING: usize = 1000;
+
+/// The byte at `i`, or 0 past the end (where Redis reads its strings'
+/// terminating NUL).
+fn at(bytes: &[u8], i: usize) -> u8 {
+    bytes.get(i).copied().unwrap_or(0)
+}
+
+/// One level of Redis's matcher. `give_up` is its `skipLongerMatches`: once
+/// the rest of the pattern after a `*` matched nowhere in the rest of the
+/// text, no earlier `*` can make it match either.
+fn matches(mut p: &[u8], mut s: &[u8], give_up: &mut bool, nesting: usize) -> bool {
+    if nesting > MAX_NESTING {
+        return false;
     }
-    let mut matched = false;
-    loop {
-        let &first = pattern.get(i)?;
-        if first == b']' {
+    while !p.is_empty() && !s.is_empty() {
+        // Whether the pattern byte just handled is consumed (an unterminated
+        // class has already consumed the whole rest of the pattern).
+        let mut advance = true;
+        match p[0] {
+            b'*' => {
+                while p.len() > 1 && p[1] == b'*' {
+                    p = &p[1..];
+                }
+                if p.len() == 1 {
+                    return true;
+                }
+                while !s.is_empty() {
+                    if matches(&p[1..], s, give_up, nesting + 1) {
+                        return true;
+                    }
+                    if *give_up {
+                        return false;
+                    }
+                    s = &s[1..];
+                }
+                *give_up = true;
+                return false;
+            }
+            b'?' => s = &s[1..],
+            b'[' => {
+                p = &p[1..];
+                let negate = at(p, 0) == b'^';
+                if negate {
+                    p = &p[1..];
+                }
+                let c = s[0];
+                let mut matched = false;
+                loop {
+                    if at(p, 0) == b'\\' && p.len() >= 2 {
+                        p = &p[1..];
+                        matched |= p[0] == c;
+                    } else if at(p, 0) == b']' {
+                        break;
+                    } else if p.is_empty() {
+                        advance = false;
+                        break;
+                    } else if p.len() >= 3 && p[1] == b'-' {
+                        let (lo, hi) = if p[0] <= p[2] {
+                            (p[0], p[2])
+                        } else {
+                            (p[2], p[0])
+                        };
+                        matched |= (lo..=hi).contains(&c);
+                        p = &p[2..];
+                    } else {
+                        matched |= p[0] == c;
+                    }
+                    p = &p[1..];
+                }
+                if matched == negate {
+                    return false;
+                }
+                s = &s[1..];
+            }
+            first => {
+                let literal = if first == b'\\' && p.len() >= 2 {
+                    p = &p[1..];
+                    p[0]
+                } else {
+                    first
+                };
+                if literal != s[0] {
+                    return false;
+                }
+                s = &s[1..];
+            }
+        }
+        if advance {
+            p = &p[1..];
+        }
+        if s.is_empty() {
+            while at(p, 0) == b'*' {
+                p = &p[1..];
+            }
             break;
         }
-        let first = if first == b'\\' {
-            i += 1;
-            *pattern.get(i)?
-        } else {
-            first
-        };
-        if pattern.get(i + 1) == Some(&b'-') && pattern.get(i + 2).is_some_and(|&e| e != b']') {
-            let end = pattern[i + 2];
-            let (lo, hi) = if first <= end {
-                (first, end)
-            } else {
-                (end, first)
-            };
-            matched |= (lo..=hi).contains(&c);
-            i += 3;
-        } else {
-            matched |= first == c;
-            i += 1;
-        }
     }
-    Some((matched != negate, i + 1))
+    p.is_empty() && s.is_empty()
 }
 
 #[cfg(test)]
@@ -110,7 +130,11 @@ mod tests {
         assert!(m("quotes.*", "quotes.AAPL"));
         assert!(m("quotes.*", "quotes."));
         assert!(!m("quotes.*", "quotes"));
-        assert!(m("*", ""));
+        assert!(
+            !m("*", ""),
+            "Redis: an empty name matches only an empty pattern"
+        );
+        assert!(m("", ""));
         assert!(m("a*b*c", "aXXbYYc"));
         assert!(!m("a*b*c", "aXXbYY"));
         assert!(m("q?", "q1"));
@@ -127,7 +151,10 @@ mod tests {
         assert!(m("h[a-c]llo", "hbllo"));
         assert!(m("a\\*b", "a*b"));
         assert!(!m("a\\*b", "aXb"));
-        // An unterminated class never matches rather than panicking.
-        assert!(!m("a[bc", "ab"));
+        // An unterminated class is a class of the rest of the pattern.
+        assert!(m("a[bc", "ab"));
+        assert!(m("a[bc", "ac"));
+        assert!(!m("a[bc", "abc"));
+        assert!(!m("a[", "a"));
     }
 }

@@ -120,3 +120,93 @@ async fn a_burst_larger_than_the_publish_queue_reaches_redis_whole_and_in_order(
     }
     bridge.stop().await;
 }
+
+/// Patterns over an alphabet that exercises every glob rule: each of these
+/// bytes is a literal, a wildcard, or part of a class or escape.
+fn glob_corpus() -> (Vec<String>, Vec<String>) {
+    const ALPHABET: &[u8] = b"ab*?[]^-\\";
+    let mut patterns: Vec<String> = [
+        "", "*", "**", "?", "a*", "*a", "a[bc", "a[", "[", "[]", "[]a]", "[^]", "[^a]", "[a-]",
+        "[a-]b]", "[-a]", "[b-a]", "[\\]]", "[a\\", "\\", "a\\", "\\*", "\\\\", "a*b*a", "*?*",
+        "[*]", "[?]", "?[ab]*", "[^-]", "[a-b-]",
+    ]
+    .iter()
+    .map(|p| (*p).to_owned())
+    .collect();
+    let mut state: u64 = 0x2545_F491_4F6C_DD1D;
+    for _ in 0..600 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let len = (state % 7) as usize;
+        let pattern = (0..len)
+            .map(|i| ALPHABET[((state >> (8 + 5 * i)) % ALPHABET.len() as u64) as usize] as char)
+            .collect();
+        patterns.push(pattern);
+    }
+    patterns.sort();
+    patterns.dedup();
+    const NAME_BYTES: &[u8] = b"ab-]^*\\[";
+    let mut names = vec![String::new()];
+    let mut shorter = names.clone();
+    for _ in 0..3 {
+        shorter = shorter
+            .iter()
+            .flat_map(|s| NAME_BYTES.iter().map(move |&c| format!("{s}{}", c as char)))
+            .collect();
+        names.extend(shorter.iter().cloned());
+    }
+    (patterns, names)
+}
+
+/// The embedded broker promises Redis's pattern matching: the same patterns
+/// and channel names through a real redis-server and through it agree.
+#[tokio::test]
+async fn glob_patterns_match_exactly_as_in_redis() {
+    use quotebridge::broker::glob_match;
+
+    let redis = RedisServer::start().await;
+    let (patterns, names) = glob_corpus();
+    let mut subscriber = redis
+        .client()
+        .get_async_pubsub()
+        .await
+        .expect("pubsub connection");
+    for pattern in &patterns {
+        subscriber.psubscribe(pattern).await.expect("psubscribe");
+    }
+    let mut conn = redis.connection().await;
+    let mut messages = subscriber.on_message();
+    let mut disagreements = Vec::new();
+    for name in &names {
+        let receivers: usize = redis::cmd("PUBLISH")
+            .arg(name)
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .expect("PUBLISH");
+        let mut by_redis = Vec::with_capacity(receivers);
+        for _ in 0..receivers {
+            let message = within("a pattern message", messages.next())
+                .await
+                .expect("subscription open");
+            by_redis.push(message.get_pattern::<String>().expect("a pattern"));
+        }
+        by_redis.sort();
+        let by_us: Vec<String> = patterns
+            .iter()
+            .filter(|p| glob_match(p.as_bytes(), name.as_bytes()))
+            .cloned()
+            .collect();
+        if by_redis != by_us {
+            disagreements.push(format!("{name:?}: redis {by_redis:?}, embedded {by_us:?}"));
+        }
+    }
+    assert!(
+        disagreements.is_empty(),
+        "{} of {} names disagree, e.g.:\n{}",
+        disagreements.len(),
+        names.len(),
+        disagreements[..disagreements.len().min(5)].join("\n")
+    );
+}
