@@ -11,10 +11,12 @@
 //!
 //! A batch's effects land in Redis together or not at all. A crash before
 //! EXEC leaves the entries pending and the stored windows as they were; on
-//! start the consumer restores the windows, replays its pending entries
-//! (then claims other consumers' stale ones), and computes exactly what the
-//! lost run would have. A crash after EXEC replays nothing. Sockets are fed
-//! only after EXEC succeeds.
+//! start the consumer restores the windows and, before it reads any new
+//! entry, applies every pending one in stream order: its own at once, one
+//! another consumer left behind once that has been idle `claim_idle_ms`
+//! (a takeover under another name waits that long). So it computes exactly
+//! what the lost run would have, in per-key order. A crash after EXEC
+//! replays nothing. Sockets are fed only after EXEC succeeds.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
-    StreamAutoClaimOptions, StreamAutoClaimReply, StreamId, StreamInfoGroupsReply,
+    StreamClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingId,
     StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncConnectionConfig, RedisResult, Value};
@@ -49,6 +51,24 @@ pub const SMA_FIELD: &str = "sma";
 
 /// How long one XREADGROUP waits for new entries; also how often shutdown is noticed.
 const BLOCK: Duration = Duration::from_millis(1000);
+
+/// Where the group's pending entries stand.
+enum Pending {
+    /// None are left: new entries may be read.
+    Drained,
+    /// The oldest is held by another consumer that may still be alive; it
+    /// can be claimed in `wait` at the earliest.
+    HeldElsewhere { consumer: String, wait: Duration },
+}
+
+/// A stream entry ID (`<ms>-<seq>`) as numbers, for ordering.
+fn stream_position(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (
+        ms.parse().unwrap_or(u64::MAX),
+        seq.parse().unwrap_or(u64::MAX),
+    )
+}
 
 /// The durable consumer.
 pub struct StreamConsumer {
@@ -139,23 +159,36 @@ impl StreamConsumer {
         self.backoff.reset();
         tracing::info!(windows = restored, "stream consumer ready");
 
-        // First what this consumer read but never applied, then what others
-        // abandoned, then new entries.
-        let replayed = self.replay_pending(&mut conn).await?;
-        if replayed > 0 {
-            tracing::info!(entries = replayed, "replayed unacknowledged entries");
-        }
-        self.claim_stale(&mut conn).await?;
-        let mut last_claim = Instant::now();
-        let claim_every = Duration::from_millis(self.redis.claim_idle_ms.max(1000));
+        // Per-key order across crashes and takeovers: every entry delivered
+        // earlier (to this consumer or another) is applied before any new
+        // one is read.
+        let mut held_since: Option<Instant> = None;
         while !shutdown.is_cancelled() {
-            let entries = self.read_group(&mut conn, ">", Some(BLOCK)).await?;
-            if !entries.is_empty() {
-                self.apply(&mut conn, &entries).await?;
-            }
-            if last_claim.elapsed() >= claim_every {
-                self.claim_stale(&mut conn).await?;
-                last_claim = Instant::now();
+            match self.drain_pending(&mut conn).await? {
+                Pending::Drained => {
+                    if held_since.take().is_some() {
+                        tracing::info!("older entries applied; reading new ones");
+                    }
+                    let entries = self.read_group(&mut conn, ">", Some(BLOCK)).await?;
+                    if !entries.is_empty() {
+                        self.apply(&mut conn, &entries).await?;
+                    }
+                }
+                Pending::HeldElsewhere { consumer, wait } => {
+                    if held_since.is_none() {
+                        held_since = Some(Instant::now());
+                        tracing::info!(
+                            consumer = ?consumer,
+                            claimable_in = ?wait,
+                            "older entries are pending with another consumer; \
+                             waiting to claim them before reading new ones"
+                        );
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => {}
+                        () = tokio::time::sleep(wait.min(BLOCK)) => {}
+                    }
+                }
             }
         }
         Ok(())
@@ -223,24 +256,91 @@ impl StreamConsumer {
         Ok(restored)
     }
 
-    /// Re-reads and applies this consumer's own pending entries.
-    async fn replay_pending(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<usize> {
-        let mut replayed = 0;
+    /// Applies the group's pending entries, oldest first: this consumer's
+    /// own (read before a crash, never applied), and those another consumer
+    /// has held for `claim_idle_ms` (it died with a batch in flight). Stops
+    /// at the oldest entry that may not be taken yet, so nothing newer is
+    /// applied before it; a batch whose EXEC never ran left no effects, so
+    /// applying its entries now on the restored windows is exact.
+    async fn drain_pending(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<Pending> {
+        let claim_idle = self.redis.claim_idle_ms;
         loop {
-            let entries = self.read_group(conn, "0", None).await?;
-            if entries.is_empty() {
-                return Ok(replayed);
+            let reply: StreamPendingCountReply = redis::cmd("XPENDING")
+                .arg(&self.redis.input_stream)
+                .arg(&self.redis.consumer_group)
+                .arg("-")
+                .arg("+")
+                .arg(self.redis.stream_batch)
+                .query_async(conn)
+                .await?;
+            let Some(oldest) = reply.ids.first() else {
+                return Ok(Pending::Drained);
+            };
+            let me = self.redis.consumer_name.as_str();
+            let takeable = reply
+                .ids
+                .iter()
+                .take_while(|p| p.consumer == me || p.last_delivered_ms as u64 >= claim_idle);
+            let (own, others): (Vec<&StreamPendingId>, Vec<&StreamPendingId>) =
+                takeable.partition(|p| p.consumer == me);
+            if own.is_empty() && others.is_empty() {
+                let wait = claim_idle.saturating_sub(oldest.last_delivered_ms as u64);
+                return Ok(Pending::HeldElsewhere {
+                    consumer: oldest.consumer.clone(),
+                    wait: Duration::from_millis(wait.max(10)),
+                });
             }
-            replayed += entries.len();
+            let own_ids: Vec<&str> = own.iter().map(|p| p.id.as_str()).collect();
+            let other_ids: Vec<&str> = others.iter().map(|p| p.id.as_str()).collect();
+            let mut entries = self.claim(conn, 0, &own_ids).await?;
+            if !other_ids.is_empty() {
+                // Atomically only if still idle: a consumer that is alive
+                // after all keeps what it re-read, and we look again.
+                let claimed = self.claim(conn, claim_idle, &other_ids).await?;
+                if claimed.len() < other_ids.len() {
+                    continue;
+                }
+                tracing::info!(
+                    entries = claimed.len(),
+                    "claimed entries abandoned by another consumer"
+                );
+                entries.extend(claimed);
+            }
+            entries.sort_by_key(|entry| stream_position(&entry.id));
             self.stats
                 .stream_replayed
                 .fetch_add(entries.len() as u64, Relaxed);
-            self.apply(conn, &entries).await?;
+            if !entries.is_empty() {
+                self.apply(conn, &entries).await?;
+            }
         }
     }
 
-    /// One XREADGROUP of up to a batch: `">"` for new entries (waiting up to
-    /// `block`), `"0"` for this consumer's own pending ones.
+    /// XCLAIM of `ids` for this consumer if idle at least `min_idle_ms`:
+    /// the entries it now owns. (Entries trimmed from the stream meanwhile
+    /// leave the pending list without being returned.)
+    async fn claim(
+        &self,
+        conn: &mut MultiplexedConnection,
+        min_idle_ms: u64,
+        ids: &[&str],
+    ) -> RedisResult<Vec<StreamId>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reply: StreamClaimReply = redis::cmd("XCLAIM")
+            .arg(&self.redis.input_stream)
+            .arg(&self.redis.consumer_group)
+            .arg(&self.redis.consumer_name)
+            .arg(min_idle_ms)
+            .arg(ids)
+            .query_async(conn)
+            .await?;
+        Ok(reply.ids)
+    }
+
+    /// One XREADGROUP of up to a batch of new entries (`from` = `">"`),
+    /// waiting up to `block`.
     async fn read_group(
         &self,
         conn: &mut MultiplexedConnection,
@@ -261,36 +361,6 @@ impl StreamConsumer {
             .query_async(conn)
             .await?;
         Ok(reply.keys.into_iter().flat_map(|k| k.ids).collect())
-    }
-
-    /// Claims and applies entries other consumers left pending too long.
-    async fn claim_stale(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
-        let mut cursor = "0-0".to_owned();
-        loop {
-            let reply: StreamAutoClaimReply = redis::cmd("XAUTOCLAIM")
-                .arg(&self.redis.input_stream)
-                .arg(&self.redis.consumer_group)
-                .arg(&self.redis.consumer_name)
-                .arg(self.redis.claim_idle_ms)
-                .arg(&cursor)
-                .arg(StreamAutoClaimOptions::default().count(self.redis.stream_batch))
-                .query_async(conn)
-                .await?;
-            if !reply.claimed.is_empty() {
-                tracing::info!(
-                    entries = reply.claimed.len(),
-                    "claimed entries abandoned by another consumer"
-                );
-                self.stats
-                    .stream_replayed
-                    .fetch_add(reply.claimed.len() as u64, Relaxed);
-                self.apply(conn, &reply.claimed).await?;
-            }
-            if reply.next_stream_id == "0-0" {
-                return Ok(());
-            }
-            cursor = reply.next_stream_id;
-        }
     }
 
     /// Runs a batch through the pipeline and applies all its effects in one

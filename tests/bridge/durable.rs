@@ -372,3 +372,97 @@ async fn stream_mode_shards_take_over_from_one_consumer_applying_nothing_twice()
         assert_sma(&stored, &second[&(2_040 + n)]);
     }
 }
+
+/// Reads a whole output stream's `sma` fields, in order.
+async fn output_stream(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
+    let mut got = Vec::new();
+    let mut start = "-".to_owned();
+    loop {
+        let page: StreamRangeReply = redis::cmd("XRANGE")
+            .arg(key)
+            .arg(&start)
+            .arg("+")
+            .arg("COUNT")
+            .arg(1_000)
+            .query_async(conn)
+            .await
+            .expect("XRANGE");
+        let Some(last) = page.ids.last() else {
+            return got;
+        };
+        start = format!("({}", last.id);
+        for entry in &page.ids {
+            got.push(entry.get("sma").expect("sma field"));
+        }
+    }
+}
+
+/// A bridge under another consumer name takes over from one killed with a
+/// batch in flight: the abandoned batch is applied before anything newer,
+/// so the output is bit for bit an uninterrupted run's.
+#[tokio::test]
+async fn a_takeover_under_another_name_keeps_per_key_order() {
+    let quotes: Vec<Value> = (0..3_000)
+        .map(|i| json!({"symbol": format!("S{}", i % 5), "price": 100.0 + ((i * 7919) % 1013) as f64 / 7.0, "ts": i}))
+        .collect();
+    let expected = uninterrupted_run(&quotes, 5);
+    let payloads: Vec<Vec<u8>> = quotes.iter().map(|q| q.to_string().into_bytes()).collect();
+    let env = |name| {
+        [
+            STREAM_MODE,
+            ("QUOTEBRIDGE__SMA__WINDOW", "5"),
+            ("QUOTEBRIDGE__REDIS__OUTPUT_STREAM", "sma.out"),
+            ("QUOTEBRIDGE__REDIS__STREAM_BATCH", "50"),
+            ("QUOTEBRIDGE__REDIS__CLAIM_IDLE_MS", "1000"),
+            ("QUOTEBRIDGE__REDIS__CONSUMER_NAME", name),
+        ]
+    };
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+
+    // bridge-1 applies the first thousand, then dies (kill -9) holding the
+    // next batch of 50: read, never applied.
+    xadd_all(&mut conn, &payloads[..1_000]).await;
+    let mut first = Serve::start(&redis, &env("bridge-1")).await;
+    let first_share = uninterrupted_run(&quotes[..1_000], 5).len();
+    within("bridge-1 to apply its share", async {
+        while xlen(&mut conn, "sma.out").await < first_share || pending(&mut conn).await != 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    first.kill();
+    xadd_all(&mut conn, &payloads[1_000..]).await;
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("quotebridge")
+        .arg("bridge-1")
+        .arg("COUNT")
+        .arg(50)
+        .arg("STREAMS")
+        .arg("quotes.stream")
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("the batch bridge-1 had in flight");
+    assert_eq!(pending(&mut conn).await, 50);
+
+    // bridge-2 must not read the 1,950 newer entries before it can claim
+    // the 50 (after claim_idle_ms).
+    let second = Serve::start(&redis, &env("bridge-2")).await;
+    within("every output and acknowledgement", async {
+        while xlen(&mut conn, "sma.out").await < expected.len() || pending(&mut conn).await != 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let got = output_stream(&mut conn, "sma.out").await;
+    assert_eq!(got.len(), expected.len(), "nothing lost, nothing twice");
+    if let Some(i) = got.iter().zip(&expected).position(|(g, e)| g != e) {
+        panic!(
+            "output {i} differs:\n got  {}\n want {}",
+            got[i], expected[i]
+        );
+    }
+    assert_eq!(stream_replayed(&second).await, 50);
+}
