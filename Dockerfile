@@ -3,6 +3,8 @@ FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src src
+COPY assets assets
+COPY benches benches
 COPY config config
 COPY data data
 RUN cargo build --release --locked
