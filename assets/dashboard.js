@@ -5,6 +5,7 @@
 
 // State: one entry per symbol (public and private alike, private keyed with the client code).
 const HISTORY = 300;
+const MAX_SERIES = 2000;
 const series = new Map();   // key -> { symbol, client, points: [{t, price, sma}], row }
 let selected = null, socket = null, retryMs = 500, retryTimer = null, dirty = false, manualClose = false;
 const $ = (id) => document.getElementById(id);
@@ -76,6 +77,7 @@ function isSma(m) {
 function onSma(m) {
   const key = m.client ? `${m.client}:${m.symbol}` : m.symbol;
   let s = series.get(key);
+  if (!s && series.size >= MAX_SERIES) return; // a flood of names must not grow the page without end
   if (!s) {
     const row = document.createElement("tr");
     row.dataset.symbol = m.symbol;

@@ -78,6 +78,9 @@ pub enum AuthError {
     WrongClient,
 }
 
+/// Largest clock skew `auth.jwt_leeway_seconds` may allow: one day.
+const MAX_LEEWAY_SECONDS: u64 = 86_400;
+
 /// Checks tokens according to `auth.mode`.
 pub enum Authenticator {
     /// Everyone is admitted with every symbol.
@@ -190,6 +193,17 @@ impl Authenticator {
                         )
                     })?
                 };
+                // jsonwebtoken subtracts the leeway from the clock: a huge
+                // one would wrap around and admit anything.
+                if settings.jwt_leeway_seconds > MAX_LEEWAY_SECONDS {
+                    return Err(invalid(
+                        "auth.jwt_leeway_seconds",
+                        format!(
+                            "must be at most {MAX_LEEWAY_SECONDS} (got {})",
+                            settings.jwt_leeway_seconds
+                        ),
+                    ));
+                }
                 let mut validation = Validation::new(algorithm);
                 let mut required = vec!["exp", "sub"];
                 validation.validate_nbf = true;
@@ -433,7 +447,11 @@ mod tests {
         let mut s = settings(AuthMode::Jwt);
         s.jwt_secret = "short".into();
         let err = Authenticator::from_settings(&s).expect_err("short secret");
-        assert!(err.to_string().contains("auth.jwt_secret"));
+        assert!(err.to_string().contains("auth.jwt_secret"), "{err}");
+        let mut huge_leeway = settings(AuthMode::Jwt);
+        huge_leeway.jwt_leeway_seconds = u64::MAX;
+        let err = Authenticator::from_settings(&huge_leeway).expect_err("leeway bound");
+        assert!(err.to_string().contains("auth.jwt_leeway_seconds"), "{err}");
         s.jwt_algorithm = "RS256".into();
         s.jwt_public_key_file = "/nonexistent.pem".into();
         let err = Authenticator::from_settings(&s).expect_err("missing key file");

@@ -251,6 +251,9 @@ impl Hub {
     /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
     /// gateway seeding snapshots that compute nodes stored in Redis.
     pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {
+        if !self.fits_a_socket(frame.len()) {
+            return;
+        }
         self.state()
             .remember(symbol, &frame, self.inner.limits.max_snapshots);
     }
@@ -282,11 +285,12 @@ impl Hub {
         usize::try_from(queued).unwrap_or(usize::MAX)
     }
 
-    /// Whether a frame of `len` bytes fits an empty outbox. One that does
-    /// not would find every socket "full" and evict each as a slow consumer,
-    /// although none is slow: it is refused here instead, once for all.
+    /// Whether a frame of `len` bytes is one a socket that keeps up can take:
+    /// at most half its byte bound. A larger one would find most sockets
+    /// "full" and evict each as a slow consumer, although none is slow: it is
+    /// refused here instead, once for all.
     fn fits_a_socket(&self, len: usize) -> bool {
-        let bound = self.inner.limits.send_queue_bytes;
+        let bound = self.inner.limits.send_queue_bytes / 2;
         if len <= bound {
             return true;
         }
@@ -295,7 +299,7 @@ impl Hub {
             tracing::warn!(
                 bytes = len,
                 limit = bound,
-                "frame larger than websocket.send_queue_bytes refused (logged once; counted in frames_too_large)"
+                "frame larger than half of websocket.send_queue_bytes refused (logged once; counted in frames_too_large)"
             );
         }
         false
@@ -714,10 +718,10 @@ mod tests {
         }
         assert_eq!(
             queued(&mut rx).len(),
-            16,
-            "never more than the outbox holds"
+            8,
+            "never more than half of what the outbox holds"
         );
-        assert_eq!(stats.snapshots_skipped.load(Relaxed), 20 * 100 - 16);
+        assert_eq!(stats.snapshots_skipped.load(Relaxed), 20 * 100 - 8);
         assert_eq!(
             hub.socket_count(),
             1,
@@ -800,19 +804,21 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let hub = Hub::new(
             HubLimits {
-                send_queue_bytes: 10,
+                send_queue_bytes: 16,
                 ..limits(100)
             },
             stats.clone(),
         );
         let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
-        hub.publish_public("A", "123456".into());
-        hub.publish_public("A", "123456".into());
+        for _ in 0..3 {
+            hub.publish_public("A", "123456".into());
+        }
         assert_eq!(
             stats.slow_consumers_closed.load(Relaxed),
             1,
-            "12 bytes > 10"
+            "18 bytes > 16"
         );
+        assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
         assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
         assert!(outbox.recv().await.is_none());
     }
@@ -821,12 +827,13 @@ mod tests {
     async fn draining_the_outbox_frees_its_byte_budget() {
         let hub = Hub::new(
             HubLimits {
-                send_queue_bytes: 10,
+                send_queue_bytes: 16,
                 ..limits(100)
             },
             Arc::new(Stats::default()),
         );
         let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+        // Two frames fit, three do not: only draining lets a hundred through.
         for _ in 0..100 {
             hub.publish_public("A", "123456".into());
             assert_eq!(text(outbox.recv().await.expect("frame")), "123456");

@@ -200,12 +200,13 @@ pub async fn serve<B: Broker>(
     } else {
         tracing::info!(%address, %role, shard = %settings.node.shard, "no WebSocket listener; /healthz, /readyz, /stats and /metrics on http://{address}");
     }
-    server::serve_http(listener, app, &settings, stats, shutdown.clone()).await;
+    let connections = server::serve_http(listener, app, &settings, stats, shutdown.clone()).await;
 
     // The token is cancelled: sessions are sending 1001 and the listener has
     // stopped, which drops the publish queue's sender so the publisher drains.
     sessions.close();
     let drained = async {
+        connections.wait().await;
         sessions.wait().await;
         if let Some(listener_task) = listener_task {
             let _ = listener_task.await;

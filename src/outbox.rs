@@ -119,10 +119,12 @@ impl Sender {
 }
 
 impl Sender {
-    /// Queues frames from `frames` while they fit within the bounds, never
-    /// past them and never evicting: what does not fit is left out. Returns
-    /// how many were queued. Frames are cloned only once they are queued, so
-    /// the work is bounded by the outbox's room, not by the offer.
+    /// Queues frames from `frames` while the outbox stays within half of
+    /// each bound, never evicting: what does not fit is left out. Half, so
+    /// that live frames arriving before the session drains these still find
+    /// room (past half full, `offer` wakes the session at once). Returns how
+    /// many were queued. Frames are cloned only once they are queued, so the
+    /// work is bounded by the outbox's room, not by the offer.
     pub fn offer_while_room<'f>(
         &self,
         frames: impl IntoIterator<Item = &'f Utf8Bytes>,
@@ -132,11 +134,10 @@ impl Sender {
         if queue.abandoned {
             return 0;
         }
+        let (max_frames, max_bytes) = (self.bounds.frames / 2, self.bounds.bytes / 2);
         let mut queued = 0;
         for frame in frames {
-            if queue.frames.len() >= self.bounds.frames
-                || queue.bytes + frame.len() > self.bounds.bytes
-            {
+            if queue.frames.len() >= max_frames || queue.bytes + frame.len() > max_bytes {
                 break;
             }
             queue.bytes += frame.len();

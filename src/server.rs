@@ -281,18 +281,25 @@ async fn metrics(State(app): State<AppState>) -> Response {
 /// each with `server.header_read_timeout_ms` to send every request head.
 /// (`axum::serve` runs without a timer: a client that sent half a request
 /// line held its descriptor forever.) On shutdown, accepting stops and idle
-/// connections close; requests in flight finish.
+/// connections close; requests in flight finish: the returned tracker tells
+/// when.
 pub async fn serve_http(
     listener: TcpListener,
     app: Router,
     settings: &Settings,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
-) {
+) -> TaskTracker {
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(settings.header_read_timeout())
         .max_headers(64);
+    // The whole life of a connection before it is a WebSocket. Without it a
+    // kept-alive connection could hold its slot for ever by sending a request
+    // before each header timeout, and one that does not read its answers
+    // would stall it (hyper has no write timeout). (Turning keep-alive off
+    // instead would make hyper answer upgrades with `Connection: close`.)
+    let lifetime = settings.header_read_timeout() * 2 + ANSWER_TIME;
     let pending = Arc::new(Semaphore::new(settings.server.max_pending_connections));
     let connections = TaskTracker::new();
     loop {
@@ -335,12 +342,18 @@ pub async fn serve_http(
             let _permit = permit;
             let mut connection = std::pin::pin!(connection);
             let mut draining = false;
+            let deadline = tokio::time::sleep(lifetime);
+            tokio::pin!(deadline);
             let outcome = loop {
                 tokio::select! {
                     outcome = connection.as_mut() => break outcome,
                     () = shutdown.cancelled(), if !draining => {
                         draining = true;
                         connection.as_mut().graceful_shutdown();
+                    }
+                    () = &mut deadline => {
+                        tracing::debug!(%peer, ?lifetime, "http connection outlived its deadline; closed");
+                        return;
                     }
                 }
             };
@@ -356,10 +369,14 @@ pub async fn serve_http(
     }
     drop(listener);
     connections.close();
-    // Idle connections closed at once; one mid-request finishes, and one
-    // mid-head has at most the header timeout left.
-    let _ = tokio::time::timeout(settings.shutdown_timeout(), connections.wait()).await;
+    // Idle connections close at once; one mid-request finishes, one
+    // mid-head has at most its deadline left. The caller waits for them,
+    // with everything else, within the shutdown timeout.
+    connections
 }
+
+/// Time a connection has, after its request head, to be answered and read.
+const ANSWER_TIME: Duration = Duration::from_secs(10);
 
 /// Raises this process's open-file soft limit to its hard limit (every
 /// socket is a descriptor; distributions default the soft limit to 1024) and

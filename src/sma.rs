@@ -7,9 +7,10 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
-/// How much larger than the window's new total a leaving price may be
-/// before the running sum is rebuilt; see [`SmaWindow::push`]. Within it the
-/// compensation's own rounding stays below 2^16 ulps of the total (~1e-11).
+/// How much larger than the magnitudes left in the window a leaving price
+/// may be before the running sum is rebuilt; see [`SmaWindow::push`]. Within
+/// it the compensation's own rounding stays below 2^16 ulps of those
+/// magnitudes (~1e-11 of them).
 const CANCELLATION_RATIO: f64 = 65_536.0;
 
 /// A fixed-size window of prices with an O(1) mean.
@@ -29,6 +30,9 @@ pub struct SmaWindow {
     oldest: usize,
     sum: f64,
     compensation: f64,
+    /// Roughly the sum of the prices' magnitudes (a plain running sum: only
+    /// a yardstick for when the compensated sum needs rebuilding).
+    magnitude: f64,
 }
 
 /// A window's complete state, for persisting it (durable stream mode).
@@ -36,10 +40,18 @@ pub struct SmaWindow {
 pub struct WindowState {
     /// The prices, oldest first.
     pub prices: Vec<f64>,
-    /// The running sum.
+    /// The running sum (`null` in JSON when it overflowed; the sum is then
+    /// rebuilt from the prices on restore).
+    #[serde(deserialize_with = "number_or_nan")]
     pub sum: f64,
-    /// The running sum's compensation term.
+    /// The running sum's compensation term (likewise).
+    #[serde(deserialize_with = "number_or_nan")]
     pub compensation: f64,
+}
+
+/// A JSON number, or NaN for `null` (how serde_json writes a non-finite f64).
+fn number_or_nan<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
 
 /// What one push produced: the mean of the prices now in the window.
@@ -64,6 +76,7 @@ impl SmaWindow {
             oldest: 0,
             sum: 0.0,
             compensation: 0.0,
+            magnitude: 0.0,
         }
     }
 
@@ -105,10 +118,12 @@ impl SmaWindow {
                 self.oldest = 0;
             }
             self.add(-evicted);
+            self.magnitude -= evicted.abs();
         } else {
             self.prices.push(price);
         }
         self.add(price);
+        self.magnitude += price.abs();
         let total = self.sum + self.compensation;
         // Two cases the running sum cannot come back from, so the window is
         // summed afresh (O(window), and only then):
@@ -116,10 +131,15 @@ impl SmaWindow {
         //   such prices have left the window the fresh sum is finite again;
         //   while they are in it the mean stays non-finite (`null` on the
         //   wire), which is the truth.
-        // - A price far larger than what remains just left: the remainder
-        //   then lives in the compensation term, which itself has only 53
-        //   bits and may have rounded away the smaller prices added since.
-        if !total.is_finite() || evicted.abs() > CANCELLATION_RATIO * total.abs() {
+        // - A price far larger than all that remains just left: the
+        //   remainder then lives in the compensation term, which itself has
+        //   only 53 bits and may have rounded away the smaller prices added
+        //   since. (Compared with the magnitudes, not the signed total:
+        //   prices that cancel, +x and -x, lose nothing and cost no rebuild.)
+        if !total.is_finite()
+            || !self.magnitude.is_finite()
+            || evicted.abs() > CANCELLATION_RATIO * self.magnitude
+        {
             self.resum();
         }
         Average {
@@ -159,12 +179,14 @@ impl SmaWindow {
             && state.sum.is_finite()
             && state.compensation.is_finite();
         if consistent {
+            let magnitude = state.prices.iter().map(|p| p.abs()).sum();
             return Self {
                 capacity,
                 prices: state.prices,
                 oldest: 0,
                 sum: state.sum,
                 compensation: state.compensation,
+                magnitude,
             };
         }
         let mut window = Self::new(capacity);
@@ -195,6 +217,7 @@ impl SmaWindow {
         for &price in &prices {
             self.add_unchecked(price);
         }
+        self.magnitude = prices.iter().map(|p| p.abs()).sum();
         self.prices = prices;
     }
 
@@ -317,6 +340,38 @@ mod tests {
         assert_eq!(w.push(2.0).mean, (f64::MAX + 3.0) / 3.0);
         assert_eq!(w.push(3.0).mean, 2.0);
         assert_eq!(w.push(4.0).mean, 3.0);
+    }
+
+    #[test]
+    fn prices_that_cancel_do_not_rebuild_the_sum_on_every_push() {
+        let mut w = window(4);
+        for i in 0..1_000 {
+            let price = if i % 2 == 0 { 1e6 } else { -1e6 };
+            let mean = w.push(price).mean;
+            if i >= 3 {
+                assert_eq!(mean, 0.0);
+            }
+        }
+        // The yardstick is the magnitudes (4e6), not the total (0): a leaving
+        // 1e6 is nowhere near 65,536 times it.
+        assert_eq!(w.magnitude, 4e6);
+    }
+
+    #[test]
+    fn an_overflowed_state_survives_json_and_is_rebuilt_on_restore() {
+        let mut w = window(3);
+        w.push(f64::MAX);
+        w.push(f64::MAX);
+        let json = serde_json::to_string(&w.state()).expect("serialize");
+        assert!(
+            json.contains("null"),
+            "serde_json writes inf as null: {json}"
+        );
+        let state: WindowState = serde_json::from_str(&json).expect("readable");
+        let mut restored = SmaWindow::restore(w.capacity, state);
+        restored.push(1.0);
+        assert_eq!(restored.push(2.0).mean, (f64::MAX + 3.0) / 3.0);
+        assert_eq!(restored.push(3.0).mean, 2.0);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
     StreamClaimReply, StreamId, StreamInfoGroupsReply, StreamPendingCountReply, StreamPendingId,
-    StreamReadOptions, StreamReadReply,
+    StreamRangeReply, StreamReadOptions, StreamReadReply,
 };
 use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +59,8 @@ enum Pending {
     /// The oldest is held by another consumer that may still be alive; it
     /// can be claimed in `wait` at the earliest.
     HeldElsewhere { consumer: String, wait: Duration },
+    /// Shutdown began: the rest waits for the next start.
+    Stopped,
 }
 
 /// A stream entry ID (`<ms>-<seq>`) as numbers, for ordering.
@@ -164,7 +166,8 @@ impl StreamConsumer {
         // one is read.
         let mut held_since: Option<Instant> = None;
         while !shutdown.is_cancelled() {
-            match self.drain_pending(&mut conn).await? {
+            match self.drain_pending(&mut conn, shutdown).await? {
+                Pending::Stopped => break,
                 Pending::Drained => {
                     if held_since.take().is_some() {
                         tracing::info!("older entries applied; reading new ones");
@@ -262,9 +265,16 @@ impl StreamConsumer {
     /// at the oldest entry that may not be taken yet, so nothing newer is
     /// applied before it; a batch whose EXEC never ran left no effects, so
     /// applying its entries now on the restored windows is exact.
-    async fn drain_pending(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<Pending> {
+    async fn drain_pending(
+        &mut self,
+        conn: &mut MultiplexedConnection,
+        shutdown: &CancellationToken,
+    ) -> RedisResult<Pending> {
         let claim_idle = self.redis.claim_idle_ms;
         loop {
+            if shutdown.is_cancelled() {
+                return Ok(Pending::Stopped);
+            }
             let reply: StreamPendingCountReply = redis::cmd("XPENDING")
                 .arg(&self.redis.input_stream)
                 .arg(&self.redis.consumer_group)
@@ -293,19 +303,30 @@ impl StreamConsumer {
             let own_ids: Vec<&str> = own.iter().map(|p| p.id.as_str()).collect();
             let other_ids: Vec<&str> = others.iter().map(|p| p.id.as_str()).collect();
             let mut entries = self.claim(conn, 0, &own_ids).await?;
+            let mut vanished = self.vanished(conn, &own_ids, &entries).await?;
             if !other_ids.is_empty() {
                 // Atomically only if still idle: a consumer that is alive
-                // after all keeps what it re-read, and we look again.
+                // after all keeps what it re-read (and we look again; it is
+                // then not idle, so we wait).
                 let claimed = self.claim(conn, claim_idle, &other_ids).await?;
-                if claimed.len() < other_ids.len() {
+                let gone = self.vanished(conn, &other_ids, &claimed).await?;
+                let kept_elsewhere = claimed.len() + gone.len() < other_ids.len();
+                vanished.extend(gone);
+                if !claimed.is_empty() {
+                    tracing::info!(
+                        entries = claimed.len(),
+                        "claimed entries abandoned by another consumer"
+                    );
+                }
+                entries.extend(claimed);
+                if kept_elsewhere {
+                    self.acknowledge(conn, &vanished).await?;
                     continue;
                 }
-                tracing::info!(
-                    entries = claimed.len(),
-                    "claimed entries abandoned by another consumer"
-                );
-                entries.extend(claimed);
             }
+            // Trimmed from the stream before anyone applied them: nothing
+            // to apply, but they must leave the pending list.
+            self.acknowledge(conn, &vanished).await?;
             entries.sort_by_key(|entry| stream_position(&entry.id));
             self.stats
                 .stream_replayed
@@ -314,6 +335,56 @@ impl StreamConsumer {
                 self.apply(conn, &entries).await?;
             }
         }
+    }
+
+    /// Which of `asked` are not among `got` and no longer in the stream
+    /// (trimmed or deleted): Redis before 7.0 leaves those pending.
+    async fn vanished(
+        &self,
+        conn: &mut MultiplexedConnection,
+        asked: &[&str],
+        got: &[StreamId],
+    ) -> RedisResult<Vec<String>> {
+        let missing: Vec<&str> = asked
+            .iter()
+            .copied()
+            .filter(|id| !got.iter().any(|entry| entry.id == *id))
+            .collect();
+        if missing.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut lookups = redis::pipe();
+        for id in &missing {
+            lookups
+                .cmd("XRANGE")
+                .arg(&self.redis.input_stream)
+                .arg(*id)
+                .arg(*id);
+        }
+        let found: Vec<StreamRangeReply> = lookups.query_async(conn).await?;
+        Ok(missing
+            .iter()
+            .zip(found)
+            .filter(|(_, range)| range.ids.is_empty())
+            .map(|(id, _)| (*id).to_owned())
+            .collect())
+    }
+
+    /// XACK of `ids` in this consumer's group.
+    async fn acknowledge(
+        &self,
+        conn: &mut MultiplexedConnection,
+        ids: &[String],
+    ) -> RedisResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        redis::cmd("XACK")
+            .arg(&self.redis.input_stream)
+            .arg(&self.redis.consumer_group)
+            .arg(ids)
+            .query_async::<()>(conn)
+            .await
     }
 
     /// XCLAIM of `ids` for this consumer if idle at least `min_idle_ms`:

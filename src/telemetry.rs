@@ -51,21 +51,29 @@ fn write_field(writer: &mut Writer<'_>, field: &Field, value: &dyn fmt::Debug) -
     write!(Escaping(writer), "{value:?}")
 }
 
-/// A `fmt::Write` that passes text through with control characters escaped
-/// (`\n`, `\r`, `\t`, `\u{1b}`, ...).
+/// A `fmt::Write` that passes text through with every character that is not
+/// printable escaped: control characters (`\n`, `\r`, `\u{1b}`), line and
+/// paragraph separators, and invisible format characters such as bidi
+/// overrides (`\u{202e}`), which could make a line read as something else.
 struct Escaping<'a, W>(&'a mut W);
 
 impl<W: fmt::Write> fmt::Write for Escaping<'_, W> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         let mut rest = text;
-        while let Some(at) = rest.find(char::is_control) {
+        while let Some(at) = rest.find(needs_escape) {
             self.0.write_str(&rest[..at])?;
-            let control = rest[at..].chars().next().unwrap_or_default();
-            write!(self.0, "{}", control.escape_default())?;
-            rest = &rest[at + control.len_utf8()..];
+            let odd = rest[at..].chars().next().unwrap_or_default();
+            write!(self.0, "{}", odd.escape_debug())?;
+            rest = &rest[at + odd.len_utf8()..];
         }
         self.0.write_str(rest)
     }
+}
+
+/// Whether `c` is shown escaped: an ASCII control character, or a non-ASCII
+/// one that Rust's `Debug` would escape (not printable).
+fn needs_escape(c: char) -> bool {
+    c.is_ascii_control() || (!c.is_ascii() && c.escape_debug().len() > 1)
 }
 
 #[cfg(test)]
@@ -122,6 +130,22 @@ mod tests {
                 "the newline is shown escaped: {out:?}"
             );
         }
+    }
+
+    #[test]
+    fn invisible_and_reordering_characters_are_shown_escaped() {
+        let hostile = "ok\u{202e}nimda\u{2028}next";
+        let out = logged(false, || tracing::warn!(channel = %hostile, "x"));
+        assert!(
+            !out.contains('\u{202e}') && !out.contains('\u{2028}'),
+            "{out:?}"
+        );
+        assert!(out.contains(r"ok\u{202e}nimda\u{2028}next"), "{out:?}");
+        let accents = logged(false, || tracing::info!(name = %"café €", "x"));
+        assert!(
+            accents.contains("name=café €"),
+            "printable text stays as is: {accents:?}"
+        );
     }
 
     #[test]

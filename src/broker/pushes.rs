@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -18,13 +18,29 @@ use tokio::sync::mpsc;
 use super::{Inbound, Topic};
 
 /// Most pushes waiting for the listener before the subscription counts as
-/// fallen behind.
+/// fallen behind...
 pub(super) const BUFFER: usize = 65_536;
+
+/// ...and most payload bytes: a few huge messages must not hold gigabytes.
+pub(super) const BUFFER_BYTES: usize = 64 << 20;
 
 /// The receiving end of a subscription's bounded push queue.
 pub(super) struct Pushes {
     received: mpsc::Receiver<PushInfo>,
     overflowed: Arc<AtomicBool>,
+    /// Payload bytes queued (added by the sender, taken off here).
+    queued_bytes: Arc<AtomicUsize>,
+}
+
+/// The bytes a push holds, as counted against [`BUFFER_BYTES`].
+fn push_bytes(push: &PushInfo) -> usize {
+    push.data
+        .iter()
+        .map(|value| match value {
+            Value::BulkString(bytes) => bytes.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// A push sender for redis-rs that queues into a new [`Pushes`] and, once
@@ -34,21 +50,29 @@ pub(super) fn bounded() -> (
     impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static,
     Pushes,
 ) {
-    bounded_to(BUFFER)
+    bounded_to(BUFFER, BUFFER_BYTES)
 }
 
 fn bounded_to(
     capacity: usize,
+    capacity_bytes: usize,
 ) -> (
     impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static,
     Pushes,
 ) {
     let (pushes, received) = mpsc::channel::<PushInfo>(capacity);
     let overflowed = Arc::new(AtomicBool::new(false));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
     let sender = {
         let overflowed = overflowed.clone();
+        let queued_bytes = queued_bytes.clone();
         move |push: PushInfo| {
-            if pushes.try_send(push).is_err() {
+            // Counted before it is queued, so the receiver never takes off
+            // what was not yet added.
+            let bytes = push_bytes(&push);
+            let over = queued_bytes.fetch_add(bytes, Relaxed) + bytes > capacity_bytes;
+            if over || pushes.try_send(push).is_err() {
+                queued_bytes.fetch_sub(bytes, Relaxed);
                 overflowed.store(true, Relaxed);
             }
             Ok(())
@@ -59,6 +83,7 @@ fn bounded_to(
         Pushes {
             received,
             overflowed,
+            queued_bytes,
         },
     )
 }
@@ -79,6 +104,7 @@ impl Pushes {
             (router, self, overflows),
             move |(router, mut pushes, overflows)| async move {
                 while let Some(push) = pushes.received.recv().await {
+                    pushes.queued_bytes.fetch_sub(push_bytes(&push), Relaxed);
                     if pushes.overflowed.load(Relaxed) {
                         overflows.fetch_add(1, Relaxed);
                         tracing::warn!(
@@ -221,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn messages_are_routed_to_their_topics_and_others_ignored() {
-        let (send, pushes) = bounded_to(8);
+        let (send, pushes) = bounded_to(8, 1 << 20);
         let topics = [
             Topic::Channel("quotes".into()),
             Topic::Pattern("client.*".into()),
@@ -254,7 +280,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_overflowing_queue_ends_the_subscription_and_is_counted() {
-        let (send, pushes) = bounded_to(4);
+        let (send, pushes) = bounded_to(4, 1 << 20);
         for i in 0..10 {
             send(message("quotes", &i.to_string())).expect("never blocks");
         }
@@ -276,8 +302,27 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_queue_over_its_byte_bound_overflows_too() {
+        let (send, pushes) = bounded_to(1000, 100);
+        send(message("quotes", &"x".repeat(60))).expect("queued");
+        send(message("quotes", &"y".repeat(60))).expect("never blocks");
+        let overflows = Arc::new(AtomicU64::new(0));
+        let got: Vec<Inbound> = pushes
+            .into_messages(
+                &[Topic::Channel("quotes".into())],
+                "test",
+                overflows.clone(),
+            )
+            .collect()
+            .await;
+        assert!(got.is_empty());
+        assert_eq!(overflows.load(Relaxed), 1);
+        drop(send);
+    }
+
+    #[tokio::test]
     async fn a_disconnection_ends_the_subscription() {
-        let (send, pushes) = bounded_to(8);
+        let (send, pushes) = bounded_to(8, 1 << 20);
         send(message("quotes", "q1")).expect("queued");
         send(PushInfo {
             kind: PushKind::Disconnection,
