@@ -12,7 +12,7 @@ use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 
 use crate::backoff::Backoff;
-use crate::broker::HealthCheck;
+use crate::broker::{HealthCheck, SubscriptionBuffer};
 use crate::names;
 use crate::topology::{Role, Shard};
 
@@ -156,6 +156,10 @@ pub struct RedisSettings {
     pub health_check_interval_ms: u64,
     /// Longest wait for a health-check answer, in milliseconds.
     pub health_check_timeout_ms: u64,
+    /// Most messages the subscription holds for a listener that is behind.
+    pub subscription_buffer: usize,
+    /// Most bytes likewise (payloads, channel names and 128 a message).
+    pub subscription_buffer_bytes: usize,
     /// Stream mode: the input stream key.
     pub input_stream: String,
     /// Stream mode: the consumer group.
@@ -359,6 +363,15 @@ impl Settings {
                 "must be at least 1".into(),
             );
         }
+        if redis.subscription_buffer == 0 {
+            return invalid("redis.subscription_buffer", "must be at least 1".into());
+        }
+        if redis.subscription_buffer_bytes < 1 << 20 {
+            return invalid(
+                "redis.subscription_buffer_bytes",
+                "must be at least 1048576".into(),
+            );
+        }
         if redis.health_check_timeout_ms == 0 {
             return invalid("redis.health_check_timeout_ms", "must be at least 1".into());
         }
@@ -549,6 +562,15 @@ impl Settings {
             Duration::from_millis(self.redis.reconnect_min_ms),
             Duration::from_millis(self.redis.reconnect_max_ms),
         )
+    }
+
+    /// What a Redis subscription may hold for a listener that is behind.
+    #[must_use]
+    pub fn subscription_buffer(&self) -> SubscriptionBuffer {
+        SubscriptionBuffer {
+            messages: self.redis.subscription_buffer,
+            bytes: self.redis.subscription_buffer_bytes,
+        }
     }
 
     /// The health check for the Redis subscriber connection.

@@ -39,7 +39,9 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
 
-    let broker = RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
+    let broker = RedisBroker::new(&settings.redis.url)?
+        .with_health_check(settings.health_check())
+        .with_subscription_buffer(settings.subscription_buffer());
     match tokio::time::timeout(REDIS_PROBE_TIMEOUT, broker.ping()).await {
         Ok(Ok(())) => {
             println!("quotebridge demo: using {}", broker.describe());

@@ -101,12 +101,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     if settings.redis.cluster_nodes.is_empty() {
-        let broker =
-            RedisBroker::new(&settings.redis.url)?.with_health_check(settings.health_check());
+        let broker = RedisBroker::new(&settings.redis.url)?
+            .with_health_check(settings.health_check())
+            .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
     } else {
         let broker = ClusterBroker::new(&settings.redis.cluster_nodes)?
-            .with_health_check(settings.health_check());
+            .with_health_check(settings.health_check())
+            .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
     }
 }

@@ -29,6 +29,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
+use super::pushes::SubscriptionBuffer;
 use super::{
     Broker, BrokerError, HealthCheck, Outbound, Subscription, Topic, pushes, snapshot_writes,
     until_unanswered,
@@ -47,6 +48,7 @@ pub struct ClusterBroker {
     publisher: Arc<OnceCell<ClusterConnection>>,
     /// Subscriptions ended because the listener fell behind.
     overflows: Arc<AtomicU64>,
+    buffer: SubscriptionBuffer,
 }
 
 impl std::fmt::Debug for ClusterBroker {
@@ -68,6 +70,7 @@ impl ClusterBroker {
             health_check: HealthCheck::default(),
             publisher: Arc::new(OnceCell::new()),
             overflows: Arc::default(),
+            buffer: SubscriptionBuffer::default(),
         })
     }
 
@@ -75,6 +78,13 @@ impl ClusterBroker {
     #[must_use]
     pub fn with_health_check(mut self, health_check: HealthCheck) -> Self {
         self.health_check = health_check;
+        self
+    }
+
+    /// Bounds what each subscription holds for a listener that is behind.
+    #[must_use]
+    pub fn with_subscription_buffer(mut self, buffer: SubscriptionBuffer) -> Self {
+        self.buffer = buffer;
         self
     }
 
@@ -120,9 +130,9 @@ impl Broker for ClusterBroker {
     /// listener subscribes again from scratch, reloading snapshots and
     /// reporting itself unready meanwhile — whenever subscriptions may have
     /// been lost: a slot moved, a node connection dropped, the cluster
-    /// stopped answering, or this side fell [`pushes::BUFFER`] behind.
+    /// stopped answering, or this side fell a [`SubscriptionBuffer`] behind.
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let (push_sender, pushes) = pushes::bounded();
+        let (push_sender, pushes) = pushes::bounded(self.buffer);
         let client = Self::builder(&self.nodes)
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_sender)

@@ -19,6 +19,7 @@ use futures_util::stream::BoxStream;
 pub use self::cluster::ClusterBroker;
 pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
+pub use self::pushes::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
 use crate::config::is_pattern;
 use crate::topology::SnapshotSlot;

@@ -2,27 +2,47 @@
 //!
 //! redis-rs hands every push (message, confirmation, disconnection) to a
 //! sender of our choosing. Here that is a bounded queue: when the listener
-//! falls [`BUFFER`] pushes behind, the subscription ends (and the listener
+//! falls a [`SubscriptionBuffer`] behind, the subscription ends (and the listener
 //! subscribes again), as Redis itself would cut off a subscriber that far
 //! behind, instead of memory growing without limit. Both Redis brokers use it.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use hashbrown::HashMap;
 use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 
 use super::{Inbound, Topic};
 
-/// Most pushes waiting for the listener before the subscription counts as
-/// fallen behind...
-pub(super) const BUFFER: usize = 65_536;
+/// How much a subscription may hold for a listener that is behind, before
+/// it counts as fallen behind (`redis.subscription_buffer`,
+/// `redis.subscription_buffer_bytes`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubscriptionBuffer {
+    /// Messages.
+    pub messages: usize,
+    /// Bytes: payloads and channel names, plus [`OVERHEAD_BYTES`] a message.
+    pub bytes: usize,
+}
 
-/// ...and most payload bytes: a few huge messages must not hold gigabytes.
-pub(super) const BUFFER_BYTES: usize = 64 << 20;
+impl Default for SubscriptionBuffer {
+    fn default() -> Self {
+        Self {
+            messages: 1 << 20,
+            bytes: 256 << 20,
+        }
+    }
+}
+
+/// Bytes the receiver takes off the queue's count at a time.
+const RELEASE_LUMP: usize = 64 << 10;
+
+/// What a queued message costs beyond its bytes (the push, its values and
+/// their allocations), so the byte bound is close to the memory held.
+pub const OVERHEAD_BYTES: usize = 128;
 
 /// The receiving end of a subscription's bounded push queue.
 pub(super) struct Pushes {
@@ -32,25 +52,29 @@ pub(super) struct Pushes {
     queued_bytes: Arc<AtomicUsize>,
 }
 
-/// The bytes a push holds, as counted against [`BUFFER_BYTES`].
+/// The bytes a push holds, as counted against [`SubscriptionBuffer::bytes`].
 fn push_bytes(push: &PushInfo) -> usize {
-    push.data
+    let data: usize = push
+        .data
         .iter()
         .map(|value| match value {
             Value::BulkString(bytes) => bytes.len(),
             _ => 0,
         })
-        .sum()
+        .sum();
+    data + OVERHEAD_BYTES
 }
 
 /// A push sender for redis-rs that queues into a new [`Pushes`] and, once
 /// full, drops pushes and marks the queue overflowed (redis-rs must not
 /// block its connection on us).
-pub(super) fn bounded() -> (
+pub(super) fn bounded(
+    buffer: SubscriptionBuffer,
+) -> (
     impl Fn(PushInfo) -> Result<(), redis::aio::SendError> + Send + Sync + 'static,
     Pushes,
 ) {
-    bounded_to(BUFFER, BUFFER_BYTES)
+    bounded_to(buffer.messages, buffer.bytes)
 }
 
 fn bounded_to(
@@ -101,14 +125,21 @@ impl Pushes {
     ) -> impl Stream<Item = Inbound> + Send + 'static {
         let router = Router::new(topics);
         futures_util::stream::unfold(
-            (router, self, overflows),
-            move |(router, mut pushes, overflows)| async move {
+            (router, self, overflows, 0usize),
+            move |(router, mut pushes, overflows, mut taken)| async move {
                 while let Some(push) = pushes.received.recv().await {
-                    pushes.queued_bytes.fetch_sub(push_bytes(&push), Relaxed);
+                    // Handed back to the sender's count in lumps: a shared
+                    // counter written from both cores on every message would
+                    // bounce between their caches. The bound reads at most
+                    // a lump high.
+                    taken += push_bytes(&push);
+                    if taken >= RELEASE_LUMP {
+                        pushes.queued_bytes.fetch_sub(taken, Relaxed);
+                        taken = 0;
+                    }
                     if pushes.overflowed.load(Relaxed) {
                         overflows.fetch_add(1, Relaxed);
                         tracing::warn!(
-                            buffer = BUFFER,
                             subscription = what,
                             "fell behind the subscription; resubscribing"
                         );
@@ -116,7 +147,7 @@ impl Pushes {
                     }
                     match router.event(push) {
                         Event::Message(inbound) => {
-                            return Some((inbound, (router, pushes, overflows)));
+                            return Some((inbound, (router, pushes, overflows, taken)));
                         }
                         Event::Lost(why) => {
                             tracing::warn!(
@@ -303,9 +334,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_queue_over_its_byte_bound_overflows_too() {
-        let (send, pushes) = bounded_to(1000, 100);
-        send(message("quotes", &"x".repeat(60))).expect("queued");
-        send(message("quotes", &"y".repeat(60))).expect("never blocks");
+        let (send, pushes) = bounded_to(1000, 100 + 2 * OVERHEAD_BYTES);
+        send(message("quotes", &"x".repeat(50))).expect("queued");
+        send(message("quotes", &"y".repeat(50))).expect("never blocks");
         let overflows = Arc::new(AtomicU64::new(0));
         let got: Vec<Inbound> = pushes
             .into_messages(

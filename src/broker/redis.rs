@@ -16,6 +16,7 @@ use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
+use super::pushes::SubscriptionBuffer;
 use super::{
     Broker, BrokerError, Outbound, Subscription, Topic, pushes, snapshot_writes, until_unanswered,
 };
@@ -45,6 +46,7 @@ pub struct RedisBroker {
     subscriber: redis::Client,
     /// Subscriptions ended because the listener fell behind.
     overflows: Arc<AtomicU64>,
+    buffer: SubscriptionBuffer,
     /// Connected on first use, so the bridge can start before Redis does;
     /// afterwards the manager reconnects by itself.
     publisher: Arc<OnceCell<ConnectionManager>>,
@@ -95,6 +97,7 @@ impl RedisBroker {
             client,
             subscriber,
             overflows: Arc::default(),
+            buffer: SubscriptionBuffer::default(),
             publisher: Arc::new(OnceCell::new()),
             address,
             health_check: HealthCheck::default(),
@@ -105,6 +108,13 @@ impl RedisBroker {
     #[must_use]
     pub fn with_health_check(mut self, health_check: HealthCheck) -> Self {
         self.health_check = health_check;
+        self
+    }
+
+    /// Bounds what each subscription holds for a listener that is behind.
+    #[must_use]
+    pub fn with_subscription_buffer(mut self, buffer: SubscriptionBuffer) -> Self {
+        self.buffer = buffer;
         self
     }
 
@@ -133,7 +143,7 @@ impl Broker for RedisBroker {
                 "sharded channels need redis.cluster_nodes",
             ));
         }
-        let (push_sender, pushes) = pushes::bounded();
+        let (push_sender, pushes) = pushes::bounded(self.buffer);
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(RESPONSE_TIMEOUT))

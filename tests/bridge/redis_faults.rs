@@ -176,7 +176,7 @@ fn own_rss_mib() -> u64 {
 #[tokio::test]
 async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
     use futures_util::StreamExt;
-    use quotebridge::broker::{Broker, RedisBroker, Topic};
+    use quotebridge::broker::{Broker, RedisBroker, SubscriptionBuffer, Topic};
 
     let redis = RedisServer::start().await;
     let mut conn = redis.connection().await;
@@ -189,7 +189,12 @@ async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
         .query_async(&mut conn)
         .await
         .expect("CONFIG SET");
-    let broker = RedisBroker::new(&redis.url()).expect("broker");
+    let broker = RedisBroker::new(&redis.url())
+        .expect("broker")
+        .with_subscription_buffer(SubscriptionBuffer {
+            messages: 20_000,
+            bytes: 32 << 20,
+        });
     let mut messages = broker
         .subscribe(&[Topic::Channel("flood".into())])
         .await
@@ -224,9 +229,9 @@ async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
     })
     .await;
     let grown = own_rss_mib().saturating_sub(before);
-    // The queue holds at most 65,536 messages (~130 MiB of these); an
-    // unbounded one would hold all 300 MiB.
-    assert!(grown < 200, "memory grew by {grown} MiB");
+    // The queue holds at most 32 MiB of these; an unbounded one would hold
+    // all 300 MiB.
+    assert!(grown < 100, "memory grew by {grown} MiB");
 
     let after_overflow = within("the subscription to end", messages.next()).await;
     assert!(
