@@ -410,3 +410,33 @@ async fn silent_and_trickling_http_clients_are_bounded_and_timed_out() {
         "{after} descriptors after, {before} before"
     );
 }
+
+#[tokio::test]
+async fn a_kept_alive_http_connection_cannot_hold_its_slot_for_ever() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "500")]).await;
+    let mut client = TcpStream::connect(app.address).await.expect("connect");
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", app.address);
+    // A request before every header timeout, each answered: without a cap
+    // on the connection's whole life this would go on for ever. The cap is
+    // twice the header timeout plus 10 s.
+    let mut answers = 0;
+    within("the kept-alive connection to be closed", async {
+        loop {
+            if client.write_all(request.as_bytes()).await.is_err() {
+                return;
+            }
+            let mut buf = [0u8; 1024];
+            match client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => answers += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    })
+    .await;
+    assert!(
+        answers > 1,
+        "it was kept alive ({answers} answers) until the cap"
+    );
+    app.shutdown().await;
+}
