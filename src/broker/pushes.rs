@@ -276,6 +276,21 @@ mod tests {
         }
     }
 
+    /// Every message `pushes` yields for the channel `quotes`, and how many
+    /// overflows it counted.
+    async fn drain(pushes: Pushes) -> (Vec<Inbound>, u64) {
+        let overflows = Arc::new(AtomicU64::new(0));
+        let got = pushes
+            .into_messages(
+                &[Topic::Channel("quotes".into())],
+                "test",
+                overflows.clone(),
+            )
+            .collect()
+            .await;
+        (got, overflows.load(Relaxed))
+    }
+
     #[tokio::test]
     async fn messages_are_routed_to_their_topics_and_others_ignored() {
         let (send, pushes) = bounded_to(8, 1 << 20);
@@ -315,20 +330,12 @@ mod tests {
         for i in 0..10 {
             send(message("quotes", &i.to_string())).expect("never blocks");
         }
-        let overflows = Arc::new(AtomicU64::new(0));
-        let got: Vec<Inbound> = pushes
-            .into_messages(
-                &[Topic::Channel("quotes".into())],
-                "test",
-                overflows.clone(),
-            )
-            .collect()
-            .await;
+        let (got, overflows) = drain(pushes).await;
         assert!(
             got.is_empty(),
             "nothing after an overflow is trusted: {got:?}"
         );
-        assert_eq!(overflows.load(Relaxed), 1);
+        assert_eq!(overflows, 1);
         drop(send);
     }
 
@@ -337,17 +344,9 @@ mod tests {
         let (send, pushes) = bounded_to(1000, 100 + 2 * OVERHEAD_BYTES);
         send(message("quotes", &"x".repeat(50))).expect("queued");
         send(message("quotes", &"y".repeat(50))).expect("never blocks");
-        let overflows = Arc::new(AtomicU64::new(0));
-        let got: Vec<Inbound> = pushes
-            .into_messages(
-                &[Topic::Channel("quotes".into())],
-                "test",
-                overflows.clone(),
-            )
-            .collect()
-            .await;
+        let (got, overflows) = drain(pushes).await;
         assert!(got.is_empty());
-        assert_eq!(overflows.load(Relaxed), 1);
+        assert_eq!(overflows, 1);
         drop(send);
     }
 
@@ -361,10 +360,7 @@ mod tests {
         })
         .expect("queued");
         send(message("quotes", "q2")).expect("queued");
-        let got: Vec<Inbound> = pushes
-            .into_messages(&[Topic::Channel("quotes".into())], "test", Arc::default())
-            .collect()
-            .await;
-        assert_eq!(got.len(), 1);
+        let (got, overflows) = drain(pushes).await;
+        assert_eq!((got.len(), overflows), (1, 0));
     }
 }

@@ -117,14 +117,18 @@ async fn wait_until(browser: &Client, what: &str, check: &str) {
     .await;
 }
 
-#[tokio::test]
-async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
-    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
+/// A browser of its own (profile `name`) showing the dashboard at
+/// `/?{query}`, its socket open. Keep the driver: dropping it ends the browser.
+async fn open_dashboard(
+    app: &TestApp,
+    name: &str,
+    query: &str,
+) -> (ChromeDriver, Client, std::path::PathBuf) {
     let driver = ChromeDriver::start().await;
-    let profile = std::env::temp_dir().join(format!("quotebridge-chromium-{}", std::process::id()));
+    let profile = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let browser = browser(&driver, &profile).await;
     browser
-        .goto(&format!("http://{}/?client=acme", app.address))
+        .goto(&format!("http://{}/?{query}", app.address))
         .await
         .expect("open the dashboard");
     wait_until(
@@ -133,6 +137,14 @@ async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
         "document.getElementById('status').dataset.state === 'open'",
     )
     .await;
+    (driver, browser, profile)
+}
+
+#[tokio::test]
+async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
+    let (_driver, browser, profile) =
+        open_dashboard(&app, "quotebridge-chromium", "client=acme").await;
 
     // Window 3 over 1, 2, 4, 9: the SMAs are 7/3 and 5.
     let mut conn = app.redis.connection().await;
@@ -229,21 +241,10 @@ async fn hostile_frames_render_as_text_and_the_token_leaves_the_address_bar() {
         "the page builds no HTML from strings"
     );
 
-    let driver = ChromeDriver::start().await;
-    let profile =
-        std::env::temp_dir().join(format!("quotebridge-chromium-xss-{}", std::process::id()));
-    let browser = browser(&driver, &profile).await;
-    browser
-        .goto(&format!(
-            "http://{}/?client=acme&token=t0ken-of-acme",
-            app.address
-        ))
-        .await
-        .expect("open the dashboard");
-    wait_until(
-        &browser,
-        "the socket to open",
-        "document.getElementById('status').dataset.state === 'open'",
+    let (_driver, browser, profile) = open_dashboard(
+        &app,
+        "quotebridge-chromium-xss",
+        "client=acme&token=t0ken-of-acme",
     )
     .await;
     let address = browser.current_url().await.expect("current url");
