@@ -345,10 +345,11 @@ impl StreamConsumer {
         asked: &[&str],
         got: &[StreamId],
     ) -> RedisResult<Vec<String>> {
+        let returned: HashSet<&str> = got.iter().map(|entry| entry.id.as_str()).collect();
         let missing: Vec<&str> = asked
             .iter()
             .copied()
-            .filter(|id| !got.iter().any(|entry| entry.id == *id))
+            .filter(|id| !returned.contains(id))
             .collect();
         if missing.is_empty() {
             return Ok(Vec::new());
