@@ -7,10 +7,10 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
-/// How much larger than the magnitudes left in the window a leaving price
-/// may be before the running sum is rebuilt; see [`SmaWindow::push`]. Within
-/// it the compensation's own rounding stays below 2^16 ulps of those
-/// magnitudes (~1e-11 of them).
+/// How much larger than what it leaves behind (the new total and the new
+/// price, in magnitude) a leaving price may be before the running sum is
+/// rebuilt; see [`SmaWindow::push`]. Within it the compensation's own
+/// rounding stays below 2^16 ulps of those (~1e-11 of them).
 const CANCELLATION_RATIO: f64 = 65_536.0;
 
 /// A fixed-size window of prices with an O(1) mean.
@@ -30,9 +30,6 @@ pub struct SmaWindow {
     oldest: usize,
     sum: f64,
     compensation: f64,
-    /// Roughly the sum of the prices' magnitudes (a plain running sum: only
-    /// a yardstick for when the compensated sum needs rebuilding).
-    magnitude: f64,
 }
 
 /// A window's complete state, for persisting it (durable stream mode).
@@ -76,7 +73,6 @@ impl SmaWindow {
             oldest: 0,
             sum: 0.0,
             compensation: 0.0,
-            magnitude: 0.0,
         }
     }
 
@@ -118,12 +114,10 @@ impl SmaWindow {
                 self.oldest = 0;
             }
             self.add(-evicted);
-            self.magnitude -= evicted.abs();
         } else {
             self.prices.push(price);
         }
         self.add(price);
-        self.magnitude += price.abs();
         let total = self.sum + self.compensation;
         // Two cases the running sum cannot come back from, so the window is
         // summed afresh (O(window), and only then):
@@ -134,12 +128,9 @@ impl SmaWindow {
         // - A price far larger than all that remains just left: the
         //   remainder then lives in the compensation term, which itself has
         //   only 53 bits and may have rounded away the smaller prices added
-        //   since. (Compared with the magnitudes, not the signed total:
-        //   prices that cancel, +x and -x, lose nothing and cost no rebuild.)
-        if !total.is_finite()
-            || !self.magnitude.is_finite()
-            || evicted.abs() > CANCELLATION_RATIO * self.magnitude
-        {
+        //   since. (The new price counts too: prices that cancel, +x and -x,
+        //   leave a total of 0 but lose nothing, and cost no rebuild.)
+        if !total.is_finite() || evicted.abs() > CANCELLATION_RATIO * (total.abs() + price.abs()) {
             self.resum();
         }
         Average {
@@ -179,14 +170,12 @@ impl SmaWindow {
             && state.sum.is_finite()
             && state.compensation.is_finite();
         if consistent {
-            let magnitude = state.prices.iter().map(|p| p.abs()).sum();
             return Self {
                 capacity,
                 prices: state.prices,
                 oldest: 0,
                 sum: state.sum,
                 compensation: state.compensation,
-                magnitude,
             };
         }
         let mut window = Self::new(capacity);
@@ -217,7 +206,6 @@ impl SmaWindow {
         for &price in &prices {
             self.add_unchecked(price);
         }
-        self.magnitude = prices.iter().map(|p| p.abs()).sum();
         self.prices = prices;
     }
 
@@ -343,7 +331,7 @@ mod tests {
     }
 
     #[test]
-    fn prices_that_cancel_do_not_rebuild_the_sum_on_every_push() {
+    fn prices_that_cancel_average_to_exactly_zero() {
         let mut w = window(4);
         for i in 0..1_000 {
             let price = if i % 2 == 0 { 1e6 } else { -1e6 };
@@ -352,9 +340,6 @@ mod tests {
                 assert_eq!(mean, 0.0);
             }
         }
-        // The yardstick is the magnitudes (4e6), not the total (0): a leaving
-        // 1e6 is nowhere near 65,536 times it.
-        assert_eq!(w.magnitude, 4e6);
     }
 
     #[test]
