@@ -201,9 +201,9 @@ async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
         .expect("subscribe");
     let before = own_rss_mib();
 
-    // 150,000 messages of 2 KiB (300 MiB) that nobody reads yet.
+    // 200,000 messages of 2 KiB (400 MiB) that nobody reads yet.
     let payload = vec![b'x'; 2048];
-    for _ in 0..150 {
+    for _ in 0..200 {
         let mut pipe = redis::pipe();
         for _ in 0..1000 {
             pipe.publish("flood", &payload).ignore();
@@ -230,8 +230,9 @@ async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
     .await;
     let grown = own_rss_mib().saturating_sub(before);
     // The queue holds at most 32 MiB of these; an unbounded one would hold
-    // all 300 MiB.
-    assert!(grown < 100, "memory grew by {grown} MiB");
+    // all 400 MiB. (The margin is for tests running alongside in this
+    // process.)
+    assert!(grown < 200, "memory grew by {grown} MiB");
 
     let after_overflow = within("the subscription to end", messages.next()).await;
     assert!(
