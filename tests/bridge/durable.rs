@@ -241,27 +241,7 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
         }
     })
     .await;
-    let mut got = Vec::with_capacity(expected.len());
-    let mut start = "-".to_owned();
-    loop {
-        let page: StreamRangeReply = redis::cmd("XRANGE")
-            .arg("sma.out")
-            .arg(&start)
-            .arg("+")
-            .arg("COUNT")
-            // Pages small enough to arrive within the client's response
-            // timeout on a loaded machine.
-            .arg(1_000)
-            .query_async(&mut conn)
-            .await
-            .expect("XRANGE");
-        let Some(last) = page.ids.last() else { break };
-        start = format!("({}", last.id);
-        for entry in &page.ids {
-            let sma: String = entry.get("sma").expect("sma field");
-            got.push(sma);
-        }
-    }
+    let got = output_stream(&mut conn, "sma.out").await;
     replayed += stream_replayed(&serve).await;
     eprintln!("entries replayed after the kills: {replayed}");
     assert_eq!(
@@ -383,6 +363,8 @@ async fn output_stream(conn: &mut redis::aio::MultiplexedConnection, key: &str) 
             .arg(&start)
             .arg("+")
             .arg("COUNT")
+            // Pages small enough to arrive within the client's response
+            // timeout on a loaded machine.
             .arg(1_000)
             .query_async(conn)
             .await
