@@ -11,6 +11,7 @@ use std::io::IsTerminal;
 use tracing::field::Field;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::field::delimited::Delimited;
 use tracing_subscriber::fmt::format::{self, Writer};
 
 /// How log lines are written.
@@ -31,15 +32,22 @@ pub fn init(format: LogFormat) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
     match format {
-        LogFormat::Text => builder
-            .fmt_fields(format::debug_fn(write_field).delimited(" "))
-            .init(),
+        LogFormat::Text => builder.fmt_fields(escaped_fields()).init(),
         LogFormat::Json => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)
             .init(),
     }
+}
+
+/// How [`write_field`] is held by the field formatter.
+type FieldWriter = fn(&mut Writer<'_>, &Field, &dyn fmt::Debug) -> fmt::Result;
+
+/// The text format's field formatter: every field through [`write_field`],
+/// space-separated. One definition, so the tests check what `init` installs.
+fn escaped_fields() -> Delimited<&'static str, format::FieldFn<FieldWriter>> {
+    format::debug_fn(write_field as FieldWriter).delimited(" ")
 }
 
 /// Writes one field as `name=value` (the message bare), escaping control
@@ -106,9 +114,7 @@ mod tests {
             let subscriber = builder.json().flatten_event(true).finish();
             tracing::subscriber::with_default(subscriber, log);
         } else {
-            let subscriber = builder
-                .fmt_fields(format::debug_fn(write_field).delimited(" "))
-                .finish();
+            let subscriber = builder.fmt_fields(escaped_fields()).finish();
             tracing::subscriber::with_default(subscriber, log);
         }
         let bytes = captured.0.lock().expect("not poisoned").clone();
