@@ -29,7 +29,7 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
-use super::pushes::SubscriptionBuffer;
+use super::queue::SubscriptionBuffer;
 use super::{
     Broker, BrokerError, HealthCheck, Outbound, Subscription, Topic, pushes, snapshot_writes,
     until_unanswered,

@@ -8,7 +8,9 @@ mod cluster;
 mod glob;
 mod memory;
 mod pushes;
+mod queue;
 mod redis;
+mod subscriber;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,7 +21,7 @@ use futures_util::stream::BoxStream;
 pub use self::cluster::ClusterBroker;
 pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
-pub use self::pushes::SubscriptionBuffer;
+pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
 use crate::config::is_pattern;
 use crate::topology::SnapshotSlot;

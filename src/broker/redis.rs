@@ -1,25 +1,21 @@
 //! The Redis broker: one subscriber connection for every channel and pattern,
 //! and one multiplexed, auto-reconnecting connection that publishes in pipelines.
 //!
-//! The subscriber speaks RESP3, so its messages arrive as pushes into a
-//! bounded queue (`pushes`): redis-rs's RESP2 pub/sub connection buffers
-//! them in an unbounded channel, where a listener that falls behind would
-//! grow memory without limit.
+//! The subscriber connection is our own (`subscriber`): it reads messages
+//! into a bounded queue, where redis-rs's pub/sub connection would buffer
+//! them without limit for a listener that falls behind.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use redis::AsyncConnectionConfig;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::OnceCell;
 
-use super::pushes::SubscriptionBuffer;
-use super::{
-    Broker, BrokerError, Outbound, Subscription, Topic, pushes, snapshot_writes, until_unanswered,
-};
+use super::queue::SubscriptionBuffer;
+use super::subscriber::{Subscriber, Timeouts};
+use super::{Broker, BrokerError, Outbound, Subscription, Topic, snapshot_writes};
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,8 +38,6 @@ pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
 #[derive(Clone)]
 pub struct RedisBroker {
     client: redis::Client,
-    /// The same server over RESP3, for subscribing (see the module doc).
-    subscriber: redis::Client,
     /// Subscriptions ended because the listener fell behind.
     overflows: Arc<AtomicU64>,
     buffer: SubscriptionBuffer,
@@ -87,15 +81,8 @@ impl RedisBroker {
     pub fn new(url: &str) -> Result<Self, BrokerError> {
         let client = client(url)?;
         let address = client.get_connection_info().addr().to_string();
-        let info = client.get_connection_info().clone();
-        let resp3 = info
-            .redis_settings()
-            .clone()
-            .set_protocol(redis::ProtocolVersion::RESP3);
-        let subscriber = redis::Client::open(info.set_redis_settings(resp3))?;
         Ok(Self {
             client,
-            subscriber,
             overflows: Arc::default(),
             buffer: SubscriptionBuffer::default(),
             publisher: Arc::new(OnceCell::new()),
@@ -143,39 +130,17 @@ impl Broker for RedisBroker {
                 "sharded channels need redis.cluster_nodes",
             ));
         }
-        let (push_sender, pushes) = pushes::bounded(self.buffer);
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(RESPONSE_TIMEOUT))
-            .set_push_sender(push_sender);
-        let mut connection = self
-            .subscriber
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        // The config holds a handle on the queue's sender: it must go, so
-        // that the connection's end closes the queue.
-        drop(config);
-        for topic in topics {
-            match topic {
-                Topic::Channel(name) => connection.subscribe(name).await?,
-                Topic::Pattern(pattern) => connection.psubscribe(pattern).await?,
-                Topic::Sharded(_) => {}
-            }
-        }
-        // The stream ends when the connection closes or, for a connection
-        // that died silently, when a PING goes unanswered. The health check
-        // holds the only handle on the connection: dropping the stream
-        // closes it.
-        let dead = until_unanswered(
-            self.health_check,
-            "redis subscriber connection",
-            move || {
-                let mut connection = connection.clone();
-                async move { redis::cmd("PING").query_async::<()>(&mut connection).await }
+        let subscriber = Subscriber {
+            info: self.client.get_connection_info(),
+            timeouts: Timeouts {
+                connect: CONNECT_TIMEOUT,
+                response: RESPONSE_TIMEOUT,
             },
-        );
-        let messages = pushes.into_messages(topics, "redis subscription", self.overflows.clone());
-        Ok(messages.take_until(Box::pin(dead)).boxed())
+            buffer: self.buffer,
+            health_check: self.health_check,
+            overflows: self.overflows.clone(),
+        };
+        Ok(subscriber.subscribe(topics).await?)
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {

@@ -15,6 +15,7 @@ mod hostile_clients;
 mod metrics;
 mod properties;
 mod redis_faults;
+mod redis_subscriber;
 mod rejected_input;
 mod scale_out;
 mod schemas;

@@ -192,6 +192,17 @@ impl Drop for RedisServer {
     }
 }
 
+/// `CLIENT LIST TYPE pubsub`: a line per subscribed connection.
+pub async fn pubsub_clients(conn: &mut redis::aio::MultiplexedConnection) -> String {
+    redis::cmd("CLIENT")
+        .arg("LIST")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(conn)
+        .await
+        .expect("CLIENT LIST")
+}
+
 /// Publishes every `(channel, payload)` in one pipeline.
 pub async fn publish_all(
     conn: &mut redis::aio::MultiplexedConnection,
