@@ -1,4 +1,5 @@
-//! The command line: `serve` (default), `publish`, `demo`, `tail`.
+//! The command line: `serve` (default), `publish`, `demo`, `bench`, `tail`,
+//! `health`.
 
 use std::path::PathBuf;
 
@@ -10,7 +11,7 @@ use crate::broker::{BrokerError, ClusterBroker, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
 use crate::topology::{Channels, Role, Shard};
-use crate::{Error, bench, demo, producer, shutdown, tail};
+use crate::{Error, bench, demo, probe, producer, shutdown, tail};
 
 /// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
 #[derive(Debug, Parser)]
@@ -64,6 +65,14 @@ pub enum Command {
         /// Base WebSocket URL (default: ws:// + server.listen).
         #[arg(long, value_name = "URL")]
         url: Option<String>,
+    },
+    /// Ask the bridge at server.listen whether it is alive (exit 0) or not
+    /// (exit 1): for container health checks.
+    Health {
+        /// Ask whether it is ready (/readyz: subscribed and serving) instead
+        /// of alive (/healthz).
+        #[arg(long)]
+        ready: bool,
     },
 }
 
@@ -213,8 +222,16 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             symbols,
             url,
         } => {
-            let url = url.unwrap_or_else(|| format!("ws://{}", settings.server.listen));
+            let url = url.unwrap_or_else(|| {
+                format!("ws://{}", probe::local_address(settings.server.listen))
+            });
             tail::run(&url, &client_code, symbols, shutdown).await
+        }
+        Command::Health { ready } => {
+            let path = if ready { "/readyz" } else { "/healthz" };
+            probe::check(probe::local_address(settings.server.listen), path).await?;
+            println!("ok");
+            Ok(())
         }
     }
 }

@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod names;
 pub mod outbox;
 pub mod pipeline;
+pub mod probe;
 pub mod producer;
 pub mod protocol;
 pub mod publisher;

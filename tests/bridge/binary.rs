@@ -229,13 +229,40 @@ fn invalid_configuration_exits_2_naming_the_key() {
 
 #[test]
 fn every_command_has_help() {
-    for command in ["serve", "publish", "demo", "tail"] {
+    for command in ["serve", "publish", "demo", "bench", "tail", "health"] {
         let out = run_with_env(&[command, "--help"], &[]);
         assert!(out.status.success(), "{command} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
     }
     let out = run_with_env(&["publish"], &[]);
     assert_eq!(out.status.code(), Some(2), "missing FILE is a usage error");
+}
+
+/// `quotebridge health` is what the container image's HEALTHCHECK runs.
+#[tokio::test]
+async fn health_answers_for_a_running_bridge_and_fails_naming_the_url_for_none() {
+    let redis = RedisServer::start().await;
+    let serve = Serve::start(&redis, &[]).await;
+    // Listening on every address: the check asks loopback.
+    let listen = format!("0.0.0.0:{}", serve.address.port());
+    for args in [&["health"][..], &["health", "--ready"]] {
+        let out = run_with_env(args, &[("QUOTEBRIDGE__SERVER__LISTEN", &listen)]);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    drop(serve);
+
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let out = run_with_env(&["health"], &[("QUOTEBRIDGE__SERVER__LISTEN", &nobody)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("http://{nobody}/healthz")),
+        "{stderr}"
+    );
 }
 
 #[tokio::test]
