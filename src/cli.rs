@@ -1,5 +1,5 @@
 //! The command line: `serve` (default), `publish`, `demo`, `bench`, `tail`,
-//! `health`.
+//! `health`, `config`.
 
 use std::path::PathBuf;
 
@@ -74,6 +74,23 @@ pub enum Command {
         #[arg(long)]
         ready: bool,
     },
+    /// Check or print the configuration: the defaults, then --config FILE,
+    /// then QUOTEBRIDGE__SECTION__KEY environment variables.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// What to do with the configuration.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate it: exit 0, or 2 with one line naming the key and where its
+    /// value came from.
+    Check,
+    /// Print the effective configuration as TOML, secrets redacted, with
+    /// where each value came from.
+    Show,
 }
 
 /// The `serve` command's options; each overrides its `[node]` key.
@@ -227,6 +244,25 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             });
             tail::run(&url, &client_code, symbols, shutdown).await
         }
+        Command::Config { action } => {
+            let file = cli.config.as_deref();
+            match action {
+                ConfigAction::Check => {
+                    let from = file.map_or_else(
+                        || "the defaults and the environment".to_owned(),
+                        |path| format!("the defaults, {} and the environment", path.display()),
+                    );
+                    println!("configuration ok ({from})");
+                }
+                ConfigAction::Show => {
+                    let env = crate::config::env_settings();
+                    let origins = crate::config::Origins::new(file, &env);
+                    let merged = Settings::merged(file, env)?;
+                    print!("{}", crate::config::show::render(&merged, &origins));
+                }
+            }
+            Ok(())
+        }
         Command::Health { ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
             probe::check(probe::local_address(settings.server.listen), path).await?;
@@ -306,7 +342,10 @@ async fn publish(
         let quotes = producer::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
             let broker = RedisBroker::new(&redis.url)?;
-            broker.ping().await?;
+            broker.ping().await.map_err(|err| Error::Unreachable {
+                url: crate::config::redact_url(&redis.url),
+                reason: err.to_string(),
+            })?;
             producer::publish(&broker, &quotes, rate, repeat, shutdown).await?
         } else {
             let broker = ClusterBroker::new(&redis.cluster_nodes)?;

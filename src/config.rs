@@ -16,16 +16,47 @@ use crate::broker::{HealthCheck, SubscriptionBuffer};
 use crate::names;
 use crate::topology::{Role, Shard};
 
+/// The process's `QUOTEBRIDGE__…` environment variables.
+#[must_use]
+pub fn env_settings() -> HashMap<String, String> {
+    std::env::vars()
+        .filter(|(name, _)| name.starts_with(origins::ENV_PREFIX))
+        .collect()
+}
+
+/// What a Redis URL looks like, for error messages.
+const REDIS_URL_FORMS: &str =
+    "redis://[[user]:password@]host[:port][/db] or unix:///path/to/redis.sock";
+
 /// The compiled-in defaults; every key is documented there.
 pub const DEFAULTS: &str = include_str!("../config/default.toml");
 
-/// Why configuration could not be loaded. Both variants name the key.
+mod explain;
+mod origins;
+pub mod show;
+
+pub use self::explain::redact_url;
+pub use self::origins::{Origin, Origins, env_var_of};
+
+/// Why configuration could not be loaded, on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A source could not be read or a value has the wrong type or an unknown key.
+    /// The file could not be read or is not TOML (`path:line:column: what`).
     #[error("invalid configuration: {0}")]
-    Load(#[from] config::ConfigError),
-    /// A value is well-typed but out of range or inconsistent.
+    File(String),
+    /// A key is unknown, or its value has the wrong type, is not one of the
+    /// allowed values, is out of range or contradicts another.
+    #[error("invalid configuration: {key} (from {origin}): {message}")]
+    Key {
+        /// The offending key, e.g. `sma.window`.
+        key: String,
+        /// Where its value came from: a file, an environment variable, the defaults.
+        origin: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A value is out of range or inconsistent, found where its origin is
+    /// not known (it becomes a [`ConfigError::Key`] when loading).
     #[error("invalid configuration: {key}: {message}")]
     Invalid {
         /// The offending key, e.g. `sma.window`.
@@ -33,6 +64,23 @@ pub enum ConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// Anything else the configuration library reported.
+    #[error("invalid configuration: {0}")]
+    Other(String),
+}
+
+impl ConfigError {
+    /// An [`ConfigError::Invalid`] named with where its value came from.
+    fn with_origin(self, origins: &Origins) -> Self {
+        match self {
+            ConfigError::Invalid { key, message } => ConfigError::Key {
+                key: key.to_owned(),
+                origin: origins.of(key).to_string(),
+                message,
+            },
+            other => other,
+        }
+    }
 }
 
 /// The error for a `key` whose value is out of range or inconsistent.
@@ -108,7 +156,7 @@ impl std::fmt::Debug for AuthSettings {
 }
 
 /// The authentication modes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum AuthMode {
     /// No authentication.
@@ -120,11 +168,12 @@ pub enum AuthMode {
 }
 
 /// How quotes arrive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum InputMode {
     /// Redis pub/sub channels: at most once.
     #[serde(rename = "pubsub")]
+    #[value(name = "pubsub")]
     PubSub,
     /// A Redis stream read through a consumer group: nothing lost.
     Stream,
@@ -248,11 +297,33 @@ impl Settings {
         file: Option<&Path>,
         env: Option<HashMap<String, String>>,
     ) -> Result<Self, ConfigError> {
+        let env = env.unwrap_or_else(env_settings);
+        let origins = Origins::new(file, &env);
+        Self::load_from(file, env, &origins).map_err(|err| err.with_origin(&origins))
+    }
+
+    /// The merged sources, not yet turned into settings: what `config
+    /// show` prints.
+    pub fn merged(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<config::Map<String, config::Value>, ConfigError> {
+        let origins = Origins::new(file, &env);
+        Self::sources(file, env)
+            .build()
+            .and_then(|merged| merged.try_deserialize::<config::Map<String, config::Value>>())
+            .map_err(|err| explain::explain(err, file, &origins))
+    }
+
+    fn sources(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> config::ConfigBuilder<config::builder::DefaultState> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
         }
-        let environment = Environment::with_prefix("QUOTEBRIDGE")
+        let environment = Environment::with_prefix(origins::ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
             .list_separator(",")
@@ -261,8 +332,19 @@ impl Settings {
             .with_list_parse_key("auth.tokens")
             .with_list_parse_key("redis.cluster_nodes")
             .try_parsing(true)
-            .source(env);
-        let mut settings: Settings = builder.add_source(environment).build()?.try_deserialize()?;
+            .source(Some(env));
+        builder.add_source(environment)
+    }
+
+    fn load_from(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+        origins: &Origins,
+    ) -> Result<Self, ConfigError> {
+        let mut settings: Settings = Self::sources(file, env)
+            .build()
+            .and_then(Config::try_deserialize)
+            .map_err(|err| explain::explain(err, file, origins))?;
         // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".
         settings.websocket.default_symbols.retain(|s| !s.is_empty());
         settings.auth.tokens.retain(|s| !s.is_empty());
@@ -280,8 +362,14 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let redis = &self.redis;
-        if let Err(err) = redis::Client::open(redis.url.as_str()) {
-            return invalid("redis.url", format!("not a valid Redis URL: {err}"));
+        if redis::Client::open(redis.url.as_str()).is_err() {
+            return invalid(
+                "redis.url",
+                format!(
+                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
+                    redact_url(&redis.url)
+                ),
+            );
         }
         if redis.input.is_empty() || redis.input.iter().any(String::is_empty) {
             return invalid(
@@ -489,10 +577,23 @@ impl Settings {
         if redis.cluster_nodes.is_empty() {
             return Ok(());
         }
+        if let Some(bad) = redis
+            .cluster_nodes
+            .iter()
+            .find(|url| redis::Client::open(url.as_str()).is_err())
+        {
+            return invalid(
+                "redis.cluster_nodes",
+                format!(
+                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
+                    redact_url(bad)
+                ),
+            );
+        }
         if let Err(err) = redis::cluster::ClusterClient::new(redis.cluster_nodes.clone()) {
             return invalid(
                 "redis.cluster_nodes",
-                format!("not valid Redis URLs: {err}"),
+                format!("not usable as cluster seeds: {err}"),
             );
         }
         if !(1..=1024).contains(&redis.partitions) {

@@ -75,6 +75,14 @@ pub enum Error {
     /// A WebSocket connection failed (the `tail` command).
     #[error("websocket: {0}")]
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// A server could not be reached: the URL tried (password hidden) and why.
+    #[error("cannot reach {url}: {reason}")]
+    Unreachable {
+        /// The URL tried.
+        url: String,
+        /// Why, in the client library's words.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -25,7 +25,12 @@ pub async fn run(
         )));
     }
     let url = format!("{}/ws/{client_code}", base_url.trim_end_matches('/'));
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+        .await
+        .map_err(|err| Error::Unreachable {
+            url: url.clone(),
+            reason: err.to_string(),
+        })?;
     tracing::info!(%url, "connected");
     let mut out = std::io::stdout().lock();
     let mut pending_subscription = symbols;

@@ -227,9 +227,159 @@ fn invalid_configuration_exits_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("window"));
 }
 
+/// `config check`'s one line for a bad configuration.
+fn config_check_error(args: &[&str], env: &[(&str, &str)]) -> String {
+    let args: Vec<&str> = args.iter().copied().chain(["config", "check"]).collect();
+    let out = run_with_env(&args, env);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{args:?} {env:?}: {stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    stderr
+}
+
+#[test]
+fn config_check_names_the_key_where_it_came_from_and_what_is_allowed() {
+    let out = run_with_env(&["config", "check"], &[]);
+    assert!(out.status.success(), "the defaults are valid");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("configuration ok"));
+
+    let from_env = [
+        (
+            ("QUOTEBRIDGE__REDIS__INPUT_MODE", "foo"),
+            r#"redis.input_mode (from QUOTEBRIDGE__REDIS__INPUT_MODE): "foo" is not a valid value; expected one of: pubsub, stream"#,
+        ),
+        (
+            ("QUOTEBRIDGE__AUTH__MODE", "x"),
+            "expected one of: none, token, jwt",
+        ),
+        (
+            ("QUOTEBRIDGE__NODE__ROLE", "boss"),
+            "expected one of: all, compute, gateway",
+        ),
+        (
+            ("QUOTEBRIDGE__SMA__WINDOW", "abc"),
+            r#"sma.window (from QUOTEBRIDGE__SMA__WINDOW): expected an integer, got string "abc""#,
+        ),
+        (
+            ("QUOTEBRIDGE__SMA__WINDOWW", "3"),
+            "sma.windoww (from QUOTEBRIDGE__SMA__WINDOWW): no such key; [sma] has window",
+        ),
+        (
+            ("QUOTEBRIDGE__REDIS__URL", "redis://:hunter2@host:notaport"),
+            r#"redis.url (from QUOTEBRIDGE__REDIS__URL): "redis://:***@host:notaport" is not a Redis URL; expected redis://"#,
+        ),
+    ];
+    for ((var, value), want) in from_env {
+        let stderr = config_check_error(&[], &[(var, value)]);
+        assert!(stderr.contains(want), "{var}={value}: {stderr}");
+        assert!(!stderr.contains("hunter2"), "no password: {stderr}");
+    }
+
+    let from_file = [
+        ("[sma]\nwindow = \n", ":2:10: string values must be quoted"),
+        ("[sma]\nwindw = 3\n", "sma.windw (from FILE): no such key"),
+        (
+            "[node]\nrole = \"boss\"\n",
+            "node.role (from FILE): \"boss\"",
+        ),
+        (
+            "[sma]\nwindow = 0\n",
+            "sma.window (from FILE): must be between 1",
+        ),
+    ];
+    for (contents, want) in from_file {
+        let file = temp_file("check.toml", contents);
+        let path = file.to_str().expect("utf-8").to_owned();
+        let stderr = config_check_error(&["--config", &path], &[]);
+        std::fs::remove_file(&file).ok();
+        let want = want.replace("FILE", &path);
+        assert!(stderr.contains(&want), "{contents:?}: {stderr}");
+    }
+}
+
+#[test]
+fn config_show_prints_toml_with_origins_and_without_secrets() {
+    let file = temp_file(
+        "show.toml",
+        "[sma]\nwindow = 5\n[auth]\nmode = \"token\"\ntokens = [\"acme=supersecret123\"]\n",
+    );
+    let path = file.to_str().expect("utf-8").to_owned();
+    let out = run_with_env(
+        &["--config", &path, "config", "show"],
+        &[("QUOTEBRIDGE__REDIS__URL", "redis://:hunter2@127.0.0.1:6380")],
+    );
+    std::fs::remove_file(&file).ok();
+    let shown = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for want in [
+        "[redis]\nurl = \"redis://:***@127.0.0.1:6380\"  # QUOTEBRIDGE__REDIS__URL\n",
+        &format!("window = 5  # {path}\n"),
+        "emit_partial = false  # the defaults\n",
+        &format!("tokens = [\"acme=***\"]  # {path}\n"),
+    ] {
+        assert!(shown.contains(want), "{want:?} in:\n{shown}");
+    }
+    assert!(!shown.contains("hunter2") && !shown.contains("supersecret123"));
+
+    // What it prints is a configuration file that loads to the same values
+    // (but for the secrets it hides).
+    let again = temp_file("shown.toml", &shown);
+    let again_path = again.to_str().expect("utf-8").to_owned();
+    let out = run_with_env(&["--config", &again_path, "config", "show"], &[]);
+    std::fs::remove_file(&again).ok();
+    let reshown = String::from_utf8_lossy(&out.stdout).replace(&again_path, "SOURCE");
+    let normalized = shown
+        .replace(&path, "SOURCE")
+        .replace("QUOTEBRIDGE__REDIS__URL", "SOURCE");
+    assert_eq!(
+        reshown
+            .lines()
+            .map(|l| l.split("  #").next())
+            .collect::<Vec<_>>(),
+        normalized
+            .lines()
+            .map(|l| l.split("  #").next())
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn unreachable_servers_are_named_with_the_url_tried() {
+    let port = free_port();
+    let out = run_with_env(
+        &["publish", "data/quotes.csv"],
+        &[(
+            "QUOTEBRIDGE__REDIS__URL",
+            &format!("redis://:hunter2@127.0.0.1:{port}"),
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach redis://:***@127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    let out = run_with_env(
+        &["tail", "demo", "--url", &format!("ws://127.0.0.1:{port}")],
+        &[],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cannot reach ws://127.0.0.1:{port}/ws/demo")),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn every_command_has_help() {
-    for command in ["serve", "publish", "demo", "bench", "tail", "health"] {
+    for command in [
+        "serve", "publish", "demo", "bench", "tail", "health", "config",
+    ] {
         let out = run_with_env(&[command, "--help"], &[]);
         assert!(out.status.success(), "{command} --help");
         assert!(String::from_utf8_lossy(&out.stdout).contains("Usage"));
