@@ -8,6 +8,7 @@ mod bench;
 mod binary;
 mod cluster;
 mod dashboard;
+mod deploy;
 mod durable;
 mod embedded;
 mod end_to_end;
