@@ -312,7 +312,7 @@ impl Hub {
         self.inner.stats.frames_queued.fetch_add(queued, Relaxed);
         for id in slow {
             if let Some(group) = state.remove(id) {
-                self.inner.stats.slow_consumers_closed.fetch_add(1, Relaxed);
+                self.inner.stats.slow_consumer_closes.fetch_add(1, Relaxed);
                 tracing::warn!(client = %group, socket = id, "socket fell behind; closing it as a slow consumer");
             }
         }
@@ -751,7 +751,7 @@ mod tests {
         );
         hub.publish_public("A", huge.as_str().into());
         assert_eq!(stats.frames_too_large.load(Relaxed), 2);
-        assert_eq!(stats.slow_consumers_closed.load(Relaxed), 0);
+        assert_eq!(stats.slow_consumer_closes.load(Relaxed), 0);
         assert_eq!(hub.group_size("acme"), 2, "nobody evicted");
         assert!(
             hub.state().latest.is_empty(),
@@ -791,7 +791,7 @@ mod tests {
             // The fast socket keeps up.
             assert_eq!(text(fast_rx.recv().await.expect("frame")), format!("{i}"));
         }
-        assert_eq!(stats.slow_consumers_closed.load(Relaxed), 1);
+        assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1);
         assert_eq!(hub.group_size("acme"), 1);
         // The slow socket still gets what was queued, then its outbox ends.
         assert_eq!(text(slow_rx.recv().await.expect("frame")), "0");
@@ -813,11 +813,7 @@ mod tests {
         for _ in 0..3 {
             hub.publish_public("A", "123456".into());
         }
-        assert_eq!(
-            stats.slow_consumers_closed.load(Relaxed),
-            1,
-            "18 bytes > 16"
-        );
+        assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1, "18 bytes > 16");
         assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
         assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
         assert!(outbox.recv().await.is_none());

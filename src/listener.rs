@@ -334,7 +334,7 @@ impl<B: Broker> Listener<B> {
             tracing::debug!(channel, "direct message for an invalid client code ignored");
             return;
         }
-        self.stats.direct_received.fetch_add(1, Relaxed);
+        self.stats.direct_messages.fetch_add(1, Relaxed);
         let message = match Utf8Bytes::try_from(payload.clone()) {
             Ok(text) => Message::Text(text),
             Err(_) => Message::Binary(payload),

@@ -1,4 +1,5 @@
-//! `GET /metrics`: the counters in Prometheus text format.
+//! `GET /metrics`: the counters in Prometheus text format, named after
+//! their `/stats` names by the one table in [`crate::stats`].
 //!
 //! The hot path keeps counting into [`Stats`]'s plain atomics (no registry
 //! lookup per event); at scrape time their values are handed to a
@@ -15,7 +16,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::quote::Reject;
-use crate::stats::Stats;
+use crate::stats::{COUNTERS, REJECTED, Stats};
 
 const PUBLISH_LATENCY: &str = "quotebridge_quote_to_publish_seconds";
 
@@ -73,130 +74,33 @@ impl Metrics {
     /// The Prometheus text exposition, with `sockets` and `groups` as gauges.
     #[must_use]
     pub fn render(&self, stats: &Stats, sockets: usize, groups: usize) -> String {
-        let counters = [
-            (
-                "quotebridge_quotes_received_total",
-                "Payloads received on the input channels or stream",
-                &stats.quotes_received,
-            ),
-            (
-                "quotebridge_quotes_other_shard_total",
-                "Valid quotes skipped because another compute shard owns their symbol",
-                &stats.quotes_other_shard,
-            ),
-            (
-                "quotebridge_results_relayed_total",
-                "Results a gateway received from compute nodes and fanned out",
-                &stats.results_relayed,
-            ),
-            (
-                "quotebridge_results_unroutable_total",
-                "Messages on the output channels a gateway could not route",
-                &stats.results_unroutable,
-            ),
-            (
-                "quotebridge_smas_emitted_total",
-                "SMA results computed and sent to Redis and sockets",
-                &stats.smas_emitted,
-            ),
-            (
-                "quotebridge_published_total",
-                "Messages Redis acknowledged (SMA results and rejection notices)",
-                &stats.published,
-            ),
-            (
-                "quotebridge_publish_failed_total",
-                "Messages lost because a publish to Redis failed",
-                &stats.publish_failed,
-            ),
-            (
-                "quotebridge_direct_messages_total",
-                "Direct messages received for client groups",
-                &stats.direct_received,
-            ),
-            (
-                "quotebridge_frames_queued_total",
-                "WebSocket frames queued to sockets",
-                &stats.frames_queued,
-            ),
-            (
-                "quotebridge_slow_consumer_closes_total",
-                "Sockets closed for falling behind",
-                &stats.slow_consumers_closed,
-            ),
-            (
-                "quotebridge_rate_limited_closes_total",
-                "Sockets closed for sending too fast",
-                &stats.rate_limited_closes,
-            ),
-            (
-                "quotebridge_keepalive_timeouts_total",
-                "Sockets closed for not answering pings",
-                &stats.keepalive_timeouts,
-            ),
-            (
-                "quotebridge_frames_too_large_total",
-                "Frames refused because one alone exceeds websocket.send_queue_bytes",
-                &stats.frames_too_large,
-            ),
-            (
-                "quotebridge_snapshots_skipped_total",
-                "Snapshots not sent on subscribe for lack of outbox room",
-                &stats.snapshots_skipped,
-            ),
-            (
-                "quotebridge_subscription_overflows_total",
-                "Times the Redis subscription buffer overflowed and was re-established",
-                &stats.subscription_overflows,
-            ),
-            (
-                "quotebridge_http_header_timeouts_total",
-                "HTTP connections closed for not sending request headers in time",
-                &stats.http_header_timeouts,
-            ),
-            (
-                "quotebridge_redis_reconnects_total",
-                "Times the Redis input was re-established after a loss",
-                &stats.redis_resubscribes,
-            ),
-            (
-                "quotebridge_stream_batches_total",
-                "Stream mode: batches applied with MULTI/EXEC",
-                &stats.stream_batches,
-            ),
-            (
-                "quotebridge_stream_replayed_total",
-                "Stream mode: entries replayed or claimed after a failure",
-                &stats.stream_replayed,
-            ),
-        ];
-        for (name, help, value) in counters {
+        for counter in COUNTERS {
+            let name = counter.prometheus_name();
+            self.recorder.describe_counter(
+                name.clone().into(),
+                None,
+                SharedString::const_str(counter.help),
+            );
             self.recorder
-                .describe_counter(name.into(), None, SharedString::const_str(help));
-            self.recorder
-                .register_counter(&Key::from_static_name(name), &metadata())
-                .absolute(value.load(Relaxed));
+                .register_counter(&Key::from_name(name), &metadata())
+                .absolute(counter.read(stats));
         }
-        let rejected = "quotebridge_quotes_rejected_total";
+        let rejected = REJECTED.prometheus_name();
         self.recorder.describe_counter(
-            rejected.into(),
+            rejected.clone().into(),
             None,
-            SharedString::const_str("Payloads rejected, by reason"),
+            SharedString::const_str(REJECTED.help),
         );
         for (label, value) in Reject::LABELS.iter().zip(&stats.quotes_rejected) {
-            let key = Key::from_parts(rejected, vec![Label::new("reason", *label)]);
+            let key = Key::from_parts(rejected.clone(), vec![Label::new("reason", *label)]);
             self.recorder
                 .register_counter(&key, &metadata())
                 .absolute(value.load(Relaxed));
         }
         let gauges = [
+            ("quotebridge_sockets", "Open WebSocket connections", sockets),
             (
-                "quotebridge_websocket_sockets",
-                "Open WebSocket connections",
-                sockets,
-            ),
-            (
-                "quotebridge_websocket_groups",
+                "quotebridge_groups",
                 "Client groups with at least one open socket",
                 groups,
             ),
@@ -242,7 +146,7 @@ mod tests {
             text.contains(r#"quotebridge_quotes_rejected_total{reason="invalid_price"} 1"#),
             "{text}"
         );
-        assert!(text.contains("quotebridge_websocket_sockets 3"), "{text}");
+        assert!(text.contains("quotebridge_sockets 3"), "{text}");
         assert!(
             text.contains("# HELP quotebridge_smas_emitted_total"),
             "{text}"

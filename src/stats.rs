@@ -1,11 +1,12 @@
-//! Counters every part of the bridge bumps and `/stats` reports.
+//! Counters every part of the bridge bumps, and [`COUNTERS`], the one table
+//! that names and describes each for `/stats` and `/metrics` alike.
 //!
 //! Plain atomics: one writer per hot counter (the listener), relaxed ordering,
 //! no locks, nothing allocated per event.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::quote::Reject;
 
@@ -29,11 +30,11 @@ pub struct Stats {
     /// Messages lost because a publish to Redis failed.
     pub publish_failed: AtomicU64,
     /// Direct messages received for client groups.
-    pub direct_received: AtomicU64,
+    pub direct_messages: AtomicU64,
     /// Frames queued to sockets.
     pub frames_queued: AtomicU64,
     /// Sockets closed because they fell behind.
-    pub slow_consumers_closed: AtomicU64,
+    pub slow_consumer_closes: AtomicU64,
     /// Sockets closed for sending faster than allowed.
     pub rate_limited_closes: AtomicU64,
     /// Sockets closed for not answering pings.
@@ -74,28 +75,145 @@ impl Stats {
             .zip(&self.quotes_rejected)
             .map(|(label, count)| ((*label).to_owned(), count.load(Relaxed).into()))
             .collect();
-        json!({
-            "quotes_received": self.quotes_received.load(Relaxed),
-            "quotes_rejected": self.rejected_total(),
-            "quotes_rejected_by_reason": by_reason,
-            "quotes_other_shard": self.quotes_other_shard.load(Relaxed),
-            "smas_emitted": self.smas_emitted.load(Relaxed),
-            "results_relayed": self.results_relayed.load(Relaxed),
-            "results_unroutable": self.results_unroutable.load(Relaxed),
-            "published": self.published.load(Relaxed),
-            "publish_failed": self.publish_failed.load(Relaxed),
-            "direct_received": self.direct_received.load(Relaxed),
-            "frames_queued": self.frames_queued.load(Relaxed),
-            "slow_consumers_closed": self.slow_consumers_closed.load(Relaxed),
-            "rate_limited_closes": self.rate_limited_closes.load(Relaxed),
-            "keepalive_timeouts": self.keepalive_timeouts.load(Relaxed),
-            "redis_resubscribes": self.redis_resubscribes.load(Relaxed),
-            "frames_too_large": self.frames_too_large.load(Relaxed),
-            "snapshots_skipped": self.snapshots_skipped.load(Relaxed),
-            "subscription_overflows": self.subscription_overflows.load(Relaxed),
-            "http_header_timeouts": self.http_header_timeouts.load(Relaxed),
-            "stream_batches": self.stream_batches.load(Relaxed),
-            "stream_replayed": self.stream_replayed.load(Relaxed),
-        })
+        let mut json: Map<String, Value> = COUNTERS
+            .iter()
+            .map(|counter| (counter.name.to_owned(), counter.read(self).into()))
+            .collect();
+        json.insert(REJECTED.name.into(), REJECTED.read(self).into());
+        json.insert(format!("{}_by_reason", REJECTED.name), by_reason.into());
+        Value::Object(json)
     }
 }
+
+/// One counter as the outside sees it: `name` in `/stats`, and
+/// `quotebridge_{name}_total` in `/metrics`, with `help` as its HELP text.
+#[derive(Debug)]
+pub struct Counter {
+    /// The name in `/stats`.
+    pub name: &'static str,
+    /// What it counts.
+    pub help: &'static str,
+    /// How to read it.
+    value: fn(&Stats) -> u64,
+}
+
+impl Counter {
+    /// Its current value in `stats`.
+    #[must_use]
+    pub fn read(&self, stats: &Stats) -> u64 {
+        (self.value)(stats)
+    }
+
+    /// Its name in the Prometheus exposition.
+    #[must_use]
+    pub fn prometheus_name(&self) -> String {
+        format!("quotebridge_{}_total", self.name)
+    }
+}
+
+/// Rejected payloads: one counter per [`Reject`] reason, a `reason` label in
+/// `/metrics`, a total and `…_by_reason` in `/stats`.
+pub const REJECTED: Counter = Counter {
+    name: "quotes_rejected",
+    help: "Payloads rejected, by reason",
+    value: Stats::rejected_total,
+};
+
+/// Every other counter, defined once.
+pub const COUNTERS: &[Counter] = &[
+    Counter {
+        name: "quotes_received",
+        help: "Payloads received on the input channels or stream",
+        value: |stats| stats.quotes_received.load(Relaxed),
+    },
+    Counter {
+        name: "quotes_other_shard",
+        help: "Valid quotes skipped because another compute shard owns their symbol",
+        value: |stats| stats.quotes_other_shard.load(Relaxed),
+    },
+    Counter {
+        name: "results_relayed",
+        help: "Results a gateway received from compute nodes and fanned out",
+        value: |stats| stats.results_relayed.load(Relaxed),
+    },
+    Counter {
+        name: "results_unroutable",
+        help: "Messages on the output channels a gateway could not route",
+        value: |stats| stats.results_unroutable.load(Relaxed),
+    },
+    Counter {
+        name: "smas_emitted",
+        help: "SMA results computed and sent to Redis and sockets",
+        value: |stats| stats.smas_emitted.load(Relaxed),
+    },
+    Counter {
+        name: "published",
+        help: "Messages Redis acknowledged (SMA results and rejection notices)",
+        value: |stats| stats.published.load(Relaxed),
+    },
+    Counter {
+        name: "publish_failed",
+        help: "Messages lost because a publish to Redis failed",
+        value: |stats| stats.publish_failed.load(Relaxed),
+    },
+    Counter {
+        name: "direct_messages",
+        help: "Direct messages received for client groups",
+        value: |stats| stats.direct_messages.load(Relaxed),
+    },
+    Counter {
+        name: "frames_queued",
+        help: "WebSocket frames queued to sockets",
+        value: |stats| stats.frames_queued.load(Relaxed),
+    },
+    Counter {
+        name: "slow_consumer_closes",
+        help: "Sockets closed for falling behind",
+        value: |stats| stats.slow_consumer_closes.load(Relaxed),
+    },
+    Counter {
+        name: "rate_limited_closes",
+        help: "Sockets closed for sending too fast",
+        value: |stats| stats.rate_limited_closes.load(Relaxed),
+    },
+    Counter {
+        name: "keepalive_timeouts",
+        help: "Sockets closed for not answering pings",
+        value: |stats| stats.keepalive_timeouts.load(Relaxed),
+    },
+    Counter {
+        name: "frames_too_large",
+        help: "Frames refused because one alone exceeds websocket.send_queue_bytes",
+        value: |stats| stats.frames_too_large.load(Relaxed),
+    },
+    Counter {
+        name: "snapshots_skipped",
+        help: "Snapshots not sent on subscribe for lack of outbox room",
+        value: |stats| stats.snapshots_skipped.load(Relaxed),
+    },
+    Counter {
+        name: "subscription_overflows",
+        help: "Times the Redis subscription buffer overflowed and was re-established",
+        value: |stats| stats.subscription_overflows.load(Relaxed),
+    },
+    Counter {
+        name: "http_header_timeouts",
+        help: "HTTP connections closed for not sending request headers in time",
+        value: |stats| stats.http_header_timeouts.load(Relaxed),
+    },
+    Counter {
+        name: "redis_resubscribes",
+        help: "Times the Redis input was re-established after a loss",
+        value: |stats| stats.redis_resubscribes.load(Relaxed),
+    },
+    Counter {
+        name: "stream_batches",
+        help: "Stream mode: batches applied with MULTI/EXEC",
+        value: |stats| stats.stream_batches.load(Relaxed),
+    },
+    Counter {
+        name: "stream_replayed",
+        help: "Stream mode: entries replayed or claimed after a failure",
+        value: |stats| stats.stream_replayed.load(Relaxed),
+    },
+];

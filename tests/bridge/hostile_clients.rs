@@ -217,7 +217,7 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
         loop {
             let (_, body) = http_get(serve.address, "/stats").await;
             let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
-            if stats["slow_consumers_closed"] == STALLED && stats["sockets"] == HEALTHY {
+            if stats["slow_consumer_closes"] == STALLED && stats["sockets"] == HEALTHY {
                 return stats;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

@@ -56,8 +56,8 @@ async fn prometheus_counters_move_as_quotes_flow() {
         ("quotebridge_published_total", 5.0),
         // The welcome is written by the session itself; queued frames are the three SMAs.
         ("quotebridge_frames_queued_total", 3.0),
-        ("quotebridge_websocket_sockets", 1.0),
-        ("quotebridge_websocket_groups", 1.0),
+        ("quotebridge_sockets", 1.0),
+        ("quotebridge_groups", 1.0),
         ("quotebridge_quote_to_publish_seconds_count", 3.0),
     ];
     for (series, want) in expect {
@@ -68,4 +68,53 @@ async fn prometheus_counters_move_as_quotes_flow() {
         "{text}"
     );
     app.shutdown().await;
+}
+
+/// Every counter has one name: `NAME` in `/stats` is `quotebridge_NAME_total`
+/// (a gauge: `quotebridge_NAME`) in `/metrics`, and the README's table lists
+/// each.
+#[tokio::test]
+async fn stats_metrics_and_the_readme_name_every_counter_alike() {
+    use std::collections::BTreeSet;
+
+    let app = spawn_app().await;
+    let stats = app.stats().await;
+    let (_, metrics) = app.get("/metrics").await;
+    let families: BTreeSet<&str> = metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|line| line.split_whitespace().next())
+        .collect();
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+
+    let mut named = BTreeSet::new();
+    for name in stats.as_object().expect("an object").keys() {
+        if name.ends_with("_by_reason") {
+            continue;
+        }
+        let counter = format!("quotebridge_{name}_total");
+        let gauge = format!("quotebridge_{name}");
+        let family = if families.contains(counter.as_str()) {
+            counter
+        } else {
+            gauge
+        };
+        assert!(
+            families.contains(family.as_str()),
+            "/stats {name} has no /metrics family: {families:?}"
+        );
+        assert!(
+            readme.contains(&format!("| `{name}`")) && readme.contains(&format!("`{family}")),
+            "README's table lacks {name} / {family}"
+        );
+        named.insert(family);
+    }
+    let histogram = "quotebridge_quote_to_publish_seconds";
+    for family in families {
+        assert!(
+            family == histogram || named.contains(family),
+            "/metrics {family} has no /stats counterpart"
+        );
+    }
 }
