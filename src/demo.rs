@@ -74,10 +74,12 @@ async fn run_with<B: Broker>(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
         loaded.quotes.len()
     );
+    // Where this machine reaches it, whatever it listens on.
+    let local = crate::probe::local_address(local);
     println!("  dashboard:  http://{local}/");
     println!("  WebSocket:  ws://{local}/ws/demo");
     println!(
-        "  watch it:   cargo run --release -- tail demo    (or: websocat ws://{local}/ws/demo)"
+        "  watch it:   cargo run --release -- tail demo --url ws://{local}    (or: websocat ws://{local}/ws/demo)"
     );
     println!("  Ctrl-C stops it.");
 
