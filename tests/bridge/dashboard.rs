@@ -120,7 +120,7 @@ async fn wait_until(browser: &Client, what: &str, check: &str) {
 /// A browser of its own (profile `name`) showing the dashboard at
 /// `/?{query}`, its socket open. Keep the driver: dropping it ends the browser.
 async fn open_dashboard(
-    app: &TestApp,
+    address: std::net::SocketAddr,
     name: &str,
     query: &str,
 ) -> (ChromeDriver, Client, std::path::PathBuf) {
@@ -128,7 +128,7 @@ async fn open_dashboard(
     let profile = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
     let browser = browser(&driver, &profile).await;
     browser
-        .goto(&format!("http://{}/?{query}", app.address))
+        .goto(&format!("http://{address}/?{query}"))
         .await
         .expect("open the dashboard");
     wait_until(
@@ -144,7 +144,7 @@ async fn open_dashboard(
 async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
     let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
     let (_driver, browser, profile) =
-        open_dashboard(&app, "quotebridge-chromium", "client=acme").await;
+        open_dashboard(app.address, "quotebridge-chromium", "client=acme").await;
 
     // Window 3 over 1, 2, 4, 9: the SMAs are 7/3 and 5.
     let mut conn = app.redis.connection().await;
@@ -206,13 +206,61 @@ async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
     )
     .await;
 
+    browser.close().await.expect("close the browser");
+    let _ = std::fs::remove_dir_all(&profile);
+    app.shutdown().await;
+}
+
+/// What a user sees after starting `demo`: every sample symbol in the
+/// table, a chart that has run for a while, and a direct message. The
+/// screenshot is the README's picture (`script/dashboard-screenshot` copies
+/// it to docs/dashboard.png).
+#[tokio::test]
+async fn the_demo_dashboard_as_a_user_sees_it() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let demo = crate::binary::Serve::launch(
+        &["demo"],
+        &[("QUOTEBRIDGE__REDIS__URL", url.as_str())],
+        std::process::Stdio::null(),
+    )
+    .await;
+    let (_driver, browser, profile) =
+        open_dashboard(demo.address, "quotebridge-demo", "client=demo").await;
+    // The sample has 8 symbols; the chart follows the first row selected.
+    wait_until(
+        &browser,
+        "every sample symbol in the table",
+        "document.querySelectorAll('#rows tr').length >= 8",
+    )
+    .await;
+    let mut conn = redis.connection().await;
+    publish_all(
+        &mut conn,
+        &[(
+            "client.demo".to_owned(),
+            br#"{"alert":"margin call","account":"demo-7","level":3}"#.to_vec(),
+        )],
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the direct message",
+        "document.getElementById('direct').textContent.includes('margin call')",
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the chart to have run a while",
+        "Number(document.getElementById('chart').dataset.points) >= 40",
+    )
+    .await;
     let png = browser.screenshot().await.expect("screenshot");
-    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png");
+    let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard-demo.png");
     std::fs::write(&path, png).expect("save the screenshot");
     eprintln!("dashboard screenshot: {}", path.display());
     browser.close().await.expect("close the browser");
     let _ = std::fs::remove_dir_all(&profile);
-    app.shutdown().await;
 }
 
 /// Last round's stored XSS: a direct message shaped like a result, with
@@ -242,7 +290,7 @@ async fn hostile_frames_render_as_text_and_the_token_leaves_the_address_bar() {
     );
 
     let (_driver, browser, profile) = open_dashboard(
-        &app,
+        app.address,
         "quotebridge-chromium-xss",
         "client=acme&token=t0ken-of-acme",
     )

@@ -20,6 +20,6 @@ mod redis_subscriber;
 mod rejected_input;
 mod scale_out;
 mod schemas;
-mod walkthrough;
 mod support;
+mod walkthrough;
 mod websocket;

@@ -133,10 +133,16 @@ async fn the_readme_walkthrough_runs_as_written() {
     // Terminals 2 and 3: the output on Redis, and client code acme.
     let subscribe = as_run_here(line_with(&lines, "redis-cli SUBSCRIBE"), redis_port);
     let (_redis_cli, mut on_redis) = spawn_line(&subscribe, &env);
-    until_line("redis-cli to subscribe", &mut on_redis, |l| l == "quotes.rejected").await;
+    until_line("redis-cli to subscribe", &mut on_redis, |l| {
+        l == "quotes.rejected"
+    })
+    .await;
     let tail = as_run_here(line_with(&lines, " tail acme"), redis_port);
     let (_tail, mut acme) = spawn_line(&tail, &env);
-    until_line("tail's welcome", &mut acme, |l| json(l)["type"] == "welcome").await;
+    until_line("tail's welcome", &mut acme, |l| {
+        json(l)["type"] == "welcome"
+    })
+    .await;
 
     // Terminal 4: each PUBLISH, and what it shows.
     for line in lines.iter().filter(|l| l.starts_with("redis-cli PUBLISH")) {
@@ -158,15 +164,20 @@ async fn the_readme_walkthrough_runs_as_written() {
         l.contains("not a quote")
     })
     .await;
-    let first = until_line("the public SMA at acme", &mut acme, |l| json(l)["symbol"] == "AAPL")
-        .await;
+    let first = until_line("the public SMA at acme", &mut acme, |l| {
+        json(l)["symbol"] == "AAPL"
+    })
+    .await;
     assert_eq!(json(&first)["price"], 189.5, "{first}");
     let private = until_line("the private SMA at acme", &mut acme, |l| {
         json(l)["symbol"] == "AAPL"
     })
     .await;
     assert_eq!(
-        (json(&private)["price"].clone(), json(&private)["client"].clone()),
+        (
+            json(&private)["price"].clone(),
+            json(&private)["client"].clone()
+        ),
         (Value::from(190.1), Value::from("acme")),
         "{private}"
     );
