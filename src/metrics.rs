@@ -16,7 +16,7 @@ use metrics_exporter_prometheus::{
 };
 
 use crate::quote::Reject;
-use crate::stats::{COUNTERS, REJECTED, Stats};
+use crate::stats::{COUNTERS, GAUGES, Gauges, REJECTED, Stats};
 
 const PUBLISH_LATENCY: &str = "quotebridge_quote_to_publish_seconds";
 
@@ -71,9 +71,9 @@ impl Metrics {
         self.publish_latency.record(latency.as_secs_f64());
     }
 
-    /// The Prometheus text exposition, with `sockets` and `groups` as gauges.
+    /// The Prometheus text exposition of `stats` and `gauges`.
     #[must_use]
-    pub fn render(&self, stats: &Stats, sockets: usize, groups: usize) -> String {
+    pub fn render(&self, stats: &Stats, gauges: &Gauges) -> String {
         for counter in COUNTERS {
             let name = counter.prometheus_name();
             self.recorder.describe_counter(
@@ -97,20 +97,16 @@ impl Metrics {
                 .register_counter(&key, &metadata())
                 .absolute(value.load(Relaxed));
         }
-        let gauges = [
-            ("quotebridge_sockets", "Open WebSocket connections", sockets),
-            (
-                "quotebridge_groups",
-                "Client groups with at least one open socket",
-                groups,
-            ),
-        ];
-        for (name, help, value) in gauges {
+        for gauge in GAUGES {
+            let name = gauge.prometheus_name();
+            self.recorder.describe_gauge(
+                name.clone().into(),
+                None,
+                SharedString::const_str(gauge.help),
+            );
             self.recorder
-                .describe_gauge(name.into(), None, SharedString::const_str(help));
-            self.recorder
-                .register_gauge(&Key::from_static_name(name), &metadata())
-                .set(value as f64);
+                .register_gauge(&Key::from_name(name), &metadata())
+                .set(gauge.read(stats, gauges) as f64);
         }
         self.handle.render()
     }
@@ -137,7 +133,12 @@ mod tests {
         stats.reject(&Reject::InvalidPrice);
         let metrics = Metrics::new();
         metrics.record_publish_latency(Duration::from_micros(300));
-        let text = metrics.render(&stats, 3, 2);
+        let gauges = Gauges {
+            sockets: 3,
+            groups: 2,
+            ready: true,
+        };
+        let text = metrics.render(&stats, &gauges);
         assert!(
             text.contains("quotebridge_quotes_received_total 7"),
             "{text}"

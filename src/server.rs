@@ -24,7 +24,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::session;
-use crate::stats::Stats;
+use crate::stats::{Gauges, Stats};
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -246,7 +246,7 @@ async fn healthz() -> &'static str {
 async fn readyz(State(app): State<AppState>) -> Response {
     if app.shutdown.is_cancelled() {
         (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response()
-    } else if app.ready.iter().all(|flag| flag.load(Ordering::Relaxed)) {
+    } else if app.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (
@@ -258,9 +258,7 @@ async fn readyz(State(app): State<AppState>) -> Response {
 }
 
 async fn stats(State(app): State<AppState>) -> Response {
-    let mut body = app.stats.to_json();
-    body["sockets"] = app.hub.socket_count().into();
-    body["groups"] = app.hub.group_count().into();
+    let body = app.stats.to_json(&app.gauges());
     (
         [(header::CONTENT_TYPE, "application/json")],
         body.to_string(),
@@ -269,10 +267,23 @@ async fn stats(State(app): State<AppState>) -> Response {
 }
 
 async fn metrics(State(app): State<AppState>) -> Response {
-    let body = app
-        .metrics
-        .render(&app.stats, app.hub.socket_count(), app.hub.group_count());
+    let body = app.metrics.render(&app.stats, &app.gauges());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response()
+}
+
+impl AppState {
+    /// Whether every part the bridge waits for is up, and it is not stopping.
+    fn is_ready(&self) -> bool {
+        !self.shutdown.is_cancelled() && self.ready.iter().all(|flag| flag.load(Ordering::Relaxed))
+    }
+
+    fn gauges(&self) -> Gauges {
+        Gauges {
+            sockets: self.hub.socket_count(),
+            groups: self.hub.group_count(),
+            ready: self.is_ready(),
+        }
+    }
 }
 
 /// Serves `app` on `listener` until `shutdown`, bounding what a connection

@@ -53,6 +53,20 @@ pub struct Stats {
     pub stream_batches: AtomicU64,
     /// Stream mode: entries replayed after a restart or claimed from another consumer.
     pub stream_replayed: AtomicU64,
+    /// Stream mode, a gauge: entries of the input stream the consumer group
+    /// has not yet acknowledged (pending plus not yet delivered), as last measured.
+    pub stream_lag: AtomicU64,
+}
+
+/// The gauges read off the running bridge when `/stats` or `/metrics` is asked.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Gauges {
+    /// Open WebSocket connections.
+    pub sockets: usize,
+    /// Client groups with at least one open socket.
+    pub groups: usize,
+    /// Whether `/readyz` would answer 200.
+    pub ready: bool,
 }
 
 impl Stats {
@@ -67,9 +81,9 @@ impl Stats {
         self.quotes_rejected.iter().map(|c| c.load(Relaxed)).sum()
     }
 
-    /// The counters as JSON, with the hub's live gauges added by the caller.
+    /// The counters and `gauges` as JSON.
     #[must_use]
-    pub fn to_json(&self) -> Value {
+    pub fn to_json(&self, gauges: &Gauges) -> Value {
         let by_reason: Map<String, Value> = Reject::LABELS
             .iter()
             .zip(&self.quotes_rejected)
@@ -80,6 +94,9 @@ impl Stats {
             .map(|counter| (counter.name.to_owned(), counter.read(self).into()))
             .collect();
         json.insert(REJECTED.name.into(), REJECTED.read(self).into());
+        for gauge in GAUGES {
+            json.insert(gauge.name.into(), gauge.read(self, gauges).into());
+        }
         json.insert(format!("{}_by_reason", REJECTED.name), by_reason.into());
         Value::Object(json)
     }
@@ -215,5 +232,54 @@ pub const COUNTERS: &[Counter] = &[
         name: "stream_replayed",
         help: "Stream mode: entries replayed or claimed after a failure",
         value: |stats| stats.stream_replayed.load(Relaxed),
+    },
+];
+
+/// One gauge: `name` in `/stats`, `quotebridge_{name}` in `/metrics`.
+#[derive(Debug)]
+pub struct Gauge {
+    /// The name in `/stats`.
+    pub name: &'static str,
+    /// What it measures.
+    pub help: &'static str,
+    /// How to read it.
+    value: fn(&Stats, &Gauges) -> u64,
+}
+
+impl Gauge {
+    /// Its current value.
+    #[must_use]
+    pub fn read(&self, stats: &Stats, gauges: &Gauges) -> u64 {
+        (self.value)(stats, gauges)
+    }
+
+    /// Its name in the Prometheus exposition.
+    #[must_use]
+    pub fn prometheus_name(&self) -> String {
+        format!("quotebridge_{}", self.name)
+    }
+}
+
+/// Every gauge, defined once.
+pub const GAUGES: &[Gauge] = &[
+    Gauge {
+        name: "sockets",
+        help: "Open WebSocket connections",
+        value: |_, gauges| gauges.sockets as u64,
+    },
+    Gauge {
+        name: "groups",
+        help: "Client groups with at least one open socket",
+        value: |_, gauges| gauges.groups as u64,
+    },
+    Gauge {
+        name: "ready",
+        help: "1 while /readyz answers 200 (the Redis input is established), else 0",
+        value: |_, gauges| u64::from(gauges.ready),
+    },
+    Gauge {
+        name: "stream_lag",
+        help: "Stream mode: input entries the consumer group has not acknowledged yet",
+        value: |stats, _| stats.stream_lag.load(Relaxed),
     },
 ];

@@ -52,6 +52,9 @@ pub const SMA_FIELD: &str = "sma";
 /// How long one XREADGROUP waits for new entries; also how often shutdown is noticed.
 const BLOCK: Duration = Duration::from_millis(1000);
 
+/// How often the group's lag (`stream_lag`) is measured.
+const LAG_EVERY: Duration = Duration::from_secs(5);
+
 /// Where the group's pending entries stand.
 enum Pending {
     /// None are left: new entries may be read.
@@ -165,7 +168,12 @@ impl StreamConsumer {
         // earlier (to this consumer or another) is applied before any new
         // one is read.
         let mut held_since: Option<Instant> = None;
+        let mut lag_measured: Option<Instant> = None;
         while !shutdown.is_cancelled() {
+            if lag_measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+                self.measure_lag(&mut conn).await;
+                lag_measured = Some(Instant::now());
+            }
             match self.drain_pending(&mut conn, shutdown).await? {
                 Pending::Stopped => break,
                 Pending::Drained => {
@@ -195,6 +203,35 @@ impl StreamConsumer {
             }
         }
         Ok(())
+    }
+
+    /// Stores in `stream_lag` how many entries the group has yet to
+    /// acknowledge: those pending plus those not yet delivered (XINFO
+    /// GROUPS's `pending` and `lag`; `lag` is unknown after some deletions,
+    /// and then only the pending count).
+    async fn measure_lag(&self, conn: &mut MultiplexedConnection) {
+        let groups: RedisResult<Vec<HashMap<String, Value>>> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&self.redis.input_stream)
+            .query_async(conn)
+            .await;
+        let number = |group: &HashMap<String, Value>, field: &str| match group.get(field) {
+            Some(Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+            _ => 0,
+        };
+        match groups {
+            Ok(groups) => {
+                let ours = groups.iter().find(|group| {
+                    matches!(group.get("name"), Some(Value::BulkString(name))
+                        if name == self.redis.consumer_group.as_bytes())
+                });
+                if let Some(group) = ours {
+                    let lag = number(group, "pending") + number(group, "lag");
+                    self.stats.stream_lag.store(lag, Relaxed);
+                }
+            }
+            Err(err) => tracing::debug!(cause = ?err, "could not measure the stream's lag"),
+        }
     }
 
     async fn create_group(&self, conn: &mut MultiplexedConnection) -> RedisResult<()> {

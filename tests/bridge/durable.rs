@@ -448,3 +448,33 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     }
     assert_eq!(stream_replayed(&second).await, 50);
 }
+
+/// `stream_lag` (the gauge the stream-lag alert watches) counts what the
+/// group has yet to acknowledge, and falls to zero once it is applied.
+#[tokio::test]
+async fn stream_lag_counts_what_is_waiting_and_falls_to_zero() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let quotes: Vec<Vec<u8>> = (0..100)
+        .map(|i| format!(r#"{{"symbol":"L{}","price":{i},"ts":{i}}}"#, i % 7).into_bytes())
+        .collect();
+    xadd_all(&mut conn, &quotes).await;
+    // Measured before the first read: all 100 are waiting.
+    let app = spawn_app_on(redis, &[STREAM_MODE]);
+    app.wait_for_stats("the lag of what was there before", |s| {
+        s["stream_lag"] == 100
+    })
+    .await;
+    let stats = app
+        .wait_for_stats("the lag to fall to zero", |s| {
+            s["stream_lag"] == 0 && s["quotes_received"] == 100
+        })
+        .await;
+    assert_eq!(stats["ready"], 1);
+    let (_, metrics) = app.get("/metrics").await;
+    assert!(
+        metrics.contains("\nquotebridge_stream_lag 0\n"),
+        "{metrics}"
+    );
+    app.shutdown().await;
+}
