@@ -214,3 +214,42 @@ async fn http_get_status(address: std::net::SocketAddr, path: &str) -> Option<u1
     tokio::net::TcpStream::connect(address).await.ok()?;
     Some(http_get(address, path).await.0)
 }
+
+/// Every `console` block of the README, run line by line in an empty
+/// directory: each `$ command` prints exactly the lines shown after it.
+#[test]
+fn the_readmes_console_examples_print_what_they_show() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let dir = std::env::temp_dir().join(format!("quotebridge-console-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let mut examples = 0;
+    for block in readme.split("```console\n").skip(1) {
+        let block = block.split("\n```").next().expect("a closed block");
+        // (command, the output shown under it)
+        let mut runs: Vec<(String, Vec<&str>)> = Vec::new();
+        for line in block.lines() {
+            match line.strip_prefix("$ ") {
+                Some(command) => runs.push((command.to_owned(), Vec::new())),
+                None => runs.last_mut().expect("a command first").1.push(line),
+            }
+        }
+        for (command, shown) in runs {
+            let out = std::process::Command::new("sh")
+                .arg("-c")
+                .arg(command.replace("cargo run -q --release --", BIN))
+                .current_dir(&dir)
+                .output()
+                .expect("run sh");
+            let printed = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(printed.lines().collect::<Vec<_>>(), shown, "$ {command}");
+            examples += 1;
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(examples >= 3, "the README's console examples were found");
+}
