@@ -40,6 +40,10 @@ const MAX_BURST: usize = 64;
 /// ...and the longest: at 10,000 sockets one message is 10,000 frames.
 const MAX_BURST_TIME: Duration = Duration::from_micros(250);
 
+/// How many times the publisher is asked to answer before the listener
+/// reports ready regardless.
+const PUBLISHER_CHECKS: u32 = 5;
+
 /// How often a continuing Redis outage is logged.
 const OUTAGE_REPORT_EVERY: Duration = Duration::from_secs(5);
 
@@ -130,6 +134,26 @@ impl<B: Broker> Listener<B> {
         !self.topics.is_empty()
     }
 
+    /// Before reporting ready: the publisher's connection answers (a PING
+    /// on a connection that died in the outage fails once and reconnects
+    /// it, instead of the first results failing). A few tries, then on:
+    /// the subscription works, and failed publishes are counted.
+    async fn check_publisher(&mut self, shutdown: &CancellationToken) {
+        for attempt in 1..=PUBLISHER_CHECKS {
+            match self.broker.check_publisher().await {
+                Ok(()) => return,
+                Err(err) if attempt == PUBLISHER_CHECKS => {
+                    tracing::warn!(cause = %err, "the publisher does not answer yet; going on");
+                }
+                Err(_) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(self.backoff.next_delay()) => {}
+            }
+        }
+    }
+
     /// Runs until `shutdown`, resubscribing (with backoff) whenever the
     /// subscription is lost. SMA windows survive resubscription.
     #[tracing::instrument(name = "listener", skip_all, fields(broker = %self.broker.describe()))]
@@ -163,6 +187,7 @@ impl<B: Broker> Listener<B> {
                     }
                 }
             };
+            self.check_publisher(&shutdown).await;
             self.backoff.reset();
             match outage.take() {
                 Some((since, _)) => {

@@ -185,6 +185,14 @@ pub trait Broker: Clone + Send + Sync + 'static {
         keys: &[String],
     ) -> impl Future<Output = Result<Vec<(String, Bytes)>, BrokerError>> + Send;
 
+    /// Whether the publishing side answers, reconnecting it if its
+    /// connection went stale in an outage: the listener asks before it
+    /// reports ready, so the first results after an outage are not lost to
+    /// a dead connection.
+    fn check_publisher(&self) -> impl Future<Output = Result<(), BrokerError>> + Send {
+        async { Ok(()) }
+    }
+
     /// How many subscriptions so far ended because the listener fell a
     /// whole buffer behind (and so lost messages).
     fn overflows(&self) -> u64 {

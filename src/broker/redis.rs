@@ -176,6 +176,10 @@ impl Broker for RedisBroker {
             .collect())
     }
 
+    async fn check_publisher(&self) -> Result<(), BrokerError> {
+        self.ping().await
+    }
+
     fn overflows(&self) -> u64 {
         self.overflows.load(Relaxed)
     }

@@ -51,9 +51,25 @@ async fn quotes_flow_through(app: &TestApp, socket: &mut Socket, symbol: &str) {
         })
         .collect();
     publish_all(&mut conn, &quotes).await;
+    // One bound for all: background traffic keeps each read short, so a
+    // lost result must not leave the loops below waiting forever.
+    within(
+        &format!("{symbol}'s 50 SMAs on Redis and the socket"),
+        async {
+            read_symbol_through(&mut output, socket, symbol).await;
+        },
+    )
+    .await;
+}
+
+async fn read_symbol_through(
+    output: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+    socket: &mut Socket,
+    symbol: &str,
+) {
     for i in 0..50 {
         let got = loop {
-            let (_, payload) = next_redis(&mut output).await;
+            let (_, payload) = next_redis(output).await;
             let got: Value = serde_json::from_str(&payload).expect("json");
             if got["symbol"] == symbol {
                 break got;
