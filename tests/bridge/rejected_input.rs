@@ -144,14 +144,17 @@ async fn the_rejected_channel_can_be_disabled() {
     .await;
     // Everything published on the server shows up here; after the two inputs
     // the next message must be the SMA, not a rejection.
-    let mut seen = Vec::new();
-    loop {
-        let (channel, _) = next_redis(&mut messages).await;
-        if channel == "sma" {
-            break;
+    let seen = within("the SMA after the two inputs", async {
+        let mut seen = Vec::new();
+        loop {
+            let (channel, _) = next_redis(&mut messages).await;
+            if channel == "sma" {
+                return seen;
+            }
+            seen.push(channel);
         }
-        seen.push(channel);
-    }
+    })
+    .await;
     assert_eq!(seen, vec!["quotes", "quotes"]);
     app.wait_for_stats("the rejection to be counted", |s| s["quotes_rejected"] == 1)
         .await;
