@@ -339,11 +339,15 @@ impl Hub {
     /// listener queues everything that has arrived, then each session wakes
     /// once and writes it all. Woken per frame, a session on the other core
     /// would drain its outbox while the listener is still filling it, and
-    /// both cores would fight over its lock. A hold must not be kept across
-    /// an `.await`; an outbox past half full wakes its session regardless.
+    /// both cores would fight over its lock. A hold cannot be kept across an
+    /// `.await` in a spawned task (it is not `Send`); an outbox past half
+    /// full wakes its session regardless.
     pub fn hold_wakes(&self) -> WakeHold {
         self.state().holds += 1;
-        WakeHold { hub: self.clone() }
+        WakeHold {
+            hub: self.clone(),
+            _not_send: std::marker::PhantomData,
+        }
     }
 
     /// How many sockets are open.
@@ -433,11 +437,26 @@ impl Hub {
 }
 
 /// Keeps sessions from being woken until it is dropped; see [`Hub::hold_wakes`].
+///
+/// Not `Send`: held across an `.await` it would keep every session asleep
+/// while the task waits, and a future holding it there cannot be spawned.
 #[derive(Debug)]
 #[must_use = "the hold ends, and sessions wake, when it is dropped"]
 pub struct WakeHold {
     hub: Hub,
+    _not_send: std::marker::PhantomData<std::rc::Rc<()>>,
 }
+
+// Fails to compile if `WakeHold` ever becomes `Send`: the two impls below
+// then both apply and the call is ambiguous.
+const _: fn() = || {
+    trait AmbiguousIfSend<A> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+    <WakeHold as AmbiguousIfSend<_>>::check();
+};
 
 impl Drop for WakeHold {
     fn drop(&mut self) {

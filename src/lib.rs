@@ -7,31 +7,31 @@
 
 #![forbid(unsafe_code)]
 
-pub mod auth;
-pub mod backoff;
+pub(crate) mod auth;
+pub(crate) mod backoff;
 pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod config;
-pub mod demo;
-pub mod hub;
-pub mod listener;
-pub mod metrics;
+pub(crate) mod demo;
+pub(crate) mod hub;
+pub(crate) mod listener;
+pub(crate) mod metrics;
 pub mod names;
-pub mod outbox;
+pub(crate) mod outbox;
 pub mod pipeline;
-pub mod probe;
-pub mod producer;
+pub(crate) mod probe;
+pub(crate) mod producer;
 pub mod protocol;
-pub mod publisher;
+pub(crate) mod publisher;
 pub mod quote;
-pub mod server;
-pub mod session;
-pub mod shutdown;
+pub(crate) mod server;
+pub(crate) mod session;
+pub(crate) mod shutdown;
 pub mod sma;
 pub mod stats;
-pub mod stream;
-pub mod tail;
+pub(crate) mod stream;
+pub(crate) mod tail;
 pub mod telemetry;
 pub mod topology;
 

@@ -32,7 +32,6 @@ pub async fn run(
             reason: err.to_string(),
         })?;
     tracing::info!(%url, "connected");
-    let mut out = std::io::stdout().lock();
     let mut pending_subscription = symbols;
     loop {
         let frame = tokio::select! {
@@ -53,7 +52,12 @@ pub async fn run(
             .into(),
             Some(Ok(_)) => continue,
         };
-        if writeln!(out, "{text}").and_then(|()| out.flush()).is_err() {
+        let written = {
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{text}").and_then(|()| out.flush())
+        };
+        // stdout is locked per line, never across an await.
+        if written.is_err() {
             // stdout closed (e.g. piped into `head`): nothing left to do.
             return Ok(());
         }
