@@ -314,6 +314,42 @@ impl<'q, T: Clone> Pacer<'q, T> {
 
 #[cfg(test)]
 mod tests {
+    /// The fast path exists for what producers send: it must take nearly
+    /// all of it, or it is only a detour. (That it agrees with the full
+    /// parser where it accepts is checked in tests/bridge/properties.rs.)
+    #[test]
+    fn the_fast_path_takes_what_publish_sends() {
+        for (name, loaded) in [
+            (
+                "data/quotes.csv",
+                super::parse_csv(crate::demo::SAMPLE_QUOTES, None).expect("sample"),
+            ),
+            (
+                "data/quotes.csv, private",
+                super::parse_csv(crate::demo::SAMPLE_QUOTES, Some("acme")).expect("sample"),
+            ),
+            (
+                "data/ticks.jsonl",
+                super::load(
+                    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/ticks.jsonl")),
+                    None,
+                )
+                .expect("ticks"),
+            ),
+        ] {
+            let taken = loaded
+                .quotes
+                .iter()
+                .filter(|payload| crate::quote::parse_fast(payload).is_some())
+                .count();
+            assert!(
+                taken * 100 >= loaded.quotes.len() * 99 && !loaded.quotes.is_empty(),
+                "{name}: the fast path took {taken} of {}",
+                loaded.quotes.len()
+            );
+        }
+    }
+
     use super::*;
 
     fn payloads(loaded: &Loaded) -> Vec<&str> {

@@ -8,7 +8,14 @@ use quotebridge::names;
 use quotebridge::quote;
 
 fuzz_target!(|payload: &[u8]| {
-    // The single-scan fast path and the full parser must agree on everything.
+    // Wherever the single-scan fast path accepts, it must agree with the
+    // full parser, bit for bit (asked directly: `parse == parse_fully`
+    // alone would hold for a fast path that always declined).
+    if let Some(fast) = quote::parse_fast(payload) {
+        let full = quote::parse_fully(payload).expect("the full parser accepts it too");
+        assert_eq!(fast, full);
+        assert_eq!(fast.price.to_bits(), full.price.to_bits());
+    }
     assert_eq!(quote::parse(payload), quote::parse_fully(payload));
     // Equal as numbers is not enough (0.0 == -0.0): the same bits.
     let bits = |q: Result<quote::Quote<'_>, _>| q.map(|q| q.price.to_bits());

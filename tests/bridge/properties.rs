@@ -73,7 +73,28 @@ proptest! {
     fn the_fast_path_agrees_with_the_full_parser(
         text in r#"\s?\{\s?("(symbol|price|ts|client|x)"\s?:\s?(-?[0-9]{0,3}(\.[0-9]{0,3})?([eE][+-]?[0-9]{0,3})?|"[A-Za-z0-9 ._\\-]{0,8}"|null|0[0-9]),?\s?){0,5}\}\s?"#,
     ) {
+        // Where the fast path accepts, it must agree (a fast path that
+        // always declined would pass `parse == parse_fully` trivially).
+        if let Some(fast) = quote::parse_fast(text.as_bytes()) {
+            prop_assert_eq!(Ok(fast), quote::parse_fully(text.as_bytes()));
+        }
         prop_assert_eq!(quote::parse(text.as_bytes()), quote::parse_fully(text.as_bytes()));
+    }
+
+    /// Producer-shaped quotes (what serde_json writes for a finite price)
+    /// always take the fast path, and it reads them as the full parser does.
+    #[test]
+    fn the_fast_path_takes_every_producer_shaped_quote(
+        symbol in "[A-Za-z0-9._:/-]{1,32}",
+        price in prop::num::f64::NORMAL | prop::num::f64::SUBNORMAL | prop::num::f64::ZERO,
+        ts in prop::option::of(any::<u64>()),
+        client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+    ) {
+        let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
+        let json = serde_json::to_vec(&q).expect("serialize");
+        let fast = quote::parse_fast(&json);
+        prop_assert!(fast.is_some(), "declined {}", String::from_utf8_lossy(&json));
+        prop_assert_eq!(fast.map(Ok), Some(quote::parse_fully(&json)));
     }
 
     #[test]
