@@ -51,16 +51,9 @@ impl Serve {
             .expect("start quotebridge serve");
         let address = ([127, 0, 0, 1], port).into();
         let serve = Serve { child, address };
-        within("quotebridge serve to become ready", async {
-            loop {
-                if let Ok(stream) = tokio::net::TcpStream::connect(address).await {
-                    drop(stream);
-                    if http_get(address, "/readyz").await.0 == 200 {
-                        break;
-                    }
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
+        eventually("quotebridge serve to become ready", async || {
+            tokio::net::TcpStream::connect(address).await.ok()?;
+            (http_get(address, "/readyz").await.0 == 200).then_some(())
         })
         .await;
         serve
@@ -86,13 +79,8 @@ impl Serve {
             .status()
             .expect("send SIGTERM");
         assert!(killed.success());
-        within("quotebridge serve to exit", async {
-            loop {
-                if let Some(status) = self.child.try_wait().expect("wait for child") {
-                    return status;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
+        eventually("quotebridge serve to exit", async || {
+            self.child.try_wait().expect("wait for child")
         })
         .await
     }

@@ -2,7 +2,6 @@
 //! sharded pub/sub, including a slot moving to another master under load.
 
 use std::process::{Child, Command};
-use std::time::Duration;
 
 use quotebridge::broker::{Broker, ClusterBroker, Outbound};
 use quotebridge::config::Settings;
@@ -82,18 +81,13 @@ impl RedisCluster {
     /// Waits until every node reports `cluster_state:ok`.
     async fn wait_until_healthy(&self) {
         for port in self.ports() {
-            within("the cluster to agree", async {
-                loop {
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query_async(&mut node(port).await)
-                        .await
-                        .expect("CLUSTER INFO");
-                    if info.contains("cluster_state:ok") {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
+            eventually("the cluster to agree", async || {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut node(port).await)
+                    .await
+                    .expect("CLUSTER INFO");
+                info.contains("cluster_state:ok").then_some(())
             })
             .await;
         }
@@ -312,10 +306,8 @@ impl Rounds {
 /// Waits until one compute shard and the gateway are subscribed to the
 /// `moved` input and output channels at the master on `port`.
 async fn resubscribed(what: &str, port: u16, moved: &[String]) {
-    within(what, async {
-        while shard_subscribers(port, moved).await != [1, 1] {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually(what, async || {
+        (shard_subscribers(port, moved).await == [1, 1]).then_some(())
     })
     .await;
 }

@@ -2,7 +2,6 @@
 
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
-use std::time::Duration;
 
 use quotebridge::protocol::SmaMessage;
 use quotebridge::sma::SmaWindow;
@@ -81,10 +80,8 @@ async fn stream_input_is_processed_acknowledged_and_restored_after_a_restart() {
         payload,
         "the socket gets the same bytes after EXEC"
     );
-    within("every entry to be acknowledged", async {
-        while pending(&mut conn).await != 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually("every entry to be acknowledged", async || {
+        (pending(&mut conn).await == 0).then_some(())
     })
     .await;
 
@@ -217,14 +214,9 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
 
     for fraction in [0.15, 0.5] {
         let threshold = (expected.len() as f64 * fraction) as usize;
-        let at_kill = within("output to reach the kill point", async {
-            loop {
-                let len = xlen(&mut conn, "sma.out").await;
-                if len >= threshold {
-                    return len;
-                }
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+        let at_kill = eventually("output to reach the kill point", async || {
+            let len = xlen(&mut conn, "sma.out").await;
+            (len >= threshold).then_some(len)
         })
         .await;
         replayed += stream_replayed(&serve).await;
@@ -235,10 +227,9 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
         serve = Serve::start(&redis, &env).await;
     }
 
-    within("every output and acknowledgement", async {
-        while xlen(&mut conn, "sma.out").await < expected.len() || pending(&mut conn).await != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("every output and acknowledgement", async || {
+        let done = xlen(&mut conn, "sma.out").await >= expected.len();
+        (done && pending(&mut conn).await == 0).then_some(())
     })
     .await;
     let got = output_stream(&mut conn, "sma.out").await;
@@ -407,10 +398,9 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     xadd_all(&mut conn, &payloads[..1_000]).await;
     let mut first = Serve::start(&redis, &env("bridge-1")).await;
     let first_share = uninterrupted_run(&quotes[..1_000], 5).len();
-    within("bridge-1 to apply its share", async {
-        while xlen(&mut conn, "sma.out").await < first_share || pending(&mut conn).await != 0 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually("bridge-1 to apply its share", async || {
+        let done = xlen(&mut conn, "sma.out").await >= first_share;
+        (done && pending(&mut conn).await == 0).then_some(())
     })
     .await;
     first.kill();
@@ -432,10 +422,9 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     // bridge-2 must not read the 1,950 newer entries before it can claim
     // the 50 (after claim_idle_ms).
     let second = Serve::start(&redis, &env("bridge-2")).await;
-    within("every output and acknowledgement", async {
-        while xlen(&mut conn, "sma.out").await < expected.len() || pending(&mut conn).await != 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("every output and acknowledgement", async || {
+        let done = xlen(&mut conn, "sma.out").await >= expected.len();
+        (done && pending(&mut conn).await == 0).then_some(())
     })
     .await;
     let got = output_stream(&mut conn, "sma.out").await;

@@ -36,10 +36,8 @@ impl Embedded {
             broker.clone(),
             shutdown.clone(),
         ));
-        within("readiness", async {
-            while http_get(address, "/readyz").await.0 != 200 {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-            }
+        eventually("readiness", async || {
+            (http_get(address, "/readyz").await.0 == 200).then_some(())
         })
         .await;
         let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))

@@ -67,16 +67,11 @@ async fn connection_limits_refuse_upgrades_with_429_and_503() {
     drop(a2);
     app.wait_for_stats("the socket to be gone", |s| s["sockets"] == 2)
         .await;
-    within("a place for acme again", async {
-        loop {
-            if tokio_tungstenite::connect_async(app.ws_url("acme"))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    eventually("a place for acme again", async || {
+        tokio_tungstenite::connect_async(app.ws_url("acme"))
+            .await
+            .ok()
+            .map(drop)
     })
     .await;
     app.shutdown().await;
@@ -107,10 +102,8 @@ async fn a_client_that_never_answers_pings_is_closed_and_a_live_one_is_not() {
     // The live socket has answered pings all along and is still open: it keeps
     // getting them after the silent one was dropped.
     let seen = pings.load(Ordering::Relaxed);
-    within("more pings to the live socket", async {
-        while pings.load(Ordering::Relaxed) < seen + 3 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually("more pings to the live socket", async || {
+        (pings.load(Ordering::Relaxed) >= seen + 3).then_some(())
     })
     .await;
     assert_eq!(app.stats().await["keepalive_timeouts"], 1);
@@ -205,23 +198,19 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
             .collect();
         publish_all(&mut conn, &quotes).await;
         let want = (chunk + 1) * 2000;
-        within("healthy sockets to keep up", async {
-            while received.iter().any(|c| c.load(Ordering::Relaxed) < want) {
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
+        eventually("healthy sockets to keep up", async || {
+            received
+                .iter()
+                .all(|c| c.load(Ordering::Relaxed) >= want)
+                .then_some(())
         })
         .await;
         peak = peak.max(serve.rss_kib());
     }
-    let stats = within("the stalled sockets to be closed", async {
-        loop {
-            let (_, body) = http_get(serve.address, "/stats").await;
-            let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
-            if stats["slow_consumer_closes"] == STALLED && stats["sockets"] == HEALTHY {
-                return stats;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    let stats = eventually("the stalled sockets to be closed", async || {
+        let (_, body) = http_get(serve.address, "/stats").await;
+        let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
+        (stats["slow_consumer_closes"] == STALLED && stats["sockets"] == HEALTHY).then_some(stats)
     })
     .await;
     for count in &received {

@@ -96,10 +96,8 @@ async fn the_bridge_survives_three_redis_restarts_with_its_sockets_open() {
 
     for round in 1..=3u64 {
         app.redis.kill();
-        within("/readyz to report the outage", async {
-            while app.get("/readyz").await.0 != 503 {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+        eventually("/readyz to report the outage", async || {
+            (app.get("/readyz").await.0 == 503).then_some(())
         })
         .await;
         app.redis.start_again().await;
@@ -157,13 +155,11 @@ async fn the_bridge_starts_before_redis_and_becomes_ready_when_it_answers() {
     let mut redis = RedisServer::start().await;
     redis.kill();
     let mut app = spawn_app_on(redis, &[("QUOTEBRIDGE__SMA__WINDOW", "1")]);
-    within("the HTTP side to answer", async {
-        loop {
-            if tokio::net::TcpStream::connect(app.address).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    eventually("the HTTP side to answer", async || {
+        tokio::net::TcpStream::connect(app.address)
+            .await
+            .ok()
+            .map(drop)
     })
     .await;
     assert_eq!(app.get("/readyz").await.0, 503, "not ready without Redis");

@@ -27,6 +27,24 @@ pub async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) ->
     }
 }
 
+/// How often [`eventually`] asks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Asks `check` every [`POLL`] until it answers `Some`, and returns that;
+/// fails the test with `what` if that takes longer than [`DEADLINE`]. The
+/// one way tests wait for a condition.
+pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>) -> T {
+    within(what, async {
+        loop {
+            if let Some(value) = check().await {
+                return value;
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    })
+    .await
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
@@ -164,8 +182,17 @@ pub async fn wait_until_ready(child: &mut Child, port: u16) -> bool {
     false
 }
 
-/// The `INFO server` text of whatever answers on `port`.
+/// The `INFO server` text of whatever answers on `port`; `None` if nothing
+/// answers it within a second (another process may hold the port and say
+/// nothing).
 async fn server_info(port: u16) -> Option<String> {
+    tokio::time::timeout(Duration::from_secs(1), ask_server_info(port))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn ask_server_info(port: u16) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
     stream.write_all(b"INFO server\r\n").await.ok()?;
     // A bulk string: `$LEN\r\n`, LEN bytes, `\r\n`.
@@ -275,10 +302,8 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 impl TestApp {
     /// Waits until `/readyz` answers 200.
     pub async fn wait_until_ready(&self) {
-        within("the bridge to become ready", async {
-            while self.get("/readyz").await.0 != 200 {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        eventually("the bridge to become ready", async || {
+            (self.get("/readyz").await.0 == 200).then_some(())
         })
         .await;
     }
@@ -307,14 +332,9 @@ impl TestApp {
 
     /// Polls `/stats` until `check` holds.
     pub async fn wait_for_stats(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
-        within(what, async {
-            loop {
-                let stats = self.stats().await;
-                if check(&stats) {
-                    return stats;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+        eventually(what, async || {
+            let stats = self.stats().await;
+            check(&stats).then_some(stats)
         })
         .await
     }
@@ -354,8 +374,17 @@ pub async fn http_get(address: SocketAddr, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// A raw HTTP/1.1 GET: the status, the header block (lower-cased) and the body.
+/// A raw HTTP/1.1 GET: the status, the header block (lower-cased) and the
+/// body, within [`DEADLINE`].
 pub async fn http_get_with_headers(address: SocketAddr, path: &str) -> (u16, String, String) {
+    within(
+        &format!("an answer to GET {path}"),
+        get_with_headers(address, path),
+    )
+    .await
+}
+
+async fn get_with_headers(address: SocketAddr, path: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(address).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
     stream

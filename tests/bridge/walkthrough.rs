@@ -123,10 +123,8 @@ async fn the_readme_walkthrough_runs_as_written() {
     let serve = as_run_here(line_with(&lines, "# terminal 1"), redis_port);
     let (_bridge, _) = spawn_line(&serve, &env);
     let address = listen.parse().expect("address");
-    within("the bridge to become ready", async {
-        while http_get_status(address, "/readyz").await != Some(200) {
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
+    eventually("the bridge to become ready", async || {
+        (http_get_status(address, "/readyz").await == Some(200)).then_some(())
     })
     .await;
 
