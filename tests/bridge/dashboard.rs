@@ -4,7 +4,6 @@
 //! installs them).
 
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
 
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
@@ -31,13 +30,11 @@ impl ChromeDriver {
                      `sudo apt-get install -y chromium chromium-driver` (Debian/Ubuntu)"
                 )
             });
-        within("chromedriver to listen", async {
-            while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        eventually("chromedriver to listen", async || {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await
-                .is_err()
-            {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+                .ok()
+                .map(drop)
         })
         .await;
         Self {
@@ -100,19 +97,9 @@ async fn browser(driver: &ChromeDriver, profile: &std::path::Path) -> Client {
 /// Polls `check` (a JavaScript expression) until it returns true.
 async fn wait_until(browser: &Client, what: &str, check: &str) {
     let script = format!("return Boolean({check});");
-    within(what, async {
-        loop {
-            if browser
-                .execute(&script, vec![])
-                .await
-                .ok()
-                .and_then(|v| v.as_bool())
-                == Some(true)
-            {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    eventually(what, async || {
+        let answer = browser.execute(&script, vec![]).await.ok();
+        (answer.and_then(|v| v.as_bool()) == Some(true)).then_some(())
     })
     .await;
 }

@@ -224,15 +224,16 @@ async fn a_subscriber_that_falls_behind_is_bounded_and_ends_its_subscription() {
     }
     // Redis holds nothing more for the subscriber: it read everything into
     // the bounded queue, or it overflowed and closed the connection.
-    within("redis to drain the subscriber's output buffer", async {
-        loop {
+    eventually(
+        "redis to drain the subscriber's output buffer",
+        async || {
             let clients = pubsub_clients(&mut conn).await;
-            if clients.lines().all(|client| client.contains(" omem=0 ")) {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
+            clients
+                .lines()
+                .all(|client| client.contains(" omem=0 "))
+                .then_some(())
+        },
+    )
     .await;
     let grown = own_rss_mib().saturating_sub(before);
     // The queue holds at most 32 MiB of these; an unbounded one would hold
