@@ -360,184 +360,13 @@ impl Settings {
         Self::load_with_env(None, Some(HashMap::new()))
     }
 
+    /// Every section's own checks, then those that span sections.
     fn validate(&self) -> Result<(), ConfigError> {
-        let redis = &self.redis;
-        if redis::Client::open(redis.url.as_str()).is_err() {
-            return invalid(
-                "redis.url",
-                format!(
-                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
-                    redact_url(&redis.url)
-                ),
-            );
-        }
-        if redis.input.is_empty() || redis.input.iter().any(String::is_empty) {
-            return invalid(
-                "redis.input",
-                "must list at least one non-empty channel".into(),
-            );
-        }
-        if redis.direct_prefix.is_empty() || is_pattern(&redis.direct_prefix) {
-            return invalid(
-                "redis.direct_prefix",
-                "must be non-empty and contain none of * ? [".into(),
-            );
-        }
-        if let Some(ch) = redis
-            .input
-            .iter()
-            .find(|ch| !is_pattern(ch) && ch.starts_with(&redis.direct_prefix))
-        {
-            return invalid(
-                "redis.input",
-                format!(
-                    "channel {ch:?} starts with redis.direct_prefix {:?}",
-                    redis.direct_prefix
-                ),
-            );
-        }
-        if redis.output.is_empty() {
-            return invalid("redis.output", "must not be empty".into());
-        }
-        if redis.input.contains(&redis.output) {
-            return invalid(
-                "redis.output",
-                "must differ from every input channel (the bridge would read its own output)"
-                    .into(),
-            );
-        }
-        if !redis.rejected.is_empty() && redis.input.contains(&redis.rejected) {
-            return invalid(
-                "redis.rejected",
-                "must differ from every input channel".into(),
-            );
-        }
-        if redis.publish_queue == 0 {
-            return invalid("redis.publish_queue", "must be at least 1".into());
-        }
-        if redis.input_mode == InputMode::Stream {
-            for (key, value) in [
-                ("redis.input_stream", &redis.input_stream),
-                ("redis.consumer_group", &redis.consumer_group),
-                ("redis.consumer_name", &redis.consumer_name),
-                ("redis.state_key", &redis.state_key),
-            ] {
-                if value.is_empty() {
-                    return invalid(key, "must not be empty in stream mode".into());
-                }
-            }
-            if !(1..=100_000).contains(&redis.stream_batch) {
-                return invalid("redis.stream_batch", "must be between 1 and 100000".into());
-            }
-            if redis.output_stream == redis.input_stream {
-                return invalid(
-                    "redis.output_stream",
-                    "must differ from redis.input_stream".into(),
-                );
-            }
-        }
-        if redis.reconnect_min_ms == 0 {
-            return invalid("redis.reconnect_min_ms", "must be at least 1".into());
-        }
-        if redis.reconnect_max_ms < redis.reconnect_min_ms {
-            return invalid(
-                "redis.reconnect_max_ms",
-                "must be at least redis.reconnect_min_ms".into(),
-            );
-        }
-        if redis.health_check_interval_ms == 0 {
-            return invalid(
-                "redis.health_check_interval_ms",
-                "must be at least 1".into(),
-            );
-        }
-        if redis.subscription_buffer == 0 {
-            return invalid("redis.subscription_buffer", "must be at least 1".into());
-        }
-        if redis.subscription_buffer_bytes < 1 << 20 {
-            return invalid(
-                "redis.subscription_buffer_bytes",
-                "must be at least 1048576".into(),
-            );
-        }
-        if redis.health_check_timeout_ms == 0 {
-            return invalid("redis.health_check_timeout_ms", "must be at least 1".into());
-        }
+        self.redis.validate()?;
         self.validate_topology()?;
-        if !(1..=10_000).contains(&self.sma.window) {
-            return invalid(
-                "sma.window",
-                format!("must be between 1 and 10000 (got {})", self.sma.window),
-            );
-        }
-        if self.sma.max_keys == 0 {
-            return invalid("sma.max_keys", "must be at least 1".into());
-        }
-        let ws = &self.websocket;
-        if let Some(bad) = ws
-            .default_symbols
-            .iter()
-            .find(|s| !names::is_subscription(s))
-        {
-            return invalid(
-                "websocket.default_symbols",
-                format!(
-                    "{bad:?} is neither \"*\" nor a symbol of 1-32 characters from [A-Za-z0-9._:/-]"
-                ),
-            );
-        }
-        if ws.send_queue == 0 {
-            return invalid("websocket.send_queue", "must be at least 1".into());
-        }
-        if ws.send_queue_bytes < ws.max_message_bytes.min(65_536) {
-            return invalid(
-                "websocket.send_queue_bytes",
-                "must be at least 65536 (or websocket.max_message_bytes if smaller)".into(),
-            );
-        }
-        if ws.client_messages_per_second == 0 {
-            return invalid(
-                "websocket.client_messages_per_second",
-                "must be at least 1".into(),
-            );
-        }
-        if ws.ping_interval_ms < 10 {
-            return invalid("websocket.ping_interval_ms", "must be at least 10".into());
-        }
-        if ws.max_symbols == 0 || ws.default_symbols.len() > ws.max_symbols {
-            return invalid(
-                "websocket.max_symbols",
-                "must be at least 1 and at least the number of default_symbols".into(),
-            );
-        }
-        if ws.max_message_bytes < 256 {
-            return invalid("websocket.max_message_bytes", "must be at least 256".into());
-        }
-        if self.server.max_connections == 0 {
-            return invalid("server.max_connections", "must be at least 1".into());
-        }
-        if self.server.max_pending_connections == 0 {
-            return invalid(
-                "server.max_pending_connections",
-                "must be at least 1".into(),
-            );
-        }
-        if !(100..=600_000).contains(&self.server.header_read_timeout_ms) {
-            return invalid(
-                "server.header_read_timeout_ms",
-                format!(
-                    "must be between 100 and 600000 (got {})",
-                    self.server.header_read_timeout_ms
-                ),
-            );
-        }
-        if self.server.max_connections_per_client == 0 {
-            return invalid(
-                "server.max_connections_per_client",
-                "must be at least 1".into(),
-            );
-        }
-        Ok(())
+        self.sma.validate()?;
+        self.websocket.validate()?;
+        self.server.validate()
     }
 
     /// These settings with the command line's `--role` and `--shard`, checked again.
@@ -700,6 +529,203 @@ impl Settings {
 #[must_use]
 pub fn is_pattern(channel: &str) -> bool {
     channel.contains(['*', '?', '['])
+}
+
+impl RedisSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if redis::Client::open(self.url.as_str()).is_err() {
+            return invalid(
+                "redis.url",
+                format!(
+                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
+                    redact_url(&self.url)
+                ),
+            );
+        }
+        if self.input.is_empty() || self.input.iter().any(String::is_empty) {
+            return invalid(
+                "redis.input",
+                "must list at least one non-empty channel".into(),
+            );
+        }
+        if self.direct_prefix.is_empty() || is_pattern(&self.direct_prefix) {
+            return invalid(
+                "redis.direct_prefix",
+                "must be non-empty and contain none of * ? [".into(),
+            );
+        }
+        if let Some(ch) = self
+            .input
+            .iter()
+            .find(|ch| !is_pattern(ch) && ch.starts_with(&self.direct_prefix))
+        {
+            return invalid(
+                "redis.input",
+                format!(
+                    "channel {ch:?} starts with redis.direct_prefix {:?}",
+                    self.direct_prefix
+                ),
+            );
+        }
+        if self.output.is_empty() {
+            return invalid("redis.output", "must not be empty".into());
+        }
+        if self.input.contains(&self.output) {
+            return invalid(
+                "redis.output",
+                "must differ from every input channel (the bridge would read its own output)"
+                    .into(),
+            );
+        }
+        if !self.rejected.is_empty() && self.input.contains(&self.rejected) {
+            return invalid(
+                "redis.rejected",
+                "must differ from every input channel".into(),
+            );
+        }
+        if self.publish_queue == 0 {
+            return invalid("redis.publish_queue", "must be at least 1".into());
+        }
+        if self.input_mode == InputMode::Stream {
+            for (key, value) in [
+                ("redis.input_stream", &self.input_stream),
+                ("redis.consumer_group", &self.consumer_group),
+                ("redis.consumer_name", &self.consumer_name),
+                ("redis.state_key", &self.state_key),
+            ] {
+                if value.is_empty() {
+                    return invalid(key, "must not be empty in stream mode".into());
+                }
+            }
+            if !(1..=100_000).contains(&self.stream_batch) {
+                return invalid("redis.stream_batch", "must be between 1 and 100000".into());
+            }
+            if self.output_stream == self.input_stream {
+                return invalid(
+                    "redis.output_stream",
+                    "must differ from redis.input_stream".into(),
+                );
+            }
+        }
+        if self.reconnect_min_ms == 0 {
+            return invalid("redis.reconnect_min_ms", "must be at least 1".into());
+        }
+        if self.reconnect_max_ms < self.reconnect_min_ms {
+            return invalid(
+                "redis.reconnect_max_ms",
+                "must be at least redis.reconnect_min_ms".into(),
+            );
+        }
+        if self.health_check_interval_ms == 0 {
+            return invalid(
+                "redis.health_check_interval_ms",
+                "must be at least 1".into(),
+            );
+        }
+        if self.subscription_buffer == 0 {
+            return invalid("redis.subscription_buffer", "must be at least 1".into());
+        }
+        if self.subscription_buffer_bytes < 1 << 20 {
+            return invalid(
+                "redis.subscription_buffer_bytes",
+                "must be at least 1048576".into(),
+            );
+        }
+        if self.health_check_timeout_ms == 0 {
+            return invalid("redis.health_check_timeout_ms", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl SmaSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=10_000).contains(&self.window) {
+            return invalid(
+                "sma.window",
+                format!("must be between 1 and 10000 (got {})", self.window),
+            );
+        }
+        if self.max_keys == 0 {
+            return invalid("sma.max_keys", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+impl WebSocketSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(bad) = self
+            .default_symbols
+            .iter()
+            .find(|s| !names::is_subscription(s))
+        {
+            return invalid(
+                "websocket.default_symbols",
+                format!(
+                    "{bad:?} is neither \"*\" nor a symbol of 1-32 characters from [A-Za-z0-9._:/-]"
+                ),
+            );
+        }
+        if self.send_queue == 0 {
+            return invalid("websocket.send_queue", "must be at least 1".into());
+        }
+        if self.send_queue_bytes < self.max_message_bytes.min(65_536) {
+            return invalid(
+                "websocket.send_queue_bytes",
+                "must be at least 65536 (or websocket.max_message_bytes if smaller)".into(),
+            );
+        }
+        if self.client_messages_per_second == 0 {
+            return invalid(
+                "websocket.client_messages_per_second",
+                "must be at least 1".into(),
+            );
+        }
+        if self.ping_interval_ms < 10 {
+            return invalid("websocket.ping_interval_ms", "must be at least 10".into());
+        }
+        if self.max_symbols == 0 || self.default_symbols.len() > self.max_symbols {
+            return invalid(
+                "websocket.max_symbols",
+                "must be at least 1 and at least the number of default_symbols".into(),
+            );
+        }
+        if self.max_message_bytes < 256 {
+            return invalid("websocket.max_message_bytes", "must be at least 256".into());
+        }
+        Ok(())
+    }
+}
+
+impl ServerSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return invalid("server.max_connections", "must be at least 1".into());
+        }
+        if self.max_pending_connections == 0 {
+            return invalid(
+                "server.max_pending_connections",
+                "must be at least 1".into(),
+            );
+        }
+        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
+            return invalid(
+                "server.header_read_timeout_ms",
+                format!(
+                    "must be between 100 and 600000 (got {})",
+                    self.header_read_timeout_ms
+                ),
+            );
+        }
+        if self.max_connections_per_client == 0 {
+            return invalid(
+                "server.max_connections_per_client",
+                "must be at least 1".into(),
+            );
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
