@@ -1,0 +1,13 @@
+//! The benchmark's load: WebSocket readers, a Redis subscriber and
+//! publisher, latency histograms, and the rig that ties a bridge to readers.
+
+mod connect;
+mod histogram;
+mod reader;
+mod redis_load;
+mod rig;
+
+pub use self::connect::connect_sockets;
+pub use self::histogram::collect;
+pub use self::redis_load::{publisher, spawn_subscriber};
+pub use self::rig::{Rig, rig, wait_for};
