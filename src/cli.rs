@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::broker::{BrokerError, ClusterBroker, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
-use crate::topology::{Channels, Role, Shard};
+use crate::topology::{Role, Shard};
 use crate::{Error, bench, demo, probe, producer, shutdown, tail};
 
 /// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
@@ -248,6 +248,10 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             let file = cli.config.as_deref();
             match action {
                 ConfigAction::Check => {
+                    // The [auth] keys are checked where the authenticator
+                    // is built: here too.
+                    crate::auth::Authenticator::from_settings(&settings.auth)
+                        .map_err(|e| settings.named(e))?;
                     let from = file.map_or_else(
                         || "the defaults and the environment".to_owned(),
                         |path| format!("the defaults, {} and the environment", path.display()),
@@ -333,12 +337,12 @@ async fn publish(
         (summary, format!("stream {key:?}"))
     } else {
         let channel = &redis.input[0];
-        if crate::config::is_pattern(channel) {
+        if crate::names::is_pattern(channel) {
             return Err(Error::Usage(format!(
                 "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
             )));
         }
-        let channels = Channels::new(redis);
+        let channels = redis.channels();
         let quotes = producer::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
             let broker = RedisBroker::new(&redis.url)?;

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use config::{Config, Environment, File, FileFormat};
@@ -13,8 +14,8 @@ use serde::Deserialize;
 
 use crate::backoff::Backoff;
 use crate::broker::{HealthCheck, SubscriptionBuffer};
-use crate::names;
-use crate::topology::{Role, Shard};
+use crate::names::{self, is_pattern};
+use crate::topology::{ChannelNames, Channels, Role, Shard};
 
 /// The process's `QUOTEBRIDGE__…` environment variables.
 #[must_use]
@@ -104,6 +105,9 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The `[node]` section.
     pub node: NodeSettings,
+    /// Where each value came from, to name it in errors found later.
+    #[serde(skip)]
+    origins: Arc<Origins>,
 }
 
 /// This node's part in a deployment (see the `topology` module).
@@ -299,7 +303,18 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let env = env.unwrap_or_else(env_settings);
         let origins = Origins::new(file, &env);
-        Self::load_from(file, env, &origins).map_err(|err| err.with_origin(&origins))
+        let mut settings =
+            Self::load_from(file, env, &origins).map_err(|err| err.with_origin(&origins))?;
+        settings.origins = Arc::new(origins);
+        Ok(settings)
+    }
+
+    /// `err`, about one of these settings, naming where its value came
+    /// from: for what is checked where it is used (the `[auth]` keys, when
+    /// the authenticator is built).
+    #[must_use]
+    pub fn named(&self, err: ConfigError) -> ConfigError {
+        err.with_origin(&self.origins)
     }
 
     /// The merged sources, not yet turned into settings: what `config
@@ -350,8 +365,6 @@ impl Settings {
         settings.auth.tokens.retain(|s| !s.is_empty());
         settings.redis.cluster_nodes.retain(|s| !s.is_empty());
         settings.validate()?;
-        // Building the authenticator checks the [auth] keys (and key files).
-        crate::auth::Authenticator::from_settings(&settings.auth)?;
         Ok(settings)
     }
 
@@ -525,10 +538,19 @@ impl Settings {
     }
 }
 
-/// Redis treats a channel name containing `*`, `?` or `[` as a glob pattern.
-#[must_use]
-pub fn is_pattern(channel: &str) -> bool {
-    channel.contains(['*', '?', '['])
+impl RedisSettings {
+    /// The channels and keys these settings name.
+    #[must_use]
+    pub fn channels(&self) -> Channels {
+        Channels::new(ChannelNames {
+            input: &self.input,
+            output: &self.output,
+            rejected: &self.rejected,
+            direct_prefix: &self.direct_prefix,
+            snapshot_key: &self.snapshot_key,
+            partitions: (!self.cluster_nodes.is_empty()).then_some(self.partitions),
+        })
+    }
 }
 
 impl RedisSettings {

@@ -8,7 +8,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Settings;
-use crate::topology::Channels;
 use crate::{Error, producer};
 
 /// Sample quotes bundled into the binary: several symbols, a few thousand rows.
@@ -68,7 +67,7 @@ async fn run_with<B: Broker>(
     let symbols = count_symbols(&loaded);
     let rate = QUOTES_PER_SECOND_PER_SYMBOL * symbols as f64;
     let channel = settings.redis.input[0].clone();
-    let quotes = producer::address(&loaded, &Channels::new(&settings.redis))?;
+    let quotes = producer::address(&loaded, &settings.redis.channels())?;
 
     println!(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",

@@ -14,6 +14,7 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub(crate) mod demo;
+mod error;
 pub(crate) mod hub;
 pub(crate) mod listener;
 pub(crate) mod metrics;
@@ -44,64 +45,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::broker::{Broker, BrokerError, ClusterBroker, RedisBroker};
-use crate::config::{ConfigError, InputMode, Settings};
+use crate::config::{InputMode, Settings};
 use crate::hub::{Hub, HubLimits};
 use crate::listener::Listener;
 use crate::stats::Stats;
 
-/// Everything that can stop a command.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Configuration is invalid (exit code 2).
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// Redis (or the embedded broker) failed.
-    #[error("cannot use the broker: {0}")]
-    Broker(#[from] BrokerError),
-    /// A file, socket or address could not be used.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The command line is unusable (exit code 2).
-    #[error("{0}")]
-    Usage(String),
-    /// Input the command was given is unusable.
-    #[error("{0}")]
-    Input(String),
-    /// A WebSocket connection failed (the `tail` command).
-    #[error("websocket: {0}")]
-    WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
-    /// A server could not be reached: the URL tried (password hidden) and why.
-    #[error("cannot reach {url}: {reason}")]
-    Unreachable {
-        /// The URL tried.
-        url: String,
-        /// Why, in the client library's words.
-        reason: String,
-    },
-}
-
-impl Error {
-    /// The process exit code for this error: 2 for bad configuration or usage, else 1.
-    #[must_use]
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Error::Config(_) | Error::Usage(_) => 2,
-            _ => 1,
-        }
-    }
-
-    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Error::Io {
-            context: context.into(),
-            source,
-        }
-    }
-}
+pub use self::error::Error;
 
 /// Runs the bridge against the Redis server of `settings` until `shutdown`.
 pub async fn run(
@@ -131,6 +80,10 @@ pub async fn serve<B: Broker>(
     broker: B,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    // Building the authenticator checks the [auth] keys (and key files),
+    // before anything starts.
+    let auth = auth::Authenticator::from_settings(&settings.auth).map_err(|e| settings.named(e))?;
+    let auth = Arc::new(auth);
     let settings = Arc::new(settings);
     let stats = Arc::new(Stats::default());
     let hub = Hub::new(
@@ -186,7 +139,6 @@ pub async fn serve<B: Broker>(
     });
 
     let sessions = TaskTracker::new();
-    let auth = Arc::new(auth::Authenticator::from_settings(&settings.auth)?);
     if !auth.is_enabled() {
         tracing::warn!(
             "auth.mode = \"none\": any client may connect as any client code; enable token or jwt auth in production"

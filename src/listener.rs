@@ -89,7 +89,7 @@ impl<B: Broker> Listener<B> {
         stats: Arc<Stats>,
         subscribed: Arc<AtomicBool>,
     ) -> Self {
-        let channels = Channels::new(&settings.redis);
+        let channels = settings.redis.channels();
         let role = settings.node.role;
         let mut feeds = Vec::new();
         let mut topics = Vec::new();
@@ -317,7 +317,8 @@ impl<B: Broker> Listener<B> {
                 quote,
                 sma: Some(sma),
             } => {
-                sma.deliver(&self.hub, &quote);
+                self.hub
+                    .deliver_result(&quote.symbol, quote.client.as_deref(), sma.frame.clone());
                 self.queue_publish(Queued {
                     outbound: sma.outbound(),
                     since: Some(arrived),

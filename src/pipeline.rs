@@ -25,14 +25,14 @@ use hashbrown::HashMap;
 use hashbrown::hash_map::EntryRef;
 
 use crate::broker::Outbound;
+use crate::broker::SnapshotSlot;
 use crate::config::Settings;
-use crate::hub::Hub;
 use crate::names;
 use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
-use crate::topology::{Channels, Shard, SnapshotSlot};
+use crate::topology::{Channels, Shard};
 
 /// The part of a rejected payload republished with its reason.
 const REJECTED_SAMPLE_BYTES: usize = 1024;
@@ -95,19 +95,13 @@ impl Sma {
             snapshot: self.snapshot.clone(),
         }
     }
-
-    /// Fans the result out: a public result to the symbol's subscribers, a
-    /// private one to every socket of its client's group.
-    pub fn deliver(&self, hub: &Hub, quote: &Quote<'_>) {
-        hub.deliver_result(&quote.symbol, quote.client.as_deref(), self.frame.clone());
-    }
 }
 
 impl Pipeline {
     /// A pipeline with no windows yet.
     #[must_use]
     pub fn new(settings: &Settings, stats: Arc<Stats>) -> Self {
-        let channels = Channels::new(&settings.redis);
+        let channels = settings.redis.channels();
         let shard = settings.node.shard;
         Self {
             windows: Windows::new(settings.window(), settings.sma.max_keys),
@@ -361,7 +355,7 @@ mod tests {
     fn windows_are_per_client_and_symbol_and_bounded() {
         let settings = Settings::defaults().expect("defaults");
         let output = ResultAddressing {
-            channels: Channels::new(&settings.redis),
+            channels: settings.redis.channels(),
             snapshots: false,
         };
         let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3);

@@ -445,10 +445,10 @@ mod tests {
             None,
         );
         let mut settings = crate::config::Settings::defaults().expect("defaults");
-        let single = address(&quotes, &Channels::new(&settings.redis)).expect("addressed");
+        let single = address(&quotes, &settings.redis.channels()).expect("addressed");
         assert!(single.iter().all(|o| &*o.channel == "quotes"));
         settings.redis.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
-        let channels = Channels::new(&settings.redis);
+        let channels = settings.redis.channels();
         let cluster = address(&quotes, &channels).expect("addressed");
         for (outbound, symbol) in cluster.iter().zip(["A", "B", "C", "A"]) {
             assert_eq!(

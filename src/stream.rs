@@ -546,7 +546,8 @@ impl StreamConsumer {
         let _hold = self.hub.hold_wakes();
         for (quote, sma) in &deliveries {
             self.metrics.record_publish_latency(latency);
-            sma.deliver(&self.hub, quote);
+            self.hub
+                .deliver_result(&quote.symbol, quote.client.as_deref(), sma.frame.clone());
         }
         Ok(())
     }

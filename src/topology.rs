@@ -22,8 +22,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::broker::Topic;
-use crate::config::{RedisSettings, is_pattern};
+use crate::broker::{SnapshotSlot, Topic};
+use crate::names::is_pattern;
 
 /// Which half of the bridge a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -151,14 +151,22 @@ impl TryFrom<String> for Shard {
     }
 }
 
-/// Where one public symbol's latest result is kept for gateways: field
-/// `symbol` of hash `key`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotSlot {
-    /// The hash.
-    pub key: Arc<str>,
-    /// The field: the symbol.
-    pub field: Arc<str>,
+/// The configured names [`Channels`] are built from (`[redis]` keys of
+/// the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct ChannelNames<'a> {
+    /// Input channels and patterns.
+    pub input: &'a [String],
+    /// The output channel, possibly with `{symbol}`.
+    pub output: &'a str,
+    /// Where rejection notices go (empty: nowhere).
+    pub rejected: &'a str,
+    /// The prefix of direct channels.
+    pub direct_prefix: &'a str,
+    /// The hash of latest results.
+    pub snapshot_key: &'a str,
+    /// On a Redis Cluster: how many partitions the channels are split into.
+    pub partitions: Option<u32>,
 }
 
 /// The names of every channel and key the bridge uses, for a single Redis
@@ -181,23 +189,23 @@ enum Output {
 }
 
 impl Channels {
-    /// The names `redis` configures.
+    /// The channels and keys built from `names`.
     #[must_use]
-    pub fn new(redis: &RedisSettings) -> Self {
-        let output = match redis.output.split_once("{symbol}") {
+    pub fn new(names: ChannelNames<'_>) -> Self {
+        let output = match names.output.split_once("{symbol}") {
             Some((before, after)) => Output::PerSymbol {
                 before: before.to_owned(),
                 after: after.to_owned(),
             },
-            None => Output::Fixed(redis.output.clone()),
+            None => Output::Fixed(names.output.to_owned()),
         };
         Self {
-            input: redis.input.clone(),
+            input: names.input.to_vec(),
             output,
-            rejected: redis.rejected.clone(),
-            direct_prefix: redis.direct_prefix.clone(),
-            snapshot_key: redis.snapshot_key.clone(),
-            partitions: (!redis.cluster_nodes.is_empty()).then_some(redis.partitions),
+            rejected: names.rejected.to_owned(),
+            direct_prefix: names.direct_prefix.to_owned(),
+            snapshot_key: names.snapshot_key.to_owned(),
+            partitions: names.partitions,
         }
     }
 
@@ -339,7 +347,7 @@ mod tests {
             settings.redis.cluster_nodes = vec!["redis://127.0.0.1:7000".into()];
             settings.redis.partitions = 4;
         }
-        Channels::new(&settings.redis)
+        settings.redis.channels()
     }
 
     #[test]
@@ -398,7 +406,7 @@ mod tests {
     fn per_symbol_output_is_followed_with_a_pattern() {
         let mut settings = Settings::defaults().expect("defaults");
         settings.redis.output = "sma.{symbol}.v1".into();
-        let names = Channels::new(&settings.redis);
+        let names = settings.redis.channels();
         assert_eq!(&*names.output_channel("AAPL"), "sma.AAPL.v1");
         assert_eq!(
             names.output_topics(),

@@ -23,8 +23,7 @@ pub use self::glob::glob_match;
 pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
-use crate::config::is_pattern;
-use crate::topology::SnapshotSlot;
+use crate::names::is_pattern;
 
 /// Something to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +66,16 @@ pub struct Inbound {
     pub channel: String,
     /// The payload, as published.
     pub payload: Bytes,
+}
+
+/// Where one public symbol's latest result is kept for gateways: field
+/// `symbol` of hash `key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotSlot {
+    /// The hash.
+    pub key: Arc<str>,
+    /// The field: the symbol.
+    pub field: Arc<str>,
 }
 
 /// A message to publish.

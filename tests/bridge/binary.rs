@@ -263,6 +263,21 @@ fn config_check_names_the_key_where_it_came_from_and_what_is_allowed() {
         assert!(!stderr.contains("hunter2"), "no password: {stderr}");
     }
 
+    // The [auth] keys are checked where the authenticator is built, and
+    // named alike; `serve` refuses them the same way before it starts.
+    let bad_auth = [
+        ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+        ("QUOTEBRIDGE__AUTH__JWT_SECRET", "short"),
+    ];
+    let stderr = config_check_error(&[], &bad_auth);
+    assert!(
+        stderr.contains("auth.jwt_secret (from QUOTEBRIDGE__AUTH__JWT_SECRET)"),
+        "{stderr}"
+    );
+    let out = run_with_env(&["serve"], &bad_auth);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).ends_with(&stderr));
+
     let from_file = [
         ("[sma]\nwindow = \n", ":2:10: string values must be quoted"),
         ("[sma]\nwindw = 3\n", "sma.windw (from FILE): no such key"),

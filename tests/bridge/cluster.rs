@@ -338,7 +338,7 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
 
     let mut settings = Settings::defaults().expect("defaults");
     settings.redis.cluster_nodes = urls.split(',').map(str::to_owned).collect();
-    let channels = Channels::new(&settings.redis);
+    let channels = settings.redis.channels();
     let broker = ClusterBroker::new(&settings.redis.cluster_nodes).expect("cluster broker");
     let any_node = cluster.ports().next().expect("a node");
 
