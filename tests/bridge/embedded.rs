@@ -5,8 +5,6 @@ use futures_util::StreamExt;
 use quotebridge::broker::{Broker, MemoryBroker, Outbound, Subscription, Topic};
 use quotebridge::config::Settings;
 use serde_json::Value;
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::*;
 
@@ -16,8 +14,7 @@ struct Embedded {
     broker: MemoryBroker,
     output: Subscription,
     socket: Socket,
-    shutdown: CancellationToken,
-    bridge: tokio::task::JoinHandle<Result<(), quotebridge::Error>>,
+    bridge: Running,
 }
 
 impl Embedded {
@@ -27,28 +24,14 @@ impl Embedded {
             .subscribe(&[Topic::from_name("sma")])
             .await
             .expect("subscribe");
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("address");
-        let shutdown = CancellationToken::new();
-        let bridge = tokio::spawn(quotebridge::serve(
-            settings,
-            listener,
-            broker.clone(),
-            shutdown.clone(),
-        ));
-        eventually("readiness", async || {
-            (http_get(address, "/readyz").await.0 == 200).then_some(())
-        })
-        .await;
-        let (mut socket, _) = tokio_tungstenite::connect_async(format!("ws://{address}/ws/acme"))
-            .await
-            .expect("connect");
-        assert_eq!(next_json(&mut socket).await["type"], "welcome");
+        let bridge = Running::on_broker(settings, broker.clone());
+        bridge.wait_until_ready().await;
+        let (socket, welcome) = connect_ws(&format!("ws://{}/ws/acme", bridge.address)).await;
+        assert_eq!(welcome["type"], "welcome");
         Self {
             broker,
             output,
             socket,
-            shutdown,
             bridge,
         }
     }
@@ -66,12 +49,8 @@ impl Embedded {
         self.broker.publish(&quotes).await.expect("publish");
     }
 
-    async fn stop(self) {
-        self.shutdown.cancel();
-        within("shutdown", self.bridge)
-            .await
-            .expect("join")
-            .expect("clean stop");
+    async fn stop(mut self) {
+        self.bridge.stop().await;
     }
 }
 

@@ -246,13 +246,78 @@ pub async fn publish_all(
     }
 }
 
+/// A bridge running in-process, on any broker: where it listens, and how
+/// to stop it. Stopped (without waiting) when dropped.
+pub struct Running {
+    pub address: SocketAddr,
+    shutdown: CancellationToken,
+    handle: Option<JoinHandle<Result<(), quotebridge::Error>>>,
+}
+
+impl Running {
+    /// `quotebridge::run` with `settings`: on the Redis they name.
+    pub fn on_redis(settings: Settings) -> Self {
+        Self::spawn(|listener, shutdown| quotebridge::run(settings, listener, shutdown))
+    }
+
+    /// `quotebridge::serve` with `settings` on `broker`.
+    pub fn on_broker<B: quotebridge::broker::Broker>(settings: Settings, broker: B) -> Self {
+        Self::spawn(|listener, shutdown| quotebridge::serve(settings, listener, broker, shutdown))
+    }
+
+    /// Runs `serve` on a listener of a free port, not waiting for readiness.
+    fn spawn<F, Fut>(serve: F) -> Self
+    where
+        F: FnOnce(TcpListener, CancellationToken) -> Fut,
+        Fut: std::future::Future<Output = Result<(), quotebridge::Error>> + Send + 'static,
+    {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
+        listener
+            .set_nonblocking(true)
+            .expect("non-blocking listener");
+        let listener = TcpListener::from_std(listener).expect("tokio listener");
+        let address = listener.local_addr().expect("local address");
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(serve(listener, shutdown.clone()));
+        Self {
+            address,
+            shutdown,
+            handle: Some(handle),
+        }
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_until_ready(&self) {
+        eventually("the bridge to become ready", async || {
+            (http_get(self.address, "/readyz").await.0 == 200).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops the bridge the way SIGTERM would and waits for it to finish.
+    pub async fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(handle) = self.handle.take() {
+            within("the bridge to stop", handle)
+                .await
+                .expect("bridge task")
+                .expect("bridge stops cleanly");
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
 /// The bridge running in-process against its own redis-server.
 pub struct TestApp {
     pub address: SocketAddr,
     pub redis: RedisServer,
     pub settings: Settings,
-    shutdown: CancellationToken,
-    handle: Option<JoinHandle<Result<(), quotebridge::Error>>>,
+    bridge: Running,
 }
 
 /// Starts redis-server and the bridge with default settings.
@@ -276,24 +341,12 @@ pub fn spawn_app_on(redis: RedisServer, env: &[(&str, &str)]) -> TestApp {
         .collect();
     vars.insert("QUOTEBRIDGE__REDIS__URL".into(), redis.url());
     let settings = Settings::load_with_env(None, Some(vars)).expect("test settings are valid");
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind port 0");
-    listener
-        .set_nonblocking(true)
-        .expect("non-blocking listener");
-    let listener = TcpListener::from_std(listener).expect("tokio listener");
-    let address = listener.local_addr().expect("local address");
-    let shutdown = CancellationToken::new();
-    let handle = tokio::spawn(quotebridge::run(
-        settings.clone(),
-        listener,
-        shutdown.clone(),
-    ));
+    let bridge = Running::on_redis(settings.clone());
     TestApp {
-        address,
+        address: bridge.address,
         redis,
         settings,
-        shutdown,
-        handle: Some(handle),
+        bridge,
     }
 }
 
@@ -302,10 +355,7 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 impl TestApp {
     /// Waits until `/readyz` answers 200.
     pub async fn wait_until_ready(&self) {
-        eventually("the bridge to become ready", async || {
-            (self.get("/readyz").await.0 == 200).then_some(())
-        })
-        .await;
+        self.bridge.wait_until_ready().await;
     }
 
     /// `ws://ADDRESS/ws/{code}`.
@@ -352,19 +402,7 @@ impl TestApp {
     }
 
     async fn stop(&mut self) {
-        self.shutdown.cancel();
-        if let Some(handle) = self.handle.take() {
-            within("the bridge to stop", handle)
-                .await
-                .expect("bridge task")
-                .expect("bridge stops cleanly");
-        }
-    }
-}
-
-impl Drop for TestApp {
-    fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.bridge.stop().await;
     }
 }
 
