@@ -337,7 +337,7 @@ async fn publish(
         (summary, format!("stream {key:?}"))
     } else {
         let channel = &redis.input[0];
-        if crate::names::is_pattern(channel) {
+        if crate::broker::is_pattern(channel) {
             return Err(Error::Usage(format!(
                 "the first redis.input entry {channel:?} is a pattern; publish needs a channel"
             )));

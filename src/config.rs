@@ -13,8 +13,9 @@ use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 
 use crate::backoff::Backoff;
+use crate::broker::is_pattern;
 use crate::broker::{HealthCheck, SubscriptionBuffer};
-use crate::names::{self, is_pattern};
+use crate::names;
 use crate::topology::{ChannelNames, Channels, Role, Shard};
 
 /// The process's `QUOTEBRIDGE__…` environment variables.

@@ -34,13 +34,6 @@ pub fn is_client_code(s: &str) -> bool {
 pub fn is_subscription(s: &str) -> bool {
     s == ALL_SYMBOLS || is_symbol(s)
 }
-
-/// Redis treats a channel name containing `*`, `?` or `[` as a glob pattern.
-#[must_use]
-pub fn is_pattern(channel: &str) -> bool {
-    channel.contains(['*', '?', '['])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

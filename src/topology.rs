@@ -22,8 +22,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
-use crate::broker::{SnapshotSlot, Topic};
-use crate::names::is_pattern;
+use crate::broker::{SnapshotSlot, Topic, is_pattern};
 
 /// Which half of the bridge a node runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]

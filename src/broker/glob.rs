@@ -115,6 +115,12 @@ fn matches(mut p: &[u8], mut s: &[u8], give_up: &mut bool, nesting: usize) -> bo
     p.is_empty() && s.is_empty()
 }
 
+/// Redis treats a channel name containing `*`, `?` or `[` as a glob pattern.
+#[must_use]
+pub fn is_pattern(channel: &str) -> bool {
+    channel.contains(['*', '?', '['])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

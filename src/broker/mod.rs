@@ -19,11 +19,10 @@ use bytes::Bytes;
 use futures_util::stream::BoxStream;
 
 pub use self::cluster::ClusterBroker;
-pub use self::glob::glob_match;
+pub use self::glob::{glob_match, is_pattern};
 pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
-use crate::names::is_pattern;
 
 /// Something to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]

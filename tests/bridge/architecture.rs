@@ -159,3 +159,18 @@ fn imports_run_from_higher_layers_to_lower_ones_only() {
         "lower layers import higher ones: {upward:#?}"
     );
 }
+
+/// The pub/sub seam stands alone: it could be its own crate.
+#[test]
+fn the_broker_imports_nothing_from_the_crate() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    for file in files_of(&src, "broker") {
+        let text = std::fs::read_to_string(&file).expect("read source");
+        let code = text.split("#[cfg(test)]").next().unwrap_or("");
+        let used: Vec<String> = used_modules(code)
+            .into_iter()
+            .filter(|m| m != "broker")
+            .collect();
+        assert!(used.is_empty(), "{} uses crate::{used:?}", file.display());
+    }
+}
