@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use config::{Config, Environment, File, FileFormat};
+use config::{Config, File, FileFormat};
 use serde::Deserialize;
 
 use crate::backoff::Backoff;
@@ -25,6 +25,14 @@ pub fn env_settings() -> HashMap<String, String> {
         .filter(|(name, _)| name.starts_with(origins::ENV_PREFIX))
         .collect()
 }
+
+/// The keys whose environment variables hold comma-separated lists.
+const LIST_KEYS: [&str; 4] = [
+    "redis.input",
+    "websocket.default_symbols",
+    "auth.tokens",
+    "redis.cluster_nodes",
+];
 
 /// What a Redis URL looks like, for error messages.
 const REDIS_URL_FORMS: &str =
@@ -326,30 +334,37 @@ impl Settings {
     ) -> Result<config::Map<String, config::Value>, ConfigError> {
         let origins = Origins::new(file, &env);
         Self::sources(file, env)
-            .build()
+            .and_then(|sources| sources.build())
             .and_then(|merged| merged.try_deserialize::<config::Map<String, config::Value>>())
             .map_err(|err| explain::explain(err, file, &origins))
     }
 
+    /// The defaults, then the file, then the environment. A variable's
+    /// value stays the string it is (the config crate's `try_parsing` would
+    /// read a secret of digits as a number and drop its leading zeros); the
+    /// keys of lists split it at commas.
     fn sources(
         file: Option<&Path>,
         env: HashMap<String, String>,
-    ) -> config::ConfigBuilder<config::builder::DefaultState> {
+    ) -> Result<config::ConfigBuilder<config::builder::DefaultState>, config::ConfigError> {
         let mut builder = Config::builder().add_source(File::from_str(DEFAULTS, FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(File::from(path).format(FileFormat::Toml));
         }
-        let environment = Environment::with_prefix(origins::ENV_PREFIX)
-            .prefix_separator("__")
-            .separator("__")
-            .list_separator(",")
-            .with_list_parse_key("redis.input")
-            .with_list_parse_key("websocket.default_symbols")
-            .with_list_parse_key("auth.tokens")
-            .with_list_parse_key("redis.cluster_nodes")
-            .try_parsing(true)
-            .source(Some(env));
-        builder.add_source(environment)
+        let mut vars: Vec<(String, String)> = env
+            .into_iter()
+            .filter_map(|(var, value)| Some((origins::key_of_env(&var)?, value)))
+            .collect();
+        vars.sort();
+        for (key, value) in vars {
+            builder = if LIST_KEYS.contains(&key.as_str()) {
+                let items: Vec<String> = value.split(',').map(str::to_owned).collect();
+                builder.set_override(key, items)?
+            } else {
+                builder.set_override(key, value)?
+            };
+        }
+        Ok(builder)
     }
 
     fn load_from(
@@ -358,7 +373,7 @@ impl Settings {
         origins: &Origins,
     ) -> Result<Self, ConfigError> {
         let mut settings: Settings = Self::sources(file, env)
-            .build()
+            .and_then(|sources| sources.build())
             .and_then(Config::try_deserialize)
             .map_err(|err| explain::explain(err, file, origins))?;
         // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".

@@ -55,8 +55,8 @@ async fn status_of(address: SocketAddr, path: &str) -> std::io::Result<u16> {
         head.extend_from_slice(&chunk[..read]);
     }
     let line = String::from_utf8_lossy(&head);
-    line.split_whitespace()
-        .nth(1)
+    line.strip_prefix("HTTP/1.")
+        .and_then(|rest| rest.split_whitespace().nth(1))
         .and_then(|code| code.parse().ok())
         .ok_or_else(|| {
             std::io::Error::new(

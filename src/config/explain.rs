@@ -31,11 +31,15 @@ pub(super) fn explain(
             expected,
             key: Some(key),
             ..
-        } => keyed(
-            &key,
-            origins,
-            format!("expected {expected}, got {unexpected}"),
-        ),
+        } => {
+            // A secret's value is never repeated, even a wrongly typed one.
+            let message = if is_secret(&key) {
+                format!("expected {expected}")
+            } else {
+                format!("expected {expected}, got {unexpected}")
+            };
+            keyed(&key, origins, message)
+        }
         Raw::At {
             error,
             key: Some(key),
@@ -103,6 +107,13 @@ fn message_explained(message: &str, origins: &Origins) -> ConfigError {
     }
     if section.is_empty() {
         ConfigError::Other(one_line(body))
+    } else if is_secret(section) {
+        // "invalid type: string \"<the secret>\", expected …": keep only
+        // what was expected.
+        let expected = body
+            .split_once(", expected ")
+            .map_or_else(|| "a different value".to_owned(), |(_, e)| one_line(e));
+        keyed(section, origins, format!("wrong type; expected {expected}"))
     } else {
         keyed(section, origins, one_line(body))
     }
@@ -164,9 +175,37 @@ fn one_line(text: &str) -> String {
         .join("; ")
 }
 
-/// `url` with its password replaced by `***`, for messages and `config show`.
+/// Whether `key`'s value may hold a secret: the `[auth]` keys and the Redis
+/// URLs (passwords).
+pub(super) fn is_secret(key: &str) -> bool {
+    key.starts_with("auth.") || key == "redis.url" || key.starts_with("redis.cluster_nodes")
+}
+
+/// `url` with its password replaced by `***`, for messages and `config
+/// show`: the one in its user part, and a `pass`/`password` query
+/// parameter (how a Unix socket URL carries it).
 #[must_use]
 pub fn redact_url(url: &str) -> String {
+    let (url, query) = match url.split_once('?') {
+        Some((url, query)) => (url, Some(query)),
+        None => (url, None),
+    };
+    let mut redacted = redact_userinfo(url);
+    if let Some(query) = query {
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if matches!(name, "pass" | "password") => format!("{name}=***"),
+                _ => param.to_owned(),
+            })
+            .collect();
+        redacted.push('?');
+        redacted.push_str(&params.join("&"));
+    }
+    redacted
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -204,6 +243,14 @@ mod tests {
             "unix:///run/redis.sock"
         );
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("unix:///run/redis.sock?db=1&pass=s3cret"),
+            "unix:///run/redis.sock?db=1&pass=***"
+        );
+        assert_eq!(
+            redact_url("redis+unix:///r.sock?user=u&password=pw"),
+            "redis+unix:///r.sock?user=u&password=***"
+        );
     }
 
     #[test]

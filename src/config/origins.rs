@@ -96,7 +96,7 @@ pub fn env_var_of(key: &str) -> String {
 }
 
 /// The key a `QUOTEBRIDGE__SECTION__KEY` variable sets, if it is one.
-fn key_of_env(var: &str) -> Option<String> {
+pub(super) fn key_of_env(var: &str) -> Option<String> {
     let rest = var.strip_prefix(ENV_PREFIX)?.strip_prefix("__")?;
     Some(
         rest.split("__")

@@ -27,7 +27,9 @@ pub fn render(merged: &Map<String, Value>, origins: &Origins) -> String {
             continue;
         };
         let shown = redacted(&key, value);
-        let _ = writeln!(out, "{field} = {shown}  # {}", origins.of(&key));
+        // The origin on one line, whatever the file's name holds.
+        let origin = origins.of(&key).to_string().escape_debug().to_string();
+        let _ = writeln!(out, "{field} = {shown}  # {origin}");
     }
     out
 }
@@ -73,7 +75,10 @@ fn lookup<'a>(table: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
 fn redacted(key: &str, value: &Value) -> String {
     match (key, &value.kind) {
         ("redis.url", ValueKind::String(url)) => toml_string(&redact_url(url)),
-        ("auth.jwt_secret", ValueKind::String(secret)) if !secret.is_empty() => toml_string("***"),
+        // Whatever its type: a secret of digits reads as a number.
+        ("auth.jwt_secret", kind) if !matches!(kind, ValueKind::String(s) if s.is_empty()) => {
+            toml_string("***")
+        }
         ("redis.cluster_nodes", ValueKind::Array(urls)) => array(urls, |url| match &url.kind {
             ValueKind::String(url) => toml_string(&redact_url(url)),
             _ => toml(url),
@@ -102,6 +107,9 @@ fn toml(value: &Value) -> String {
         ValueKind::I128(n) => n.to_string(),
         ValueKind::U64(n) => n.to_string(),
         ValueKind::U128(n) => n.to_string(),
+        // TOML spells these `nan` and `inf`.
+        ValueKind::Float(x) if x.is_nan() => "nan".to_owned(),
+        ValueKind::Float(x) if x.is_infinite() => if *x > 0.0 { "inf" } else { "-inf" }.to_owned(),
         ValueKind::Float(x) => format!("{x:?}"),
         ValueKind::String(s) => toml_string(s),
         ValueKind::Array(values) => array(values, toml),
@@ -118,5 +126,8 @@ fn toml(value: &Value) -> String {
 
 /// A TOML basic string (JSON's escapes are TOML's).
 fn toml_string(text: &str) -> String {
-    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".into())
+    // JSON leaves DEL as it is; TOML forbids it.
+    serde_json::to_string(text)
+        .unwrap_or_else(|_| "\"\"".into())
+        .replace('\u{7f}', "\\u007F")
 }

@@ -328,6 +328,41 @@ fn config_show_prints_toml_with_origins_and_without_secrets() {
     }
     assert!(!shown.contains("hunter2") && !shown.contains("supersecret123"));
 
+    // Secrets in every form: a JWT secret of digits (kept a string, with
+    // its leading zero), a Unix socket URL's password.
+    let out = run_with_env(
+        &["config", "show"],
+        &[
+            ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+            ("QUOTEBRIDGE__AUTH__JWT_SECRET", "0123456789012345678"),
+            (
+                "QUOTEBRIDGE__REDIS__URL",
+                "unix:///run/redis.sock?pass=hunter2",
+            ),
+        ],
+    );
+    let secrets = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(secrets.contains("jwt_secret = \"***\""), "{secrets}");
+    assert!(
+        secrets.contains("url = \"unix:///run/redis.sock?pass=***\""),
+        "{secrets}"
+    );
+    assert!(!secrets.contains("123456789012345678") && !secrets.contains("hunter2"));
+    // A wrongly typed secret is not repeated in the error either.
+    let file = temp_file("typed.toml", "[auth]\ntokens = \"acme=supersecret123\"\n");
+    let path = file.to_str().expect("utf-8").to_owned();
+    let stderr = config_check_error(&["--config", &path], &[]);
+    std::fs::remove_file(&file).ok();
+    assert!(
+        stderr.contains("auth.tokens") && !stderr.contains("supersecret123"),
+        "{stderr}"
+    );
+
     // What it prints is a configuration file that loads to the same values
     // (but for the secrets it hides).
     let again = temp_file("shown.toml", &shown);
