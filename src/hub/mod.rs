@@ -4,8 +4,22 @@
 //! seed's `send_message(client_code, message)`); each socket's session drains
 //! its own bounded outbox. Routing looks up the sockets that want a frame in
 //! an index; it never scans every socket.
+//!
+//! Its state is five parts, each with its own small API: the
+//! [connections](connections) by client group, the
+//! [subscriptions](subscriptions) by symbol, the [snapshots](snapshots), the
+//! [admissions](admissions) per client, and the [wakes](wakes) it batches.
+//! They live under one lock, because a subscribe and its snapshots must be
+//! one step; connections and subscriptions are kept apart so that the lock
+//! can be split along that seam when one lock becomes the bottleneck.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+mod admissions;
+mod connections;
+mod snapshots;
+mod subscriptions;
+mod wakes;
+
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -13,6 +27,11 @@ use std::task::Waker;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
+use self::admissions::Admissions;
+use self::connections::Connections;
+use self::snapshots::Snapshots;
+use self::subscriptions::Subscriptions;
+use self::wakes::Wakes;
 use crate::names::ALL_SYMBOLS;
 use crate::outbox::{self, Offer, Outbox};
 use crate::stats::Stats;
@@ -52,31 +71,21 @@ pub struct HubLimits {
     pub max_snapshots: usize,
 }
 
+/// Everything under the hub's one lock.
 #[derive(Debug, Default)]
 struct State {
-    next_id: SocketId,
-    sockets: HashMap<SocketId, Socket>,
-    /// Client code → its sockets. A group exists only while it has a socket.
-    groups: HashMap<Box<str>, Vec<SocketId>>,
-    /// Symbol → sockets subscribed to it by name.
-    by_symbol: HashMap<Box<str>, HashSet<SocketId>>,
-    /// Sockets subscribed to every public symbol.
-    everything: HashSet<SocketId>,
-    /// The latest public SMA frame per symbol, the snapshot for new subscribers.
-    latest: HashMap<Box<str>, Utf8Bytes>,
-    /// Client code → sockets admitted (upgrading or open), for the per-client limit.
-    admitted: HashMap<Box<str>, usize>,
-    /// Sessions with newly queued frames, not yet woken.
-    wakes: Vec<Waker>,
-    /// Open [`WakeHold`]s; while there are any, `wakes` waits.
-    holds: usize,
+    connections: Connections,
+    subscriptions: Subscriptions,
+    snapshots: Snapshots,
+    admissions: Admissions,
+    wakes: Wakes,
 }
 
-#[derive(Debug)]
-struct Socket {
-    group: Box<str>,
-    outbox: outbox::Sender,
-    subscriptions: BTreeSet<String>,
+/// What one offer loop did: frames queued, and the sockets found full.
+#[derive(Debug, Default)]
+struct Delivery {
+    queued: u64,
+    slow: Vec<SocketId>,
 }
 
 /// Why a socket was not admitted.
@@ -97,13 +106,7 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut state = self.hub.state();
-        if let Some(count) = state.admitted.get_mut(&self.client) {
-            *count -= 1;
-            if *count == 0 {
-                state.admitted.remove(&self.client);
-            }
-        }
+        self.hub.state().admissions.release(&self.client);
     }
 }
 
@@ -147,12 +150,7 @@ impl Hub {
     /// client is at `max_sockets_per_client`.
     pub fn admit(&self, client: &str) -> Result<Admission, AdmitError> {
         let max = self.inner.limits.max_sockets_per_client;
-        let mut state = self.state();
-        let count = state.admitted.entry(client.into()).or_default();
-        if *count >= max {
-            return Err(AdmitError::TooManySockets(max));
-        }
-        *count += 1;
+        self.state().admissions.admit(client, max)?;
         Ok(Admission {
             hub: self.clone(),
             client: client.into(),
@@ -178,22 +176,8 @@ impl Hub {
             bytes: limits.send_queue_bytes,
         });
         let mut state = self.state();
-        let id = state.next_id;
-        state.next_id += 1;
-        state.sockets.insert(
-            id,
-            Socket {
-                group: admission.client.clone(),
-                outbox: sender,
-                subscriptions: BTreeSet::new(),
-            },
-        );
-        state
-            .groups
-            .entry(admission.client.clone())
-            .or_default()
-            .push(id);
-        state.add_subscriptions(id, subscriptions);
+        let id = state.connections.add(admission.client.clone(), sender);
+        state.subscriptions.add(id, subscriptions);
         drop(state);
         let membership = Membership {
             hub: self.clone(),
@@ -211,29 +195,16 @@ impl Hub {
         }
         let mut guard = self.state();
         let state = &mut *guard;
-        state.remember(symbol, &frame, self.inner.limits.max_snapshots);
-        let mut slow = Vec::new();
-        let mut queued = 0u64;
-        let named = state.by_symbol.get(symbol);
-        let targets = state.everything.iter().chain(
-            named
-                .into_iter()
-                .flatten()
-                .filter(|id| !state.everything.contains(id)),
+        state
+            .snapshots
+            .remember(symbol, &frame, self.inner.limits.max_snapshots);
+        let delivery = offer_each(
+            &state.connections,
+            state.subscriptions.subscribers(symbol),
+            &Message::Text(frame),
+            &mut state.wakes,
         );
-        for id in targets {
-            if let Some(socket) = state.sockets.get(id) {
-                match socket
-                    .outbox
-                    .offer(Message::Text(frame.clone()), &mut state.wakes)
-                {
-                    Offer::Queued => queued += 1,
-                    Offer::Full => slow.push(*id),
-                    Offer::Gone => {}
-                }
-            }
-        }
-        self.finish_delivery(state, queued, slow);
+        self.finish_delivery(state, delivery);
         self.wake_unless_held(guard);
     }
 
@@ -255,6 +226,7 @@ impl Hub {
             return;
         }
         self.state()
+            .snapshots
             .remember(symbol, &frame, self.inner.limits.max_snapshots);
     }
 
@@ -266,23 +238,16 @@ impl Hub {
         }
         let mut guard = self.state();
         let state = &mut *guard;
-        let Some(members) = state.groups.get(client) else {
-            return 0;
-        };
-        let mut slow = Vec::new();
-        let mut queued = 0u64;
-        for id in members {
-            if let Some(socket) = state.sockets.get(id) {
-                match socket.outbox.offer(message.clone(), &mut state.wakes) {
-                    Offer::Queued => queued += 1,
-                    Offer::Full => slow.push(*id),
-                    Offer::Gone => {}
-                }
-            }
-        }
-        self.finish_delivery(state, queued, slow);
+        let delivery = offer_each(
+            &state.connections,
+            state.connections.group(client),
+            &message,
+            &mut state.wakes,
+        );
+        let queued = usize::try_from(delivery.queued).unwrap_or(usize::MAX);
+        self.finish_delivery(state, delivery);
         self.wake_unless_held(guard);
-        usize::try_from(queued).unwrap_or(usize::MAX)
+        queued
     }
 
     /// Whether a frame of `len` bytes is one a socket that keeps up can take:
@@ -308,9 +273,12 @@ impl Hub {
     /// Counts what was queued and evicts the sockets whose outbox was full.
     /// Dropping an evicted socket's sender ends its outbox, which tells its
     /// session to close with "slow consumer" once it has drained what is queued.
-    fn finish_delivery(&self, state: &mut State, queued: u64, slow: Vec<SocketId>) {
-        self.inner.stats.frames_queued.fetch_add(queued, Relaxed);
-        for id in slow {
+    fn finish_delivery(&self, state: &mut State, delivery: Delivery) {
+        self.inner
+            .stats
+            .frames_queued
+            .fetch_add(delivery.queued, Relaxed);
+        for id in delivery.slow {
             if let Some(group) = state.remove(id) {
                 self.inner.stats.slow_consumer_closes.fetch_add(1, Relaxed);
                 tracing::warn!(client = %group, socket = id, "socket fell behind; closing it as a slow consumer");
@@ -322,17 +290,13 @@ impl Hub {
     /// Outside the hub's lock: thousands of wakes would keep joins and
     /// subscribes waiting.
     fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
-        if state.holds > 0 || state.wakes.is_empty() {
+        let Some(mut wakes) = state.wakes.take_due() else {
             return;
-        }
-        let mut wakes = std::mem::take(&mut state.wakes);
+        };
         drop(state);
         wakes.drain(..).for_each(Waker::wake);
         // Kept for reuse: no allocation per delivery.
-        let mut state = self.state();
-        if state.wakes.is_empty() {
-            state.wakes = wakes;
-        }
+        self.state().wakes.give_back(wakes);
     }
 
     /// Defers waking sessions until the returned hold is dropped: the
@@ -343,7 +307,7 @@ impl Hub {
     /// `.await` in a spawned task (it is not `Send`); an outbox past half
     /// full wakes its session regardless.
     pub fn hold_wakes(&self) -> WakeHold {
-        self.state().holds += 1;
+        self.state().wakes.hold();
         WakeHold {
             hub: self.clone(),
             _not_send: std::marker::PhantomData,
@@ -353,37 +317,36 @@ impl Hub {
     /// How many sockets are open.
     #[must_use]
     pub fn socket_count(&self) -> usize {
-        self.state().sockets.len()
+        self.state().connections.len()
     }
 
     /// How many client groups have at least one socket.
     #[must_use]
     pub fn group_count(&self) -> usize {
-        self.state().groups.len()
+        self.state().connections.group_count()
     }
 
     /// How many sockets the group `client` has (the tests' view of a group).
     #[cfg(test)]
     #[must_use]
     pub fn group_size(&self, client: &str) -> usize {
-        self.state().groups.get(client).map_or(0, Vec::len)
+        self.state().connections.group(client).len()
     }
 
     fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
         let mut guard = self.state();
         let state = &mut *guard;
-        let Some(socket) = state.sockets.get(&id) else {
+        let Some(socket) = state.connections.get(id) else {
             return Ok(Subscribed {
                 symbols: Vec::new(),
                 snapshots: 0,
             });
         };
-        let new: BTreeSet<&String> = symbols
-            .iter()
-            .filter(|s| !socket.subscriptions.contains(*s))
-            .collect();
+        let empty = BTreeSet::new();
+        let own = state.subscriptions.of(id).unwrap_or(&empty);
+        let new: BTreeSet<&String> = symbols.iter().filter(|s| !own.contains(*s)).collect();
         let max_symbols = self.inner.limits.max_symbols;
-        if socket.subscriptions.len() + new.len() > max_symbols {
+        if own.len() + new.len() > max_symbols {
             return Err(SubscribeError::TooManySymbols(max_symbols));
         }
         // The snapshots go into the socket's own outbox, under the lock so
@@ -391,21 +354,23 @@ impl Hub {
         // outbox's bounds: a client that subscribes to "*" again and again
         // gets no more than its queue holds, and the copying stops there.
         let everything = new.iter().any(|s| s.as_str() == ALL_SYMBOLS);
+        let latest = &state.snapshots;
         let wanted = if everything {
-            state.latest.len()
+            latest.len()
         } else {
             new.iter()
-                .filter(|s| state.latest.contains_key(s.as_str()))
+                .filter(|s| latest.get(s.as_str()).is_some())
                 .count()
         };
         let snapshots = if everything {
             socket
                 .outbox
-                .offer_while_room(state.latest.values(), &mut state.wakes)
+                .offer_while_room(latest.all(), state.wakes.pending())
         } else {
-            let latest = &state.latest;
             let frames = new.iter().filter_map(|s| latest.get(s.as_str()));
-            socket.outbox.offer_while_room(frames, &mut state.wakes)
+            socket
+                .outbox
+                .offer_while_room(frames, state.wakes.pending())
         };
         let skipped = wanted - snapshots;
         if skipped > 0 {
@@ -419,7 +384,7 @@ impl Hub {
             .frames_queued
             .fetch_add(snapshots as u64, Relaxed);
         let new: Vec<String> = new.into_iter().cloned().collect();
-        state.add_subscriptions(id, &new);
+        state.subscriptions.add(id, &new);
         let symbols = state.subscriptions_of(id);
         self.wake_unless_held(guard);
         Ok(Subscribed { symbols, snapshots })
@@ -428,7 +393,7 @@ impl Hub {
     fn unsubscribe(&self, id: SocketId, symbols: &[String]) -> Subscribed {
         let mut state = self.state();
         for symbol in symbols {
-            state.remove_subscription(id, symbol);
+            state.subscriptions.remove(id, symbol);
         }
         Subscribed {
             symbols: state.subscriptions_of(id),
@@ -462,90 +427,46 @@ const _: fn() = || {
 impl Drop for WakeHold {
     fn drop(&mut self) {
         let mut state = self.hub.state();
-        state.holds -= 1;
+        state.wakes.release();
         self.hub.wake_unless_held(state);
     }
 }
 
 impl State {
-    /// Keeps `frame` as `symbol`'s snapshot, unless that would make more
-    /// than `max` symbols (the result is still delivered, just not kept).
-    fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {
-        let room = self.latest.len() < max;
-        match self.latest.get_mut(symbol) {
-            Some(latest) => *latest = frame.clone(),
-            None if room => {
-                self.latest.insert(symbol.into(), frame.clone());
-            }
-            None => {}
-        }
-    }
-
-    fn add_subscriptions(&mut self, id: SocketId, symbols: &[String]) {
-        let Some(socket) = self.sockets.get_mut(&id) else {
-            return;
-        };
-        for symbol in symbols {
-            if !socket.subscriptions.insert(symbol.clone()) {
-                continue;
-            }
-            if symbol == ALL_SYMBOLS {
-                self.everything.insert(id);
-            } else {
-                self.by_symbol
-                    .entry(symbol.as_str().into())
-                    .or_default()
-                    .insert(id);
-            }
-        }
-    }
-
-    fn remove_subscription(&mut self, id: SocketId, symbol: &str) {
-        let Some(socket) = self.sockets.get_mut(&id) else {
-            return;
-        };
-        if !socket.subscriptions.remove(symbol) {
-            return;
-        }
-        if symbol == ALL_SYMBOLS {
-            self.everything.remove(&id);
-        } else if let Some(subscribers) = self.by_symbol.get_mut(symbol) {
-            subscribers.remove(&id);
-            if subscribers.is_empty() {
-                self.by_symbol.remove(symbol);
-            }
-        }
-    }
-
     fn subscriptions_of(&self, id: SocketId) -> Vec<String> {
-        self.sockets
-            .get(&id)
-            .map(|s| s.subscriptions.iter().cloned().collect())
+        self.subscriptions
+            .of(id)
+            .map(|own| own.iter().cloned().collect())
             .unwrap_or_default()
     }
 
     /// Removes a socket and every index entry it had; returns its group's
-    /// code, or `None` when it was already gone. The group goes when empty.
+    /// code, or `None` when it was already gone.
     fn remove(&mut self, id: SocketId) -> Option<Box<str>> {
-        let subscriptions: Vec<String> = self
-            .sockets
-            .get(&id)?
-            .subscriptions
-            .iter()
-            .cloned()
-            .collect();
-        for symbol in &subscriptions {
-            self.remove_subscription(id, symbol);
-        }
-        let socket = self.sockets.remove(&id)?;
-        if let Some(members) = self.groups.get_mut(&socket.group) {
-            members.retain(|m| *m != id);
-            if members.is_empty() {
-                self.groups.remove(&socket.group);
+        self.subscriptions.remove_all(id);
+        self.connections.remove(id)
+    }
+}
+
+/// Offers `message` to each socket of `ids`: the one loop both public and
+/// group delivery run.
+fn offer_each<'a>(
+    connections: &Connections,
+    ids: impl IntoIterator<Item = &'a SocketId>,
+    message: &Message,
+    wakes: &mut Wakes,
+) -> Delivery {
+    let mut delivery = Delivery::default();
+    for id in ids {
+        if let Some(socket) = connections.get(*id) {
+            match socket.outbox.offer(message.clone(), wakes.pending()) {
+                Offer::Queued => delivery.queued += 1,
+                Offer::Full => delivery.slow.push(*id),
+                Offer::Gone => {}
             }
         }
-        Some(socket.group)
     }
+    delivery
 }
 
 /// One socket's place in the hub. Dropping it removes the socket, and its
@@ -666,8 +587,7 @@ mod tests {
         assert_eq!(hub.group_size("acme"), 1);
         drop(second);
         assert_eq!((hub.group_count(), hub.socket_count()), (0, 0));
-        let state = hub.state();
-        assert!(state.by_symbol.is_empty() && state.everything.is_empty());
+        assert!(hub.state().subscriptions.is_empty());
     }
 
     /// Everything queued in `outbox` now, as text.
@@ -774,7 +694,7 @@ mod tests {
         assert_eq!(stats.slow_consumer_closes.load(Relaxed), 0);
         assert_eq!(hub.group_size("acme"), 2, "nobody evicted");
         assert!(
-            hub.state().latest.is_empty(),
+            hub.state().snapshots.len() == 0,
             "not kept as a snapshot either"
         );
         assert_eq!(hub.send_to_group("acme", Message::Text("ok".into())), 2);
@@ -894,7 +814,7 @@ mod tests {
         let (membership, _outbox) = join(&hub, "acme", &[]);
         drop(membership);
         assert!(
-            hub.state().admitted.is_empty(),
+            hub.state().admissions.is_empty(),
             "no entry outlives its sockets"
         );
     }

@@ -1,0 +1,93 @@
+//! Every open socket by id, and the sockets of each client group: the
+//! hub's connections by client, as centrifuge keeps connections by user.
+
+use std::collections::HashMap;
+
+use super::SocketId;
+use crate::outbox;
+
+/// One open socket: its client group and the sending end of its outbox.
+#[derive(Debug)]
+pub(super) struct Socket {
+    pub(super) group: Box<str>,
+    pub(super) outbox: outbox::Sender,
+}
+
+#[derive(Debug, Default)]
+pub(super) struct Connections {
+    next_id: SocketId,
+    sockets: HashMap<SocketId, Socket>,
+    /// Client code → its sockets. A group exists only while it has a socket.
+    groups: HashMap<Box<str>, Vec<SocketId>>,
+}
+
+impl Connections {
+    /// Adds a socket to `group`; returns its new id.
+    pub(super) fn add(&mut self, group: Box<str>, outbox: outbox::Sender) -> SocketId {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.groups.entry(group.clone()).or_default().push(id);
+        self.sockets.insert(id, Socket { group, outbox });
+        id
+    }
+
+    pub(super) fn get(&self, id: SocketId) -> Option<&Socket> {
+        self.sockets.get(&id)
+    }
+
+    /// Removes a socket; returns its group's code, or `None` when it was
+    /// already gone. The group goes with its last socket.
+    pub(super) fn remove(&mut self, id: SocketId) -> Option<Box<str>> {
+        let socket = self.sockets.remove(&id)?;
+        if let Some(members) = self.groups.get_mut(&socket.group) {
+            members.retain(|m| *m != id);
+            if members.is_empty() {
+                self.groups.remove(&socket.group);
+            }
+        }
+        Some(socket.group)
+    }
+
+    /// The sockets of the group `client` (none when it has no socket).
+    pub(super) fn group(&self, client: &str) -> &[SocketId] {
+        self.groups.get(client).map_or(&[], Vec::as_slice)
+    }
+
+    pub(super) fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    pub(super) fn group_count(&self) -> usize {
+        self.groups.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sender() -> outbox::Sender {
+        outbox::bounded(outbox::Bounds {
+            frames: 1,
+            bytes: 1024,
+        })
+        .0
+    }
+
+    #[test]
+    fn groups_hold_their_sockets_and_go_with_the_last() {
+        let mut connections = Connections::default();
+        let a = connections.add("acme".into(), sender());
+        let b = connections.add("acme".into(), sender());
+        let c = connections.add("other".into(), sender());
+        assert_ne!(a, b);
+        assert_eq!(connections.group("acme"), [a, b]);
+        assert_eq!((connections.len(), connections.group_count()), (3, 2));
+        assert_eq!(connections.remove(a).as_deref(), Some("acme"));
+        assert_eq!(connections.remove(a), None, "already gone");
+        assert_eq!(connections.remove(b).as_deref(), Some("acme"));
+        assert!(connections.group("acme").is_empty());
+        assert_eq!(connections.group_count(), 1);
+        assert_eq!(connections.get(c).map(|s| &*s.group), Some("other"));
+    }
+}

@@ -1,0 +1,60 @@
+//! Sessions with newly queued frames, woken in one go: right after a
+//! delivery, or when the last [`WakeHold`](super::WakeHold) ends.
+
+use std::task::Waker;
+
+#[derive(Debug, Default)]
+pub(super) struct Wakes {
+    /// Sessions with newly queued frames, not yet woken.
+    pending: Vec<Waker>,
+    /// Open holds; while there are any, `pending` waits.
+    holds: usize,
+}
+
+impl Wakes {
+    /// Where an offer notes the session it queued for.
+    pub(super) fn pending(&mut self) -> &mut Vec<Waker> {
+        &mut self.pending
+    }
+
+    pub(super) fn hold(&mut self) {
+        self.holds += 1;
+    }
+
+    pub(super) fn release(&mut self) {
+        self.holds -= 1;
+    }
+
+    /// The sessions to wake now: none while held.
+    pub(super) fn take_due(&mut self) -> Option<Vec<Waker>> {
+        if self.holds > 0 || self.pending.is_empty() {
+            return None;
+        }
+        Some(std::mem::take(&mut self.pending))
+    }
+
+    /// Gives an emptied list back, so waking allocates nothing once warm.
+    pub(super) fn give_back(&mut self, emptied: Vec<Waker>) {
+        if self.pending.is_empty() {
+            self.pending = emptied;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nothing_is_due_while_held() {
+        let mut wakes = Wakes::default();
+        assert!(wakes.take_due().is_none(), "nothing pending");
+        wakes.pending().push(Waker::noop().clone());
+        wakes.hold();
+        assert!(wakes.take_due().is_none(), "held");
+        wakes.release();
+        let due = wakes.take_due().expect("due once released");
+        assert_eq!(due.len(), 1);
+        assert!(wakes.take_due().is_none(), "taken");
+    }
+}
