@@ -304,10 +304,40 @@ impl Rounds {
 }
 
 /// Waits until one compute shard and the gateway are subscribed to the
-/// `moved` input and output channels at the master on `port`.
-async fn resubscribed(what: &str, port: u16, moved: &[String]) {
+/// `moved` input and output channels at the master on `port`, and every
+/// node of the bridge has subscribed again to everything else: a slot move
+/// or a restart makes each node start its subscription over, and a round
+/// published before one has would be lost (pub/sub is at most once).
+async fn resubscribed(
+    what: &str,
+    cluster: &RedisCluster,
+    port: u16,
+    moved: &[String],
+    all: &[String],
+) {
     eventually(what, async || {
-        (shard_subscribers(port, moved).await == [1, 1]).then_some(())
+        if shard_subscribers(port, moved).await != [1, 1] {
+            return None;
+        }
+        // Each partition channel has exactly one subscriber, at its master.
+        let mut counts = vec![0; all.len()];
+        let mut patterns = 0;
+        for node_port in cluster.ports() {
+            for (count, here) in counts
+                .iter_mut()
+                .zip(shard_subscribers(node_port, all).await)
+            {
+                *count += here;
+            }
+            let numpat: i64 = redis::cmd("PUBSUB")
+                .arg("NUMPAT")
+                .query_async(&mut node(node_port).await)
+                .await
+                .expect("NUMPAT");
+            patterns += numpat;
+        }
+        // And the gateway's direct-channel pattern is back.
+        (counts.iter().all(|&n| n == 1) && patterns >= 1).then_some(())
     })
     .await;
 }
@@ -392,8 +422,10 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
     cluster.move_slot(slot, from, to).await;
     resubscribed(
         "the bridge to resubscribe at the slot's new master",
+        &cluster,
         to,
         &moved,
+        &partitions,
     )
     .await;
     rounds.check(2, &mut acme, &mut beta).await;
@@ -403,8 +435,10 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
     cluster.restart(to).await;
     resubscribed(
         "the bridge to resubscribe at the restarted master",
+        &cluster,
         to,
         &moved,
+        &partitions,
     )
     .await;
     rounds.check(3, &mut acme, &mut beta).await;
