@@ -26,6 +26,21 @@ pub fn env_settings() -> HashMap<String, String> {
         .collect()
 }
 
+/// `url`, the value of `key`, parses as a Redis URL; the error shows it
+/// with its password hidden, and the forms expected.
+fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
+    if redis::Client::open(url).is_err() {
+        return invalid(
+            key,
+            format!(
+                "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
+                redact_url(url)
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// The keys whose environment variables hold comma-separated lists.
 const LIST_KEYS: [&str; 4] = [
     "redis.input",
@@ -435,18 +450,8 @@ impl Settings {
         if redis.cluster_nodes.is_empty() {
             return Ok(());
         }
-        if let Some(bad) = redis
-            .cluster_nodes
-            .iter()
-            .find(|url| redis::Client::open(url.as_str()).is_err())
-        {
-            return invalid(
-                "redis.cluster_nodes",
-                format!(
-                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
-                    redact_url(bad)
-                ),
-            );
+        for url in &redis.cluster_nodes {
+            check_redis_url("redis.cluster_nodes", url)?;
         }
         if let Err(err) = redis::cluster::ClusterClient::new(redis.cluster_nodes.clone()) {
             return invalid(
@@ -571,15 +576,7 @@ impl RedisSettings {
 
 impl RedisSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        if redis::Client::open(self.url.as_str()).is_err() {
-            return invalid(
-                "redis.url",
-                format!(
-                    "{:?} is not a Redis URL; expected {REDIS_URL_FORMS}",
-                    redact_url(&self.url)
-                ),
-            );
-        }
+        check_redis_url("redis.url", &self.url)?;
         if self.input.is_empty() || self.input.iter().any(String::is_empty) {
             return invalid(
                 "redis.input",

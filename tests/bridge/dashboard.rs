@@ -104,6 +104,24 @@ async fn wait_until(browser: &Client, what: &str, check: &str) {
     .await;
 }
 
+/// Publishes `payload` (a margin call) on `client`'s direct channel and
+/// waits until the dashboard lists it.
+async fn show_margin_call(
+    browser: &Client,
+    conn: &mut redis::aio::MultiplexedConnection,
+    client: &str,
+    payload: &str,
+) {
+    let message = (format!("client.{client}"), payload.as_bytes().to_vec());
+    publish_all(conn, &[message]).await;
+    wait_until(
+        browser,
+        "the direct message",
+        "document.getElementById('direct').textContent.includes('margin call')",
+    )
+    .await;
+}
+
 /// A browser of its own (profile `name`) showing the dashboard at
 /// `/?{query}`, its socket open. Keep the driver: dropping it ends the browser.
 async fn open_dashboard(
@@ -178,20 +196,7 @@ async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
     )
     .await;
 
-    publish_all(
-        &mut conn,
-        &[(
-            "client.acme".to_owned(),
-            br#"{"alert":"margin call"}"#.to_vec(),
-        )],
-    )
-    .await;
-    wait_until(
-        &browser,
-        "the direct message",
-        "document.getElementById('direct').textContent.includes('margin call')",
-    )
-    .await;
+    show_margin_call(&browser, &mut conn, "acme", r#"{"alert":"margin call"}"#).await;
 
     browser.close().await.expect("close the browser");
     let _ = std::fs::remove_dir_all(&profile);
@@ -222,20 +227,8 @@ async fn the_demo_dashboard_as_a_user_sees_it() {
     )
     .await;
     let mut conn = redis.connection().await;
-    publish_all(
-        &mut conn,
-        &[(
-            "client.demo".to_owned(),
-            br#"{"alert":"margin call","account":"demo-7","level":3}"#.to_vec(),
-        )],
-    )
-    .await;
-    wait_until(
-        &browser,
-        "the direct message",
-        "document.getElementById('direct').textContent.includes('margin call')",
-    )
-    .await;
+    let margin_call = r#"{"alert":"margin call","account":"demo-7","level":3}"#;
+    show_margin_call(&browser, &mut conn, "demo", margin_call).await;
     wait_until(
         &browser,
         "the chart to have run a while",
