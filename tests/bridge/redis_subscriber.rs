@@ -141,3 +141,29 @@ async fn messages_reach_a_subscriber_over_a_unix_socket() {
     assert!(matches!(ended, Ok(None)), "the stream ends with the server");
     let _ = std::fs::remove_file(&socket);
 }
+
+/// A hostile publisher's single message larger than the whole buffer is
+/// refused as soon as its length arrives: the subscription ends, counted as
+/// an overflow, and the next one works.
+#[tokio::test]
+async fn a_message_larger_than_the_buffer_ends_the_subscription_and_the_next_one_works() {
+    use quotebridge::broker::SubscriptionBuffer;
+
+    let redis = RedisServer::start().await;
+    let mut admin = redis.connection().await;
+    let broker = RedisBroker::new(&redis.url())
+        .expect("broker")
+        .with_subscription_buffer(SubscriptionBuffer {
+            messages: 1000,
+            bytes: 1 << 20,
+        });
+    let mut messages = broker.subscribe(&topics()).await.expect("subscribe");
+    let huge = "x".repeat(2 << 20);
+    query(&mut admin, &["PUBLISH", "quotes", &huge]).await;
+    let ended = within("the subscription to end", messages.next()).await;
+    assert!(ended.is_none(), "no part of it is delivered");
+    assert_eq!(broker.overflows(), 1);
+
+    let mut messages = broker.subscribe(&topics()).await.expect("subscribe again");
+    both_arrive(&mut admin, &mut messages).await;
+}
