@@ -8,6 +8,9 @@ const HISTORY = 300;
 const MAX_SERIES = 2000;
 const series = new Map();   // key -> { symbol, client, points: [{t, price, sma}], row }
 let selected = null, socket = null, retryMs = 500, retryTimer = null, dirty = false, manualClose = false;
+// The last position seen of each key, to resume after a reconnect:
+// "public"/"private" -> symbol -> { epoch, seq }; reset when the client code changes.
+let positions = { public: new Map(), private: new Map() }, positionsOf = null;
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 if (params.get("client")) $("client").value = params.get("client");
@@ -33,12 +36,22 @@ function connect() {
   if (socket) { manualClose = true; socket.close(); }
   manualClose = false;
   const code = $("client").value.trim();
+  if (positionsOf !== code) { positions = { public: new Map(), private: new Map() }; positionsOf = code; }
+  // Back after a drop: the bridge holds the socket until it hears what was
+  // seen, then sends what was missed before anything live.
+  const resuming = positions.public.size + positions.private.size > 0;
+  const query = new URLSearchParams();
+  if (token) query.set("token", token);
+  if (resuming) query.set("resume", "1");
   const scheme = location.protocol === "https:" ? "wss" : "ws";
-  const url = `${scheme}://${location.host}/ws/${encodeURIComponent(code)}` + (token ? `?token=${encodeURIComponent(token)}` : "");
+  const url = `${scheme}://${location.host}/ws/${encodeURIComponent(code)}` + (query.size ? `?${query}` : "");
   setStatus("connecting", "connecting…");
   const ws = new WebSocket(url);
   socket = ws;
-  ws.onopen = () => { retryMs = 500; setStatus("open", `open as ${code}`); };
+  ws.onopen = () => {
+    retryMs = 500; setStatus("open", `open as ${code}`);
+    if (resuming) ws.send(JSON.stringify(resumeRequest()));
+  };
   ws.onmessage = (event) => onFrame(event.data);
   ws.onclose = (event) => {
     if (socket !== ws || manualClose) return;
@@ -46,6 +59,27 @@ function connect() {
     setStatus("closed", `closed (${event.code || "no code"}); retrying in ${(wait / 1000).toFixed(1)} s`);
     retryTimer = setTimeout(connect, wait * (0.5 + Math.random() / 2));
   };
+}
+
+// {"op":"resume","public":{epoch:{symbol:seq}},"private":{...}}
+function resumeRequest() {
+  const request = { op: "resume", public: {}, private: {} };
+  for (const kind of ["public", "private"]) {
+    for (const [symbol, { epoch, seq }] of positions[kind]) {
+      (request[kind][epoch] ??= {})[symbol] = seq;
+    }
+  }
+  return request;
+}
+
+function showRecovery(m) {
+  const r = $("recovery");
+  const missed = (Array.isArray(m.unrecovered?.public) ? m.unrecovered.public.length : 0)
+    + (Array.isArray(m.unrecovered?.private) ? m.unrecovered.private.length : 0);
+  r.dataset.state = m.recovered === true ? "recovered" : "gap";
+  r.textContent = m.recovered === true
+    ? `resumed: ${Number(m.replayed)} missed updates recovered`
+    : `resumed with a gap: ${missed} ${missed === 1 ? "symbol" : "symbols"} could not be recovered (latest shown)`;
 }
 
 function send(op) {
@@ -60,6 +94,7 @@ function onFrame(data) {
   if (msg && msg.type === "welcome" && Array.isArray(msg.subscriptions)) { showSubscriptions(msg.subscriptions); return; }
   if (msg && msg.type === "subscribed" && Array.isArray(msg.symbols)) { showSubscriptions(msg.symbols); return; }
   if (msg && msg.type === "error") { addDirect(`error: ${String(msg.message)}`); return; }
+  if (msg && msg.type === "resumed") { showRecovery(msg); return; }
   if (isSma(msg)) { onSma(msg); return; }
   addDirect(data);
 }
@@ -76,6 +111,10 @@ function isSma(m) {
 
 function onSma(m) {
   const key = m.client ? `${m.client}:${m.symbol}` : m.symbol;
+  if (typeof m.seq === "number" && typeof m.epoch === "string") {
+    const known = positions[m.client ? "private" : "public"];
+    if (known.has(m.symbol) || known.size < MAX_SERIES) known.set(m.symbol, { epoch: m.epoch, seq: m.seq });
+  }
   let s = series.get(key);
   if (!s && series.size >= MAX_SERIES) return; // a flood of names must not grow the page without end
   if (!s) {

@@ -292,6 +292,10 @@ pub struct WebSocketSettings {
     pub client_messages_per_second: u32,
     /// Keepalive ping period, in milliseconds.
     pub ping_interval_ms: u64,
+    /// Results kept per key for sockets that resume.
+    pub history_size: usize,
+    /// Bytes the kept results may take in all.
+    pub history_bytes: usize,
 }
 
 /// The HTTP server.
@@ -728,6 +732,12 @@ impl WebSocketSettings {
         }
         if self.max_message_bytes < 256 {
             return invalid("websocket.max_message_bytes", "must be at least 256".into());
+        }
+        if !(1..=1_000_000).contains(&self.history_size) {
+            return invalid(
+                "websocket.history_size",
+                format!("must be between 1 and 1000000 (got {})", self.history_size),
+            );
         }
         Ok(())
     }

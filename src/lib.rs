@@ -93,6 +93,8 @@ pub async fn serve<B: Broker>(
             max_symbols: settings.websocket.max_symbols,
             max_sockets_per_client: settings.server.max_connections_per_client,
             max_snapshots: settings.sma.max_keys,
+            history_size: settings.websocket.history_size,
+            history_bytes: settings.websocket.history_bytes,
         },
         stats.clone(),
     );

@@ -305,8 +305,12 @@ impl<B: Broker> Listener<B> {
             return;
         };
         self.stats.results_relayed.fetch_add(1, Relaxed);
-        self.hub
-            .deliver_result(&route.symbol, route.client.as_deref(), frame.clone());
+        self.hub.deliver_result(
+            &route.symbol,
+            route.client.as_deref(),
+            route.position(),
+            frame.clone(),
+        );
     }
 
     /// quote → SMA → one encoding → sockets, and queued for Redis.
@@ -317,8 +321,12 @@ impl<B: Broker> Listener<B> {
                 quote,
                 sma: Some(sma),
             } => {
-                self.hub
-                    .deliver_result(&quote.symbol, quote.client.as_deref(), sma.frame.clone());
+                self.hub.deliver_result(
+                    &quote.symbol,
+                    quote.client.as_deref(),
+                    Some(sma.position()),
+                    sma.frame.clone(),
+                );
                 self.queue_publish(Queued {
                     outbound: sma.outbound(),
                     since: Some(arrived),

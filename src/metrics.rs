@@ -137,6 +137,7 @@ mod tests {
             sockets: 3,
             groups: 2,
             ready: true,
+            history_bytes: 0,
         };
         let text = metrics.render(&stats, &gauges);
         assert!(

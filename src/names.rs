@@ -1,4 +1,4 @@
-//! The two kinds of names the contract constrains: symbols and client codes.
+//! The names the contract constrains: symbols, client codes and epochs.
 
 /// Longest symbol accepted, in bytes (all allowed characters are ASCII).
 pub const MAX_SYMBOL_LEN: usize = 32;
@@ -25,6 +25,18 @@ pub const fn is_symbol_byte(b: u8) -> bool {
 #[must_use]
 pub fn is_client_code(s: &str) -> bool {
     (1..=MAX_CLIENT_CODE_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// Longest epoch accepted, in bytes.
+pub const MAX_EPOCH_LEN: usize = 32;
+
+/// An epoch (the name of one run of a key's sequence) is 1–32 characters of
+/// `[A-Za-z0-9_-]`: written into messages as it is, so JSON never escapes it.
+#[must_use]
+pub fn is_epoch(s: &str) -> bool {
+    (1..=MAX_EPOCH_LEN).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }

@@ -28,11 +28,12 @@ use crate::broker::Outbound;
 use crate::broker::SnapshotSlot;
 use crate::config::Settings;
 use crate::names;
-use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
+use crate::protocol::{KeyFraming, Position, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
 use crate::topology::{Channels, Shard};
+use serde::{Deserialize, Serialize};
 
 /// The part of a rejected payload republished with its reason.
 const REJECTED_SAMPLE_BYTES: usize = 1024;
@@ -46,6 +47,9 @@ pub struct Pipeline {
     shard: Shard,
     /// `sma.window` written out once, for every message.
     window_framing: WindowFraming,
+    /// The epoch of every key this run of the pipeline starts (a fresh one
+    /// per process): a key restored from saved state keeps its own.
+    epoch: Arc<str>,
     /// Whether payloads that are not quotes at all are reported here.
     reports_unparseable: bool,
     /// Whether each input channel carries only this shard's symbols (a
@@ -83,6 +87,21 @@ pub struct Sma {
     pub frame: Utf8Bytes,
     /// Where the result is kept for gateways' snapshots, if it is.
     pub snapshot: Option<Arc<SnapshotSlot>>,
+    /// Its position in its key's sequence (as in the frame).
+    pub seq: u64,
+    /// The epoch of that sequence (as in the frame).
+    pub epoch: Arc<str>,
+}
+
+impl Sma {
+    /// Where the result stands in its key's sequence.
+    #[must_use]
+    pub fn position(&self) -> Position<'_> {
+        Position {
+            seq: self.seq,
+            epoch: &self.epoch,
+        }
+    }
 }
 
 impl Sma {
@@ -107,6 +126,7 @@ impl Pipeline {
             windows: Windows::new(settings.window(), settings.sma.max_keys),
             rejected_channel: channels.rejected_channel(),
             window_framing: WindowFraming::new(settings.window().get()),
+            epoch: new_epoch(),
             // On one server every shard reads every payload: shard 0 alone
             // reports the unparseable ones, so each yields one notice, not N.
             // A cluster partition's channel reaches one shard only.
@@ -138,9 +158,9 @@ impl Pipeline {
             return Outcome::OtherShard;
         }
         let client = quote.client.as_deref();
-        let Some(key) = self
-            .windows
-            .get_or_insert(client, &quote.symbol, &self.addressing)
+        let Some(key) =
+            self.windows
+                .get_or_insert(client, &quote.symbol, &self.addressing, &self.epoch)
         else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
@@ -148,6 +168,7 @@ impl Pipeline {
         if !self.emit_partial && !key.window.is_full() {
             return Outcome::Accepted { quote, sma: None };
         }
+        key.seq += 1;
         let frame = SmaMessage {
             symbol: &quote.symbol,
             price: quote.price,
@@ -155,6 +176,8 @@ impl Pipeline {
             window: key.window.capacity(),
             count: average.count,
             ts: quote.ts.unwrap_or_else(now_ms),
+            seq: key.seq,
+            epoch: &key.epoch,
             client,
         }
         // The parser admitted only valid names.
@@ -163,6 +186,8 @@ impl Pipeline {
             channel: key.channel.clone(),
             frame,
             snapshot: key.snapshot.clone(),
+            seq: key.seq,
+            epoch: key.epoch.clone(),
         };
         self.stats.smas_emitted.fetch_add(1, Relaxed);
         Outcome::Accepted {
@@ -195,25 +220,43 @@ impl Pipeline {
         self.shard.owns(symbol)
     }
 
-    /// The state of one key's window, if the key exists.
+    /// The state of one key (its window and its position), if the key exists.
     #[must_use]
-    pub fn window_state(&self, client: Option<&str>, symbol: &str) -> Option<WindowState> {
-        self.windows
-            .get(client, symbol)
-            .map(|key| key.window.state())
+    pub fn key_state(&self, client: Option<&str>, symbol: &str) -> Option<KeyState> {
+        self.windows.get(client, symbol).map(|key| KeyState {
+            window: key.window.state(),
+            seq: key.seq,
+            epoch: Some(key.epoch.to_string()),
+        })
     }
 
-    /// Replaces one key's window with `state` (restoring after a restart).
+    /// Replaces one key's state with `state` (restoring after a restart).
     /// Names that are not valid (a hand-edited state hash) are skipped:
     /// results are encoded on the assumption that every key's names are.
-    pub fn restore_window(&mut self, client: Option<&str>, symbol: &str, state: WindowState) {
+    /// A state saved without a valid epoch cannot be continued: the key
+    /// starts a new sequence in this run's epoch.
+    pub fn restore_key(&mut self, client: Option<&str>, symbol: &str, state: KeyState) {
         if !names::is_symbol(symbol) || !client.is_none_or(names::is_client_code) {
             tracing::warn!(symbol, client, "window state for invalid names ignored");
             return;
         }
         let capacity = self.windows.window;
-        if let Some(key) = self.windows.get_or_insert(client, symbol, &self.addressing) {
-            key.window = SmaWindow::restore(capacity, state);
+        let epoch = &self.epoch;
+        if let Some(key) = self
+            .windows
+            .get_or_insert(client, symbol, &self.addressing, epoch)
+        {
+            key.window = SmaWindow::restore(capacity, state.window);
+            match state.epoch.filter(|e| names::is_epoch(e)) {
+                Some(saved) => {
+                    key.seq = state.seq;
+                    if *saved != *key.epoch {
+                        key.epoch = saved.into();
+                        key.framing = KeyFraming::new(symbol, &key.epoch, client);
+                    }
+                }
+                None => key.seq = 0,
+            }
         }
     }
 
@@ -223,11 +266,31 @@ impl Pipeline {
     }
 }
 
+/// What durable stream mode saves of a key, to continue it after a restart
+/// or a takeover: its window, and its position, so the sequence continues
+/// in the same epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeyState {
+    /// The window.
+    #[serde(flatten)]
+    pub window: WindowState,
+    /// The key's last `seq` (0: no result yet).
+    #[serde(default)]
+    pub seq: u64,
+    /// The epoch `seq` counts in (absent in state saved before positions
+    /// existed: such a key starts a new epoch).
+    #[serde(default)]
+    pub epoch: Option<String>,
+}
+
 /// One key's window and where its results go.
 struct Key {
     window: SmaWindow,
     channel: Arc<str>,
     snapshot: Option<Arc<SnapshotSlot>>,
+    /// The key's last `seq`.
+    seq: u64,
+    epoch: Arc<str>,
     /// The key's fixed parts of every message, written out once.
     framing: KeyFraming,
 }
@@ -240,15 +303,30 @@ struct ResultAddressing {
 }
 
 impl ResultAddressing {
-    fn key(&self, client: Option<&str>, symbol: &str, window: NonZeroUsize) -> Key {
+    fn key(
+        &self,
+        client: Option<&str>,
+        symbol: &str,
+        window: NonZeroUsize,
+        epoch: &Arc<str>,
+    ) -> Key {
         Key {
             window: SmaWindow::new(window),
             channel: self.channels.output_channel(symbol),
             snapshot: (self.snapshots && client.is_none())
                 .then(|| Arc::new(self.channels.snapshot_slot(symbol))),
-            framing: KeyFraming::new(symbol, client),
+            seq: 0,
+            epoch: epoch.clone(),
+            framing: KeyFraming::new(symbol, epoch, client),
         }
     }
+}
+
+/// A fresh epoch: 8 random hex digits. Two runs share one with odds of
+/// 1 in 4 billion, and a client that resumes across them could then be
+/// told a gap is none; the digits are few because every message carries them.
+fn new_epoch() -> Arc<str> {
+    format!("{:08x}", rand::random::<u32>()).into()
 }
 
 /// Every SMA window, public by symbol and private by client then symbol, so
@@ -286,6 +364,7 @@ impl Windows {
         client: Option<&str>,
         symbol: &str,
         addressing: &ResultAddressing,
+        epoch: &Arc<str>,
     ) -> Option<&mut Key> {
         let full = self.len >= self.max_keys;
         let map = match client {
@@ -301,7 +380,7 @@ impl Windows {
             EntryRef::Vacant(_) if full => None,
             EntryRef::Vacant(entry) => {
                 self.len += 1;
-                Some(entry.insert(addressing.key(client, symbol, self.window)))
+                Some(entry.insert(addressing.key(client, symbol, self.window, epoch)))
             }
         }
     }
@@ -359,32 +438,96 @@ mod tests {
             snapshots: false,
         };
         let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3);
+        let epoch = new_epoch();
         windows
-            .get_or_insert(None, "A", &output)
+            .get_or_insert(None, "A", &output, &epoch)
             .expect("key")
             .window
             .push(1.0);
         windows
-            .get_or_insert(Some("c1"), "A", &output)
+            .get_or_insert(Some("c1"), "A", &output, &epoch)
             .expect("key")
             .window
             .push(5.0);
-        let public = windows.get_or_insert(None, "A", &output).expect("key");
+        let public = windows
+            .get_or_insert(None, "A", &output, &epoch)
+            .expect("key");
         assert_eq!(
             public.window.push(3.0).mean,
             2.0,
             "private prices do not mix in"
         );
-        assert!(windows.get_or_insert(Some("c2"), "A", &output).is_some());
         assert!(
-            windows.get_or_insert(Some("c2"), "B", &output).is_none(),
+            windows
+                .get_or_insert(Some("c2"), "A", &output, &epoch)
+                .is_some()
+        );
+        assert!(
+            windows
+                .get_or_insert(Some("c2"), "B", &output, &epoch)
+                .is_none(),
             "fourth key refused"
         );
-        assert!(windows.get_or_insert(Some("c3"), "A", &output).is_none());
         assert!(
-            windows.get_or_insert(Some("c1"), "A", &output).is_some(),
+            windows
+                .get_or_insert(Some("c3"), "A", &output, &epoch)
+                .is_none()
+        );
+        assert!(
+            windows
+                .get_or_insert(Some("c1"), "A", &output, &epoch)
+                .is_some(),
             "known keys still work"
         );
+    }
+
+    fn position_of(outcome: Outcome<'_>) -> (u64, String) {
+        match outcome {
+            Outcome::Accepted { sma: Some(sma), .. } => {
+                let message: serde_json::Value =
+                    serde_json::from_str(sma.frame.as_str()).expect("json");
+                assert_eq!(message["seq"], sma.seq, "the frame carries the position");
+                assert_eq!(message["epoch"], &*sma.epoch);
+                (sma.seq, sma.epoch.to_string())
+            }
+            _ => panic!("expected a result"),
+        }
+    }
+
+    #[test]
+    fn each_key_counts_its_results_and_saved_state_continues_the_count() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.sma.emit_partial = true;
+        let stats = Arc::new(Stats::default());
+        let mut pipeline = Pipeline::new(&settings, stats.clone());
+        let public = br#"{"symbol":"A","price":1}"#;
+        let private = br#"{"symbol":"A","price":1,"client":"acme"}"#;
+        let (seq, epoch) = position_of(pipeline.process(public));
+        assert_eq!(seq, 1);
+        assert_eq!(position_of(pipeline.process(public)), (2, epoch.clone()));
+        assert_eq!(
+            position_of(pipeline.process(private)).0,
+            1,
+            "its own sequence"
+        );
+
+        // Saved and restored (stream mode): the sequence goes on in its epoch.
+        let state = pipeline.key_state(None, "A").expect("state");
+        let saved = serde_json::to_string(&state).expect("serializes");
+        let mut restarted = Pipeline::new(&settings, stats.clone());
+        assert_ne!(restarted.epoch, pipeline.epoch, "a new run, a new epoch");
+        let state: KeyState = serde_json::from_str(&saved).expect("parses");
+        restarted.restore_key(None, "A", state);
+        assert_eq!(position_of(restarted.process(public)), (3, epoch.clone()));
+
+        // State saved before positions existed: a new sequence, a new epoch.
+        let old = r#"{"prices":[1.0],"sum":1.0,"compensation":0.0}"#;
+        let state: KeyState = serde_json::from_str(old).expect("old state parses");
+        let mut upgraded = Pipeline::new(&settings, stats);
+        upgraded.restore_key(None, "A", state);
+        let (seq, new_epoch) = position_of(upgraded.process(public));
+        assert_eq!(seq, 1);
+        assert_ne!(new_epoch, epoch);
     }
 
     fn notice(outcome: Outcome<'_>) -> Option<String> {

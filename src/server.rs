@@ -115,10 +115,19 @@ async fn missing_client_code() -> Response {
     (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response()
 }
 
-/// `?token=` for browsers, which cannot set an Authorization header.
+/// `?token=` for browsers, which cannot set an Authorization header, and
+/// `?resume=1` for a socket that comes back for what it missed.
 #[derive(serde::Deserialize)]
 struct TokenQuery {
     token: Option<String>,
+    resume: Option<String>,
+}
+
+impl TokenQuery {
+    /// Whether the socket is to be held for a resume request.
+    fn resumes(&self) -> bool {
+        matches!(self.resume.as_deref(), Some("1" | "true"))
+    }
 }
 
 /// The bearer token from the Authorization header, else from `?token=`.
@@ -183,6 +192,7 @@ async fn upgrade(
             .into_response();
     };
     let limit = app.settings.websocket.max_message_bytes;
+    let hold = query.resumes();
     upgrade
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
@@ -193,7 +203,7 @@ async fn upgrade(
                 let _permit = permit;
                 let websocket = &app.settings.websocket;
                 let initial = grant.initial_subscriptions(&websocket.default_symbols);
-                let (membership, outbox) = app.hub.join(admission, &initial);
+                let (membership, outbox) = app.hub.join(admission, &initial, hold);
                 let limits = session::Limits::from_settings(websocket);
                 let outcome = session::run(
                     socket,
@@ -282,6 +292,7 @@ impl AppState {
             sockets: self.hub.socket_count(),
             groups: self.hub.group_count(),
             ready: self.is_ready(),
+            history_bytes: self.hub.history_bytes(),
         }
     }
 }

@@ -18,7 +18,7 @@ use crate::config::WebSocketSettings;
 use crate::hub::Membership;
 use crate::names;
 use crate::outbox::Outbox;
-use crate::protocol::{ClientOp, ServerFrame};
+use crate::protocol::{ClientOp, LastSeen, ServerFrame, Unrecovered};
 
 /// Most queued frames written before one flush; bounds the time one busy
 /// socket spends away from reading its client.
@@ -54,6 +54,10 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pings sent without a pong since; at this many the peer is gone.
 const MAX_UNANSWERED_PINGS: u32 = 2;
 
+/// How long a socket opened to resume is held for its resume request; then
+/// it goes live without one.
+const RESUME_WAIT: Duration = Duration::from_secs(10);
+
 /// Why a session ended abnormally. Ordinary disconnects are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -77,6 +81,11 @@ pub async fn run(
     limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
+    // Joined held (`?resume=1`): nothing is delivered until the first
+    // request, or until RESUME_WAIT has passed.
+    let mut held = membership.is_held();
+    let hold_ends = tokio::time::sleep(RESUME_WAIT);
+    tokio::pin!(hold_ends);
     let subscriptions = membership.subscriptions();
     let welcome = ServerFrame::Welcome {
         client,
@@ -101,6 +110,11 @@ pub async fn run(
             () = &mut shutting_down => {
                 close(&mut socket, close_code::AWAY, "going away").await;
                 return Ok(());
+            }
+            () = &mut hold_ends, if held => {
+                tracing::debug!("no resume request in time; live without one");
+                held = false;
+                membership.go_live();
             }
             _ = keepalive.tick() => {
                 if unanswered_pings >= MAX_UNANSWERED_PINGS {
@@ -149,10 +163,18 @@ pub async fn run(
                 }
                 match message {
                     Message::Text(text) => {
-                        let replies = answer(&membership, &grant, &text);
-                        write(&mut socket, replies.into_iter().map(Message::Text)).await?;
+                        let replies = answer(&membership, &grant, &text, &mut held);
+                        // A resume's replay can be long: written a batch at
+                        // a time, each within the write timeout.
+                        let mut replies = replies.into_iter().map(Message::Text).peekable();
+                        while replies.peek().is_some() {
+                            write(&mut socket, replies.by_ref().take(MAX_BATCH)).await?;
+                        }
                     }
                     Message::Binary(_) => {
+                        if std::mem::take(&mut held) {
+                            membership.go_live();
+                        }
                         let reply = ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode();
                         write(&mut socket, [Message::Text(reply)]).await?;
                     }
@@ -199,13 +221,23 @@ impl TokenBucket {
 }
 
 /// Handles one text frame from the client; returns the frames to send back.
-fn answer(membership: &Membership, grant: &Grant, text: &str) -> Vec<Utf8Bytes> {
+/// The first request of a `held` socket ends the hold: a resume resumes,
+/// anything else makes it live as it is.
+fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -> Vec<Utf8Bytes> {
     let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
-    let op = match ClientOp::parse(text) {
+    let parsed = ClientOp::parse(text);
+    let resuming = matches!(parsed, Ok(ClientOp::Resume(_)));
+    if std::mem::take(held) && !resuming {
+        membership.go_live();
+    }
+    let op = match parsed {
         Ok(op) => op,
         Err(message) => return error(&message),
     };
-    let (ClientOp::Subscribe { symbols } | ClientOp::Unsubscribe { symbols }) = &op;
+    let symbols = match &op {
+        ClientOp::Subscribe { symbols } | ClientOp::Unsubscribe { symbols } => symbols,
+        ClientOp::Resume(last_seen) => return resume(membership, last_seen),
+    };
     if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
         let message = format!(
             "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-]"
@@ -226,6 +258,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str) -> Vec<Utf8Bytes> 
             Err(err) => return error(&err.to_string()),
         },
         ClientOp::Unsubscribe { symbols } => membership.unsubscribe(&symbols),
+        ClientOp::Resume(_) => unreachable!("answered above"),
     };
     // The snapshots wait in the outbox, which the session drains after
     // writing this reply.
@@ -233,6 +266,54 @@ fn answer(membership: &Membership, grant: &Grant, text: &str) -> Vec<Utf8Bytes> 
         symbols: &outcome.symbols,
     };
     vec![reply.encode()]
+}
+
+/// Answers a resume: the reply, then what the socket missed. Only the first
+/// request of a socket opened with `?resume=1` may be one; a request that
+/// names an invalid symbol or epoch is refused, and the socket goes live
+/// without recovery.
+fn resume(membership: &Membership, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
+    let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
+    let mut keys = last_seen.public.iter().chain(&last_seen.private);
+    let invalid = keys.find_map(|(epoch, symbols)| {
+        if !names::is_epoch(epoch) {
+            return Some(format!(
+                "invalid epoch {epoch:?}: expected 1-32 characters from [A-Za-z0-9_-]"
+            ));
+        }
+        symbols.keys().find(|s| !names::is_symbol(s)).map(|bad| {
+            format!("invalid symbol {bad:?}: expected 1-32 characters from [A-Za-z0-9._:/-]")
+        })
+    });
+    if let Some(message) = invalid {
+        membership.go_live();
+        return error(&message);
+    }
+    let Some(resumed) = membership.resume(last_seen) else {
+        return error("resume must be the first request on a socket opened with ?resume=1");
+    };
+    let recovered = resumed.unrecovered_public.is_empty() && resumed.unrecovered_private.is_empty();
+    let stats = membership.stats();
+    let outcome = if recovered {
+        &stats.resumes_recovered
+    } else {
+        &stats.resumes_unrecovered
+    };
+    outcome.fetch_add(1, Relaxed);
+    stats
+        .frames_replayed
+        .fetch_add(resumed.replayed as u64, Relaxed);
+    let reply = ServerFrame::Resumed {
+        recovered,
+        replayed: resumed.replayed,
+        unrecovered: Unrecovered {
+            public: &resumed.unrecovered_public,
+            private: &resumed.unrecovered_private,
+        },
+    };
+    std::iter::once(reply.encode())
+        .chain(resumed.frames)
+        .collect()
 }
 
 /// Feeds every message, then flushes once, within [`WRITE_TIMEOUT`].

@@ -53,6 +53,12 @@ pub struct Stats {
     pub stream_batches: AtomicU64,
     /// Stream mode: entries replayed after a restart or claimed from another consumer.
     pub stream_replayed: AtomicU64,
+    /// Resume requests answered with every key recovered.
+    pub resumes_recovered: AtomicU64,
+    /// Resume requests answered with `recovered: false` for some key.
+    pub resumes_unrecovered: AtomicU64,
+    /// Missed results sent to sockets that resumed.
+    pub frames_replayed: AtomicU64,
     /// Stream mode, a gauge: entries of the input stream the consumer group
     /// has not yet acknowledged (pending plus not yet delivered), as last measured.
     pub stream_lag: AtomicU64,
@@ -67,6 +73,8 @@ pub struct Gauges {
     pub groups: usize,
     /// Whether `/readyz` would answer 200.
     pub ready: bool,
+    /// Bytes the results kept for resuming sockets hold.
+    pub history_bytes: usize,
 }
 
 impl Stats {
@@ -224,6 +232,21 @@ pub const COUNTERS: &[Counter] = &[
         value: |stats| stats.redis_resubscribes.load(Relaxed),
     },
     Counter {
+        name: "resumes_recovered",
+        help: "Resume requests answered with every key recovered",
+        value: |stats| stats.resumes_recovered.load(Relaxed),
+    },
+    Counter {
+        name: "resumes_unrecovered",
+        help: "Resume requests answered with recovered: false for some key",
+        value: |stats| stats.resumes_unrecovered.load(Relaxed),
+    },
+    Counter {
+        name: "frames_replayed",
+        help: "Missed results sent to sockets that resumed",
+        value: |stats| stats.frames_replayed.load(Relaxed),
+    },
+    Counter {
         name: "stream_batches",
         help: "Stream mode: batches applied with MULTI/EXEC",
         value: |stats| stats.stream_batches.load(Relaxed),
@@ -276,6 +299,11 @@ pub const GAUGES: &[Gauge] = &[
         name: "ready",
         help: "1 while /readyz answers 200 (the Redis input is established), else 0",
         value: |_, gauges| u64::from(gauges.ready),
+    },
+    Gauge {
+        name: "history_bytes",
+        help: "Bytes held by the results kept for sockets that resume (websocket.history_bytes bounds it)",
+        value: |_, gauges| gauges.history_bytes as u64,
     },
     Gauge {
         name: "stream_lag",

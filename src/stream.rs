@@ -37,9 +37,8 @@ use crate::broker::snapshot_writes;
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::pipeline::{Outcome, Pipeline, Sma};
+use crate::pipeline::{KeyState, Outcome, Pipeline, Sma};
 use crate::quote::Quote;
-use crate::sma::WindowState;
 use crate::stats::Stats;
 use crate::topology::Role;
 
@@ -278,13 +277,12 @@ impl StreamConsumer {
         let mut restored = 0;
         for (field, value) in stored {
             let key = serde_json::from_slice::<(Option<String>, String)>(&field);
-            let state = serde_json::from_slice::<WindowState>(&value);
+            let state = serde_json::from_slice::<KeyState>(&value);
             match (key, state) {
                 // Another compute shard's window.
                 (Ok((_, symbol)), Ok(_)) if !self.pipeline.owns(&symbol) => {}
                 (Ok((client, symbol)), Ok(state)) => {
-                    self.pipeline
-                        .restore_window(client.as_deref(), &symbol, state);
+                    self.pipeline.restore_key(client.as_deref(), &symbol, state);
                     restored += 1;
                 }
                 _ => tracing::warn!(
@@ -521,7 +519,7 @@ impl StreamConsumer {
             transaction.add_command(hset).ignore();
         }
         for (client, symbol) in &touched {
-            if let Some(state) = self.pipeline.window_state(client.as_deref(), symbol) {
+            if let Some(state) = self.pipeline.key_state(client.as_deref(), symbol) {
                 let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();
                 let value = serde_json::to_string(&state).unwrap_or_default();
                 transaction
@@ -546,8 +544,12 @@ impl StreamConsumer {
         let _hold = self.hub.hold_wakes();
         for (quote, sma) in &deliveries {
             self.metrics.record_publish_latency(latency);
-            self.hub
-                .deliver_result(&quote.symbol, quote.client.as_deref(), sma.frame.clone());
+            self.hub.deliver_result(
+                &quote.symbol,
+                quote.client.as_deref(),
+                Some(sma.position()),
+                sma.frame.clone(),
+            );
         }
         Ok(())
     }

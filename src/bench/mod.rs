@@ -291,6 +291,8 @@ pub(crate) fn feed(
         window: 1,
         count: 1,
         ts,
+        seq: i as u64 / symbols.max(1) as u64 + 1,
+        epoch: "bench",
         client: None,
     }
     .encode();

@@ -22,13 +22,27 @@ pub(super) struct Connections {
 }
 
 impl Connections {
-    /// Adds a socket to `group`; returns its new id.
-    pub(super) fn add(&mut self, group: Box<str>, outbox: outbox::Sender) -> SocketId {
+    /// Adds a socket of `group`; returns its new id. A socket that is not
+    /// `live` is not yet among its group's members (see [`Self::make_live`]).
+    pub(super) fn add(&mut self, group: Box<str>, outbox: outbox::Sender, live: bool) -> SocketId {
         let id = self.next_id;
         self.next_id += 1;
-        self.groups.entry(group.clone()).or_default().push(id);
+        if live {
+            self.groups.entry(group.clone()).or_default().push(id);
+        }
         self.sockets.insert(id, Socket { group, outbox });
         id
+    }
+
+    /// Makes a socket added without `live` a member of its group; returns
+    /// the group's code, or `None` when the socket is gone.
+    pub(super) fn make_live(&mut self, id: SocketId) -> Option<Box<str>> {
+        let group = self.sockets.get(&id)?.group.clone();
+        let members = self.groups.entry(group.clone()).or_default();
+        if !members.contains(&id) {
+            members.push(id);
+        }
+        Some(group)
     }
 
     pub(super) fn get(&self, id: SocketId) -> Option<&Socket> {
@@ -77,9 +91,9 @@ mod tests {
     #[test]
     fn groups_hold_their_sockets_and_go_with_the_last() {
         let mut connections = Connections::default();
-        let a = connections.add("acme".into(), sender());
-        let b = connections.add("acme".into(), sender());
-        let c = connections.add("other".into(), sender());
+        let a = connections.add("acme".into(), sender(), true);
+        let b = connections.add("acme".into(), sender(), true);
+        let c = connections.add("other".into(), sender(), true);
         assert_ne!(a, b);
         assert_eq!(connections.group("acme"), [a, b]);
         assert_eq!((connections.len(), connections.group_count()), (3, 2));

@@ -5,9 +5,10 @@
 //! its own bounded outbox. Routing looks up the sockets that want a frame in
 //! an index; it never scans every socket.
 //!
-//! Its state is five parts, each with its own small API: the
+//! Its state is six parts, each with its own small API: the
 //! [connections](connections) by client group, the
 //! [subscriptions](subscriptions) by symbol, the [snapshots](snapshots), the
+//! [history](history) of each key for sockets that resume, the
 //! [admissions](admissions) per client, and the [wakes](wakes) it batches.
 //! They live under one lock, because a subscribe and its snapshots must be
 //! one step; connections and subscriptions are kept apart so that the lock
@@ -15,11 +16,13 @@
 
 mod admissions;
 mod connections;
+mod floors;
+mod history;
 mod snapshots;
 mod subscriptions;
 mod wakes;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -29,11 +32,14 @@ use axum::extract::ws::{Message, Utf8Bytes};
 
 use self::admissions::Admissions;
 use self::connections::Connections;
+use self::floors::Floors;
+use self::history::{History, Replay};
 use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
 use self::wakes::Wakes;
 use crate::names::ALL_SYMBOLS;
 use crate::outbox::{self, Offer, Outbox};
+use crate::protocol::{LastSeen, Position};
 use crate::stats::Stats;
 
 /// Identifies one socket for the lifetime of the process.
@@ -66,17 +72,28 @@ pub struct HubLimits {
     pub max_symbols: usize,
     /// Open sockets per client code.
     pub max_sockets_per_client: usize,
-    /// Symbols whose latest result is kept for snapshots (`sma.max_keys`):
-    /// a gateway's symbols come from Redis, not from a bounded pipeline.
+    /// Symbols whose latest result is kept for snapshots, and keys whose
+    /// history is kept (`sma.max_keys`): a gateway's keys come from Redis,
+    /// not from a bounded pipeline.
     pub max_snapshots: usize,
+    /// Results kept per key for sockets that resume (`websocket.history_size`).
+    pub history_size: usize,
+    /// Bytes the history may hold in all (`websocket.history_bytes`).
+    pub history_bytes: usize,
 }
 
 /// Everything under the hub's one lock.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct State {
     connections: Connections,
     subscriptions: Subscriptions,
     snapshots: Snapshots,
+    history: History,
+    /// Sockets opened to resume, not yet live: their initial subscriptions,
+    /// which take effect with the resume (or with any other first request).
+    held: HashMap<SocketId, Vec<String>>,
+    /// What resumed sockets saw elsewhere that has not arrived here yet.
+    floors: Floors,
     admissions: Admissions,
     wakes: Wakes,
 }
@@ -118,6 +135,21 @@ pub enum SubscribeError {
     TooManySymbols(usize),
 }
 
+/// What a resume did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Resumed {
+    /// The frames to send before anything live, in per-key order: every
+    /// missed result of each recovered key, and the latest result of each
+    /// key that could not be recovered.
+    pub frames: Vec<Utf8Bytes>,
+    /// How many of `frames` are missed results (the rest stand in for gaps).
+    pub replayed: usize,
+    /// Public symbols whose missed results could not all be sent.
+    pub unrecovered_public: Vec<String>,
+    /// Private symbols (of the client's own keys) likewise.
+    pub unrecovered_private: Vec<String>,
+}
+
 /// The outcome of a subscribe or unsubscribe.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Subscribed {
@@ -136,9 +168,23 @@ impl Hub {
             send_queue: limits.send_queue.max(1),
             ..limits
         };
+        let state = State {
+            connections: Connections::default(),
+            subscriptions: Subscriptions::default(),
+            snapshots: Snapshots::default(),
+            history: History::new(
+                limits.history_size,
+                limits.history_bytes,
+                limits.max_snapshots,
+            ),
+            held: HashMap::new(),
+            floors: Floors::default(),
+            admissions: Admissions::default(),
+            wakes: Wakes::default(),
+        };
         Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(State::default()),
+                state: Mutex::new(state),
                 limits,
                 stats,
                 logged_too_large: AtomicBool::new(false),
@@ -169,15 +215,30 @@ impl Hub {
     /// Adds an admitted socket to its client's group, subscribed to
     /// `subscriptions`. The socket leaves the hub, and its admission is
     /// released, when the returned [`Membership`] is dropped.
-    pub fn join(&self, admission: Admission, subscriptions: &[String]) -> (Membership, Outbox) {
+    ///
+    /// A socket joined with `hold` receives nothing until
+    /// [`Membership::resume`] or [`Membership::go_live`]: what it missed
+    /// must reach it before anything newer.
+    pub fn join(
+        &self,
+        admission: Admission,
+        subscriptions: &[String],
+        hold: bool,
+    ) -> (Membership, Outbox) {
         let limits = &self.inner.limits;
         let (sender, outbox) = outbox::bounded(outbox::Bounds {
             frames: limits.send_queue,
             bytes: limits.send_queue_bytes,
         });
         let mut state = self.state();
-        let id = state.connections.add(admission.client.clone(), sender);
-        state.subscriptions.add(id, subscriptions);
+        let id = state
+            .connections
+            .add(admission.client.clone(), sender, !hold);
+        if hold {
+            state.held.insert(id, subscriptions.to_vec());
+        } else {
+            state.subscriptions.add(id, subscriptions);
+        }
         drop(state);
         let membership = Membership {
             hub: self.clone(),
@@ -187,36 +248,62 @@ impl Hub {
         (membership, outbox)
     }
 
-    /// Delivers a public SMA frame to every socket subscribed to `symbol`
-    /// (by name or through `"*"`) and keeps it as the symbol's snapshot.
-    pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
+    /// Fans out one SMA result: a public one (`client` is `None`) to every
+    /// socket subscribed to `symbol` (by name or through `"*"`), kept as the
+    /// symbol's snapshot; a private one to every socket of its client's
+    /// group. A result with a position is kept in its key's history too.
+    pub fn deliver_result(
+        &self,
+        symbol: &str,
+        client: Option<&str>,
+        position: Option<Position<'_>>,
+        frame: Utf8Bytes,
+    ) {
         if !self.fits_a_socket(frame.len()) {
             return;
         }
         let mut guard = self.state();
         let state = &mut *guard;
-        state
-            .snapshots
-            .remember(symbol, &frame, self.inner.limits.max_snapshots);
-        let delivery = offer_each(
-            &state.connections,
-            state.subscriptions.subscribers(symbol),
-            &Message::Text(frame),
-            &mut state.wakes,
-        );
+        if let Some(position) = position {
+            state.history.record(client, symbol, position, &frame);
+        }
+        let floors = &state.floors;
+        let unseen = |id: &&SocketId| match position {
+            Some(position) if !floors.is_empty() => {
+                !floors.has_seen(**id, client, symbol, position)
+            }
+            _ => true,
+        };
+        let delivery = match client {
+            None => {
+                state
+                    .snapshots
+                    .remember(symbol, &frame, self.inner.limits.max_snapshots);
+                offer_each(
+                    &state.connections,
+                    state.subscriptions.subscribers(symbol).filter(unseen),
+                    &Message::Text(frame),
+                    &mut state.wakes,
+                )
+            }
+            Some(code) => offer_each(
+                &state.connections,
+                state.connections.group(code).iter().filter(unseen),
+                &Message::Text(frame),
+                &mut state.wakes,
+            ),
+        };
+        if let Some(position) = position.filter(|_| !state.floors.is_empty()) {
+            state.floors.passed(client, symbol, position);
+        }
         self.finish_delivery(state, delivery);
         self.wake_unless_held(guard);
     }
 
-    /// Fans out one SMA result: a public one (`client` is `None`) to the
-    /// symbol's subscribers, a private one to every socket of its client's group.
-    pub fn deliver_result(&self, symbol: &str, client: Option<&str>, frame: Utf8Bytes) {
-        match client {
-            None => self.publish_public(symbol, frame),
-            Some(code) => {
-                self.send_to_group(code, Message::Text(frame));
-            }
-        }
+    /// [`Hub::deliver_result`] for a public result without a position.
+    #[cfg(test)]
+    pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
+        self.deliver_result(symbol, None, None, frame);
     }
 
     /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
@@ -324,6 +411,84 @@ impl Hub {
     #[must_use]
     pub fn group_count(&self) -> usize {
         self.state().connections.group_count()
+    }
+
+    /// Bytes the history of every key holds.
+    #[must_use]
+    pub fn history_bytes(&self) -> usize {
+        self.state().history.bytes()
+    }
+
+    /// Makes a held socket live, subscribed to its initial set, and finds
+    /// what it missed since `last_seen` — in one step under the lock, so
+    /// every result is either among the frames returned or queued to the
+    /// socket after them, never both and never neither. `None` when the
+    /// socket was not held (already live, or gone).
+    fn resume(&self, id: SocketId, last_seen: &LastSeen) -> Option<Resumed> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let subscriptions = state.held.remove(&id)?;
+        let client = state.connections.make_live(id)?;
+        state.subscriptions.add(id, &subscriptions);
+        let everything = subscriptions.iter().any(|s| s == ALL_SYMBOLS);
+        let wants = |symbol: &str| everything || subscriptions.iter().any(|s| s == symbol);
+        let mut resumed = Resumed::default();
+        let mut ahead: Vec<(bool, &str, Position<'_>)> = Vec::new();
+        let mut add =
+            |replay: Replay<'_>, symbol: &str, private: bool, snapshot: Option<&Utf8Bytes>| {
+                match replay {
+                    Replay::Recovered(frames) => {
+                        resumed.replayed += frames.len();
+                        resumed.frames.extend(frames.into_iter().cloned());
+                    }
+                    Replay::Ahead => {}
+                    Replay::Gap(latest) => {
+                        let unrecovered = if private {
+                            &mut resumed.unrecovered_private
+                        } else {
+                            &mut resumed.unrecovered_public
+                        };
+                        unrecovered.push(symbol.to_owned());
+                        resumed.frames.extend(latest.or(snapshot).cloned());
+                    }
+                }
+            };
+        for (epoch, symbols) in &last_seen.public {
+            for (symbol, &seq) in symbols.iter().filter(|(s, _)| wants(s)) {
+                let seen = Position { seq, epoch };
+                let replay = state.history.replay(None, symbol, seen);
+                if matches!(replay, Replay::Ahead) {
+                    ahead.push((false, symbol, seen));
+                }
+                add(replay, symbol, false, state.snapshots.get(symbol));
+            }
+        }
+        for (epoch, symbols) in &last_seen.private {
+            for (symbol, &seq) in symbols {
+                let seen = Position { seq, epoch };
+                let replay = state.history.replay(Some(&client), symbol, seen);
+                if matches!(replay, Replay::Ahead) {
+                    ahead.push((true, symbol, seen));
+                }
+                add(replay, symbol, true, None);
+            }
+        }
+        for (private, symbol, seen) in ahead {
+            let owner = private.then_some(&*client);
+            state.floors.add(id, owner, symbol, seen);
+        }
+        Some(resumed)
+    }
+
+    /// Makes a held socket live without resuming; false when it was not held.
+    fn go_live(&self, id: SocketId) -> bool {
+        let mut state = self.state();
+        let Some(subscriptions) = state.held.remove(&id) else {
+            return false;
+        };
+        state.connections.make_live(id);
+        state.subscriptions.add(id, &subscriptions);
+        true
     }
 
     /// How many sockets the group `client` has (the tests' view of a group).
@@ -434,6 +599,12 @@ impl Drop for WakeHold {
 
 impl State {
     fn subscriptions_of(&self, id: SocketId) -> Vec<String> {
+        if let Some(held) = self.held.get(&id) {
+            let mut held = held.clone();
+            held.sort();
+            held.dedup();
+            return held;
+        }
         self.subscriptions
             .of(id)
             .map(|own| own.iter().cloned().collect())
@@ -443,6 +614,8 @@ impl State {
     /// Removes a socket and every index entry it had; returns its group's
     /// code, or `None` when it was already gone.
     fn remove(&mut self, id: SocketId) -> Option<Box<str>> {
+        self.held.remove(&id);
+        self.floors.remove(id);
         self.subscriptions.remove_all(id);
         self.connections.remove(id)
     }
@@ -495,6 +668,25 @@ impl Membership {
         self.hub.unsubscribe(self.id, symbols)
     }
 
+    /// Ends the hold of a socket joined to resume: it goes live, and the
+    /// returned frames (what it missed since `last_seen`) must be sent
+    /// before anything its outbox receives. `None` when it was not held.
+    pub fn resume(&self, last_seen: &LastSeen) -> Option<Resumed> {
+        self.hub.resume(self.id, last_seen)
+    }
+
+    /// Ends the hold of a socket joined to resume, without resuming; false
+    /// when it was not held.
+    pub fn go_live(&self) -> bool {
+        self.hub.go_live(self.id)
+    }
+
+    /// Whether the socket is held, waiting for its resume request.
+    #[must_use]
+    pub fn is_held(&self) -> bool {
+        self.hub.state().held.contains_key(&self.id)
+    }
+
     /// The process-wide counters, for the session to count its own events.
     #[must_use]
     pub fn stats(&self) -> &Stats {
@@ -525,6 +717,8 @@ mod tests {
             max_symbols: 10,
             max_sockets_per_client: 4,
             max_snapshots: 100,
+            history_size: 16,
+            history_bytes: 1 << 20,
         }
     }
 
@@ -534,7 +728,7 @@ mod tests {
 
     fn join(hub: &Hub, client: &str, subscriptions: &[&str]) -> (Membership, Outbox) {
         let admission = hub.admit(client).expect("admitted");
-        hub.join(admission, &strings(subscriptions))
+        hub.join(admission, &strings(subscriptions), false)
     }
 
     fn strings(items: &[&str]) -> Vec<String> {
@@ -800,6 +994,71 @@ mod tests {
             2,
             "one wake, both frames"
         );
+    }
+
+    fn result(hub: &Hub, client: Option<&str>, seq: u64, epoch: &str) {
+        let frame = format!("{}{seq}", client.unwrap_or("A"));
+        hub.deliver_result("A", client, Some(Position { seq, epoch }), frame.into());
+    }
+
+    fn last_seen(public: &[(&str, u64)], private: &[(&str, u64)]) -> LastSeen {
+        let map = |keys: &[(&str, u64)]| {
+            let mut map = crate::protocol::LastSeenMap::new();
+            for (epoch, seq) in keys {
+                map.entry((*epoch).to_owned())
+                    .or_default()
+                    .insert("A".to_owned(), *seq);
+            }
+            map
+        };
+        LastSeen {
+            public: map(public),
+            private: map(private),
+        }
+    }
+
+    #[test]
+    fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
+        let hub = hub(64);
+        for seq in 1..=3 {
+            result(&hub, None, seq, "e1");
+            result(&hub, Some("acme"), seq, "e1");
+        }
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
+        assert!(socket.is_held());
+        assert_eq!(socket.subscriptions(), ["*"], "its set, before it is live");
+        result(&hub, None, 4, "e1");
+        hub.send_to_group("acme", Message::Text("direct".into()));
+        assert!(outbox.try_recv().is_none(), "held: nothing queued");
+        let resumed = socket
+            .resume(&last_seen(&[("e1", 2)], &[("e1", 1)]))
+            .expect("it was held");
+        let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+        assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
+        assert_eq!(resumed.replayed, 4);
+        assert!(socket.resume(&LastSeen::default()).is_none(), "once only");
+        result(&hub, None, 5, "e1");
+        assert_eq!(queued(&mut outbox), ["A5"], "then live");
+    }
+
+    #[test]
+    fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
+        let hub = hub(64);
+        result(&hub, None, 1, "e1");
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
+        let resumed = socket
+            .resume(&last_seen(&[("e1", 3)], &[("e0", 9)]))
+            .expect("it was held");
+        assert_eq!(resumed.frames, Vec::<Utf8Bytes>::new());
+        assert_eq!(resumed.unrecovered_private, ["A"], "unknown here");
+        assert!(resumed.unrecovered_public.is_empty(), "ahead is not a gap");
+        for seq in 2..=4 {
+            result(&hub, None, seq, "e1");
+        }
+        assert_eq!(queued(&mut outbox), ["A4"], "2 and 3 it had seen");
+        assert!(hub.state().floors.is_empty(), "the floor went once passed");
     }
 
     #[test]

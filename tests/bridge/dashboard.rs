@@ -203,6 +203,106 @@ async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
     app.shutdown().await;
 }
 
+/// Drops the dashboard's socket while `quotes` are published (and
+/// computed), then reconnects it as its retry would.
+async fn away_while(
+    browser: &Client,
+    app: &TestApp,
+    output: &mut (impl futures_util::Stream<Item = redis::Msg> + Unpin),
+    quotes: &[(String, Vec<u8>)],
+) {
+    browser
+        .execute("manualClose = true; socket.close();", vec![])
+        .await
+        .expect("close the page's socket");
+    wait_until(
+        browser,
+        "the socket to close",
+        "socket.readyState === WebSocket.CLOSED",
+    )
+    .await;
+    publish_all(&mut app.redis.connection().await, quotes).await;
+    for _ in quotes {
+        next_redis(output).await;
+    }
+    browser
+        .execute("connect();", vec![])
+        .await
+        .expect("reconnect");
+}
+
+#[tokio::test]
+async fn the_dashboard_resumes_after_a_drop_and_shows_whether_it_recovered() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+        ("QUOTEBRIDGE__WEBSOCKET__HISTORY_SIZE", "5"),
+    ])
+    .await;
+    let mut output = app.redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    let (_driver, browser, profile) =
+        open_dashboard(app.address, "quotebridge-resume", "client=acme").await;
+    let quotes = |prices: std::ops::Range<u32>| -> Vec<(String, Vec<u8>)> {
+        prices
+            .map(|p| {
+                let quote = json!({"symbol": "AAPL", "price": p});
+                ("quotes".to_owned(), quote.to_string().into_bytes())
+            })
+            .collect()
+    };
+    publish_all(&mut app.redis.connection().await, &quotes(1..2)).await;
+    next_redis(&mut output).await;
+    let price = "document.querySelector('tr[data-symbol=\"AAPL\"] td.price')";
+    wait_until(
+        &browser,
+        "the first price",
+        &format!("{price}?.textContent === '1.000'"),
+    )
+    .await;
+
+    // Three updates while away: all recovered, the chart has every point.
+    away_while(&browser, &app, &mut output, &quotes(2..5)).await;
+    let recovery = "document.getElementById('recovery')";
+    wait_until(
+        &browser,
+        "the recovery to be shown",
+        &format!("{recovery}.dataset.state === 'recovered' && {recovery}.textContent.includes('3 missed')"),
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the last price",
+        &format!("{price}.textContent === '4.000'"),
+    )
+    .await;
+    wait_until(
+        &browser,
+        "every point on the chart",
+        "Number(document.getElementById('chart').dataset.points) === 4",
+    )
+    .await;
+
+    // Ten while away, beyond the history of five: a gap, and the latest value.
+    away_while(&browser, &app, &mut output, &quotes(5..15)).await;
+    wait_until(
+        &browser,
+        "the gap to be shown",
+        &format!(
+            "{recovery}.dataset.state === 'gap' && {recovery}.textContent.includes('1 symbol could not')"
+        ),
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the latest price",
+        &format!("{price}.textContent === '14.000'"),
+    )
+    .await;
+    browser.close().await.expect("close the browser");
+    let _ = std::fs::remove_dir_all(&profile);
+    app.shutdown().await;
+}
+
 /// What a user sees after starting `demo`: every sample symbol in the
 /// table, a chart that has run for a while, and a direct message. The
 /// screenshot is the README's picture (`script/dashboard-screenshot` copies

@@ -102,20 +102,22 @@ async fn stream_input_is_processed_acknowledged_and_restored_after_a_restart() {
     app.shutdown().await;
 }
 
-/// The reference: what an uninterrupted bridge emits for `quotes`, byte for byte.
-fn uninterrupted_run(quotes: &[Value], window: usize) -> Vec<String> {
+/// The reference: what an uninterrupted bridge emits for `quotes`, byte for
+/// byte, when every key's sequence runs in `epoch`.
+fn uninterrupted_run(quotes: &[Value], window: usize, epoch: &str) -> Vec<String> {
     let capacity = NonZeroUsize::new(window).expect("non-zero");
-    let mut windows: HashMap<(Option<String>, String), SmaWindow> = HashMap::new();
+    let mut windows: HashMap<(Option<String>, String), (SmaWindow, u64)> = HashMap::new();
     let mut outputs = Vec::new();
     for q in quotes {
         let client = q["client"].as_str();
         let symbol = q["symbol"].as_str().expect("symbol");
         let price = q["price"].as_f64().expect("price");
-        let w = windows
+        let (w, seq) = windows
             .entry((client.map(str::to_owned), symbol.to_owned()))
-            .or_insert_with(|| SmaWindow::new(capacity));
+            .or_insert_with(|| (SmaWindow::new(capacity), 0));
         let average = w.push(price);
         if w.is_full() {
+            *seq += 1;
             let message = SmaMessage {
                 symbol,
                 price,
@@ -123,12 +125,20 @@ fn uninterrupted_run(quotes: &[Value], window: usize) -> Vec<String> {
                 window,
                 count: average.count,
                 ts: q["ts"].as_u64().expect("ts"),
+                seq: *seq,
+                epoch,
                 client,
             };
             outputs.push(message.encode().to_string());
         }
     }
     outputs
+}
+
+/// The epoch of an output message.
+fn epoch_of(output: &str) -> String {
+    let message: Value = serde_json::from_str(output).expect("an SMA message");
+    message["epoch"].as_str().expect("an epoch").to_owned()
 }
 
 async fn stream_replayed(serve: &Serve) -> u64 {
@@ -201,7 +211,8 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
             q
         })
         .collect();
-    let expected = uninterrupted_run(&quotes, 10);
+    // Every key starts in the first run: one epoch throughout.
+    let expected_len = uninterrupted_run(&quotes, 10, "e").len();
 
     // The whole input is queued first, so the bridge is always mid-work when
     // it is killed.
@@ -213,7 +224,7 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
     let mut replayed = 0;
 
     for fraction in [0.15, 0.5] {
-        let threshold = (expected.len() as f64 * fraction) as usize;
+        let threshold = (expected_len as f64 * fraction) as usize;
         let at_kill = eventually("output to reach the kill point", async || {
             let len = xlen(&mut conn, "sma.out").await;
             (len >= threshold).then_some(len)
@@ -222,17 +233,18 @@ async fn kill_dash_nine_twice_mid_stream_loses_nothing_and_duplicates_nothing() 
         replayed += stream_replayed(&serve).await;
         serve.child.kill().expect("kill -9"); // SIGKILL: no shutdown code runs
         serve.child.wait().expect("reap");
-        eprintln!("killed at {at_kill} of {} outputs", expected.len());
-        assert!(at_kill < expected.len(), "the kill must land mid-stream");
+        eprintln!("killed at {at_kill} of {expected_len} outputs");
+        assert!(at_kill < expected_len, "the kill must land mid-stream");
         serve = Serve::start(&redis, &env).await;
     }
 
     eventually("every output and acknowledgement", async || {
-        let done = xlen(&mut conn, "sma.out").await >= expected.len();
+        let done = xlen(&mut conn, "sma.out").await >= expected_len;
         (done && pending(&mut conn).await == 0).then_some(())
     })
     .await;
     let got = output_stream(&mut conn, "sma.out").await;
+    let expected = uninterrupted_run(&quotes, 10, &epoch_of(&got[0]));
     replayed += stream_replayed(&serve).await;
     eprintln!("entries replayed after the kills: {replayed}");
     assert_eq!(
@@ -378,7 +390,7 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     let quotes: Vec<Value> = (0..3_000)
         .map(|i| json!({"symbol": format!("S{}", i % 5), "price": 100.0 + ((i * 7919) % 1013) as f64 / 7.0, "ts": i}))
         .collect();
-    let expected = uninterrupted_run(&quotes, 5);
+    let expected_len = uninterrupted_run(&quotes, 5, "e").len();
     let payloads: Vec<Vec<u8>> = quotes.iter().map(|q| q.to_string().into_bytes()).collect();
     let env = |name| {
         [
@@ -397,7 +409,7 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     // next batch of 50: read, never applied.
     xadd_all(&mut conn, &payloads[..1_000]).await;
     let mut first = Serve::start(&redis, &env("bridge-1")).await;
-    let first_share = uninterrupted_run(&quotes[..1_000], 5).len();
+    let first_share = uninterrupted_run(&quotes[..1_000], 5, "e").len();
     eventually("bridge-1 to apply its share", async || {
         let done = xlen(&mut conn, "sma.out").await >= first_share;
         (done && pending(&mut conn).await == 0).then_some(())
@@ -423,11 +435,13 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
     // the 50 (after claim_idle_ms).
     let second = Serve::start(&redis, &env("bridge-2")).await;
     eventually("every output and acknowledgement", async || {
-        let done = xlen(&mut conn, "sma.out").await >= expected.len();
+        let done = xlen(&mut conn, "sma.out").await >= expected_len;
         (done && pending(&mut conn).await == 0).then_some(())
     })
     .await;
     let got = output_stream(&mut conn, "sma.out").await;
+    // bridge-2 continues bridge-1's keys: their sequences, in its epoch.
+    let expected = uninterrupted_run(&quotes, 5, &epoch_of(&got[0]));
     assert_eq!(got.len(), expected.len(), "nothing lost, nothing twice");
     if let Some(i) = got.iter().zip(&expected).position(|(g, e)| g != e) {
         panic!(

@@ -19,6 +19,7 @@ mod properties;
 mod redis_faults;
 mod redis_subscriber;
 mod rejected_input;
+mod resume;
 mod scale_out;
 mod schemas;
 mod support;

@@ -87,9 +87,43 @@ async fn real_messages_match_the_published_schemas() {
         seen.iter().any(|m| m.get("client").is_some()),
         "a private SMA was checked: {seen:?}"
     );
+    let mut last_seen = json!({"op": "resume", "public": {}, "private": {}});
     for _ in 0..2 {
-        assert_valid("sma", &next_json(&mut socket).await);
+        let frame = next_json(&mut socket).await;
+        assert_valid("sma", &frame);
+        let kind = if frame.get("client").is_some() {
+            "private"
+        } else {
+            "public"
+        };
+        let epoch = frame["epoch"].as_str().expect("epoch");
+        let symbol = frame["symbol"].as_str().expect("symbol");
+        last_seen[kind][epoch][symbol] = frame["seq"].clone();
     }
+
+    // A socket that comes back: its request and the reply, then what it missed.
+    assert_valid("client-request", &last_seen);
+    drop(socket);
+    publish_all(
+        &mut conn,
+        &[(
+            "quotes".to_owned(),
+            json!({"symbol": "AAPL", "price": 5})
+                .to_string()
+                .into_bytes(),
+        )],
+    )
+    .await;
+    let _ = next_redis(&mut redis_out).await;
+    let (mut socket, _) = connect_ws(&format!("{}?resume=1", app.ws_url("acme"))).await;
+    send_json(&mut socket, last_seen).await;
+    let resumed = next_json(&mut socket).await;
+    assert_valid("resumed", &resumed);
+    assert_eq!(
+        (resumed["recovered"].as_bool(), resumed["replayed"].as_u64()),
+        (Some(true), Some(1))
+    );
+    assert_valid("sma", &next_json(&mut socket).await);
 
     // The schemas are strict enough to catch drift.
     assert_invalid(
@@ -98,6 +132,11 @@ async fn real_messages_match_the_published_schemas() {
     );
     assert_invalid("quote", &json!({"symbol": "A B", "price": 1}));
     assert_invalid("client-request", &json!({"op": "publish", "symbols": []}));
+    assert_invalid(
+        "client-request",
+        &json!({"op": "resume", "public": {"e": {"A": -1}}}),
+    );
+    assert_invalid("resumed", &json!({"type": "resumed", "recovered": true}));
     drop(redis_out);
     app.shutdown().await;
 }
@@ -116,7 +155,7 @@ fn every_schema_the_asyncapi_document_references_exists() {
         .skip(1)
         .filter_map(|rest| rest.split('\'').next())
         .collect();
-    assert_eq!(referenced.len(), 7, "{referenced:?}");
+    assert_eq!(referenced.len(), 8, "{referenced:?}");
     for file in referenced {
         let text = std::fs::read_to_string(format!("{docs}/schemas/{file}"))
             .unwrap_or_else(|e| panic!("{file}: {e}"));

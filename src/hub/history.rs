@@ -1,0 +1,308 @@
+//! The last results of each key, by position: what a socket that comes back
+//! is sent to fill the gap it left, as Centrifugo keeps a channel's
+//! publications for recovery. Kept where the sockets are, so every gateway
+//! of a deployment holds the same history and a client may come back to any.
+//!
+//! Bounded three ways: `size` results per key, `max_keys` keys, and
+//! `max_bytes` in all. Past the byte bound, each new result makes its own
+//! key give up its two oldest, so the keys that fill the history are the
+//! ones that shrink, and each keeps at least its latest result.
+
+use std::collections::{HashMap, VecDeque};
+
+use axum::extract::ws::Utf8Bytes;
+
+use crate::protocol::Position;
+
+/// What one kept result costs beyond its frame's bytes: its slot in the
+/// ring and the frame's shared header.
+const ENTRY_OVERHEAD: usize = 48;
+
+/// What a key's history can do for a client that last saw `seq`.
+#[derive(Debug)]
+pub(super) enum Replay<'h> {
+    /// Every result after `seq`, oldest first (none when it is up to date).
+    Recovered(Vec<&'h Utf8Bytes>),
+    /// The client has seen results this node has not received yet (it came
+    /// from a gateway that is ahead): nothing to send, and the results up
+    /// to `seq` must not be sent again when they arrive.
+    Ahead,
+    /// The history does not reach back to `seq`, or the key's sequence was
+    /// restarted (another epoch), or the key is unknown here: its latest
+    /// result, if any, stands in for what was missed.
+    Gap(Option<&'h Utf8Bytes>),
+}
+
+#[derive(Debug)]
+pub(super) struct History {
+    /// Results kept per key.
+    size: usize,
+    max_bytes: usize,
+    max_keys: usize,
+    bytes: usize,
+    keys: usize,
+    public: HashMap<Box<str>, Ring>,
+    private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
+}
+
+/// One key's latest results, consecutive in its sequence.
+#[derive(Debug)]
+struct Ring {
+    epoch: Box<str>,
+    /// `(seq, frame)`, oldest first, each `seq` one more than the one before.
+    entries: VecDeque<(u64, Utf8Bytes)>,
+}
+
+impl History {
+    pub(super) fn new(size: usize, max_bytes: usize, max_keys: usize) -> Self {
+        Self {
+            size: size.max(1),
+            max_bytes,
+            max_keys,
+            bytes: 0,
+            keys: 0,
+            public: HashMap::new(),
+            private: HashMap::new(),
+        }
+    }
+
+    /// Keeps `frame`, the result at `position` of the key (`client`,
+    /// `symbol`). A result that does not follow the key's last one (results
+    /// were lost on the way here) starts the history over from it, as does
+    /// a new epoch; one that is not newer than the last is not kept.
+    pub(super) fn record(
+        &mut self,
+        client: Option<&str>,
+        symbol: &str,
+        position: Position<'_>,
+        frame: &Utf8Bytes,
+    ) {
+        let room = self.keys < self.max_keys;
+        let map = match client {
+            None => &mut self.public,
+            Some(code) => match self.private.get_mut(code) {
+                Some(map) => map,
+                None if room => self.private.entry(code.into()).or_default(),
+                None => return,
+            },
+        };
+        let ring = match map.get_mut(symbol) {
+            Some(ring) => ring,
+            None if room => {
+                self.keys += 1;
+                map.entry(symbol.into()).or_insert_with(|| Ring {
+                    epoch: position.epoch.into(),
+                    entries: VecDeque::new(),
+                })
+            }
+            None => return,
+        };
+        let last = ring.entries.back().map(|(seq, _)| *seq);
+        if *ring.epoch != *position.epoch {
+            ring.epoch = position.epoch.into();
+            self.bytes -= ring.clear();
+        } else if last.is_some_and(|last| position.seq <= last) {
+            return;
+        } else if last.is_some_and(|last| position.seq != last + 1) {
+            self.bytes -= ring.clear();
+        }
+        ring.entries.push_back((position.seq, frame.clone()));
+        self.bytes += frame.len() + ENTRY_OVERHEAD;
+        let over_size = ring.entries.len() > self.size;
+        let mut evict = usize::from(over_size);
+        if self.bytes > self.max_bytes {
+            evict = 2;
+        }
+        for _ in 0..evict {
+            if ring.entries.len() <= 1 {
+                break;
+            }
+            if let Some((_, old)) = ring.entries.pop_front() {
+                self.bytes -= old.len() + ENTRY_OVERHEAD;
+            }
+        }
+    }
+
+    /// What the key's history holds after `last_seen`.
+    pub(super) fn replay(
+        &self,
+        client: Option<&str>,
+        symbol: &str,
+        last_seen: Position<'_>,
+    ) -> Replay<'_> {
+        let ring = match client {
+            None => self.public.get(symbol),
+            Some(code) => self.private.get(code).and_then(|map| map.get(symbol)),
+        };
+        let Some(ring) = ring else {
+            return Replay::Gap(None);
+        };
+        let latest = ring.entries.back();
+        let (Some((oldest, _)), Some((newest, frame))) = (ring.entries.front(), latest) else {
+            return Replay::Gap(None);
+        };
+        if *ring.epoch != *last_seen.epoch || last_seen.seq.saturating_add(1) < *oldest {
+            return Replay::Gap(Some(frame));
+        }
+        if last_seen.seq > *newest {
+            return Replay::Ahead;
+        }
+        if last_seen.seq == *newest {
+            return Replay::Recovered(Vec::new());
+        }
+        let skip = usize::try_from(last_seen.seq + 1 - oldest).unwrap_or(usize::MAX);
+        Replay::Recovered(ring.entries.iter().skip(skip).map(|(_, f)| f).collect())
+    }
+
+    /// Bytes held (frames plus their slots), for `/metrics`.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Ring {
+    /// Empties the ring; returns the bytes that frees.
+    fn clear(&mut self) -> usize {
+        let freed = self
+            .entries
+            .drain(..)
+            .map(|(_, frame)| frame.len() + ENTRY_OVERHEAD)
+            .sum();
+        self.entries.shrink_to(4);
+        freed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(seq: u64, epoch: &str) -> Position<'_> {
+        Position { seq, epoch }
+    }
+
+    fn frames(replay: Replay<'_>) -> Vec<String> {
+        match replay {
+            Replay::Recovered(frames) => frames.iter().map(|f| f.to_string()).collect(),
+            other => panic!("expected a recovery, got {other:?}"),
+        }
+    }
+
+    fn gap(replay: Replay<'_>) -> Option<String> {
+        match replay {
+            Replay::Gap(latest) => latest.map(|f| f.to_string()),
+            other => panic!("expected a gap, got {other:?}"),
+        }
+    }
+
+    fn record_run(
+        history: &mut History,
+        client: Option<&str>,
+        seqs: std::ops::RangeInclusive<u64>,
+    ) {
+        for seq in seqs {
+            history.record(client, "A", at(seq, "e1"), &format!("A{seq}").into());
+        }
+    }
+
+    #[test]
+    fn replays_what_followed_the_last_seen_result() {
+        let mut history = History::new(5, 1 << 20, 10);
+        record_run(&mut history, None, 1..=8);
+        assert_eq!(
+            frames(history.replay(None, "A", at(5, "e1"))),
+            ["A6", "A7", "A8"]
+        );
+        assert_eq!(
+            frames(history.replay(None, "A", at(3, "e1"))),
+            ["A4", "A5", "A6", "A7", "A8"]
+        );
+        assert!(
+            frames(history.replay(None, "A", at(8, "e1"))).is_empty(),
+            "up to date"
+        );
+        assert!(
+            matches!(history.replay(None, "A", at(9, "e1")), Replay::Ahead),
+            "ahead of this node"
+        );
+        assert_eq!(
+            gap(history.replay(None, "A", at(2, "e1"))).as_deref(),
+            Some("A8"),
+            "beyond the history"
+        );
+        assert_eq!(
+            gap(history.replay(None, "A", at(7, "e0"))).as_deref(),
+            Some("A8"),
+            "another epoch"
+        );
+        assert_eq!(
+            gap(history.replay(None, "B", at(1, "e1"))),
+            None,
+            "unknown key"
+        );
+    }
+
+    #[test]
+    fn private_history_is_kept_per_client() {
+        let mut history = History::new(5, 1 << 20, 10);
+        record_run(&mut history, Some("acme"), 1..=3);
+        assert_eq!(
+            frames(history.replay(Some("acme"), "A", at(1, "e1"))),
+            ["A2", "A3"]
+        );
+        assert_eq!(gap(history.replay(Some("other"), "A", at(1, "e1"))), None);
+        assert_eq!(gap(history.replay(None, "A", at(1, "e1"))), None);
+    }
+
+    #[test]
+    fn a_hole_or_a_new_epoch_starts_the_history_over() {
+        let mut history = History::new(10, 1 << 20, 10);
+        record_run(&mut history, None, 1..=4);
+        history.record(None, "A", at(6, "e1"), &"A6".into());
+        assert_eq!(
+            gap(history.replay(None, "A", at(3, "e1"))).as_deref(),
+            Some("A6"),
+            "5 never came"
+        );
+        assert_eq!(frames(history.replay(None, "A", at(5, "e1"))), ["A6"]);
+        history.record(None, "A", at(6, "e1"), &"again".into());
+        assert_eq!(
+            frames(history.replay(None, "A", at(5, "e1"))),
+            ["A6"],
+            "a repeat is not kept"
+        );
+        history.record(None, "A", at(1, "e2"), &"B1".into());
+        assert_eq!(
+            gap(history.replay(None, "A", at(6, "e1"))).as_deref(),
+            Some("B1")
+        );
+        assert!(frames(history.replay(None, "A", at(1, "e2"))).is_empty());
+    }
+
+    #[test]
+    fn memory_stays_within_its_bounds() {
+        let frame_cost = 2 + ENTRY_OVERHEAD;
+        let mut history = History::new(100, 10 * frame_cost, 2);
+        record_run(&mut history, None, 1..=50);
+        assert!(history.bytes() <= 10 * frame_cost, "{}", history.bytes());
+        // The key that filled it shrank; it still has its latest.
+        assert_eq!(
+            gap(history.replay(None, "A", at(1, "e1"))).as_deref(),
+            Some("A50")
+        );
+        history.record(Some("x"), "B", at(1, "e1"), &"B1".into());
+        history.record(Some("y"), "C", at(1, "e1"), &"C1".into());
+        assert_eq!(
+            gap(history.replay(Some("y"), "C", at(0, "e1"))),
+            None,
+            "over max_keys: not kept"
+        );
+        let mut small = History::new(3, 1 << 20, 10);
+        record_run(&mut small, None, 1..=10);
+        assert_eq!(
+            small.bytes(),
+            "A8A9A10".len() + 3 * ENTRY_OVERHEAD,
+            "three results kept"
+        );
+    }
+}
