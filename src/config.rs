@@ -207,6 +207,17 @@ pub enum InputMode {
     Stream,
 }
 
+/// What becomes of a socket that falls behind its send queue's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumer {
+    /// Keep it, with the latest result of each key: it is never stale and
+    /// never cut off for being slow.
+    Conflate,
+    /// Close it with 1008 "slow consumer".
+    Close,
+}
+
 /// Where quotes come from and where results go.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -284,6 +295,8 @@ pub struct WebSocketSettings {
     pub send_queue: usize,
     /// Most bytes queued for one socket before it is closed as a slow consumer.
     pub send_queue_bytes: usize,
+    /// Conflate or close a socket past those bounds.
+    pub slow_consumer: SlowConsumer,
     /// Most subscriptions per socket.
     pub max_symbols: usize,
     /// Largest client frame, in bytes.
@@ -292,6 +305,8 @@ pub struct WebSocketSettings {
     pub client_messages_per_second: u32,
     /// Keepalive ping period, in milliseconds.
     pub ping_interval_ms: u64,
+    /// How long a write to a socket may wait, in milliseconds.
+    pub write_timeout_ms: u64,
     /// Results kept per key for sockets that resume.
     pub history_size: usize,
     /// Bytes the kept results may take in all.
@@ -723,6 +738,15 @@ impl WebSocketSettings {
         }
         if self.ping_interval_ms < 10 {
             return invalid("websocket.ping_interval_ms", "must be at least 10".into());
+        }
+        if !(100..=600_000).contains(&self.write_timeout_ms) {
+            return invalid(
+                "websocket.write_timeout_ms",
+                format!(
+                    "must be between 100 and 600000 (got {})",
+                    self.write_timeout_ms
+                ),
+            );
         }
         if self.max_symbols == 0 || self.default_symbols.len() > self.max_symbols {
             return invalid(

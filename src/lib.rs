@@ -90,6 +90,7 @@ pub async fn serve<B: Broker>(
         HubLimits {
             send_queue: settings.websocket.send_queue,
             send_queue_bytes: settings.websocket.send_queue_bytes,
+            conflate: settings.websocket.slow_consumer == config::SlowConsumer::Conflate,
             max_symbols: settings.websocket.max_symbols,
             max_sockets_per_client: settings.server.max_connections_per_client,
             max_snapshots: settings.sma.max_keys,

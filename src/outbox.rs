@@ -7,8 +7,14 @@
 //! costs several atomic read-modify-writes per frame on each end (and a
 //! semaphore, bounded or not); it was the bridge's top symbol in fan-out
 //! profiles. An idle socket's outbox allocates nothing beyond its header.
+//!
+//! A socket past its bound is either cut off, or, when its outbox
+//! *conflates*, kept: each result that does not fit replaces the pending
+//! result of its key, so the socket catches up with the latest value of
+//! every key (as Lightstreamer's MERGE mode does) and holds at most one
+//! frame per key beyond the bound.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
@@ -22,6 +28,9 @@ pub struct Bounds {
     pub frames: usize,
     /// Queued payload bytes.
     pub bytes: usize,
+    /// Past the bounds, keep the latest frame of each key (up to `bytes`
+    /// of them) instead of refusing.
+    pub conflate: bool,
 }
 
 /// What happened when a frame was offered.
@@ -29,10 +38,38 @@ pub struct Bounds {
 pub enum Offer {
     /// It is queued.
     Queued,
-    /// The outbox is at its frame or byte bound; the frame was not queued.
+    /// The outbox is past its bound: the frame is kept as its key's latest,
+    /// replacing `replaced` older ones (0 or 1).
+    Conflated {
+        /// Frames of the key this one replaced.
+        replaced: u64,
+    },
+    /// The outbox is at its frame or byte bound (and cannot conflate this
+    /// frame: it has no key, or one frame per key exceeds the byte bound);
+    /// the frame was not queued.
     Full,
     /// The session has ended; nobody will take the frame.
     Gone,
+}
+
+/// Which key a result belongs to, for conflation: the socket's client is
+/// fixed, so a private flag and the symbol name it.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameKey<'a> {
+    /// A private result of the socket's client (else a public one).
+    pub private: bool,
+    /// Its symbol.
+    pub symbol: &'a str,
+}
+
+/// What one take from the outbox brought.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Taken {
+    /// Frames moved into the batch; 0 means the hub closed the outbox.
+    pub frames: usize,
+    /// Whether they are the latest of each key after some were skipped
+    /// (conflated): the client should be told before them.
+    pub conflated: bool,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +77,10 @@ struct Queue {
     frames: VecDeque<Message>,
     /// Payload bytes in `frames`.
     bytes: usize,
+    /// While conflating: the latest frame of each key that did not fit,
+    /// sent once `frames` is drained. Allocated only for a socket that
+    /// fell behind.
+    latest: Option<Box<Latest>>,
     /// The hub dropped its sender: no more frames will come.
     closed: bool,
     /// The session dropped its outbox: frames would never be taken.
@@ -88,13 +129,36 @@ impl Sender {
     /// `wakes`: the caller wakes it, once it has queued all it has. An
     /// outbox past half of either bound wakes its session at once instead,
     /// so deferring never makes a socket that keeps up a slow consumer.
-    pub fn offer(&self, message: Message, wakes: &mut Vec<Waker>) -> Offer {
+    pub fn offer(
+        &self,
+        message: Message,
+        key: Option<FrameKey<'_>>,
+        wakes: &mut Vec<Waker>,
+    ) -> Offer {
         let len = payload_len(&message);
         let mut queue = self.shared.lock();
         if queue.abandoned {
             return Offer::Gone;
         }
-        if queue.frames.len() >= self.bounds.frames || queue.bytes + len > self.bounds.bytes {
+        let full =
+            queue.frames.len() >= self.bounds.frames || queue.bytes + len > self.bounds.bytes;
+        // Once a key's frame waits among the latest, every keyed frame goes
+        // there too, so none overtakes an older one of its key.
+        let conflating = queue.latest.is_some();
+        if let Some(key) = key.filter(|_| self.bounds.conflate && (full || conflating)) {
+            let latest = queue.latest.get_or_insert_default();
+            let replaced = latest.keep(key, message);
+            if latest.bytes > self.bounds.bytes {
+                return Offer::Full;
+            }
+            // It is behind: wake it now, not at the end of the burst.
+            if let Some(waiting) = queue.waiting.take() {
+                drop(queue);
+                waiting.wake();
+            }
+            return Offer::Conflated { replaced };
+        }
+        if full {
             return Offer::Full;
         }
         queue.frames.push_back(message);
@@ -178,7 +242,9 @@ impl Outbox {
     /// into `batch`; returns how many. 0 means the hub closed the outbox and
     /// everything queued before that has been taken. Cancel-safe: nothing is
     /// taken unless it returns.
-    pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> usize {
+    /// Once the queue is drained, the latest frames of a conflating outbox
+    /// come all at once, marked [`Taken::conflated`].
+    pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> Taken {
         poll_fn(|cx| {
             let mut queue = self.shared.lock();
             if !queue.frames.is_empty() {
@@ -194,10 +260,25 @@ impl Outbox {
                 queue.bytes -= freed;
                 // Running now; offers need not wake it until it parks again.
                 queue.waiting = None;
-                return Poll::Ready(take);
+                return Poll::Ready(Taken {
+                    frames: take,
+                    conflated: false,
+                });
+            }
+            if let Some(latest) = queue.latest.take() {
+                queue.waiting = None;
+                let frames = latest.len();
+                batch.extend(latest.into_frames());
+                return Poll::Ready(Taken {
+                    frames,
+                    conflated: true,
+                });
             }
             if queue.closed {
-                return Poll::Ready(0);
+                return Poll::Ready(Taken {
+                    frames: 0,
+                    conflated: false,
+                });
             }
             match &mut queue.waiting {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -216,6 +297,7 @@ impl Outbox {
     pub async fn recv(&mut self) -> Option<Message> {
         let mut one = Vec::with_capacity(1);
         self.recv_many(&mut one, 1).await;
+        assert!(one.len() <= 1, "recv is for outboxes that do not conflate");
         one.pop()
     }
 
@@ -233,6 +315,47 @@ impl Drop for Outbox {
         // Frees what was queued now, not when the hub drops its sender.
         queue.frames = VecDeque::new();
         queue.bytes = 0;
+        queue.latest = None;
+    }
+}
+
+/// The latest frame of each key of a conflating outbox.
+#[derive(Debug, Default)]
+struct Latest {
+    public: HashMap<Box<str>, Message>,
+    private: HashMap<Box<str>, Message>,
+    /// Payload bytes held.
+    bytes: usize,
+}
+
+impl Latest {
+    /// Keeps `message` as its key's latest; returns how many it replaced.
+    fn keep(&mut self, key: FrameKey<'_>, message: Message) -> u64 {
+        let map = if key.private {
+            &mut self.private
+        } else {
+            &mut self.public
+        };
+        self.bytes += payload_len(&message);
+        match map.get_mut(key.symbol) {
+            Some(older) => {
+                self.bytes -= payload_len(older);
+                *older = message;
+                1
+            }
+            None => {
+                map.insert(key.symbol.into(), message);
+                0
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.public.len() + self.private.len()
+    }
+
+    fn into_frames(self) -> impl Iterator<Item = Message> {
+        self.public.into_values().chain(self.private.into_values())
     }
 }
 
@@ -250,13 +373,21 @@ mod tests {
     use super::*;
 
     fn bounds(frames: usize, bytes: usize) -> Bounds {
-        Bounds { frames, bytes }
+        Bounds {
+            frames,
+            bytes,
+            conflate: false,
+        }
     }
 
-    /// Offers `text` and wakes the session at once.
+    /// Offers `text` (a frame of no key) and wakes the session at once.
     fn offer(sender: &Sender, text: &str) -> Offer {
+        offer_keyed(sender, text, None)
+    }
+
+    fn offer_keyed(sender: &Sender, text: &str, key: Option<FrameKey<'_>>) -> Offer {
         let mut wakes = Vec::new();
-        let offer = sender.offer(Message::Text(text.to_owned().into()), &mut wakes);
+        let offer = sender.offer(Message::Text(text.to_owned().into()), key, &mut wakes);
         wakes.into_iter().for_each(Waker::wake);
         offer
     }
@@ -275,8 +406,8 @@ mod tests {
             assert_eq!(offer(&sender, &i.to_string()), Offer::Queued);
         }
         let mut batch = Vec::new();
-        assert_eq!(outbox.recv_many(&mut batch, 3).await, 3);
-        assert_eq!(outbox.recv_many(&mut batch, 3).await, 2);
+        assert_eq!(outbox.recv_many(&mut batch, 3).await.frames, 3);
+        assert_eq!(outbox.recv_many(&mut batch, 3).await.frames, 2);
         let got: Vec<&str> = batch.iter().map(text).collect();
         assert_eq!(got, ["0", "1", "2", "3", "4"]);
     }
@@ -303,9 +434,98 @@ mod tests {
         assert_eq!(offer(&sender, "1"), Offer::Queued);
         assert_eq!(offer(&sender, "2"), Offer::Full, "3 frames > 2");
         let mut batch = Vec::new();
-        assert_eq!(outbox.recv_many(&mut batch, 10).await, 2);
+        assert_eq!(outbox.recv_many(&mut batch, 10).await.frames, 2);
         assert_eq!(offer(&sender, "123456789"), Offer::Queued);
         assert_eq!(offer(&sender, "12"), Offer::Full, "11 bytes > 10");
+    }
+
+    fn key(symbol: &str) -> Option<FrameKey<'_>> {
+        Some(FrameKey {
+            private: false,
+            symbol,
+        })
+    }
+
+    fn texts(batch: &[Message]) -> Vec<&str> {
+        let mut texts: Vec<&str> = batch.iter().map(text).collect();
+        texts.sort_unstable();
+        texts
+    }
+
+    #[tokio::test]
+    async fn past_its_bound_a_conflating_outbox_keeps_the_latest_of_each_key() {
+        let (sender, mut outbox) = bounded(Bounds {
+            conflate: true,
+            ..bounds(2, 1000)
+        });
+        assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+        assert_eq!(offer_keyed(&sender, "B1", key("B")), Offer::Queued);
+        for (frame, symbol, replaced) in [("A2", "A", 0), ("A3", "A", 1), ("B2", "B", 0)] {
+            assert_eq!(
+                offer_keyed(&sender, frame, key(symbol)),
+                Offer::Conflated { replaced }
+            );
+        }
+        let private = Some(FrameKey {
+            private: true,
+            symbol: "A",
+        });
+        assert_eq!(
+            offer_keyed(&sender, "pA1", private),
+            Offer::Conflated { replaced: 0 },
+            "a private key is its own"
+        );
+        assert_eq!(
+            offer(&sender, "direct"),
+            Offer::Full,
+            "no key: not conflated"
+        );
+        let mut batch = Vec::new();
+        let taken = outbox.recv_many(&mut batch, 10).await;
+        assert_eq!(
+            (taken.frames, taken.conflated),
+            (2, false),
+            "the queue first"
+        );
+        assert_eq!(texts(&batch), ["A1", "B1"]);
+        batch.clear();
+        // Keyed frames wait behind the latest while it is held: none overtakes.
+        assert_eq!(
+            offer_keyed(&sender, "A4", key("A")),
+            Offer::Conflated { replaced: 1 }
+        );
+        let taken = outbox.recv_many(&mut batch, 10).await;
+        assert_eq!((taken.frames, taken.conflated), (3, true));
+        assert_eq!(texts(&batch), ["A4", "B2", "pA1"]);
+        batch.clear();
+        assert_eq!(
+            offer_keyed(&sender, "A5", key("A")),
+            Offer::Queued,
+            "caught up"
+        );
+    }
+
+    #[test]
+    fn a_conflating_outbox_is_full_when_one_frame_per_key_exceeds_the_byte_bound() {
+        let (sender, _outbox) = bounded(Bounds {
+            conflate: true,
+            ..bounds(1, 10)
+        });
+        assert_eq!(offer_keyed(&sender, "12345", key("A")), Offer::Queued);
+        assert_eq!(
+            offer_keyed(&sender, "123456", key("B")),
+            Offer::Conflated { replaced: 0 }
+        );
+        assert_eq!(
+            offer_keyed(&sender, "123", key("B")),
+            Offer::Conflated { replaced: 1 },
+            "replacing frees the older one's bytes"
+        );
+        assert_eq!(
+            offer_keyed(&sender, "12345678", key("C")),
+            Offer::Full,
+            "3 + 8 > 10"
+        );
     }
 
     #[tokio::test]
@@ -314,8 +534,8 @@ mod tests {
         offer(&sender, "last");
         drop(sender);
         let mut batch = Vec::new();
-        assert_eq!(outbox.recv_many(&mut batch, 10).await, 1);
-        assert_eq!(outbox.recv_many(&mut batch, 10).await, 0);
+        assert_eq!(outbox.recv_many(&mut batch, 10).await.frames, 1);
+        assert_eq!(outbox.recv_many(&mut batch, 10).await.frames, 0);
     }
 
     #[test]
@@ -327,10 +547,7 @@ mod tests {
 
     #[tokio::test]
     async fn an_outbox_past_half_full_wakes_its_session_at_once() {
-        let (sender, mut outbox) = bounded(Bounds {
-            frames: 4,
-            bytes: 1000,
-        });
+        let (sender, mut outbox) = bounded(bounds(4, 1000));
         let session = tokio::spawn(async move {
             let mut batch = Vec::new();
             outbox.recv_many(&mut batch, 10).await;
@@ -340,7 +557,7 @@ mod tests {
         let mut wakes = Vec::new();
         for text in ["1", "2", "3"] {
             assert_eq!(
-                sender.offer(Message::Text(text.into()), &mut wakes),
+                sender.offer(Message::Text(text.into()), None, &mut wakes),
                 Offer::Queued
             );
         }

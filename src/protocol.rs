@@ -335,6 +335,14 @@ pub enum ServerFrame<'a> {
         /// result of each (when known) follows instead.
         unrecovered: Unrecovered<'a>,
     },
+    /// The socket fell behind and its outbox conflated: the next `keys`
+    /// frames are the latest result of each key that did not fit (the
+    /// results between were skipped; `seq` jumps), and after them delivery
+    /// is complete again.
+    Conflated {
+        /// How many frames follow.
+        keys: usize,
+    },
     /// A request could not be served; the socket stays open.
     Error {
         /// What was wrong.

@@ -216,6 +216,9 @@ async fn upgrade(
                 )
                 .await;
                 if let Err(err) = outcome {
+                    if matches!(err, session::SessionError::WriteTimeout(_)) {
+                        app.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::info!(client = %client_code, cause = %err, "session ended with an error");
                 }
             };

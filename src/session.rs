@@ -24,10 +24,6 @@ use crate::protocol::{ClientOp, LastSeen, ServerFrame, Unrecovered};
 /// socket spends away from reading its client.
 const MAX_BATCH: usize = 256;
 
-/// How long one batch of writes may take. A client that stops reading fills
-/// its TCP window and would stall the session forever; past this it is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What one socket may do.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -35,6 +31,10 @@ pub struct Limits {
     pub client_messages_per_second: u32,
     /// Time between keepalive pings.
     pub ping_interval: Duration,
+    /// How long one batch of writes may take. A client that stops reading
+    /// fills its TCP window and would stall the session forever; past this
+    /// it is dropped.
+    pub write_timeout: Duration,
 }
 
 impl Limits {
@@ -44,6 +44,7 @@ impl Limits {
         Self {
             client_messages_per_second: settings.client_messages_per_second,
             ping_interval: Duration::from_millis(settings.ping_interval_ms),
+            write_timeout: Duration::from_millis(settings.write_timeout_ms),
         }
     }
 }
@@ -91,7 +92,12 @@ pub async fn run(
         client,
         subscriptions: &subscriptions,
     };
-    write(&mut socket, [welcome.encode()].map(Message::Text)).await?;
+    write(
+        &mut socket,
+        [welcome.encode()].map(Message::Text),
+        limits.write_timeout,
+    )
+    .await?;
     tracing::debug!("socket opened");
 
     let mut rate = TokenBucket::new(limits.client_messages_per_second, Instant::now());
@@ -124,17 +130,27 @@ pub async fn run(
                     return Ok(());
                 }
                 unanswered_pings += 1;
-                write(&mut socket, [Message::Ping(Bytes::new())]).await?;
+                write(&mut socket, [Message::Ping(Bytes::new())], limits.write_timeout).await?;
             }
             taken = outbox.recv_many(&mut batch, MAX_BATCH) => {
-                if taken == 0 {
+                if taken.frames == 0 {
                     // The hub closed our outbox: we fell behind.
                     close(&mut socket, close_code::POLICY, "slow consumer").await;
                     return Ok(());
                 }
-                // Everything already queued goes out with one flush; the
+                if taken.conflated {
+                    // The client is told before the latest values come.
+                    membership.stats().conflations.fetch_add(1, Relaxed);
+                    let notice = ServerFrame::Conflated { keys: taken.frames }.encode();
+                    batch.insert(0, Message::Text(notice));
+                }
+                // Everything already queued goes out with one flush (a
+                // conflated batch, one key each, a batch at a time); the
                 // batch buffer is reused, so a busy socket allocates nothing.
-                write(&mut socket, batch.drain(..)).await?;
+                while !batch.is_empty() {
+                    let chunk = batch.len().min(MAX_BATCH);
+                    write(&mut socket, batch.drain(..chunk), limits.write_timeout).await?;
+                }
             }
             incoming = socket.next() => {
                 let message = match incoming {
@@ -168,7 +184,7 @@ pub async fn run(
                         // a time, each within the write timeout.
                         let mut replies = replies.into_iter().map(Message::Text).peekable();
                         while replies.peek().is_some() {
-                            write(&mut socket, replies.by_ref().take(MAX_BATCH)).await?;
+                            write(&mut socket, replies.by_ref().take(MAX_BATCH), limits.write_timeout).await?;
                         }
                     }
                     Message::Binary(_) => {
@@ -176,7 +192,7 @@ pub async fn run(
                             membership.go_live();
                         }
                         let reply = ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode();
-                        write(&mut socket, [Message::Text(reply)]).await?;
+                        write(&mut socket, [Message::Text(reply)], limits.write_timeout).await?;
                     }
                     Message::Pong(_) => unanswered_pings = 0,
                     // The WebSocket engine answers pings itself; reading
@@ -316,10 +332,11 @@ fn resume(membership: &Membership, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
         .collect()
 }
 
-/// Feeds every message, then flushes once, within [`WRITE_TIMEOUT`].
+/// Feeds every message, then flushes once, within `timeout`.
 async fn write(
     socket: &mut WebSocket,
     messages: impl IntoIterator<Item = Message>,
+    timeout: Duration,
 ) -> Result<(), SessionError> {
     let writes = async {
         for message in messages {
@@ -334,9 +351,9 @@ async fn write(
     if let Some(written) = writes.as_mut().now_or_never() {
         return Ok(written?);
     }
-    tokio::time::timeout(WRITE_TIMEOUT, writes)
+    tokio::time::timeout(timeout, writes)
         .await
-        .map_err(|_| SessionError::WriteTimeout(WRITE_TIMEOUT))??;
+        .map_err(|_| SessionError::WriteTimeout(timeout))??;
     Ok(())
 }
 
@@ -349,7 +366,10 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    if write(socket, [Message::Close(Some(frame))]).await.is_err() {
+    if write(socket, [Message::Close(Some(frame))], CLOSE_TIMEOUT)
+        .await
+        .is_err()
+    {
         return;
     }
     let reply = async { while let Some(Ok(_)) = socket.next().await {} };

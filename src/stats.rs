@@ -35,6 +35,12 @@ pub struct Stats {
     pub frames_queued: AtomicU64,
     /// Sockets closed because they fell behind.
     pub slow_consumer_closes: AtomicU64,
+    /// Results a conflating socket skipped: replaced, before they were sent, by a newer one of their key.
+    pub frames_conflated: AtomicU64,
+    /// Conflated batches sent: times a socket that fell behind caught up with the latest of each key.
+    pub conflations: AtomicU64,
+    /// Sockets dropped because a write waited websocket.write_timeout_ms: the client stopped reading.
+    pub write_timeouts: AtomicU64,
     /// Sockets closed for sending faster than allowed.
     pub rate_limited_closes: AtomicU64,
     /// Sockets closed for not answering pings.
@@ -195,6 +201,21 @@ pub const COUNTERS: &[Counter] = &[
         name: "slow_consumer_closes",
         help: "Sockets closed for falling behind",
         value: |stats| stats.slow_consumer_closes.load(Relaxed),
+    },
+    Counter {
+        name: "frames_conflated",
+        help: "Results a conflating socket skipped for a newer one of their key",
+        value: |stats| stats.frames_conflated.load(Relaxed),
+    },
+    Counter {
+        name: "conflations",
+        help: "Conflated batches sent: a socket that fell behind caught up with the latest of each key",
+        value: |stats| stats.conflations.load(Relaxed),
+    },
+    Counter {
+        name: "write_timeouts",
+        help: "Sockets dropped because a write waited websocket.write_timeout_ms (the client stopped reading)",
+        value: |stats| stats.write_timeouts.load(Relaxed),
     },
     Counter {
         name: "rate_limited_closes",

@@ -8,7 +8,7 @@ use std::path::Path;
 use clap::ValueEnum;
 
 use super::origins::Origins;
-use super::{AuthMode, ConfigError, InputMode};
+use super::{AuthMode, ConfigError, InputMode, SlowConsumer};
 use crate::topology::Role;
 
 /// `err`, from loading `file` (if any), explained.
@@ -130,6 +130,7 @@ fn enum_values(key: &str) -> Option<Vec<String>> {
     match key {
         "redis.input_mode" => Some(names::<InputMode>()),
         "auth.mode" => Some(names::<AuthMode>()),
+        "websocket.slow_consumer" => Some(names::<SlowConsumer>()),
         "node.role" => Some(names::<Role>()),
         _ => None,
     }

@@ -84,6 +84,7 @@ mod tests {
         outbox::bounded(outbox::Bounds {
             frames: 1,
             bytes: 1024,
+            conflate: false,
         })
         .0
     }

@@ -38,7 +38,7 @@ use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
 use self::wakes::Wakes;
 use crate::names::ALL_SYMBOLS;
-use crate::outbox::{self, Offer, Outbox};
+use crate::outbox::{self, FrameKey, Offer, Outbox};
 use crate::protocol::{LastSeen, Position};
 use crate::stats::Stats;
 
@@ -68,6 +68,9 @@ pub struct HubLimits {
     pub send_queue: usize,
     /// Bytes queued for one socket before it is a slow consumer.
     pub send_queue_bytes: usize,
+    /// Whether a socket past those bounds is kept, with the latest result
+    /// of each key (`websocket.slow_consumer = "conflate"`), rather than closed.
+    pub conflate: bool,
     /// Subscriptions per socket.
     pub max_symbols: usize,
     /// Open sockets per client code.
@@ -98,10 +101,12 @@ struct State {
     wakes: Wakes,
 }
 
-/// What one offer loop did: frames queued, and the sockets found full.
+/// What one offer loop did: frames queued, frames a newer one of their key
+/// replaced, and the sockets found full.
 #[derive(Debug, Default)]
 struct Delivery {
     queued: u64,
+    conflated: u64,
     slow: Vec<SocketId>,
 }
 
@@ -229,6 +234,7 @@ impl Hub {
         let (sender, outbox) = outbox::bounded(outbox::Bounds {
             frames: limits.send_queue,
             bytes: limits.send_queue_bytes,
+            conflate: limits.conflate,
         });
         let mut state = self.state();
         let id = state
@@ -274,6 +280,10 @@ impl Hub {
             }
             _ => true,
         };
+        let key = Some(FrameKey {
+            private: client.is_some(),
+            symbol,
+        });
         let delivery = match client {
             None => {
                 state
@@ -283,6 +293,7 @@ impl Hub {
                     &state.connections,
                     state.subscriptions.subscribers(symbol).filter(unseen),
                     &Message::Text(frame),
+                    key,
                     &mut state.wakes,
                 )
             }
@@ -290,6 +301,7 @@ impl Hub {
                 &state.connections,
                 state.connections.group(code).iter().filter(unseen),
                 &Message::Text(frame),
+                key,
                 &mut state.wakes,
             ),
         };
@@ -325,10 +337,12 @@ impl Hub {
         }
         let mut guard = self.state();
         let state = &mut *guard;
+        // A direct message has no key: it is never conflated away.
         let delivery = offer_each(
             &state.connections,
             state.connections.group(client),
             &message,
+            None,
             &mut state.wakes,
         );
         let queued = usize::try_from(delivery.queued).unwrap_or(usize::MAX);
@@ -361,10 +375,13 @@ impl Hub {
     /// Dropping an evicted socket's sender ends its outbox, which tells its
     /// session to close with "slow consumer" once it has drained what is queued.
     fn finish_delivery(&self, state: &mut State, delivery: Delivery) {
-        self.inner
-            .stats
-            .frames_queued
-            .fetch_add(delivery.queued, Relaxed);
+        let stats = &self.inner.stats;
+        stats.frames_queued.fetch_add(delivery.queued, Relaxed);
+        if delivery.conflated > 0 {
+            stats
+                .frames_conflated
+                .fetch_add(delivery.conflated, Relaxed);
+        }
         for id in delivery.slow {
             if let Some(group) = state.remove(id) {
                 self.inner.stats.slow_consumer_closes.fetch_add(1, Relaxed);
@@ -621,19 +638,24 @@ impl State {
     }
 }
 
-/// Offers `message` to each socket of `ids`: the one loop both public and
-/// group delivery run.
+/// Offers `message` (of `key`, if it is a result) to each socket of `ids`:
+/// the one loop both public and group delivery run.
 fn offer_each<'a>(
     connections: &Connections,
     ids: impl IntoIterator<Item = &'a SocketId>,
     message: &Message,
+    key: Option<FrameKey<'_>>,
     wakes: &mut Wakes,
 ) -> Delivery {
     let mut delivery = Delivery::default();
     for id in ids {
         if let Some(socket) = connections.get(*id) {
-            match socket.outbox.offer(message.clone(), wakes.pending()) {
+            match socket.outbox.offer(message.clone(), key, wakes.pending()) {
                 Offer::Queued => delivery.queued += 1,
+                Offer::Conflated { replaced } => {
+                    delivery.queued += 1;
+                    delivery.conflated += replaced;
+                }
                 Offer::Full => delivery.slow.push(*id),
                 Offer::Gone => {}
             }
@@ -708,12 +730,15 @@ impl Drop for Membership {
 
 #[cfg(test)]
 mod tests {
+    use futures_util::FutureExt;
+
     use super::*;
 
     fn limits(send_queue: usize) -> HubLimits {
         HubLimits {
             send_queue,
             send_queue_bytes: 1 << 20,
+            conflate: false,
             max_symbols: 10,
             max_sockets_per_client: 4,
             max_snapshots: 100,
@@ -931,6 +956,45 @@ mod tests {
         assert_eq!(text(slow_rx.recv().await.expect("frame")), "0");
         assert_eq!(text(slow_rx.recv().await.expect("frame")), "1");
         assert!(slow_rx.recv().await.is_none());
+    }
+
+    #[test]
+    fn a_conflating_socket_is_kept_with_the_latest_of_each_key() {
+        let stats = Arc::new(Stats::default());
+        let hub = Hub::new(
+            HubLimits {
+                conflate: true,
+                ..limits(2)
+            },
+            stats.clone(),
+        );
+        let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+        for seq in 1..=5 {
+            result(&hub, None, seq, "e1");
+        }
+        result(&hub, Some("acme"), 1, "e1");
+        assert_eq!(hub.socket_count(), 1, "kept");
+        assert_eq!(stats.frames_conflated.load(Relaxed), 2, "A3 and A4 skipped");
+        let mut batch = Vec::new();
+        let mut take = || {
+            batch.clear();
+            let taken = outbox
+                .recv_many(&mut batch, 10)
+                .now_or_never()
+                .expect("queued");
+            let mut texts: Vec<String> = batch.drain(..).map(text).collect();
+            texts.sort();
+            (texts, taken.conflated)
+        };
+        assert_eq!(take(), (strings(&["A1", "A2"]), false));
+        assert_eq!(take(), (strings(&["A5", "acme1"]), true));
+        // A direct message has no key: to a full conflating socket it is
+        // not dropped but ends the socket.
+        for seq in 6..=8 {
+            result(&hub, None, seq, "e1");
+        }
+        assert_eq!(hub.send_to_group("acme", Message::Text("direct".into())), 0);
+        assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1);
     }
 
     #[tokio::test]

@@ -142,8 +142,10 @@ async fn requests_that_are_not_websocket_upgrades_get_clean_http_errors() {
     app.shutdown().await;
 }
 
-/// 50 sockets that never read while 100,000 SMA frames flow: each is closed
-/// as a slow consumer, memory stays bounded, and healthy sockets get every frame.
+/// 50 sockets that never read while 100,000 SMA frames flow: with
+/// `slow_consumer = "close"` each is closed as a slow consumer, memory stays
+/// bounded, and healthy sockets get every frame. (Conflating, the default,
+/// is `conflation.rs`.)
 #[tokio::test]
 async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
     const QUOTES: usize = 100_000;
@@ -154,7 +156,11 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
     const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
 
     let redis = RedisServer::start().await;
-    let serve = Serve::start(&redis, &[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let env = [
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ("QUOTEBRIDGE__WEBSOCKET__SLOW_CONSUMER", "close"),
+    ];
+    let serve = Serve::start(&redis, &env).await;
     let url = format!("ws://{}/ws/", serve.address);
     let mut stalled = Vec::new();
     for i in 0..STALLED {

@@ -8,6 +8,7 @@ mod auth;
 mod bench;
 mod binary;
 mod cluster;
+mod conflation;
 mod dashboard;
 mod deploy;
 mod durable;

@@ -1,0 +1,141 @@
+//! Conflation: a socket that stops reading is kept, with the latest result
+//! of each key, instead of being cut off; everyone else gets everything.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::binary::Serve;
+use crate::support::*;
+
+/// A WebSocket whose receive buffer is small, so that when it stops
+/// reading the bridge, not the kernel, holds what it has not read.
+async fn small_window_socket(address: std::net::SocketAddr, code: &str) -> Socket {
+    let tcp = tokio::net::TcpSocket::new_v4().expect("a socket");
+    tcp.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let stream = within("connect", tcp.connect(address))
+        .await
+        .expect("connect");
+    let url = format!("ws://{address}/ws/{code}");
+    let (socket, _) = within(
+        "the WebSocket handshake",
+        tokio_tungstenite::client_async(url, tokio_tungstenite::MaybeTlsStream::Plain(stream)),
+    )
+    .await
+    .expect("handshake");
+    socket
+}
+
+#[tokio::test]
+async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with_every_key() {
+    const KEYS: usize = 100;
+    const QUOTES: usize = 60_000;
+    const HEALTHY: usize = 5;
+    /// As in the slow-consumer test: what the bridge may grow by while a
+    /// socket's outbox is full (one frame per key beyond it here).
+    const RSS_GROWTH_BOUND_KIB: u64 = 64 * 1024;
+
+    let redis = RedisServer::start().await;
+    let serve = Serve::start(
+        &redis,
+        &[
+            ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+            ("QUOTEBRIDGE__WEBSOCKET__SEND_QUEUE", "256"),
+            // The pause lasts as long as publishing takes here, not a
+            // fixed 5 s: the write timeout must not end it.
+            ("QUOTEBRIDGE__WEBSOCKET__WRITE_TIMEOUT_MS", "600000"),
+        ],
+    )
+    .await;
+    let mut stalled = small_window_socket(serve.address, "stalled").await;
+    assert_eq!(next_json(&mut stalled).await["type"], "welcome");
+    let received: Vec<Arc<AtomicUsize>> = (0..HEALTHY)
+        .map(|_| Arc::new(AtomicUsize::new(0)))
+        .collect();
+    let mut readers = Vec::new();
+    for (i, count) in received.iter().enumerate() {
+        let url = format!("ws://{}/ws/healthy{i}", serve.address);
+        let (mut socket, _) = connect_ws(&url).await;
+        let count = count.clone();
+        readers.push(tokio::spawn(async move {
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(text) = message
+                    && text.starts_with("{\"symbol\"")
+                {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let rss_before = serve.rss_kib();
+    let mut peak = rss_before;
+    let mut conn = redis.connection().await;
+    for chunk in 0..QUOTES / 2000 {
+        let quotes: Vec<(String, Vec<u8>)> = (0..2000)
+            .map(|i| {
+                let n = chunk * 2000 + i;
+                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % KEYS);
+                ("quotes".to_owned(), quote.into_bytes())
+            })
+            .collect();
+        publish_all(&mut conn, &quotes).await;
+        let want = (chunk + 1) * 2000;
+        eventually("healthy sockets to keep up", async || {
+            received
+                .iter()
+                .all(|c| c.load(Ordering::Relaxed) >= want)
+                .then_some(())
+        })
+        .await;
+        peak = peak.max(serve.rss_kib());
+    }
+    for count in &received {
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            QUOTES,
+            "healthy sockets get 100%"
+        );
+    }
+    let stats = serve.stats().await;
+    assert_eq!(stats["sockets"], HEALTHY + 1, "nobody closed: {stats}");
+    assert_eq!(stats["slow_consumer_closes"], 0, "{stats}");
+    assert!(
+        stats["frames_conflated"].as_u64() > Some(0),
+        "it conflated: {stats}"
+    );
+    let growth = peak.saturating_sub(rss_before);
+    eprintln!("RSS before {rss_before} KiB, peak {peak} KiB; stats {stats}");
+    assert!(
+        growth <= RSS_GROWTH_BOUND_KIB,
+        "RSS grew by {growth} KiB, over the {RSS_GROWTH_BOUND_KIB} KiB bound"
+    );
+
+    // Reading again, it is told it was conflated and catches up with the
+    // latest of every key; per key, seq only goes up.
+    let final_seq = (QUOTES / KEYS) as u64;
+    let mut last: BTreeMap<String, u64> = BTreeMap::new();
+    let mut notices = 0;
+    while last.len() < KEYS || last.values().any(|seq| *seq < final_seq) {
+        let frame = next_json(&mut stalled).await;
+        if frame["type"] == "conflated" {
+            crate::schemas::assert_valid("conflated", &frame);
+            notices += 1;
+            continue;
+        }
+        let symbol = frame["symbol"].as_str().expect("an SMA").to_owned();
+        let seq = frame["seq"].as_u64().expect("seq");
+        let before = last.insert(symbol.clone(), seq);
+        assert!(before < Some(seq), "{symbol}: {before:?} then {seq}");
+    }
+    assert!(
+        notices > 0,
+        "a conflated notice came before the latest values"
+    );
+    let stats: Value = serve.stats().await;
+    assert!(stats["conflations"].as_u64() >= Some(1), "{stats}");
+    drop(stalled);
+}
