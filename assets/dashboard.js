@@ -11,6 +11,10 @@ let selected = null, socket = null, retryMs = 500, retryTimer = null, dirty = fa
 // The last position seen of each key, to resume after a reconnect:
 // "public"/"private" -> symbol -> { epoch, seq }; reset when the client code changes.
 let positions = { public: new Map(), private: new Map() }, positionsOf = null;
+// The socket's subscriptions as last reported, restored by a resume.
+let subscriptions = null;
+// A resume request must fit the bridge's websocket.max_message_bytes (64 KiB).
+const MAX_RESUME_BYTES = 60000;
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 if (params.get("client")) $("client").value = params.get("client");
@@ -36,10 +40,14 @@ function connect() {
   if (socket) { manualClose = true; socket.close(); }
   manualClose = false;
   const code = $("client").value.trim();
-  if (positionsOf !== code) { positions = { public: new Map(), private: new Map() }; positionsOf = code; }
+  if (positionsOf !== code) {
+    positions = { public: new Map(), private: new Map() }; positionsOf = code; subscriptions = null;
+  }
   // Back after a drop: the bridge holds the socket until it hears what was
-  // seen, then sends what was missed before anything live.
-  const resuming = positions.public.size + positions.private.size > 0;
+  // seen (and what it subscribed to), then sends what was missed before
+  // anything live.
+  const request = JSON.stringify(resumeRequest());
+  const resuming = positions.public.size + positions.private.size > 0 && request.length <= MAX_RESUME_BYTES;
   const query = new URLSearchParams();
   if (token) query.set("token", token);
   if (resuming) query.set("resume", "1");
@@ -50,11 +58,13 @@ function connect() {
   socket = ws;
   ws.onopen = () => {
     retryMs = 500; setStatus("open", `open as ${code}`);
-    if (resuming) ws.send(JSON.stringify(resumeRequest()));
+    if (resuming) ws.send(request);
   };
   ws.onmessage = (event) => onFrame(event.data);
   ws.onclose = (event) => {
     if (socket !== ws || manualClose) return;
+    // Refused as too big: start afresh rather than retry the same request.
+    if (event.code === 1009) positions = { public: new Map(), private: new Map() };
     const wait = retryMs; retryMs = Math.min(retryMs * 2, 10000);
     setStatus("closed", `closed (${event.code || "no code"}); retrying in ${(wait / 1000).toFixed(1)} s`);
     retryTimer = setTimeout(connect, wait * (0.5 + Math.random() / 2));
@@ -64,6 +74,7 @@ function connect() {
 // {"op":"resume","public":{epoch:{symbol:seq}},"private":{...}}
 function resumeRequest() {
   const request = { op: "resume", public: {}, private: {} };
+  if (Array.isArray(subscriptions)) request.symbols = subscriptions;
   for (const kind of ["public", "private"]) {
     for (const [symbol, { epoch, seq }] of positions[kind]) {
       (request[kind][epoch] ??= {})[symbol] = seq;
@@ -91,7 +102,11 @@ function onFrame(data) {
   if (typeof data !== "string") { addDirect(`<${data.size ?? "binary"} bytes>`); return; }
   let msg = null;
   try { msg = JSON.parse(data); } catch { addDirect(data); return; }
-  if (msg && msg.type === "welcome" && Array.isArray(msg.subscriptions)) { showSubscriptions(msg.subscriptions); return; }
+  if (msg && msg.type === "welcome" && Array.isArray(msg.subscriptions)) {
+    // A socket that resumes is subscribed to what the resume names.
+    if (!(socket && socket.url.includes("resume=1") && subscriptions)) showSubscriptions(msg.subscriptions);
+    return;
+  }
   if (msg && msg.type === "subscribed" && Array.isArray(msg.symbols)) { showSubscriptions(msg.symbols); return; }
   if (msg && msg.type === "error") { addDirect(`error: ${String(msg.message)}`); return; }
   if (msg && msg.type === "resumed") { showRecovery(msg); return; }
@@ -99,7 +114,10 @@ function onFrame(data) {
   addDirect(data);
 }
 
-function showSubscriptions(symbols) { $("subscriptions").textContent = symbols.map(String).join(", ") || "none"; }
+function showSubscriptions(symbols) {
+  subscriptions = symbols.map(String);
+  $("subscriptions").textContent = subscriptions.join(", ") || "none";
+}
 
 // A result as the bridge encodes it; anything else is shown as a direct message.
 function isSma(m) {

@@ -757,6 +757,12 @@ impl WebSocketSettings {
         if self.max_message_bytes < 256 {
             return invalid("websocket.max_message_bytes", "must be at least 256".into());
         }
+        if self.history_bytes < 65_536 {
+            return invalid(
+                "websocket.history_bytes",
+                format!("must be at least 65536 (got {})", self.history_bytes),
+            );
+        }
         if !(1..=1_000_000).contains(&self.history_size) {
             return invalid(
                 "websocket.history_size",

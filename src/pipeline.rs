@@ -225,7 +225,7 @@ impl Pipeline {
     pub fn key_state(&self, client: Option<&str>, symbol: &str) -> Option<KeyState> {
         self.windows.get(client, symbol).map(|key| KeyState {
             window: key.window.state(),
-            seq: key.seq,
+            seq: Some(key.seq),
             epoch: Some(key.epoch.to_string()),
         })
     }
@@ -233,8 +233,9 @@ impl Pipeline {
     /// Replaces one key's state with `state` (restoring after a restart).
     /// Names that are not valid (a hand-edited state hash) are skipped:
     /// results are encoded on the assumption that every key's names are.
-    /// A state saved without a valid epoch cannot be continued: the key
-    /// starts a new sequence in this run's epoch.
+    /// A state saved without a valid position cannot be continued: the key
+    /// starts a new sequence in an epoch of its own, which no result before
+    /// has used.
     pub fn restore_key(&mut self, client: Option<&str>, symbol: &str, state: KeyState) {
         if !names::is_symbol(symbol) || !client.is_none_or(names::is_client_code) {
             tracing::warn!(symbol, client, "window state for invalid names ignored");
@@ -247,15 +248,15 @@ impl Pipeline {
             .get_or_insert(client, symbol, &self.addressing, epoch)
         {
             key.window = SmaWindow::restore(capacity, state.window);
-            match state.epoch.filter(|e| names::is_epoch(e)) {
-                Some(saved) => {
-                    key.seq = state.seq;
-                    if *saved != *key.epoch {
-                        key.epoch = saved.into();
-                        key.framing = KeyFraming::new(symbol, &key.epoch, client);
-                    }
-                }
-                None => key.seq = 0,
+            let saved = state.epoch.filter(|e| names::is_epoch(e)).zip(state.seq);
+            let (epoch, seq) = match saved {
+                Some((epoch, seq)) => (Arc::from(epoch), seq),
+                None => (new_epoch(), 0),
+            };
+            key.seq = seq;
+            if epoch != key.epoch {
+                key.epoch = epoch;
+                key.framing = KeyFraming::new(symbol, &key.epoch, client);
             }
         }
     }
@@ -274,9 +275,10 @@ pub struct KeyState {
     /// The window.
     #[serde(flatten)]
     pub window: WindowState,
-    /// The key's last `seq` (0: no result yet).
+    /// The key's last `seq` (0: no result yet; absent in state saved
+    /// before positions existed).
     #[serde(default)]
-    pub seq: u64,
+    pub seq: Option<u64>,
     /// The epoch `seq` counts in (absent in state saved before positions
     /// existed: such a key starts a new epoch).
     #[serde(default)]

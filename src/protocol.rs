@@ -219,6 +219,10 @@ pub struct LastSeen {
     /// Epoch → symbol → seq, for the client's private results.
     #[serde(default)]
     pub private: LastSeenMap,
+    /// The subscriptions the socket resumes with (symbols or `"*"`);
+    /// absent: its initial set.
+    #[serde(default)]
+    pub symbols: Option<Vec<String>>,
 }
 
 impl ClientOp {

@@ -252,7 +252,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
     };
     let symbols = match &op {
         ClientOp::Subscribe { symbols } | ClientOp::Unsubscribe { symbols } => symbols,
-        ClientOp::Resume(last_seen) => return resume(membership, last_seen),
+        ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),
     };
     if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
         let message = format!(
@@ -288,25 +288,18 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
 /// request of a socket opened with `?resume=1` may be one; a request that
 /// names an invalid symbol or epoch is refused, and the socket goes live
 /// without recovery.
-fn resume(membership: &Membership, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
+fn resume(membership: &Membership, grant: &Grant, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
     let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
-    let mut keys = last_seen.public.iter().chain(&last_seen.private);
-    let invalid = keys.find_map(|(epoch, symbols)| {
-        if !names::is_epoch(epoch) {
-            return Some(format!(
-                "invalid epoch {epoch:?}: expected 1-32 characters from [A-Za-z0-9_-]"
-            ));
-        }
-        symbols.keys().find(|s| !names::is_symbol(s)).map(|bad| {
-            format!("invalid symbol {bad:?}: expected 1-32 characters from [A-Za-z0-9._:/-]")
-        })
-    });
-    if let Some(message) = invalid {
+    if let Some(message) = invalid_resume(grant, last_seen) {
         membership.go_live();
         return error(&message);
     }
-    let Some(resumed) = membership.resume(last_seen) else {
-        return error("resume must be the first request on a socket opened with ?resume=1");
+    let resumed = match membership.resume(last_seen) {
+        Ok(resumed) => resumed,
+        Err(err) => {
+            membership.go_live();
+            return error(&err.to_string());
+        }
     };
     let recovered = resumed.unrecovered_public.is_empty() && resumed.unrecovered_private.is_empty();
     let stats = membership.stats();
@@ -330,6 +323,49 @@ fn resume(membership: &Membership, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
     std::iter::once(reply.encode())
         .chain(resumed.frames)
         .collect()
+}
+
+/// What is wrong with a resume request, if anything: an invalid epoch or
+/// symbol, a symbol named under two epochs (its position would be
+/// ambiguous), or a subscription the socket may not have.
+fn invalid_resume(grant: &Grant, last_seen: &LastSeen) -> Option<String> {
+    for (kind, by_epoch) in [
+        ("public", &last_seen.public),
+        ("private", &last_seen.private),
+    ] {
+        let mut named = std::collections::HashSet::new();
+        for (epoch, symbols) in by_epoch {
+            if !names::is_epoch(epoch) {
+                return Some(format!(
+                    "invalid epoch {epoch:?}: expected 1-32 characters from [A-Za-z0-9_-]"
+                ));
+            }
+            for symbol in symbols.keys() {
+                if !names::is_symbol(symbol) {
+                    return Some(format!(
+                        "invalid symbol {symbol:?}: expected 1-32 characters from [A-Za-z0-9._:/-]"
+                    ));
+                }
+                if !named.insert(symbol) {
+                    return Some(format!(
+                        "{kind} symbol {symbol:?} is named under more than one epoch"
+                    ));
+                }
+            }
+        }
+    }
+    let symbols = last_seen.symbols.as_deref().unwrap_or_default();
+    if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
+        return Some(format!(
+            "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-]"
+        ));
+    }
+    let denied: Vec<&str> = symbols
+        .iter()
+        .filter(|s| !grant.allows(s))
+        .map(String::as_str)
+        .collect();
+    (!denied.is_empty()).then(|| format!("not entitled to {}", denied.join(", ")))
 }
 
 /// Feeds every message, then flushes once, within `timeout`.

@@ -3,7 +3,8 @@
 //! subscriber trails another) names positions this gateway has not
 //! reached; the results up to them must not reach the socket a second time
 //! when they arrive. A floor goes once its key's sequence passes it (or
-//! restarts in another epoch), or with its socket.
+//! restarts in another epoch), or with its socket. Floors are kept by key,
+//! so a result looks only at its own key's floors.
 
 use std::collections::HashMap;
 
@@ -12,75 +13,110 @@ use crate::protocol::Position;
 
 #[derive(Debug, Default)]
 pub(super) struct Floors {
-    of_socket: HashMap<SocketId, Vec<Floor>>,
+    /// Public symbol → floors.
+    public: HashMap<Box<str>, Vec<Floor>>,
+    /// Client code → private symbol → floors.
+    private: HashMap<Box<str>, HashMap<Box<str>, Vec<Floor>>>,
 }
 
-/// The last result of one key the socket has seen.
+/// The last result of one key one socket has seen.
 #[derive(Debug)]
 struct Floor {
-    client: Option<Box<str>>,
-    symbol: Box<str>,
+    socket: SocketId,
     epoch: Box<str>,
     seq: u64,
-}
-
-impl Floor {
-    fn is_of(&self, client: Option<&str>, symbol: &str) -> bool {
-        *self.symbol == *symbol && self.client.as_deref() == client
-    }
 }
 
 impl Floors {
     pub(super) fn add(
         &mut self,
-        id: SocketId,
+        socket: SocketId,
         client: Option<&str>,
         symbol: &str,
         seen: Position<'_>,
     ) {
-        self.of_socket.entry(id).or_default().push(Floor {
-            client: client.map(Into::into),
-            symbol: symbol.into(),
+        let map = match client {
+            None => &mut self.public,
+            Some(code) => self.private.entry(code.into()).or_default(),
+        };
+        map.entry(symbol.into()).or_default().push(Floor {
+            socket,
             epoch: seen.epoch.into(),
             seq: seen.seq,
         });
     }
 
     pub(super) fn is_empty(&self) -> bool {
-        self.of_socket.is_empty()
+        self.public.is_empty() && self.private.is_empty()
     }
 
-    /// Whether socket `id` has already seen the result at `position` of
-    /// the key (`client`, `symbol`).
+    fn of(&self, client: Option<&str>, symbol: &str) -> Option<&Vec<Floor>> {
+        match client {
+            None => self.public.get(symbol),
+            Some(code) => self.private.get(code)?.get(symbol),
+        }
+    }
+
+    /// Whether `socket` has already seen the result at `position` of the
+    /// key (`client`, `symbol`).
     pub(super) fn has_seen(
         &self,
-        id: SocketId,
+        socket: SocketId,
         client: Option<&str>,
         symbol: &str,
         position: Position<'_>,
     ) -> bool {
-        self.of_socket.get(&id).is_some_and(|floors| {
+        self.of(client, symbol).is_some_and(|floors| {
             floors.iter().any(|floor| {
-                floor.is_of(client, symbol)
+                floor.socket == socket
                     && *floor.epoch == *position.epoch
                     && position.seq <= floor.seq
             })
         })
     }
 
-    /// Drops the floors the result at `position` reaches or makes moot.
+    /// Drops the key's floors the result at `position` reaches or makes moot.
     pub(super) fn passed(&mut self, client: Option<&str>, symbol: &str, position: Position<'_>) {
-        self.of_socket.retain(|_, floors| {
-            floors.retain(|floor| {
-                !floor.is_of(client, symbol)
-                    || (*floor.epoch == *position.epoch && position.seq < floor.seq)
-            });
-            !floors.is_empty()
-        });
+        let still_above =
+            |floor: &Floor| *floor.epoch == *position.epoch && position.seq < floor.seq;
+        match client {
+            None => {
+                if let Some(floors) = self.public.get_mut(symbol) {
+                    floors.retain(still_above);
+                    if floors.is_empty() {
+                        self.public.remove(symbol);
+                    }
+                }
+            }
+            Some(code) => {
+                let Some(symbols) = self.private.get_mut(code) else {
+                    return;
+                };
+                if let Some(floors) = symbols.get_mut(symbol) {
+                    floors.retain(still_above);
+                    if floors.is_empty() {
+                        symbols.remove(symbol);
+                    }
+                }
+                if symbols.is_empty() {
+                    self.private.remove(code);
+                }
+            }
+        }
     }
 
-    pub(super) fn remove(&mut self, id: SocketId) {
-        self.of_socket.remove(&id);
+    /// Forgets `socket`'s floors. Floors are few and short-lived (each
+    /// passes within a history's length of results), so a scan is enough.
+    pub(super) fn remove(&mut self, socket: SocketId) {
+        let keep = |floors: &mut Vec<Floor>| {
+            floors.retain(|floor| floor.socket != socket);
+            !floors.is_empty()
+        };
+        self.public.retain(|_, floors| keep(floors));
+        self.private.retain(|_, symbols| {
+            symbols.retain(|_, floors| keep(floors));
+            !symbols.is_empty()
+        });
     }
 }
 
@@ -110,8 +146,11 @@ mod tests {
         floors.add(1, None, "A", at(5));
         floors.passed(None, "A", other_epoch);
         assert!(floors.is_empty(), "a new epoch makes it moot");
-        floors.add(1, None, "A", at(5));
+        floors.add(1, Some("acme"), "A", at(5));
+        floors.add(2, None, "A", at(5));
         floors.remove(1);
+        assert!(!floors.has_seen(1, Some("acme"), "A", at(5)));
+        floors.remove(2);
         assert!(floors.is_empty());
     }
 }

@@ -121,6 +121,10 @@ impl History {
                 self.bytes -= old.len() + ENTRY_OVERHEAD;
             }
         }
+        // A key the byte bound shrank gives back its slots too.
+        if ring.entries.capacity() > 4 * ring.entries.len().max(4) {
+            ring.entries.shrink_to(2 * ring.entries.len());
+        }
     }
 
     /// What the key's history holds after `last_seen`.
@@ -145,7 +149,15 @@ impl History {
             return Replay::Gap(Some(frame));
         }
         if last_seen.seq > *newest {
-            return Replay::Ahead;
+            // A gateway trails another by a few results, not by more than
+            // its history holds: a position further ahead is not one this
+            // key's sequence reached, and is treated as a gap.
+            let reachable = newest.saturating_add(self.size as u64);
+            return if last_seen.seq <= reachable {
+                Replay::Ahead
+            } else {
+                Replay::Gap(Some(frame))
+            };
         }
         if last_seen.seq == *newest {
             return Replay::Recovered(Vec::new());
@@ -224,6 +236,11 @@ mod tests {
         assert!(
             matches!(history.replay(None, "A", at(9, "e1")), Replay::Ahead),
             "ahead of this node"
+        );
+        assert_eq!(
+            gap(history.replay(None, "A", at(99, "e1"))).as_deref(),
+            Some("A8"),
+            "further ahead than any gateway trails: a gap"
         );
         assert_eq!(
             gap(history.replay(None, "A", at(2, "e1"))).as_deref(),

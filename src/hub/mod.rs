@@ -132,6 +132,17 @@ impl Drop for Admission {
     }
 }
 
+/// Why a resume was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    /// The socket was not opened to resume, or has resumed already.
+    #[error("resume must be the first request on a socket opened with ?resume=1")]
+    NotHeld,
+    /// The socket would exceed `websocket.max_symbols`.
+    #[error("subscription limit reached: at most {0} symbols per socket")]
+    TooManySymbols(usize),
+}
+
 /// Why a subscription request was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SubscribeError {
@@ -436,29 +447,60 @@ impl Hub {
         self.state().history.bytes()
     }
 
-    /// Makes a held socket live, subscribed to its initial set, and finds
-    /// what it missed since `last_seen` — in one step under the lock, so
-    /// every result is either among the frames returned or queued to the
-    /// socket after them, never both and never neither. `None` when the
-    /// socket was not held (already live, or gone).
-    fn resume(&self, id: SocketId, last_seen: &LastSeen) -> Option<Resumed> {
+    /// Makes a held socket live, subscribed to `last_seen.symbols` (else
+    /// its initial set), and finds what it missed since `last_seen` — in
+    /// one step under the lock, so every result is either among the frames
+    /// returned or queued to the socket after them, never both and never
+    /// neither.
+    fn resume(&self, id: SocketId, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
         let mut guard = self.state();
         let state = &mut *guard;
-        let subscriptions = state.held.remove(&id)?;
-        let client = state.connections.make_live(id)?;
+        let initial = state.held.get(&id).ok_or(ResumeError::NotHeld)?;
+        let mut subscriptions = last_seen.symbols.clone().unwrap_or_else(|| initial.clone());
+        subscriptions.sort();
+        subscriptions.dedup();
+        let max_symbols = self.inner.limits.max_symbols;
+        if subscriptions.len() > max_symbols {
+            return Err(ResumeError::TooManySymbols(max_symbols));
+        }
+        state.held.remove(&id);
+        let client = state
+            .connections
+            .make_live(id)
+            .ok_or(ResumeError::NotHeld)?;
         state.subscriptions.add(id, &subscriptions);
         let everything = subscriptions.iter().any(|s| s == ALL_SYMBOLS);
-        let wants = |symbol: &str| everything || subscriptions.iter().any(|s| s == symbol);
+        let wants = |symbol: &str| {
+            everything
+                || subscriptions
+                    .binary_search_by(|s| s.as_str().cmp(symbol))
+                    .is_ok()
+        };
         let mut resumed = Resumed::default();
         let mut ahead: Vec<(bool, &str, Position<'_>)> = Vec::new();
+        // A replay bypasses the socket's queue; it is held to the queue's
+        // bounds all the same, and a key that would pass them gets its
+        // latest result instead, as if its history were shorter.
+        let limits = &self.inner.limits;
+        let (mut frames_left, mut bytes_left) = (limits.send_queue, limits.send_queue_bytes);
         let mut add =
             |replay: Replay<'_>, symbol: &str, private: bool, snapshot: Option<&Utf8Bytes>| {
-                match replay {
+                let replay = match replay {
                     Replay::Recovered(frames) => {
-                        resumed.replayed += frames.len();
-                        resumed.frames.extend(frames.into_iter().cloned());
+                        let bytes: usize = frames.iter().map(|f| f.len()).sum();
+                        if frames.len() <= frames_left && bytes <= bytes_left {
+                            frames_left -= frames.len();
+                            bytes_left -= bytes;
+                            resumed.replayed += frames.len();
+                            resumed.frames.extend(frames.into_iter().cloned());
+                            return;
+                        }
+                        Replay::Gap(frames.last().copied())
                     }
-                    Replay::Ahead => {}
+                    other => other,
+                };
+                match replay {
+                    Replay::Recovered(_) | Replay::Ahead => {}
                     Replay::Gap(latest) => {
                         let unrecovered = if private {
                             &mut resumed.unrecovered_private
@@ -471,7 +513,12 @@ impl Hub {
                 }
             };
         for (epoch, symbols) in &last_seen.public {
-            for (symbol, &seq) in symbols.iter().filter(|(s, _)| wants(s)) {
+            for (symbol, &seq) in symbols {
+                if !wants(symbol) {
+                    // Named but not subscribed: not recovered, and not sent.
+                    add(Replay::Gap(None), symbol, false, None);
+                    continue;
+                }
                 let seen = Position { seq, epoch };
                 let replay = state.history.replay(None, symbol, seen);
                 if matches!(replay, Replay::Ahead) {
@@ -494,7 +541,7 @@ impl Hub {
             let owner = private.then_some(&*client);
             state.floors.add(id, owner, symbol, seen);
         }
-        Some(resumed)
+        Ok(resumed)
     }
 
     /// Makes a held socket live without resuming; false when it was not held.
@@ -690,10 +737,11 @@ impl Membership {
         self.hub.unsubscribe(self.id, symbols)
     }
 
-    /// Ends the hold of a socket joined to resume: it goes live, and the
-    /// returned frames (what it missed since `last_seen`) must be sent
-    /// before anything its outbox receives. `None` when it was not held.
-    pub fn resume(&self, last_seen: &LastSeen) -> Option<Resumed> {
+    /// Ends the hold of a socket joined to resume: it goes live, subscribed
+    /// to `last_seen.symbols` (else its initial set), and the returned
+    /// frames (what it missed since `last_seen`) must be sent before
+    /// anything its outbox receives.
+    pub fn resume(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
         self.hub.resume(self.id, last_seen)
     }
 
@@ -1078,6 +1126,7 @@ mod tests {
         LastSeen {
             public: map(public),
             private: map(private),
+            symbols: None,
         }
     }
 
@@ -1101,7 +1150,11 @@ mod tests {
         let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
         assert_eq!(resumed.replayed, 4);
-        assert!(socket.resume(&LastSeen::default()).is_none(), "once only");
+        assert_eq!(
+            socket.resume(&LastSeen::default()),
+            Err(ResumeError::NotHeld),
+            "once only"
+        );
         result(&hub, None, 5, "e1");
         assert_eq!(queued(&mut outbox), ["A5"], "then live");
     }

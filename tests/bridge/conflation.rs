@@ -33,7 +33,7 @@ async fn small_window_socket(address: std::net::SocketAddr, code: &str) -> Socke
 #[tokio::test]
 async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with_every_key() {
     const KEYS: usize = 100;
-    const QUOTES: usize = 60_000;
+    const QUOTES: usize = 100_000;
     const HEALTHY: usize = 5;
     /// As in the slow-consumer test: what the bridge may grow by while a
     /// socket's outbox is full (one frame per key beyond it here).
@@ -44,7 +44,6 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
         &redis,
         &[
             ("QUOTEBRIDGE__SMA__WINDOW", "1"),
-            ("QUOTEBRIDGE__WEBSOCKET__SEND_QUEUE", "256"),
             // The pause lasts as long as publishing takes here, not a
             // fixed 5 s: the write timeout must not end it.
             ("QUOTEBRIDGE__WEBSOCKET__WRITE_TIMEOUT_MS", "600000"),
@@ -74,6 +73,9 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     let rss_before = serve.rss_kib();
     let mut peak = rss_before;
     let mut conn = redis.connection().await;
+    // Healthy readers are never more than a chunk (2,000 frames, well
+    // within the default queue of 4,096) behind, however slow the machine;
+    // the stalled one falls ~11 MB behind: more than the kernel buffers.
     for chunk in 0..QUOTES / 2000 {
         let quotes: Vec<(String, Vec<u8>)> = (0..2000)
             .map(|i| {

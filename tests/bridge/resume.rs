@@ -413,3 +413,70 @@ async fn in_stream_mode_a_compute_restart_keeps_the_epoch_and_resume_recovers() 
     }
     drop(compute);
 }
+
+#[tokio::test]
+async fn a_resume_sets_its_subscriptions_and_stays_within_the_queue_bounds() {
+    let app = spawn_app_with(&[PARTIAL, ("QUOTEBRIDGE__WEBSOCKET__SEND_QUEUE", "15")]).await;
+    let mut output = app.redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    let mut conn = app.redis.connection().await;
+    let (socket, _) = app.connect("acme").await;
+    let last_seen = first_round_then_leave(socket, &mut conn, &mut output).await;
+    let missed = while_away(&mut conn, &mut output, 1..=10).await;
+
+    let url = format!("{}?resume=1", app.ws_url("acme"));
+    let (mut socket, _) = connect_ws(&url).await;
+    let mut request = last_seen.request();
+    request["symbols"] = json!(["R1", "R0"]);
+    send_json(&mut socket, request).await;
+    // R0's ten missed results fit the queue of 15; R1's ten would not, so
+    // R1 gets its latest; R2..R8 are not subscribed any more; R9's ten
+    // would not fit either.
+    let unsubscribed: Vec<String> = (1..9).map(|n| format!("R{n}")).collect();
+    assert_eq!(
+        next_json(&mut socket).await,
+        json!({"type": "resumed", "recovered": false, "replayed": 10,
+               "unrecovered": {"public": unsubscribed, "private": ["R9"]}})
+    );
+    let missed = by_key(&missed);
+    let mut want = BTreeMap::new();
+    for (key, take_all) in [
+        ((false, "R0"), true),
+        ((false, "R1"), false),
+        ((true, "R9"), false),
+    ] {
+        let key = (key.0, key.1.to_owned());
+        let frames = &missed[&key];
+        let frames = if take_all {
+            frames.clone()
+        } else {
+            frames[frames.len() - 1..].to_vec()
+        };
+        want.insert(key, frames);
+    }
+    assert_eq!(by_key(&frames(&mut socket, 12).await), want);
+
+    // Live: only what it resumed with, and its own private key.
+    publish_all(&mut conn, &round(11, "quotes")).await;
+    let live = outputs(&mut output, 10).await;
+    let live: Vec<String> = live
+        .into_iter()
+        .filter(|f| matches!(key_of(f), (false, s) if s == "R0" || s == "R1") || key_of(f).0)
+        .collect();
+    assert_eq!(by_key(&frames(&mut socket, 3).await), by_key(&live));
+
+    // A key named under two epochs is ambiguous: refused, and the socket
+    // goes live as it was.
+    let (mut other, _) = connect_ws(&url).await;
+    let ambiguous = json!({"op": "resume", "public": {"e1": {"R0": 1}, "e2": {"R0": 2}}});
+    send_json(&mut other, ambiguous).await;
+    let refused = next_json(&mut other).await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .expect("an error")
+            .contains("more than one epoch"),
+        "{refused}"
+    );
+    app.shutdown().await;
+}
