@@ -13,13 +13,21 @@
 //! result of its key, so the socket catches up with the latest value of
 //! every key (as Lightstreamer's MERGE mode does) and holds at most one
 //! frame per key beyond the bound.
+//!
+//! A subscription may also ask for a maximum rate per key: a result that
+//! comes sooner than `1/max_rate` after its key's last one waits, replaced
+//! by any newer one, until its key is due, so the newest value always
+//! arrives within `1/max_rate`.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
+use tokio::time::{Instant, Sleep};
 
 /// How much one outbox may hold before its socket is a slow consumer.
 #[derive(Debug, Clone, Copy)]
@@ -38,6 +46,12 @@ pub struct Bounds {
 pub enum Offer {
     /// It is queued.
     Queued,
+    /// Its key is rate-limited and not yet due: the frame waits as the
+    /// key's next, replacing `replaced` older ones (0 or 1).
+    Throttled {
+        /// Frames of the key this one replaced.
+        replaced: u64,
+    },
     /// The outbox is past its bound: the frame is kept as its key's latest,
     /// replacing `replaced` older ones (0 or 1).
     Conflated {
@@ -81,6 +95,8 @@ struct Queue {
     /// sent once `frames` is drained. Allocated only for a socket that
     /// fell behind.
     latest: Option<Box<Latest>>,
+    /// The rate limits of the socket's subscriptions, if any asked for one.
+    throttle: Option<Box<Throttle>>,
     /// The hub dropped its sender: no more frames will come.
     closed: bool,
     /// The session dropped its outbox: frames would never be taken.
@@ -111,7 +127,7 @@ pub fn bounded(bounds: Bounds) -> (Sender, Outbox) {
             shared: shared.clone(),
             bounds,
         },
-        Outbox { shared },
+        Outbox { shared, due: None },
     )
 }
 
@@ -140,6 +156,24 @@ impl Sender {
         if queue.abandoned {
             return Offer::Gone;
         }
+        let message = match (queue.throttle.as_deref_mut(), key) {
+            (Some(throttle), Some(key)) => match throttle.hold(key, message) {
+                Ok(hold) => {
+                    let (replaced, fresh) = match hold {
+                        Hold::Waiting { replaced } => (replaced, false),
+                        Hold::First => (0, true),
+                    };
+                    // A key that starts waiting gives the session a new deadline.
+                    if fresh && let Some(waiting) = queue.waiting.take() {
+                        drop(queue);
+                        waiting.wake();
+                    }
+                    return Offer::Throttled { replaced };
+                }
+                Err(message) => message,
+            },
+            _ => message,
+        };
         let full =
             queue.frames.len() >= self.bounds.frames || queue.bytes + len > self.bounds.bytes;
         // Once a key's frame waits among the latest, every keyed frame goes
@@ -219,6 +253,22 @@ impl Sender {
     }
 }
 
+impl Sender {
+    /// Limits each of the public `symbols` (`"*"`: every public symbol not
+    /// limited by name) to one frame per `interval`, or lifts the limit
+    /// (`None`).
+    pub fn set_rate(&self, symbols: &[String], interval: Option<Duration>) {
+        let mut queue = self.shared.lock();
+        let throttle = queue.throttle.get_or_insert_default();
+        for symbol in symbols {
+            throttle.set(symbol, interval);
+        }
+        if throttle.is_empty() {
+            queue.throttle = None;
+        }
+    }
+}
+
 impl Drop for Sender {
     fn drop(&mut self) {
         let mut queue = self.shared.lock();
@@ -235,6 +285,8 @@ impl Drop for Sender {
 #[derive(Debug)]
 pub struct Outbox {
     shared: Arc<Shared>,
+    /// Wakes the session when a rate-limited key's waiting frame is due.
+    due: Option<Pin<Box<Sleep>>>,
 }
 
 impl Outbox {
@@ -245,8 +297,9 @@ impl Outbox {
     /// Once the queue is drained, the latest frames of a conflating outbox
     /// come all at once, marked [`Taken::conflated`].
     pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> Taken {
+        let Self { shared, due } = self;
         poll_fn(|cx| {
-            let mut queue = self.shared.lock();
+            let mut queue = shared.lock();
             if !queue.frames.is_empty() {
                 let take = queue.frames.len().min(max.max(1));
                 let mut freed = 0;
@@ -279,6 +332,30 @@ impl Outbox {
                     frames: 0,
                     conflated: false,
                 });
+            }
+            // Rate-limited keys' frames go out once due, and only behind
+            // everything queued before them, so none overtakes its key's older.
+            if let Some(throttle) = queue.throttle.as_deref_mut() {
+                let now = Instant::now();
+                let released = throttle.release_due(now, batch);
+                if released > 0 {
+                    queue.waiting = None;
+                    return Poll::Ready(Taken {
+                        frames: released,
+                        conflated: false,
+                    });
+                }
+                if let Some(deadline) = throttle.next_due() {
+                    let timer =
+                        due.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.deadline() != deadline {
+                        timer.as_mut().reset(deadline);
+                    }
+                    if timer.as_mut().poll(cx).is_ready() {
+                        // Due meanwhile: look again at once.
+                        cx.waker().wake_by_ref();
+                    }
+                }
             }
             match &mut queue.waiting {
                 Some(waker) if waker.will_wake(cx.waker()) => {}
@@ -316,6 +393,118 @@ impl Drop for Outbox {
         queue.frames = VecDeque::new();
         queue.bytes = 0;
         queue.latest = None;
+        queue.throttle = None;
+    }
+}
+
+/// The rate limits of one socket's public keys.
+#[derive(Debug, Default)]
+struct Throttle {
+    /// The interval of every public symbol a `"*"` subscription limited.
+    all: Option<Duration>,
+    /// Intervals of symbols limited by name (these win over `all`).
+    by_symbol: HashMap<Box<str>, Duration>,
+    /// Each limited key seen: when it may send next, and its newest frame
+    /// waiting for that.
+    keys: HashMap<Box<str>, Due>,
+}
+
+#[derive(Debug)]
+struct Due {
+    next: Instant,
+    waiting: Option<Message>,
+    interval: Duration,
+}
+
+/// What [`Throttle::hold`] did with a frame it kept.
+enum Hold {
+    /// The key's first waiting frame: the session has a new deadline.
+    First,
+    /// It replaced `replaced` waiting frames of its key.
+    Waiting { replaced: u64 },
+}
+
+impl Throttle {
+    fn set(&mut self, symbol: &str, interval: Option<Duration>) {
+        if symbol == "*" {
+            self.all = interval;
+        } else {
+            match interval {
+                Some(interval) => {
+                    self.by_symbol.insert(symbol.into(), interval);
+                }
+                None => {
+                    self.by_symbol.remove(symbol);
+                }
+            }
+        }
+        // Keys pick up their new interval from their next frame on.
+        self.keys.retain(|_, due| due.waiting.is_some());
+    }
+
+    fn is_empty(&self) -> bool {
+        self.all.is_none() && self.by_symbol.is_empty() && self.keys.is_empty()
+    }
+
+    fn interval_of(&self, symbol: &str) -> Option<Duration> {
+        self.by_symbol.get(symbol).copied().or(self.all)
+    }
+
+    /// Keeps `message` back when its key is limited and not due; otherwise
+    /// hands it back to be queued now, and starts the key's next interval.
+    fn hold(&mut self, key: FrameKey<'_>, message: Message) -> Result<Hold, Message> {
+        let interval = match self.interval_of(key.symbol) {
+            Some(interval) if !key.private => interval,
+            _ => return Err(message),
+        };
+        let now = Instant::now();
+        let due = match self.keys.get_mut(key.symbol) {
+            Some(due) => due,
+            None => {
+                self.keys.insert(
+                    key.symbol.into(),
+                    Due {
+                        next: now + interval,
+                        waiting: None,
+                        interval,
+                    },
+                );
+                return Err(message);
+            }
+        };
+        due.interval = interval;
+        if due.waiting.is_none() && now >= due.next {
+            due.next = now + interval;
+            return Err(message);
+        }
+        Ok(match due.waiting.replace(message) {
+            Some(_) => Hold::Waiting { replaced: 1 },
+            None => Hold::First,
+        })
+    }
+
+    /// Moves every waiting frame that is due into `batch`; returns how many.
+    fn release_due(&mut self, now: Instant, batch: &mut Vec<Message>) -> usize {
+        let mut released = 0;
+        for due in self.keys.values_mut() {
+            if due.next <= now
+                && let Some(message) = due.waiting.take()
+            {
+                batch.push(message);
+                due.next = now + due.interval;
+                released += 1;
+            }
+        }
+        released
+    }
+
+    /// When the next waiting frame is due.
+    fn next_due(&self) -> Option<Instant> {
+        self.keys
+            .values()
+            .filter(|due| due.waiting.is_some())
+            .map(|due| due.next)
+            .min()
     }
 }
 
@@ -525,6 +714,86 @@ mod tests {
             offer_keyed(&sender, "12345678", key("C")),
             Offer::Full,
             "3 + 8 > 10"
+        );
+    }
+
+    /// Takes what the outbox gives next, waiting (on the paused clock) as
+    /// long as it takes; returns it and when it came.
+    async fn next_batch(outbox: &mut Outbox) -> (Vec<String>, Duration, Instant) {
+        let start = Instant::now();
+        let mut batch = Vec::new();
+        outbox.recv_many(&mut batch, 10).await;
+        let texts = batch.iter().map(|m| text(m).to_owned()).collect();
+        (texts, start.elapsed(), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_key_sends_its_newest_frame_once_due() {
+        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        sender.set_rate(&["A".to_owned()], Some(Duration::from_millis(500)));
+        let t0 = Instant::now();
+        assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+        assert_eq!(
+            offer_keyed(&sender, "B1", key("B")),
+            Offer::Queued,
+            "B is not limited"
+        );
+        tokio::time::advance(Duration::from_millis(100)).await;
+        assert_eq!(
+            offer_keyed(&sender, "A2", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        assert_eq!(
+            offer_keyed(&sender, "A3", key("A")),
+            Offer::Throttled { replaced: 1 }
+        );
+        let (first, _, _) = next_batch(&mut outbox).await;
+        assert_eq!(first, ["A1", "B1"]);
+        // A3, the newest, comes when A is due again: 500 ms after A1.
+        let (second, _, at) = next_batch(&mut outbox).await;
+        assert_eq!(second, ["A3"]);
+        assert_eq!(at - t0, Duration::from_millis(500));
+        // Due again 500 ms after that: a frame later than that goes at once...
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(offer_keyed(&sender, "A4", key("A")), Offer::Queued);
+        assert_eq!(next_batch(&mut outbox).await.0, ["A4"]);
+        // ...and the last one of a burst is never held back for good.
+        assert_eq!(
+            offer_keyed(&sender, "A5", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        let (last, waited, _) = next_batch(&mut outbox).await;
+        assert_eq!(last, ["A5"]);
+        assert!(waited <= Duration::from_millis(500), "{waited:?}");
+        // Lifted, the key is unlimited again.
+        sender.set_rate(&["A".to_owned()], None);
+        assert_eq!(offer_keyed(&sender, "A6", key("A")), Offer::Queued);
+        assert_eq!(offer_keyed(&sender, "A7", key("A")), Offer::Queued);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_on_everything_limits_every_public_key_but_not_private_ones() {
+        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
+        let private = Some(FrameKey {
+            private: true,
+            symbol: "A",
+        });
+        for (frame, symbol) in [("A1", "A"), ("A2", "A"), ("B1", "B"), ("B2", "B")] {
+            offer_keyed(&sender, frame, key(symbol));
+        }
+        assert_eq!(offer_keyed(&sender, "p1", private), Offer::Queued);
+        assert_eq!(offer_keyed(&sender, "p2", private), Offer::Queued);
+        let (now, _, _) = next_batch(&mut outbox).await;
+        assert_eq!(now, ["A1", "B1", "p1", "p2"]);
+        let (mut later, waited, _) = next_batch(&mut outbox).await;
+        later.sort();
+        assert_eq!(
+            (later, waited),
+            (
+                vec!["A2".to_owned(), "B2".to_owned()],
+                Duration::from_secs(1)
+            )
         );
     }
 

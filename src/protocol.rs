@@ -188,13 +188,17 @@ fn json_float(buffer: &mut zmij::Buffer, value: f64) -> &str {
 pub type LastSeenMap = BTreeMap<String, BTreeMap<String, u64>>;
 
 /// A frame a client sends.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ClientOp {
     /// Add symbols (or `"*"`) to the socket's subscriptions.
     Subscribe {
         /// Symbols to add.
         symbols: Vec<String>,
+        /// At most this many results a second per key of these symbols,
+        /// each the newest (absent: every result).
+        #[serde(default)]
+        max_rate: Option<f64>,
     },
     /// Remove symbols (or `"*"`) from the socket's subscriptions.
     Unsubscribe {
@@ -230,7 +234,7 @@ impl ClientOp {
     pub fn parse(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|err| {
             format!(
-                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}}"
+                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} (subscribe may add \"max_rate\":N) or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}}"
             )
         })
     }
@@ -541,7 +545,8 @@ mod tests {
         assert_eq!(
             ClientOp::parse(r#"{"op":"subscribe","symbols":["A","B"]}"#),
             Ok(ClientOp::Subscribe {
-                symbols: vec!["A".into(), "B".into()]
+                symbols: vec!["A".into(), "B".into()],
+                max_rate: None,
             })
         );
         assert_eq!(

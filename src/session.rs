@@ -251,7 +251,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
         Err(message) => return error(&message),
     };
     let symbols = match &op {
-        ClientOp::Subscribe { symbols } | ClientOp::Unsubscribe { symbols } => symbols,
+        ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } => symbols,
         ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),
     };
     if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
@@ -261,7 +261,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
         return error(&message);
     }
     let outcome = match op {
-        ClientOp::Subscribe { symbols } if symbols.iter().any(|s| !grant.allows(s)) => {
+        ClientOp::Subscribe { symbols, .. } if symbols.iter().any(|s| !grant.allows(s)) => {
             let denied: Vec<&str> = symbols
                 .iter()
                 .filter(|s| !grant.allows(s))
@@ -269,10 +269,16 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
                 .collect();
             return error(&format!("not entitled to {}", denied.join(", ")));
         }
-        ClientOp::Subscribe { symbols } => match membership.subscribe(&symbols) {
-            Ok(outcome) => outcome,
-            Err(err) => return error(&err.to_string()),
-        },
+        ClientOp::Subscribe { symbols, max_rate } => {
+            let interval = match max_rate.map(rate_interval).transpose() {
+                Ok(interval) => interval,
+                Err(message) => return error(&message),
+            };
+            match membership.subscribe(&symbols, interval) {
+                Ok(outcome) => outcome,
+                Err(err) => return error(&err.to_string()),
+            }
+        }
         ClientOp::Unsubscribe { symbols } => membership.unsubscribe(&symbols),
         ClientOp::Resume(_) => unreachable!("answered above"),
     };
@@ -282,6 +288,21 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
         symbols: &outcome.symbols,
     };
     vec![reply.encode()]
+}
+
+/// The most results a second a subscription may ask for per key (and the
+/// least: one an hour).
+const MAX_RATE: f64 = 1000.0;
+const MIN_RATE: f64 = 1.0 / 3600.0;
+
+/// The time between results of a key limited to `max_rate` a second.
+fn rate_interval(max_rate: f64) -> Result<Duration, String> {
+    if !(MIN_RATE..=MAX_RATE).contains(&max_rate) {
+        return Err(format!(
+            "invalid max_rate {max_rate}: expected results per second per key, from 1/3600 to 1000"
+        ));
+    }
+    Ok(Duration::from_secs_f64(1.0 / max_rate))
 }
 
 /// Answers a resume: the reply, then what the socket missed. Only the first

@@ -35,7 +35,7 @@ pub struct Stats {
     pub frames_queued: AtomicU64,
     /// Sockets closed because they fell behind.
     pub slow_consumer_closes: AtomicU64,
-    /// Results a conflating socket skipped: replaced, before they were sent, by a newer one of their key.
+    /// Results a socket skipped: replaced, before they were sent, by a newer one of their key (conflation, or a subscription's max_rate).
     pub frames_conflated: AtomicU64,
     /// Conflated batches sent: times a socket that fell behind caught up with the latest of each key.
     pub conflations: AtomicU64,
@@ -204,7 +204,7 @@ pub const COUNTERS: &[Counter] = &[
     },
     Counter {
         name: "frames_conflated",
-        help: "Results a conflating socket skipped for a newer one of their key",
+        help: "Results a socket skipped for a newer one of their key (conflation or max_rate)",
         value: |stats| stats.frames_conflated.load(Relaxed),
     },
     Counter {

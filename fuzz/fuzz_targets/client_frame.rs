@@ -11,10 +11,17 @@ fuzz_target!(|frame: &[u8]| {
         return;
     };
     match ClientOp::parse(text) {
-        Ok(ClientOp::Subscribe { symbols } | ClientOp::Unsubscribe { symbols }) => {
+        Ok(ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols }) => {
             // The session checks each entry; the check itself must not panic.
             for symbol in &symbols {
                 let _ = quotebridge::names::is_subscription(symbol);
+            }
+        }
+        Ok(ClientOp::Resume(last_seen)) => {
+            for symbols in last_seen.public.values().chain(last_seen.private.values()) {
+                for symbol in symbols.keys() {
+                    let _ = quotebridge::names::is_symbol(symbol);
+                }
             }
         }
         Err(message) => assert!(!message.is_empty()),

@@ -27,6 +27,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::Waker;
+use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 
@@ -562,7 +563,12 @@ impl Hub {
         self.state().connections.group(client).len()
     }
 
-    fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+    fn subscribe(
+        &self,
+        id: SocketId,
+        symbols: &[String],
+        max_rate: Option<Duration>,
+    ) -> Result<Subscribed, SubscribeError> {
         let mut guard = self.state();
         let state = &mut *guard;
         let Some(socket) = state.connections.get(id) else {
@@ -613,6 +619,8 @@ impl Hub {
             .frames_queued
             .fetch_add(snapshots as u64, Relaxed);
         let new: Vec<String> = new.into_iter().cloned().collect();
+        // Every named symbol takes the request's rate (or none), new or not.
+        socket.outbox.set_rate(symbols, max_rate);
         state.subscriptions.add(id, &new);
         let symbols = state.subscriptions_of(id);
         self.wake_unless_held(guard);
@@ -623,6 +631,9 @@ impl Hub {
         let mut state = self.state();
         for symbol in symbols {
             state.subscriptions.remove(id, symbol);
+        }
+        if let Some(socket) = state.connections.get(id) {
+            socket.outbox.set_rate(symbols, None);
         }
         Subscribed {
             symbols: state.subscriptions_of(id),
@@ -699,7 +710,7 @@ fn offer_each<'a>(
         if let Some(socket) = connections.get(*id) {
             match socket.outbox.offer(message.clone(), key, wakes.pending()) {
                 Offer::Queued => delivery.queued += 1,
-                Offer::Conflated { replaced } => {
+                Offer::Conflated { replaced } | Offer::Throttled { replaced } => {
                     delivery.queued += 1;
                     delivery.conflated += replaced;
                 }
@@ -727,9 +738,14 @@ impl Membership {
         self.id
     }
 
-    /// Adds symbols; returns the whole set and the snapshots of what is new.
-    pub fn subscribe(&self, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
-        self.hub.subscribe(self.id, symbols)
+    /// Adds symbols, each limited to one result per `max_rate` interval
+    /// (or unlimited); returns the whole set and the snapshots of what is new.
+    pub fn subscribe(
+        &self,
+        symbols: &[String],
+        max_rate: Option<Duration>,
+    ) -> Result<Subscribed, SubscribeError> {
+        self.hub.subscribe(self.id, symbols, max_rate)
     }
 
     /// Removes symbols; returns the whole remaining set.
@@ -869,7 +885,7 @@ mod tests {
         hub.publish_public("AAPL", "a".into());
         let (socket, mut rx) = join(&hub, "acme", &["MSFT"]);
         let got = socket
-            .subscribe(&strings(&["ZZZ", "AAPL", "MSFT"]))
+            .subscribe_now(&strings(&["ZZZ", "AAPL", "MSFT"]))
             .expect("subscribe");
         assert_eq!(got.symbols, strings(&["AAPL", "MSFT", "ZZZ"]));
         assert_eq!(got.snapshots, 1);
@@ -894,7 +910,7 @@ mod tests {
         hub.remember_latest("D", Utf8Bytes::from_static("stored"));
         let (socket, mut rx) = join(&hub, "acme", &[]);
         socket
-            .subscribe(&strings(&["A", "B", "C", "D"]))
+            .subscribe_now(&strings(&["A", "B", "C", "D"]))
             .expect("subscribed");
         let mut got = queued(&mut rx);
         got.sort();
@@ -920,7 +936,7 @@ mod tests {
         }
         let (socket, mut rx) = join(&hub, "acme", &[]);
         for _ in 0..20 {
-            socket.subscribe(&strings(&["*"])).expect("subscribed");
+            socket.subscribe_now(&strings(&["*"])).expect("subscribed");
             socket.unsubscribe(&strings(&["*"]));
         }
         assert_eq!(
@@ -980,11 +996,11 @@ mod tests {
         );
         let (socket, _rx) = join(&hub, "acme", &["A"]);
         assert_eq!(
-            socket.subscribe(&strings(&["B", "C"])),
+            socket.subscribe_now(&strings(&["B", "C"])),
             Err(SubscribeError::TooManySymbols(2))
         );
         assert_eq!(socket.subscriptions(), strings(&["A"]));
-        assert!(socket.subscribe(&strings(&["B", "A"])).is_ok());
+        assert!(socket.subscribe_now(&strings(&["B", "A"])).is_ok());
     }
 
     #[tokio::test]
@@ -1106,6 +1122,12 @@ mod tests {
             2,
             "one wake, both frames"
         );
+    }
+
+    impl Membership {
+        fn subscribe_now(&self, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+            self.subscribe(symbols, None)
+        }
     }
 
     fn result(hub: &Hub, client: Option<&str>, seq: u64, epoch: &str) {

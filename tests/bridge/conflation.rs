@@ -1,12 +1,14 @@
 //! Conflation: a socket that stops reading is kept, with the latest result
 //! of each key, instead of being cut off; everyone else gets everything.
+//! And a subscription's `max_rate`: the newest value of a key, at most so
+//! often.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::StreamExt;
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::binary::Serve;
@@ -140,4 +142,61 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     let stats: Value = serve.stats().await;
     assert!(stats["conflations"].as_u64() >= Some(1), "{stats}");
     drop(stalled);
+}
+
+#[tokio::test]
+async fn a_subscription_with_max_rate_gets_the_newest_value_at_most_that_often() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let (mut socket, _) = app.connect("acme").await;
+    let limited = json!({"op": "subscribe", "symbols": ["AAPL"], "max_rate": 2});
+    crate::schemas::assert_valid("client-request", &limited);
+    send_json(&mut socket, limited).await;
+    assert_eq!(next_json(&mut socket).await["type"], "subscribed");
+    for bad in [json!(0), json!(-1), json!(1e9), json!("2")] {
+        send_json(
+            &mut socket,
+            json!({"op": "subscribe", "symbols": ["X"], "max_rate": bad}),
+        )
+        .await;
+        assert_eq!(
+            next_json(&mut socket).await["type"],
+            "error",
+            "max_rate {bad}"
+        );
+    }
+
+    // A burst of 200 results each: AAPL is limited by name, MSFT (through
+    // "*") is not.
+    let quotes: Vec<(String, Vec<u8>)> = (1..=200)
+        .flat_map(|n| {
+            ["AAPL", "MSFT"].map(|symbol| {
+                let quote = json!({"symbol": symbol, "price": n});
+                ("quotes".to_owned(), quote.to_string().into_bytes())
+            })
+        })
+        .collect();
+    publish_all(&mut app.redis.connection().await, &quotes).await;
+    let mut seqs: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    while seqs.get("MSFT").map_or(0, Vec::len) < 200
+        || seqs.get("AAPL").and_then(|s| s.last()) != Some(&200)
+    {
+        let frame = next_json(&mut socket).await;
+        let symbol = frame["symbol"].as_str().expect("an SMA").to_owned();
+        seqs.entry(symbol)
+            .or_default()
+            .push(frame["seq"].as_u64().expect("seq"));
+    }
+    let aapl = &seqs["AAPL"];
+    assert!(
+        aapl.windows(2).all(|w| w[0] < w[1]),
+        "newer each time: {aapl:?}"
+    );
+    assert!(aapl.len() < 200, "the burst was thinned: {aapl:?}");
+    assert_eq!(
+        seqs["MSFT"],
+        (1..=200).collect::<Vec<u64>>(),
+        "MSFT: every result"
+    );
+    assert!(app.stats().await["frames_conflated"].as_u64() > Some(0));
+    app.shutdown().await;
 }
