@@ -30,6 +30,7 @@ pub(crate) mod server;
 pub(crate) mod session;
 pub(crate) mod shutdown;
 pub mod sma;
+pub(crate) mod sse;
 pub mod stats;
 pub(crate) mod stream;
 pub(crate) mod tail;

@@ -14,17 +14,18 @@ use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Authenticator;
+use crate::auth::{Authenticator, Grant};
 use crate::config::Settings;
+use crate::hub::Admission;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::names;
-use crate::session;
 use crate::stats::{Gauges, Stats};
+use crate::{session, sse};
 
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
@@ -59,6 +60,7 @@ pub fn router(state: AppState) -> Router {
             .route("/ws/{*client_code}", get(upgrade))
             .route("/ws", get(missing_client_code))
             .route("/ws/", get(missing_client_code))
+            .route("/sse/{*client_code}", get(event_stream))
             .route("/", get(dashboard))
             .route("/dashboard.js", get(dashboard_script))
             .route("/dashboard.css", get(dashboard_styles))
@@ -115,12 +117,14 @@ async fn missing_client_code() -> Response {
     (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response()
 }
 
-/// `?token=` for browsers, which cannot set an Authorization header, and
-/// `?resume=1` for a socket that comes back for what it missed.
+/// `?token=` for browsers, which cannot set an Authorization header,
+/// `?resume=1` for a socket that comes back for what it missed, and
+/// `?symbols=` for an event stream's subscriptions.
 #[derive(serde::Deserialize)]
 struct TokenQuery {
     token: Option<String>,
     resume: Option<String>,
+    symbols: Option<String>,
 }
 
 impl TokenQuery {
@@ -143,6 +147,70 @@ fn bearer_token<'a>(headers: &'a HeaderMap, query: &'a TokenQuery) -> Option<&'a
         .or(query.token.as_deref())
 }
 
+/// What a client that may connect holds: its entitlements, its place in
+/// its client's connection count, and its place in `server.max_connections`.
+struct Admitted {
+    grant: Grant,
+    admission: Admission,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Authenticates `client_code` and takes its places, or answers why not
+/// (401, 503, 429): the same for a WebSocket and an event stream.
+fn admit(
+    app: &AppState,
+    client_code: &str,
+    headers: &HeaderMap,
+    query: &TokenQuery,
+) -> Result<Admitted, Box<Response>> {
+    let grant = match app
+        .auth
+        .authenticate(client_code, bearer_token(headers, query))
+    {
+        Ok(grant) => grant,
+        Err(err) => {
+            tracing::info!(client = %client_code, reason = %err, "connection refused: authentication failed");
+            return Err(Box::new(
+                (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer")],
+                    format!("unauthorized: {err}\n"),
+                )
+                    .into_response(),
+            ));
+        }
+    };
+    if app.shutdown.is_cancelled() {
+        return Err(Box::new(
+            (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
+        ));
+    }
+    let admission = match app.hub.admit(client_code) {
+        Ok(admission) => admission,
+        Err(err) => {
+            tracing::warn!(client = %client_code, "per-client connection limit reached; connection refused");
+            return Err(Box::new(
+                (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response(),
+            ));
+        }
+    };
+    let Ok(permit) = app.connections.clone().try_acquire_owned() else {
+        tracing::warn!(client = %client_code, "connection limit reached; connection refused");
+        return Err(Box::new(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (server.max_connections)\n",
+            )
+                .into_response(),
+        ));
+    };
+    Ok(Admitted {
+        grant,
+        admission,
+        permit,
+    })
+}
+
 /// `GET /ws/{client_code}`: validates, authenticates, then upgrades to a session.
 async fn upgrade(
     State(app): State<AppState>,
@@ -158,38 +226,13 @@ async fn upgrade(
         Ok(upgrade) => upgrade,
         Err(rejection) => return rejection.into_response(),
     };
-    let grant = match app
-        .auth
-        .authenticate(&client_code, bearer_token(&headers, &query))
-    {
-        Ok(grant) => grant,
-        Err(err) => {
-            tracing::info!(client = %client_code, reason = %err, "upgrade refused: authentication failed");
-            return (
-                StatusCode::UNAUTHORIZED,
-                [(header::WWW_AUTHENTICATE, "Bearer")],
-                format!("unauthorized: {err}\n"),
-            )
-                .into_response();
-        }
-    };
-    if app.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response();
-    }
-    let admission = match app.hub.admit(&client_code) {
-        Ok(admission) => admission,
-        Err(err) => {
-            tracing::warn!(client = %client_code, "per-client connection limit reached; upgrade refused");
-            return (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response();
-        }
-    };
-    let Ok(permit) = app.connections.clone().try_acquire_owned() else {
-        tracing::warn!(client = %client_code, "connection limit reached; upgrade refused");
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "too many connections (server.max_connections)\n",
-        )
-            .into_response();
+    let Admitted {
+        grant,
+        admission,
+        permit,
+    } = match admit(&app, &client_code, &headers, &query) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
     };
     let limit = app.settings.websocket.max_message_bytes;
     let hold = query.resumes();
@@ -225,6 +268,76 @@ async fn upgrade(
             app.sessions.track_future(session)
         })
 }
+
+/// `GET /sse/{client_code}?symbols=AAPL,MSFT`: the results a socket of
+/// `client_code` would receive, as Server-Sent Events (see `sse.rs`).
+async fn event_stream(
+    State(app): State<AppState>,
+    Path(client_code): Path<String>,
+    Query(query): Query<TokenQuery>,
+    started: Option<axum::Extension<StreamStarted>>,
+    headers: HeaderMap,
+) -> Response {
+    if !names::is_client_code(&client_code) {
+        return (
+            StatusCode::BAD_REQUEST,
+            INVALID_CLIENT_CODE.replace("/ws/", "/sse/"),
+        )
+            .into_response();
+    }
+    let Admitted {
+        grant,
+        admission,
+        permit,
+    } = match admit(&app, &client_code, &headers, &query) {
+        Ok(admitted) => admitted,
+        Err(refusal) => return *refusal,
+    };
+    let websocket = &app.settings.websocket;
+    let symbols = match &query.symbols {
+        None => grant.initial_subscriptions(&websocket.default_symbols),
+        Some(list) => match sse::requested_symbols(list, &grant, websocket.max_symbols) {
+            Ok(symbols) => symbols,
+            Err(message) => {
+                return (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response();
+            }
+        },
+    };
+    let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
+    // From here the connection is a stream, bounded like a socket (by its
+    // outbox and write timeout), not by the deadline of plain requests.
+    if let Some(axum::Extension(started)) = started {
+        started.0.notify_one();
+    }
+    let stream = sse::open(
+        &app.hub,
+        admission,
+        &symbols,
+        last_event_id,
+        session::Limits::from_settings(websocket),
+        app.shutdown.clone(),
+        permit,
+        &app.sessions,
+    );
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+            // Proxies that buffer responses (nginx) would hold events back.
+            (header::HeaderName::from_static("x-accel-buffering"), "no"),
+            // The connection ends with the stream: no further requests on
+            // it, outside the deadline plain requests have.
+            (header::CONNECTION, "close"),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Told by the event-stream handler that its connection now carries a
+/// stream; one per connection, added to each of its requests.
+#[derive(Clone, Default)]
+struct StreamStarted(Arc<tokio::sync::Notify>);
 
 /// The live dashboard: a page, its script and its styles (no CDN, no build
 /// step), compiled into the binary.
@@ -356,15 +469,18 @@ pub async fn serve_http(
         if let Err(err) = tcp.set_nodelay(true) {
             tracing::debug!(cause = %err, "cannot set TCP_NODELAY");
         }
+        let started = StreamStarted::default();
+        let service = tower::Layer::layer(&axum::Extension(started.clone()), app.clone());
         let connection = http
-            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()))
+            .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
             .with_upgrades();
         let shutdown = shutdown.clone();
         let stats = stats.clone();
         connections.spawn(async move {
-            // Held until the connection closes or becomes a WebSocket (the
-            // connection future ends when it hands its socket over).
-            let _permit = permit;
+            // Held until the connection closes, becomes a WebSocket (the
+            // connection future ends when it hands its socket over) or an
+            // event stream (which holds a connection permit instead).
+            let mut permit = Some(permit);
             let mut connection = std::pin::pin!(connection);
             let mut draining = false;
             let deadline = tokio::time::sleep(lifetime);
@@ -376,7 +492,10 @@ pub async fn serve_http(
                         draining = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    () = &mut deadline => {
+                    () = started.0.notified(), if permit.is_some() => {
+                        permit = None;
+                    }
+                    () = &mut deadline, if permit.is_some() => {
                         tracing::debug!(%peer, ?lifetime, "http connection outlived its deadline; closed");
                         return;
                     }

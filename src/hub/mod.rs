@@ -453,7 +453,12 @@ impl Hub {
     /// one step under the lock, so every result is either among the frames
     /// returned or queued to the socket after them, never both and never
     /// neither.
-    fn resume(&self, id: SocketId, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+    fn resume(
+        &self,
+        id: SocketId,
+        last_seen: &LastSeen,
+        with_latest: bool,
+    ) -> Result<Resumed, ResumeError> {
         let mut guard = self.state();
         let state = &mut *guard;
         let initial = state.held.get(&id).ok_or(ResumeError::NotHeld)?;
@@ -541,6 +546,36 @@ impl Hub {
         for (private, symbol, seen) in ahead {
             let owner = private.then_some(&*client);
             state.floors.add(id, owner, symbol, seen);
+        }
+        if with_latest {
+            let named = |symbol: &str| {
+                last_seen
+                    .public
+                    .values()
+                    .any(|symbols| symbols.contains_key(symbol))
+            };
+            let latest: Vec<&Utf8Bytes> = if everything {
+                state
+                    .snapshots
+                    .iter()
+                    .filter(|(symbol, _)| !named(symbol))
+                    .map(|(_, frame)| frame)
+                    .collect()
+            } else {
+                subscriptions
+                    .iter()
+                    .filter(|symbol| !named(symbol))
+                    .filter_map(|symbol| state.snapshots.get(symbol))
+                    .collect()
+            };
+            for frame in latest {
+                if frames_left == 0 || frame.len() > bytes_left {
+                    break;
+                }
+                frames_left -= 1;
+                bytes_left -= frame.len();
+                resumed.frames.push(frame.clone());
+            }
         }
         Ok(resumed)
     }
@@ -758,7 +793,14 @@ impl Membership {
     /// frames (what it missed since `last_seen`) must be sent before
     /// anything its outbox receives.
     pub fn resume(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
-        self.hub.resume(self.id, last_seen)
+        self.hub.resume(self.id, last_seen, false)
+    }
+
+    /// [`Membership::resume`], then the latest result of every subscribed
+    /// public symbol `last_seen` does not name (within the same bounds): how
+    /// an event stream starts.
+    pub fn resume_with_latest(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+        self.hub.resume(self.id, last_seen, true)
     }
 
     /// Ends the hold of a socket joined to resume, without resuming; false

@@ -32,6 +32,11 @@ impl Snapshots {
         self.latest.values()
     }
 
+    /// Every symbol's snapshot, with its symbol.
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Utf8Bytes)> {
+        self.latest.iter().map(|(symbol, frame)| (&**symbol, frame))
+    }
+
     pub(super) fn len(&self) -> usize {
         self.latest.len()
     }

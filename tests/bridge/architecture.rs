@@ -34,6 +34,7 @@ const LAYERS: &[&[&str]] = &[
         "listener",
         "stream",
         "session",
+        "sse",
         "server",
         "probe",
         "tail",

@@ -303,6 +303,52 @@ async fn the_dashboard_resumes_after_a_drop_and_shows_whether_it_recovered() {
     app.shutdown().await;
 }
 
+/// A browser's own `EventSource` on `/sse/{code}` (allowed by the page's
+/// Content-Security-Policy): results with their ids, and direct messages.
+#[tokio::test]
+async fn a_browser_event_source_receives_results_with_ids_and_direct_messages() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let (_driver, browser, profile) =
+        open_dashboard(app.address, "quotebridge-sse", "client=acme").await;
+    let script = "window.got = []; const source = new EventSource('/sse/acme?symbols=AAPL'); \
+        source.onmessage = (e) => window.got.push({ id: e.lastEventId, data: JSON.parse(e.data) }); \
+        source.addEventListener('direct', (e) => window.got.push({ direct: e.data })); \
+        source.onopen = () => { window.sourceOpen = true; };";
+    browser
+        .execute(script, vec![])
+        .await
+        .expect("open an EventSource");
+    wait_until(
+        &browser,
+        "the event stream to open",
+        "window.sourceOpen === true",
+    )
+    .await;
+    let mut conn = app.redis.connection().await;
+    let messages = [
+        (
+            "quotes".to_owned(),
+            br#"{"symbol":"AAPL","price":7}"#.to_vec(),
+        ),
+        ("client.acme".to_owned(), b"margin call".to_vec()),
+    ];
+    publish_all(&mut conn, &messages).await;
+    wait_until(&browser, "both events", "window.got.length >= 2").await;
+    let got = browser
+        .execute("return window.got;", vec![])
+        .await
+        .expect("read the events");
+    let epoch = got[0]["data"]["epoch"]
+        .as_str()
+        .expect("an SMA with an epoch");
+    assert_eq!(got[0]["id"], format!("{epoch}:1:p:AAPL"), "{got}");
+    assert_eq!(got[0]["data"]["price"], 7.0);
+    assert_eq!(got[1]["direct"], "margin call", "{got}");
+    browser.close().await.expect("close the browser");
+    let _ = std::fs::remove_dir_all(&profile);
+    app.shutdown().await;
+}
+
 /// What a user sees after starting `demo`: every sample symbol in the
 /// table, a chart that has run for a while, and a direct message. The
 /// screenshot is the README's picture (`script/dashboard-screenshot` copies

@@ -23,6 +23,7 @@ mod rejected_input;
 mod resume;
 mod scale_out;
 mod schemas;
+mod sse;
 mod support;
 mod walkthrough;
 mod websocket;

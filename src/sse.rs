@@ -1,0 +1,287 @@
+//! Server-Sent Events: `GET /sse/{client_code}`, one-way, for clients that
+//! cannot use a WebSocket (or want plain `curl -N`).
+//!
+//! A stream is a socket of its client code in every way the hub knows: it
+//! joins the group (private results, direct messages), subscribes to its
+//! symbols, has a bounded outbox (conflated or closed when it falls behind)
+//! and counts against the same connection limits. What differs is the
+//! wire: each result is an event whose `id` is its key's position,
+//!
+//! ```text
+//! id: 9f2c01ab:1041:p:AAPL
+//! data: {"symbol":"AAPL",...,"seq":1041,"epoch":"9f2c01ab"}
+//! ```
+//!
+//! so a browser's `EventSource`, reconnecting with `Last-Event-ID`, names
+//! the last result it received: that key is replayed exactly from the
+//! history, and every other subscribed symbol starts from its latest value.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Grant;
+use crate::hub::{Admission, Hub, Membership, Resumed};
+use crate::names;
+use crate::outbox::Outbox;
+use crate::protocol::{LastSeen, ResultRoute, ServerFrame, Unrecovered};
+use crate::session::Limits;
+
+/// Most queued frames encoded into one chunk of the response.
+const MAX_BATCH: usize = 256;
+
+/// How long a client's browser waits before reconnecting (the `retry:`
+/// field): soon, since it resumes where it left off.
+const RETRY_MS: u64 = 1000;
+
+/// The subscriptions of `?symbols=A,B,*`, checked like a subscribe.
+pub fn requested_symbols(list: &str, grant: &Grant, max: usize) -> Result<Vec<String>, String> {
+    let mut symbols: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    symbols.sort();
+    symbols.dedup();
+    if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
+        return Err(format!(
+            "invalid symbol {bad:?} in ?symbols=: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-], comma-separated"
+        ));
+    }
+    if symbols.len() > max {
+        return Err(format!("too many symbols: at most {max}"));
+    }
+    let denied: Vec<&str> = symbols
+        .iter()
+        .filter(|s| !grant.allows(s))
+        .map(String::as_str)
+        .collect();
+    if !denied.is_empty() {
+        return Err(format!("not entitled to {}", denied.join(", ")));
+    }
+    Ok(symbols)
+}
+
+/// A result's event id: `{epoch}:{seq}:{p|c}:{symbol}` (`c` for the
+/// client's private key; the symbol last, as it may hold `:`).
+fn event_id(out: &mut String, route: &ResultRoute<'_>) -> bool {
+    let Some(position) = route.position() else {
+        return false;
+    };
+    let kind = if route.client.is_some() { 'c' } else { 'p' };
+    let _ = writeln!(
+        out,
+        "id: {}:{}:{kind}:{}",
+        position.epoch, position.seq, route.symbol
+    );
+    true
+}
+
+/// The position `Last-Event-ID` names, as a resume request for that key.
+fn last_seen_of(last_event_id: &str) -> Option<LastSeen> {
+    let mut parts = last_event_id.splitn(4, ':');
+    let (epoch, seq, kind, symbol) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let seq: u64 = seq.parse().ok()?;
+    if !names::is_epoch(epoch) || !names::is_symbol(symbol) {
+        return None;
+    }
+    let mut last_seen = LastSeen::default();
+    let by_epoch = match kind {
+        "p" => &mut last_seen.public,
+        "c" => &mut last_seen.private,
+        _ => return None,
+    };
+    by_epoch
+        .entry(epoch.to_owned())
+        .or_default()
+        .insert(symbol.to_owned(), seq);
+    Some(last_seen)
+}
+
+/// Appends `data` as an event's data lines (a line break in a direct
+/// message would otherwise end the field) and the blank line ending it.
+fn data_lines(out: &mut String, data: &str) {
+    // CRLF, LF and CR each end a line in an event stream.
+    let data = data.replace("\r\n", "\n");
+    for line in data.split(['\n', '\r']) {
+        out.push_str("data: ");
+        out.push_str(line);
+        out.push('\n');
+    }
+    out.push('\n');
+}
+
+/// Appends one queued frame as an event: a result with its id, any other
+/// text (a direct message) as `event: direct`. Binary direct messages
+/// cannot be carried by an event stream and are skipped.
+fn encode(out: &mut String, frame: &Message) {
+    let Message::Text(text) = frame else {
+        return;
+    };
+    match ResultRoute::of(text.as_str()) {
+        Some(route) if event_id(out, &route) => {}
+        Some(_) => {}
+        None => out.push_str("event: direct\n"),
+    }
+    data_lines(out, text.as_str());
+}
+
+/// Appends a control frame as an event of its `type`.
+fn notice(out: &mut String, kind: &str, frame: &Utf8Bytes) {
+    out.push_str("event: ");
+    out.push_str(kind);
+    out.push('\n');
+    data_lines(out, frame.as_str());
+}
+
+/// Joins `admission` to the hub subscribed to `symbols` and starts the
+/// stream: first (after `Last-Event-ID`) the missed results of the key it
+/// names, then the latest result of every other subscribed symbol, then
+/// live events. Returns the response body.
+#[allow(clippy::too_many_arguments)]
+pub fn open(
+    hub: &Hub,
+    admission: Admission,
+    symbols: &[String],
+    last_event_id: Option<&str>,
+    limits: Limits,
+    shutdown: CancellationToken,
+    permit: OwnedSemaphorePermit,
+    tasks: &TaskTracker,
+) -> impl Stream<Item = Result<Bytes, Infallible>> + use<> {
+    let (membership, outbox) = hub.join(admission, &[], true);
+    let named = last_event_id.and_then(last_seen_of);
+    let mut last_seen = named.clone().unwrap_or_default();
+    last_seen.symbols = Some(symbols.to_vec());
+    // The symbols were checked against the grant and max_symbols already.
+    let resumed = membership
+        .resume_with_latest(&last_seen)
+        .unwrap_or_default();
+    let mut first = format!("retry: {RETRY_MS}\n\n");
+    if named.is_some() {
+        let reply = ServerFrame::Resumed {
+            recovered: resumed.unrecovered_public.is_empty()
+                && resumed.unrecovered_private.is_empty(),
+            replayed: resumed.replayed,
+            unrecovered: Unrecovered {
+                public: &resumed.unrecovered_public,
+                private: &resumed.unrecovered_private,
+            },
+        };
+        notice(&mut first, "resumed", &reply.encode());
+    }
+    let (events, body) = mpsc::channel::<Bytes>(1);
+    tasks.spawn(run(
+        events, membership, outbox, first, resumed, limits, shutdown, permit,
+    ));
+    futures_util::stream::unfold(body, |mut body| async move {
+        body.recv().await.map(|chunk| (Ok(chunk), body))
+    })
+}
+
+/// Feeds the stream until the client goes, the hub evicts it, a write waits
+/// past the write timeout, or shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn run(
+    events: mpsc::Sender<Bytes>,
+    membership: Membership,
+    mut outbox: Outbox,
+    mut first: String,
+    resumed: Resumed,
+    limits: Limits,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    for frame in &resumed.frames {
+        encode(&mut first, &Message::Text(frame.clone()));
+    }
+    let send = async |chunk: String| {
+        // A client that stops reading fills its TCP window; past the write
+        // timeout it is dropped, as a socket would be.
+        let sent = tokio::time::timeout(limits.write_timeout, events.send(chunk.into())).await;
+        if sent.is_err() {
+            membership.stats().write_timeouts.fetch_add(1, Relaxed);
+        }
+        matches!(sent, Ok(Ok(())))
+    };
+    if !send(first).await {
+        return;
+    }
+    let mut keepalive =
+        tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
+    keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut batch: Vec<Message> = Vec::new();
+    loop {
+        let chunk = tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = events.closed() => return,
+            _ = keepalive.tick() => ": keepalive\n\n".to_owned(),
+            taken = outbox.recv_many(&mut batch, MAX_BATCH) => {
+                if taken.frames == 0 {
+                    // Evicted as a slow consumer: the stream ends; the
+                    // browser reconnects and resumes.
+                    return;
+                }
+                let mut chunk = String::new();
+                if taken.conflated {
+                    membership.stats().conflations.fetch_add(1, Relaxed);
+                    let conflated = ServerFrame::Conflated { keys: taken.frames }.encode();
+                    notice(&mut chunk, "conflated", &conflated);
+                }
+                for frame in batch.drain(..) {
+                    encode(&mut chunk, &frame);
+                }
+                chunk
+            }
+        };
+        if !send(chunk).await {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_event_ids_name_one_key() {
+        let public = last_seen_of("9f2c01ab:41:p:BTC:USD").expect("valid");
+        assert_eq!(public.public["9f2c01ab"]["BTC:USD"], 41);
+        let private = last_seen_of("e1:3:c:AAPL").expect("valid");
+        assert_eq!(private.private["e1"]["AAPL"], 3);
+        for bad in [
+            "",
+            "e1:x:p:A",
+            "e1:3:q:A",
+            "e 1:3:p:A",
+            "e1:3:p:",
+            "e1:3:p:A B",
+        ] {
+            assert!(last_seen_of(bad).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn events_carry_ids_and_keep_lines_apart() {
+        let mut out = String::new();
+        let result = r#"{"symbol":"A","price":1,"sma":1,"window":1,"count":1,"ts":1,"seq":7,"epoch":"e1","client":"acme"}"#;
+        encode(&mut out, &Message::Text(result.into()));
+        assert_eq!(out, format!("id: e1:7:c:A\ndata: {result}\n\n"));
+        out.clear();
+        encode(&mut out, &Message::Text("line one\r\nline two".into()));
+        assert_eq!(out, "event: direct\ndata: line one\ndata: line two\n\n");
+        out.clear();
+        encode(&mut out, &Message::Binary(Bytes::from_static(b"\xff")));
+        assert!(out.is_empty(), "binary is skipped");
+    }
+}
