@@ -137,6 +137,18 @@ pub struct BenchArgs {
     /// Fan-out: frames to deliver per socket count.
     #[arg(long, default_value_t = 5_000_000)]
     fanout_frames: u64,
+    /// Slow fan-out: percent of the sockets that never read.
+    #[arg(long, default_value_t = 10)]
+    slow_percent: usize,
+    /// Resume: sockets coming back at once.
+    #[arg(long, default_value_t = 1_000)]
+    resume_sockets: usize,
+    /// Resume: results each of them missed.
+    #[arg(long, default_value_t = 1_000)]
+    resume_missed: usize,
+    /// Resume: keys those results are spread over.
+    #[arg(long, default_value_t = 10)]
+    resume_symbols: usize,
     /// Connections: idle sockets.
     #[arg(long, default_value_t = 50_000)]
     idle_sockets: usize,
@@ -169,6 +181,10 @@ impl BenchArgs {
             fanout_sockets: self.fanout_sockets,
             groups: self.groups,
             fanout_frames: self.fanout_frames,
+            slow_percent: self.slow_percent,
+            resume_sockets: self.resume_sockets,
+            resume_missed: self.resume_missed,
+            resume_symbols: self.resume_symbols,
             idle_sockets: self.idle_sockets,
             micro_quotes: self.micro_quotes,
             bridge_binary: bench::environment::current_binary(),

@@ -279,7 +279,11 @@ impl<B: Broker> Listener<B> {
                     let Ok(frame) = Utf8Bytes::try_from(frame) else {
                         continue;
                     };
-                    if names::is_symbol(&symbol) {
+                    // Only a public result of the field's own symbol: the
+                    // snapshot is sent to every subscriber of that symbol.
+                    let own = ResultRoute::of(frame.as_str())
+                        .is_some_and(|route| route.symbol == symbol && route.client.is_none());
+                    if own {
                         self.hub.remember_latest(&symbol, frame);
                         loaded += 1;
                     }

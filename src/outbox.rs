@@ -158,17 +158,15 @@ impl Sender {
         }
         let message = match (queue.throttle.as_deref_mut(), key) {
             (Some(throttle), Some(key)) => match throttle.hold(key, message) {
-                Ok(hold) => {
-                    let (replaced, fresh) = match hold {
-                        Hold::Waiting { replaced } => (replaced, false),
-                        Hold::First => (0, true),
-                    };
-                    // A key that starts waiting gives the session a new deadline.
-                    if fresh && let Some(waiting) = queue.waiting.take() {
+                Ok(Hold::Waiting { replaced }) => return Offer::Throttled { replaced },
+                Ok(Hold::First { due }) => {
+                    // A deadline before the armed one: the session re-arms.
+                    let sooner = throttle.armed.is_none_or(|armed| due < armed);
+                    if sooner && let Some(waiting) = queue.waiting.take() {
                         drop(queue);
                         waiting.wake();
                     }
-                    return Offer::Throttled { replaced };
+                    return Offer::Throttled { replaced: 0 };
                 }
                 Err(message) => message,
             },
@@ -181,10 +179,10 @@ impl Sender {
         let conflating = queue.latest.is_some();
         if let Some(key) = key.filter(|_| self.bounds.conflate && (full || conflating)) {
             let latest = queue.latest.get_or_insert_default();
-            let replaced = latest.keep(key, message);
-            if latest.bytes > self.bounds.bytes {
+            if latest.bytes_with(key, len) > self.bounds.bytes {
                 return Offer::Full;
             }
+            let replaced = latest.keep(key, message);
             // It is behind: wake it now, not at the end of the burst.
             if let Some(waiting) = queue.waiting.take() {
                 drop(queue);
@@ -259,13 +257,37 @@ impl Sender {
     /// (`None`).
     pub fn set_rate(&self, symbols: &[String], interval: Option<Duration>) {
         let mut queue = self.shared.lock();
+        if interval.is_none() && queue.throttle.is_none() {
+            return;
+        }
+        let now = Instant::now();
         let throttle = queue.throttle.get_or_insert_default();
+        let mut sooner = false;
         for symbol in symbols {
-            throttle.set(symbol, interval);
+            sooner |= throttle.set(symbol, interval, now);
         }
         if throttle.is_empty() {
             queue.throttle = None;
+        } else if sooner {
+            throttle.armed = None;
+            if let Some(waiting) = queue.waiting.take() {
+                drop(queue);
+                waiting.wake();
+            }
         }
+    }
+
+    /// Forgets what waits for the unsubscribed `symbols` and lifts their limits.
+    pub fn unsubscribe(&self, symbols: &[String]) {
+        let mut queue = self.shared.lock();
+        let Some(throttle) = queue.throttle.as_deref_mut() else {
+            return;
+        };
+        for symbol in symbols {
+            throttle.forget(symbol);
+        }
+        drop(queue);
+        self.set_rate(symbols, None);
     }
 }
 
@@ -345,7 +367,8 @@ impl Outbox {
                         conflated: false,
                     });
                 }
-                if let Some(deadline) = throttle.next_due() {
+                throttle.armed = throttle.next_due();
+                if let Some(deadline) = throttle.armed {
                     let timer =
                         due.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
                     if timer.deadline() != deadline {
@@ -404,9 +427,12 @@ struct Throttle {
     all: Option<Duration>,
     /// Intervals of symbols limited by name (these win over `all`).
     by_symbol: HashMap<Box<str>, Duration>,
-    /// Each limited key seen: when it may send next, and its newest frame
-    /// waiting for that.
+    /// Each limited key seen within its interval: when it may send next,
+    /// and its newest frame waiting for that.
     keys: HashMap<Box<str>, Due>,
+    /// The deadline the session's timer is armed for: an offer wakes the
+    /// session only for an earlier one.
+    armed: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -418,28 +444,49 @@ struct Due {
 
 /// What [`Throttle::hold`] did with a frame it kept.
 enum Hold {
-    /// The key's first waiting frame: the session has a new deadline.
-    First,
+    /// The key's first waiting frame, due at `due`: the session may have a
+    /// new deadline.
+    First { due: Instant },
     /// It replaced `replaced` waiting frames of its key.
     Waiting { replaced: u64 },
 }
 
 impl Throttle {
-    fn set(&mut self, symbol: &str, interval: Option<Duration>) {
+    /// Sets the limit of `symbol` (`"*"`: every public symbol not limited
+    /// by name). A key whose limit is lifted or shortened has its waiting
+    /// frame (if any) due sooner: at once when lifted, otherwise within the
+    /// new interval. Returns whether some waiting frame became due sooner.
+    fn set(&mut self, symbol: &str, interval: Option<Duration>, now: Instant) -> bool {
         if symbol == "*" {
             self.all = interval;
+        } else if let Some(interval) = interval {
+            self.by_symbol.insert(symbol.into(), interval);
         } else {
-            match interval {
-                Some(interval) => {
-                    self.by_symbol.insert(symbol.into(), interval);
-                }
-                None => {
-                    self.by_symbol.remove(symbol);
+            self.by_symbol.remove(symbol);
+        }
+        let mut sooner = false;
+        let mut adjust = |due: &mut Due, interval: Option<Duration>| {
+            let next = interval.map_or(now, |interval| due.next.min(now + interval));
+            sooner |= next < due.next && due.waiting.is_some();
+            due.next = next;
+            due.interval = interval.unwrap_or_default();
+        };
+        if symbol == "*" {
+            let by_symbol = &self.by_symbol;
+            for (name, due) in &mut self.keys {
+                if !by_symbol.contains_key(name) {
+                    adjust(due, interval);
                 }
             }
+        } else if let Some(due) = self.keys.get_mut(symbol) {
+            adjust(due, interval.or(self.all));
         }
-        // Keys pick up their new interval from their next frame on.
-        self.keys.retain(|_, due| due.waiting.is_some());
+        sooner
+    }
+
+    /// Forgets the waiting frame of `symbol`: it is no longer subscribed.
+    fn forget(&mut self, symbol: &str) {
+        self.keys.remove(symbol);
     }
 
     fn is_empty(&self) -> bool {
@@ -450,16 +497,34 @@ impl Throttle {
         self.by_symbol.get(symbol).copied().or(self.all)
     }
 
-    /// Keeps `message` back when its key is limited and not due; otherwise
-    /// hands it back to be queued now, and starts the key's next interval.
+    /// Keeps `message` back when its key is limited and not due, or has a
+    /// frame waiting already (which it replaces: a newer frame must not
+    /// overtake an older one of its key, whatever the limit is now);
+    /// otherwise hands it back to be queued now, and starts the key's
+    /// next interval.
     fn hold(&mut self, key: FrameKey<'_>, message: Message) -> Result<Hold, Message> {
-        let interval = match self.interval_of(key.symbol) {
-            Some(interval) if !key.private => interval,
-            _ => return Err(message),
-        };
+        if key.private {
+            return Err(message);
+        }
         let now = Instant::now();
-        let due = match self.keys.get_mut(key.symbol) {
-            Some(due) => due,
+        if let Some(due) = self.keys.get_mut(key.symbol) {
+            if due.waiting.is_some() {
+                due.waiting = Some(message);
+                return Ok(Hold::Waiting { replaced: 1 });
+            }
+            if now < due.next {
+                due.waiting = Some(message);
+                return Ok(Hold::First { due: due.next });
+            }
+        }
+        let Some(interval) = self.interval_of(key.symbol) else {
+            return Err(message);
+        };
+        match self.keys.get_mut(key.symbol) {
+            Some(due) => {
+                due.next = now + interval;
+                due.interval = interval;
+            }
             None => {
                 self.keys.insert(
                     key.symbol.into(),
@@ -469,32 +534,28 @@ impl Throttle {
                         interval,
                     },
                 );
-                return Err(message);
             }
-        };
-        due.interval = interval;
-        if due.waiting.is_none() && now >= due.next {
-            due.next = now + interval;
-            return Err(message);
         }
-        Ok(match due.waiting.replace(message) {
-            Some(_) => Hold::Waiting { replaced: 1 },
-            None => Hold::First,
-        })
+        Err(message)
     }
 
     /// Moves every waiting frame that is due into `batch`; returns how many.
+    /// Keys with nothing waiting whose interval has passed are forgotten:
+    /// they behave as keys never seen.
     fn release_due(&mut self, now: Instant, batch: &mut Vec<Message>) -> usize {
         let mut released = 0;
-        for due in self.keys.values_mut() {
-            if due.next <= now
-                && let Some(message) = due.waiting.take()
-            {
-                batch.push(message);
-                due.next = now + due.interval;
-                released += 1;
+        self.keys.retain(|_, due| {
+            if due.next > now {
+                return true;
             }
-        }
+            let Some(message) = due.waiting.take() else {
+                return false;
+            };
+            batch.push(message);
+            released += 1;
+            due.next = now + due.interval;
+            !due.interval.is_zero()
+        });
         released
     }
 
@@ -537,6 +598,17 @@ impl Latest {
                 0
             }
         }
+    }
+
+    /// The bytes held once a frame of `len` bytes of `key` is kept.
+    fn bytes_with(&self, key: FrameKey<'_>, len: usize) -> usize {
+        let map = if key.private {
+            &self.private
+        } else {
+            &self.public
+        };
+        let older = map.get(key.symbol).map_or(0, payload_len);
+        self.bytes - older + len
     }
 
     fn len(&self) -> usize {
@@ -769,6 +841,43 @@ mod tests {
         sender.set_rate(&["A".to_owned()], None);
         assert_eq!(offer_keyed(&sender, "A6", key("A")), Offer::Queued);
         assert_eq!(offer_keyed(&sender, "A7", key("A")), Offer::Queued);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lifting_a_limit_sends_the_waiting_frame_first_and_never_a_stale_one() {
+        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        let a = ["A".to_owned()];
+        sender.set_rate(&a, Some(Duration::from_secs(3600)));
+        assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+        assert_eq!(
+            offer_keyed(&sender, "A2", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
+        // Lifted: A2 is due at once, and A3 may not overtake it: it replaces it.
+        sender.set_rate(&a, None);
+        assert_eq!(
+            offer_keyed(&sender, "A3", key("A")),
+            Offer::Throttled { replaced: 1 }
+        );
+        let (got, waited, _) = next_batch(&mut outbox).await;
+        assert_eq!((got, waited), (vec!["A3".to_owned()], Duration::ZERO));
+        assert_eq!(
+            offer_keyed(&sender, "A4", key("A")),
+            Offer::Queued,
+            "unlimited now"
+        );
+        // Unsubscribed: what waited is dropped, not sent an hour later.
+        sender.set_rate(&a, Some(Duration::from_secs(3600)));
+        offer_keyed(&sender, "A5", key("A"));
+        assert_eq!(
+            offer_keyed(&sender, "A6", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        sender.unsubscribe(&a);
+        assert_eq!(next_batch(&mut outbox).await.0, ["A4", "A5"]);
+        tokio::time::advance(Duration::from_secs(7200)).await;
+        assert!(outbox.try_recv().is_none(), "A6 is gone");
     }
 
     #[tokio::test(start_paused = true)]

@@ -89,8 +89,9 @@ pub struct Sma {
     pub snapshot: Option<Arc<SnapshotSlot>>,
     /// Its position in its key's sequence (as in the frame).
     pub seq: u64,
-    /// The epoch of that sequence (as in the frame).
-    pub epoch: Arc<str>,
+    /// Where the frame spells its epoch: read from there, the epoch costs
+    /// no reference count per result.
+    epoch_at: std::ops::Range<usize>,
 }
 
 impl Sma {
@@ -99,7 +100,11 @@ impl Sma {
     pub fn position(&self) -> Position<'_> {
         Position {
             seq: self.seq,
-            epoch: &self.epoch,
+            epoch: self
+                .frame
+                .as_str()
+                .get(self.epoch_at.clone())
+                .unwrap_or_default(),
         }
     }
 }
@@ -182,12 +187,13 @@ impl Pipeline {
         }
         // The parser admitted only valid names.
         .encode_framed(&key.framing, &self.window_framing);
+        let epoch_at = key.framing.epoch_in(frame.len());
         let sma = Sma {
             channel: key.channel.clone(),
             frame,
             snapshot: key.snapshot.clone(),
             seq: key.seq,
-            epoch: key.epoch.clone(),
+            epoch_at,
         };
         self.stats.smas_emitted.fetch_add(1, Relaxed);
         Outcome::Accepted {
@@ -489,8 +495,8 @@ mod tests {
                 let message: serde_json::Value =
                     serde_json::from_str(sma.frame.as_str()).expect("json");
                 assert_eq!(message["seq"], sma.seq, "the frame carries the position");
-                assert_eq!(message["epoch"], &*sma.epoch);
-                (sma.seq, sma.epoch.to_string())
+                assert_eq!(message["epoch"], sma.position().epoch);
+                (sma.seq, sma.position().epoch.to_owned())
             }
             _ => panic!("expected a result"),
         }

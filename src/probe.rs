@@ -39,6 +39,25 @@ pub async fn check(address: SocketAddr, path: &str) -> Result<(), Error> {
     }
 }
 
+/// The body of `GET path` (the benchmark reads `/stats` this way).
+pub(crate) async fn body_of(address: SocketAddr, path: &str) -> std::io::Result<String> {
+    let read = async {
+        let mut stream = TcpStream::connect(address).await?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        let response = String::from_utf8_lossy(&response);
+        Ok(response
+            .split_once("\r\n\r\n")
+            .map_or_else(String::new, |(_, body)| body.to_owned()))
+    };
+    tokio::time::timeout(TIMEOUT, read)
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))?
+}
+
 /// The status code of `GET path`.
 async fn status_of(address: SocketAddr, path: &str) -> std::io::Result<u16> {
     let mut stream = TcpStream::connect(address).await?;

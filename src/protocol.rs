@@ -138,7 +138,11 @@ pub struct Position<'a> {
 pub(crate) struct KeyFraming {
     head: Box<str>,
     tail: Box<str>,
+    epoch_len: usize,
 }
+
+/// What the tail starts with, before the epoch itself.
+const EPOCH_FIELD: &str = r#","epoch":""#;
 
 impl KeyFraming {
     /// The framing for `symbol`, `epoch` and `client`, which must be valid names.
@@ -146,10 +150,17 @@ impl KeyFraming {
         Self {
             head: format!("{{\"symbol\":\"{symbol}\",\"price\":").into(),
             tail: match client {
-                None => format!(",\"epoch\":\"{epoch}\"}}").into(),
-                Some(client) => format!(",\"epoch\":\"{epoch}\",\"client\":\"{client}\"}}").into(),
+                None => format!("{EPOCH_FIELD}{epoch}\"}}").into(),
+                Some(client) => format!("{EPOCH_FIELD}{epoch}\",\"client\":\"{client}\"}}").into(),
             },
+            epoch_len: epoch.len(),
         }
+    }
+
+    /// Where the epoch is in a message of `len` bytes framed by this.
+    pub(crate) fn epoch_in(&self, len: usize) -> std::ops::Range<usize> {
+        let start = len - self.tail.len() + EPOCH_FIELD.len();
+        start..start + self.epoch_len
     }
 }
 

@@ -272,12 +272,17 @@ async fn upgrade(
 /// `GET /sse/{client_code}?symbols=AAPL,MSFT`: the results a socket of
 /// `client_code` would receive, as Server-Sent Events (see `sse.rs`).
 async fn event_stream(
+    method: axum::http::Method,
     State(app): State<AppState>,
     Path(client_code): Path<String>,
     Query(query): Query<TokenQuery>,
     started: Option<axum::Extension<StreamStarted>>,
     headers: HeaderMap,
 ) -> Response {
+    // HEAD would set up a whole stream to send nothing.
+    if method != axum::http::Method::GET {
+        return StatusCode::METHOD_NOT_ALLOWED.into_response();
+    }
     if !names::is_client_code(&client_code) {
         return (
             StatusCode::BAD_REQUEST,
@@ -304,12 +309,8 @@ async fn event_stream(
         },
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
-    // From here the connection is a stream, bounded like a socket (by its
-    // outbox and write timeout), not by the deadline of plain requests.
-    if let Some(axum::Extension(started)) = started {
-        started.0.notify_one();
-    }
-    let stream = sse::open(
+    let ended = started.as_ref().map(|s| s.ended.clone());
+    let stream = match sse::open(
         &app.hub,
         admission,
         &symbols,
@@ -317,8 +318,17 @@ async fn event_stream(
         session::Limits::from_settings(websocket),
         app.shutdown.clone(),
         permit,
+        ended,
         &app.sessions,
-    );
+    ) {
+        Ok(stream) => stream,
+        Err(message) => return (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response(),
+    };
+    // From here the connection is a stream, bounded like a socket (by its
+    // outbox and write timeout), not by the deadline of plain requests.
+    if let Some(axum::Extension(started)) = started {
+        started.started.notify_one();
+    }
     (
         [
             (header::CONTENT_TYPE, "text/event-stream"),
@@ -335,9 +345,28 @@ async fn event_stream(
 }
 
 /// Told by the event-stream handler that its connection now carries a
-/// stream; one per connection, added to each of its requests.
+/// stream (`started`), and by the stream when it ends (`ended`); one per
+/// connection, added to each of its requests.
 #[derive(Clone, Default)]
-struct StreamStarted(Arc<tokio::sync::Notify>);
+struct StreamStarted {
+    started: Arc<tokio::sync::Notify>,
+    ended: CancellationToken,
+}
+
+/// How long a connection whose event stream has ended may take to send
+/// what is left before it is closed regardless (hyper has no write timeout).
+const STREAM_END_GRACE: Duration = Duration::from_secs(3);
+
+/// Where a connection is in its life, for what bounds it.
+enum Phase {
+    /// Plain requests: it holds a pending-connection slot (released by
+    /// dropping it), and its deadline runs.
+    Requests(#[allow(dead_code)] OwnedSemaphorePermit),
+    /// An event stream: bounded by the stream's own limits.
+    Stream,
+    /// The stream ended: a short deadline to send the rest.
+    Ending,
+}
 
 /// The live dashboard: a page, its script and its styles (no CDN, no build
 /// step), compiled into the binary.
@@ -480,7 +509,7 @@ pub async fn serve_http(
             // Held until the connection closes, becomes a WebSocket (the
             // connection future ends when it hands its socket over) or an
             // event stream (which holds a connection permit instead).
-            let mut permit = Some(permit);
+            let mut phase = Phase::Requests(permit);
             let mut connection = std::pin::pin!(connection);
             let mut draining = false;
             let deadline = tokio::time::sleep(lifetime);
@@ -492,10 +521,16 @@ pub async fn serve_http(
                         draining = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    () = started.0.notified(), if permit.is_some() => {
-                        permit = None;
+                    () = started.started.notified(), if matches!(phase, Phase::Requests(_)) => {
+                        phase = Phase::Stream;
                     }
-                    () = &mut deadline, if permit.is_some() => {
+                    () = started.ended.cancelled(), if matches!(phase, Phase::Stream) => {
+                        // The stream ended: what is left gets a moment to go.
+                        let grace = tokio::time::Instant::now() + STREAM_END_GRACE;
+                        deadline.as_mut().reset(grace);
+                        phase = Phase::Ending;
+                    }
+                    () = &mut deadline, if !matches!(phase, Phase::Stream) => {
                         tracing::debug!(%peer, ?lifetime, "http connection outlived its deadline; closed");
                         return;
                     }

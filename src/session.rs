@@ -246,10 +246,22 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
     if std::mem::take(held) && !resuming {
         membership.go_live();
     }
-    let op = match parsed {
+    let mut op = match parsed {
         Ok(op) => op,
         Err(message) => return error(&message),
     };
+    // Each name counts once, and a list may name at most what a socket may
+    // hold: the work a request does under the hub's lock stays bounded.
+    if let ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } = &mut op {
+        symbols.sort_unstable();
+        symbols.dedup();
+        if symbols.len() > membership.max_symbols() {
+            return error(&format!(
+                "too many symbols in one request: at most {}",
+                membership.max_symbols()
+            ));
+        }
+    }
     let symbols = match &op {
         ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } => symbols,
         ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),

@@ -146,7 +146,8 @@ fn notice(out: &mut String, kind: &str, frame: &Utf8Bytes) {
 /// Joins `admission` to the hub subscribed to `symbols` and starts the
 /// stream: first (after `Last-Event-ID`) the missed results of the key it
 /// names, then the latest result of every other subscribed symbol, then
-/// live events. Returns the response body.
+/// live events. Returns the response body, or why the stream cannot be.
+/// `ended` is cancelled when the stream ends.
 #[allow(clippy::too_many_arguments)]
 pub fn open(
     hub: &Hub,
@@ -156,16 +157,17 @@ pub fn open(
     limits: Limits,
     shutdown: CancellationToken,
     permit: OwnedSemaphorePermit,
+    ended: Option<CancellationToken>,
     tasks: &TaskTracker,
-) -> impl Stream<Item = Result<Bytes, Infallible>> + use<> {
+) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + use<>, String> {
     let (membership, outbox) = hub.join(admission, &[], true);
     let named = last_event_id.and_then(last_seen_of);
     let mut last_seen = named.clone().unwrap_or_default();
     last_seen.symbols = Some(symbols.to_vec());
-    // The symbols were checked against the grant and max_symbols already.
+    // A JWT's entitled symbols may exceed websocket.max_symbols.
     let resumed = membership
         .resume_with_latest(&last_seen)
-        .unwrap_or_default();
+        .map_err(|err| err.to_string())?;
     let mut first = format!("retry: {RETRY_MS}\n\n");
     if named.is_some() {
         let reply = ServerFrame::Resumed {
@@ -180,12 +182,18 @@ pub fn open(
         notice(&mut first, "resumed", &reply.encode());
     }
     let (events, body) = mpsc::channel::<Bytes>(1);
-    tasks.spawn(run(
-        events, membership, outbox, first, resumed, limits, shutdown, permit,
-    ));
-    futures_util::stream::unfold(body, |mut body| async move {
+    // The connection learns the stream ended when the task does.
+    let ended = ended.map(CancellationToken::drop_guard);
+    tasks.spawn(async move {
+        let _ended = ended;
+        run(
+            events, membership, outbox, first, resumed, limits, shutdown, permit,
+        )
+        .await;
+    });
+    Ok(futures_util::stream::unfold(body, |mut body| async move {
         body.recv().await.map(|chunk| (Ok(chunk), body))
-    })
+    }))
 }
 
 /// Feeds the stream until the client goes, the hub evicts it, a write waits

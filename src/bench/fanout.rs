@@ -1,6 +1,8 @@
 //! Fan-out: many sockets in many groups, all subscribed to every symbol;
 //! frames/s delivered. Quotes go out in rounds sized so every socket's queue
-//! holds a round; each round waits until every frame has arrived.
+//! holds a round; each round waits until every frame has arrived at every
+//! reading socket. With `stalled` sockets (which never read), what the
+//! others get shows what a slow minority costs them.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ const ROUND_FRAMES: u64 = 200_000;
 pub async fn run(
     environment: &Environment,
     sockets: usize,
+    stalled_percent: usize,
     options: &Options,
 ) -> Result<Row, Error> {
     // A socket is one descriptor here, and one more if the bridge shares the process.
@@ -26,7 +29,13 @@ pub async fn run(
     let sockets =
         sockets.min(usize::try_from(limit.saturating_sub(1_024) / ends).unwrap_or(usize::MAX));
     let groups = options.groups.max(1);
-    let rig = rig(environment, "fanout", sockets, groups).await?;
+    // At least one when any share is asked for, and never all of them.
+    let stalled = match stalled_percent.min(100) {
+        0 => 0,
+        share => (sockets * share / 100).clamp(1, sockets.saturating_sub(1)),
+    };
+    let reading = sockets - stalled;
+    let rig = rig(environment, "fanout", sockets, groups, stalled).await?;
     let frames = rig.frames.clone();
 
     let mut conn = publisher(&environment.url).await?;
@@ -43,13 +52,19 @@ pub async fn run(
         let ts = now_ns();
         for i in 0..per_round {
             let n = (round * per_round + i) as usize;
-            let (channel, payload) = feed(environment.role, &rig, n, options.symbols, ts);
+            let (channel, payload) = feed(
+                environment.role,
+                (&rig.input, &rig.output),
+                n,
+                options.symbols,
+                ts,
+            );
             pipe.publish(channel, payload.as_ref()).ignore();
         }
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(BrokerError::from)?;
-        let target = (round + 1) * per_round * sockets as u64;
+        let target = (round + 1) * per_round * reading as u64;
         if !wait_for(&frames, target, Duration::from_secs(60)).await {
             complete = false;
             break;
@@ -57,25 +72,49 @@ pub async fn run(
     }
     let elapsed = start.elapsed();
     let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
+    let bridge_stats = if stalled_percent > 0 {
+        let body = crate::probe::body_of(rig.bridge.address, "/stats").await;
+        body.ok()
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+    } else {
+        None
+    };
     rig.stop.cancel();
     let latency = collect(rig.readers).await;
+    drop(rig.stalled);
     rig.bridge.stop().await;
 
     let delivered = frames.load(Relaxed);
-    let mut row = Row::new(
-        Scenario::Fanout,
-        format!("{sockets} sockets / {groups} groups, {}", environment.role),
-    )
-    .with(
-        "frames_per_s",
-        (delivered as f64 / elapsed.as_secs_f64()).round(),
-    )
-    .with("frames", delivered as f64)
-    .with("p50_us", latency.quantile_us(0.5))
-    .with("p99_us", latency.quantile_us(0.99))
-    .with("max_us", latency.max_us());
+    let (scenario, parameters) = if stalled_percent > 0 {
+        (
+            Scenario::SlowFanout,
+            format!(
+                "{sockets} sockets ({stalled} never read) / {groups} groups, {}",
+                environment.role
+            ),
+        )
+    } else {
+        (
+            Scenario::Fanout,
+            format!("{sockets} sockets / {groups} groups, {}", environment.role),
+        )
+    };
+    let mut row = Row::new(scenario, parameters)
+        .with(
+            "frames_per_s",
+            (delivered as f64 / elapsed.as_secs_f64()).round(),
+        )
+        .with("frames", delivered as f64)
+        .with("p50_us", latency.quantile_us(0.5))
+        .with("p99_us", latency.quantile_us(0.99))
+        .with("max_us", latency.max_us());
     if let Some(per_frame) = cpu_per_frame {
         row = row.with("bridge_cpu_ns_per_frame", per_frame);
+    }
+    if let Some(stats) = bridge_stats {
+        for counter in ["frames_conflated", "slow_consumer_closes", "write_timeouts"] {
+            row = row.with(counter, stats[counter].as_f64().unwrap_or(0.0));
+        }
     }
     if !complete {
         row.note = Some("incomplete: a round did not arrive within 60 s".into());

@@ -14,13 +14,13 @@ use crate::broker::BrokerError;
 
 pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Result<Row, Error> {
     let sockets = options.latency_sockets;
-    let rig = rig(environment, "latency", sockets, 10).await?;
+    let rig = rig(environment, "latency", sockets, 10, 0).await?;
     let (frames, stop) = (rig.frames.clone(), rig.stop.clone());
     let outputs = Arc::new(AtomicU64::new(0));
     let subscriber = spawn_subscriber(&environment.url, &rig.output, &outputs, &stop, true).await?;
     // The baseline: the same messages straight from Redis, no bridge in between.
     let role = environment.role;
-    let fed = feed(role, &rig, 0, 1, 0).0.to_owned();
+    let fed = feed(role, (&rig.input, &rig.output), 0, 1, 0).0.to_owned();
     let inputs = Arc::new(AtomicU64::new(0));
     let baseline = spawn_subscriber(&environment.url, &fed, &inputs, &stop, true).await?;
 
@@ -37,7 +37,13 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
         let mut pipe = redis::pipe();
         let ts = now_ns();
         for i in sent..due.max(sent + 1) {
-            let (channel, payload) = feed(role, &rig, i as usize, options.symbols, ts);
+            let (channel, payload) = feed(
+                role,
+                (&rig.input, &rig.output),
+                i as usize,
+                options.symbols,
+                ts,
+            );
             pipe.publish(channel, payload.as_ref()).ignore();
         }
         pipe.query_async::<()>(&mut conn)

@@ -16,6 +16,7 @@ mod fanout;
 mod ingest;
 mod latency;
 mod micro;
+mod resume;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -40,6 +41,10 @@ pub enum Scenario {
     Fanout,
     /// Memory per idle socket.
     Connections,
+    /// Fan-out with a share of the sockets never reading: what the others get.
+    SlowFanout,
+    /// Time to send missed results to many sockets resuming at once.
+    Resume,
     /// Parse + SMA + serialize per quote, no I/O.
     Micro,
 }
@@ -67,6 +72,14 @@ pub struct Options {
     pub groups: usize,
     /// Fan-out: frames to deliver per socket count.
     pub fanout_frames: u64,
+    /// Slow fan-out: the share of sockets (percent) that never read.
+    pub slow_percent: usize,
+    /// Resume: sockets coming back at once.
+    pub resume_sockets: usize,
+    /// Resume: results each socket missed.
+    pub resume_missed: usize,
+    /// Resume: keys those results are spread over.
+    pub resume_symbols: usize,
     /// Connections: idle sockets to open.
     pub idle_sockets: usize,
     /// Micro: quotes to run through the pipeline.
@@ -87,6 +100,8 @@ impl Default for Options {
                 Scenario::Ingest,
                 Scenario::Latency,
                 Scenario::Fanout,
+                Scenario::SlowFanout,
+                Scenario::Resume,
                 Scenario::Connections,
             ],
             redis_url: None,
@@ -98,6 +113,10 @@ impl Default for Options {
             fanout_sockets: vec![100, 1_000, 10_000],
             groups: 10,
             fanout_frames: 5_000_000,
+            slow_percent: 10,
+            resume_sockets: 1_000,
+            resume_missed: 1_000,
+            resume_symbols: 10,
             idle_sockets: 50_000,
             micro_quotes: 2_000_000,
             bridge_binary: None,
@@ -217,7 +236,11 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
         let applies = match scenario {
             Scenario::Micro => true,
             Scenario::Ingest => role.computes(),
-            Scenario::Latency | Scenario::Fanout | Scenario::Connections => role.serves_sockets(),
+            Scenario::Latency
+            | Scenario::Fanout
+            | Scenario::SlowFanout
+            | Scenario::Resume
+            | Scenario::Connections => role.serves_sockets(),
         };
         if !applies {
             rows.push(Row::not_applicable(scenario, role));
@@ -235,9 +258,16 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             }
             Scenario::Fanout => {
                 for &sockets in &options.fanout_sockets {
-                    rows.push(fanout::run(&environment, sockets, options).await?);
+                    rows.push(fanout::run(&environment, sockets, 0, options).await?);
                 }
             }
+            Scenario::SlowFanout => {
+                for &sockets in &options.fanout_sockets {
+                    let slow = options.slow_percent;
+                    rows.push(fanout::run(&environment, sockets, slow, options).await?);
+                }
+            }
+            Scenario::Resume => rows.push(resume::run(&environment, options).await?),
             Scenario::Connections => rows.push(connections::run(&environment, options).await?),
         }
     }
@@ -272,15 +302,15 @@ pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
 /// What the benchmark publishes to drive a bridge of `role`, and where: a
 /// quote on the input channel, or, for a gateway, the SMA message a compute
 /// node would have published on the output channel.
-pub(crate) fn feed(
+pub(crate) fn feed<'a>(
     role: Role,
-    rig: &clients::Rig,
+    (input, output): (&'a str, &'a str),
     i: usize,
     symbols: usize,
     ts: u64,
-) -> (&str, bytes::Bytes) {
+) -> (&'a str, bytes::Bytes) {
     if role != Role::Gateway {
-        return (&rig.input, quote(i, symbols, ts));
+        return (input, quote(i, symbols, ts));
     }
     let price = 100.0 + (i % 997) as f64 / 8.0;
     let symbol = format!("S{}", i % symbols.max(1));
@@ -296,7 +326,7 @@ pub(crate) fn feed(
         client: None,
     }
     .encode();
-    (&rig.output, frame.into())
+    (output, frame.into())
 }
 
 /// A quote for symbol number `i % symbols`, stamped with `ts`.

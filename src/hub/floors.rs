@@ -6,7 +6,7 @@
 //! restarts in another epoch), or with its socket. Floors are kept by key,
 //! so a result looks only at its own key's floors.
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use super::SocketId;
 use crate::protocol::Position;

@@ -8,7 +8,11 @@
 //! key give up its two oldest, so the keys that fill the history are the
 //! ones that shrink, and each keeps at least its latest result.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+// hashbrown's default hasher (foldhash, seeded at random): several lookups
+// per result happen under the hub's lock.
+use hashbrown::HashMap;
 
 use axum::extract::ws::Utf8Bytes;
 

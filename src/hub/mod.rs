@@ -554,19 +554,22 @@ impl Hub {
                     .values()
                     .any(|symbols| symbols.contains_key(symbol))
             };
-            let latest: Vec<&Utf8Bytes> = if everything {
-                state
-                    .snapshots
-                    .iter()
-                    .filter(|(symbol, _)| !named(symbol))
-                    .map(|(_, frame)| frame)
-                    .collect()
+            // Taken lazily: the bounds, not the number of symbols, bound the work.
+            let latest: Box<dyn Iterator<Item = &Utf8Bytes>> = if everything {
+                Box::new(
+                    state
+                        .snapshots
+                        .iter()
+                        .filter(|(symbol, _)| !named(symbol))
+                        .map(|(_, frame)| frame),
+                )
             } else {
-                subscriptions
-                    .iter()
-                    .filter(|symbol| !named(symbol))
-                    .filter_map(|symbol| state.snapshots.get(symbol))
-                    .collect()
+                Box::new(
+                    subscriptions
+                        .iter()
+                        .filter(|symbol| !named(symbol))
+                        .filter_map(|symbol| state.snapshots.get(symbol)),
+                )
             };
             for frame in latest {
                 if frames_left == 0 || frame.len() > bytes_left {
@@ -668,7 +671,7 @@ impl Hub {
             state.subscriptions.remove(id, symbol);
         }
         if let Some(socket) = state.connections.get(id) {
-            socket.outbox.set_rate(symbols, None);
+            socket.outbox.unsubscribe(symbols);
         }
         Subscribed {
             symbols: state.subscriptions_of(id),
@@ -807,6 +810,12 @@ impl Membership {
     /// when it was not held.
     pub fn go_live(&self) -> bool {
         self.hub.go_live(self.id)
+    }
+
+    /// The most symbols a socket may subscribe to (`websocket.max_symbols`).
+    #[must_use]
+    pub fn max_symbols(&self) -> usize {
+        self.hub.inner.limits.max_symbols
     }
 
     /// Whether the socket is held, waiting for its resume request.

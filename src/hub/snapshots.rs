@@ -1,7 +1,7 @@
 //! The latest public result of each symbol: what a new subscriber gets
 //! first. Bounded in symbols (`sma.max_keys`).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 
 use axum::extract::ws::Utf8Bytes;
 

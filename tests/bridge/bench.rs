@@ -15,6 +15,9 @@ fn tiny() -> Options {
         fanout_sockets: vec![5],
         groups: 2,
         fanout_frames: 2_000,
+        resume_sockets: 4,
+        resume_missed: 40,
+        resume_symbols: 4,
         idle_sockets: 20,
         micro_quotes: 1_000,
         bridge_binary: Some(env!("CARGO_BIN_EXE_quotebridge").into()),
@@ -33,6 +36,8 @@ async fn every_scenario_runs_and_reports() {
         (Scenario::Ingest, "ceiling_msgs_per_s"),
         (Scenario::Latency, "socket_p99_us"),
         (Scenario::Fanout, "frames_per_s"),
+        (Scenario::SlowFanout, "frames_per_s"),
+        (Scenario::Resume, "replayed_frames_per_s"),
         (Scenario::Connections, "rss_after_kib"),
     ] {
         let row = report
@@ -62,7 +67,7 @@ async fn every_scenario_runs_and_reports() {
         "every frame reached every socket"
     );
     let json = serde_json::to_value(&report).expect("report serializes");
-    assert!(json["rows"].as_array().is_some_and(|rows| rows.len() == 5));
+    assert!(json["rows"].as_array().is_some_and(|rows| rows.len() == 7));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

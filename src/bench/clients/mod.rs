@@ -9,5 +9,6 @@ mod rig;
 
 pub use self::connect::connect_sockets;
 pub use self::histogram::collect;
+pub use self::reader::spawn_readers;
 pub use self::redis_load::{publisher, spawn_subscriber};
-pub use self::rig::{Rig, rig, wait_for};
+pub use self::rig::{rig, wait_for};

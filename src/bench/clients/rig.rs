@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::connect_sockets;
+use super::connect::{Socket, connect_sockets};
 use super::histogram::Latency;
 use super::reader::spawn_readers;
 use crate::Error;
@@ -15,15 +15,20 @@ use crate::bench::environment::{Bridge, Environment};
 
 /// A bridge reading `bench.{name}.in` and writing `bench.{name}.out`, one SMA
 /// per quote, with `sockets` readers in `groups` client groups subscribed to
-/// every symbol. Queues are sized so a benchmark never trips the slow-consumer
-/// limit.
+/// every symbol, the first `stalled` of which never read. Without stalled
+/// sockets, queues are sized so a benchmark never trips the slow-consumer
+/// bounds; with them, the bounds are the defaults, so the stalled sockets
+/// meet them as real ones would.
 pub struct Rig {
     pub bridge: Bridge,
     pub input: String,
     pub output: String,
+    /// Frames the reading sockets received.
     pub frames: Arc<AtomicU64>,
     pub stop: CancellationToken,
     pub readers: Vec<JoinHandle<Latency>>,
+    /// Sockets open but never read.
+    pub stalled: Vec<Socket>,
 }
 
 pub async fn rig(
@@ -31,33 +36,36 @@ pub async fn rig(
     name: &str,
     sockets: usize,
     groups: usize,
+    stalled: usize,
 ) -> Result<Rig, Error> {
     let (input, output) = (format!("bench.{name}.in"), format!("bench.{name}.out"));
-    let bridge = environment
-        .start_bridge(&[
-            ("REDIS__INPUT", input.clone()),
-            ("REDIS__OUTPUT", output.clone()),
-            ("SMA__EMIT_PARTIAL", "true".into()),
-            ("WEBSOCKET__SEND_QUEUE", "65536".into()),
-            ("WEBSOCKET__SEND_QUEUE_BYTES", (64 << 20).to_string()),
-            (
-                "SERVER__MAX_CONNECTIONS_PER_CLIENT",
-                (sockets + 1).to_string(),
-            ),
-            ("SERVER__MAX_CONNECTIONS", (sockets + 1).to_string()),
-        ])
-        .await?;
+    let mut overrides = vec![
+        ("REDIS__INPUT", input.clone()),
+        ("REDIS__OUTPUT", output.clone()),
+        ("SMA__EMIT_PARTIAL", "true".into()),
+        (
+            "SERVER__MAX_CONNECTIONS_PER_CLIENT",
+            (sockets + 1).to_string(),
+        ),
+        ("SERVER__MAX_CONNECTIONS", (sockets + 1).to_string()),
+    ];
+    if stalled == 0 {
+        overrides.push(("WEBSOCKET__SEND_QUEUE", "65536".into()));
+        overrides.push(("WEBSOCKET__SEND_QUEUE_BYTES", (64 << 20).to_string()));
+    }
+    let bridge = environment.start_bridge(&overrides).await?;
     let groups = groups.max(1);
-    let open = connect_sockets(
+    let mut open = connect_sockets(
         bridge.address,
         sockets,
         |i| format!("{name}{}", i % groups),
         &[],
     )
     .await?;
+    let reading = open.split_off(stalled.min(open.len()));
     let frames = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let readers = spawn_readers(open, &frames, &stop);
+    let readers = spawn_readers(reading, &frames, &stop);
     Ok(Rig {
         bridge,
         input,
@@ -65,6 +73,7 @@ pub async fn rig(
         frames,
         stop,
         readers,
+        stalled: open,
     })
 }
 
