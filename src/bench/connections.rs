@@ -41,6 +41,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
         sockets,
         |i| format!("idle{}", i % 1000),
         &sources,
+        None,
     )
     .await?;
     // Let the sessions settle into their idle state before measuring.

@@ -80,6 +80,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
         sockets,
         |i| format!("resume{}?resume=1", i % 10),
         &[],
+        None,
     )
     .await?;
     let frames = Arc::new(AtomicU64::new(0));

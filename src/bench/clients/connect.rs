@@ -16,12 +16,16 @@ pub type Socket = WebSocketStream<TcpStream>;
 
 /// Opens `count` sockets to `address`, client code `code(i)`, 256 handshakes
 /// at a time, spreading sources over `sources` local addresses (to have more
-/// than one address's worth of ephemeral ports). Each socket's welcome is read.
+/// than one address's worth of ephemeral ports), with a receive buffer of
+/// `recv_buffer` bytes if given (a small one makes a socket that stops
+/// reading back up at the bridge, not in the kernel). Each socket's welcome
+/// is read.
 pub async fn connect_sockets(
     address: SocketAddr,
     count: usize,
     code: impl Fn(usize) -> String,
     sources: &[IpAddr],
+    recv_buffer: Option<u32>,
 ) -> Result<Vec<Socket>, Error> {
     let config = WebSocketConfig::default()
         .read_buffer_size(4096)
@@ -31,6 +35,18 @@ pub async fn connect_sockets(
         let source = sources.get(i % sources.len().max(1)).copied();
         async move {
             let tcp = match source {
+                None if recv_buffer.is_some() => {
+                    let socket = TcpSocket::new_v4().map_err(|e| Error::io("socket", e))?;
+                    if let Some(bytes) = recv_buffer {
+                        socket
+                            .set_recv_buffer_size(bytes)
+                            .map_err(|e| Error::io("SO_RCVBUF", e))?;
+                    }
+                    socket
+                        .connect(address)
+                        .await
+                        .map_err(|e| Error::io("connect", e))?
+                }
                 Some(ip) => {
                     let socket = TcpSocket::new_v4().map_err(|e| Error::io("socket", e))?;
                     // Ports still in TIME_WAIT from an earlier run may be

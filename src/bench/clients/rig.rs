@@ -55,14 +55,11 @@ pub async fn rig(
     }
     let bridge = environment.start_bridge(&overrides).await?;
     let groups = groups.max(1);
-    let mut open = connect_sockets(
-        bridge.address,
-        sockets,
-        |i| format!("{name}{}", i % groups),
-        &[],
-    )
-    .await?;
-    let reading = open.split_off(stalled.min(open.len()));
+    let code = |i| format!("{name}{}", i % groups);
+    // Stalled sockets with small windows: they back up at the bridge.
+    let stalled = stalled.min(sockets);
+    let open = connect_sockets(bridge.address, stalled, code, &[], Some(4096)).await?;
+    let reading = connect_sockets(bridge.address, sockets - stalled, code, &[], None).await?;
     let frames = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let readers = spawn_readers(reading, &frames, &stop);
