@@ -310,17 +310,15 @@ async fn event_stream(
     };
     let last_event_id = headers.get("last-event-id").and_then(|v| v.to_str().ok());
     let ended = started.as_ref().map(|s| s.ended.clone());
-    let stream = match sse::open(
-        &app.hub,
-        admission,
-        &symbols,
-        last_event_id,
-        session::Limits::from_settings(websocket),
-        app.shutdown.clone(),
+    let request = sse::Request {
+        symbols,
+        last_event_id: last_event_id.map(str::to_owned),
+        limits: session::Limits::from_settings(websocket),
+        shutdown: app.shutdown.clone(),
         permit,
         ended,
-        &app.sessions,
-    ) {
+    };
+    let stream = match sse::open(&app.hub, admission, request, &app.sessions) {
         Ok(stream) => stream,
         Err(message) => return (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response(),
     };
@@ -361,7 +359,7 @@ const STREAM_END_GRACE: Duration = Duration::from_secs(3);
 enum Phase {
     /// Plain requests: it holds a pending-connection slot (released by
     /// dropping it), and its deadline runs.
-    Requests(#[allow(dead_code)] OwnedSemaphorePermit),
+    Requests { _slot: OwnedSemaphorePermit },
     /// An event stream: bounded by the stream's own limits.
     Stream,
     /// The stream ended: a short deadline to send the rest.
@@ -509,7 +507,7 @@ pub async fn serve_http(
             // Held until the connection closes, becomes a WebSocket (the
             // connection future ends when it hands its socket over) or an
             // event stream (which holds a connection permit instead).
-            let mut phase = Phase::Requests(permit);
+            let mut phase = Phase::Requests { _slot: permit };
             let mut connection = std::pin::pin!(connection);
             let mut draining = false;
             let deadline = tokio::time::sleep(lifetime);
@@ -521,7 +519,7 @@ pub async fn serve_http(
                         draining = true;
                         connection.as_mut().graceful_shutdown();
                     }
-                    () = started.started.notified(), if matches!(phase, Phase::Requests(_)) => {
+                    () = started.started.notified(), if matches!(phase, Phase::Requests { .. }) => {
                         phase = Phase::Stream;
                     }
                     () = started.ended.cancelled(), if matches!(phase, Phase::Stream) => {

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Grant;
-use crate::hub::{Admission, Hub, Membership, Resumed};
+use crate::hub::{Admission, Hub, Membership};
 use crate::names;
 use crate::outbox::Outbox;
 use crate::protocol::{LastSeen, ResultRoute, ServerFrame, Unrecovered};
@@ -41,6 +41,22 @@ const MAX_BATCH: usize = 256;
 /// How long a client's browser waits before reconnecting (the `retry:`
 /// field): soon, since it resumes where it left off.
 const RETRY_MS: u64 = 1000;
+
+/// What opening a stream takes besides the hub and the client's admission.
+pub struct Request {
+    /// Its subscriptions, checked already (names, entitlement).
+    pub symbols: Vec<String>,
+    /// The `Last-Event-ID` header, if any.
+    pub last_event_id: Option<String>,
+    /// Keepalive period and write timeout.
+    pub limits: Limits,
+    /// Cancelled when the bridge stops.
+    pub shutdown: CancellationToken,
+    /// Its place in `server.max_connections`, held while it runs.
+    pub permit: OwnedSemaphorePermit,
+    /// Cancelled when the stream ends (the connection then closes).
+    pub ended: Option<CancellationToken>,
+}
 
 /// The subscriptions of `?symbols=A,B,*`, checked like a subscribe.
 pub fn requested_symbols(list: &str, grant: &Grant, max: usize) -> Result<Vec<String>, String> {
@@ -148,22 +164,16 @@ fn notice(out: &mut String, kind: &str, frame: &Utf8Bytes) {
 /// names, then the latest result of every other subscribed symbol, then
 /// live events. Returns the response body, or why the stream cannot be.
 /// `ended` is cancelled when the stream ends.
-#[allow(clippy::too_many_arguments)]
 pub fn open(
     hub: &Hub,
     admission: Admission,
-    symbols: &[String],
-    last_event_id: Option<&str>,
-    limits: Limits,
-    shutdown: CancellationToken,
-    permit: OwnedSemaphorePermit,
-    ended: Option<CancellationToken>,
+    mut request: Request,
     tasks: &TaskTracker,
 ) -> Result<impl Stream<Item = Result<Bytes, Infallible>> + use<>, String> {
     let (membership, outbox) = hub.join(admission, &[], true);
-    let named = last_event_id.and_then(last_seen_of);
+    let named = request.last_event_id.as_deref().and_then(last_seen_of);
     let mut last_seen = named.clone().unwrap_or_default();
-    last_seen.symbols = Some(symbols.to_vec());
+    last_seen.symbols = Some(std::mem::take(&mut request.symbols));
     // A JWT's entitled symbols may exceed websocket.max_symbols.
     let resumed = membership
         .resume_with_latest(&last_seen)
@@ -182,36 +192,36 @@ pub fn open(
         notice(&mut first, "resumed", &reply.encode());
     }
     let (events, body) = mpsc::channel::<Bytes>(1);
+    for frame in &resumed.frames {
+        encode(&mut first, &Message::Text(frame.clone()));
+    }
     // The connection learns the stream ended when the task does.
-    let ended = ended.map(CancellationToken::drop_guard);
+    let ended = request.ended.take().map(CancellationToken::drop_guard);
     tasks.spawn(async move {
         let _ended = ended;
-        run(
-            events, membership, outbox, first, resumed, limits, shutdown, permit,
-        )
-        .await;
+        run(events, membership, outbox, first, request).await;
     });
     Ok(futures_util::stream::unfold(body, |mut body| async move {
         body.recv().await.map(|chunk| (Ok(chunk), body))
     }))
 }
 
-/// Feeds the stream until the client goes, the hub evicts it, a write waits
-/// past the write timeout, or shutdown.
-#[allow(clippy::too_many_arguments)]
+/// Feeds the stream, `first` first, until the client goes, the hub evicts
+/// it, a write waits past the write timeout, or shutdown. The request's
+/// connection permit is held until then.
 async fn run(
     events: mpsc::Sender<Bytes>,
     membership: Membership,
     mut outbox: Outbox,
-    mut first: String,
-    resumed: Resumed,
-    limits: Limits,
-    shutdown: CancellationToken,
-    _permit: OwnedSemaphorePermit,
+    first: String,
+    request: Request,
 ) {
-    for frame in &resumed.frames {
-        encode(&mut first, &Message::Text(frame.clone()));
-    }
+    let Request {
+        limits,
+        shutdown,
+        permit: _held_until_the_stream_ends,
+        ..
+    } = request;
     let send = async |chunk: String| {
         // A client that stops reading fills its TCP window; past the write
         // timeout it is dropped, as a socket would be.
