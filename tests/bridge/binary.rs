@@ -1,6 +1,11 @@
 //! The real binary: `serve` + `publish` end to end, SIGTERM, and exit codes.
 
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
 
 use serde_json::Value;
 
@@ -102,6 +107,63 @@ impl Serve {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .expect("VmRSS in /proc/PID/status")
     }
+}
+
+/// Sockets of `serve` (client codes `healthy0`, `healthy1`, ...) that read
+/// everything and count the SMA frames among it.
+pub async fn counting_sockets(serve: &Serve, count: usize) -> Vec<Arc<AtomicUsize>> {
+    let mut received = Vec::new();
+    for i in 0..count {
+        let url = format!("ws://{}/ws/healthy{i}", serve.address);
+        let (mut socket, _) = connect_ws(&url).await;
+        let frames = Arc::new(AtomicUsize::new(0));
+        let counter = frames.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(message)) = socket.next().await {
+                if let Message::Text(text) = message
+                    && text.starts_with("{\"symbol\"")
+                {
+                    counter.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        received.push(frames);
+    }
+    received
+}
+
+/// Publishes `quotes` quotes over `keys` symbols (`S0`...), one result
+/// each with a window of 1, in chunks of 2,000, letting every counter of
+/// `received` catch up after each, so those readers are never more than a
+/// chunk behind; returns the highest RSS of `serve` seen, in KiB.
+pub async fn publish_keeping_up(
+    serve: &Serve,
+    conn: &mut redis::aio::MultiplexedConnection,
+    quotes: usize,
+    keys: usize,
+    received: &[Arc<AtomicUsize>],
+) -> u64 {
+    let mut peak = serve.rss_kib();
+    for chunk in 0..quotes / 2000 {
+        let batch: Vec<(String, Vec<u8>)> = (0..2000)
+            .map(|i| {
+                let n = chunk * 2000 + i;
+                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % keys);
+                ("quotes".to_owned(), quote.into_bytes())
+            })
+            .collect();
+        publish_all(conn, &batch).await;
+        let want = (chunk + 1) * 2000;
+        eventually("healthy sockets to keep up", async || {
+            received
+                .iter()
+                .all(|c| c.load(Ordering::Relaxed) >= want)
+                .then_some(())
+        })
+        .await;
+        peak = peak.max(serve.rss_kib());
+    }
+    peak
 }
 
 impl Drop for Serve {

@@ -4,12 +4,9 @@
 //! often.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 
-use futures_util::StreamExt;
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 
 use crate::binary::Serve;
 use crate::support::*;
@@ -54,49 +51,13 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     .await;
     let mut stalled = small_window_socket(serve.address, "stalled").await;
     assert_eq!(next_json(&mut stalled).await["type"], "welcome");
-    let received: Vec<Arc<AtomicUsize>> = (0..HEALTHY)
-        .map(|_| Arc::new(AtomicUsize::new(0)))
-        .collect();
-    let mut readers = Vec::new();
-    for (i, count) in received.iter().enumerate() {
-        let url = format!("ws://{}/ws/healthy{i}", serve.address);
-        let (mut socket, _) = connect_ws(&url).await;
-        let count = count.clone();
-        readers.push(tokio::spawn(async move {
-            while let Some(Ok(message)) = socket.next().await {
-                if let Message::Text(text) = message
-                    && text.starts_with("{\"symbol\"")
-                {
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let received = crate::binary::counting_sockets(&serve, HEALTHY).await;
     let rss_before = serve.rss_kib();
-    let mut peak = rss_before;
     let mut conn = redis.connection().await;
     // Healthy readers are never more than a chunk (2,000 frames, well
     // within the default queue of 4,096) behind, however slow the machine;
     // the stalled one falls ~11 MB behind: more than the kernel buffers.
-    for chunk in 0..QUOTES / 2000 {
-        let quotes: Vec<(String, Vec<u8>)> = (0..2000)
-            .map(|i| {
-                let n = chunk * 2000 + i;
-                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % KEYS);
-                ("quotes".to_owned(), quote.into_bytes())
-            })
-            .collect();
-        publish_all(&mut conn, &quotes).await;
-        let want = (chunk + 1) * 2000;
-        eventually("healthy sockets to keep up", async || {
-            received
-                .iter()
-                .all(|c| c.load(Ordering::Relaxed) >= want)
-                .then_some(())
-        })
-        .await;
-        peak = peak.max(serve.rss_kib());
-    }
+    let peak = crate::binary::publish_keeping_up(&serve, &mut conn, QUOTES, KEYS, &received).await;
     for count in &received {
         assert_eq!(
             count.load(Ordering::Relaxed),

@@ -169,50 +169,13 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
             .expect("connect");
         stalled.push(socket); // never read again
     }
-    let received: Vec<Arc<AtomicUsize>> = (0..HEALTHY)
-        .map(|_| Arc::new(AtomicUsize::new(0)))
-        .collect();
-    let mut readers = Vec::new();
-    for (i, count) in received.iter().enumerate() {
-        let (mut socket, _) = tokio_tungstenite::connect_async(format!("{url}healthy{i}"))
-            .await
-            .expect("connect");
-        let count = count.clone();
-        readers.push(tokio::spawn(async move {
-            while let Some(Ok(message)) = socket.next().await {
-                if let Message::Text(text) = message
-                    && text.starts_with("{\"symbol\"")
-                {
-                    count.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
+    let received = crate::binary::counting_sockets(&serve, HEALTHY).await;
     let rss_before = serve.rss_kib();
 
     // Publish in chunks and let the healthy readers catch up after each, so
     // they never fall behind while the stalled sockets take everything.
     let mut conn = redis.connection().await;
-    let mut peak = rss_before;
-    for chunk in 0..QUOTES / 2000 {
-        let quotes: Vec<(String, Vec<u8>)> = (0..2000)
-            .map(|i| {
-                let n = chunk * 2000 + i;
-                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % 100);
-                ("quotes".to_owned(), quote.into_bytes())
-            })
-            .collect();
-        publish_all(&mut conn, &quotes).await;
-        let want = (chunk + 1) * 2000;
-        eventually("healthy sockets to keep up", async || {
-            received
-                .iter()
-                .all(|c| c.load(Ordering::Relaxed) >= want)
-                .then_some(())
-        })
-        .await;
-        peak = peak.max(serve.rss_kib());
-    }
+    let peak = crate::binary::publish_keeping_up(&serve, &mut conn, QUOTES, 100, &received).await;
     let stats = eventually("the stalled sockets to be closed", async || {
         let (_, body) = http_get(serve.address, "/stats").await;
         let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
