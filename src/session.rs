@@ -85,8 +85,9 @@ pub async fn run(
     // Joined held (`?resume=1`): nothing is delivered until the first
     // request, or until RESUME_WAIT has passed.
     let mut held = membership.is_held();
-    let hold_ends = tokio::time::sleep(RESUME_WAIT);
-    tokio::pin!(hold_ends);
+    // Boxed, and only for a held socket: a timer kept in every session's
+    // state would cost every idle socket its size.
+    let mut hold_ends = held.then(|| Box::pin(tokio::time::sleep(RESUME_WAIT)));
     let subscriptions = membership.subscriptions();
     let welcome = ServerFrame::Welcome {
         client,
@@ -117,7 +118,7 @@ pub async fn run(
                 close(&mut socket, close_code::AWAY, "going away").await;
                 return Ok(());
             }
-            () = &mut hold_ends, if held => {
+            () = async { if let Some(timer) = hold_ends.as_mut() { timer.await } }, if held => {
                 tracing::debug!("no resume request in time; live without one");
                 held = false;
                 membership.go_live();

@@ -480,3 +480,21 @@ async fn a_resume_sets_its_subscriptions_and_stays_within_the_queue_bounds() {
     );
     app.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_held_socket_that_never_resumes_goes_live_after_ten_seconds() {
+    let app = spawn_app_with(&[PARTIAL]).await;
+    let url = format!("{}?resume=1", app.ws_url("acme"));
+    let (mut socket, _) = connect_ws(&url).await;
+    let mut conn = app.redis.connection().await;
+    publish_all(&mut conn, &round(0, "quotes")).await;
+    // Held: nothing of that round comes; past the hold, the next one does.
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    publish_all(&mut conn, &round(1, "quotes")).await;
+    let frame = next_json(&mut socket).await;
+    assert_eq!(
+        frame["price"], 1.5,
+        "the first frame is live, not held: {frame}"
+    );
+    app.shutdown().await;
+}
