@@ -176,6 +176,7 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
         ("QUOTEBRIDGE__AUTH__MODE", "token"),
         ("QUOTEBRIDGE__AUTH__TOKENS", "acme=t0ken-of-acme"),
         ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "1"),
+        ("QUOTEBRIDGE__WEBSOCKET__MAX_SYMBOLS", "3"),
         ("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "100"),
     ])
     .await;
@@ -184,6 +185,7 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
         ("/sse/acme?token=wrong", "401"),
         ("/sse/bad.code?token=t0ken-of-acme", "400"),
         ("/sse/acme?token=t0ken-of-acme&symbols=A%20B", "400"),
+        ("/sse/acme?token=t0ken-of-acme&symbols=A,B,C,D", "400"),
     ] {
         let (head, _) = Events::open(app.address, path, None).await;
         assert!(
@@ -191,10 +193,27 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
             "{path}: {head}"
         );
     }
+    // HEAD would build a whole stream to send nothing: refused.
+    let mut raw = TcpStream::connect(app.address).await.expect("connect");
+    let head_request = format!(
+        "HEAD /sse/acme?token=t0ken-of-acme HTTP/1.0\r\nHost: {}\r\n\r\n",
+        app.address
+    );
+    raw.write_all(head_request.as_bytes()).await.expect("send");
+    let mut status = String::new();
+    within(
+        "the HEAD answer",
+        BufReader::new(raw).read_line(&mut status),
+    )
+    .await
+    .expect("read");
+    assert!(status.contains(" 405 "), "{status}");
+
+    // A Last-Event-ID that names nothing is ignored: the stream starts afresh.
     let (head, mut events) = Events::open(
         app.address,
         "/sse/acme?token=t0ken-of-acme&symbols=AAPL",
-        None,
+        Some("not:an:event:id%00"),
     )
     .await;
     assert!(head.contains(" 200 "), "{head}");
