@@ -267,21 +267,11 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
         ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } => symbols,
         ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),
     };
-    if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
-        let message = format!(
-            "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-]"
-        );
+    let entitlement = matches!(op, ClientOp::Subscribe { .. }).then_some(grant);
+    if let Err(message) = check_subscriptions(symbols, entitlement) {
         return error(&message);
     }
     let outcome = match op {
-        ClientOp::Subscribe { symbols, .. } if symbols.iter().any(|s| !grant.allows(s)) => {
-            let denied: Vec<&str> = symbols
-                .iter()
-                .filter(|s| !grant.allows(s))
-                .map(String::as_str)
-                .collect();
-            return error(&format!("not entitled to {}", denied.join(", ")));
-        }
         ClientOp::Subscribe { symbols, max_rate } => {
             let interval = match max_rate.map(rate_interval).transpose() {
                 Ok(interval) => interval,
@@ -389,17 +379,31 @@ fn invalid_resume(grant: &Grant, last_seen: &LastSeen) -> Option<String> {
         }
     }
     let symbols = last_seen.symbols.as_deref().unwrap_or_default();
+    check_subscriptions(symbols, Some(grant)).err()
+}
+
+/// Checks subscriptions as every request that names some does: each a
+/// symbol or `"*"`, and, when they are to be added under `grant`, every one
+/// entitled. (Socket, resume and event stream share it.)
+pub(crate) fn check_subscriptions(symbols: &[String], grant: Option<&Grant>) -> Result<(), String> {
     if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
-        return Some(format!(
+        return Err(format!(
             "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-]"
         ));
     }
+    let Some(grant) = grant else {
+        return Ok(());
+    };
     let denied: Vec<&str> = symbols
         .iter()
         .filter(|s| !grant.allows(s))
         .map(String::as_str)
         .collect();
-    (!denied.is_empty()).then(|| format!("not entitled to {}", denied.join(", ")))
+    if denied.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("not entitled to {}", denied.join(", ")))
+    }
 }
 
 /// Feeds every message, then flushes once, within `timeout`.

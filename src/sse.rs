@@ -33,7 +33,7 @@ use crate::hub::{Admission, Hub, Membership};
 use crate::names;
 use crate::outbox::Outbox;
 use crate::protocol::{LastSeen, ResultRoute, ServerFrame, Unrecovered};
-use crate::session::Limits;
+use crate::session::{Limits, check_subscriptions};
 
 /// Most queued frames encoded into one chunk of the response.
 const MAX_BATCH: usize = 256;
@@ -68,22 +68,11 @@ pub fn requested_symbols(list: &str, grant: &Grant, max: usize) -> Result<Vec<St
         .collect();
     symbols.sort();
     symbols.dedup();
-    if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
-        return Err(format!(
-            "invalid symbol {bad:?} in ?symbols=: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-], comma-separated"
-        ));
-    }
     if symbols.len() > max {
         return Err(format!("too many symbols: at most {max}"));
     }
-    let denied: Vec<&str> = symbols
-        .iter()
-        .filter(|s| !grant.allows(s))
-        .map(String::as_str)
-        .collect();
-    if !denied.is_empty() {
-        return Err(format!("not entitled to {}", denied.join(", ")));
-    }
+    check_subscriptions(&symbols, Some(grant))
+        .map_err(|message| format!("?symbols=: {message}"))?;
     Ok(symbols)
 }
 
