@@ -151,8 +151,8 @@ impl Pipeline {
     /// Runs one payload through parse → window → encode.
     pub fn process<'a>(&mut self, payload: &'a [u8]) -> Outcome<'a> {
         self.stats.quotes_received.fetch_add(1, Relaxed);
-        let quote = match quote::parse(payload) {
-            Ok(quote) => quote,
+        let (quote, spelled) = match quote::parse_spelled(payload) {
+            Ok(parsed) => parsed,
             Err(reason) => return self.reject(&reason, payload),
         };
         if !self.shard.owns(&quote.symbol) {
@@ -186,7 +186,7 @@ impl Pipeline {
             client,
         }
         // The parser admitted only valid names.
-        .encode_framed(&key.framing, &self.window_framing);
+        .encode_framed(&key.framing, &self.window_framing, spelled);
         let epoch_at = key.framing.epoch_in(frame.len());
         let sma = Sma {
             channel: key.channel.clone(),

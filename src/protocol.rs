@@ -9,6 +9,7 @@ use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
+use crate::quote::Spelling;
 
 /// One SMA result, as published to Redis and sent to sockets.
 #[derive(Debug, Clone, Serialize)]
@@ -54,19 +55,31 @@ impl SmaMessage<'_> {
             return serde_json::to_string(self).unwrap_or_default().into();
         }
         let key = KeyFraming::new(self.symbol, self.epoch, self.client);
-        self.encode_framed(&key, &WindowFraming::new(self.window))
+        self.encode_framed(&key, &WindowFraming::new(self.window), Spelling::default())
     }
 
     /// [`SmaMessage::encode`] with the parts that are the same for every
     /// result of a key and window written out beforehand, so most of the
     /// message is copied in three pieces. `key` must be this message's
-    /// (valid names, which JSON never escapes) and `window` its window.
-    pub(crate) fn encode_framed(&self, key: &KeyFraming, window: &WindowFraming) -> Utf8Bytes {
+    /// (valid names, which JSON never escapes) and `window` its window;
+    /// `spelled` may give the text of its price and ts, copied as they are.
+    pub(crate) fn encode_framed(
+        &self,
+        key: &KeyFraming,
+        window: &WindowFraming,
+        spelled: Spelling<'_>,
+    ) -> Utf8Bytes {
         debug_assert_eq!(*key, KeyFraming::new(self.symbol, self.epoch, self.client));
         debug_assert_eq!(window.window, self.window);
         let mut floats = [zmij::Buffer::new(), zmij::Buffer::new()];
         let [price_buf, sma_buf] = &mut floats;
-        let price = json_float(price_buf, self.price);
+        let price = match spelled.price {
+            Some(text) => {
+                debug_assert_eq!(text, json_float(&mut zmij::Buffer::new(), self.price));
+                text
+            }
+            None => json_float(price_buf, self.price),
+        };
         let sma = json_float(sma_buf, self.sma);
         let mut ints = [
             itoa::Buffer::new(),
@@ -74,7 +87,13 @@ impl SmaMessage<'_> {
             itoa::Buffer::new(),
         ];
         let [count_buf, ts_buf, seq_buf] = &mut ints;
-        let ts = ts_buf.format(self.ts);
+        let ts = match spelled.ts {
+            Some(text) => {
+                debug_assert_eq!(text, itoa::Buffer::new().format(self.ts));
+                text
+            }
+            None => ts_buf.format(self.ts),
+        };
         let seq = seq_buf.format(self.seq);
         const SMA: &str = ",\"sma\":";
         const SEQ: &str = ",\"seq\":";
@@ -405,12 +424,22 @@ mod tests {
                 epoch: "e1",
                 client,
             };
-            let framed = message.encode_framed(
-                &KeyFraming::new(message.symbol, message.epoch, client),
-                &WindowFraming::new(3),
-            );
             let general = serde_json::to_string(&message).expect("serializes");
-            assert_eq!(framed.as_str(), general, "count {count}, client {client:?}");
+            // Formatted, and with the numbers copied as a quote spelled them.
+            for spelled in [
+                Spelling::default(),
+                Spelling {
+                    price: Some("412.5"),
+                    ts: Some("1764115200123"),
+                },
+            ] {
+                let framed = message.encode_framed(
+                    &KeyFraming::new(message.symbol, message.epoch, client),
+                    &WindowFraming::new(3),
+                    spelled,
+                );
+                assert_eq!(framed.as_str(), general, "count {count}, client {client:?}");
+            }
         }
     }
 

@@ -111,8 +111,26 @@ impl Reject {
     }
 }
 
+/// How a quote's `price` and `ts` were written in its payload, where that is
+/// exactly how a result writes the parsed values (zmij's shortest round-trip
+/// form, itoa's digits). A result copies such text instead of formatting the
+/// number again: two of the costliest steps of encoding, saved for the usual
+/// quote. `None` means "format the value".
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Spelling<'a> {
+    /// The price, e.g. `187.42`.
+    pub price: Option<&'a str>,
+    /// The timestamp's digits.
+    pub ts: Option<&'a str>,
+}
+
 /// Parses and validates one quote payload.
 pub fn parse(payload: &[u8]) -> Result<Quote<'_>, Reject> {
+    parse_spelled(payload).map(|(quote, _)| quote)
+}
+
+/// [`parse`], and how the payload spelled the quote's numbers.
+pub fn parse_spelled(payload: &[u8]) -> Result<(Quote<'_>, Spelling<'_>), Reject> {
     if payload.len() > MAX_QUOTE_BYTES {
         return Err(Reject::TooLarge(payload.len()));
     }
@@ -121,10 +139,10 @@ pub fn parse(payload: &[u8]) -> Result<Quote<'_>, Reject> {
     // fields, escapes, nulls, any error — gets the full parser, which alone
     // decides what is rejected and why. The two agree on every input the
     // fast path accepts (tests and the fuzz target check it).
-    if let Some(quote) = fast::parse(payload) {
-        return Ok(quote);
+    if let Some(parsed) = fast::parse(payload) {
+        return Ok(parsed);
     }
-    parse_fully(payload)
+    parse_fully(payload).map(|quote| (quote, Spelling::default()))
 }
 
 /// The fast path alone: `Some` only for the common shape it takes. For
@@ -132,7 +150,7 @@ pub fn parse(payload: &[u8]) -> Result<Quote<'_>, Reject> {
 /// [`parse_fully`] wherever it accepts, and that it accepts real quotes.
 #[doc(hidden)]
 #[must_use]
-pub fn parse_fast(payload: &[u8]) -> Option<Quote<'_>> {
+pub fn parse_fast(payload: &[u8]) -> Option<(Quote<'_>, Spelling<'_>)> {
     fast::parse(payload)
 }
 
@@ -141,8 +159,7 @@ pub fn parse_fast(payload: &[u8]) -> Option<Quote<'_>> {
 pub fn parse_fully(payload: &[u8]) -> Result<Quote<'_>, Reject> {
     // serde_json checks UTF-8 only in strings it decodes; one it skips (an
     // unknown member's value) could carry any bytes. The whole payload is
-    // checked here instead. The fast path needs no such check: every byte it
-    // accepts is ASCII.
+    // checked here instead, as the fast path checks it.
     if let Err(err) = std::str::from_utf8(payload) {
         return Err(Reject::Malformed(format!(
             "invalid UTF-8 at byte {}",
@@ -292,18 +309,19 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
 mod fast {
     use std::borrow::Cow;
 
-    use super::Quote;
+    use super::{Quote, Spelling};
     use crate::names;
 
     /// The quote, if `payload` is a flat JSON object whose only members are
     /// `symbol` and `price` and optionally `ts` and `client`, with a plain
     /// string symbol and client, a JSON number price and a digits-only ts,
     /// all valid. `None` means "ask the full parser", never "invalid".
-    pub(super) fn parse(payload: &[u8]) -> Option<Quote<'_>> {
-        let mut scan = Scan {
-            bytes: payload,
-            at: 0,
-        };
+    pub(super) fn parse(payload: &[u8]) -> Option<(Quote<'_>, Spelling<'_>)> {
+        // One UTF-8 check of the whole payload, rather than one per string
+        // taken from it, lets every value be borrowed as text. (Any byte
+        // that is not ASCII sends the payload to the full parser anyway.)
+        let text = std::str::from_utf8(payload).ok()?;
+        let mut scan = Scan { text, at: 0 };
         let (mut symbol, mut price, mut ts, mut client) = (None, None, None, None);
         scan.skip_whitespace();
         scan.expect(b'{')?;
@@ -335,16 +353,22 @@ mod fast {
         if scan.at != payload.len() {
             return None;
         }
-        Some(Quote {
+        let (price, price_text) = price?;
+        let quote = Quote {
             symbol: Cow::Borrowed(symbol?),
-            price: price?,
-            ts,
+            price,
+            ts: ts.map(|(value, _)| value),
             client: client.map(Cow::Borrowed),
-        })
+        };
+        let spelling = Spelling {
+            price: price_text,
+            ts: ts.map(|(_, text)| text),
+        };
+        Some((quote, spelling))
     }
 
     struct Scan<'a> {
-        bytes: &'a [u8],
+        text: &'a str,
         at: usize,
     }
 
@@ -375,8 +399,18 @@ mod fast {
     ];
 
     impl<'a> Scan<'a> {
+        fn bytes(&self) -> &'a [u8] {
+            self.text.as_bytes()
+        }
+
+        /// The text from `start` to where the scan is. Every place the scan
+        /// stops at follows an ASCII byte, so this is never `None` in fact.
+        fn text_from(&self, start: usize) -> Option<&'a str> {
+            self.text.get(start..self.at)
+        }
+
         fn next(&mut self) -> Option<u8> {
-            let b = *self.bytes.get(self.at)?;
+            let b = *self.bytes().get(self.at)?;
             self.at += 1;
             Some(b)
         }
@@ -387,7 +421,7 @@ mod fast {
 
         fn skip_whitespace(&mut self) {
             // Usually there is none: one comparison says so.
-            while let Some(&b) = self.bytes.get(self.at) {
+            while let Some(&b) = self.bytes().get(self.at) {
                 if b > b' ' || !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
                     return;
                 }
@@ -398,25 +432,25 @@ mod fast {
         /// A string that is a valid symbol, checked as it is scanned.
         fn symbol(&mut self) -> Option<&'a str> {
             self.expect(b'"')?;
-            let name = self.take_while(names::is_symbol_byte);
+            let name = self.take_while(names::is_symbol_byte)?;
             self.expect(b'"')?;
-            if !(1..=names::MAX_SYMBOL_LEN).contains(&name.len()) {
-                return None;
-            }
-            // Symbol bytes are ASCII, hence UTF-8.
-            std::str::from_utf8(name).ok()
+            (1..=names::MAX_SYMBOL_LEN)
+                .contains(&name.len())
+                .then_some(name)
         }
 
-        fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
-            let rest = self.bytes.get(self.at..).unwrap_or_default();
-            let len = rest.iter().position(|&b| !keep(b)).unwrap_or(rest.len());
-            self.at += len;
-            &rest[..len]
+        /// The longest run of bytes from here that `keep` accepts (it must
+        /// accept only ASCII).
+        fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> Option<&'a str> {
+            let start = self.at;
+            let rest = self.bytes().get(start..).unwrap_or_default();
+            self.at += rest.iter().position(|&b| !keep(b)).unwrap_or(rest.len());
+            self.text_from(start)
         }
 
         /// One of the known member names, with its quotes.
         fn known_key(&mut self) -> Option<Key> {
-            let rest = self.bytes.get(self.at..)?;
+            let rest = self.bytes().get(self.at..)?;
             let (key, len) = if rest.starts_with(b"\"symbol\"") {
                 (Key::Symbol, 8)
             } else if rest.starts_with(b"\"price\"") {
@@ -432,30 +466,18 @@ mod fast {
             Some(key)
         }
 
-        /// The bytes of a string of printable ASCII without escapes.
-        fn plain_bytes(&mut self) -> Option<&'a [u8]> {
-            self.expect(b'"')?;
-            let rest = self.bytes.get(self.at..)?;
-            let len = rest
-                .iter()
-                .position(|&b| b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b))?;
-            if rest[len] != b'"' {
-                return None;
-            }
-            self.at += len + 1;
-            Some(&rest[..len])
-        }
-
         /// A string of printable ASCII without escapes.
         fn plain_string(&mut self) -> Option<&'a str> {
-            // Printable ASCII is UTF-8.
-            std::str::from_utf8(self.plain_bytes()?).ok()
+            self.expect(b'"')?;
+            let text = self.take_while(|b| b != b'"' && b != b'\\' && (0x20..0x7f).contains(&b))?;
+            self.expect(b'"')?;
+            Some(text)
         }
 
         /// A run of digits and its value, in one pass. The value wraps past
         /// 19 digits; callers use it only for shorter runs.
         fn decimal(&mut self) -> (&'a [u8], u64) {
-            let rest = self.bytes.get(self.at..).unwrap_or_default();
+            let rest = self.bytes().get(self.at..).unwrap_or_default();
             let mut value: u64 = 0;
             let mut len = 0;
             for &b in rest {
@@ -470,25 +492,30 @@ mod fast {
             (&rest[..len], value)
         }
 
-        /// An unsigned integer, as JSON writes it (no leading zeros).
-        fn digits(&mut self) -> Option<u64> {
+        /// An unsigned integer, as JSON writes it (no leading zeros), and its
+        /// digits: exactly what itoa writes for the value.
+        fn digits(&mut self) -> Option<(u64, &'a str)> {
+            let start = self.at;
             let (digits, value) = self.decimal();
             if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
                 return None;
             }
+            let text = self.text_from(start)?;
             // Up to 19 digits always fit in a u64; more may not.
             if digits.len() <= 19 {
-                return Some(value);
+                return Some((value, text));
             }
-            digits.iter().try_fold(0u64, |n, &d| {
+            let value = digits.iter().try_fold(0u64, |n, &d| {
                 n.checked_mul(10)?.checked_add(u64::from(d - b'0'))
-            })
+            })?;
+            Some((value, text))
         }
 
-        /// A finite number in strict JSON grammar, correctly rounded.
-        fn number(&mut self) -> Option<f64> {
+        /// A finite number in strict JSON grammar, correctly rounded, and
+        /// its text where that is the value's shortest round-trip form.
+        fn number(&mut self) -> Option<(f64, Option<&'a str>)> {
             let start = self.at;
-            let negative = self.bytes.get(self.at) == Some(&b'-');
+            let negative = self.bytes().get(self.at) == Some(&b'-');
             if negative {
                 self.at += 1;
             }
@@ -497,14 +524,14 @@ mod fast {
                 return None;
             }
             let (mut fraction, mut fraction_value): (&[u8], u64) = (&[], 0);
-            if self.bytes.get(self.at) == Some(&b'.') {
+            if self.bytes().get(self.at) == Some(&b'.') {
                 self.at += 1;
                 (fraction, fraction_value) = self.decimal();
                 if fraction.is_empty() {
                     return None;
                 }
             }
-            let exponent = matches!(self.bytes.get(self.at), Some(b'e' | b'E'));
+            let exponent = matches!(self.bytes().get(self.at), Some(b'e' | b'E'));
             // Clinger's fast path: with at most 15 significant digits and
             // at most 22 decimals, the digits as an integer and the power of
             // ten are both exact in an f64, so one IEEE division rounds
@@ -513,20 +540,43 @@ mod fast {
                 // At most 15 digits: no wrapping happened, and none here.
                 let mantissa = int_value * POWERS_OF_TEN[fraction.len()] + fraction_value;
                 let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
-                return Some(if negative { -value } else { value });
+                let value = if negative { -value } else { value };
+                let text = is_shortest(int, fraction)
+                    .then(|| self.text_from(start))
+                    .flatten();
+                return Some((value, text));
             }
             if exponent {
                 self.at += 1;
-                if let Some(b'+' | b'-') = self.bytes.get(self.at) {
+                if let Some(b'+' | b'-') = self.bytes().get(self.at) {
                     self.at += 1;
                 }
-                if self.take_while(|b| b.is_ascii_digit()).is_empty() {
+                if self.take_while(|b| b.is_ascii_digit())?.is_empty() {
                     return None;
                 }
             }
-            let text = std::str::from_utf8(&self.bytes[start..self.at]).ok()?;
-            text.parse::<f64>().ok().filter(|p| p.is_finite())
+            let value = self.text_from(start)?.parse::<f64>().ok();
+            Some((value.filter(|p| p.is_finite())?, None))
         }
+    }
+
+    /// Whether a plain decimal of at most 15 digits, `int.fraction`, is
+    /// written the way zmij writes its value (what a result would say):
+    /// - No two decimals of 15 significant digits or fewer are the same
+    ///   `f64`, so the shortest form that reads back as the value has these
+    ///   very digits, less any trailing zeros — hence none are allowed.
+    /// - zmij always writes a fraction (`420.0`) — hence one is required.
+    /// - zmij writes plain decimals from 1e-5 up to 1e16 and exponents
+    ///   outside; with at most 15 digits only the small end can be passed:
+    ///   `0.00001` is written so, `0.000001` as `1e-6`.
+    ///
+    /// The property test `spelled_prices_are_what_zmij_writes` checks it.
+    fn is_shortest(int: &[u8], fraction: &[u8]) -> bool {
+        let Some(&last) = fraction.last() else {
+            return false;
+        };
+        let leading_zeros = fraction.iter().take_while(|&&d| d == b'0').count();
+        last != b'0' && (int != b"0" || leading_zeros <= 4)
     }
 }
 
@@ -745,7 +795,7 @@ mod tests {
             r#"{"symbol":"A","price":12345678901234567890123}"#,
             r#"{"symbol":"A","price":1E+2,"client":"x_y-z"}"#,
         ] {
-            let fast = fast::parse(payload.as_bytes());
+            let fast = fast::parse(payload.as_bytes()).map(|(quote, _)| quote);
             assert!(fast.is_some(), "fast path should take {payload}");
             assert_eq!(
                 fast.map(Ok),

@@ -11,10 +11,16 @@ fuzz_target!(|payload: &[u8]| {
     // Wherever the single-scan fast path accepts, it must agree with the
     // full parser, bit for bit (asked directly: `parse == parse_fully`
     // alone would hold for a fast path that always declined).
-    if let Some(fast) = quote::parse_fast(payload) {
+    if let Some((fast, spelling)) = quote::parse_fast(payload) {
         let full = quote::parse_fully(payload).expect("the full parser accepts it too");
         assert_eq!(fast, full);
         assert_eq!(fast.price.to_bits(), full.price.to_bits());
+        // A result copies these instead of formatting the numbers: they
+        // must say the same values.
+        if let Some(text) = spelling.price {
+            assert_eq!(text.parse::<f64>().map(f64::to_bits), Ok(fast.price.to_bits()));
+        }
+        assert_eq!(spelling.ts.map(str::parse::<u64>), fast.ts.map(Ok));
     }
     assert_eq!(quote::parse(payload), quote::parse_fully(payload));
     // Equal as numbers is not enough (0.0 == -0.0): the same bits.

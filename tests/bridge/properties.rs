@@ -2,10 +2,15 @@
 //! quote parser never panics and accepts exactly what it should.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 use proptest::prelude::*;
+use quotebridge::config::Settings;
+use quotebridge::pipeline::{Outcome, Pipeline};
+use quotebridge::protocol::SmaMessage;
 use quotebridge::quote::{self, Quote};
 use quotebridge::sma::SmaWindow;
+use quotebridge::stats::Stats;
 
 proptest! {
     #[test]
@@ -75,7 +80,7 @@ proptest! {
     ) {
         // Where the fast path accepts, it must agree (a fast path that
         // always declined would pass `parse == parse_fully` trivially).
-        if let Some(fast) = quote::parse_fast(text.as_bytes()) {
+        if let Some((fast, _)) = quote::parse_fast(text.as_bytes()) {
             prop_assert_eq!(Ok(fast), quote::parse_fully(text.as_bytes()));
         }
         prop_assert_eq!(quote::parse(text.as_bytes()), quote::parse_fully(text.as_bytes()));
@@ -92,7 +97,7 @@ proptest! {
     ) {
         let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
         let json = serde_json::to_vec(&q).expect("serialize");
-        let fast = quote::parse_fast(&json);
+        let fast = quote::parse_fast(&json).map(|(quote, _)| quote);
         prop_assert!(fast.is_some(), "declined {}", String::from_utf8_lossy(&json));
         prop_assert_eq!(fast.map(Ok), Some(quote::parse_fully(&json)));
     }
@@ -132,5 +137,69 @@ proptest! {
         let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
         let json = serde_json::to_vec(&q).expect("serialize");
         prop_assert_eq!(quote::parse(&json), Ok(q));
+    }
+}
+
+proptest! {
+    /// A result copies a quote's price and ts as the payload spelled them
+    /// when that is how it would write them anyway: the frame must be the
+    /// very bytes that formatting the values gives.
+    #[test]
+    fn a_result_that_copies_the_spelled_numbers_is_the_formatted_one(
+        price in prop_oneof![
+            r"-?(0|[1-9][0-9]{0,9})(\.[0-9]{1,8})?",
+            // Near the edges of the copied form: small, and 15 digits.
+            r"-?0\.0{0,6}[1-9][0-9]{0,9}",
+            r"-?[1-9][0-9]{10,15}\.[0-9]{1,4}",
+        ],
+        ts in any::<u64>(),
+    ) {
+        let mut settings = Settings::defaults().expect("defaults load");
+        settings.sma.emit_partial = true;
+        let mut pipeline = Pipeline::new(&settings, Arc::new(Stats::default()));
+        let payload = format!(r#"{{"symbol":"A","price":{price},"ts":{ts}}}"#);
+        let Outcome::Accepted { quote, sma: Some(sma) } = pipeline.process(payload.as_bytes()) else {
+            panic!("{payload} is a valid quote");
+        };
+        // The mean as sent (it is not always the price: -0 + 0 is 0).
+        let sent: serde_json::Value = serde_json::from_str(sma.frame.as_str()).expect("JSON");
+        let formatted = SmaMessage {
+            symbol: "A",
+            price: quote.price,
+            sma: sent["sma"].as_f64().expect("a mean"),
+            window: settings.sma.window,
+            count: 1,
+            ts,
+            seq: sma.seq,
+            epoch: sma.position().epoch,
+            client: None,
+        }
+        .encode();
+        prop_assert_eq!(sma.frame.as_str(), formatted.as_str());
+    }
+}
+
+/// The usual price and every ts are copied, not formatted again; what zmij
+/// would write otherwise (`420.0`, `1e-6`, no trailing zeros) is not.
+#[test]
+fn usual_prices_and_every_ts_are_spelled_as_sent() {
+    let spelled = |price: &str| {
+        let payload = format!(r#"{{"symbol":"A","price":{price},"ts":1764115200123}}"#);
+        let (_, spelling) = quote::parse_spelled(payload.as_bytes()).expect("valid");
+        assert_eq!(spelling.ts, Some("1764115200123"));
+        spelling.price.map(str::to_owned)
+    };
+    for usual in ["187.42", "-0.5", "0.00001", "99999999999999.9", "0.1"] {
+        assert_eq!(spelled(usual).as_deref(), Some(usual));
+    }
+    for formatted in [
+        "420",
+        "0.10",
+        "0.000001",
+        "-0.0",
+        "1e3",
+        "1234567890.1234567",
+    ] {
+        assert_eq!(spelled(formatted), None, "{formatted}");
     }
 }
