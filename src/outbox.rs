@@ -140,6 +140,19 @@ pub struct Sender {
 }
 
 impl Sender {
+    /// Payload bytes waiting in the outbox: queued, kept as their keys'
+    /// latest while conflating, and held back by rate limits.
+    #[must_use]
+    pub fn queued_bytes(&self) -> usize {
+        let queue = self.shared.lock();
+        let latest = queue.latest.as_ref().map_or(0, |latest| latest.bytes);
+        let throttled = queue
+            .throttle
+            .as_ref()
+            .map_or(0, |throttle| throttle.waiting_bytes());
+        queue.bytes + latest + throttled
+    }
+
     /// Queues `message` unless the outbox is full or its session has ended.
     /// When the session must be woken to take it, its waker is added to
     /// `wakes`: the caller wakes it, once it has queued all it has. An
@@ -559,6 +572,15 @@ impl Throttle {
         released
     }
 
+    /// Payload bytes of the frames waiting to be due.
+    fn waiting_bytes(&self) -> usize {
+        self.keys
+            .values()
+            .filter_map(|due| due.waiting.as_ref())
+            .map(payload_len)
+            .sum()
+    }
+
     /// When the next waiting frame is due.
     fn next_due(&self) -> Option<Instant> {
         self.keys
@@ -741,6 +763,7 @@ mod tests {
             Offer::Full,
             "no key: not conflated"
         );
+        assert_eq!(sender.queued_bytes(), 4 + 7, "queued, and the latest");
         let mut batch = Vec::new();
         let taken = outbox.recv_many(&mut batch, 10).await;
         assert_eq!(
@@ -749,6 +772,7 @@ mod tests {
             "the queue first"
         );
         assert_eq!(texts(&batch), ["A1", "B1"]);
+        assert_eq!(sender.queued_bytes(), 7);
         batch.clear();
         // Keyed frames wait behind the latest while it is held: none overtakes.
         assert_eq!(
@@ -819,6 +843,7 @@ mod tests {
             offer_keyed(&sender, "A3", key("A")),
             Offer::Throttled { replaced: 1 }
         );
+        assert_eq!(sender.queued_bytes(), 4 + 2, "queued, and A3 waiting");
         let (first, _, _) = next_batch(&mut outbox).await;
         assert_eq!(first, ["A1", "B1"]);
         // A3, the newest, comes when A is due again: 500 ms after A1.

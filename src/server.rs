@@ -436,6 +436,7 @@ impl AppState {
             groups: self.hub.group_count(),
             ready: self.is_ready(),
             history_bytes: self.hub.history_bytes(),
+            queued_bytes: self.hub.queued_bytes(),
         }
     }
 }

@@ -81,6 +81,8 @@ pub struct Gauges {
     pub ready: bool,
     /// Bytes the results kept for resuming sockets hold.
     pub history_bytes: usize,
+    /// Payload bytes waiting in sockets' outboxes.
+    pub queued_bytes: usize,
 }
 
 impl Stats {
@@ -325,6 +327,11 @@ pub const GAUGES: &[Gauge] = &[
         name: "history_bytes",
         help: "Bytes held by the results kept for sockets that resume (websocket.history_bytes bounds it)",
         value: |_, gauges| gauges.history_bytes as u64,
+    },
+    Gauge {
+        name: "queued_bytes",
+        help: "Payload bytes waiting in sockets' outboxes (each at most websocket.send_queue_bytes, and as much again in the latest frame of each key while it conflates)",
+        value: |_, gauges| gauges.queued_bytes as u64,
     },
     Gauge {
         name: "stream_lag",

@@ -74,6 +74,14 @@ impl Connections {
     pub(super) fn group_count(&self) -> usize {
         self.groups.len()
     }
+
+    /// Payload bytes waiting in every socket's outbox.
+    pub(super) fn queued_bytes(&self) -> usize {
+        self.sockets
+            .values()
+            .map(|socket| socket.outbox.queued_bytes())
+            .sum()
+    }
 }
 
 #[cfg(test)]

@@ -442,6 +442,13 @@ impl Hub {
         self.state().connections.group_count()
     }
 
+    /// Payload bytes waiting in sockets' outboxes. A walk over every socket
+    /// (each outbox locked in turn): for a scrape, not for a hot path.
+    #[must_use]
+    pub fn queued_bytes(&self) -> usize {
+        self.state().connections.queued_bytes()
+    }
+
     /// Bytes the history of every key holds.
     #[must_use]
     pub fn history_bytes(&self) -> usize {

@@ -110,12 +110,26 @@ impl Serve {
 }
 
 /// Sockets of `serve` (client codes `healthy0`, `healthy1`, ...) that read
-/// everything and count the SMA frames among it.
-pub async fn counting_sockets(serve: &Serve, count: usize) -> Vec<Arc<AtomicUsize>> {
+/// everything and count the SMA frames among it. Socket `i` subscribes to
+/// `symbols(i)` first, when that is `Some`; else it keeps the default
+/// subscriptions.
+pub async fn counting_sockets(
+    serve: &Serve,
+    count: usize,
+    symbols: impl Fn(usize) -> Option<Vec<String>>,
+) -> Vec<Arc<AtomicUsize>> {
     let mut received = Vec::new();
     for i in 0..count {
         let url = format!("ws://{}/ws/healthy{i}", serve.address);
         let (mut socket, _) = connect_ws(&url).await;
+        if let Some(symbols) = symbols(i) {
+            send_json(
+                &mut socket,
+                serde_json::json!({"op": "subscribe", "symbols": symbols}),
+            )
+            .await;
+            assert_eq!(next_json(&mut socket).await["type"], "subscribed");
+        }
         let frames = Arc::new(AtomicUsize::new(0));
         let counter = frames.clone();
         tokio::spawn(async move {
@@ -132,28 +146,59 @@ pub async fn counting_sockets(serve: &Serve, count: usize) -> Vec<Arc<AtomicUsiz
     received
 }
 
-/// Publishes `quotes` quotes over `keys` symbols (`S0`...), one result
-/// each with a window of 1, in chunks of 2,000, letting every counter of
-/// `received` catch up after each, so those readers are never more than a
-/// chunk behind; returns the highest RSS of `serve` seen, in KiB.
+/// Quotes to publish: `quotes` of them over `keys` symbols (`S0`...), one
+/// result each with a window of 1, at most `per_second` a second.
+pub struct Load {
+    pub quotes: usize,
+    pub keys: usize,
+    pub per_second: Option<usize>,
+}
+
+/// The most `serve` held while a [`Load`] was published.
+pub struct Peaks {
+    /// Its resident set, in KiB.
+    pub rss_kib: u64,
+    /// Its `queued_bytes` gauge, read each time the readers had caught up
+    /// (so the bytes are those of the sockets that did not).
+    pub queued_bytes: u64,
+}
+
+/// Publishes `load` in chunks of 1,000 quotes, letting every counter of
+/// `received` catch up after each (to `share(published)` frames), so those
+/// readers are never more than a chunk behind however slow the machine.
 pub async fn publish_keeping_up(
     serve: &Serve,
     conn: &mut redis::aio::MultiplexedConnection,
-    quotes: usize,
-    keys: usize,
+    load: &Load,
     received: &[Arc<AtomicUsize>],
-) -> u64 {
-    let mut peak = serve.rss_kib();
-    for chunk in 0..quotes / 2000 {
-        let batch: Vec<(String, Vec<u8>)> = (0..2000)
+    share: impl Fn(usize) -> usize,
+) -> Peaks {
+    const CHUNK: usize = 1000;
+    let mut peaks = Peaks {
+        rss_kib: serve.rss_kib(),
+        queued_bytes: 0,
+    };
+    let mut pace = load.per_second.map(|rate| {
+        let mut ticks = tokio::time::interval(std::time::Duration::from_secs_f64(
+            CHUNK as f64 / rate as f64,
+        ));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticks
+    });
+    for chunk in 0..load.quotes / CHUNK {
+        if let Some(ticks) = &mut pace {
+            ticks.tick().await;
+        }
+        let batch: Vec<(String, Vec<u8>)> = (0..CHUNK)
             .map(|i| {
-                let n = chunk * 2000 + i;
-                let quote = format!(r#"{{"symbol":"S{}","price":{n},"ts":{n}}}"#, n % keys);
+                let n = chunk * CHUNK + i;
+                let symbol = n % load.keys;
+                let quote = format!(r#"{{"symbol":"S{symbol}","price":{n},"ts":{n}}}"#);
                 ("quotes".to_owned(), quote.into_bytes())
             })
             .collect();
         publish_all(conn, &batch).await;
-        let want = (chunk + 1) * 2000;
+        let want = share((chunk + 1) * CHUNK);
         eventually("healthy sockets to keep up", async || {
             received
                 .iter()
@@ -161,9 +206,13 @@ pub async fn publish_keeping_up(
                 .then_some(())
         })
         .await;
-        peak = peak.max(serve.rss_kib());
+        peaks.rss_kib = peaks.rss_kib.max(serve.rss_kib());
+        let queued = serve.stats().await["queued_bytes"].as_u64();
+        peaks.queued_bytes = peaks
+            .queued_bytes
+            .max(queued.expect("stats have queued_bytes"));
     }
-    peak
+    peaks
 }
 
 impl Drop for Serve {

@@ -169,13 +169,20 @@ async fn fifty_sockets_that_never_read_are_closed_and_memory_stays_bounded() {
             .expect("connect");
         stalled.push(socket); // never read again
     }
-    let received = crate::binary::counting_sockets(&serve, HEALTHY).await;
+    let received = crate::binary::counting_sockets(&serve, HEALTHY, |_| None).await;
     let rss_before = serve.rss_kib();
 
     // Publish in chunks and let the healthy readers catch up after each, so
     // they never fall behind while the stalled sockets take everything.
     let mut conn = redis.connection().await;
-    let peak = crate::binary::publish_keeping_up(&serve, &mut conn, QUOTES, 100, &received).await;
+    let load = crate::binary::Load {
+        quotes: QUOTES,
+        keys: 100,
+        per_second: None,
+    };
+    let peak = crate::binary::publish_keeping_up(&serve, &mut conn, &load, &received, |n| n)
+        .await
+        .rss_kib;
     let stats = eventually("the stalled sockets to be closed", async || {
         let (_, body) = http_get(serve.address, "/stats").await;
         let stats: serde_json::Value = serde_json::from_str(&body).expect("json");
