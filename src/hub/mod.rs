@@ -285,12 +285,10 @@ impl Hub {
         if let Some(position) = position {
             state.history.record(client, symbol, position, &frame);
         }
-        let floors = &state.floors;
-        let unseen = |id: &&SocketId| match position {
-            Some(position) if !floors.is_empty() => {
-                !floors.has_seen(**id, client, symbol, position)
-            }
-            _ => true,
+        // The key's floors, looked up once: each subscriber is then one probe.
+        let floors = position.and_then(|at| Some((state.floors.of(client, symbol)?, at)));
+        let unseen = |id: &&SocketId| {
+            floors.is_none_or(|(floors, position)| !floors.has_seen(**id, position))
         };
         let key = Some(FrameKey {
             private: client.is_some(),
@@ -533,20 +531,22 @@ impl Hub {
                     continue;
                 }
                 let seen = Position { seq, epoch };
-                let replay = state.history.replay(None, symbol, seen);
-                if matches!(replay, Replay::Ahead) {
-                    ahead.push((false, symbol, seen));
-                }
+                let replay = floored(
+                    state.history.replay(None, symbol, seen),
+                    &mut ahead,
+                    (false, symbol, seen),
+                );
                 add(replay, symbol, false, state.snapshots.get(symbol));
             }
         }
         for (epoch, symbols) in &last_seen.private {
             for (symbol, &seq) in symbols {
                 let seen = Position { seq, epoch };
-                let replay = state.history.replay(Some(&client), symbol, seen);
-                if matches!(replay, Replay::Ahead) {
-                    ahead.push((true, symbol, seen));
-                }
+                let replay = floored(
+                    state.history.replay(Some(&client), symbol, seen),
+                    &mut ahead,
+                    (true, symbol, seen),
+                );
                 add(replay, symbol, true, None);
             }
         }
@@ -739,6 +739,23 @@ impl State {
         self.subscriptions.remove_all(id);
         self.connections.remove(id)
     }
+}
+
+/// A key the client is ahead on needs a floor; past
+/// [`floors::MAX_PER_SOCKET`] of them the rest are treated as gaps.
+fn floored<'a>(
+    replay: Replay<'a>,
+    ahead: &mut Vec<(bool, &'a str, Position<'a>)>,
+    key: (bool, &'a str, Position<'a>),
+) -> Replay<'a> {
+    if !matches!(replay, Replay::Ahead) {
+        return replay;
+    }
+    if ahead.len() >= floors::MAX_PER_SOCKET {
+        return Replay::Gap(None);
+    }
+    ahead.push(key);
+    replay
 }
 
 /// Offers `message` (of `key`, if it is a result) to each socket of `ids`:
@@ -1256,6 +1273,48 @@ mod tests {
         }
         assert_eq!(queued(&mut outbox), ["A4"], "2 and 3 it had seen");
         assert!(hub.state().floors.is_empty(), "the floor went once passed");
+    }
+
+    #[test]
+    fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
+        let limits = HubLimits {
+            max_snapshots: 1000,
+            ..limits(1024)
+        };
+        let hub = Hub::new(limits, Arc::new(Stats::default()));
+        let keys = floors::MAX_PER_SOCKET + 10;
+        let symbols: Vec<String> = (0..keys).map(|k| format!("S{k}")).collect();
+        for symbol in &symbols {
+            let frame = format!("{symbol}-1");
+            hub.deliver_result(
+                symbol,
+                None,
+                Some(Position {
+                    seq: 1,
+                    epoch: "e1",
+                }),
+                frame.into(),
+            );
+        }
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+        let mut claimed = LastSeen::default();
+        let ahead = symbols.iter().map(|symbol| (symbol.clone(), 2));
+        claimed.public.insert("e1".to_owned(), ahead.collect());
+        let resumed = socket.resume(&claimed).expect("it was held");
+        assert_eq!(
+            resumed.unrecovered_public.len(),
+            10,
+            "past the cap, a key it is ahead on is a gap"
+        );
+        assert_eq!(resumed.frames.len(), 10, "with its latest value");
+        assert_eq!(
+            hub.state().floors.by_socket_len(),
+            floors::MAX_PER_SOCKET,
+            "and no floor"
+        );
+        drop(socket);
+        assert!(hub.state().floors.is_empty(), "they go with the socket");
     }
 
     #[test]
