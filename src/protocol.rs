@@ -204,6 +204,13 @@ impl WindowFraming {
     }
 }
 
+/// The longest result the bridge writes: the longest names, numbers and
+/// floats of every member come to under 400 bytes (a test checks it).
+/// Anything longer on an output channel is not a result: a gateway relays
+/// nothing longer, so a forged message padded with members cannot make
+/// history and snapshots (one frame kept per key) hold more than this a key.
+pub const MAX_RESULT_BYTES: usize = 512;
+
 /// A float as JSON: shortest round-trip form, `null` for a non-finite value
 /// (a mean can overflow when prices near f64::MAX are summed), as serde_json does.
 fn json_float(buffer: &mut zmij::Buffer, value: f64) -> &str {
@@ -441,6 +448,27 @@ mod tests {
                 assert_eq!(framed.as_str(), general, "count {count}, client {client:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_longest_result_fits_the_relay_bound() {
+        let longest = SmaMessage {
+            symbol: &"S".repeat(names::MAX_SYMBOL_LEN),
+            price: -1.797_693_134_862_315_7e308,
+            sma: -2.225_073_858_507_201_4e-308,
+            window: usize::MAX,
+            count: usize::MAX - 1,
+            ts: u64::MAX,
+            seq: u64::MAX,
+            epoch: &"e".repeat(names::MAX_EPOCH_LEN),
+            client: Some(&"c".repeat(names::MAX_CLIENT_CODE_LEN)),
+        }
+        .encode();
+        assert!(
+            longest.len() < 400 && 400 <= MAX_RESULT_BYTES,
+            "{} bytes: {longest}",
+            longest.len()
+        );
     }
 
     #[test]

@@ -439,3 +439,32 @@ async fn a_restarted_compute_shard_resumes_its_symbols_and_a_new_gateway_has_sna
         Some(symbols.iter().filter(|s| shard1.owns(s)).count() as u64)
     );
 }
+
+/// Anyone who may publish on the output channel can forge a result; one
+/// padded past what the bridge ever writes is not relayed (a gateway keeps
+/// a frame per key in its history and snapshots, so size is what counts).
+#[tokio::test]
+async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let gateway = start_node(
+        "gateway",
+        None,
+        &[("QUOTEBRIDGE__REDIS__URL", url.as_str())],
+    )
+    .await;
+    let mut socket = connect(&gateway, "acme").await;
+    let result = |padding: usize, seq: u64| {
+        let pad = "x".repeat(padding);
+        let frame = format!(
+            r#"{{"symbol":"X","price":1.0,"sma":1.0,"window":1,"count":1,"ts":1,"seq":{seq},"epoch":"e1","pad":"{pad}"}}"#
+        );
+        ("sma".to_owned(), frame.into_bytes())
+    };
+    let padded = result(quotebridge::protocol::MAX_RESULT_BYTES, 1);
+    publish_all(&mut redis.connection().await, &[padded, result(0, 2)]).await;
+    let frame = next_json(&mut socket).await;
+    assert_eq!(frame["seq"], 2, "the padded one was dropped: {frame}");
+    let stats = gateway.stats().await;
+    assert_eq!(stats["results_unroutable"], 1, "{stats}");
+}
