@@ -570,7 +570,8 @@ mod fast {
     ///   outside; with at most 15 digits only the small end can be passed:
     ///   `0.00001` is written so, `0.000001` as `1e-6`.
     ///
-    /// The property test `spelled_prices_are_what_zmij_writes` checks it.
+    /// The property test `a_result_that_copies_the_spelled_numbers_is_the_formatted_one`
+    /// and the unit test `zmij_writes_the_prices_the_fast_path_spells` check it.
     fn is_shortest(int: &[u8], fraction: &[u8]) -> bool {
         let Some(&last) = fraction.last() else {
             return false;
@@ -802,6 +803,39 @@ mod tests {
                 Some(parse_fully(payload.as_bytes())),
                 "{payload}"
             );
+        }
+    }
+
+    /// The edges of what the fast path copies (see `is_shortest`): if a
+    /// zmij release moved its fixed-notation range, this fails before a
+    /// frame could differ.
+    #[test]
+    fn zmij_writes_the_prices_the_fast_path_spells() {
+        for text in [
+            "0.00001",
+            "-0.00001",
+            "0.0000999999999",
+            "0.1",
+            "0.3",
+            "1.5",
+            "187.42",
+            "99999999999999.9",
+            "0.00000000000001",
+            "123456789.012345",
+        ] {
+            let payload = format!(r#"{{"symbol":"A","price":{text}}}"#);
+            let (quote, spelling) = fast::parse(payload.as_bytes()).expect("fast path");
+            let formatted = zmij::Buffer::new().format_finite(quote.price).to_owned();
+            match spelling.price {
+                Some(spelled) => assert_eq!(spelled, formatted, "{text}"),
+                None => assert_ne!(text, formatted, "{text} could have been copied"),
+            }
+        }
+        for (text, formatted) in [("0.000001", "1e-6"), ("420", "420.0"), ("0.10", "0.1")] {
+            let payload = format!(r#"{{"symbol":"A","price":{text}}}"#);
+            let (quote, spelling) = fast::parse(payload.as_bytes()).expect("fast path");
+            assert_eq!(spelling.price, None, "{text}");
+            assert_eq!(zmij::Buffer::new().format_finite(quote.price), formatted);
         }
     }
 
