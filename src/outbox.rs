@@ -19,7 +19,7 @@
 //! by any newer one, until its key is due, so the newest value always
 //! arrives within `1/max_rate`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -149,7 +149,7 @@ impl Sender {
         let throttled = queue
             .throttle
             .as_ref()
-            .map_or(0, |throttle| throttle.waiting_bytes());
+            .map_or(0, |throttle| throttle.waiting_bytes);
         queue.bytes + latest + throttled
     }
 
@@ -170,7 +170,7 @@ impl Sender {
             return Offer::Gone;
         }
         let message = match (queue.throttle.as_deref_mut(), key) {
-            (Some(throttle), Some(key)) => match throttle.hold(key, message) {
+            (Some(throttle), Some(key)) => match throttle.hold(key, message, self.bounds.bytes) {
                 Ok(Hold::Waiting { replaced }) => return Offer::Throttled { replaced },
                 Ok(Hold::First { due }) => {
                     // A deadline before the armed one: the session re-arms.
@@ -442,14 +442,23 @@ struct Throttle {
     by_symbol: HashMap<Box<str>, Duration>,
     /// Each limited key seen within its interval: when it may send next,
     /// and its newest frame waiting for that.
-    keys: HashMap<Box<str>, Due>,
+    keys: HashMap<Arc<str>, Due>,
     /// The deadline the session's timer is armed for: an offer wakes the
     /// session only for an earlier one.
     armed: Option<Instant>,
+    /// The keys with a frame waiting, by when it is due: the next deadline
+    /// and the due frames are found without a walk over every key (a
+    /// session wakes for each frame of its unlimited keys).
+    order: BTreeSet<(Instant, Arc<str>)>,
+    /// Payload bytes of the waiting frames.
+    waiting_bytes: usize,
 }
 
 #[derive(Debug)]
 struct Due {
+    /// The key's symbol, shared with `keys` and `order` (no copy when its
+    /// frame starts to wait).
+    name: Arc<str>,
     next: Instant,
     waiting: Option<Message>,
     interval: Duration,
@@ -478,28 +487,42 @@ impl Throttle {
             self.by_symbol.remove(symbol);
         }
         let mut sooner = false;
+        let order = &mut self.order;
         let mut adjust = |due: &mut Due, interval: Option<Duration>| {
             let next = interval.map_or(now, |interval| due.next.min(now + interval));
-            sooner |= next < due.next && due.waiting.is_some();
+            if due.waiting.is_some() && next != due.next {
+                sooner |= next < due.next;
+                order.remove(&(due.next, due.name.clone()));
+                order.insert((next, due.name.clone()));
+            }
             due.next = next;
             due.interval = interval.unwrap_or_default();
         };
         if symbol == "*" {
             let by_symbol = &self.by_symbol;
             for (name, due) in &mut self.keys {
-                if !by_symbol.contains_key(name) {
+                if !by_symbol.contains_key(&**name) {
                     adjust(due, interval);
                 }
             }
         } else if let Some(due) = self.keys.get_mut(symbol) {
             adjust(due, interval.or(self.all));
         }
+        // A key whose limit is lifted and that has nothing waiting is as
+        // one never seen.
+        self.keys
+            .retain(|_, due| due.waiting.is_some() || !due.interval.is_zero());
         sooner
     }
 
     /// Forgets the waiting frame of `symbol`: it is no longer subscribed.
     fn forget(&mut self, symbol: &str) {
-        self.keys.remove(symbol);
+        if let Some(due) = self.keys.remove(symbol)
+            && let Some(waiting) = due.waiting
+        {
+            self.waiting_bytes -= payload_len(&waiting);
+            self.order.remove(&(due.next, due.name));
+        }
     }
 
     fn is_empty(&self) -> bool {
@@ -514,19 +537,33 @@ impl Throttle {
     /// frame waiting already (which it replaces: a newer frame must not
     /// overtake an older one of its key, whatever the limit is now);
     /// otherwise hands it back to be queued now, and starts the key's
-    /// next interval.
-    fn hold(&mut self, key: FrameKey<'_>, message: Message) -> Result<Hold, Message> {
+    /// next interval. Frames held back take at most `max_bytes` in all
+    /// (one per key): past that, a key's first waiting frame is handed
+    /// back to be queued at once, as if its key were not limited.
+    fn hold(
+        &mut self,
+        key: FrameKey<'_>,
+        message: Message,
+        max_bytes: usize,
+    ) -> Result<Hold, Message> {
         if key.private {
             return Err(message);
         }
         let now = Instant::now();
+        let len = payload_len(&message);
         if let Some(due) = self.keys.get_mut(key.symbol) {
-            if due.waiting.is_some() {
-                due.waiting = Some(message);
+            if let Some(older) = &mut due.waiting {
+                self.waiting_bytes = self.waiting_bytes + len - payload_len(older);
+                *older = message;
                 return Ok(Hold::Waiting { replaced: 1 });
             }
             if now < due.next {
+                if self.waiting_bytes + len > max_bytes {
+                    return Err(message);
+                }
+                self.waiting_bytes += len;
                 due.waiting = Some(message);
+                self.order.insert((due.next, due.name.clone()));
                 return Ok(Hold::First { due: due.next });
             }
         }
@@ -539,55 +576,49 @@ impl Throttle {
                 due.interval = interval;
             }
             None => {
-                self.keys.insert(
-                    key.symbol.into(),
-                    Due {
-                        next: now + interval,
-                        waiting: None,
-                        interval,
-                    },
-                );
+                let name: Arc<str> = key.symbol.into();
+                let due = Due {
+                    name: name.clone(),
+                    next: now + interval,
+                    waiting: None,
+                    interval,
+                };
+                self.keys.insert(name, due);
             }
         }
         Err(message)
     }
 
-    /// Moves every waiting frame that is due into `batch`; returns how many.
-    /// Keys with nothing waiting whose interval has passed are forgotten:
-    /// they behave as keys never seen.
+    /// Moves every waiting frame that is due into `batch`, in the order
+    /// they fell due; returns how many.
     fn release_due(&mut self, now: Instant, batch: &mut Vec<Message>) -> usize {
         let mut released = 0;
-        self.keys.retain(|_, due| {
-            if due.next > now {
-                return true;
-            }
-            let Some(message) = due.waiting.take() else {
-                return false;
+        while let Some(first) = self.order.first()
+            && first.0 <= now
+        {
+            let Some((_, name)) = self.order.pop_first() else {
+                break;
             };
+            let Some(due) = self.keys.get_mut(&name) else {
+                continue;
+            };
+            let Some(message) = due.waiting.take() else {
+                continue;
+            };
+            self.waiting_bytes -= payload_len(&message);
             batch.push(message);
             released += 1;
             due.next = now + due.interval;
-            !due.interval.is_zero()
-        });
+            if due.interval.is_zero() {
+                self.keys.remove(&name);
+            }
+        }
         released
-    }
-
-    /// Payload bytes of the frames waiting to be due.
-    fn waiting_bytes(&self) -> usize {
-        self.keys
-            .values()
-            .filter_map(|due| due.waiting.as_ref())
-            .map(payload_len)
-            .sum()
     }
 
     /// When the next waiting frame is due.
     fn next_due(&self) -> Option<Instant> {
-        self.keys
-            .values()
-            .filter(|due| due.waiting.is_some())
-            .map(|due| due.next)
-            .min()
+        self.order.first().map(|(due, _)| *due)
     }
 }
 
@@ -821,6 +852,40 @@ mod tests {
         outbox.recv_many(&mut batch, 10).await;
         let texts = batch.iter().map(|m| text(m).to_owned()).collect();
         (texts, start.elapsed(), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_held_back_by_a_rate_take_at_most_the_byte_bound() {
+        let (sender, mut outbox) = bounded(bounds(100, 6));
+        sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
+        for first in ["A1", "B1", "C1"] {
+            assert_eq!(offer_keyed(&sender, first, key(&first[..1])), Offer::Queued);
+        }
+        assert_eq!(next_batch(&mut outbox).await.0, ["A1", "B1", "C1"]);
+        assert_eq!(offer_keyed(&sender, "D1", key("D")), Offer::Queued);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        for second in ["A2", "B2", "C2"] {
+            assert_eq!(
+                offer_keyed(&sender, second, key(&second[..1])),
+                Offer::Throttled { replaced: 0 }
+            );
+        }
+        assert_eq!(
+            offer_keyed(&sender, "D2", key("D")),
+            Offer::Queued,
+            "6 bytes wait already: D2 goes at once rather than wait too"
+        );
+        assert_eq!(
+            offer_keyed(&sender, "A3", key("A")),
+            Offer::Throttled { replaced: 1 },
+            "a waiting frame is still replaced"
+        );
+        assert_eq!(sender.queued_bytes(), 4 + 6);
+        assert_eq!(next_batch(&mut outbox).await.0, ["D1", "D2"]);
+        let (due, waited, _) = next_batch(&mut outbox).await;
+        assert_eq!(due, ["A3", "B2", "C2"], "then the waiting ones, once due");
+        assert_eq!(waited, Duration::from_millis(900));
+        assert_eq!(sender.queued_bytes(), 0);
     }
 
     #[tokio::test(start_paused = true)]
