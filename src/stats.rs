@@ -23,6 +23,8 @@ pub struct Stats {
     pub results_relayed: AtomicU64,
     /// Messages on the output channels a gateway could not route (not an SMA result).
     pub results_unroutable: AtomicU64,
+    /// Results not delivered because their key's sequence had passed them.
+    pub results_repeated: AtomicU64,
     /// SMA results computed and handed to Redis and the sockets.
     pub smas_emitted: AtomicU64,
     /// Messages (SMA and rejected) Redis acknowledged.
@@ -173,6 +175,11 @@ pub const COUNTERS: &[Counter] = &[
         name: "results_unroutable",
         help: "Messages on the output channels a gateway could not route",
         value: |stats| stats.results_unroutable.load(Relaxed),
+    },
+    Counter {
+        name: "results_repeated",
+        help: "Results not delivered because their key had already had them (same epoch, seq not newer)",
+        value: |stats| stats.results_repeated.load(Relaxed),
     },
     Counter {
         name: "smas_emitted",

@@ -73,21 +73,22 @@ impl History {
     /// Keeps `frame`, the result at `position` of the key (`client`,
     /// `symbol`). A result that does not follow the key's last one (results
     /// were lost on the way here) starts the history over from it, as does
-    /// a new epoch; one that is not newer than the last is not kept.
+    /// a new epoch; one that is not newer than the last is not kept, and
+    /// `false` says it is such a repeat.
     pub(super) fn record(
         &mut self,
         client: Option<&str>,
         symbol: &str,
         position: Position<'_>,
         frame: &Utf8Bytes,
-    ) {
+    ) -> bool {
         let room = self.keys < self.max_keys;
         let map = match client {
             None => &mut self.public,
             Some(code) => match self.private.get_mut(code) {
                 Some(map) => map,
                 None if room => self.private.entry(code.into()).or_default(),
-                None => return,
+                None => return true,
             },
         };
         let ring = match map.get_mut(symbol) {
@@ -99,14 +100,14 @@ impl History {
                     entries: VecDeque::new(),
                 })
             }
-            None => return,
+            None => return true,
         };
         let last = ring.entries.back().map(|(seq, _)| *seq);
         if *ring.epoch != *position.epoch {
             ring.epoch = position.epoch.into();
             self.bytes -= ring.clear();
         } else if last.is_some_and(|last| position.seq <= last) {
-            return;
+            return false;
         } else if last.is_some_and(|last| position.seq != last + 1) {
             self.bytes -= ring.clear();
         }
@@ -129,6 +130,7 @@ impl History {
         if ring.entries.capacity() > 4 * ring.entries.len().max(4) {
             ring.entries.shrink_to(2 * ring.entries.len());
         }
+        true
     }
 
     /// What the key's history holds after `last_seen`.

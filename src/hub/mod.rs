@@ -282,8 +282,13 @@ impl Hub {
         }
         let mut guard = self.state();
         let state = &mut *guard;
-        if let Some(position) = position {
-            state.history.record(client, symbol, position, &frame);
+        // A result its key already had (the output channel repeated it, or
+        // a stale node published it) reaches no socket a second time.
+        if let Some(position) = position
+            && !state.history.record(client, symbol, position, &frame)
+        {
+            self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+            return;
         }
         // The key's floors, looked up once: each subscriber is then one probe.
         let floors = position.and_then(|at| Some((state.floors.of(client, symbol)?, at)));
@@ -1273,6 +1278,22 @@ mod tests {
         }
         assert_eq!(queued(&mut outbox), ["A4"], "2 and 3 it had seen");
         assert!(hub.state().floors.is_empty(), "the floor went once passed");
+    }
+
+    #[test]
+    fn a_result_its_key_already_had_reaches_no_socket_again() {
+        let hub = hub(64);
+        let (_socket, mut outbox) = join(&hub, "acme", &["A"]);
+        for seq in [1, 2, 2, 1, 3] {
+            result(&hub, None, seq, "e1");
+        }
+        result(&hub, None, 1, "e2");
+        assert_eq!(
+            queued(&mut outbox),
+            ["A1", "A2", "A3", "A1"],
+            "repeats dropped; a new epoch starts over"
+        );
+        assert_eq!(hub.inner.stats.results_repeated.load(Relaxed), 2);
     }
 
     #[test]
