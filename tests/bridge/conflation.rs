@@ -29,8 +29,28 @@ async fn small_window_socket(address: std::net::SocketAddr, code: &str) -> Socke
     socket
 }
 
+/// `wanted` quotes, or more if this machine's TCP buffers could hold that
+/// many results of a stalled socket: the outbox must overflow for the test
+/// to mean anything. The kernel holds at most the send buffer's limit
+/// (tcp_wmem's maximum, 4 MiB by default: about 42,000 results of ~100
+/// bytes) plus the 4 KiB window, and the outbox 4,096 frames.
+fn quotes_past_the_kernel(wanted: usize) -> usize {
+    const SMALLEST_FRAME: usize = 100;
+    let tcp_wmem = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_wmem")
+        .expect("read /proc/sys/net/ipv4/tcp_wmem");
+    let max_send_buffer: usize = tcp_wmem
+        .split_whitespace()
+        .nth(2)
+        .and_then(|max| max.parse().ok())
+        .expect("tcp_wmem has a maximum");
+    let held = (max_send_buffer + 8192) / SMALLEST_FRAME + 4096;
+    // Whole thousands (the load's chunks) and whole rounds of the keys.
+    wanted.max((held + 5_000).div_ceil(1000) * 1000)
+}
+
 /// The case: one socket of 100 stops reading for 5 s while 10,000
-/// results a second flow. It takes every result (`"*"`, 100 keys); each of
+/// results a second flow (a little longer where the kernel could otherwise
+/// absorb them all: 5.2 s with Linux's default buffers). It takes every result (`"*"`, 100 keys); each of
 /// the other 99 takes 5 keys' results, so that every key goes to about five
 /// readers and a debug build on two cores delivers it all in time. (Every
 /// result to all 100 sockets, a million frames a second, is what the
@@ -41,7 +61,7 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     const READERS: usize = 99;
     const KEYS_PER_READER: usize = 5;
     const PER_SECOND: usize = 10_000;
-    const QUOTES: usize = 5 * PER_SECOND;
+    let quotes = quotes_past_the_kernel(5 * PER_SECOND);
     /// The configured outbox bound (the default).
     const SEND_QUEUE_BYTES: u64 = 1024 * 1024;
     /// A result here is under 128 bytes.
@@ -72,7 +92,7 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     .await;
     let mut conn = redis.connection().await;
     let load = crate::binary::Load {
-        quotes: QUOTES,
+        quotes,
         keys: KEYS,
         per_second: Some(PER_SECOND),
     };
@@ -83,7 +103,7 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
     for count in &readers {
         assert_eq!(
             count.load(Ordering::Relaxed),
-            share(QUOTES),
+            share(quotes),
             "the readers get 100%"
         );
     }
@@ -110,7 +130,7 @@ async fn a_socket_that_stops_reading_is_conflated_not_closed_and_catches_up_with
 
     // Reading again, it is told it was conflated and catches up with the
     // latest of every key; per key, seq only goes up.
-    let final_seq = (QUOTES / KEYS) as u64;
+    let final_seq = (quotes / KEYS) as u64;
     let mut last: BTreeMap<String, u64> = BTreeMap::new();
     let mut notices = 0;
     while last.len() < KEYS || last.values().any(|seq| *seq < final_seq) {
