@@ -1,4 +1,5 @@
-//! Parse + SMA + serialize per quote: the pipeline with no I/O.
+//! Parse + SMA + serialize per quote: the pipeline with no I/O; and what a
+//! gateway does to route each result it relays.
 //!
 //! `cargo bench --bench pipeline`; docs/BENCHMARKS.md has the results and the
 //! callgrind instruction count of the same work.
@@ -9,6 +10,7 @@ use std::sync::Arc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use quotebridge::config::Settings;
 use quotebridge::pipeline::{Outcome, Pipeline};
+use quotebridge::protocol::ResultRoute;
 use quotebridge::stats::Stats;
 
 fn quotes(symbols: usize) -> Vec<Vec<u8>> {
@@ -50,5 +52,37 @@ fn pipeline(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, pipeline);
+/// A gateway reads every relayed result's route (and an event stream each
+/// result's position): the one-scan reader against serde_json.
+fn route(c: &mut Criterion) {
+    let mut settings = Settings::defaults().expect("defaults load");
+    settings.sma.emit_partial = true;
+    let mut pipeline = Pipeline::new(&settings, Arc::new(Stats::default()));
+    let frames: Vec<_> = quotes(1000)
+        .iter()
+        .filter_map(|payload| match pipeline.process(payload) {
+            Outcome::Accepted { sma, .. } => sma.map(|sma| sma.frame),
+            _ => None,
+        })
+        .collect();
+    let mut group = c.benchmark_group("route");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("of", |b| {
+        let mut next = frames.iter().cycle();
+        b.iter(|| {
+            let frame = next.next().expect("cycle never ends");
+            black_box(ResultRoute::of(black_box(frame.as_str())).is_some())
+        });
+    });
+    group.bench_function("serde_json", |b| {
+        let mut next = frames.iter().cycle();
+        b.iter(|| {
+            let frame = next.next().expect("cycle never ends");
+            black_box(ResultRoute::parsed(black_box(frame.as_str())).is_some())
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, pipeline, route);
 criterion_main!(benches);

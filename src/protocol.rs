@@ -336,10 +336,63 @@ impl<'a> ResultRoute<'a> {
     /// anything else (no `sma` number, or names the bridge would not produce).
     #[must_use]
     pub fn of(message: &'a str) -> Option<Self> {
-        let route: Self = serde_json::from_str(message).ok()?;
+        // A gateway routes every result it relays, and an event stream
+        // reads each one's position: results as this bridge writes them
+        // take one scan; anything else, serde_json.
+        let route = Self::scanned(message).or_else(|| Self::parsed(message))?;
         let valid = names::is_symbol(&route.symbol)
             && route.client.as_deref().is_none_or(names::is_client_code);
         valid.then_some(route)
+    }
+
+    /// serde_json's reading of `message`, names not checked. For the tests
+    /// that hold [`ResultRoute::scanned`] to it.
+    #[doc(hidden)]
+    #[must_use]
+    pub fn parsed(message: &'a str) -> Option<Self> {
+        serde_json::from_str(message).ok()
+    }
+
+    /// The route of a result laid out exactly as [`SmaMessage::encode`]
+    /// writes one — its members in its order, strings without escapes,
+    /// numbers without exponents — read in one scan; `None` means "ask
+    /// serde_json", never "not a result". Wherever it answers, it answers
+    /// as serde_json does (a property test checks it).
+    #[doc(hidden)]
+    #[must_use]
+    pub fn scanned(message: &'a str) -> Option<Self> {
+        use std::borrow::Cow::Borrowed;
+        let mut rest = message.strip_prefix(r#"{"symbol":""#)?;
+        let symbol = scan::plain_string(&mut rest)?;
+        rest = rest.strip_prefix(r#","price":"#)?;
+        scan::plain_number(&mut rest)?;
+        rest = rest.strip_prefix(r#","sma":"#)?;
+        match rest.strip_prefix("null") {
+            Some(after) => rest = after,
+            None => scan::plain_number(&mut rest)?,
+        }
+        for member in [r#","window":"#, r#","count":"#, r#","ts":"#] {
+            rest = rest.strip_prefix(member)?;
+            scan::integer(&mut rest)?;
+        }
+        rest = rest.strip_prefix(r#","seq":"#)?;
+        let seq = scan::integer(&mut rest)?;
+        rest = rest.strip_prefix(r#","epoch":""#)?;
+        let epoch = scan::plain_string(&mut rest)?;
+        let client = match rest.strip_prefix(r#","client":""#) {
+            Some(after) => {
+                rest = after;
+                Some(Borrowed(scan::plain_string(&mut rest)?))
+            }
+            None => None,
+        };
+        (rest == "}").then_some(Self {
+            symbol: Borrowed(symbol),
+            client,
+            seq: Some(seq),
+            epoch: Some(Borrowed(epoch)),
+            _sma: SmaValue,
+        })
     }
 
     /// The result's position, when it carries a valid one.
@@ -350,6 +403,55 @@ impl<'a> ResultRoute<'a> {
             seq: self.seq?,
             epoch,
         })
+    }
+}
+
+/// The pieces [`ResultRoute::scanned`] reads, each advancing `rest` past
+/// what it took, or `None` for anything it leaves to serde_json.
+mod scan {
+    /// The rest of a string whose opening quote is behind: its text up to
+    /// the closing quote, which is consumed. No escapes and no control
+    /// characters (which JSON forbids raw), so the text is the value.
+    pub(super) fn plain_string<'a>(rest: &mut &'a str) -> Option<&'a str> {
+        let end = rest
+            .bytes()
+            .position(|b| b == b'"' || b == b'\\' || b < 0x20)?;
+        let (text, after) = rest.split_at(end);
+        *rest = after.strip_prefix('"')?;
+        Some(text)
+    }
+
+    /// A JSON number without an exponent whose integer part fits a u64:
+    /// what zmij writes for a result's usual price or mean (and finite as
+    /// serde_json reads it).
+    pub(super) fn plain_number(rest: &mut &str) -> Option<()> {
+        let unsigned = rest.strip_prefix('-').unwrap_or(rest);
+        let mut after = unsigned;
+        integer(&mut after)?;
+        if let Some(fraction) = after.strip_prefix('.') {
+            let digits = fraction.bytes().take_while(u8::is_ascii_digit).count();
+            if digits == 0 {
+                return None;
+            }
+            after = &fraction[digits..];
+        }
+        if after.starts_with(['e', 'E']) {
+            return None;
+        }
+        *rest = after;
+        Some(())
+    }
+
+    /// An unsigned JSON integer (no leading zero) that fits a u64.
+    pub(super) fn integer(rest: &mut &str) -> Option<u64> {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let text = &rest[..digits];
+        if digits == 0 || (digits > 1 && text.starts_with('0')) {
+            return None;
+        }
+        let value = text.parse().ok()?;
+        *rest = &rest[digits..];
+        Some(value)
     }
 }
 

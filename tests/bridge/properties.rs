@@ -7,7 +7,7 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use quotebridge::config::Settings;
 use quotebridge::pipeline::{Outcome, Pipeline};
-use quotebridge::protocol::SmaMessage;
+use quotebridge::protocol::{ResultRoute, SmaMessage};
 use quotebridge::quote::{self, Quote};
 use quotebridge::sma::SmaWindow;
 use quotebridge::stats::Stats;
@@ -201,5 +201,86 @@ fn usual_prices_and_every_ts_are_spelled_as_sent() {
         "1234567890.1234567",
     ] {
         assert_eq!(spelled(formatted), None, "{formatted}");
+    }
+}
+
+proptest! {
+    /// Results as the bridge writes them: wherever the one-scan route
+    /// reader answers, it answers as serde_json does, and it answers for
+    /// the usual result.
+    #[test]
+    fn written_results_are_routed_as_serde_json_reads_them(
+        symbol in "[A-Za-z0-9._:/-]{1,32}",
+        cents in 1u64..100_000_000,
+        price in any::<f64>(),
+        sma in any::<f64>(),
+        window in any::<usize>(),
+        count in any::<usize>(),
+        ts in any::<u64>(),
+        seq in any::<u64>(),
+        epoch in "[A-Za-z0-9_-]{1,32}",
+        client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+    ) {
+        for (price, usual) in [(cents as f64 / 100.0, true), (price, false)] {
+            let message = SmaMessage {
+                symbol: &symbol, price, sma: price, window, count, ts, seq, epoch: &epoch,
+                client: client.as_deref(),
+            };
+            for message in [message.clone(), SmaMessage { sma, ..message }] {
+                let frame = message.encode();
+                let scanned = ResultRoute::scanned(frame.as_str());
+                let parsed = ResultRoute::parsed(frame.as_str());
+                prop_assert!(parsed.is_some(), "{}", frame.as_str());
+                if usual && message.sma == price {
+                    prop_assert!(scanned.is_some(), "the usual result is scanned: {}", frame.as_str());
+                }
+                if scanned.is_some() {
+                    prop_assert_eq!(scanned, parsed, "{}", frame.as_str());
+                }
+            }
+        }
+    }
+
+    /// Near misses of that layout: a written result with a character or
+    /// two replaced, inserted or removed (escapes, control characters,
+    /// exponents, leading zeros, stray bytes). The scan answers as
+    /// serde_json does, or leaves the message to it.
+    #[test]
+    fn mangled_results_are_routed_as_serde_json_reads_them_or_left_to_it(
+        cents in 0u64..100_000_000,
+        seq in any::<u64>(),
+        client in prop::option::of("[a-z]{1,3}"),
+        edits in prop::collection::vec(
+            (
+                any::<prop::sample::Index>(),
+                prop::sample::select(vec![
+                    '0', '1', '9', '-', '+', '.', 'e', 'E', '"', '\\', '\u{1}', '}', ',', ' ',
+                    'n', 'é', ':',
+                ]),
+                0u8..3,
+            ),
+            1..3,
+        ),
+    ) {
+        let frame = SmaMessage {
+            symbol: "AB", price: cents as f64 / 100.0, sma: cents as f64 / 300.0, window: 10,
+            count: 7, ts: 1_764_115_200_000, seq, epoch: "e1", client: client.as_deref(),
+        }
+        .encode();
+        let mut chars: Vec<char> = frame.as_str().chars().collect();
+        for (at, ch, how) in edits {
+            let at = at.index(chars.len());
+            match how {
+                0 => chars[at] = ch,
+                1 => chars.insert(at, ch),
+                _ => {
+                    chars.remove(at);
+                }
+            }
+        }
+        let text: String = chars.into_iter().collect();
+        if let Some(scanned) = ResultRoute::scanned(&text) {
+            prop_assert_eq!(Some(scanned), ResultRoute::parsed(&text), "{}", text);
+        }
     }
 }
