@@ -452,6 +452,9 @@ struct Throttle {
     order: BTreeSet<(Instant, Arc<str>)>,
     /// Payload bytes of the waiting frames.
     waiting_bytes: usize,
+    /// How many keys may be tracked before the next sweep of those whose
+    /// interval has passed with nothing waiting.
+    sweep_at: usize,
 }
 
 #[derive(Debug)]
@@ -498,20 +501,23 @@ impl Throttle {
             due.next = next;
             due.interval = interval.unwrap_or_default();
         };
+        // A key whose limit is lifted and that has nothing waiting is as
+        // one never seen: it goes.
+        let keep = |due: &Due| due.waiting.is_some() || !due.interval.is_zero();
         if symbol == "*" {
             let by_symbol = &self.by_symbol;
-            for (name, due) in &mut self.keys {
+            self.keys.retain(|name, due| {
                 if !by_symbol.contains_key(&**name) {
                     adjust(due, interval);
                 }
-            }
+                keep(due)
+            });
         } else if let Some(due) = self.keys.get_mut(symbol) {
             adjust(due, interval.or(self.all));
+            if !keep(due) {
+                self.keys.remove(symbol);
+            }
         }
-        // A key whose limit is lifted and that has nothing waiting is as
-        // one never seen.
-        self.keys
-            .retain(|_, due| due.waiting.is_some() || !due.interval.is_zero());
         sooner
     }
 
@@ -576,6 +582,15 @@ impl Throttle {
                 due.interval = interval;
             }
             None => {
+                // Keys whose interval passed with nothing waiting are as
+                // keys never seen. They are swept when the map has doubled
+                // since the last sweep: no walk per frame, and at most
+                // twice the keys of the last interval are tracked.
+                if self.keys.len() >= self.sweep_at {
+                    self.keys
+                        .retain(|_, due| due.waiting.is_some() || due.next > now);
+                    self.sweep_at = (2 * self.keys.len()).max(64);
+                }
                 let name: Arc<str> = key.symbol.into();
                 let due = Due {
                     name: name.clone(),
@@ -852,6 +867,33 @@ mod tests {
         outbox.recv_many(&mut batch, 10).await;
         let texts = batch.iter().map(|m| text(m).to_owned()).collect();
         (texts, start.elapsed(), Instant::now())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keys_whose_interval_passed_are_swept_as_new_ones_come() {
+        let (sender, _outbox) = bounded(bounds(1000, 1 << 20));
+        sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
+        let tracked = |sender: &Sender| {
+            let queue = sender.shared.lock();
+            queue
+                .throttle
+                .as_ref()
+                .map_or(0, |throttle| throttle.keys.len())
+        };
+        let names: Vec<String> = (0..200).map(|k| format!("K{k}")).collect();
+        for name in &names[..100] {
+            assert_eq!(offer_keyed(&sender, name, key(name)), Offer::Queued);
+        }
+        assert_eq!(tracked(&sender), 100);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        for name in &names[100..] {
+            assert_eq!(offer_keyed(&sender, name, key(name)), Offer::Queued);
+        }
+        assert!(
+            tracked(&sender) <= 100 + 1,
+            "the first hundred went once passed: {}",
+            tracked(&sender)
+        );
     }
 
     #[tokio::test(start_paused = true)]

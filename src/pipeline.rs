@@ -254,7 +254,9 @@ impl Pipeline {
             .get_or_insert(client, symbol, &self.addressing, epoch)
         {
             key.window = SmaWindow::restore(capacity, state.window);
+            // A saved seq at the end of u64 could not be continued.
             let saved = state.epoch.filter(|e| names::is_epoch(e)).zip(state.seq);
+            let saved = saved.filter(|(_, seq)| *seq < u64::MAX);
             let (epoch, seq) = match saved {
                 Some((epoch, seq)) => (Arc::from(epoch), seq),
                 None => (new_epoch(), 0),
@@ -267,9 +269,12 @@ impl Pipeline {
         }
     }
 
-    /// Forgets every window (before restoring them all again).
+    /// Forgets every window (before restoring them all again). A key that
+    /// is not restored starts over, so the run's epoch for new keys changes
+    /// too: a key created again must not repeat `seq`s of its old epoch.
     pub fn clear(&mut self) {
         self.windows = Windows::new(self.windows.window, self.windows.max_keys);
+        self.epoch = new_epoch();
     }
 }
 

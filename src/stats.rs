@@ -23,7 +23,7 @@ pub struct Stats {
     pub results_relayed: AtomicU64,
     /// Messages on the output channels a gateway could not route (not an SMA result).
     pub results_unroutable: AtomicU64,
-    /// Results not delivered because their key's sequence had passed them.
+    /// Results not delivered because their key's history already held them.
     pub results_repeated: AtomicU64,
     /// SMA results computed and handed to Redis and the sockets.
     pub smas_emitted: AtomicU64,
@@ -178,7 +178,7 @@ pub const COUNTERS: &[Counter] = &[
     },
     Counter {
         name: "results_repeated",
-        help: "Results not delivered because their key had already had them (same epoch, seq not newer)",
+        help: "Results not delivered because their key's history already holds them (same epoch, seq and bytes)",
         value: |stats| stats.results_repeated.load(Relaxed),
     },
     Counter {

@@ -72,9 +72,11 @@ impl History {
 
     /// Keeps `frame`, the result at `position` of the key (`client`,
     /// `symbol`). A result that does not follow the key's last one (results
-    /// were lost on the way here) starts the history over from it, as does
-    /// a new epoch; one that is not newer than the last is not kept, and
-    /// `false` says it is such a repeat.
+    /// were lost on the way here, or the sequence went back) starts the
+    /// history over from it, as does a new epoch. `false` says it is one
+    /// the history holds already, byte for byte: a repeat, not kept again.
+    /// (Comparing bytes, not only `seq`s, keeps a forged result with a huge
+    /// `seq` from silencing its key: the real ones that follow it differ.)
     pub(super) fn record(
         &mut self,
         client: Option<&str>,
@@ -106,9 +108,9 @@ impl History {
         if *ring.epoch != *position.epoch {
             ring.epoch = position.epoch.into();
             self.bytes -= ring.clear();
-        } else if last.is_some_and(|last| position.seq <= last) {
+        } else if ring.holds(position.seq, frame) {
             return false;
-        } else if last.is_some_and(|last| position.seq != last + 1) {
+        } else if last.is_some_and(|last| last.checked_add(1) != Some(position.seq)) {
             self.bytes -= ring.clear();
         }
         ring.entries.push_back((position.seq, frame.clone()));
@@ -179,6 +181,19 @@ impl History {
 }
 
 impl Ring {
+    /// Whether the ring holds the result at `seq`, and it is `frame`.
+    /// Entries are consecutive `seq`s, so that is one look.
+    fn holds(&self, seq: u64, frame: &Utf8Bytes) -> bool {
+        let Some(&(oldest, _)) = self.entries.front() else {
+            return false;
+        };
+        let at = seq
+            .checked_sub(oldest)
+            .and_then(|i| usize::try_from(i).ok());
+        at.and_then(|i| self.entries.get(i))
+            .is_some_and(|(held, kept)| *held == seq && kept == frame)
+    }
+
     /// Empties the ring; returns the bytes that frees.
     fn clear(&mut self) -> usize {
         let freed = self
@@ -288,11 +303,20 @@ mod tests {
             "5 never came"
         );
         assert_eq!(frames(history.replay(None, "A", at(5, "e1"))), ["A6"]);
-        history.record(None, "A", at(6, "e1"), &"again".into());
+        assert!(
+            !history.record(None, "A", at(6, "e1"), &"A6".into()),
+            "a repeat"
+        );
         assert_eq!(
             frames(history.replay(None, "A", at(5, "e1"))),
             ["A6"],
-            "a repeat is not kept"
+            "is not kept twice"
+        );
+        assert!(history.record(None, "A", at(6, "e1"), &"other".into()));
+        assert_eq!(
+            frames(history.replay(None, "A", at(5, "e1"))),
+            ["other"],
+            "another result at a seq already had: the sequence went back, and starts over"
         );
         history.record(None, "A", at(1, "e2"), &"B1".into());
         assert_eq!(

@@ -536,23 +536,19 @@ impl Hub {
                     continue;
                 }
                 let seen = Position { seq, epoch };
-                let replay = floored(
-                    state.history.replay(None, symbol, seen),
-                    &mut ahead,
-                    (false, symbol, seen),
-                );
-                add(replay, symbol, false, state.snapshots.get(symbol));
+                let replay = state.history.replay(None, symbol, seen);
+                match floored(replay, &mut ahead, (false, symbol, seen)) {
+                    Some(replay) => add(replay, symbol, false, state.snapshots.get(symbol)),
+                    None => add(Replay::Gap(None), symbol, false, None),
+                }
             }
         }
         for (epoch, symbols) in &last_seen.private {
             for (symbol, &seq) in symbols {
                 let seen = Position { seq, epoch };
-                let replay = floored(
-                    state.history.replay(Some(&client), symbol, seen),
-                    &mut ahead,
-                    (true, symbol, seen),
-                );
-                add(replay, symbol, true, None);
+                let replay = state.history.replay(Some(&client), symbol, seen);
+                let replay = floored(replay, &mut ahead, (true, symbol, seen));
+                add(replay.unwrap_or(Replay::Gap(None)), symbol, true, None);
             }
         }
         for (private, symbol, seen) in ahead {
@@ -746,21 +742,23 @@ impl State {
     }
 }
 
-/// A key the client is ahead on needs a floor; past
-/// [`floors::MAX_PER_SOCKET`] of them the rest are treated as gaps.
+/// A key the client is ahead on needs a floor. Past
+/// [`floors::MAX_PER_SOCKET`] of them, `None`: the key is reported not
+/// recovered and nothing of it is sent (this node's latest is older than
+/// what the client has; what comes live may repeat what it saw).
 fn floored<'a>(
     replay: Replay<'a>,
     ahead: &mut Vec<(bool, &'a str, Position<'a>)>,
     key: (bool, &'a str, Position<'a>),
-) -> Replay<'a> {
+) -> Option<Replay<'a>> {
     if !matches!(replay, Replay::Ahead) {
-        return replay;
+        return Some(replay);
     }
     if ahead.len() >= floors::MAX_PER_SOCKET {
-        return Replay::Gap(None);
+        return None;
     }
     ahead.push(key);
-    replay
+    Some(replay)
 }
 
 /// Offers `message` (of `key`, if it is a result) to each socket of `ids`:
@@ -1297,6 +1295,29 @@ mod tests {
     }
 
     #[test]
+    fn a_forged_result_far_ahead_does_not_silence_its_key() {
+        let hub = hub(64);
+        let (_socket, mut outbox) = join(&hub, "acme", &["A"]);
+        result(&hub, None, 1, "e1");
+        let forged = Position {
+            seq: u64::MAX,
+            epoch: "e1",
+        };
+        hub.deliver_result("A", None, Some(forged), "forged".into());
+        result(&hub, None, 2, "e1");
+        result(&hub, None, 3, "e1");
+        assert_eq!(queued(&mut outbox), ["A1", "forged", "A2", "A3"]);
+        let seen = Position {
+            seq: 2,
+            epoch: "e1",
+        };
+        assert!(
+            matches!(hub.state().history.replay(None, "A", seen), Replay::Recovered(ref f) if f.len() == 1),
+            "the history starts over from the real results"
+        );
+    }
+
+    #[test]
     fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
         let limits = HubLimits {
             max_snapshots: 1000,
@@ -1326,9 +1347,12 @@ mod tests {
         assert_eq!(
             resumed.unrecovered_public.len(),
             10,
-            "past the cap, a key it is ahead on is a gap"
+            "past the cap, a key it is ahead on is not recovered"
         );
-        assert_eq!(resumed.frames.len(), 10, "with its latest value");
+        assert!(
+            resumed.frames.is_empty(),
+            "and this node's latest, older than what it saw, is not sent"
+        );
         assert_eq!(
             hub.state().floors.by_socket_len(),
             floors::MAX_PER_SOCKET,
