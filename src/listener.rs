@@ -29,7 +29,7 @@ use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
 use crate::pipeline::{Outcome, Pipeline, unix_ms};
-use crate::protocol::{MAX_RESULT_BYTES, ResultRoute};
+use crate::protocol::ResultRoute;
 use crate::publisher::Queued;
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
@@ -276,9 +276,6 @@ impl<B: Broker> Listener<B> {
             Ok(snapshots) => {
                 let mut loaded = 0usize;
                 for (symbol, frame) in snapshots {
-                    if frame.len() > MAX_RESULT_BYTES {
-                        continue;
-                    }
                     let Ok(frame) = Utf8Bytes::try_from(frame) else {
                         continue;
                     };
@@ -302,10 +299,6 @@ impl<B: Broker> Listener<B> {
     /// A result a compute node published: fanned out as `all` would, with
     /// the very bytes the compute node encoded.
     fn on_result(&mut self, payload: Bytes) {
-        if payload.len() > MAX_RESULT_BYTES {
-            self.stats.results_unroutable.fetch_add(1, Relaxed);
-            return;
-        }
         let Ok(frame) = Utf8Bytes::try_from(payload) else {
             self.stats.results_unroutable.fetch_add(1, Relaxed);
             return;

@@ -206,9 +206,10 @@ impl WindowFraming {
 
 /// The longest result the bridge writes: the longest names, numbers and
 /// floats of every member come to under 400 bytes (a test checks it).
-/// Anything longer on an output channel is not a result: a gateway relays
-/// nothing longer, so a forged message padded with members cannot make
-/// history and snapshots (one frame kept per key) hold more than this a key.
+/// Anything longer is not a result ([`ResultRoute::of`] says so): a gateway
+/// relays or loads as a snapshot nothing longer, so a forged message padded
+/// with members cannot make history and snapshots (one frame kept per key)
+/// hold more than this a key.
 pub const MAX_RESULT_BYTES: usize = 512;
 
 /// A float as JSON: shortest round-trip form, `null` for a non-finite value
@@ -333,9 +334,13 @@ impl<'de> Deserialize<'de> for SmaValue {
 
 impl<'a> ResultRoute<'a> {
     /// The route of an SMA message as compute nodes publish it; `None` for
-    /// anything else (no `sma` number, or names the bridge would not produce).
+    /// anything else (no `sma` number, names the bridge would not produce,
+    /// or longer than [`MAX_RESULT_BYTES`]).
     #[must_use]
     pub fn of(message: &'a str) -> Option<Self> {
+        if message.len() > MAX_RESULT_BYTES {
+            return None;
+        }
         // A gateway routes every result it relays, and an event stream
         // reads each one's position: results as this bridge writes them
         // take one scan; anything else, serde_json.
@@ -570,6 +575,17 @@ mod tests {
             longest.len() < 400 && 400 <= MAX_RESULT_BYTES,
             "{} bytes: {longest}",
             longest.len()
+        );
+        assert!(ResultRoute::of(longest.as_str()).is_some(), "and is routed");
+        let pad = format!(r#"{{"pad":"{}","#, "x".repeat(MAX_RESULT_BYTES));
+        let padded = longest.replacen('{', &pad, 1);
+        assert!(
+            ResultRoute::parsed(&padded).is_some(),
+            "a route but for its length"
+        );
+        assert!(
+            ResultRoute::of(&padded).is_none(),
+            "too long to be a result"
         );
     }
 
