@@ -17,7 +17,7 @@ pub(crate) mod demo;
 mod error;
 pub(crate) mod hub;
 pub(crate) mod listener;
-pub(crate) mod metrics;
+pub mod metrics;
 pub mod names;
 pub(crate) mod outbox;
 pub mod pipeline;

@@ -5,8 +5,12 @@
 //! lookup per event); at scrape time their values are handed to a
 //! metrics-exporter-prometheus recorder of this bridge's own, which renders
 //! the exposition. The one histogram, quote-to-publish latency, is recorded
-//! as events happen.
+//! as events happen; the recorder keeps each sample until it is folded into
+//! the buckets, so it is folded every [`UPKEEP_EVERY`] samples rather than
+//! only when something scrapes (a bridge nobody scrapes would otherwise keep
+//! every sample it ever took).
 
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
@@ -25,12 +29,18 @@ const LATENCY_BUCKETS: [f64; 13] = [
     0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
+/// Latency samples recorded between two folds into the histogram's buckets:
+/// at most this many (8 bytes each) wait, scraped or not.
+pub const UPKEEP_EVERY: u64 = 4096;
+
 /// The bridge's Prometheus recorder. Not installed globally, so several
 /// bridges (tests, the benchmark) can live in one process.
 pub struct Metrics {
     recorder: PrometheusRecorder,
     handle: PrometheusHandle,
     publish_latency: Histogram,
+    /// Latency samples recorded so far, to fold them every `UPKEEP_EVERY`.
+    recorded: AtomicU64,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -63,12 +73,16 @@ impl Metrics {
             recorder,
             handle,
             publish_latency,
+            recorded: AtomicU64::new(0),
         }
     }
 
     /// Records one quote-to-publish latency.
     pub fn record_publish_latency(&self, latency: Duration) {
         self.publish_latency.record(latency.as_secs_f64());
+        if self.recorded.fetch_add(1, Relaxed) % UPKEEP_EVERY == UPKEEP_EVERY - 1 {
+            self.handle.run_upkeep();
+        }
     }
 
     /// The Prometheus text exposition of `stats` and `gauges`.
