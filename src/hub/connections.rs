@@ -74,14 +74,6 @@ impl Connections {
     pub(super) fn group_count(&self) -> usize {
         self.groups.len()
     }
-
-    /// Payload bytes waiting in every socket's outbox.
-    pub(super) fn queued_bytes(&self) -> usize {
-        self.sockets
-            .values()
-            .map(|socket| socket.outbox.queued_bytes())
-            .sum()
-    }
 }
 
 #[cfg(test)]
@@ -89,12 +81,12 @@ mod tests {
     use super::*;
 
     fn sender() -> outbox::Sender {
-        outbox::bounded(outbox::Bounds {
+        let bounds = outbox::Bounds {
             frames: 1,
             bytes: 1024,
             conflate: false,
-        })
-        .0
+        };
+        outbox::bounded(bounds, outbox::QueuedBytes::default()).0
     }
 
     #[test]

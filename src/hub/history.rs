@@ -26,7 +26,7 @@ const ENTRY_OVERHEAD: usize = 48;
 #[derive(Debug)]
 pub(super) enum Replay<'h> {
     /// Every result after `seq`, oldest first (none when it is up to date).
-    Recovered(Vec<&'h Utf8Bytes>),
+    Recovered(Missed<'h>),
     /// The client has seen results this node has not received yet (it came
     /// from a gateway that is ahead): nothing to send, and the results up
     /// to `seq` must not be sent again when they arrive.
@@ -36,6 +36,27 @@ pub(super) enum Replay<'h> {
     /// result, if any, stands in for what was missed.
     Gap(Option<&'h Utf8Bytes>),
 }
+
+/// The results a key's history holds after a position, read only as far as
+/// they are taken: how many is known without reading them.
+#[derive(Debug, Clone)]
+pub(super) struct Missed<'h> {
+    frames: std::iter::Skip<std::collections::vec_deque::Iter<'h, (u64, Utf8Bytes)>>,
+}
+
+impl<'h> Iterator for Missed<'h> {
+    type Item = &'h Utf8Bytes;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.frames.next().map(|(_, frame)| frame)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.frames.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Missed<'_> {}
 
 #[derive(Debug)]
 pub(super) struct History {
@@ -47,6 +68,9 @@ pub(super) struct History {
     keys: usize,
     public: HashMap<Box<str>, Ring>,
     private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
+    /// Replays asked for (the tests' view of a resume's work).
+    #[cfg(test)]
+    pub(super) replays: std::cell::Cell<usize>,
 }
 
 /// One key's latest results, consecutive in its sequence.
@@ -67,6 +91,8 @@ impl History {
             keys: 0,
             public: HashMap::new(),
             private: HashMap::new(),
+            #[cfg(test)]
+            replays: std::cell::Cell::new(0),
         }
     }
 
@@ -135,6 +161,15 @@ impl History {
         true
     }
 
+    /// The key's latest result kept, if any: one look, no replay.
+    pub(super) fn latest(&self, client: Option<&str>, symbol: &str) -> Option<&Utf8Bytes> {
+        let ring = match client {
+            None => self.public.get(symbol),
+            Some(code) => self.private.get(code).and_then(|map| map.get(symbol)),
+        }?;
+        ring.entries.back().map(|(_, frame)| frame)
+    }
+
     /// What the key's history holds after `last_seen`.
     pub(super) fn replay(
         &self,
@@ -142,6 +177,8 @@ impl History {
         symbol: &str,
         last_seen: Position<'_>,
     ) -> Replay<'_> {
+        #[cfg(test)]
+        self.replays.set(self.replays.get() + 1);
         let ring = match client {
             None => self.public.get(symbol),
             Some(code) => self.private.get(code).and_then(|map| map.get(symbol)),
@@ -167,11 +204,10 @@ impl History {
                 Replay::Gap(Some(frame))
             };
         }
-        if last_seen.seq == *newest {
-            return Replay::Recovered(Vec::new());
-        }
         let skip = usize::try_from(last_seen.seq + 1 - oldest).unwrap_or(usize::MAX);
-        Replay::Recovered(ring.entries.iter().skip(skip).map(|(_, f)| f).collect())
+        Replay::Recovered(Missed {
+            frames: ring.entries.iter().skip(skip),
+        })
     }
 
     /// Bytes held (frames plus their slots), for `/metrics`.
@@ -216,7 +252,7 @@ mod tests {
 
     fn frames(replay: Replay<'_>) -> Vec<String> {
         match replay {
-            Replay::Recovered(frames) => frames.iter().map(|f| f.to_string()).collect(),
+            Replay::Recovered(frames) => frames.map(|f| f.to_string()).collect(),
             other => panic!("expected a recovery, got {other:?}"),
         }
     }

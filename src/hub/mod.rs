@@ -39,7 +39,7 @@ use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
 use self::wakes::Wakes;
 use crate::names::ALL_SYMBOLS;
-use crate::outbox::{self, FrameKey, Offer, Outbox};
+use crate::outbox::{self, FrameKey, Offer, Outbox, QueuedBytes};
 use crate::protocol::{LastSeen, Position};
 use crate::stats::Stats;
 
@@ -57,6 +57,8 @@ struct Inner {
     state: Mutex<State>,
     limits: HubLimits,
     stats: Arc<Stats>,
+    /// What every socket's outbox holds, kept by the outboxes.
+    queued: QueuedBytes,
     /// Whether a frame too large for any socket has been logged (once is
     /// enough: the counter tells how often).
     logged_too_large: AtomicBool,
@@ -204,6 +206,7 @@ impl Hub {
                 state: Mutex::new(state),
                 limits,
                 stats,
+                queued: QueuedBytes::default(),
                 logged_too_large: AtomicBool::new(false),
             }),
         }
@@ -243,11 +246,13 @@ impl Hub {
         hold: bool,
     ) -> (Membership, Outbox) {
         let limits = &self.inner.limits;
-        let (sender, outbox) = outbox::bounded(outbox::Bounds {
+        let bounds = outbox::Bounds {
             frames: limits.send_queue,
             bytes: limits.send_queue_bytes,
             conflate: limits.conflate,
-        });
+        };
+        let (sender, outbox) = outbox::bounded(bounds, self.inner.queued.clone());
+        let rates = sender.rates();
         let mut state = self.state();
         let id = state
             .connections
@@ -261,6 +266,7 @@ impl Hub {
         let membership = Membership {
             hub: self.clone(),
             id,
+            rates,
             _admission: admission,
         };
         (membership, outbox)
@@ -409,6 +415,7 @@ impl Hub {
     /// Outside the hub's lock: thousands of wakes would keep joins and
     /// subscribes waiting.
     fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
+        state.wakes.settle(&self.inner.queued);
         let Some(mut wakes) = state.wakes.take_due() else {
             return;
         };
@@ -445,11 +452,11 @@ impl Hub {
         self.state().connections.group_count()
     }
 
-    /// Payload bytes waiting in sockets' outboxes. A walk over every socket
-    /// (each outbox locked in turn): for a scrape, not for a hot path.
+    /// Payload bytes waiting in sockets' outboxes: a gauge the outboxes
+    /// keep, read without the hub's lock.
     #[must_use]
     pub fn queued_bytes(&self) -> usize {
-        self.state().connections.queued_bytes()
+        self.inner.queued.get()
     }
 
     /// Bytes the history of every key holds.
@@ -495,60 +502,51 @@ impl Hub {
         let mut resumed = Resumed::default();
         let mut ahead: Vec<(bool, &str, Position<'_>)> = Vec::new();
         // A replay bypasses the socket's queue; it is held to the queue's
-        // bounds all the same, and a key that would pass them gets its
-        // latest result instead, as if its history were shorter.
+        // bounds all the same (the budget). A key whose missed results would
+        // pass them is not recovered, and it spends the budget: the keys
+        // after it are answered without reading their history, so a resume
+        // costs its request's size plus the budget, however many keys it names.
         let limits = &self.inner.limits;
-        let (mut frames_left, mut bytes_left) = (limits.send_queue, limits.send_queue_bytes);
-        let mut add =
-            |replay: Replay<'_>, symbol: &str, private: bool, snapshot: Option<&Utf8Bytes>| {
-                let replay = match replay {
-                    Replay::Recovered(frames) => {
-                        let bytes: usize = frames.iter().map(|f| f.len()).sum();
-                        if frames.len() <= frames_left && bytes <= bytes_left {
-                            frames_left -= frames.len();
-                            bytes_left -= bytes;
-                            resumed.replayed += frames.len();
-                            resumed.frames.extend(frames.into_iter().cloned());
-                            return;
-                        }
-                        Replay::Gap(frames.last().copied())
-                    }
-                    other => other,
-                };
-                match replay {
-                    Replay::Recovered(_) | Replay::Ahead => {}
-                    Replay::Gap(latest) => {
-                        let unrecovered = if private {
-                            &mut resumed.unrecovered_private
-                        } else {
-                            &mut resumed.unrecovered_public
-                        };
-                        unrecovered.push(symbol.to_owned());
-                        resumed.frames.extend(latest.or(snapshot).cloned());
-                    }
-                }
-            };
+        let mut budget = Budget {
+            frames: limits.send_queue,
+            bytes: limits.send_queue_bytes,
+            replaying: true,
+        };
+        let history = &state.history;
         for (epoch, symbols) in &last_seen.public {
             for (symbol, &seq) in symbols {
                 if !wants(symbol) {
                     // Named but not subscribed: not recovered, and not sent.
-                    add(Replay::Gap(None), symbol, false, None);
+                    budget.answer(&mut resumed, Replay::Gap(None), symbol, false, None);
                     continue;
                 }
                 let seen = Position { seq, epoch };
-                let replay = state.history.replay(None, symbol, seen);
-                match floored(replay, &mut ahead, (false, symbol, seen)) {
-                    Some(replay) => add(replay, symbol, false, state.snapshots.get(symbol)),
-                    None => add(Replay::Gap(None), symbol, false, None),
-                }
+                let replay = if budget.is_spent() {
+                    Some(Replay::Gap(history.latest(None, symbol)))
+                } else {
+                    floored(
+                        history.replay(None, symbol, seen),
+                        &mut ahead,
+                        (false, symbol, seen),
+                    )
+                };
+                // Past the floor cap: not recovered, and nothing sent.
+                let stand_in = replay.is_some().then(|| state.snapshots.get(symbol));
+                let replay = replay.unwrap_or(Replay::Gap(None));
+                budget.answer(&mut resumed, replay, symbol, false, stand_in.flatten());
             }
         }
         for (epoch, symbols) in &last_seen.private {
             for (symbol, &seq) in symbols {
                 let seen = Position { seq, epoch };
-                let replay = state.history.replay(Some(&client), symbol, seen);
-                let replay = floored(replay, &mut ahead, (true, symbol, seen));
-                add(replay.unwrap_or(Replay::Gap(None)), symbol, true, None);
+                let replay = if budget.is_spent() {
+                    Some(Replay::Gap(history.latest(Some(&client), symbol)))
+                } else {
+                    let replay = history.replay(Some(&client), symbol, seen);
+                    floored(replay, &mut ahead, (true, symbol, seen))
+                };
+                let replay = replay.unwrap_or(Replay::Gap(None));
+                budget.answer(&mut resumed, replay, symbol, true, None);
             }
         }
         for (private, symbol, seen) in ahead {
@@ -580,11 +578,9 @@ impl Hub {
                 )
             };
             for frame in latest {
-                if frames_left == 0 || frame.len() > bytes_left {
+                if !budget.take(1, frame.len()) {
                     break;
                 }
-                frames_left -= 1;
-                bytes_left -= frame.len();
                 resumed.frames.push(frame.clone());
             }
         }
@@ -609,12 +605,7 @@ impl Hub {
         self.state().connections.group(client).len()
     }
 
-    fn subscribe(
-        &self,
-        id: SocketId,
-        symbols: &[String],
-        max_rate: Option<Duration>,
-    ) -> Result<Subscribed, SubscribeError> {
+    fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
         let mut guard = self.state();
         let state = &mut *guard;
         let Some(socket) = state.connections.get(id) else {
@@ -665,8 +656,6 @@ impl Hub {
             .frames_queued
             .fetch_add(snapshots as u64, Relaxed);
         let new: Vec<String> = new.into_iter().cloned().collect();
-        // Every named symbol takes the request's rate (or none), new or not.
-        socket.outbox.set_rate(symbols, max_rate);
         state.subscriptions.add(id, &new);
         let symbols = state.subscriptions_of(id);
         self.wake_unless_held(guard);
@@ -677,9 +666,6 @@ impl Hub {
         let mut state = self.state();
         for symbol in symbols {
             state.subscriptions.remove(id, symbol);
-        }
-        if let Some(socket) = state.connections.get(id) {
-            socket.outbox.unsubscribe(symbols);
         }
         Subscribed {
             symbols: state.subscriptions_of(id),
@@ -742,6 +728,83 @@ impl State {
     }
 }
 
+/// What a resume may still send: the socket's queue bounds, in frames and
+/// bytes.
+struct Budget {
+    frames: usize,
+    bytes: usize,
+    /// Whether histories are still read: not once a key's missed results
+    /// did not fit.
+    replaying: bool,
+}
+
+impl Budget {
+    /// Takes `frames` frames of `bytes` bytes if they fit.
+    fn take(&mut self, frames: usize, bytes: usize) -> bool {
+        if frames > self.frames || bytes > self.bytes {
+            return false;
+        }
+        self.frames -= frames;
+        self.bytes -= bytes;
+        true
+    }
+
+    /// Whether no more histories are read.
+    fn is_spent(&self) -> bool {
+        !self.replaying || self.frames == 0
+    }
+
+    /// Answers one named key: its missed results if they fit; otherwise the
+    /// key is not recovered, and its latest result (else `stand_in`, the
+    /// symbol's snapshot) is sent if that fits. Missed results that do not
+    /// fit spend the budget: the keys after are not read (see `resume`).
+    fn answer(
+        &mut self,
+        resumed: &mut Resumed,
+        replay: Replay<'_>,
+        symbol: &str,
+        private: bool,
+        stand_in: Option<&Utf8Bytes>,
+    ) {
+        let mut spent = false;
+        let latest = match replay {
+            Replay::Ahead => return,
+            Replay::Recovered(missed) => {
+                let count = missed.len();
+                // Read only when the count fits, and no further than it.
+                let bytes = if count <= self.frames {
+                    missed.clone().map(|frame| frame.len()).sum()
+                } else {
+                    usize::MAX
+                };
+                if self.take(count, bytes) {
+                    resumed.replayed += count;
+                    resumed.frames.extend(missed.cloned());
+                    return;
+                }
+                spent = true;
+                missed.last()
+            }
+            Replay::Gap(latest) => latest.or(stand_in),
+        };
+        let unrecovered = if private {
+            &mut resumed.unrecovered_private
+        } else {
+            &mut resumed.unrecovered_public
+        };
+        unrecovered.push(symbol.to_owned());
+        if let Some(latest) = latest
+            && self.take(1, latest.len())
+        {
+            resumed.frames.push(latest.clone());
+        }
+        if spent {
+            // Past the budget: the keys after this one are not read.
+            self.replaying = false;
+        }
+    }
+}
+
 /// A key the client is ahead on needs a floor. Past
 /// [`floors::MAX_PER_SOCKET`] of them, `None`: the key is reported not
 /// recovered and nothing of it is sent (this node's latest is older than
@@ -793,6 +856,8 @@ fn offer_each<'a>(
 pub struct Membership {
     hub: Hub,
     id: SocketId,
+    /// Its outbox's rate limits.
+    rates: outbox::Rates,
     _admission: Admission,
 }
 
@@ -810,12 +875,18 @@ impl Membership {
         symbols: &[String],
         max_rate: Option<Duration>,
     ) -> Result<Subscribed, SubscribeError> {
-        self.hub.subscribe(self.id, symbols, max_rate)
+        let subscribed = self.hub.subscribe(self.id, symbols)?;
+        // Every named symbol takes the request's rate (or none), new or not:
+        // the socket's own limits, set outside the hub's lock.
+        self.rates.set_rate(symbols, max_rate);
+        Ok(subscribed)
     }
 
     /// Removes symbols; returns the whole remaining set.
     pub fn unsubscribe(&self, symbols: &[String]) -> Subscribed {
-        self.hub.unsubscribe(self.id, symbols)
+        let unsubscribed = self.hub.unsubscribe(self.id, symbols);
+        self.rates.unsubscribe(symbols);
+        unsubscribed
     }
 
     /// Ends the hold of a socket joined to resume: it goes live, subscribed
@@ -1360,6 +1431,46 @@ mod tests {
         );
         drop(socket);
         assert!(hub.state().floors.is_empty(), "they go with the socket");
+    }
+
+    #[test]
+    fn a_resume_stops_reading_history_once_its_budget_is_spent() {
+        // A budget of 8 frames; 50 keys, each 3 results behind.
+        let limits = HubLimits {
+            max_snapshots: 1000,
+            ..limits(8)
+        };
+        let hub = Hub::new(limits, Arc::new(Stats::default()));
+        let symbols: Vec<String> = (0..50).map(|k| format!("S{k:02}")).collect();
+        for symbol in &symbols {
+            for seq in 1..=4 {
+                let frame = format!("{symbol}-{seq}");
+                let epoch = "e1";
+                hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+            }
+        }
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+        let mut claimed = LastSeen::default();
+        let behind = symbols.iter().map(|symbol| (symbol.clone(), 1));
+        claimed.public.insert("e1".to_owned(), behind.collect());
+        let reads_before = hub.state().history.replays.get();
+        let resumed = socket.resume(&claimed).expect("it was held");
+        let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+        assert_eq!(
+            frames,
+            [
+                "S00-2", "S00-3", "S00-4", "S01-2", "S01-3", "S01-4", "S02-4", "S03-4"
+            ],
+            "two keys recovered; the rest get their latest while it fits"
+        );
+        assert_eq!(resumed.replayed, 6);
+        assert_eq!(resumed.unrecovered_public.len(), 48);
+        assert_eq!(
+            hub.state().history.replays.get() - reads_before,
+            3,
+            "the keys after the budget was spent were not read"
+        );
     }
 
     #[test]

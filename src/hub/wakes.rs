@@ -3,18 +3,26 @@
 
 use std::task::Waker;
 
+use crate::outbox::{Offered, QueuedBytes};
+
 #[derive(Debug, Default)]
 pub(super) struct Wakes {
-    /// Sessions with newly queued frames, not yet woken.
-    pending: Vec<Waker>,
+    /// Sessions with newly queued frames, not yet woken, and the bytes
+    /// queued for them, not yet in the gauge.
+    pending: Offered,
     /// Open holds; while there are any, `pending` waits.
     holds: usize,
 }
 
 impl Wakes {
     /// Where an offer notes the session it queued for.
-    pub(super) fn pending(&mut self) -> &mut Vec<Waker> {
+    pub(super) fn pending(&mut self) -> &mut Offered {
         &mut self.pending
+    }
+
+    /// Adds the bytes offers queued to `gauge`: at once, held or not.
+    pub(super) fn settle(&mut self, gauge: &QueuedBytes) {
+        self.pending.settle(gauge);
     }
 
     pub(super) fn hold(&mut self) {
@@ -27,16 +35,16 @@ impl Wakes {
 
     /// The sessions to wake now: none while held.
     pub(super) fn take_due(&mut self) -> Option<Vec<Waker>> {
-        if self.holds > 0 || self.pending.is_empty() {
+        if self.holds > 0 || self.pending.wakes.is_empty() {
             return None;
         }
-        Some(std::mem::take(&mut self.pending))
+        Some(std::mem::take(&mut self.pending.wakes))
     }
 
     /// Gives an emptied list back, so waking allocates nothing once warm.
     pub(super) fn give_back(&mut self, emptied: Vec<Waker>) {
-        if self.pending.is_empty() {
-            self.pending = emptied;
+        if self.pending.wakes.is_empty() {
+            self.pending.wakes = emptied;
         }
     }
 }
@@ -49,7 +57,7 @@ mod tests {
     fn nothing_is_due_while_held() {
         let mut wakes = Wakes::default();
         assert!(wakes.take_due().is_none(), "nothing pending");
-        wakes.pending().push(Waker::noop().clone());
+        wakes.pending().wakes.push(Waker::noop().clone());
         wakes.hold();
         assert!(wakes.take_due().is_none(), "held");
         wakes.release();

@@ -14,20 +14,31 @@
 //! every key (as Lightstreamer's MERGE mode does) and holds at most one
 //! frame per key beyond the bound.
 //!
-//! A subscription may also ask for a maximum rate per key: a result that
-//! comes sooner than `1/max_rate` after its key's last one waits, replaced
-//! by any newer one, until its key is due, so the newest value always
+//! A subscription may also ask for a maximum rate per key ([`throttle`]): a
+//! result that comes sooner than `1/max_rate` after its key's last one waits,
+//! replaced by any newer one, until its key is due, so the newest value always
 //! arrives within `1/max_rate`.
+//!
+//! What every outbox holds is summed in one [`QueuedBytes`] gauge, kept as
+//! frames come and go: reading it walks no socket.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+mod conflation;
+mod throttle;
+
+use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
+use std::sync::atomic::AtomicI64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes};
 use tokio::time::{Instant, Sleep};
+
+use self::conflation::Latest;
+use self::throttle::{Hold, Throttle};
 
 /// How much one outbox may hold before its socket is a slow consumer.
 #[derive(Debug, Clone, Copy)]
@@ -76,6 +87,45 @@ pub struct FrameKey<'a> {
     pub symbol: &'a str,
 }
 
+/// Payload bytes waiting in every outbox that shares it: queued, conflated
+/// and held back by rate limits. Cheap to clone; clones see one sum.
+#[derive(Debug, Clone, Default)]
+pub struct QueuedBytes(Arc<AtomicI64>);
+
+impl QueuedBytes {
+    /// The bytes waiting now.
+    #[must_use]
+    pub fn get(&self) -> usize {
+        // A session may take frames before the hub has added them in: the
+        // sum is briefly negative, never wrong for long.
+        usize::try_from(self.0.load(Relaxed)).unwrap_or(0)
+    }
+
+    fn add(&self, delta: i64) {
+        if delta != 0 {
+            self.0.fetch_add(delta, Relaxed);
+        }
+    }
+}
+
+/// What offers leave for their caller to do once it has offered all it has:
+/// wake the sessions frames were queued for, and add the bytes they queued
+/// to the [`QueuedBytes`] gauge (once, not once per socket).
+#[derive(Debug, Default)]
+pub struct Offered {
+    /// Sessions to wake.
+    pub wakes: Vec<Waker>,
+    /// Bytes the offers added to outboxes, net of what they replaced.
+    pub bytes: i64,
+}
+
+impl Offered {
+    /// Adds the bytes noted so far to `gauge`.
+    pub fn settle(&mut self, gauge: &QueuedBytes) {
+        gauge.add(std::mem::take(&mut self.bytes));
+    }
+}
+
 /// What one take from the outbox brought.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Taken {
@@ -86,7 +136,7 @@ pub struct Taken {
     pub conflated: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Queue {
     frames: VecDeque<Message>,
     /// Payload bytes in `frames`.
@@ -97,6 +147,8 @@ struct Queue {
     latest: Option<Box<Latest>>,
     /// The rate limits of the socket's subscriptions, if any asked for one.
     throttle: Option<Box<Throttle>>,
+    /// The bridge-wide sum of what outboxes hold.
+    gauge: QueuedBytes,
     /// The hub dropped its sender: no more frames will come.
     closed: bool,
     /// The session dropped its outbox: frames would never be taken.
@@ -107,8 +159,25 @@ struct Queue {
     wake_handed_out: bool,
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shared(Mutex<Queue>);
+
+impl Queue {
+    /// Payload bytes held: queued, conflated and waiting for a rate.
+    fn held_bytes(&self) -> usize {
+        let latest = self.latest.as_ref().map_or(0, |latest| latest.bytes);
+        let throttled = self
+            .throttle
+            .as_ref()
+            .map_or(0, |throttle| throttle.waiting_bytes);
+        self.bytes + latest + throttled
+    }
+
+    /// Subtracts `freed` bytes, taken or dropped, from the gauge.
+    fn freed(&self, freed: usize) {
+        self.gauge.add(-(freed as i64));
+    }
+}
 
 impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
@@ -118,10 +187,21 @@ impl Shared {
     }
 }
 
-/// A new, empty outbox bounded by `bounds`: the hub's end and the session's.
+/// A new, empty outbox bounded by `bounds`, whose bytes count in `gauge`:
+/// the hub's end and the session's.
 #[must_use]
-pub fn bounded(bounds: Bounds) -> (Sender, Outbox) {
-    let shared = Arc::new(Shared::default());
+pub fn bounded(bounds: Bounds, gauge: QueuedBytes) -> (Sender, Outbox) {
+    let shared = Arc::new(Shared(Mutex::new(Queue {
+        frames: VecDeque::new(),
+        bytes: 0,
+        latest: None,
+        throttle: None,
+        gauge,
+        closed: false,
+        abandoned: false,
+        waiting: None,
+        wake_handed_out: false,
+    })));
     (
         Sender {
             shared: shared.clone(),
@@ -143,43 +223,55 @@ impl Sender {
     /// Payload bytes waiting in the outbox: queued, kept as their keys'
     /// latest while conflating, and held back by rate limits.
     #[must_use]
+    #[cfg(test)]
     pub fn queued_bytes(&self) -> usize {
-        let queue = self.shared.lock();
-        let latest = queue.latest.as_ref().map_or(0, |latest| latest.bytes);
-        let throttled = queue
-            .throttle
-            .as_ref()
-            .map_or(0, |throttle| throttle.waiting_bytes);
-        queue.bytes + latest + throttled
+        self.shared.lock().held_bytes()
     }
 
     /// Queues `message` unless the outbox is full or its session has ended.
     /// When the session must be woken to take it, its waker is added to
-    /// `wakes`: the caller wakes it, once it has queued all it has. An
-    /// outbox past half of either bound wakes its session at once instead,
-    /// so deferring never makes a socket that keeps up a slow consumer.
+    /// `offered`: the caller wakes it, once it has queued all it has; so are
+    /// the bytes it added. An outbox past half of either bound wakes its
+    /// session at once instead, so deferring never makes a socket that keeps
+    /// up a slow consumer.
     pub fn offer(
         &self,
         message: Message,
         key: Option<FrameKey<'_>>,
-        wakes: &mut Vec<Waker>,
+        offered: &mut Offered,
     ) -> Offer {
-        let len = payload_len(&message);
         let mut queue = self.shared.lock();
+        let before = queue.held_bytes();
+        let (offer, wake_now) = self.offer_locked(&mut queue, message, key, &mut offered.wakes);
+        offered.bytes += queue.held_bytes() as i64 - before as i64;
+        drop(queue);
+        if let Some(waker) = wake_now {
+            waker.wake();
+        }
+        offer
+    }
+
+    /// [`Sender::offer`] under the outbox's lock; also returns a session to
+    /// wake at once, after the lock is released.
+    fn offer_locked(
+        &self,
+        queue: &mut Queue,
+        message: Message,
+        key: Option<FrameKey<'_>>,
+        wakes: &mut Vec<Waker>,
+    ) -> (Offer, Option<Waker>) {
+        let len = payload_len(&message);
         if queue.abandoned {
-            return Offer::Gone;
+            return (Offer::Gone, None);
         }
         let message = match (queue.throttle.as_deref_mut(), key) {
             (Some(throttle), Some(key)) => match throttle.hold(key, message, self.bounds.bytes) {
-                Ok(Hold::Waiting { replaced }) => return Offer::Throttled { replaced },
+                Ok(Hold::Waiting { replaced }) => return (Offer::Throttled { replaced }, None),
                 Ok(Hold::First { due }) => {
                     // A deadline before the armed one: the session re-arms.
                     let sooner = throttle.armed.is_none_or(|armed| due < armed);
-                    if sooner && let Some(waiting) = queue.waiting.take() {
-                        drop(queue);
-                        waiting.wake();
-                    }
-                    return Offer::Throttled { replaced: 0 };
+                    let wake = if sooner { queue.waiting.take() } else { None };
+                    return (Offer::Throttled { replaced: 0 }, wake);
                 }
                 Err(message) => message,
             },
@@ -193,18 +285,14 @@ impl Sender {
         if let Some(key) = key.filter(|_| self.bounds.conflate && (full || conflating)) {
             let latest = queue.latest.get_or_insert_default();
             if latest.bytes_with(key, len) > self.bounds.bytes {
-                return Offer::Full;
+                return (Offer::Full, None);
             }
             let replaced = latest.keep(key, message);
             // It is behind: wake it now, not at the end of the burst.
-            if let Some(waiting) = queue.waiting.take() {
-                drop(queue);
-                waiting.wake();
-            }
-            return Offer::Conflated { replaced };
+            return (Offer::Conflated { replaced }, queue.waiting.take());
         }
         if full {
-            return Offer::Full;
+            return (Offer::Full, None);
         }
         queue.frames.push_back(message);
         queue.bytes += len;
@@ -213,17 +301,15 @@ impl Sender {
         let filling =
             queue.frames.len() * 2 > self.bounds.frames || queue.bytes * 2 > self.bounds.bytes;
         if filling {
-            if let Some(waiting) = queue.waiting.take() {
-                drop(queue);
-                waiting.wake();
-            }
-        } else if !queue.wake_handed_out
+            return (Offer::Queued, queue.waiting.take());
+        }
+        if !queue.wake_handed_out
             && let Some(waiting) = &queue.waiting
         {
             wakes.push(waiting.clone());
             queue.wake_handed_out = true;
         }
-        Offer::Queued
+        (Offer::Queued, None)
     }
 }
 
@@ -237,12 +323,13 @@ impl Sender {
     pub fn offer_while_room<'f>(
         &self,
         frames: impl IntoIterator<Item = &'f Utf8Bytes>,
-        wakes: &mut Vec<Waker>,
+        offered: &mut Offered,
     ) -> usize {
         let mut queue = self.shared.lock();
         if queue.abandoned {
             return 0;
         }
+        let before = queue.bytes;
         let (max_frames, max_bytes) = (self.bounds.frames / 2, self.bounds.bytes / 2);
         let mut queued = 0;
         for frame in frames {
@@ -253,11 +340,12 @@ impl Sender {
             queue.frames.push_back(Message::Text(frame.clone()));
             queued += 1;
         }
+        offered.bytes += (queue.bytes - before) as i64;
         if queued > 0
             && !queue.wake_handed_out
             && let Some(waiting) = &queue.waiting
         {
-            wakes.push(waiting.clone());
+            offered.wakes.push(waiting.clone());
             queue.wake_handed_out = true;
         }
         queued
@@ -265,19 +353,53 @@ impl Sender {
 }
 
 impl Sender {
+    /// The socket's rate limits, set by its own requests outside the hub.
+    #[must_use]
+    pub fn rates(&self) -> Rates {
+        Rates {
+            shared: self.shared.clone(),
+            bytes: self.bounds.bytes,
+        }
+    }
+
+    /// [`Rates::set_rate`].
+    #[cfg(test)]
+    pub fn set_rate(&self, symbols: &[String], interval: Option<Duration>) {
+        self.rates().set_rate(symbols, interval);
+    }
+
+    /// [`Rates::unsubscribe`].
+    #[cfg(test)]
+    pub fn unsubscribe(&self, symbols: &[String]) {
+        self.rates().unsubscribe(symbols);
+    }
+}
+
+/// A handle on one outbox's rate limits: the socket's session sets them
+/// for its own subscribe requests, without the hub's lock.
+#[derive(Debug)]
+pub struct Rates {
+    shared: Arc<Shared>,
+    /// The outbox's byte bound, which also bounds what the limits keep.
+    bytes: usize,
+}
+
+impl Rates {
     /// Limits each of the public `symbols` (`"*"`: every public symbol not
     /// limited by name) to one frame per `interval`, or lifts the limit
-    /// (`None`).
+    /// (`None`). Work: the symbols named, whatever the keys the socket has.
     pub fn set_rate(&self, symbols: &[String], interval: Option<Duration>) {
         let mut queue = self.shared.lock();
         if interval.is_none() && queue.throttle.is_none() {
             return;
         }
-        let now = Instant::now();
-        let throttle = queue.throttle.get_or_insert_default();
+        let bytes = self.bytes;
+        let throttle = queue
+            .throttle
+            .get_or_insert_with(|| Box::new(Throttle::new(bytes)));
         let mut sooner = false;
         for symbol in symbols {
-            sooner |= throttle.set(symbol, interval, now);
+            sooner |= throttle.set(symbol, interval);
         }
         if throttle.is_empty() {
             queue.throttle = None;
@@ -296,9 +418,12 @@ impl Sender {
         let Some(throttle) = queue.throttle.as_deref_mut() else {
             return;
         };
+        let before = throttle.waiting_bytes;
         for symbol in symbols {
             throttle.forget(symbol);
         }
+        let freed = before - throttle.waiting_bytes;
+        queue.freed(freed);
         drop(queue);
         self.set_rate(symbols, None);
     }
@@ -346,6 +471,7 @@ impl Outbox {
                         .inspect(|m| freed += payload_len(m)),
                 );
                 queue.bytes -= freed;
+                queue.freed(freed);
                 // Running now; offers need not wake it until it parks again.
                 queue.waiting = None;
                 return Poll::Ready(Taken {
@@ -354,6 +480,7 @@ impl Outbox {
                 });
             }
             if let Some(latest) = queue.latest.take() {
+                queue.freed(latest.bytes);
                 queue.waiting = None;
                 let frames = latest.len();
                 batch.extend(latest.into_frames());
@@ -372,8 +499,11 @@ impl Outbox {
             // everything queued before them, so none overtakes its key's older.
             if let Some(throttle) = queue.throttle.as_deref_mut() {
                 let now = Instant::now();
+                let before = throttle.waiting_bytes;
                 let released = throttle.release_due(now, batch);
                 if released > 0 {
+                    let freed = before - throttle.waiting_bytes;
+                    queue.freed(freed);
                     queue.waiting = None;
                     return Poll::Ready(Taken {
                         frames: released,
@@ -425,266 +555,13 @@ impl Drop for Outbox {
     fn drop(&mut self) {
         let mut queue = self.shared.lock();
         queue.abandoned = true;
+        let held = queue.held_bytes();
+        queue.freed(held);
         // Frees what was queued now, not when the hub drops its sender.
         queue.frames = VecDeque::new();
         queue.bytes = 0;
         queue.latest = None;
         queue.throttle = None;
-    }
-}
-
-/// The rate limits of one socket's public keys.
-#[derive(Debug, Default)]
-struct Throttle {
-    /// The interval of every public symbol a `"*"` subscription limited.
-    all: Option<Duration>,
-    /// Intervals of symbols limited by name (these win over `all`).
-    by_symbol: HashMap<Box<str>, Duration>,
-    /// Each limited key seen within its interval: when it may send next,
-    /// and its newest frame waiting for that.
-    keys: HashMap<Arc<str>, Due>,
-    /// The deadline the session's timer is armed for: an offer wakes the
-    /// session only for an earlier one.
-    armed: Option<Instant>,
-    /// The keys with a frame waiting, by when it is due: the next deadline
-    /// and the due frames are found without a walk over every key (a
-    /// session wakes for each frame of its unlimited keys).
-    order: BTreeSet<(Instant, Arc<str>)>,
-    /// Payload bytes of the waiting frames.
-    waiting_bytes: usize,
-    /// How many keys may be tracked before the next sweep of those whose
-    /// interval has passed with nothing waiting.
-    sweep_at: usize,
-}
-
-#[derive(Debug)]
-struct Due {
-    /// The key's symbol, shared with `keys` and `order` (no copy when its
-    /// frame starts to wait).
-    name: Arc<str>,
-    next: Instant,
-    waiting: Option<Message>,
-    interval: Duration,
-}
-
-/// What [`Throttle::hold`] did with a frame it kept.
-enum Hold {
-    /// The key's first waiting frame, due at `due`: the session may have a
-    /// new deadline.
-    First { due: Instant },
-    /// It replaced `replaced` waiting frames of its key.
-    Waiting { replaced: u64 },
-}
-
-impl Throttle {
-    /// Sets the limit of `symbol` (`"*"`: every public symbol not limited
-    /// by name). A key whose limit is lifted or shortened has its waiting
-    /// frame (if any) due sooner: at once when lifted, otherwise within the
-    /// new interval. Returns whether some waiting frame became due sooner.
-    fn set(&mut self, symbol: &str, interval: Option<Duration>, now: Instant) -> bool {
-        if symbol == "*" {
-            self.all = interval;
-        } else if let Some(interval) = interval {
-            self.by_symbol.insert(symbol.into(), interval);
-        } else {
-            self.by_symbol.remove(symbol);
-        }
-        let mut sooner = false;
-        let order = &mut self.order;
-        let mut adjust = |due: &mut Due, interval: Option<Duration>| {
-            let next = interval.map_or(now, |interval| due.next.min(now + interval));
-            if due.waiting.is_some() && next != due.next {
-                sooner |= next < due.next;
-                order.remove(&(due.next, due.name.clone()));
-                order.insert((next, due.name.clone()));
-            }
-            due.next = next;
-            due.interval = interval.unwrap_or_default();
-        };
-        // A key whose limit is lifted and that has nothing waiting is as
-        // one never seen: it goes.
-        let keep = |due: &Due| due.waiting.is_some() || !due.interval.is_zero();
-        if symbol == "*" {
-            let by_symbol = &self.by_symbol;
-            self.keys.retain(|name, due| {
-                if !by_symbol.contains_key(&**name) {
-                    adjust(due, interval);
-                }
-                keep(due)
-            });
-        } else if let Some(due) = self.keys.get_mut(symbol) {
-            adjust(due, interval.or(self.all));
-            if !keep(due) {
-                self.keys.remove(symbol);
-            }
-        }
-        sooner
-    }
-
-    /// Forgets the waiting frame of `symbol`: it is no longer subscribed.
-    fn forget(&mut self, symbol: &str) {
-        if let Some(due) = self.keys.remove(symbol)
-            && let Some(waiting) = due.waiting
-        {
-            self.waiting_bytes -= payload_len(&waiting);
-            self.order.remove(&(due.next, due.name));
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.all.is_none() && self.by_symbol.is_empty() && self.keys.is_empty()
-    }
-
-    fn interval_of(&self, symbol: &str) -> Option<Duration> {
-        self.by_symbol.get(symbol).copied().or(self.all)
-    }
-
-    /// Keeps `message` back when its key is limited and not due, or has a
-    /// frame waiting already (which it replaces: a newer frame must not
-    /// overtake an older one of its key, whatever the limit is now);
-    /// otherwise hands it back to be queued now, and starts the key's
-    /// next interval. Frames held back take at most `max_bytes` in all
-    /// (one per key): past that, a key's first waiting frame is handed
-    /// back to be queued at once, as if its key were not limited.
-    fn hold(
-        &mut self,
-        key: FrameKey<'_>,
-        message: Message,
-        max_bytes: usize,
-    ) -> Result<Hold, Message> {
-        if key.private {
-            return Err(message);
-        }
-        let now = Instant::now();
-        let len = payload_len(&message);
-        if let Some(due) = self.keys.get_mut(key.symbol) {
-            if let Some(older) = &mut due.waiting {
-                self.waiting_bytes = self.waiting_bytes + len - payload_len(older);
-                *older = message;
-                return Ok(Hold::Waiting { replaced: 1 });
-            }
-            if now < due.next {
-                if self.waiting_bytes + len > max_bytes {
-                    return Err(message);
-                }
-                self.waiting_bytes += len;
-                due.waiting = Some(message);
-                self.order.insert((due.next, due.name.clone()));
-                return Ok(Hold::First { due: due.next });
-            }
-        }
-        let Some(interval) = self.interval_of(key.symbol) else {
-            return Err(message);
-        };
-        match self.keys.get_mut(key.symbol) {
-            Some(due) => {
-                due.next = now + interval;
-                due.interval = interval;
-            }
-            None => {
-                // Keys whose interval passed with nothing waiting are as
-                // keys never seen. They are swept when the map has doubled
-                // since the last sweep: no walk per frame, and at most
-                // twice the keys of the last interval are tracked.
-                if self.keys.len() >= self.sweep_at {
-                    self.keys
-                        .retain(|_, due| due.waiting.is_some() || due.next > now);
-                    self.sweep_at = (2 * self.keys.len()).max(64);
-                }
-                let name: Arc<str> = key.symbol.into();
-                let due = Due {
-                    name: name.clone(),
-                    next: now + interval,
-                    waiting: None,
-                    interval,
-                };
-                self.keys.insert(name, due);
-            }
-        }
-        Err(message)
-    }
-
-    /// Moves every waiting frame that is due into `batch`, in the order
-    /// they fell due; returns how many.
-    fn release_due(&mut self, now: Instant, batch: &mut Vec<Message>) -> usize {
-        let mut released = 0;
-        while let Some(first) = self.order.first()
-            && first.0 <= now
-        {
-            let Some((_, name)) = self.order.pop_first() else {
-                break;
-            };
-            let Some(due) = self.keys.get_mut(&name) else {
-                continue;
-            };
-            let Some(message) = due.waiting.take() else {
-                continue;
-            };
-            self.waiting_bytes -= payload_len(&message);
-            batch.push(message);
-            released += 1;
-            due.next = now + due.interval;
-            if due.interval.is_zero() {
-                self.keys.remove(&name);
-            }
-        }
-        released
-    }
-
-    /// When the next waiting frame is due.
-    fn next_due(&self) -> Option<Instant> {
-        self.order.first().map(|(due, _)| *due)
-    }
-}
-
-/// The latest frame of each key of a conflating outbox.
-#[derive(Debug, Default)]
-struct Latest {
-    public: HashMap<Box<str>, Message>,
-    private: HashMap<Box<str>, Message>,
-    /// Payload bytes held.
-    bytes: usize,
-}
-
-impl Latest {
-    /// Keeps `message` as its key's latest; returns how many it replaced.
-    fn keep(&mut self, key: FrameKey<'_>, message: Message) -> u64 {
-        let map = if key.private {
-            &mut self.private
-        } else {
-            &mut self.public
-        };
-        self.bytes += payload_len(&message);
-        match map.get_mut(key.symbol) {
-            Some(older) => {
-                self.bytes -= payload_len(older);
-                *older = message;
-                1
-            }
-            None => {
-                map.insert(key.symbol.into(), message);
-                0
-            }
-        }
-    }
-
-    /// The bytes held once a frame of `len` bytes of `key` is kept.
-    fn bytes_with(&self, key: FrameKey<'_>, len: usize) -> usize {
-        let map = if key.private {
-            &self.private
-        } else {
-            &self.public
-        };
-        let older = map.get(key.symbol).map_or(0, payload_len);
-        self.bytes - older + len
-    }
-
-    fn len(&self) -> usize {
-        self.public.len() + self.private.len()
-    }
-
-    fn into_frames(self) -> impl Iterator<Item = Message> {
-        self.public.into_values().chain(self.private.into_values())
     }
 }
 
@@ -715,10 +592,14 @@ mod tests {
     }
 
     fn offer_keyed(sender: &Sender, text: &str, key: Option<FrameKey<'_>>) -> Offer {
-        let mut wakes = Vec::new();
-        let offer = sender.offer(Message::Text(text.to_owned().into()), key, &mut wakes);
-        wakes.into_iter().for_each(Waker::wake);
+        let mut offered = Offered::default();
+        let offer = sender.offer(Message::Text(text.to_owned().into()), key, &mut offered);
+        offered.wakes.into_iter().for_each(Waker::wake);
         offer
+    }
+
+    fn bounded_for_test(bounds: Bounds) -> (Sender, Outbox) {
+        bounded(bounds, QueuedBytes::default())
     }
 
     fn text(message: &Message) -> &str {
@@ -730,7 +611,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_come_out_in_order_and_at_most_max_at_a_time() {
-        let (sender, mut outbox) = bounded(bounds(10, 1000));
+        let (sender, mut outbox) = bounded_for_test(bounds(10, 1000));
         for i in 0..5 {
             assert_eq!(offer(&sender, &i.to_string()), Offer::Queued);
         }
@@ -743,7 +624,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_waiting_session_is_woken_by_the_next_frame() {
-        let (sender, mut outbox) = bounded(bounds(10, 1000));
+        let (sender, mut outbox) = bounded_for_test(bounds(10, 1000));
         let waiting = tokio::spawn(async move {
             let mut batch = Vec::new();
             outbox.recv_many(&mut batch, 10).await;
@@ -757,7 +638,7 @@ mod tests {
 
     #[tokio::test]
     async fn both_bounds_hold_and_taking_frees_room() {
-        let (sender, mut outbox) = bounded(bounds(2, 10));
+        let (sender, mut outbox) = bounded_for_test(bounds(2, 10));
         assert_eq!(offer(&sender, "12345"), Offer::Queued);
         assert_eq!(offer(&sender, "123456"), Offer::Full, "11 bytes > 10");
         assert_eq!(offer(&sender, "1"), Offer::Queued);
@@ -783,7 +664,7 @@ mod tests {
 
     #[tokio::test]
     async fn past_its_bound_a_conflating_outbox_keeps_the_latest_of_each_key() {
-        let (sender, mut outbox) = bounded(Bounds {
+        let (sender, mut outbox) = bounded_for_test(Bounds {
             conflate: true,
             ..bounds(2, 1000)
         });
@@ -838,7 +719,7 @@ mod tests {
 
     #[test]
     fn a_conflating_outbox_is_full_when_one_frame_per_key_exceeds_the_byte_bound() {
-        let (sender, _outbox) = bounded(Bounds {
+        let (sender, _outbox) = bounded_for_test(Bounds {
             conflate: true,
             ..bounds(1, 10)
         });
@@ -862,43 +743,117 @@ mod tests {
     /// Takes what the outbox gives next, waiting (on the paused clock) as
     /// long as it takes; returns it and when it came.
     async fn next_batch(outbox: &mut Outbox) -> (Vec<String>, Duration, Instant) {
+        next_batch_of(outbox, 10).await
+    }
+
+    async fn next_batch_of(outbox: &mut Outbox, max: usize) -> (Vec<String>, Duration, Instant) {
         let start = Instant::now();
         let mut batch = Vec::new();
-        outbox.recv_many(&mut batch, 10).await;
+        outbox.recv_many(&mut batch, max).await;
         let texts = batch.iter().map(|m| text(m).to_owned()).collect();
         (texts, start.elapsed(), Instant::now())
     }
 
+    /// Send times the throttle of `sender` remembers.
+    fn remembered(sender: &Sender) -> usize {
+        let queue = sender.shared.lock();
+        queue.throttle.as_ref().map_or(0, |t| t.remembered())
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn keys_whose_interval_passed_are_swept_as_new_ones_come() {
-        let (sender, _outbox) = bounded(bounds(1000, 1 << 20));
+    async fn keys_whose_interval_passed_are_forgotten_as_new_ones_come() {
+        // 64 remembered keys at most (the minimum).
+        let (sender, _outbox) = bounded_for_test(bounds(1000, 1024));
         sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
-        let tracked = |sender: &Sender| {
-            let queue = sender.shared.lock();
-            queue
-                .throttle
-                .as_ref()
-                .map_or(0, |throttle| throttle.keys.len())
-        };
-        let names: Vec<String> = (0..200).map(|k| format!("K{k}")).collect();
-        for name in &names[..100] {
+        let names: Vec<String> = (0..128).map(|k| format!("K{k}")).collect();
+        for name in &names[..64] {
             assert_eq!(offer_keyed(&sender, name, key(name)), Offer::Queued);
         }
-        assert_eq!(tracked(&sender), 100);
+        assert_eq!(remembered(&sender), 64);
         tokio::time::advance(Duration::from_secs(2)).await;
-        for name in &names[100..] {
-            assert_eq!(offer_keyed(&sender, name, key(name)), Offer::Queued);
+        for name in &names[64..] {
+            assert_eq!(
+                offer_keyed(&sender, name, key(name)),
+                Offer::Queued,
+                "the first 64 were due long ago: nothing holds the others back"
+            );
         }
+        assert_eq!(remembered(&sender), 64, "the first 64 went once passed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_over_more_keys_than_it_remembers_keeps_bounded_memory_and_the_limit() {
+        let (sender, mut outbox) = bounded_for_test(bounds(1 << 20, 1 << 20));
+        let hour = Duration::from_secs(3600);
+        sender.set_rate(&["*".to_owned()], Some(hour));
+        let cap = (1 << 20) / 64;
+        let names: Vec<String> = (0..20_000).map(|k| format!("K{k}")).collect();
+        for name in &names {
+            offer_keyed(&sender, name, key(name));
+            assert!(remembered(&sender) <= cap);
+        }
+        // The first results of as many keys as it remembers go at once;
+        // past that it cannot tell a new key from a forgotten one, so theirs wait.
+        let (first, _, _) = next_batch_of(&mut outbox, 1 << 20).await;
+        assert_eq!(first.len(), cap + 1);
+        // Every key sent within the hour, remembered or not: none may send again.
+        for name in &names {
+            assert!(
+                matches!(
+                    offer_keyed(&sender, name, key(name)),
+                    Offer::Throttled { .. }
+                ),
+                "{name} sent twice within its interval"
+            );
+        }
+        // Re-limiting "*" again and again moves nothing and sends nothing early.
+        for _ in 0..100 {
+            sender.set_rate(&["*".to_owned()], Some(hour));
+        }
+        tokio::time::advance(hour - Duration::from_secs(1)).await;
         assert!(
-            tracked(&sender) <= 100 + 1,
-            "the first hundred went once passed: {}",
-            tracked(&sender)
+            outbox.try_recv().is_none(),
+            "nothing is due before the hour"
         );
+        let (later, waited, _) = next_batch_of(&mut outbox, 1 << 20).await;
+        assert_eq!(later.len(), names.len(), "each key's newest, once");
+        assert_eq!(waited, Duration::from_secs(1));
+    }
+
+    #[tokio::test]
+    async fn the_gauge_sums_what_every_outbox_holds() {
+        let gauge = QueuedBytes::default();
+        let conflating = Bounds {
+            conflate: true,
+            ..bounds(1, 100)
+        };
+        let (a, mut a_out) = bounded(conflating, gauge.clone());
+        let (b, b_out) = bounded(bounds(10, 100), gauge.clone());
+        let mut offered = Offered::default();
+        let msg = |t: &str| Message::Text(t.to_owned().into());
+        a.offer(msg("a1"), key("A"), &mut offered);
+        a.offer(msg("a22"), key("A"), &mut offered);
+        a.offer(msg("a333"), key("A"), &mut offered);
+        b.offer(msg("b1"), None, &mut offered);
+        assert_eq!(gauge.get(), 0, "added once the caller settles");
+        offered.settle(&gauge);
+        assert_eq!(
+            gauge.get(),
+            2 + 4 + 2,
+            "queued, the latest of A (a22 replaced)"
+        );
+        let mut batch = Vec::new();
+        a_out.recv_many(&mut batch, 10).await;
+        assert_eq!(gauge.get(), 4 + 2);
+        a_out.recv_many(&mut batch, 10).await;
+        assert_eq!(gauge.get(), 2);
+        drop(b_out);
+        assert_eq!(gauge.get(), 0, "an ended session holds nothing");
     }
 
     #[tokio::test(start_paused = true)]
     async fn frames_held_back_by_a_rate_take_at_most_the_byte_bound() {
-        let (sender, mut outbox) = bounded(bounds(100, 6));
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 6));
         sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
         for first in ["A1", "B1", "C1"] {
             assert_eq!(offer_keyed(&sender, first, key(&first[..1])), Offer::Queued);
@@ -932,7 +887,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rate_limited_key_sends_its_newest_frame_once_due() {
-        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
         sender.set_rate(&["A".to_owned()], Some(Duration::from_millis(500)));
         let t0 = Instant::now();
         assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
@@ -977,7 +932,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn lifting_a_limit_sends_the_waiting_frame_first_and_never_a_stale_one() {
-        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
         let a = ["A".to_owned()];
         sender.set_rate(&a, Some(Duration::from_secs(3600)));
         assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
@@ -1014,7 +969,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_rate_on_everything_limits_every_public_key_but_not_private_ones() {
-        let (sender, mut outbox) = bounded(bounds(100, 1 << 20));
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
         sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
         let private = Some(FrameKey {
             private: true,
@@ -1040,7 +995,7 @@ mod tests {
 
     #[tokio::test]
     async fn closing_lets_the_session_drain_then_ends_it() {
-        let (sender, mut outbox) = bounded(bounds(10, 1000));
+        let (sender, mut outbox) = bounded_for_test(bounds(10, 1000));
         offer(&sender, "last");
         drop(sender);
         let mut batch = Vec::new();
@@ -1050,28 +1005,28 @@ mod tests {
 
     #[test]
     fn offers_to_an_ended_session_are_refused() {
-        let (sender, outbox) = bounded(bounds(10, 1000));
+        let (sender, outbox) = bounded_for_test(bounds(10, 1000));
         drop(outbox);
         assert_eq!(offer(&sender, "x"), Offer::Gone);
     }
 
     #[tokio::test]
     async fn an_outbox_past_half_full_wakes_its_session_at_once() {
-        let (sender, mut outbox) = bounded(bounds(4, 1000));
+        let (sender, mut outbox) = bounded_for_test(bounds(4, 1000));
         let session = tokio::spawn(async move {
             let mut batch = Vec::new();
             outbox.recv_many(&mut batch, 10).await;
             batch.len()
         });
         tokio::task::yield_now().await;
-        let mut wakes = Vec::new();
+        let mut offered = Offered::default();
         for text in ["1", "2", "3"] {
             assert_eq!(
-                sender.offer(Message::Text(text.into()), None, &mut wakes),
+                sender.offer(Message::Text(text.into()), None, &mut offered),
                 Offer::Queued
             );
         }
-        assert_eq!(wakes.len(), 1, "the first frame's wake is deferred");
+        assert_eq!(offered.wakes.len(), 1, "the first frame's wake is deferred");
         // 3 of 4 frames: the session is woken directly, while the deferred
         // wake is still held.
         let taken = tokio::time::timeout(std::time::Duration::from_secs(10), session)
