@@ -786,7 +786,7 @@ mod tests {
         let (sender, mut outbox) = bounded_for_test(bounds(1 << 20, 1 << 20));
         let hour = Duration::from_secs(3600);
         sender.set_rate(&["*".to_owned()], Some(hour));
-        let cap = (1 << 20) / 64;
+        let cap = (1 << 20) / 128;
         let names: Vec<String> = (0..20_000).map(|k| format!("K{k}")).collect();
         for name in &names {
             offer_keyed(&sender, name, key(name));

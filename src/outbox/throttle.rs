@@ -27,7 +27,7 @@ use super::{FrameKey, payload_len};
 
 /// Bytes one remembered send time is counted as (its map entry and name):
 /// the throttle remembers at most a byte bound's worth of them.
-const REMEMBERED_COST: usize = 64;
+const REMEMBERED_COST: usize = 128;
 
 /// The fewest send times remembered, whatever the byte bound.
 const MIN_REMEMBERED: usize = 64;

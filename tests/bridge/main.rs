@@ -3,6 +3,7 @@
 //!
 //! One test binary (modules below) so the suite links once.
 
+mod abuse;
 mod architecture;
 mod auth;
 mod bench;

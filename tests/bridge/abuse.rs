@@ -1,0 +1,95 @@
+//! Clients that stay within their documented limits yet ask for work or
+//! memory out of proportion to their requests, run against the real binary.
+//! Each test asserts the bound that is not a timing (memory, frames, work);
+//! what the abuse does to other clients' latency is the benchmark's to measure.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::binary::{Serve, counting_sockets};
+use crate::support::*;
+
+/// 20 sockets subscribe `"*"` at the slowest rate allowed, and say so again
+/// after every 1,000 quotes, while 100,000 symbols each get a result. Each
+/// socket's rate limit remembers at most `send_queue_bytes / 128` keys
+/// (docs/protocol.md), so the bridge's memory grows with the keys (their
+/// windows, histories and snapshots), not with keys × sockets: kept per key
+/// for an hour, as before, this was about 23 MiB a socket.
+#[tokio::test]
+async fn a_slow_rate_over_every_symbol_keeps_bounded_memory_per_socket() {
+    const ABUSERS: usize = 20;
+    const KEYS: usize = 100_000;
+    const CHUNK: usize = 1_000;
+    /// What the keys themselves may take (windows, histories, snapshots of
+    /// 100,000 keys: 96 MiB measured in a debug build with no abuser), plus
+    /// 4 MiB a socket: the results waiting for their rate (at most
+    /// `send_queue_bytes`, 1 MiB) and the send times it remembers. Before
+    /// the bound, 20 sockets took 460 MiB more.
+    const RSS_GROWTH_BOUND_KIB: u64 = 128 * 1024 + ABUSERS as u64 * 4 * 1024;
+
+    let redis = RedisServer::start().await;
+    let env = [
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "1000"),
+    ];
+    let serve = Serve::start(&redis, &env).await;
+    let slowest = serde_json::json!({"op": "subscribe", "symbols": ["*"], "max_rate": 0.0003});
+    let mut writers = Vec::new();
+    let abused = Arc::new(AtomicUsize::new(0));
+    for i in 0..ABUSERS {
+        let url = format!("ws://{}/ws/abuser{i}", serve.address);
+        let (mut socket, _) = connect_ws(&url).await;
+        send_json(&mut socket, slowest.clone()).await;
+        assert_eq!(next_json(&mut socket).await["type"], "subscribed");
+        let (writer, mut reader) = socket.split();
+        let frames = abused.clone();
+        // They read everything they are sent: a socket that fell behind
+        // would be conflated or closed, and free what it held.
+        tokio::spawn(async move {
+            while let Some(Ok(_)) = reader.next().await {
+                frames.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        writers.push(writer);
+    }
+    let received = counting_sockets(&serve, 1, |_| None).await;
+    let rss_before = serve.rss_kib();
+
+    let mut conn = redis.connection().await;
+    for chunk in 0..KEYS / CHUNK {
+        let batch: Vec<(String, Vec<u8>)> = (0..CHUNK)
+            .map(|i| {
+                let n = chunk * CHUNK + i;
+                let quote = format!(r#"{{"symbol":"K{n}","price":{n},"ts":{n}}}"#);
+                ("quotes".to_owned(), quote.into_bytes())
+            })
+            .collect();
+        publish_all(&mut conn, &batch).await;
+        let want = (chunk + 1) * CHUNK;
+        eventually("the honest reader to keep up", async || {
+            (received[0].load(Ordering::Relaxed) >= want).then_some(())
+        })
+        .await;
+        for writer in &mut writers {
+            let again = Message::Text(slowest.to_string().into());
+            writer
+                .send(again)
+                .await
+                .expect("the abuser's subscribe is sent");
+        }
+    }
+    let stats = serve.stats().await;
+    let growth = serve.rss_kib().saturating_sub(rss_before);
+    eprintln!(
+        "RSS grew {growth} KiB; abusers received {} frames; stats {stats}",
+        abused.load(Ordering::Relaxed)
+    );
+    assert_eq!(stats["sockets"], ABUSERS + 1, "nobody was closed");
+    assert!(
+        growth <= RSS_GROWTH_BOUND_KIB,
+        "RSS grew by {growth} KiB, over the {RSS_GROWTH_BOUND_KIB} KiB bound"
+    );
+}
