@@ -44,10 +44,25 @@ pub(super) struct Missed<'h> {
     frames: std::iter::Skip<std::collections::vec_deque::Iter<'h, (u64, Utf8Bytes)>>,
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Missed results read, one by one (the tests' view of a resume's work).
+    pub(super) static FRAMES_READ: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+impl<'h> Missed<'h> {
+    /// The newest of them, without reading the others.
+    pub(super) fn newest(mut self) -> Option<&'h Utf8Bytes> {
+        self.frames.next_back().map(|(_, frame)| frame)
+    }
+}
+
 impl<'h> Iterator for Missed<'h> {
     type Item = &'h Utf8Bytes;
 
     fn next(&mut self) -> Option<Self::Item> {
+        #[cfg(test)]
+        FRAMES_READ.with(|read| read.set(read.get() + 1));
         self.frames.next().map(|(_, frame)| frame)
     }
 
@@ -68,9 +83,6 @@ pub(super) struct History {
     keys: usize,
     public: HashMap<Box<str>, Ring>,
     private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
-    /// Replays asked for (the tests' view of a resume's work).
-    #[cfg(test)]
-    pub(super) replays: std::cell::Cell<usize>,
 }
 
 /// One key's latest results, consecutive in its sequence.
@@ -91,8 +103,6 @@ impl History {
             keys: 0,
             public: HashMap::new(),
             private: HashMap::new(),
-            #[cfg(test)]
-            replays: std::cell::Cell::new(0),
         }
     }
 
@@ -161,15 +171,6 @@ impl History {
         true
     }
 
-    /// The key's latest result kept, if any: one look, no replay.
-    pub(super) fn latest(&self, client: Option<&str>, symbol: &str) -> Option<&Utf8Bytes> {
-        let ring = match client {
-            None => self.public.get(symbol),
-            Some(code) => self.private.get(code).and_then(|map| map.get(symbol)),
-        }?;
-        ring.entries.back().map(|(_, frame)| frame)
-    }
-
     /// What the key's history holds after `last_seen`.
     pub(super) fn replay(
         &self,
@@ -177,8 +178,6 @@ impl History {
         symbol: &str,
         last_seen: Position<'_>,
     ) -> Replay<'_> {
-        #[cfg(test)]
-        self.replays.set(self.replays.get() + 1);
         let ring = match client {
             None => self.public.get(symbol),
             Some(code) => self.private.get(code).and_then(|map| map.get(symbol)),
@@ -193,6 +192,12 @@ impl History {
         if *ring.epoch != *last_seen.epoch || last_seen.seq.saturating_add(1) < *oldest {
             return Replay::Gap(Some(frame));
         }
+        if last_seen.seq == *newest {
+            // Up to date: nothing missed.
+            return Replay::Recovered(Missed {
+                frames: ring.entries.iter().skip(ring.entries.len()),
+            });
+        }
         if last_seen.seq > *newest {
             // A gateway trails another by a few results, not by more than
             // its history holds: a position further ahead is not one this
@@ -204,6 +209,7 @@ impl History {
                 Replay::Gap(Some(frame))
             };
         }
+        // `last_seen.seq` is below `newest` here: no overflow.
         let skip = usize::try_from(last_seen.seq + 1 - oldest).unwrap_or(usize::MAX);
         Replay::Recovered(Missed {
             frames: ring.entries.iter().skip(skip),

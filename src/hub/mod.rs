@@ -504,8 +504,9 @@ impl Hub {
         // A replay bypasses the socket's queue; it is held to the queue's
         // bounds all the same (the budget). A key whose missed results would
         // pass them is not recovered, and it spends the budget: the keys
-        // after it are answered without reading their history, so a resume
-        // costs its request's size plus the budget, however many keys it names.
+        // after it are sent their latest result, without their missed ones
+        // being read, so a resume costs its request's size plus the budget,
+        // however many keys it names.
         let limits = &self.inner.limits;
         let mut budget = Budget {
             frames: limits.send_queue,
@@ -521,15 +522,8 @@ impl Hub {
                     continue;
                 }
                 let seen = Position { seq, epoch };
-                let replay = if budget.is_spent() {
-                    Some(Replay::Gap(history.latest(None, symbol)))
-                } else {
-                    floored(
-                        history.replay(None, symbol, seen),
-                        &mut ahead,
-                        (false, symbol, seen),
-                    )
-                };
+                let replay = history.replay(None, symbol, seen);
+                let replay = floored(replay, &mut ahead, (false, symbol, seen));
                 // Past the floor cap: not recovered, and nothing sent.
                 let stand_in = replay.is_some().then(|| state.snapshots.get(symbol));
                 let replay = replay.unwrap_or(Replay::Gap(None));
@@ -539,12 +533,8 @@ impl Hub {
         for (epoch, symbols) in &last_seen.private {
             for (symbol, &seq) in symbols {
                 let seen = Position { seq, epoch };
-                let replay = if budget.is_spent() {
-                    Some(Replay::Gap(history.latest(Some(&client), symbol)))
-                } else {
-                    let replay = history.replay(Some(&client), symbol, seen);
-                    floored(replay, &mut ahead, (true, symbol, seen))
-                };
+                let replay = history.replay(Some(&client), symbol, seen);
+                let replay = floored(replay, &mut ahead, (true, symbol, seen));
                 let replay = replay.unwrap_or(Replay::Gap(None));
                 budget.answer(&mut resumed, replay, symbol, true, None);
             }
@@ -605,7 +595,12 @@ impl Hub {
         self.state().connections.group(client).len()
     }
 
-    fn subscribe(&self, id: SocketId, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+    fn subscribe(
+        &self,
+        id: SocketId,
+        symbols: &[String],
+        rate: (&outbox::Rates, Option<Duration>),
+    ) -> Result<Subscribed, SubscribeError> {
         let mut guard = self.state();
         let state = &mut *guard;
         let Some(socket) = state.connections.get(id) else {
@@ -621,6 +616,11 @@ impl Hub {
         if own.len() + new.len() > max_symbols {
             return Err(SubscribeError::TooManySymbols(max_symbols));
         }
+        // Every named symbol takes the request's rate (or none), new or not,
+        // before any live result of a new symbol can reach the socket: work
+        // in the symbols named (the socket's own limits), not in its keys.
+        let (rates, max_rate) = rate;
+        rates.set_rate(symbols, max_rate);
         // The snapshots go into the socket's own outbox, under the lock so
         // no newer live frame can be queued ahead of them, and within the
         // outbox's bounds: a client that subscribes to "*" again and again
@@ -733,8 +733,9 @@ impl State {
 struct Budget {
     frames: usize,
     bytes: usize,
-    /// Whether histories are still read: not once a key's missed results
-    /// did not fit.
+    /// Whether missed results are still replayed: not once a key's did not
+    /// fit (the keys after it are sent their latest result, and no missed
+    /// result is read).
     replaying: bool,
 }
 
@@ -747,11 +748,6 @@ impl Budget {
         self.frames -= frames;
         self.bytes -= bytes;
         true
-    }
-
-    /// Whether no more histories are read.
-    fn is_spent(&self) -> bool {
-        !self.replaying || self.frames == 0
     }
 
     /// Answers one named key: its missed results if they fit; otherwise the
@@ -769,10 +765,11 @@ impl Budget {
         let mut spent = false;
         let latest = match replay {
             Replay::Ahead => return,
+            Replay::Recovered(missed) if missed.len() == 0 => return,
             Replay::Recovered(missed) => {
                 let count = missed.len();
                 // Read only when the count fits, and no further than it.
-                let bytes = if count <= self.frames {
+                let bytes = if self.replaying && count <= self.frames {
                     missed.clone().map(|frame| frame.len()).sum()
                 } else {
                     usize::MAX
@@ -783,7 +780,7 @@ impl Budget {
                     return;
                 }
                 spent = true;
-                missed.last()
+                missed.newest()
             }
             Replay::Gap(latest) => latest.or(stand_in),
         };
@@ -875,11 +872,8 @@ impl Membership {
         symbols: &[String],
         max_rate: Option<Duration>,
     ) -> Result<Subscribed, SubscribeError> {
-        let subscribed = self.hub.subscribe(self.id, symbols)?;
-        // Every named symbol takes the request's rate (or none), new or not:
-        // the socket's own limits, set outside the hub's lock.
-        self.rates.set_rate(symbols, max_rate);
-        Ok(subscribed)
+        self.hub
+            .subscribe(self.id, symbols, (&self.rates, max_rate))
     }
 
     /// Removes symbols; returns the whole remaining set.
@@ -1453,8 +1447,19 @@ mod tests {
         let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
         let mut claimed = LastSeen::default();
         let behind = symbols.iter().map(|symbol| (symbol.clone(), 1));
-        claimed.public.insert("e1".to_owned(), behind.collect());
-        let reads_before = hub.state().history.replays.get();
+        // Named after the budget is spent: one up to date, one the client
+        // saw further on another gateway. Neither is a gap.
+        let (up_to_date, ahead) = (("U1".to_owned(), 4), ("U2".to_owned(), 6));
+        for symbol in ["U1", "U2"] {
+            for seq in 1..=4 {
+                let frame = format!("{symbol}-{seq}");
+                let epoch = "e1";
+                hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+            }
+        }
+        let named = behind.chain([up_to_date, ahead]);
+        claimed.public.insert("e1".to_owned(), named.collect());
+        let reads_before = history::FRAMES_READ.with(std::cell::Cell::get);
         let resumed = socket.resume(&claimed).expect("it was held");
         let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
         assert_eq!(
@@ -1465,11 +1470,12 @@ mod tests {
             "two keys recovered; the rest get their latest while it fits"
         );
         assert_eq!(resumed.replayed, 6);
-        assert_eq!(resumed.unrecovered_public.len(), 48);
-        assert_eq!(
-            hub.state().history.replays.get() - reads_before,
-            3,
-            "the keys after the budget was spent were not read"
+        assert_eq!(resumed.unrecovered_public.len(), 48, "S02 to S49 only");
+        assert_eq!(hub.state().floors.by_socket_len(), 1, "U2's floor");
+        let read = history::FRAMES_READ.with(std::cell::Cell::get) - reads_before;
+        assert!(
+            read <= 2 * 8,
+            "{read} missed results read: no more than the budget, twice"
         );
     }
 
