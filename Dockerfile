@@ -1,19 +1,27 @@
 # Build the release binary. The dependencies are built first, from the
 # manifests alone, in a layer of their own: a source change rebuilds only
-# the crate. (script/check-docker-context checks that the files copied here
-# build the crate; CI runs it.)
+# the crates. (script/check-docker-context checks that the files copied here
+# build them; CI runs it.)
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
+COPY crates/core/Cargo.toml crates/core/
+COPY crates/broker/Cargo.toml crates/broker/
+COPY crates/fanout/Cargo.toml crates/fanout/
+COPY crates/service/Cargo.toml crates/service/
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/pipeline.rs \
+ && mkdir -p crates/core/src crates/broker/src crates/fanout/src crates/service/src \
+ && touch crates/core/src/lib.rs crates/broker/src/lib.rs \
+      crates/fanout/src/lib.rs crates/service/src/lib.rs \
  && cargo build --release --locked \
- && rm -rf src benches target/release/quotebridge* \
-      target/release/deps/quotebridge-* target/release/deps/libquotebridge-* \
-      target/release/.fingerprint/quotebridge-*
+ && rm -rf src benches crates/*/src target/release/quotebridge* \
+      target/release/deps/quotebridge* target/release/deps/libquotebridge* \
+      target/release/.fingerprint/quotebridge*
 COPY src src
+COPY crates crates
 COPY assets assets
 COPY benches benches
 COPY config config

@@ -11,7 +11,7 @@ use crate::broker::{BrokerError, ClusterBroker, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
 use crate::topology::{Role, Shard};
-use crate::{Error, bench, demo, probe, producer, shutdown, tail};
+use crate::{Error, bench, demo, health, publish, shutdown, tail};
 
 /// Bridges Redis pub/sub quotes to WebSocket clients, with a per-symbol moving average.
 #[derive(Debug, Parser)]
@@ -210,7 +210,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
     {
         Command::Serve(args) => {
             let settings = settings.with_node(args.role, args.shard)?;
-            crate::server::raise_descriptor_limit(&settings);
+            quotebridge_service::raise_descriptor_limit(&settings);
             let address = settings.server.listen;
             let listener = TcpListener::bind(address)
                 .await
@@ -233,7 +233,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             publish(&settings, &file, &options, &shutdown).await
         }
         Command::Demo => {
-            crate::server::raise_descriptor_limit(&settings);
+            quotebridge_service::raise_descriptor_limit(&settings);
             demo::run(settings, shutdown).await
         }
         Command::Bench(args) => {
@@ -256,7 +256,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             url,
         } => {
             let url = url.unwrap_or_else(|| {
-                format!("ws://{}", probe::local_address(settings.server.listen))
+                format!("ws://{}", health::local_address(settings.server.listen))
             });
             tail::run(&url, &client_code, symbols, shutdown).await
         }
@@ -266,7 +266,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 ConfigAction::Check => {
                     // The [auth] keys are checked where the authenticator
                     // is built: here too.
-                    crate::auth::Authenticator::from_settings(&settings.auth)
+                    quotebridge_service::auth::Authenticator::from_settings(&settings.auth)
                         .map_err(|e| settings.named(e))?;
                     let from = file.map_or_else(
                         || "the defaults and the environment".to_owned(),
@@ -285,7 +285,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
         }
         Command::Health { ready } => {
             let path = if ready { "/readyz" } else { "/healthz" };
-            probe::check(probe::local_address(settings.server.listen), path).await?;
+            health::check(health::local_address(settings.server.listen), path).await?;
             println!("ok");
             Ok(())
         }
@@ -320,7 +320,7 @@ async fn publish(
     if rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
         return Err(Error::Usage("--rate must be a positive number".into()));
     }
-    let loaded = producer::load(file, client)?;
+    let loaded = publish::load(file, client)?;
     for (line, reason) in &loaded.rejected {
         eprintln!("{}:{line}: {reason}", file.display());
     }
@@ -340,16 +340,9 @@ async fn publish(
         let client = crate::broker::redis_client(&redis.url).map_err(BrokerError::from)?;
         let key = &redis.input_stream;
         let maxlen = redis.output_stream_maxlen;
-        let summary = producer::append_to_stream(
-            &client,
-            key,
-            maxlen,
-            &loaded.quotes,
-            rate,
-            repeat,
-            shutdown,
-        )
-        .await?;
+        let summary =
+            publish::append_to_stream(&client, key, maxlen, &loaded.quotes, rate, repeat, shutdown)
+                .await?;
         (summary, format!("stream {key:?}"))
     } else {
         let channel = &redis.input[0];
@@ -359,17 +352,17 @@ async fn publish(
             )));
         }
         let channels = redis.channels();
-        let quotes = producer::address(&loaded, &channels)?;
+        let quotes = publish::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
             let broker = RedisBroker::new(&redis.url)?;
             broker.ping().await.map_err(|err| Error::Unreachable {
                 url: crate::config::redact_url(&redis.url),
                 reason: err.to_string(),
             })?;
-            producer::publish(&broker, &quotes, rate, repeat, shutdown).await?
+            publish::publish(&broker, &quotes, rate, repeat, shutdown).await?
         } else {
             let broker = ClusterBroker::new(&redis.cluster_nodes)?;
-            producer::publish(&broker, &quotes, rate, repeat, shutdown).await?
+            publish::publish(&broker, &quotes, rate, repeat, shutdown).await?
         };
         let target = if channels.is_partitioned() {
             format!(

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, MemoryBroker, RedisBroker};
 use crate::config::Settings;
-use crate::{Error, producer};
+use crate::{Error, publish};
 
 /// Sample quotes bundled into the binary: several symbols, a few thousand rows.
 pub const SAMPLE_QUOTES: &str = include_str!("../data/quotes.csv");
@@ -63,18 +63,18 @@ async fn run_with<B: Broker>(
     broker: B,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
-    let loaded = producer::parse_csv(SAMPLE_QUOTES, None)?;
+    let loaded = publish::parse_csv(SAMPLE_QUOTES, None)?;
     let symbols = count_symbols(&loaded);
     let rate = QUOTES_PER_SECOND_PER_SYMBOL * symbols as f64;
     let channel = settings.redis.input[0].clone();
-    let quotes = producer::address(&loaded, &settings.redis.channels())?;
+    let quotes = publish::address(&loaded, &settings.redis.channels())?;
 
     println!(
         "quotebridge demo: replaying {} sample quotes over {symbols} symbols at {rate} quotes/s on channel {channel:?}",
         loaded.quotes.len()
     );
     // Where this machine reaches it, whatever it listens on.
-    let local = crate::probe::local_address(local);
+    let local = crate::health::local_address(local);
     println!("  dashboard:  http://{local}/");
     println!("  WebSocket:  ws://{local}/ws/demo");
     println!(
@@ -88,7 +88,7 @@ async fn run_with<B: Broker>(
         tokio::spawn(async move {
             // Give the listener a moment to subscribe so the first quotes count.
             tokio::time::sleep(Duration::from_millis(200)).await;
-            producer::publish(&broker, &quotes, Some(rate), true, &shutdown).await
+            publish::publish(&broker, &quotes, Some(rate), true, &shutdown).await
         })
     };
     let served = crate::serve(settings, listener, broker, shutdown).await;
@@ -98,7 +98,7 @@ async fn run_with<B: Broker>(
     served
 }
 
-fn count_symbols(loaded: &producer::Loaded) -> usize {
+fn count_symbols(loaded: &publish::Loaded) -> usize {
     let symbols: std::collections::BTreeSet<&str> = loaded.symbols.iter().map(|s| &**s).collect();
     symbols.len().max(1)
 }
@@ -120,7 +120,7 @@ mod tests {
 
     #[test]
     fn sample_data_is_realistic_and_clean() {
-        let loaded = producer::parse_csv(SAMPLE_QUOTES, None).expect("sample CSV parses");
+        let loaded = publish::parse_csv(SAMPLE_QUOTES, None).expect("sample CSV parses");
         assert!(
             loaded.rejected.is_empty(),
             "sample has bad lines: {:?}",

@@ -73,7 +73,7 @@ pub async fn run(
     let elapsed = start.elapsed();
     let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
     let bridge_stats = if stalled_percent > 0 {
-        let body = crate::probe::body_of(rig.bridge.address, "/stats").await;
+        let body = crate::health::body_of(rig.bridge.address, "/stats").await;
         body.ok()
             .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
     } else {

@@ -4,7 +4,6 @@
 //! One test binary (modules below) so the suite links once.
 
 mod abuse;
-mod architecture;
 mod auth;
 mod bench;
 mod binary;

@@ -95,7 +95,7 @@ pub async fn run(
     };
     write(
         &mut socket,
-        [welcome.encode()].map(Message::Text),
+        [Message::Text(welcome.encode().into())],
         limits.write_timeout,
     )
     .await?;
@@ -143,7 +143,7 @@ pub async fn run(
                     // The client is told before the latest values come.
                     membership.stats().conflations.fetch_add(1, Relaxed);
                     let notice = ServerFrame::Conflated { keys: taken.frames }.encode();
-                    batch.insert(0, Message::Text(notice));
+                    batch.insert(0, Message::Text(notice.into()));
                 }
                 // Everything already queued goes out with one flush (a
                 // conflated batch, one key each, a batch at a time); the
@@ -193,7 +193,7 @@ pub async fn run(
                             membership.go_live();
                         }
                         let reply = ServerFrame::Error { message: "binary frames are not supported; send JSON text" }.encode();
-                        write(&mut socket, [Message::Text(reply)], limits.write_timeout).await?;
+                        write(&mut socket, [Message::Text(reply.into())], limits.write_timeout).await?;
                     }
                     Message::Pong(_) => unanswered_pings = 0,
                     // The WebSocket engine answers pings itself; reading
@@ -241,7 +241,7 @@ impl TokenBucket {
 /// The first request of a `held` socket ends the hold: a resume resumes,
 /// anything else makes it live as it is.
 fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -> Vec<Utf8Bytes> {
-    let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
+    let error = |message: &str| vec![ServerFrame::Error { message }.encode().into()];
     let parsed = ClientOp::parse(text);
     let resuming = matches!(parsed, Ok(ClientOp::Resume(_)));
     if std::mem::take(held) && !resuming {
@@ -290,7 +290,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
     let reply = ServerFrame::Subscribed {
         symbols: &outcome.symbols,
     };
-    vec![reply.encode()]
+    vec![reply.encode().into()]
 }
 
 /// The most results a second a subscription may ask for per key (and the
@@ -313,7 +313,7 @@ fn rate_interval(max_rate: f64) -> Result<Duration, String> {
 /// names an invalid symbol or epoch is refused, and the socket goes live
 /// without recovery.
 fn resume(membership: &Membership, grant: &Grant, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
-    let error = |message: &str| vec![ServerFrame::Error { message }.encode()];
+    let error = |message: &str| vec![ServerFrame::Error { message }.encode().into()];
     if let Some(message) = invalid_resume(grant, last_seen) {
         membership.go_live();
         return error(&message);
@@ -344,7 +344,7 @@ fn resume(membership: &Membership, grant: &Grant, last_seen: &LastSeen) -> Vec<U
             private: &resumed.unrecovered_private,
         },
     };
-    std::iter::once(reply.encode())
+    std::iter::once(reply.encode().into())
         .chain(resumed.frames)
         .collect()
 }

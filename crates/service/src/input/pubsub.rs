@@ -1,15 +1,15 @@
-//! The Redis listener (the seed's `ThreadedRedisMessageListener`): one
+//! The Redis pub/sub input (the seed's `ThreadedRedisMessageListener`): one
 //! subscription for everything this node's role reads.
 //!
 //! ```text
-//! input channel ─▶ Pipeline ─▶ SMA ─┬─▶ publisher ─▶ redis.output   (all, compute)
+//! input channel ─▶ Pipeline ─▶ SMA ─┬─▶ output ─▶ redis.output       (all, compute)
 //!                     │ bad          └─▶ hub ─▶ sockets              (all)
-//!                     └─▶ publisher ─▶ redis.rejected
+//!                     └─▶ output ─▶ redis.rejected
 //! output channel ─────────────────────▶ hub ─▶ sockets              (gateway)
 //! direct channel ─────────────────────▶ hub ─▶ one group's sockets  (all, gateway)
 //! ```
 //!
-//! In durable stream mode quotes come from `stream.rs` instead and this
+//! In durable stream mode quotes come from `durable.rs` instead and this
 //! listener carries only the direct messages.
 
 use std::sync::Arc;
@@ -28,9 +28,9 @@ use crate::broker::{Broker, Inbound, Topic};
 use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
+use crate::output::Queued;
 use crate::pipeline::{Outcome, Pipeline, unix_ms};
 use crate::protocol::ResultRoute;
-use crate::publisher::Queued;
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
 
@@ -59,7 +59,7 @@ enum Feed {
 }
 
 /// The Redis listener: subscribes, then turns every message into its effects.
-pub struct Listener<B> {
+pub struct PubSubInput<B> {
     broker: B,
     topics: Vec<Topic>,
     /// What each of `topics` carries.
@@ -78,7 +78,7 @@ pub struct Listener<B> {
     backoff: Backoff,
 }
 
-impl<B: Broker> Listener<B> {
+impl<B: Broker> PubSubInput<B> {
     /// A listener for `settings`, publishing through `publish` and fanning out through `hub`.
     #[must_use]
     pub fn new(

@@ -5,7 +5,6 @@
 
 use std::collections::BTreeMap;
 
-use axum::extract::ws::Utf8Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::names;
@@ -47,12 +46,12 @@ impl SmaMessage<'_> {
     /// they are. Anything else (only possible through this public type, never
     /// from the parser) goes through serde_json.
     #[must_use]
-    pub fn encode(&self) -> Utf8Bytes {
+    pub fn encode(&self) -> String {
         let plain = names::is_symbol(self.symbol)
             && names::is_epoch(self.epoch)
             && self.client.is_none_or(names::is_client_code);
         if !plain {
-            return serde_json::to_string(self).unwrap_or_default().into();
+            return serde_json::to_string(self).unwrap_or_default();
         }
         let key = KeyFraming::new(self.symbol, self.epoch, self.client);
         self.encode_framed(&key, &WindowFraming::new(self.window), Spelling::default())
@@ -63,12 +62,12 @@ impl SmaMessage<'_> {
     /// message is copied in three pieces. `key` must be this message's
     /// (valid names, which JSON never escapes) and `window` its window;
     /// `spelled` may give the text of its price and ts, copied as they are.
-    pub(crate) fn encode_framed(
+    pub fn encode_framed(
         &self,
         key: &KeyFraming,
         window: &WindowFraming,
         spelled: Spelling<'_>,
-    ) -> Utf8Bytes {
+    ) -> String {
         debug_assert_eq!(*key, KeyFraming::new(self.symbol, self.epoch, self.client));
         debug_assert_eq!(window.window, self.window);
         let mut floats = [zmij::Buffer::new(), zmij::Buffer::new()];
@@ -134,7 +133,7 @@ impl SmaMessage<'_> {
         out.push_str(seq);
         out.push_str(&key.tail);
         debug_assert_eq!(out.len(), exact);
-        out.into()
+        out
     }
 }
 
@@ -154,7 +153,7 @@ pub struct Position<'a> {
 /// `{"symbol":"AAPL","price":` and `,"epoch":"E"}` (or
 /// `,"epoch":"E","client":"acme"}`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct KeyFraming {
+pub struct KeyFraming {
     head: Box<str>,
     tail: Box<str>,
     epoch_len: usize,
@@ -165,7 +164,7 @@ const EPOCH_FIELD: &str = r#","epoch":""#;
 
 impl KeyFraming {
     /// The framing for `symbol`, `epoch` and `client`, which must be valid names.
-    pub(crate) fn new(symbol: &str, epoch: &str, client: Option<&str>) -> Self {
+    pub fn new(symbol: &str, epoch: &str, client: Option<&str>) -> Self {
         Self {
             head: format!("{{\"symbol\":\"{symbol}\",\"price\":").into(),
             tail: match client {
@@ -177,7 +176,7 @@ impl KeyFraming {
     }
 
     /// Where the epoch is in a message of `len` bytes framed by this.
-    pub(crate) fn epoch_in(&self, len: usize) -> std::ops::Range<usize> {
+    pub fn epoch_in(&self, len: usize) -> std::ops::Range<usize> {
         let start = len - self.tail.len() + EPOCH_FIELD.len();
         start..start + self.epoch_len
     }
@@ -185,7 +184,7 @@ impl KeyFraming {
 
 /// The window of every SMA message of a pipeline, written out.
 #[derive(Debug, Clone)]
-pub(crate) struct WindowFraming {
+pub struct WindowFraming {
     window: usize,
     /// `W`
     text: Box<str>,
@@ -195,7 +194,7 @@ pub(crate) struct WindowFraming {
 
 impl WindowFraming {
     /// The framing for windows of `window` prices.
-    pub(crate) fn new(window: usize) -> Self {
+    pub fn new(window: usize) -> Self {
         Self {
             window,
             text: window.to_string().into(),
@@ -514,8 +513,8 @@ pub struct Unrecovered<'a> {
 impl ServerFrame<'_> {
     /// Serializes the frame for sending.
     #[must_use]
-    pub fn encode(&self) -> Utf8Bytes {
-        serde_json::to_string(self).unwrap_or_default().into()
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
     }
 }
 
@@ -642,8 +641,8 @@ mod tests {
         }
     }
 
-    fn as_json(bytes: &Utf8Bytes) -> Value {
-        serde_json::from_str(bytes.as_str()).expect("frame is JSON")
+    fn as_json(bytes: &str) -> Value {
+        serde_json::from_str(bytes).expect("frame is JSON")
     }
 
     #[test]

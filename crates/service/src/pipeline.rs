@@ -7,8 +7,8 @@
 //!        notice for redis.rejected
 //! ```
 //!
-//! [`Pipeline`] does no I/O: the pub/sub listener (`listener.rs`) and the
-//! durable stream consumer (`stream.rs`) decide when its results go out.
+//! [`Pipeline`] does no I/O: the pub/sub input (`input/pubsub.rs`) and the
+//! durable stream consumer (`input/durable.rs`) decide when its results go out.
 //! One task owns a pipeline, so per-key order is input order and no lock
 //! guards the windows.
 
@@ -190,7 +190,7 @@ impl Pipeline {
         let epoch_at = key.framing.epoch_in(frame.len());
         let sma = Sma {
             channel: key.channel.clone(),
-            frame,
+            frame: frame.into(),
             snapshot: key.snapshot.clone(),
             seq: key.seq,
             epoch_at,

@@ -236,7 +236,7 @@ pub async fn append_to_stream(
                 .arg("~")
                 .arg(maxlen)
                 .arg("*")
-                .arg(crate::stream::QUOTE_FIELD)
+                .arg(quotebridge_service::QUOTE_FIELD)
                 .arg(quote.as_ref())
                 .ignore();
         }

@@ -4,6 +4,8 @@
 //! stand-in with Redis's channel and pattern semantics, used by `demo` when no
 //! Redis answers and by fast tests.
 
+#![forbid(unsafe_code)]
+
 mod cluster;
 mod glob;
 mod memory;
@@ -138,7 +140,7 @@ where
 /// results, in order. One command with many fields costs Redis far less
 /// than one per result; a field given twice ends with its later value, as
 /// the results' order requires.
-pub(crate) fn snapshot_writes<'a>(
+pub fn snapshot_writes<'a>(
     snapshots: impl IntoIterator<Item = (&'a SnapshotSlot, &'a [u8])>,
 ) -> Vec<::redis::Cmd> {
     let mut writes: Vec<(&str, ::redis::Cmd)> = Vec::new();

@@ -20,7 +20,7 @@ use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Message;
 use bytes::Bytes;
 use futures_util::Stream;
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
@@ -150,11 +150,11 @@ fn encode(out: &mut String, frame: &Message) {
 }
 
 /// Appends a control frame as an event of its `type`.
-fn notice(out: &mut String, kind: &str, frame: &Utf8Bytes) {
+fn notice(out: &mut String, kind: &str, frame: &str) {
     out.push_str("event: ");
     out.push_str(kind);
     out.push('\n');
-    data_lines(out, frame.as_str());
+    data_lines(out, frame);
 }
 
 /// Joins `admission` to the hub subscribed to `symbols` and starts the

@@ -54,7 +54,7 @@ const REDIS_URL_FORMS: &str =
     "redis://[[user]:password@]host[:port][/db] or unix:///path/to/redis.sock";
 
 /// The compiled-in defaults; every key is documented there.
-pub const DEFAULTS: &str = include_str!("../config/default.toml");
+pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
 mod explain;
 mod origins;

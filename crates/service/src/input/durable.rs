@@ -75,7 +75,7 @@ fn stream_position(id: &str) -> (u64, u64) {
 }
 
 /// The durable consumer.
-pub struct StreamConsumer {
+pub struct DurableInput {
     client: redis::Client,
     redis: RedisSettings,
     pipeline: Pipeline,
@@ -91,7 +91,7 @@ pub struct StreamConsumer {
     feeds_gateways: bool,
 }
 
-impl StreamConsumer {
+impl DurableInput {
     /// A consumer for `settings`' stream, feeding `hub`.
     pub fn new(
         metrics: Arc<Metrics>,

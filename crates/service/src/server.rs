@@ -368,9 +368,9 @@ enum Phase {
 
 /// The live dashboard: a page, its script and its styles (no CDN, no build
 /// step), compiled into the binary.
-const DASHBOARD: &str = include_str!("../assets/dashboard.html");
-const DASHBOARD_SCRIPT: &str = include_str!("../assets/dashboard.js");
-const DASHBOARD_STYLES: &str = include_str!("../assets/dashboard.css");
+const DASHBOARD: &str = include_str!("../../../assets/dashboard.html");
+const DASHBOARD_SCRIPT: &str = include_str!("../../../assets/dashboard.js");
+const DASHBOARD_STYLES: &str = include_str!("../../../assets/dashboard.css");
 
 async fn dashboard() -> axum::response::Html<&'static str> {
     axum::response::Html(DASHBOARD)

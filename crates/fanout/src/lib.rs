@@ -1,0 +1,11 @@
+//! quotebridge's fan-out: the hub that groups sockets by client code and
+//! indexes them by symbol (with snapshots, each key's history for resuming
+//! sockets, and admissions), and each socket's bounded outbox (conflation,
+//! rate limits). It knows nothing of Redis, HTTP or settings.
+
+#![forbid(unsafe_code)]
+
+pub mod hub;
+pub mod outbox;
+
+use quotebridge_core::{names, protocol, stats};
