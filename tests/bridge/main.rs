@@ -15,6 +15,7 @@ mod durable;
 mod embedded;
 mod end_to_end;
 mod hostile_clients;
+mod idle_keys;
 mod metrics;
 mod properties;
 mod redis_faults;

@@ -31,8 +31,8 @@ use tokio::sync::OnceCell;
 
 use super::queue::SubscriptionBuffer;
 use super::{
-    Broker, BrokerError, HealthCheck, Outbound, Subscription, Topic, pushes, snapshot_writes,
-    until_unanswered,
+    Broker, BrokerError, HealthCheck, Outbound, SnapshotSlot, Subscription, Topic, pushes,
+    snapshot_deletes, snapshot_writes, until_unanswered,
 };
 
 /// How long connecting or a single request may take before it counts as failed.
@@ -186,6 +186,18 @@ impl Broker for ClusterBroker {
             async move { pipe.query_async::<()>(&mut connection).await }
         }))
         .await?;
+        Ok(())
+    }
+
+    async fn forget_snapshots(&self, slots: &[&SnapshotSlot]) -> Result<(), BrokerError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        // One HDEL per hash: each goes to the node of its key's slot.
+        let mut connection = self.publisher().await?;
+        for hdel in snapshot_deletes(slots.iter().copied()) {
+            hdel.query_async::<()>(&mut connection).await?;
+        }
         Ok(())
     }
 

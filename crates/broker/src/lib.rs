@@ -159,6 +159,27 @@ pub fn snapshot_writes<'a>(
     writes.into_iter().map(|(_, hset)| hset).collect()
 }
 
+/// One HDEL per snapshot hash for the fields of `slots`: the snapshots of
+/// keys released for being idle.
+pub fn snapshot_deletes<'a>(
+    slots: impl IntoIterator<Item = &'a SnapshotSlot>,
+) -> Vec<::redis::Cmd> {
+    let mut deletes: Vec<(&str, ::redis::Cmd)> = Vec::new();
+    for slot in slots {
+        let at = match deletes.iter().position(|(key, _)| *key == &*slot.key) {
+            Some(at) => at,
+            None => {
+                let mut hdel = ::redis::cmd("HDEL");
+                hdel.arg(&*slot.key);
+                deletes.push((&slot.key, hdel));
+                deletes.len() - 1
+            }
+        };
+        deletes[at].1.arg(&*slot.field);
+    }
+    deletes.into_iter().map(|(_, hdel)| hdel).collect()
+}
+
 /// The messages of one subscription, in the order the broker delivered them.
 /// The stream ends when the subscription is lost (for Redis: the connection).
 pub type Subscription = BoxStream<'static, Inbound>;
@@ -188,6 +209,12 @@ pub trait Broker: Clone + Send + Sync + 'static {
 
     /// Publishes the messages in order, in as few round trips as the broker allows.
     fn publish(&self, batch: &[Outbound]) -> impl Future<Output = Result<(), BrokerError>> + Send;
+
+    /// Deletes the snapshots kept in `slots` (keys released for being idle).
+    fn forget_snapshots(
+        &self,
+        slots: &[&SnapshotSlot],
+    ) -> impl Future<Output = Result<(), BrokerError>> + Send;
 
     /// Every `(field, value)` of the snapshot hashes `keys`.
     fn read_snapshots(

@@ -12,7 +12,7 @@ use futures_util::StreamExt;
 use futures_util::stream;
 use tokio::sync::mpsc;
 
-use super::{Broker, BrokerError, Inbound, Outbound, Subscription, Topic};
+use super::{Broker, BrokerError, Inbound, Outbound, SnapshotSlot, Subscription, Topic};
 
 /// How many messages one subscription may hold before new ones are dropped.
 const SUBSCRIPTION_QUEUE: usize = 65_536;
@@ -64,6 +64,16 @@ impl Broker for MemoryBroker {
             Some((message, rx))
         });
         Ok(messages.boxed())
+    }
+
+    async fn forget_snapshots(&self, slots: &[&SnapshotSlot]) -> Result<(), BrokerError> {
+        let mut state = self.lock();
+        for slot in slots {
+            if let Some(hash) = state.snapshots.get_mut(&*slot.key) {
+                hash.remove(&*slot.field);
+            }
+        }
+        Ok(())
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {

@@ -15,7 +15,10 @@ use tokio::sync::OnceCell;
 
 use super::queue::SubscriptionBuffer;
 use super::subscriber::{Subscriber, Timeouts};
-use super::{Broker, BrokerError, Outbound, Subscription, Topic, snapshot_writes};
+use super::{
+    Broker, BrokerError, Outbound, SnapshotSlot, Subscription, Topic, snapshot_deletes,
+    snapshot_writes,
+};
 
 /// How long connecting or a single request may take before it counts as failed.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -141,6 +144,19 @@ impl Broker for RedisBroker {
             overflows: self.overflows.clone(),
         };
         Ok(subscriber.subscribe(topics).await?)
+    }
+
+    async fn forget_snapshots(&self, slots: &[&SnapshotSlot]) -> Result<(), BrokerError> {
+        if slots.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for hdel in snapshot_deletes(slots.iter().copied()) {
+            pipe.add_command(hdel).ignore();
+        }
+        let mut conn = self.publisher().await?;
+        pipe.query_async::<()>(&mut conn).await?;
+        Ok(())
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {

@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod idle;
 pub mod names;
 pub mod protocol;
 pub mod quote;

@@ -67,6 +67,14 @@ pub struct Stats {
     pub resumes_unrecovered: AtomicU64,
     /// Missed results sent to sockets that resumed.
     pub frames_replayed: AtomicU64,
+    /// Keys released for having had no quote for `sma.key_idle_ms` (their
+    /// windows, and what is kept of them in Redis).
+    pub keys_released: AtomicU64,
+    /// Keys released from the history and snapshots kept for sockets, for
+    /// having had no result for `sma.key_idle_ms`.
+    pub history_keys_released: AtomicU64,
+    /// A gauge: (client, symbol) keys with a window now (at most `sma.max_keys`).
+    pub keys: AtomicU64,
     /// Stream mode, a gauge: entries of the input stream the consumer group
     /// has not yet acknowledged (pending plus not yet delivered), as last measured.
     pub stream_lag: AtomicU64,
@@ -282,6 +290,16 @@ pub const COUNTERS: &[Counter] = &[
         value: |stats| stats.stream_batches.load(Relaxed),
     },
     Counter {
+        name: "keys_released",
+        help: "Keys released after sma.key_idle_ms without a quote (their windows and saved state)",
+        value: |stats| stats.keys_released.load(Relaxed),
+    },
+    Counter {
+        name: "history_keys_released",
+        help: "Keys whose history and snapshot, kept for sockets, were released after sma.key_idle_ms without a result",
+        value: |stats| stats.history_keys_released.load(Relaxed),
+    },
+    Counter {
         name: "stream_replayed",
         help: "Stream mode: entries replayed or claimed after a failure",
         value: |stats| stats.stream_replayed.load(Relaxed),
@@ -339,6 +357,11 @@ pub const GAUGES: &[Gauge] = &[
         name: "queued_bytes",
         help: "Payload bytes waiting in sockets' outboxes (each at most websocket.send_queue_bytes, and as much again in the latest frame of each key while it conflates)",
         value: |_, gauges| gauges.queued_bytes as u64,
+    },
+    Gauge {
+        name: "keys",
+        help: "(client, symbol) keys with a window now (sma.max_keys bounds it; idle ones are released after sma.key_idle_ms)",
+        value: |stats, _| stats.keys.load(Relaxed),
     },
     Gauge {
         name: "stream_lag",

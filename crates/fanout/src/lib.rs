@@ -8,4 +8,4 @@
 pub mod hub;
 pub mod outbox;
 
-use quotebridge_core::{names, protocol, stats};
+use quotebridge_core::{idle, names, protocol, stats};

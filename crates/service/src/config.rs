@@ -281,8 +281,10 @@ pub struct SmaSettings {
     pub window: usize,
     /// Emit before the window is full.
     pub emit_partial: bool,
-    /// Most distinct (client, symbol) keys.
+    /// Most distinct (client, symbol) keys alive at once.
     pub max_keys: usize,
+    /// A key with no quote for this long is released, in milliseconds.
+    pub key_idle_ms: u64,
 }
 
 /// WebSocket clients.
@@ -571,6 +573,13 @@ impl Settings {
         Duration::from_millis(self.server.header_read_timeout_ms)
     }
 
+    /// How often idle keys are looked for: `sma.key_idle_ms` in
+    /// [`SWEEPS_PER_IDLE`](crate::idle::SWEEPS_PER_IDLE) parts.
+    #[must_use]
+    pub fn key_sweep_interval(&self) -> Duration {
+        Duration::from_millis(self.sma.key_idle_ms) / crate::idle::SWEEPS_PER_IDLE
+    }
+
     /// Time allowed for a clean shutdown.
     #[must_use]
     pub fn shutdown_timeout(&self) -> Duration {
@@ -702,6 +711,15 @@ impl SmaSettings {
         }
         if self.max_keys == 0 {
             return invalid("sma.max_keys", "must be at least 1".into());
+        }
+        if !(100..=31_536_000_000).contains(&self.key_idle_ms) {
+            return invalid(
+                "sma.key_idle_ms",
+                format!(
+                    "must be between 100 and 31536000000, a year (got {})",
+                    self.key_idle_ms
+                ),
+            );
         }
         Ok(())
     }

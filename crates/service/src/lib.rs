@@ -26,7 +26,7 @@ pub mod topology;
 pub use self::input::durable::QUOTE_FIELD;
 pub use self::server::raise_descriptor_limit;
 pub use quotebridge_broker as broker;
-use quotebridge_core::{names, protocol, quote, sma, stats};
+use quotebridge_core::{idle, names, protocol, quote, sma, stats};
 use quotebridge_fanout::{hub, outbox};
 
 use std::sync::Arc;
@@ -134,6 +134,13 @@ pub async fn serve<B: Broker>(
         tokio::spawn(pubsub_input.run(shutdown.clone()))
     });
 
+    if role.serves_sockets() {
+        tokio::spawn(release_idle_keys(
+            hub.clone(),
+            settings.key_sweep_interval(),
+            shutdown.clone(),
+        ));
+    }
     let sessions = TaskTracker::new();
     if !auth.is_enabled() {
         tracing::warn!(
@@ -183,4 +190,23 @@ pub async fn serve<B: Broker>(
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Releases the history and snapshots of keys that had no result for
+/// `sma.key_idle_ms`, every `interval`, until `shutdown`.
+async fn release_idle_keys(hub: Hub, interval: std::time::Duration, shutdown: CancellationToken) {
+    let mut sweeps = tokio::time::interval(interval);
+    sweeps.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    sweeps.reset();
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = sweeps.tick() => {
+                let released = hub.release_idle();
+                if released > 0 {
+                    tracing::info!(keys = released, "released the history of keys idle for sma.key_idle_ms");
+                }
+            }
+        }
+    }
 }

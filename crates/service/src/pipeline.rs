@@ -27,6 +27,7 @@ use hashbrown::hash_map::EntryRef;
 use crate::broker::Outbound;
 use crate::broker::SnapshotSlot;
 use crate::config::Settings;
+use crate::idle::is_idle;
 use crate::names;
 use crate::protocol::{KeyFraming, Position, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
@@ -128,7 +129,7 @@ impl Pipeline {
         let channels = settings.redis.channels();
         let shard = settings.node.shard;
         Self {
-            windows: Windows::new(settings.window(), settings.sma.max_keys),
+            windows: Windows::new(settings.window(), settings.sma.max_keys, stats.clone()),
             rejected_channel: channels.rejected_channel(),
             window_framing: WindowFraming::new(settings.window().get()),
             epoch: new_epoch(),
@@ -269,11 +270,30 @@ impl Pipeline {
         }
     }
 
+    /// Releases the keys that had no quote for about `sma.key_idle_ms`:
+    /// called every [`Settings::key_sweep_interval`], it walks every key
+    /// once (one task owns the pipeline; no lock is held). A released key's
+    /// next quote starts a new window in a new epoch: the run's epoch for
+    /// new keys changes whenever keys are released, so a key created again
+    /// never repeats a `seq` of its old epoch.
+    pub fn release_idle(&mut self) -> Vec<Released> {
+        let released = self.windows.release_idle();
+        if !released.is_empty() {
+            self.epoch = new_epoch();
+            self.stats
+                .keys_released
+                .fetch_add(released.len() as u64, Relaxed);
+        }
+        released
+    }
+
     /// Forgets every window (before restoring them all again). A key that
     /// is not restored starts over, so the run's epoch for new keys changes
     /// too: a key created again must not repeat `seq`s of its old epoch.
     pub fn clear(&mut self) {
-        self.windows = Windows::new(self.windows.window, self.windows.max_keys);
+        let stats = self.stats.clone();
+        self.windows = Windows::new(self.windows.window, self.windows.max_keys, stats);
+        self.stats.keys.store(0, Relaxed);
         self.epoch = new_epoch();
     }
 }
@@ -306,6 +326,8 @@ struct Key {
     epoch: Arc<str>,
     /// The key's fixed parts of every message, written out once.
     framing: KeyFraming,
+    /// The sweep during which the key last had a quote.
+    touched: u32,
 }
 
 /// Where a new key's results go: its output channel and snapshot slot.
@@ -331,6 +353,7 @@ impl ResultAddressing {
             seq: 0,
             epoch: epoch.clone(),
             framing: KeyFraming::new(symbol, epoch, client),
+            touched: 0,
         }
     }
 }
@@ -348,16 +371,22 @@ struct Windows {
     window: NonZeroUsize,
     max_keys: usize,
     len: usize,
+    /// Sweeps so far: a key records the one it was last used in.
+    sweep: u32,
+    /// Where the number of keys is shown (the `keys` gauge).
+    stats: Arc<Stats>,
     public: HashMap<Box<str>, Key>,
     private: HashMap<Box<str>, HashMap<Box<str>, Key>>,
 }
 
 impl Windows {
-    fn new(window: NonZeroUsize, max_keys: usize) -> Self {
+    fn new(window: NonZeroUsize, max_keys: usize, stats: Arc<Stats>) -> Self {
         Self {
             window,
             max_keys,
             len: 0,
+            sweep: 0,
+            stats,
             public: HashMap::default(),
             private: HashMap::default(),
         }
@@ -388,15 +417,67 @@ impl Windows {
                 EntryRef::Vacant(entry) => entry.insert(HashMap::default()),
             },
         };
-        match map.entry_ref(symbol) {
-            EntryRef::Occupied(entry) => Some(entry.into_mut()),
-            EntryRef::Vacant(_) if full => None,
+        let key = match map.entry_ref(symbol) {
+            EntryRef::Occupied(entry) => entry.into_mut(),
+            EntryRef::Vacant(_) if full => return None,
             EntryRef::Vacant(entry) => {
                 self.len += 1;
-                Some(entry.insert(addressing.key(client, symbol, self.window, epoch)))
+                self.stats.keys.store(self.len as u64, Relaxed);
+                entry.insert(addressing.key(client, symbol, self.window, epoch))
             }
-        }
+        };
+        key.touched = self.sweep;
+        Some(key)
     }
+
+    /// Starts a new sweep and releases every key last used
+    /// `SWEEPS_PER_IDLE` full sweeps ago or earlier; returns them.
+    fn release_idle(&mut self) -> Vec<Released> {
+        self.sweep = self.sweep.wrapping_add(1);
+        let sweep = self.sweep;
+        let idle = |key: &Key| is_idle(key.touched, sweep);
+        let mut released = Vec::new();
+        self.public.retain(|symbol, key| {
+            let keep = !idle(key);
+            if !keep {
+                released.push(Released {
+                    client: None,
+                    symbol: symbol.clone(),
+                    snapshot: key.snapshot.take(),
+                });
+            }
+            keep
+        });
+        self.private.retain(|client, symbols| {
+            symbols.retain(|symbol, key| {
+                let keep = !idle(key);
+                if !keep {
+                    released.push(Released {
+                        client: Some(client.clone()),
+                        symbol: symbol.clone(),
+                        snapshot: None,
+                    });
+                }
+                keep
+            });
+            !symbols.is_empty()
+        });
+        self.len -= released.len();
+        self.stats.keys.store(self.len as u64, Relaxed);
+        released
+    }
+}
+
+/// A key released for having had no quote for `sma.key_idle_ms`: what is
+/// kept of it elsewhere (saved state, the snapshot hash) goes too.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Released {
+    /// Its client, for a private key.
+    pub client: Option<Box<str>>,
+    /// Its symbol.
+    pub symbol: Box<str>,
+    /// Where its latest result was kept for gateways, if it was.
+    pub snapshot: Option<Arc<SnapshotSlot>>,
 }
 
 /// Logs rejected input at most once a second, with a sample and how many
@@ -450,7 +531,8 @@ mod tests {
             channels: settings.redis.channels(),
             snapshots: false,
         };
-        let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3);
+        let stats = Arc::new(Stats::default());
+        let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3, stats);
         let epoch = new_epoch();
         windows
             .get_or_insert(None, "A", &output, &epoch)
@@ -541,6 +623,60 @@ mod tests {
         let (seq, new_epoch) = position_of(upgraded.process(public));
         assert_eq!(seq, 1);
         assert_ne!(new_epoch, epoch);
+    }
+
+    #[test]
+    fn idle_keys_are_released_and_come_back_in_a_new_epoch() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.sma.emit_partial = true;
+        settings.sma.max_keys = 2;
+        let stats = Arc::new(Stats::default());
+        let mut pipeline = Pipeline::new(&settings, stats.clone());
+        let (busy, idle, new) = (
+            br#"{"symbol":"BUSY","price":1}"#,
+            br#"{"symbol":"IDLE","price":1}"#,
+            br#"{"symbol":"NEW","price":1}"#,
+        );
+        position_of(pipeline.process(busy));
+        let (_, old_epoch) = position_of(pipeline.process(idle));
+        position_of(pipeline.process(idle));
+        assert!(
+            matches!(pipeline.process(new), Outcome::Rejected { .. }),
+            "two keys alive: a third is refused"
+        );
+        // BUSY has a quote in every sweep; IDLE none after the first.
+        for sweep in 1..=crate::idle::SWEEPS_PER_IDLE {
+            assert!(
+                pipeline.release_idle().is_empty(),
+                "sweep {sweep}: not idle yet"
+            );
+            position_of(pipeline.process(busy));
+        }
+        let released = pipeline.release_idle();
+        assert_eq!(
+            released.iter().map(|k| &*k.symbol).collect::<Vec<_>>(),
+            ["IDLE"]
+        );
+        assert_eq!(stats.keys_released.load(Relaxed), 1);
+        assert_eq!(stats.keys.load(Relaxed), 1);
+        assert!(
+            pipeline.key_state(None, "IDLE").is_none(),
+            "its window went"
+        );
+        // Room again: a new key is taken, and IDLE starts over in a new epoch.
+        position_of(pipeline.process(new));
+        position_of(pipeline.process(busy));
+        pipeline.release_idle();
+        let (seq, epoch) = position_of(pipeline.process(busy));
+        assert!(seq > 1, "a key in use keeps its sequence");
+        assert_eq!(pipeline.release_idle().len(), 0);
+        for _ in 0..=crate::idle::SWEEPS_PER_IDLE {
+            pipeline.release_idle();
+        }
+        let (seq, again) = position_of(pipeline.process(idle));
+        assert_eq!(seq, 1, "a new window");
+        assert_ne!(again, old_epoch, "in a new epoch");
+        assert_ne!(again, epoch);
     }
 
     fn notice(outcome: Outcome<'_>) -> Option<String> {

@@ -133,6 +133,29 @@ impl Floors {
         }
     }
 
+    /// Forgets the floors of the key (`client`, `symbol`): it was released,
+    /// and its next result starts a new epoch, which no floor reaches.
+    pub(super) fn forget(&mut self, client: Option<&str>, symbol: &str) {
+        let map = match client {
+            None => &mut self.public,
+            Some(code) => match self.private.get_mut(code) {
+                Some(symbols) => symbols,
+                None => return,
+            },
+        };
+        let Some(floors) = map.remove(symbol) else {
+            return;
+        };
+        for socket in floors.0.keys() {
+            forget_key(&mut self.by_socket, *socket, client, symbol);
+        }
+        if let Some(code) = client
+            && self.private.get(code).is_some_and(HashMap::is_empty)
+        {
+            self.private.remove(code);
+        }
+    }
+
     /// Forgets `socket`'s floors.
     pub(super) fn remove(&mut self, socket: SocketId) {
         let Some(own) = self.by_socket.remove(&socket) else {

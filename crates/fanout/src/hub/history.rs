@@ -16,6 +16,7 @@ use hashbrown::HashMap;
 
 use axum::extract::ws::Utf8Bytes;
 
+use crate::idle::is_idle;
 use crate::protocol::Position;
 
 /// What one kept result costs beyond its frame's bytes: its slot in the
@@ -83,6 +84,8 @@ pub(super) struct History {
     keys: usize,
     public: HashMap<Box<str>, Ring>,
     private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
+    /// Sweeps so far (see [`History::release_idle`]).
+    sweep: u32,
 }
 
 /// One key's latest results, consecutive in its sequence.
@@ -91,6 +94,8 @@ struct Ring {
     epoch: Box<str>,
     /// `(seq, frame)`, oldest first, each `seq` one more than the one before.
     entries: VecDeque<(u64, Utf8Bytes)>,
+    /// The sweep during which the key last had a result.
+    touched: u32,
 }
 
 impl History {
@@ -103,6 +108,7 @@ impl History {
             keys: 0,
             public: HashMap::new(),
             private: HashMap::new(),
+            sweep: 0,
         }
     }
 
@@ -136,10 +142,12 @@ impl History {
                 map.entry(symbol.into()).or_insert_with(|| Ring {
                     epoch: position.epoch.into(),
                     entries: VecDeque::new(),
+                    touched: 0,
                 })
             }
             None => return true,
         };
+        ring.touched = self.sweep;
         let last = ring.entries.back().map(|(seq, _)| *seq);
         if *ring.epoch != *position.epoch {
             ring.epoch = position.epoch.into();
@@ -214,6 +222,33 @@ impl History {
         Replay::Recovered(Missed {
             frames: ring.entries.iter().skip(skip),
         })
+    }
+
+    /// Starts a new sweep and releases every key whose last result came
+    /// more than `idle_sweeps` full sweeps ago; returns them as (client,
+    /// symbol). One walk over every key: for a sweep every quarter of
+    /// `sma.key_idle_ms`, not for a hot path.
+    pub(super) fn release_idle(&mut self) -> Vec<(Option<Box<str>>, Box<str>)> {
+        self.sweep = self.sweep.wrapping_add(1);
+        let sweep = self.sweep;
+        let mut freed = 0;
+        let mut released = Vec::new();
+        let mut keep = |client: Option<&str>, symbol: &str, ring: &mut Ring| {
+            if !is_idle(ring.touched, sweep) {
+                return true;
+            }
+            freed += ring.clear();
+            released.push((client.map(Box::from), Box::from(symbol)));
+            false
+        };
+        self.public.retain(|symbol, ring| keep(None, symbol, ring));
+        self.private.retain(|client, symbols| {
+            symbols.retain(|symbol, ring| keep(Some(client), symbol, ring));
+            !symbols.is_empty()
+        });
+        self.bytes -= freed;
+        self.keys -= released.len();
+        released
     }
 
     /// Bytes held (frames plus their slots), for `/metrics`.

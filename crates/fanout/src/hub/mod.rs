@@ -459,6 +459,28 @@ impl Hub {
         self.inner.queued.get()
     }
 
+    /// Releases the history, snapshot and floors of every key that had no
+    /// result for about `sma.key_idle_ms`: called every quarter of it (see
+    /// [`crate::idle`]). One walk over the keys under the hub's lock, once
+    /// per sweep: a millisecond or so for `sma.max_keys` keys, never per
+    /// request. Returns how many keys' histories went.
+    pub fn release_idle(&self) -> usize {
+        let mut state = self.state();
+        let released = state.history.release_idle();
+        state.snapshots.release_idle();
+        if !state.floors.is_empty() {
+            for (client, symbol) in &released {
+                state.floors.forget(client.as_deref(), symbol);
+            }
+        }
+        drop(state);
+        self.inner
+            .stats
+            .history_keys_released
+            .fetch_add(released.len() as u64, Relaxed);
+        released.len()
+    }
+
     /// Bytes the history of every key holds.
     #[must_use]
     pub fn history_bytes(&self) -> usize {
@@ -1477,6 +1499,45 @@ mod tests {
             read <= 2 * 8,
             "{read} missed results read: no more than the budget, twice"
         );
+    }
+
+    #[test]
+    fn keys_without_results_for_the_idle_period_are_released_everywhere() {
+        let hub = hub(64);
+        let epoch = "e1";
+        for seq in 1..=3 {
+            result(&hub, None, seq, epoch);
+            result(&hub, Some("acme"), seq, epoch);
+        }
+        hub.deliver_result("B", None, Some(Position { seq: 1, epoch }), "B1".into());
+        // A socket ahead on A (from another gateway) holds a floor on it.
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+        socket
+            .resume(&last_seen(&[(epoch, 4)], &[]))
+            .expect("it was held");
+        assert!(!hub.state().floors.is_empty());
+        // B has a result in every sweep; A (public and private) none.
+        for sweep in 1..=crate::idle::SWEEPS_PER_IDLE {
+            assert_eq!(hub.release_idle(), 0, "sweep {sweep}: not idle yet");
+            let seq = u64::from(sweep) + 1;
+            hub.deliver_result("B", None, Some(Position { seq, epoch }), "B".into());
+        }
+        assert_eq!(hub.release_idle(), 2, "A, public and private");
+        let state = hub.state();
+        assert!(state.snapshots.get("A").is_none(), "its snapshot went");
+        assert!(state.snapshots.get("B").is_some());
+        assert!(state.floors.is_empty(), "and the floor on it");
+        let seen = Position { seq: 2, epoch };
+        assert!(matches!(
+            state.history.replay(None, "A", seen),
+            Replay::Gap(None)
+        ));
+        assert!(matches!(
+            state.history.replay(Some("acme"), "A", seen),
+            Replay::Gap(None)
+        ));
+        assert_eq!(hub.inner.stats.history_keys_released.load(Relaxed), 2);
     }
 
     #[test]

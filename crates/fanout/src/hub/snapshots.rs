@@ -3,11 +3,16 @@
 
 use hashbrown::HashMap;
 
+use crate::idle::is_idle;
+
 use axum::extract::ws::Utf8Bytes;
 
 #[derive(Debug, Default)]
 pub(super) struct Snapshots {
-    latest: HashMap<Box<str>, Utf8Bytes>,
+    /// Each symbol's latest result, and the sweep it came in.
+    latest: HashMap<Box<str>, (Utf8Bytes, u32)>,
+    /// Sweeps so far (see [`Snapshots::release_idle`]).
+    sweep: u32,
 }
 
 impl Snapshots {
@@ -16,25 +21,40 @@ impl Snapshots {
     pub(super) fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {
         let room = self.latest.len() < max;
         match self.latest.get_mut(symbol) {
-            Some(latest) => *latest = frame.clone(),
+            Some(latest) => *latest = (frame.clone(), self.sweep),
             None if room => {
-                self.latest.insert(symbol.into(), frame.clone());
+                self.latest
+                    .insert(symbol.into(), (frame.clone(), self.sweep));
             }
             None => {}
         }
     }
 
     pub(super) fn get(&self, symbol: &str) -> Option<&Utf8Bytes> {
-        self.latest.get(symbol)
+        self.latest.get(symbol).map(|(frame, _)| frame)
     }
 
     pub(super) fn all(&self) -> impl Iterator<Item = &Utf8Bytes> {
-        self.latest.values()
+        self.latest.values().map(|(frame, _)| frame)
     }
 
     /// Every symbol's snapshot, with its symbol.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Utf8Bytes)> {
-        self.latest.iter().map(|(symbol, frame)| (&**symbol, frame))
+        self.latest
+            .iter()
+            .map(|(symbol, (frame, _))| (&**symbol, frame))
+    }
+
+    /// Starts a new sweep and forgets every symbol whose latest result came
+    /// [`SWEEPS_PER_IDLE`](crate::idle::SWEEPS_PER_IDLE) whole sweeps ago
+    /// or earlier; returns how many.
+    pub(super) fn release_idle(&mut self) -> usize {
+        self.sweep = self.sweep.wrapping_add(1);
+        let sweep = self.sweep;
+        let before = self.latest.len();
+        self.latest
+            .retain(|_, (_, touched)| !is_idle(*touched, sweep));
+        before - self.latest.len()
     }
 
     pub(super) fn len(&self) -> usize {

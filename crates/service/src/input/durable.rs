@@ -33,7 +33,7 @@ use redis::{AsyncConnectionConfig, RedisResult, Value};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::broker::snapshot_writes;
+use crate::broker::{snapshot_deletes, snapshot_writes};
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -89,6 +89,8 @@ pub struct DurableInput {
     /// Whether results are also published on the output channel although
     /// they go to `output_stream`: a compute node's gateways follow the channel.
     feeds_gateways: bool,
+    /// How often idle keys are released.
+    key_sweep: Duration,
 }
 
 impl DurableInput {
@@ -125,6 +127,7 @@ impl DurableInput {
             metrics,
             unsharded_group,
             feeds_gateways: settings.node.role == Role::Compute,
+            key_sweep: settings.key_sweep_interval(),
         })
     }
 
@@ -168,7 +171,12 @@ impl DurableInput {
         // one is read.
         let mut held_since: Option<Instant> = None;
         let mut lag_measured: Option<Instant> = None;
+        let mut next_sweep = Instant::now() + self.key_sweep;
         while !shutdown.is_cancelled() {
+            if Instant::now() >= next_sweep {
+                self.release_idle_keys(&mut conn).await?;
+                next_sweep = Instant::now() + self.key_sweep;
+            }
             if lag_measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
                 self.measure_lag(&mut conn).await;
                 lag_measured = Some(Instant::now());
@@ -468,6 +476,33 @@ impl DurableInput {
             .query_async(conn)
             .await?;
         Ok(reply.keys.into_iter().flat_map(|k| k.ids).collect())
+    }
+
+    /// Releases the keys idle for `sma.key_idle_ms`: their windows here, and
+    /// their saved state and snapshots in Redis in one MULTI/EXEC. Should
+    /// that fail, the caller reconnects and restores every window saved,
+    /// the released ones included, to be released at a later sweep.
+    async fn release_idle_keys(&mut self, conn: &mut MultiplexedConnection) -> RedisResult<()> {
+        let released = self.pipeline.release_idle();
+        if released.is_empty() {
+            return Ok(());
+        }
+        tracing::info!(
+            keys = released.len(),
+            "released keys idle for sma.key_idle_ms"
+        );
+        let mut transaction = redis::pipe();
+        transaction.atomic();
+        let fields: Vec<String> = released
+            .iter()
+            .map(|key| serde_json::to_string(&(&key.client, &key.symbol)).unwrap_or_default())
+            .collect();
+        transaction.hdel(&self.redis.state_key, &fields).ignore();
+        let slots = released.iter().filter_map(|key| key.snapshot.as_deref());
+        for hdel in snapshot_deletes(slots) {
+            transaction.add_command(hdel).ignore();
+        }
+        transaction.query_async::<()>(conn).await
     }
 
     /// Runs a batch through the pipeline and applies all its effects in one

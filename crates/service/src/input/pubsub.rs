@@ -21,10 +21,11 @@ use axum::extract::ws::{Message, Utf8Bytes};
 use bytes::Bytes;
 use futures_util::{FutureExt, Stream, StreamExt};
 use tokio::sync::mpsc;
+use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
-use crate::broker::{Broker, Inbound, Topic};
+use crate::broker::{Broker, Inbound, SnapshotSlot, Topic};
 use crate::config::{InputMode, Settings};
 use crate::hub::Hub;
 use crate::names;
@@ -76,6 +77,8 @@ pub struct PubSubInput<B> {
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
     backoff: Backoff,
+    /// How often the pipeline's idle keys are released.
+    key_sweep: Duration,
 }
 
 impl<B: Broker> PubSubInput<B> {
@@ -124,6 +127,7 @@ impl<B: Broker> PubSubInput<B> {
             stats,
             subscribed,
             backoff: settings.reconnect_backoff(),
+            key_sweep: settings.key_sweep_interval(),
         }
     }
 
@@ -162,6 +166,9 @@ impl<B: Broker> PubSubInput<B> {
         // was last reported, so a long outage logs every few seconds, not on
         // every retry.
         let mut outage: Option<(SystemTime, Instant)> = None;
+        let mut sweeps = tokio::time::interval(self.key_sweep);
+        sweeps.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        sweeps.reset();
         loop {
             let subscription = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -203,6 +210,10 @@ impl<B: Broker> PubSubInput<B> {
                 let first = tokio::select! {
                     biased;
                     () = shutdown.cancelled() => return,
+                    _ = sweeps.tick() => {
+                        self.release_idle_keys().await;
+                        continue;
+                    }
                     message = messages.next() => message,
                 };
                 let Some(first) = first else { break };
@@ -225,6 +236,27 @@ impl<B: Broker> PubSubInput<B> {
             let now = SystemTime::now();
             outage = Some((now, Instant::now()));
             tracing::warn!(disconnected_since = %unix_ms(now), "redis subscription lost; reconnecting");
+        }
+    }
+
+    /// Releases the pipeline's idle keys, and their snapshots in Redis.
+    /// Awaited in the input loop: a key created again after this sweep
+    /// stores its first snapshot after the old one is deleted.
+    async fn release_idle_keys(&mut self) {
+        let released = self.pipeline.release_idle();
+        if released.is_empty() {
+            return;
+        }
+        tracing::info!(
+            keys = released.len(),
+            "released keys idle for sma.key_idle_ms"
+        );
+        let slots: Vec<&SnapshotSlot> = released
+            .iter()
+            .filter_map(|key| key.snapshot.as_deref())
+            .collect();
+        if let Err(err) = self.broker.forget_snapshots(&slots).await {
+            tracing::warn!(cause = %err, "could not delete the snapshots of released keys");
         }
     }
 
