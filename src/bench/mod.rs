@@ -9,6 +9,7 @@
 //! with its own nanosecond clock at publish time (the bridge passes `ts`
 //! through untouched) and subtracts it on arrival.
 
+mod abuse;
 mod clients;
 mod connections;
 pub mod environment;
@@ -47,6 +48,10 @@ pub enum Scenario {
     Resume,
     /// Parse + SMA + serialize per quote, no I/O.
     Micro,
+    /// An honest reader's latency, quiet and while one client abuses
+    /// requests within its limits (not in the default run: about half a
+    /// minute at `--seconds 5`).
+    Abuse,
 }
 
 /// What to run, and how big.
@@ -241,6 +246,8 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             | Scenario::SlowFanout
             | Scenario::Resume
             | Scenario::Connections => role.serves_sockets(),
+            // Its load and its abuses need both halves in one process.
+            Scenario::Abuse => role == Role::All,
         };
         if !applies {
             rows.push(Row::not_applicable(scenario, role));
@@ -269,6 +276,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             }
             Scenario::Resume => rows.push(resume::run(&environment, options).await?),
             Scenario::Connections => rows.push(connections::run(&environment, options).await?),
+            Scenario::Abuse => rows.extend(abuse::run(&environment, options).await?),
         }
     }
     Ok(Report {

@@ -118,3 +118,20 @@ async fn compute_and_gateway_roles_are_measured_on_their_own() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
+    let options = Options {
+        scenarios: vec![Scenario::Abuse],
+        seconds: 0.3,
+        ..tiny()
+    };
+    let report = bench::run(&options).await.expect("bench runs");
+    let table = report.table();
+    assert_eq!(report.rows.len(), 5, "quiet and four abuses:\n{table}");
+    for row in &report.rows {
+        assert!(row.get("p99_us").is_some_and(|p99| p99 > 0.0), "{table}");
+    }
+    let compared = report.rows.iter().filter(|r| r.get("p99_vs_quiet").is_some());
+    assert_eq!(compared.count(), 4, "{table}");
+}

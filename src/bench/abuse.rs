@@ -1,0 +1,329 @@
+//! Abuse: what one client acting within its documented limits does to
+//! everyone else's latency.
+//!
+//! The bridge first sees [`SEEDED_KEYS`] symbols (so each socket's `"*"`
+//! covers that many keys, each with a history). Then, in phases of
+//! `--seconds` each, quotes flow at [`RATE`] a second over 100 of those
+//! symbols while two honest sockets read every result; the first phase is
+//! quiet, and each later one runs one abuse from outside testing alone:
+//!
+//! - `max_rate`: 50 sockets re-send `{"op":"subscribe","symbols":["*"],
+//!   "max_rate":0.0003}` 15 times a second each (reading what they get);
+//! - `big resume`: 20 sockets at a time open with `?resume=1`, name 5,000
+//!   keys in one resume (49 KB), and hang up, over and over;
+//! - `stats`: 4 keep-alive connections ask `GET /stats` back to back;
+//! - `resume loop`: 100 sockets at a time resume a few keys from their
+//!   start (a small request, a reply as large as the queue bounds allow),
+//!   read it, and hang up, over and over.
+//!
+//! Each phase reports the honest readers' p50, p99 and maximum, and the
+//! p99 over the quiet phase's: the goal is at most 2.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::clients::{collect, connect_sockets, publisher, spawn_readers};
+use super::environment::Bridge;
+use super::{Environment, Options, Row, Scenario, feed, now_ns};
+use crate::Error;
+use crate::broker::BrokerError;
+
+/// Symbols the bridge has seen before the phases start.
+pub const SEEDED_KEYS: usize = 20_000;
+/// Quotes a second during every phase.
+pub const RATE: u64 = 500;
+/// Symbols those quotes go to.
+const LIVE_SYMBOLS: usize = 100;
+/// Honest sockets, each reading every result.
+const HONEST: usize = 2;
+
+/// One abuse, run by its own tasks until `stop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abuse {
+    MaxRate,
+    BigResume,
+    Stats,
+    ResumeLoop,
+}
+
+impl Abuse {
+    const ALL: [Self; 4] = [
+        Self::MaxRate,
+        Self::BigResume,
+        Self::Stats,
+        Self::ResumeLoop,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::MaxRate => "max_rate: 50 sockets re-subscribe \"*\" 15/s",
+            Self::BigResume => "big resume: 20 sockets x 5,000 keys, reset",
+            Self::Stats => "stats: 4 keep-alive /stats loops",
+            Self::ResumeLoop => "resume loop: 100 sockets",
+        }
+    }
+}
+
+pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row>, Error> {
+    let (input, output) = ("bench.abuse.in".to_owned(), "bench.abuse.out".to_owned());
+    let bridge = environment
+        .start_bridge(&[
+            ("REDIS__INPUT", input.clone()),
+            ("REDIS__OUTPUT", output.clone()),
+            ("SMA__EMIT_PARTIAL", "true".into()),
+            ("SERVER__MAX_CONNECTIONS_PER_CLIENT", "1000".into()),
+        ])
+        .await?;
+    let epoch = seed(environment, (&input, &output)).await?;
+    let mut rows = Vec::new();
+    let quiet = phase(
+        environment,
+        &bridge,
+        (&input, &output),
+        &epoch,
+        None,
+        options,
+    )
+    .await?;
+    let quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+    rows.push(quiet);
+    for abuse in Abuse::ALL {
+        let row = phase(
+            environment,
+            &bridge,
+            (&input, &output),
+            &epoch,
+            Some(abuse),
+            options,
+        )
+        .await?;
+        let ratio = row.get("p99_us").unwrap_or(f64::NAN) / quiet_p99;
+        rows.push(row.with("p99_vs_quiet", (ratio * 100.0).round() / 100.0));
+    }
+    bridge.stop().await;
+    Ok(rows)
+}
+
+/// One result for each of [`SEEDED_KEYS`] symbols; returns their epoch.
+async fn seed(environment: &Environment, (input, output): (&str, &str)) -> Result<String, Error> {
+    let client = crate::broker::redis_client(&environment.url).map_err(BrokerError::from)?;
+    let mut pubsub = client.get_async_pubsub().await.map_err(BrokerError::from)?;
+    pubsub.subscribe(output).await.map_err(BrokerError::from)?;
+    let mut conn = publisher(&environment.url).await?;
+    for chunk in (0..SEEDED_KEYS).collect::<Vec<_>>().chunks(1_000) {
+        let mut pipe = redis::pipe();
+        for &n in chunk {
+            let (channel, payload) = feed(environment.role, (input, output), n, SEEDED_KEYS, 0);
+            pipe.publish(channel, payload.as_ref()).ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::from)?;
+    }
+    let mut results = pubsub.into_on_message();
+    let mut epoch = String::new();
+    for _ in 0..SEEDED_KEYS {
+        let message = tokio::time::timeout(Duration::from_secs(60), results.next())
+            .await
+            .ok()
+            .flatten()
+            .ok_or_else(|| Error::Input("the bridge published too few results".into()))?;
+        if epoch.is_empty() {
+            let sma: serde_json::Value = serde_json::from_slice(message.get_payload_bytes())
+                .map_err(|e| Error::Input(format!("not an SMA result: {e}")))?;
+            epoch = sma["epoch"].as_str().unwrap_or_default().to_owned();
+        }
+    }
+    Ok(epoch)
+}
+
+/// One phase: load, honest readers and (if any) the abuse, for `seconds`.
+async fn phase(
+    environment: &Environment,
+    bridge: &Bridge,
+    (input, output): (&str, &str),
+    epoch: &str,
+    abuse: Option<Abuse>,
+    options: &Options,
+) -> Result<Row, Error> {
+    let honest =
+        connect_sockets(bridge.address, HONEST, |i| format!("honest{i}"), &[], None).await?;
+    let frames = Arc::new(AtomicU64::new(0));
+    let stop = CancellationToken::new();
+    let readers = spawn_readers(honest, &frames, &stop);
+    let mut abusers = JoinSet::new();
+    if let Some(abuse) = abuse {
+        start(abuse, bridge, epoch, &stop, &mut abusers).await?;
+    }
+    let mut conn = publisher(&environment.url).await?;
+    let total = (RATE as f64 * options.seconds).max(1.0) as u64;
+    let begin = Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        let due_at = begin + Duration::from_secs_f64(sent as f64 / RATE as f64);
+        tokio::time::sleep_until(due_at).await;
+        let due = ((begin.elapsed().as_secs_f64() * RATE as f64) as u64 + 1).min(total);
+        let mut pipe = redis::pipe();
+        let ts = now_ns();
+        for i in sent..due.max(sent + 1) {
+            let (channel, payload) = feed(
+                environment.role,
+                (input, output),
+                i as usize,
+                LIVE_SYMBOLS,
+                ts,
+            );
+            pipe.publish(channel, payload.as_ref()).ignore();
+        }
+        pipe.query_async::<()>(&mut conn)
+            .await
+            .map_err(BrokerError::from)?;
+        sent = due.max(sent + 1);
+    }
+    // What is still on its way gets a few seconds; a stalled bridge shows
+    // as missing frames.
+    let want = sent * HONEST as u64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while frames.load(Relaxed) < want && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    let latency = collect(readers).await;
+    let work = abusers.len();
+    while abusers.join_next().await.is_some() {}
+    let label = abuse.map_or("quiet", Abuse::name);
+    let mut row = Row::new(
+        Scenario::Abuse,
+        format!("{label}, {RATE} quotes/s, {HONEST} honest readers"),
+    )
+    .with("p50_us", latency.quantile_us(0.5))
+    .with("p99_us", latency.quantile_us(0.99))
+    .with("max_us", latency.max_us());
+    let received = frames.load(Relaxed);
+    if received < want {
+        row.note = Some(format!(
+            "{} of {want} results had not arrived 5 s after the phase ({work} abusive tasks)",
+            want - received
+        ));
+    }
+    Ok(row)
+}
+
+/// Starts `abuse`'s tasks in `tasks`, each running until `stop`.
+async fn start(
+    abuse: Abuse,
+    bridge: &Bridge,
+    epoch: &str,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) -> Result<(), Error> {
+    let address = bridge.address;
+    match abuse {
+        Abuse::MaxRate => {
+            let request = r#"{"op":"subscribe","symbols":["*"],"max_rate":0.0003}"#;
+            let sockets = connect_sockets(address, 50, |_| "abuser".into(), &[], None).await?;
+            for socket in sockets {
+                let (mut sink, mut stream) = socket.split();
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    let mut ticks = tokio::time::interval(Duration::from_millis(1000 / 15));
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            _ = ticks.tick() => {
+                                if sink.send(Message::text(request)).await.is_err() {
+                                    break;
+                                }
+                            }
+                            read = stream.next() => if !matches!(read, Some(Ok(_))) { break },
+                        }
+                    }
+                });
+            }
+        }
+        Abuse::BigResume => {
+            let keys: serde_json::Map<String, serde_json::Value> =
+                (0..5_000).map(|i| (format!("S{i}"), 0.into())).collect();
+            let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
+            resume_loops(address, 20, request, false, stop, tasks);
+        }
+        Abuse::Stats => {
+            for _ in 0..4 {
+                let stop = stop.clone();
+                tasks.spawn(async move {
+                    let Ok(mut tcp) = tokio::net::TcpStream::connect(address).await else {
+                        return;
+                    };
+                    let request = format!("GET /stats HTTP/1.1\r\nHost: {address}\r\n\r\n");
+                    let mut buffer = vec![0u8; 64 * 1024];
+                    while !stop.is_cancelled() {
+                        if tcp.write_all(request.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        // One response: its head and a JSON body, read whole.
+                        match tcp.read(&mut buffer).await {
+                            Ok(1..) => {}
+                            _ => return,
+                        }
+                    }
+                });
+            }
+        }
+        Abuse::ResumeLoop => {
+            let keys: serde_json::Map<String, serde_json::Value> = (0..LIVE_SYMBOLS)
+                .map(|i| (format!("S{i}"), 0.into()))
+                .collect();
+            let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
+            resume_loops(address, 100, request, true, stop, tasks);
+        }
+    }
+    Ok(())
+}
+
+/// `count` tasks, each opening a socket with `?resume=1`, sending `request`,
+/// reading the reply (when `read`) and hanging up, until `stop`.
+fn resume_loops(
+    address: std::net::SocketAddr,
+    count: usize,
+    request: String,
+    read: bool,
+    stop: &CancellationToken,
+    tasks: &mut JoinSet<()>,
+) {
+    let request = Arc::new(request);
+    for _ in 0..count {
+        let (stop, request) = (stop.clone(), request.clone());
+        tasks.spawn(async move {
+            while !stop.is_cancelled() {
+                let opened =
+                    connect_sockets(address, 1, |_| "abuser?resume=1".into(), &[], None).await;
+                let Some(mut socket) = opened.ok().and_then(|mut s| s.pop()) else {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                if socket.send(Message::text(request.as_str())).await.is_err() {
+                    continue;
+                }
+                if read {
+                    // The reply and the replay: read until quiet for 50 ms.
+                    while let Ok(Some(Ok(_))) =
+                        tokio::time::timeout(Duration::from_millis(50), socket.next()).await
+                    {
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                    }
+                }
+                drop(socket);
+            }
+        });
+    }
+}
