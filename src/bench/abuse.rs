@@ -7,8 +7,10 @@
 //! symbols while two honest sockets read every result; the first phase is
 //! quiet, and each later one runs one abuse from outside testing alone:
 //!
-//! - `max_rate`: 50 sockets re-send `{"op":"subscribe","symbols":["*"],
-//!   "max_rate":0.0003}` 15 times a second each (reading what they get);
+//! - `max_rate`: 50 sockets subscribe `{"op":"subscribe","symbols":["*"],
+//!   "max_rate":0.0003}`, every seeded symbol gets one more result (so each
+//!   socket's limit has seen every key, as over a day's trading), and they
+//!   re-send that subscribe 15 times a second each, reading what they get;
 //! - `big resume`: 20 sockets at a time open with `?resume=1`, name 5,000
 //!   keys in one resume (49 KB), and hang up, over and over;
 //! - `stats`: 4 keep-alive connections ask `GET /stats` back to back;
@@ -154,16 +156,28 @@ async fn phase(
     abuse: Option<Abuse>,
     options: &Options,
 ) -> Result<Row, Error> {
+    let stop = CancellationToken::new();
+    let mut abusers = JoinSet::new();
+    let mut conn = publisher(&environment.url).await?;
+    if let Some(abuse) = abuse {
+        start(abuse, bridge, epoch, &stop, &mut abusers).await?;
+        if abuse == Abuse::MaxRate {
+            // Every seeded key once more, now that the abusers subscribe.
+            let mut pipe = redis::pipe();
+            for n in 0..SEEDED_KEYS {
+                let (channel, payload) = feed(environment.role, (input, output), n, SEEDED_KEYS, 0);
+                pipe.publish(channel, payload.as_ref()).ignore();
+            }
+            pipe.query_async::<()>(&mut conn)
+                .await
+                .map_err(BrokerError::from)?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
     let honest =
         connect_sockets(bridge.address, HONEST, |i| format!("honest{i}"), &[], None).await?;
     let frames = Arc::new(AtomicU64::new(0));
-    let stop = CancellationToken::new();
     let readers = spawn_readers(honest, &frames, &stop);
-    let mut abusers = JoinSet::new();
-    if let Some(abuse) = abuse {
-        start(abuse, bridge, epoch, &stop, &mut abusers).await?;
-    }
-    let mut conn = publisher(&environment.url).await?;
     let total = (RATE as f64 * options.seconds).max(1.0) as u64;
     let begin = Instant::now();
     let mut sent = 0u64;

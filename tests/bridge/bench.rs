@@ -132,6 +132,9 @@ async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
     for row in &report.rows {
         assert!(row.get("p99_us").is_some_and(|p99| p99 > 0.0), "{table}");
     }
-    let compared = report.rows.iter().filter(|r| r.get("p99_vs_quiet").is_some());
+    let compared = report
+        .rows
+        .iter()
+        .filter(|r| r.get("p99_vs_quiet").is_some());
     assert_eq!(compared.count(), 4, "{table}");
 }

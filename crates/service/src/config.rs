@@ -301,6 +301,8 @@ pub struct WebSocketSettings {
     pub slow_consumer: SlowConsumer,
     /// Most subscriptions per socket.
     pub max_symbols: usize,
+    /// Frames the resumes of one client code may send a second.
+    pub resume_frames_per_second: usize,
     /// Largest client frame, in bytes.
     pub max_message_bytes: usize,
     /// Most client frames per second.
@@ -785,6 +787,15 @@ impl WebSocketSettings {
             return invalid(
                 "websocket.history_size",
                 format!("must be between 1 and 1000000 (got {})", self.history_size),
+            );
+        }
+        if !(1..=100_000_000).contains(&self.resume_frames_per_second) {
+            return invalid(
+                "websocket.resume_frames_per_second",
+                format!(
+                    "must be between 1 and 100000000 (got {})",
+                    self.resume_frames_per_second
+                ),
             );
         }
         Ok(())

@@ -89,6 +89,7 @@ pub async fn serve<B: Broker>(
             max_snapshots: settings.sma.max_keys,
             history_size: settings.websocket.history_size,
             history_bytes: settings.websocket.history_bytes,
+            resume_frames_per_second: settings.websocket.resume_frames_per_second,
         },
         stats.clone(),
     );

@@ -2,6 +2,8 @@
 //! hub's connections by client, as centrifuge keeps connections by user.
 
 use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use super::SocketId;
 use crate::outbox;
@@ -19,6 +21,16 @@ pub(super) struct Connections {
     sockets: HashMap<SocketId, Socket>,
     /// Client code → its sockets. A group exists only while it has a socket.
     groups: HashMap<Box<str>, Vec<SocketId>>,
+    /// How many of each there are, for readers that take no lock.
+    counts: Arc<Counts>,
+}
+
+/// Open sockets and groups, kept as they change so that `/stats` and
+/// `/metrics` read them without the hub's lock.
+#[derive(Debug, Default)]
+pub(crate) struct Counts {
+    pub(crate) sockets: AtomicUsize,
+    pub(crate) groups: AtomicUsize,
 }
 
 impl Connections {
@@ -31,7 +43,18 @@ impl Connections {
             self.groups.entry(group.clone()).or_default().push(id);
         }
         self.sockets.insert(id, Socket { group, outbox });
+        self.count();
         id
+    }
+
+    /// The counts, shared with readers that take no lock.
+    pub(super) fn counts(&self) -> Arc<Counts> {
+        self.counts.clone()
+    }
+
+    fn count(&self) {
+        self.counts.sockets.store(self.sockets.len(), Relaxed);
+        self.counts.groups.store(self.groups.len(), Relaxed);
     }
 
     /// Makes a socket added without `live` a member of its group; returns
@@ -42,6 +65,7 @@ impl Connections {
         if !members.contains(&id) {
             members.push(id);
         }
+        self.count();
         Some(group)
     }
 
@@ -59,6 +83,7 @@ impl Connections {
                 self.groups.remove(&socket.group);
             }
         }
+        self.count();
         Some(socket.group)
     }
 
@@ -67,10 +92,12 @@ impl Connections {
         self.groups.get(client).map_or(&[], Vec::as_slice)
     }
 
+    #[cfg(test)]
     pub(super) fn len(&self) -> usize {
         self.sockets.len()
     }
 
+    #[cfg(test)]
     pub(super) fn group_count(&self) -> usize {
         self.groups.len()
     }

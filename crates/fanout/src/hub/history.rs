@@ -9,6 +9,8 @@
 //! ones that shrink, and each keeps at least its latest result.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 // hashbrown's default hasher (foldhash, seeded at random): several lookups
 // per result happen under the hub's lock.
@@ -86,6 +88,8 @@ pub(super) struct History {
     private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
     /// Sweeps so far (see [`History::release_idle`]).
     sweep: u32,
+    /// `bytes`, for readers that take no lock.
+    bytes_gauge: Arc<AtomicUsize>,
 }
 
 /// One key's latest results, consecutive in its sequence.
@@ -109,6 +113,7 @@ impl History {
             public: HashMap::new(),
             private: HashMap::new(),
             sweep: 0,
+            bytes_gauge: Arc::default(),
         }
     }
 
@@ -172,6 +177,7 @@ impl History {
                 self.bytes -= old.len() + ENTRY_OVERHEAD;
             }
         }
+        self.bytes_gauge.store(self.bytes, Relaxed);
         // A key the byte bound shrank gives back its slots too.
         if ring.entries.capacity() > 4 * ring.entries.len().max(4) {
             ring.entries.shrink_to(2 * ring.entries.len());
@@ -248,10 +254,17 @@ impl History {
         });
         self.bytes -= freed;
         self.keys -= released.len();
+        self.bytes_gauge.store(self.bytes, Relaxed);
         released
     }
 
-    /// Bytes held (frames plus their slots), for `/metrics`.
+    /// The bytes held, kept as they change for readers that take no lock.
+    pub(super) fn bytes_gauge(&self) -> Arc<AtomicUsize> {
+        self.bytes_gauge.clone()
+    }
+
+    /// Bytes held (frames plus their slots).
+    #[cfg(test)]
     pub(super) fn bytes(&self) -> usize {
         self.bytes
     }

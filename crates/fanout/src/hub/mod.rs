@@ -59,6 +59,10 @@ struct Inner {
     stats: Arc<Stats>,
     /// What every socket's outbox holds, kept by the outboxes.
     queued: QueuedBytes,
+    /// Open sockets and groups, kept by the connections.
+    counts: Arc<connections::Counts>,
+    /// Bytes the history holds, kept by the history.
+    history_bytes: Arc<std::sync::atomic::AtomicUsize>,
     /// Whether a frame too large for any socket has been logged (once is
     /// enough: the counter tells how often).
     logged_too_large: AtomicBool,
@@ -86,6 +90,9 @@ pub struct HubLimits {
     pub history_size: usize,
     /// Bytes the history may hold in all (`websocket.history_bytes`).
     pub history_bytes: usize,
+    /// Frames the resumes of one client code may send a second
+    /// (`websocket.resume_frames_per_second`).
+    pub resume_frames_per_second: usize,
 }
 
 /// Everything under the hub's one lock.
@@ -144,6 +151,11 @@ pub enum ResumeError {
     /// The socket would exceed `websocket.max_symbols`.
     #[error("subscription limit reached: at most {0} symbols per socket")]
     TooManySymbols(usize),
+    /// The client code's resumes sent what they may this second.
+    #[error(
+        "resume refused: this client code's resumes sent {0} frames in the last second (websocket.resume_frames_per_second); live without recovery"
+    )]
+    RateLimited(usize),
 }
 
 /// Why a subscription request was refused.
@@ -201,8 +213,12 @@ impl Hub {
             admissions: Admissions::default(),
             wakes: Wakes::default(),
         };
+        let counts = state.connections.counts();
+        let history_bytes = state.history.bytes_gauge();
         Self {
             inner: Arc::new(Inner {
+                counts,
+                history_bytes,
                 state: Mutex::new(state),
                 limits,
                 stats,
@@ -443,13 +459,13 @@ impl Hub {
     /// How many sockets are open.
     #[must_use]
     pub fn socket_count(&self) -> usize {
-        self.state().connections.len()
+        self.inner.counts.sockets.load(Relaxed)
     }
 
     /// How many client groups have at least one socket.
     #[must_use]
     pub fn group_count(&self) -> usize {
-        self.state().connections.group_count()
+        self.inner.counts.groups.load(Relaxed)
     }
 
     /// Payload bytes waiting in sockets' outboxes: a gauge the outboxes
@@ -481,10 +497,10 @@ impl Hub {
         released.len()
     }
 
-    /// Bytes the history of every key holds.
+    /// Bytes the history of every key holds, read without the hub's lock.
     #[must_use]
     pub fn history_bytes(&self) -> usize {
-        self.state().history.bytes()
+        self.inner.history_bytes.load(Relaxed)
     }
 
     /// Makes a held socket live, subscribed to `last_seen.symbols` (else
@@ -508,6 +524,20 @@ impl Hub {
         if subscriptions.len() > max_symbols {
             return Err(ResumeError::TooManySymbols(max_symbols));
         }
+        // What resumes naming keys may send, per client code: a client that
+        // resumes over and over (on new sockets, each within its limits)
+        // gets its allowance, then refusals that cost nothing.
+        let names_keys = !last_seen.public.is_empty() || !last_seen.private.is_empty();
+        let rate = self.inner.limits.resume_frames_per_second;
+        let now = std::time::Instant::now();
+        let group = state.connections.get(id).map(|socket| socket.group.clone());
+        let allowance = match &group {
+            Some(group) if names_keys => state
+                .admissions
+                .replay_allowance(group, rate, now)
+                .ok_or(ResumeError::RateLimited(rate))?,
+            _ => usize::MAX,
+        };
         state.held.remove(&id);
         let client = state
             .connections
@@ -531,7 +561,7 @@ impl Hub {
         // however many keys it names.
         let limits = &self.inner.limits;
         let mut budget = Budget {
-            frames: limits.send_queue,
+            frames: limits.send_queue.min(allowance),
             bytes: limits.send_queue_bytes,
             replaying: true,
         };
@@ -595,6 +625,10 @@ impl Hub {
                 }
                 resumed.frames.push(frame.clone());
             }
+        }
+        if names_keys && let Some(group) = &group {
+            let sent = resumed.frames.len();
+            state.admissions.spend_replay(group, rate, sent, now);
         }
         Ok(resumed)
     }
@@ -973,6 +1007,7 @@ mod tests {
             max_snapshots: 100,
             history_size: 16,
             history_bytes: 1 << 20,
+            resume_frames_per_second: 100_000,
         }
     }
 
@@ -1538,6 +1573,42 @@ mod tests {
             Replay::Gap(None)
         ));
         assert_eq!(hub.inner.stats.history_keys_released.load(Relaxed), 2);
+    }
+
+    #[test]
+    fn a_client_code_s_resumes_share_an_allowance_of_frames() {
+        // One frame a second: a second passes before the allowance refills.
+        let limits = HubLimits {
+            resume_frames_per_second: 1,
+            ..limits(64)
+        };
+        let hub = Hub::new(limits, Arc::new(Stats::default()));
+        for seq in 1..=8 {
+            result(&hub, None, seq, "e1");
+        }
+        let resume = || {
+            let admission = hub.admit("acme").expect("admitted");
+            let (socket, _outbox) = hub.join(admission, &strings(&["A"]), true);
+            socket
+                .resume(&last_seen(&[("e1", 0)], &[]))
+                .map(|r| r.frames.len())
+        };
+        assert_eq!(
+            resume(),
+            Ok(1),
+            "eight missed do not fit: the latest stands in"
+        );
+        assert_eq!(
+            resume(),
+            Err(ResumeError::RateLimited(1)),
+            "spent, on a new socket as on the same"
+        );
+        let other = hub.admit("other").expect("admitted");
+        let (socket, _outbox) = hub.join(other, &strings(&["A"]), true);
+        assert!(
+            socket.resume(&last_seen(&[("e1", 0)], &[])).is_ok(),
+            "another client code has its own"
+        );
     }
 
     #[test]
