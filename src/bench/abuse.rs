@@ -81,7 +81,6 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
             ("REDIS__INPUT", input.clone()),
             ("REDIS__OUTPUT", output.clone()),
             ("SMA__EMIT_PARTIAL", "true".into()),
-            ("SERVER__MAX_CONNECTIONS_PER_CLIENT", "1000".into()),
         ])
         .await?;
     let epoch = seed(environment, (&input, &output)).await?;
@@ -243,7 +242,7 @@ async fn start(
     match abuse {
         Abuse::MaxRate => {
             let request = r#"{"op":"subscribe","symbols":["*"],"max_rate":0.0003}"#;
-            let sockets = connect_sockets(address, 50, |_| "abuser".into(), &[], None).await?;
+            let sockets = connect_sockets(address, 50, |_| "rates".into(), &[], None).await?;
             for socket in sockets {
                 let (mut sink, mut stream) = socket.split();
                 let stop = stop.clone();
@@ -267,7 +266,7 @@ async fn start(
             let keys: serde_json::Map<String, serde_json::Value> =
                 (0..5_000).map(|i| (format!("S{i}"), 0.into())).collect();
             let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
-            resume_loops(address, 20, request, false, stop, tasks);
+            resume_loops(address, (20, "resumes"), request, false, stop, tasks);
         }
         Abuse::Stats => {
             for _ in 0..4 {
@@ -296,17 +295,18 @@ async fn start(
                 .map(|i| (format!("S{i}"), 0.into()))
                 .collect();
             let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
-            resume_loops(address, 100, request, true, stop, tasks);
+            resume_loops(address, (100, "replays"), request, true, stop, tasks);
         }
     }
     Ok(())
 }
 
-/// `count` tasks, each opening a socket with `?resume=1`, sending `request`,
-/// reading the reply (when `read`) and hanging up, until `stop`.
+/// `count` tasks, each opening a socket of client code `code` with
+/// `?resume=1`, sending `request`, reading the reply (when `read`) and
+/// hanging up, until `stop`.
 fn resume_loops(
     address: std::net::SocketAddr,
-    count: usize,
+    (count, code): (usize, &'static str),
     request: String,
     read: bool,
     stop: &CancellationToken,
@@ -318,7 +318,7 @@ fn resume_loops(
         tasks.spawn(async move {
             while !stop.is_cancelled() {
                 let opened =
-                    connect_sockets(address, 1, |_| "abuser?resume=1".into(), &[], None).await;
+                    connect_sockets(address, 1, |_| format!("{code}?resume=1"), &[], None).await;
                 let Some(mut socket) = opened.ok().and_then(|mut s| s.pop()) else {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;

@@ -93,3 +93,35 @@ async fn a_slow_rate_over_every_symbol_keeps_bounded_memory_per_socket() {
         "RSS grew by {growth} KiB, over the {RSS_GROWTH_BOUND_KIB} KiB bound"
     );
 }
+
+/// A client that opens and closes sockets over and over, never holding more
+/// than it may, gets its burst, then HTTP 429 until its allowance refills:
+/// handshakes in a loop cannot keep the bridge busy.
+#[tokio::test]
+async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "3"),
+        ("QUOTEBRIDGE__SERVER__CONNECTS_PER_CLIENT_PER_SECOND", "1"),
+    ])
+    .await;
+    for _ in 0..3 {
+        let (socket, _) = app.connect("churn").await;
+        drop(socket);
+    }
+    assert_eq!(
+        crate::hostile_clients::refused_status(app.ws_url("churn")).await,
+        429,
+        "the burst (max_connections_per_client) is spent"
+    );
+    let (_other, _) = app.connect("calm").await;
+    let stats = app.stats().await;
+    assert_eq!(stats["client_limit_refusals"], 1, "{stats}");
+    eventually("the allowance to refill (one a second)", async || {
+        tokio_tungstenite::connect_async(app.ws_url("churn"))
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+    app.shutdown().await;
+}

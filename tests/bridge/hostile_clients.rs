@@ -14,7 +14,7 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::binary::Serve;
 use crate::support::*;
 
-async fn refused_status(url: String) -> u16 {
+pub(crate) async fn refused_status(url: String) -> u16 {
     match tokio_tungstenite::connect_async(url).await {
         Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
         other => panic!("upgrade was not refused: {other:?}"),

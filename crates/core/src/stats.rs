@@ -67,6 +67,8 @@ pub struct Stats {
     pub resumes_unrecovered: AtomicU64,
     /// Missed results sent to sockets that resumed.
     pub frames_replayed: AtomicU64,
+    /// Connections refused with 429 for their client code's limits.
+    pub client_limit_refusals: AtomicU64,
     /// Keys released for having had no quote for `sma.key_idle_ms` (their
     /// windows, and what is kept of them in Redis).
     pub keys_released: AtomicU64,
@@ -288,6 +290,11 @@ pub const COUNTERS: &[Counter] = &[
         name: "stream_batches",
         help: "Stream mode: batches applied with MULTI/EXEC",
         value: |stats| stats.stream_batches.load(Relaxed),
+    },
+    Counter {
+        name: "client_limit_refusals",
+        help: "WebSocket and event-stream connections refused with 429: the client code had server.max_connections_per_client open, or opened new ones faster than server.connects_per_client_per_second",
+        value: |stats| stats.client_limit_refusals.load(Relaxed),
     },
     Counter {
         name: "keys_released",

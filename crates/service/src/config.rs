@@ -327,6 +327,8 @@ pub struct ServerSettings {
     pub max_connections: usize,
     /// Most concurrent WebSocket connections per client code.
     pub max_connections_per_client: usize,
+    /// New WebSocket connections per client code a second, after a burst.
+    pub connects_per_client_per_second: usize,
     /// Seconds allowed for a clean shutdown.
     pub shutdown_timeout: u64,
     /// Milliseconds a connection may take to send a request's head (line
@@ -826,6 +828,15 @@ impl ServerSettings {
             return invalid(
                 "server.max_connections_per_client",
                 "must be at least 1".into(),
+            );
+        }
+        if !(1..=1_000_000).contains(&self.connects_per_client_per_second) {
+            return invalid(
+                "server.connects_per_client_per_second",
+                format!(
+                    "must be between 1 and 1000000 (got {})",
+                    self.connects_per_client_per_second
+                ),
             );
         }
         Ok(())

@@ -90,6 +90,7 @@ pub async fn serve<B: Broker>(
             history_size: settings.websocket.history_size,
             history_bytes: settings.websocket.history_bytes,
             resume_frames_per_second: settings.websocket.resume_frames_per_second,
+            connects_per_client_per_second: settings.server.connects_per_client_per_second,
         },
         stats.clone(),
     );

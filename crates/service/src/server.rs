@@ -188,7 +188,12 @@ fn admit(
     let admission = match app.hub.admit(client_code) {
         Ok(admission) => admission,
         Err(err) => {
-            tracing::warn!(client = %client_code, "per-client connection limit reached; connection refused");
+            // Counted, not logged at warn: a client retrying in a loop would
+            // flood the log.
+            app.stats
+                .client_limit_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(client = ?client_code, cause = %err, "per-client connection limit reached; connection refused");
             return Err(Box::new(
                 (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response(),
             ));

@@ -93,6 +93,9 @@ pub struct HubLimits {
     /// Frames the resumes of one client code may send a second
     /// (`websocket.resume_frames_per_second`).
     pub resume_frames_per_second: usize,
+    /// New sockets one client code may open a second, after a burst of
+    /// `max_sockets_per_client` (`server.connects_per_client_per_second`).
+    pub connects_per_client_per_second: usize,
 }
 
 /// Everything under the hub's one lock.
@@ -126,6 +129,9 @@ pub enum AdmitError {
     /// The client code already has `server.max_connections_per_client` sockets.
     #[error("client code has too many open sockets (at most {0})")]
     TooManySockets(usize),
+    /// The client code opened its allowance of new sockets this second.
+    #[error("client code opens sockets too fast (at most {0} a second)")]
+    TooManyConnects(usize),
 }
 
 /// A socket's place in its client's connection count, taken before the
@@ -138,7 +144,8 @@ pub struct Admission {
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        self.hub.state().admissions.release(&self.client);
+        let now = std::time::Instant::now();
+        self.hub.state().admissions.release(&self.client, now);
     }
 }
 
@@ -210,7 +217,11 @@ impl Hub {
             ),
             held: HashMap::new(),
             floors: Floors::default(),
-            admissions: Admissions::default(),
+            admissions: Admissions::new(admissions::Rates {
+                connects_per_second: limits.connects_per_client_per_second,
+                max_sockets: limits.max_sockets_per_client,
+                replay_frames_per_second: limits.resume_frames_per_second,
+            }),
             wakes: Wakes::default(),
         };
         let counts = state.connections.counts();
@@ -231,8 +242,8 @@ impl Hub {
     /// Counts a socket about to open for `client`, or refuses it when the
     /// client is at `max_sockets_per_client`.
     pub fn admit(&self, client: &str) -> Result<Admission, AdmitError> {
-        let max = self.inner.limits.max_sockets_per_client;
-        self.state().admissions.admit(client, max)?;
+        let now = std::time::Instant::now();
+        self.state().admissions.admit(client, now)?;
         Ok(Admission {
             hub: self.clone(),
             client: client.into(),
@@ -534,7 +545,7 @@ impl Hub {
         let allowance = match &group {
             Some(group) if names_keys => state
                 .admissions
-                .replay_allowance(group, rate, now)
+                .replay_allowance(group, now)
                 .ok_or(ResumeError::RateLimited(rate))?,
             _ => usize::MAX,
         };
@@ -628,7 +639,7 @@ impl Hub {
         }
         if names_keys && let Some(group) = &group {
             let sent = resumed.frames.len();
-            state.admissions.spend_replay(group, rate, sent, now);
+            state.admissions.spend_replay(group, sent);
         }
         Ok(resumed)
     }
@@ -1008,6 +1019,7 @@ mod tests {
             history_size: 16,
             history_bytes: 1 << 20,
             resume_frames_per_second: 100_000,
+            connects_per_client_per_second: 1_000,
         }
     }
 
