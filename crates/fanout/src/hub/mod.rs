@@ -946,7 +946,8 @@ impl Membership {
     /// Removes symbols; returns the whole remaining set.
     pub fn unsubscribe(&self, symbols: &[String]) -> Subscribed {
         let unsubscribed = self.hub.unsubscribe(self.id, symbols);
-        self.rates.unsubscribe(symbols);
+        let everything = unsubscribed.symbols.iter().any(|s| s == ALL_SYMBOLS);
+        self.rates.unsubscribe(symbols, everything);
         unsubscribed
     }
 

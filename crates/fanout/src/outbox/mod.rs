@@ -371,7 +371,7 @@ impl Sender {
     /// [`Rates::unsubscribe`].
     #[cfg(test)]
     pub fn unsubscribe(&self, symbols: &[String]) {
-        self.rates().unsubscribe(symbols);
+        self.rates().unsubscribe(symbols, false);
     }
 }
 
@@ -413,14 +413,19 @@ impl Rates {
     }
 
     /// Forgets what waits for the unsubscribed `symbols` and lifts their limits.
-    pub fn unsubscribe(&self, symbols: &[String]) {
+    /// While `"*"` stays subscribed (`everything`), a symbol unsubscribed by
+    /// name is still delivered: its own limit goes, the `"*"` rate applies,
+    /// and its waiting result stays (it is the newest it has).
+    pub fn unsubscribe(&self, symbols: &[String], everything: bool) {
         let mut queue = self.shared.lock();
         let Some(throttle) = queue.throttle.as_deref_mut() else {
             return;
         };
         let before = throttle.waiting_bytes;
         for symbol in symbols {
-            throttle.forget(symbol);
+            if !everything || symbol == "*" {
+                throttle.forget(symbol);
+            }
         }
         let freed = before - throttle.waiting_bytes;
         queue.freed(freed);
@@ -451,7 +456,8 @@ pub struct Outbox {
 
 impl Outbox {
     /// Waits for queued frames and moves up to `max` (at least one) of them
-    /// into `batch`; returns how many. 0 means the hub closed the outbox and
+    /// into `batch`, and with them, once the queue is drained, the frames of
+    /// rate-limited keys that are due; returns how many. 0 means the hub closed the outbox and
     /// everything queued before that has been taken. Cancel-safe: nothing is
     /// taken unless it returns.
     /// Once the queue is drained, the latest frames of a conflating outbox
@@ -474,8 +480,21 @@ impl Outbox {
                 queue.freed(freed);
                 // Running now; offers need not wake it until it parks again.
                 queue.waiting = None;
+                // Rate-limited keys' due frames follow what was queued before
+                // them, in the same batch once the queue is drained: steady
+                // unlimited traffic must not hold them back for good.
+                let mut released = 0;
+                if queue.frames.is_empty()
+                    && queue.latest.is_none()
+                    && let Some(throttle) = queue.throttle.as_deref_mut()
+                {
+                    let before = throttle.waiting_bytes;
+                    released = throttle.release_due(Instant::now(), batch);
+                    let freed = before - throttle.waiting_bytes;
+                    queue.freed(freed);
+                }
                 return Poll::Ready(Taken {
-                    frames: take,
+                    frames: take + released,
                     conflated: false,
                 });
             }
@@ -991,6 +1010,39 @@ mod tests {
                 Duration::from_secs(1)
             )
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_due_frame_goes_out_even_while_other_keys_keep_the_queue_busy() {
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
+        sender.set_rate(&["A".to_owned()], Some(Duration::from_secs(1)));
+        assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+        assert_eq!(
+            offer_keyed(&sender, "A2", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        // B is unlimited: there is always a frame queued when the session looks.
+        assert_eq!(offer_keyed(&sender, "B1", key("B")), Offer::Queued);
+        assert_eq!(next_batch(&mut outbox).await.0, ["B1", "A2"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn unsubscribing_a_symbol_that_star_still_covers_keeps_its_newest() {
+        let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
+        let hour = Duration::from_secs(3600);
+        sender.set_rate(&["*".to_owned(), "A".to_owned()], Some(hour));
+        assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+        assert_eq!(
+            offer_keyed(&sender, "A2", key("A")),
+            Offer::Throttled { replaced: 0 }
+        );
+        assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
+        sender.rates().unsubscribe(&["A".to_owned()], true);
+        let (got, waited, _) = next_batch(&mut outbox).await;
+        assert_eq!(got, ["A2"], "still delivered through \"*\", at its rate");
+        assert_eq!(waited, hour);
     }
 
     #[tokio::test]
