@@ -378,12 +378,16 @@ async fn silent_and_trickling_http_clients_are_bounded_and_timed_out() {
 
 #[tokio::test]
 async fn a_kept_alive_http_connection_cannot_hold_its_slot_for_ever() {
-    let app = spawn_app_with(&[("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "500")]).await;
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "500"),
+        ("QUOTEBRIDGE__SERVER__ANSWER_TIMEOUT_MS", "1000"),
+    ])
+    .await;
     let mut client = TcpStream::connect(app.address).await.expect("connect");
     let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", app.address);
     // A request before every header timeout, each answered: without a cap
     // on the connection's whole life this would go on for ever. The cap is
-    // twice the header timeout plus 10 s.
+    // twice the header timeout plus the answer timeout: 2 s here.
     let mut answers = 0;
     within("the kept-alive connection to be closed", async {
         loop {

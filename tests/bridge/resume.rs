@@ -482,14 +482,14 @@ async fn a_resume_sets_its_subscriptions_and_stays_within_the_queue_bounds() {
 }
 
 #[tokio::test]
-async fn a_held_socket_that_never_resumes_goes_live_after_ten_seconds() {
-    let app = spawn_app_with(&[PARTIAL]).await;
+async fn a_held_socket_that_never_resumes_goes_live_after_the_resume_wait() {
+    let app = spawn_app_with(&[PARTIAL, ("QUOTEBRIDGE__WEBSOCKET__RESUME_WAIT_MS", "500")]).await;
     let url = format!("{}?resume=1", app.ws_url("acme"));
     let (mut socket, _) = connect_ws(&url).await;
     let mut conn = app.redis.connection().await;
     publish_all(&mut conn, &round(0, "quotes")).await;
     // Held: nothing of that round comes; past the hold, the next one does.
-    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1_000)).await;
     publish_all(&mut conn, &round(1, "quotes")).await;
     let frame = next_json(&mut socket).await;
     assert_eq!(

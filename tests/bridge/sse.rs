@@ -178,6 +178,7 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
         ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "1"),
         ("QUOTEBRIDGE__WEBSOCKET__MAX_SYMBOLS", "3"),
         ("QUOTEBRIDGE__SERVER__HEADER_READ_TIMEOUT_MS", "100"),
+        ("QUOTEBRIDGE__SERVER__ANSWER_TIMEOUT_MS", "1000"),
     ])
     .await;
     for (path, status) in [
@@ -224,8 +225,8 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
     );
 
     // Plain requests on a connection are cut off after twice the header
-    // timeout plus 10 s; a stream is not.
-    tokio::time::sleep(std::time::Duration::from_millis(10_500)).await;
+    // timeout plus the answer timeout (1.2 s here); a stream is not.
+    tokio::time::sleep(std::time::Duration::from_millis(1_500)).await;
     let mut conn = app.redis.connection().await;
     publish_all(&mut conn, &[quote("AAPL", 1, None)]).await;
     assert_eq!(events.next_json().await.1["symbol"], "AAPL");

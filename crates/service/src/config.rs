@@ -311,6 +311,8 @@ pub struct WebSocketSettings {
     pub ping_interval_ms: u64,
     /// How long a write to a socket may wait, in milliseconds.
     pub write_timeout_ms: u64,
+    /// How long a socket opened to resume waits for its request, in milliseconds.
+    pub resume_wait_ms: u64,
     /// Results kept per key for sockets that resume.
     pub history_size: usize,
     /// Bytes the kept results may take in all.
@@ -334,6 +336,8 @@ pub struct ServerSettings {
     /// Milliseconds a connection may take to send a request's head (line
     /// and headers); slower connections are closed.
     pub header_read_timeout_ms: u64,
+    /// Milliseconds a plain request has, after its head, to be answered and read.
+    pub answer_timeout_ms: u64,
     /// Most connections accepted whose first request has not arrived whole;
     /// further clients wait in the kernel's backlog.
     pub max_pending_connections: usize,
@@ -761,6 +765,15 @@ impl WebSocketSettings {
         if self.ping_interval_ms < 10 {
             return invalid("websocket.ping_interval_ms", "must be at least 10".into());
         }
+        if !(100..=600_000).contains(&self.resume_wait_ms) {
+            return invalid(
+                "websocket.resume_wait_ms",
+                format!(
+                    "must be between 100 and 600000 (got {})",
+                    self.resume_wait_ms
+                ),
+            );
+        }
         if !(100..=600_000).contains(&self.write_timeout_ms) {
             return invalid(
                 "websocket.write_timeout_ms",
@@ -828,6 +841,15 @@ impl ServerSettings {
             return invalid(
                 "server.max_connections_per_client",
                 "must be at least 1".into(),
+            );
+        }
+        if !(100..=600_000).contains(&self.answer_timeout_ms) {
+            return invalid(
+                "server.answer_timeout_ms",
+                format!(
+                    "must be between 100 and 600000 (got {})",
+                    self.answer_timeout_ms
+                ),
             );
         }
         if !(1..=1_000_000).contains(&self.connects_per_client_per_second) {

@@ -470,7 +470,8 @@ pub async fn serve_http(
     // before each header timeout, and one that does not read its answers
     // would stall it (hyper has no write timeout). (Turning keep-alive off
     // instead would make hyper answer upgrades with `Connection: close`.)
-    let lifetime = settings.header_read_timeout() * 2 + ANSWER_TIME;
+    let answer_time = Duration::from_millis(settings.server.answer_timeout_ms);
+    let lifetime = settings.header_read_timeout() * 2 + answer_time;
     let pending = Arc::new(Semaphore::new(settings.server.max_pending_connections));
     let connections = TaskTracker::new();
     loop {
@@ -557,9 +558,6 @@ pub async fn serve_http(
     // with everything else, within the shutdown timeout.
     connections
 }
-
-/// Time a connection has, after its request head, to be answered and read.
-const ANSWER_TIME: Duration = Duration::from_secs(10);
 
 /// Raises this process's open-file soft limit to its hard limit (every
 /// socket is a descriptor; distributions default the soft limit to 1024) and

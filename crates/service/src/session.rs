@@ -35,6 +35,9 @@ pub struct Limits {
     /// fills its TCP window and would stall the session forever; past this
     /// it is dropped.
     pub write_timeout: Duration,
+    /// How long a socket opened to resume is held for its resume request;
+    /// then it goes live without one.
+    pub resume_wait: Duration,
 }
 
 impl Limits {
@@ -45,6 +48,7 @@ impl Limits {
             client_messages_per_second: settings.client_messages_per_second,
             ping_interval: Duration::from_millis(settings.ping_interval_ms),
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
+            resume_wait: Duration::from_millis(settings.resume_wait_ms),
         }
     }
 }
@@ -54,10 +58,6 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Pings sent without a pong since; at this many the peer is gone.
 const MAX_UNANSWERED_PINGS: u32 = 2;
-
-/// How long a socket opened to resume is held for its resume request; then
-/// it goes live without one.
-const RESUME_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a session ended abnormally. Ordinary disconnects are not errors.
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +83,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
     // Joined held (`?resume=1`): nothing is delivered until the first
-    // request, or until RESUME_WAIT has passed.
+    // request, or until `resume_wait` has passed.
     let mut held = membership.is_held();
     // Boxed, and only for a held socket: a timer kept in every session's
     // state would cost every idle socket its size.
-    let mut hold_ends = held.then(|| Box::pin(tokio::time::sleep(RESUME_WAIT)));
+    let mut hold_ends = held.then(|| Box::pin(tokio::time::sleep(limits.resume_wait)));
     let subscriptions = membership.subscriptions();
     let welcome = ServerFrame::Welcome {
         client,
