@@ -1,0 +1,250 @@
+//! Delivery: a result or a direct message offered to every socket that
+//! wants it, each session woken once per burst, and a socket whose outbox is
+//! full evicted as a slow consumer.
+
+use std::sync::MutexGuard;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::Waker;
+
+use axum::extract::ws::{Message, Utf8Bytes};
+
+use super::connections::Connections;
+use super::wakes::Wakes;
+use super::{Hub, SocketId, State};
+use crate::outbox::{self, FrameKey, Offer};
+use crate::protocol::Position;
+
+impl Hub {
+    /// Fans out one SMA result: a public one (`client` is `None`) to every
+    /// socket subscribed to `symbol` (by name or through `"*"`), kept as the
+    /// symbol's snapshot; a private one to every socket of its client's
+    /// group. A result with a position is kept in its key's history too.
+    pub fn deliver_result(
+        &self,
+        symbol: &str,
+        client: Option<&str>,
+        position: Option<Position<'_>>,
+        frame: Utf8Bytes,
+    ) {
+        if !self.fits_a_socket(frame.len()) {
+            return;
+        }
+        let mut guard = self.state();
+        let state = &mut *guard;
+        // A result its key already had (the output channel repeated it, or
+        // a stale node published it) reaches no socket a second time.
+        if let Some(position) = position
+            && !state.history.record(client, symbol, position, &frame)
+        {
+            self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+            return;
+        }
+        // The key's floors, looked up once: each subscriber is then one probe.
+        let floors = position.and_then(|at| Some((state.floors.of(client, symbol)?, at)));
+        let unseen = |id: &&SocketId| {
+            floors.is_none_or(|(floors, position)| !floors.has_seen(**id, position))
+        };
+        let key = Some(FrameKey {
+            private: client.is_some(),
+            symbol,
+        });
+        let delivery = match client {
+            None => {
+                state
+                    .snapshots
+                    .remember(symbol, &frame, self.inner.limits.max_snapshots);
+                offer_each(
+                    &state.connections,
+                    state.subscriptions.subscribers(symbol).filter(unseen),
+                    &Message::Text(frame),
+                    key,
+                    &mut state.wakes,
+                )
+            }
+            Some(code) => offer_each(
+                &state.connections,
+                state.connections.group(code).iter().filter(unseen),
+                &Message::Text(frame),
+                key,
+                &mut state.wakes,
+            ),
+        };
+        if let Some(position) = position.filter(|_| !state.floors.is_empty()) {
+            state.floors.passed(client, symbol, position);
+        }
+        self.finish_delivery(state, delivery);
+        self.wake_unless_held(guard);
+    }
+
+    /// [`Hub::deliver_result`] for a public result without a position.
+    #[cfg(test)]
+    pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
+        self.deliver_result(symbol, None, None, frame);
+    }
+
+    /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
+    /// gateway seeding snapshots that compute nodes stored in Redis.
+    pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {
+        if !self.fits_a_socket(frame.len()) {
+            return;
+        }
+        self.state()
+            .snapshots
+            .remember(symbol, &frame, self.inner.limits.max_snapshots);
+    }
+
+    /// Delivers `message` to every socket of the group `client` — the seed's
+    /// `send_message(client_code, message)`. Returns how many sockets got it.
+    pub fn send_to_group(&self, client: &str, message: Message) -> usize {
+        if !self.fits_a_socket(outbox::payload_len(&message)) {
+            return 0;
+        }
+        let mut guard = self.state();
+        let state = &mut *guard;
+        // A direct message has no key: it is never conflated away.
+        let delivery = offer_each(
+            &state.connections,
+            state.connections.group(client),
+            &message,
+            None,
+            &mut state.wakes,
+        );
+        let queued = usize::try_from(delivery.queued).unwrap_or(usize::MAX);
+        self.finish_delivery(state, delivery);
+        self.wake_unless_held(guard);
+        queued
+    }
+
+    /// Whether a frame of `len` bytes is one a socket that keeps up can take:
+    /// at most half its byte bound. A larger one would find most sockets
+    /// "full" and evict each as a slow consumer, although none is slow: it is
+    /// refused here instead, once for all.
+    fn fits_a_socket(&self, len: usize) -> bool {
+        let bound = self.inner.limits.send_queue_bytes / 2;
+        if len <= bound {
+            return true;
+        }
+        self.inner.stats.frames_too_large.fetch_add(1, Relaxed);
+        if !self.inner.logged_too_large.swap(true, Relaxed) {
+            tracing::warn!(
+                bytes = len,
+                limit = bound,
+                "frame larger than half of websocket.send_queue_bytes refused (logged once; counted in frames_too_large)"
+            );
+        }
+        false
+    }
+
+    /// Counts what was queued and evicts the sockets whose outbox was full.
+    /// Dropping an evicted socket's sender ends its outbox, which tells its
+    /// session to close with "slow consumer" once it has drained what is queued.
+    fn finish_delivery(&self, state: &mut State, delivery: Delivery) {
+        let stats = &self.inner.stats;
+        stats.frames_queued.fetch_add(delivery.queued, Relaxed);
+        if delivery.conflated > 0 {
+            stats
+                .frames_conflated
+                .fetch_add(delivery.conflated, Relaxed);
+        }
+        for id in delivery.slow {
+            if let Some(group) = state.remove(id) {
+                self.inner.stats.slow_consumer_closes.fetch_add(1, Relaxed);
+                tracing::warn!(client = %group, socket = id, "socket fell behind; closing it as a slow consumer");
+            }
+        }
+    }
+
+    /// Wakes the sessions frames were queued for, unless a hold defers it.
+    /// Outside the hub's lock: thousands of wakes would keep joins and
+    /// subscribes waiting.
+    pub(super) fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
+        state.wakes.settle(&self.inner.queued);
+        let Some(mut wakes) = state.wakes.take_due() else {
+            return;
+        };
+        drop(state);
+        wakes.drain(..).for_each(Waker::wake);
+        // Kept for reuse: no allocation per delivery.
+        self.state().wakes.give_back(wakes);
+    }
+
+    /// Defers waking sessions until the returned hold is dropped: the
+    /// listener queues everything that has arrived, then each session wakes
+    /// once and writes it all. Woken per frame, a session on the other core
+    /// would drain its outbox while the listener is still filling it, and
+    /// both cores would fight over its lock. A hold cannot be kept across an
+    /// `.await` in a spawned task (it is not `Send`); an outbox past half
+    /// full wakes its session regardless.
+    pub fn hold_wakes(&self) -> WakeHold {
+        self.state().wakes.hold();
+        WakeHold {
+            hub: self.clone(),
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+/// What one offer loop did: frames queued, frames a newer one of their key
+/// replaced, and the sockets found full.
+#[derive(Debug, Default)]
+struct Delivery {
+    queued: u64,
+    conflated: u64,
+    slow: Vec<SocketId>,
+}
+
+/// Keeps sessions from being woken until it is dropped; see [`Hub::hold_wakes`].
+///
+/// Not `Send`: held across an `.await` it would keep every session asleep
+/// while the task waits, and a future holding it there cannot be spawned.
+#[derive(Debug)]
+#[must_use = "the hold ends, and sessions wake, when it is dropped"]
+pub struct WakeHold {
+    hub: Hub,
+    _not_send: std::marker::PhantomData<std::rc::Rc<()>>,
+}
+
+// Fails to compile if `WakeHold` ever becomes `Send`: the two impls below
+// then both apply and the call is ambiguous.
+const _: fn() = || {
+    trait AmbiguousIfSend<A> {
+        fn check() {}
+    }
+    impl<T: ?Sized> AmbiguousIfSend<()> for T {}
+    impl<T: ?Sized + Send> AmbiguousIfSend<u8> for T {}
+    <WakeHold as AmbiguousIfSend<_>>::check();
+};
+
+impl Drop for WakeHold {
+    fn drop(&mut self) {
+        let mut state = self.hub.state();
+        state.wakes.release();
+        self.hub.wake_unless_held(state);
+    }
+}
+
+/// Offers `message` (of `key`, if it is a result) to each socket of `ids`:
+/// the one loop both public and group delivery run.
+fn offer_each<'a>(
+    connections: &Connections,
+    ids: impl IntoIterator<Item = &'a SocketId>,
+    message: &Message,
+    key: Option<FrameKey<'_>>,
+    wakes: &mut Wakes,
+) -> Delivery {
+    let mut delivery = Delivery::default();
+    for id in ids {
+        if let Some(socket) = connections.get(*id) {
+            match socket.outbox.offer(message.clone(), key, wakes.pending()) {
+                Offer::Queued => delivery.queued += 1,
+                Offer::Conflated { replaced } | Offer::Throttled { replaced } => {
+                    delivery.queued += 1;
+                    delivery.conflated += replaced;
+                }
+                Offer::Full => delivery.slow.push(*id),
+                Offer::Gone => {}
+            }
+        }
+    }
+    delivery
+}

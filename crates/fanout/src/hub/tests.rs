@@ -1,0 +1,642 @@
+//! The hub's tests: its parts together, through its public API.
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use axum::extract::ws::Message;
+use futures_util::FutureExt;
+
+use super::history::Replay;
+use super::*;
+use crate::protocol::{LastSeen, Position};
+
+fn limits(send_queue: usize) -> HubLimits {
+    HubLimits {
+        send_queue,
+        send_queue_bytes: 1 << 20,
+        conflate: false,
+        max_symbols: 10,
+        max_sockets_per_client: 4,
+        max_snapshots: 100,
+        history_size: 16,
+        history_bytes: 1 << 20,
+        resume_frames_per_second: 100_000,
+        connects_per_client_per_second: 1_000,
+    }
+}
+
+fn hub(send_queue: usize) -> Hub {
+    Hub::new(limits(send_queue), Arc::new(Stats::default()))
+}
+
+fn join(hub: &Hub, client: &str, subscriptions: &[&str]) -> (Membership, Outbox) {
+    let admission = hub.admit(client).expect("admitted");
+    hub.join(admission, &strings(subscriptions), false)
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| (*s).to_owned()).collect()
+}
+
+fn text(message: Message) -> String {
+    match message {
+        Message::Text(t) => t.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn public_frames_reach_subscribers_once() {
+    let hub = hub(8);
+    let (_all, mut all_rx) = join(&hub, "a", &["*", "AAPL"]);
+    let (_aapl, mut aapl_rx) = join(&hub, "b", &["AAPL"]);
+    let (_msft, mut msft_rx) = join(&hub, "c", &["MSFT"]);
+    hub.publish_public("AAPL", "f1".into());
+    assert_eq!(text(all_rx.recv().await.expect("frame")), "f1");
+    assert!(
+        all_rx.try_recv().is_none(),
+        "a socket in * and AAPL gets one copy"
+    );
+    assert_eq!(text(aapl_rx.recv().await.expect("frame")), "f1");
+    assert!(msft_rx.try_recv().is_none());
+}
+
+#[tokio::test]
+async fn group_messages_reach_every_socket_of_the_group_only() {
+    let hub = hub(8);
+    let (_a1, mut a1) = join(&hub, "acme", &[]);
+    let (_a2, mut a2) = join(&hub, "acme", &[]);
+    let (_b, mut b) = join(&hub, "other", &["*"]);
+    assert_eq!(hub.send_to_group("acme", Message::Text("hi".into())), 2);
+    assert_eq!(text(a1.recv().await.expect("frame")), "hi");
+    assert_eq!(text(a2.recv().await.expect("frame")), "hi");
+    assert!(b.try_recv().is_none());
+    assert_eq!(hub.send_to_group("nobody", Message::Text("x".into())), 0);
+}
+
+#[test]
+fn group_disappears_with_its_last_socket() {
+    let hub = hub(8);
+    let (first, _rx1) = join(&hub, "acme", &["AAPL"]);
+    let (second, _rx2) = join(&hub, "acme", &["*"]);
+    assert_eq!((hub.group_count(), hub.group_size("acme")), (1, 2));
+    drop(first);
+    assert_eq!(hub.group_size("acme"), 1);
+    drop(second);
+    assert_eq!((hub.group_count(), hub.socket_count()), (0, 0));
+    assert!(hub.state().subscriptions.is_empty());
+}
+
+/// Everything queued in `outbox` now, as text.
+fn queued(outbox: &mut Outbox) -> Vec<String> {
+    std::iter::from_fn(|| outbox.try_recv()).map(text).collect()
+}
+
+#[test]
+fn subscribe_returns_sorted_set_and_queues_snapshots_of_new_symbols() {
+    let hub = hub(8);
+    hub.publish_public("MSFT", "m".into());
+    hub.publish_public("AAPL", "a".into());
+    let (socket, mut rx) = join(&hub, "acme", &["MSFT"]);
+    let got = socket
+        .subscribe_now(&strings(&["ZZZ", "AAPL", "MSFT"]))
+        .expect("subscribe");
+    assert_eq!(got.symbols, strings(&["AAPL", "MSFT", "ZZZ"]));
+    assert_eq!(got.snapshots, 1);
+    assert_eq!(queued(&mut rx), ["a"], "MSFT was not new, ZZZ has none");
+    let got = socket.unsubscribe(&strings(&["MSFT", "nope"]));
+    assert_eq!(got.symbols, strings(&["AAPL", "ZZZ"]));
+}
+
+#[test]
+fn snapshots_are_kept_for_at_most_max_snapshots_symbols() {
+    let hub = Hub::new(
+        HubLimits {
+            max_snapshots: 2,
+            ..limits(8)
+        },
+        Arc::new(Stats::default()),
+    );
+    for symbol in ["A", "B", "C"] {
+        hub.publish_public(symbol, Utf8Bytes::from_static("old"));
+    }
+    hub.publish_public("A", Utf8Bytes::from_static("new"));
+    hub.remember_latest("D", Utf8Bytes::from_static("stored"));
+    let (socket, mut rx) = join(&hub, "acme", &[]);
+    socket
+        .subscribe_now(&strings(&["A", "B", "C", "D"]))
+        .expect("subscribed");
+    let mut got = queued(&mut rx);
+    got.sort();
+    assert_eq!(
+        got,
+        ["new", "old"],
+        "A updated, B kept, C and D over the bound"
+    );
+}
+
+#[test]
+fn snapshots_stay_within_the_outbox_bounds_however_often_asked() {
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(
+        HubLimits {
+            max_snapshots: 1000,
+            ..limits(16)
+        },
+        stats.clone(),
+    );
+    for i in 0..100 {
+        hub.publish_public(&format!("S{i}"), format!("snapshot {i}").into());
+    }
+    let (socket, mut rx) = join(&hub, "acme", &[]);
+    for _ in 0..20 {
+        socket.subscribe_now(&strings(&["*"])).expect("subscribed");
+        socket.unsubscribe(&strings(&["*"]));
+    }
+    assert_eq!(
+        queued(&mut rx).len(),
+        8,
+        "never more than half of what the outbox holds"
+    );
+    assert_eq!(stats.snapshots_skipped.load(Relaxed), 20 * 100 - 8);
+    assert_eq!(
+        hub.socket_count(),
+        1,
+        "a full outbox from snapshots evicts nobody"
+    );
+    // Once drained, the socket still gets live frames.
+    hub.send_to_group("acme", Message::Text("live".into()));
+    assert_eq!(queued(&mut rx), ["live"]);
+}
+
+#[test]
+fn a_frame_larger_than_any_outbox_is_refused_without_evicting_anyone() {
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(
+        HubLimits {
+            send_queue_bytes: 64,
+            ..limits(8)
+        },
+        stats.clone(),
+    );
+    let (_a1, mut a1) = join(&hub, "acme", &["*"]);
+    let (_a2, mut a2) = join(&hub, "acme", &["*"]);
+    let huge = "x".repeat(65);
+    assert_eq!(
+        hub.send_to_group("acme", Message::Text(huge.as_str().into())),
+        0
+    );
+    hub.publish_public("A", huge.as_str().into());
+    assert_eq!(stats.frames_too_large.load(Relaxed), 2);
+    assert_eq!(stats.slow_consumer_closes.load(Relaxed), 0);
+    assert_eq!(hub.group_size("acme"), 2, "nobody evicted");
+    assert!(
+        hub.state().snapshots.len() == 0,
+        "not kept as a snapshot either"
+    );
+    assert_eq!(hub.send_to_group("acme", Message::Text("ok".into())), 2);
+    assert_eq!(queued(&mut a1), ["ok"]);
+    assert_eq!(queued(&mut a2), ["ok"]);
+}
+
+#[test]
+fn subscription_limit_is_enforced_atomically() {
+    let hub = Hub::new(
+        HubLimits {
+            max_symbols: 2,
+            ..limits(8)
+        },
+        Arc::new(Stats::default()),
+    );
+    let (socket, _rx) = join(&hub, "acme", &["A"]);
+    assert_eq!(
+        socket.subscribe_now(&strings(&["B", "C"])),
+        Err(SubscribeError::TooManySymbols(2))
+    );
+    assert_eq!(socket.subscriptions(), strings(&["A"]));
+    assert!(socket.subscribe_now(&strings(&["B", "A"])).is_ok());
+}
+
+#[tokio::test]
+async fn a_full_outbox_evicts_only_that_socket() {
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(limits(2), stats.clone());
+    let (_slow, mut slow_rx) = join(&hub, "acme", &["*"]);
+    let (_fast, mut fast_rx) = join(&hub, "acme", &["*"]);
+    for i in 0..3 {
+        hub.publish_public("A", format!("{i}").into());
+        // The fast socket keeps up.
+        assert_eq!(text(fast_rx.recv().await.expect("frame")), format!("{i}"));
+    }
+    assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1);
+    assert_eq!(hub.group_size("acme"), 1);
+    // The slow socket still gets what was queued, then its outbox ends.
+    assert_eq!(text(slow_rx.recv().await.expect("frame")), "0");
+    assert_eq!(text(slow_rx.recv().await.expect("frame")), "1");
+    assert!(slow_rx.recv().await.is_none());
+}
+
+#[test]
+fn a_conflating_socket_is_kept_with_the_latest_of_each_key() {
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(
+        HubLimits {
+            conflate: true,
+            ..limits(2)
+        },
+        stats.clone(),
+    );
+    let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+    for seq in 1..=5 {
+        result(&hub, None, seq, "e1");
+    }
+    result(&hub, Some("acme"), 1, "e1");
+    assert_eq!(hub.socket_count(), 1, "kept");
+    assert_eq!(stats.frames_conflated.load(Relaxed), 2, "A3 and A4 skipped");
+    let mut batch = Vec::new();
+    let mut take = || {
+        batch.clear();
+        let taken = outbox
+            .recv_many(&mut batch, 10)
+            .now_or_never()
+            .expect("queued");
+        let mut texts: Vec<String> = batch.drain(..).map(text).collect();
+        texts.sort();
+        (texts, taken.conflated)
+    };
+    assert_eq!(take(), (strings(&["A1", "A2"]), false));
+    assert_eq!(take(), (strings(&["A5", "acme1"]), true));
+    // A direct message has no key: to a full conflating socket it is
+    // not dropped but ends the socket.
+    for seq in 6..=8 {
+        result(&hub, None, seq, "e1");
+    }
+    assert_eq!(hub.send_to_group("acme", Message::Text("direct".into())), 0);
+    assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1);
+}
+
+#[tokio::test]
+async fn the_byte_bound_evicts_too() {
+    let stats = Arc::new(Stats::default());
+    let hub = Hub::new(
+        HubLimits {
+            send_queue_bytes: 16,
+            ..limits(100)
+        },
+        stats.clone(),
+    );
+    let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+    for _ in 0..3 {
+        hub.publish_public("A", "123456".into());
+    }
+    assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1, "18 bytes > 16");
+    assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
+    assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
+    assert!(outbox.recv().await.is_none());
+}
+
+#[tokio::test]
+async fn draining_the_outbox_frees_its_byte_budget() {
+    let hub = Hub::new(
+        HubLimits {
+            send_queue_bytes: 16,
+            ..limits(100)
+        },
+        Arc::new(Stats::default()),
+    );
+    let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+    // Two frames fit, three do not: only draining lets a hundred through.
+    for _ in 0..100 {
+        hub.publish_public("A", "123456".into());
+        assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
+    }
+    assert_eq!(hub.socket_count(), 1);
+}
+
+#[tokio::test]
+async fn a_hold_defers_waking_sessions_until_it_is_dropped() {
+    let hub = hub(8);
+    let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+    let session = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        outbox.recv_many(&mut batch, 8).await;
+        batch.len()
+    });
+    tokio::task::yield_now().await;
+    let hold = hub.hold_wakes();
+    hub.publish_public("A", "1".into());
+    hub.publish_public("B", "2".into());
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!session.is_finished(), "woken while the hold was open");
+    drop(hold);
+    assert_eq!(
+        session.await.expect("session ran"),
+        2,
+        "one wake, both frames"
+    );
+}
+
+impl Membership {
+    fn subscribe_now(&self, symbols: &[String]) -> Result<Subscribed, SubscribeError> {
+        self.subscribe(symbols, None)
+    }
+}
+
+fn result(hub: &Hub, client: Option<&str>, seq: u64, epoch: &str) {
+    let frame = format!("{}{seq}", client.unwrap_or("A"));
+    hub.deliver_result("A", client, Some(Position { seq, epoch }), frame.into());
+}
+
+fn last_seen(public: &[(&str, u64)], private: &[(&str, u64)]) -> LastSeen {
+    let map = |keys: &[(&str, u64)]| {
+        let mut map = crate::protocol::LastSeenMap::new();
+        for (epoch, seq) in keys {
+            map.entry((*epoch).to_owned())
+                .or_default()
+                .insert("A".to_owned(), *seq);
+        }
+        map
+    };
+    LastSeen {
+        public: map(public),
+        private: map(private),
+        symbols: None,
+    }
+}
+
+#[test]
+fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
+    let hub = hub(64);
+    for seq in 1..=3 {
+        result(&hub, None, seq, "e1");
+        result(&hub, Some("acme"), seq, "e1");
+    }
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
+    assert!(socket.is_held());
+    assert_eq!(socket.subscriptions(), ["*"], "its set, before it is live");
+    result(&hub, None, 4, "e1");
+    hub.send_to_group("acme", Message::Text("direct".into()));
+    assert!(outbox.try_recv().is_none(), "held: nothing queued");
+    let resumed = socket
+        .resume(&last_seen(&[("e1", 2)], &[("e1", 1)]))
+        .expect("it was held");
+    let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+    assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
+    assert_eq!(resumed.replayed, 4);
+    assert_eq!(
+        socket.resume(&LastSeen::default()),
+        Err(ResumeError::NotHeld),
+        "once only"
+    );
+    result(&hub, None, 5, "e1");
+    assert_eq!(queued(&mut outbox), ["A5"], "then live");
+}
+
+#[test]
+fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
+    let hub = hub(64);
+    result(&hub, None, 1, "e1");
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
+    let resumed = socket
+        .resume(&last_seen(&[("e1", 3)], &[("e0", 9)]))
+        .expect("it was held");
+    assert_eq!(resumed.frames, Vec::<Utf8Bytes>::new());
+    assert_eq!(resumed.unrecovered_private, ["A"], "unknown here");
+    assert!(resumed.unrecovered_public.is_empty(), "ahead is not a gap");
+    for seq in 2..=4 {
+        result(&hub, None, seq, "e1");
+    }
+    assert_eq!(queued(&mut outbox), ["A4"], "2 and 3 it had seen");
+    assert!(hub.state().floors.is_empty(), "the floor went once passed");
+}
+
+#[test]
+fn a_result_its_key_already_had_reaches_no_socket_again() {
+    let hub = hub(64);
+    let (_socket, mut outbox) = join(&hub, "acme", &["A"]);
+    for seq in [1, 2, 2, 1, 3] {
+        result(&hub, None, seq, "e1");
+    }
+    result(&hub, None, 1, "e2");
+    assert_eq!(
+        queued(&mut outbox),
+        ["A1", "A2", "A3", "A1"],
+        "repeats dropped; a new epoch starts over"
+    );
+    assert_eq!(hub.inner.stats.results_repeated.load(Relaxed), 2);
+}
+
+#[test]
+fn a_forged_result_far_ahead_does_not_silence_its_key() {
+    let hub = hub(64);
+    let (_socket, mut outbox) = join(&hub, "acme", &["A"]);
+    result(&hub, None, 1, "e1");
+    let forged = Position {
+        seq: u64::MAX,
+        epoch: "e1",
+    };
+    hub.deliver_result("A", None, Some(forged), "forged".into());
+    result(&hub, None, 2, "e1");
+    result(&hub, None, 3, "e1");
+    assert_eq!(queued(&mut outbox), ["A1", "forged", "A2", "A3"]);
+    let seen = Position {
+        seq: 2,
+        epoch: "e1",
+    };
+    assert!(
+        matches!(hub.state().history.replay(None, "A", seen), Replay::Recovered(ref f) if f.len() == 1),
+        "the history starts over from the real results"
+    );
+}
+
+#[test]
+fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
+    let limits = HubLimits {
+        max_snapshots: 1000,
+        ..limits(1024)
+    };
+    let hub = Hub::new(limits, Arc::new(Stats::default()));
+    let keys = floors::MAX_PER_SOCKET + 10;
+    let symbols: Vec<String> = (0..keys).map(|k| format!("S{k}")).collect();
+    for symbol in &symbols {
+        let frame = format!("{symbol}-1");
+        hub.deliver_result(
+            symbol,
+            None,
+            Some(Position {
+                seq: 1,
+                epoch: "e1",
+            }),
+            frame.into(),
+        );
+    }
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+    let mut claimed = LastSeen::default();
+    let ahead = symbols.iter().map(|symbol| (symbol.clone(), 2));
+    claimed.public.insert("e1".to_owned(), ahead.collect());
+    let resumed = socket.resume(&claimed).expect("it was held");
+    assert_eq!(
+        resumed.unrecovered_public.len(),
+        10,
+        "past the cap, a key it is ahead on is not recovered"
+    );
+    assert!(
+        resumed.frames.is_empty(),
+        "and this node's latest, older than what it saw, is not sent"
+    );
+    assert_eq!(
+        hub.state().floors.by_socket_len(),
+        floors::MAX_PER_SOCKET,
+        "and no floor"
+    );
+    drop(socket);
+    assert!(hub.state().floors.is_empty(), "they go with the socket");
+}
+
+#[test]
+fn a_resume_stops_reading_history_once_its_budget_is_spent() {
+    // A budget of 8 frames; 50 keys, each 3 results behind.
+    let limits = HubLimits {
+        max_snapshots: 1000,
+        ..limits(8)
+    };
+    let hub = Hub::new(limits, Arc::new(Stats::default()));
+    let symbols: Vec<String> = (0..50).map(|k| format!("S{k:02}")).collect();
+    for symbol in &symbols {
+        for seq in 1..=4 {
+            let frame = format!("{symbol}-{seq}");
+            let epoch = "e1";
+            hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+        }
+    }
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+    let mut claimed = LastSeen::default();
+    let behind = symbols.iter().map(|symbol| (symbol.clone(), 1));
+    // Named after the budget is spent: one up to date, one the client
+    // saw further on another gateway. Neither is a gap.
+    let (up_to_date, ahead) = (("U1".to_owned(), 4), ("U2".to_owned(), 6));
+    for symbol in ["U1", "U2"] {
+        for seq in 1..=4 {
+            let frame = format!("{symbol}-{seq}");
+            let epoch = "e1";
+            hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+        }
+    }
+    let named = behind.chain([up_to_date, ahead]);
+    claimed.public.insert("e1".to_owned(), named.collect());
+    let reads_before = history::FRAMES_READ.with(std::cell::Cell::get);
+    let resumed = socket.resume(&claimed).expect("it was held");
+    let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+    assert_eq!(
+        frames,
+        [
+            "S00-2", "S00-3", "S00-4", "S01-2", "S01-3", "S01-4", "S02-4", "S03-4"
+        ],
+        "two keys recovered; the rest get their latest while it fits"
+    );
+    assert_eq!(resumed.replayed, 6);
+    assert_eq!(resumed.unrecovered_public.len(), 48, "S02 to S49 only");
+    assert_eq!(hub.state().floors.by_socket_len(), 1, "U2's floor");
+    let read = history::FRAMES_READ.with(std::cell::Cell::get) - reads_before;
+    assert!(
+        read <= 2 * 8,
+        "{read} missed results read: no more than the budget, twice"
+    );
+}
+
+#[test]
+fn keys_without_results_for_the_idle_period_are_released_everywhere() {
+    let hub = hub(64);
+    let epoch = "e1";
+    for seq in 1..=3 {
+        result(&hub, None, seq, epoch);
+        result(&hub, Some("acme"), seq, epoch);
+    }
+    hub.deliver_result("B", None, Some(Position { seq: 1, epoch }), "B1".into());
+    // A socket ahead on A (from another gateway) holds a floor on it.
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+    socket
+        .resume(&last_seen(&[(epoch, 4)], &[]))
+        .expect("it was held");
+    assert!(!hub.state().floors.is_empty());
+    // B has a result in every sweep; A (public and private) none.
+    for sweep in 1..=crate::idle::SWEEPS_PER_IDLE {
+        assert_eq!(hub.release_idle(), 0, "sweep {sweep}: not idle yet");
+        let seq = u64::from(sweep) + 1;
+        hub.deliver_result("B", None, Some(Position { seq, epoch }), "B".into());
+    }
+    assert_eq!(hub.release_idle(), 2, "A, public and private");
+    let state = hub.state();
+    assert!(state.snapshots.get("A").is_none(), "its snapshot went");
+    assert!(state.snapshots.get("B").is_some());
+    assert!(state.floors.is_empty(), "and the floor on it");
+    let seen = Position { seq: 2, epoch };
+    assert!(matches!(
+        state.history.replay(None, "A", seen),
+        Replay::Gap(None)
+    ));
+    assert!(matches!(
+        state.history.replay(Some("acme"), "A", seen),
+        Replay::Gap(None)
+    ));
+    assert_eq!(hub.inner.stats.history_keys_released.load(Relaxed), 2);
+}
+
+#[test]
+fn a_client_code_s_resumes_share_an_allowance_of_frames() {
+    // One frame a second: a second passes before the allowance refills.
+    let limits = HubLimits {
+        resume_frames_per_second: 1,
+        ..limits(64)
+    };
+    let hub = Hub::new(limits, Arc::new(Stats::default()));
+    for seq in 1..=8 {
+        result(&hub, None, seq, "e1");
+    }
+    let resume = || {
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, _outbox) = hub.join(admission, &strings(&["A"]), true);
+        socket
+            .resume(&last_seen(&[("e1", 0)], &[]))
+            .map(|r| r.frames.len())
+    };
+    assert_eq!(
+        resume(),
+        Ok(1),
+        "eight missed do not fit: the latest stands in"
+    );
+    assert_eq!(
+        resume(),
+        Err(ResumeError::RateLimited(1)),
+        "spent, on a new socket as on the same"
+    );
+    let other = hub.admit("other").expect("admitted");
+    let (socket, _outbox) = hub.join(other, &strings(&["A"]), true);
+    assert!(
+        socket.resume(&last_seen(&[("e1", 0)], &[])).is_ok(),
+        "another client code has its own"
+    );
+}
+
+#[test]
+fn admission_limits_sockets_per_client_and_is_released_on_drop() {
+    let hub = hub(8);
+    let admitted: Vec<Admission> = (0..4)
+        .map(|_| hub.admit("acme").expect("admitted"))
+        .collect();
+    assert_eq!(hub.admit("acme").err(), Some(AdmitError::TooManySockets(4)));
+    assert!(hub.admit("other").is_ok(), "the limit is per client code");
+    drop(admitted);
+    let (membership, _outbox) = join(&hub, "acme", &[]);
+    drop(membership);
+    assert!(
+        hub.state().admissions.is_empty(),
+        "no entry outlives its sockets"
+    );
+}
