@@ -155,6 +155,9 @@ pub struct BenchArgs {
     /// Micro: quotes through the pipeline.
     #[arg(long, default_value_t = 2_000_000)]
     micro_quotes: usize,
+    /// Soak: seconds of steady load (RSS sampled every tenth).
+    #[arg(long, default_value_t = 120.0)]
+    soak_seconds: f64,
     /// Run bridges as this role: compute (ingest, with snapshot writes) or
     /// gateway (latency, fan-out, connections, fed ready-made results).
     #[arg(long, value_enum, default_value_t = Role::All)]
@@ -187,6 +190,7 @@ impl BenchArgs {
             resume_symbols: self.resume_symbols,
             idle_sockets: self.idle_sockets,
             micro_quotes: self.micro_quotes,
+            soak_seconds: self.soak_seconds,
             bridge_binary: bench::environment::current_binary(),
             role: self.role,
         }

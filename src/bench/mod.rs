@@ -18,6 +18,7 @@ mod ingest;
 mod latency;
 mod micro;
 mod resume;
+mod soak;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -52,6 +53,9 @@ pub enum Scenario {
     /// requests within its limits (not in the default run: about half a
     /// minute at `--seconds 5`).
     Abuse,
+    /// Resident memory under steady load for minutes, nobody scraping
+    /// `/metrics` (not in the default run: `--soak-seconds`, 120).
+    Soak,
 }
 
 /// What to run, and how big.
@@ -89,6 +93,8 @@ pub struct Options {
     pub idle_sockets: usize,
     /// Micro: quotes to run through the pipeline.
     pub micro_quotes: usize,
+    /// Soak: how long the steady load runs, in seconds.
+    pub soak_seconds: f64,
     /// The quotebridge binary to run bridges as child processes (so their
     /// memory and descriptors are their own); `None` runs them in-process.
     pub bridge_binary: Option<PathBuf>,
@@ -124,6 +130,7 @@ impl Default for Options {
             resume_symbols: 10,
             idle_sockets: 50_000,
             micro_quotes: 2_000_000,
+            soak_seconds: 120.0,
             bridge_binary: None,
             role: Role::All,
         }
@@ -248,6 +255,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             | Scenario::Connections => role.serves_sockets(),
             // Its load and its abuses need both halves in one process.
             Scenario::Abuse => role == Role::All,
+            Scenario::Soak => role.serves_sockets(),
         };
         if !applies {
             rows.push(Row::not_applicable(scenario, role));
@@ -277,6 +285,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             Scenario::Resume => rows.push(resume::run(&environment, options).await?),
             Scenario::Connections => rows.push(connections::run(&environment, options).await?),
             Scenario::Abuse => rows.extend(abuse::run(&environment, options).await?),
+            Scenario::Soak => rows.push(soak::run(&environment, options).await?),
         }
     }
     Ok(Report {

@@ -138,3 +138,20 @@ async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
         .filter(|r| r.get("p99_vs_quiet").is_some());
     assert_eq!(compared.count(), 4, "{table}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_soak_scenario_samples_the_bridge_s_memory() {
+    let options = Options {
+        scenarios: vec![Scenario::Soak],
+        soak_seconds: 1.0,
+        ..tiny()
+    };
+    let report = bench::run(&options).await.expect("bench runs");
+    let table = report.table();
+    let row = report.rows.first().expect("a soak row");
+    assert!(
+        row.get("rss_end_kib").is_some_and(|kib| kib > 0.0),
+        "{table}"
+    );
+    assert!(row.get("kib_per_minute").is_some(), "{table}");
+}
