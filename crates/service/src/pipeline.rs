@@ -51,6 +51,8 @@ pub struct Pipeline {
     /// The epoch of every key this run of the pipeline starts (a fresh one
     /// per process): a key restored from saved state keeps its own.
     epoch: Arc<str>,
+    /// `sma.key_idle_ms` in sweeps, in milliseconds (see [`crate::idle`]).
+    sweep_ms: u64,
     /// Whether payloads that are not quotes at all are reported here.
     reports_unparseable: bool,
     /// Whether each input channel carries only this shard's symbols (a
@@ -133,6 +135,7 @@ impl Pipeline {
             rejected_channel: channels.rejected_channel(),
             window_framing: WindowFraming::new(settings.window().get()),
             epoch: new_epoch(),
+            sweep_ms: u64::try_from(settings.key_sweep_interval().as_millis()).unwrap_or(u64::MAX),
             // On one server every shard reads every payload: shard 0 alone
             // reports the unparseable ones, so each yields one notice, not N.
             // A cluster partition's channel reaches one shard only.
@@ -234,6 +237,7 @@ impl Pipeline {
             window: key.window.state(),
             seq: Some(key.seq),
             epoch: Some(key.epoch.to_string()),
+            last_quote_ms: None,
         })
     }
 
@@ -249,6 +253,7 @@ impl Pipeline {
             return;
         }
         let capacity = self.windows.window;
+        let sweep = self.windows.sweep;
         let epoch = &self.epoch;
         if let Some(key) = self
             .windows
@@ -263,6 +268,13 @@ impl Pipeline {
                 None => (new_epoch(), 0),
             };
             key.seq = seq;
+            // Idle since its last quote: as many sweeps ago as that was.
+            if let Some(last) = state.last_quote_ms {
+                let idle_ms = now_ms().saturating_sub(last);
+                let sweep_ms = self.sweep_ms.max(1);
+                let ago = (idle_ms / sweep_ms).min(u64::from(crate::idle::SWEEPS_PER_IDLE) + 1);
+                key.touched = sweep.wrapping_sub(ago as u32);
+            }
             if epoch != key.epoch {
                 key.epoch = epoch;
                 key.framing = KeyFraming::new(symbol, &key.epoch, client);
@@ -278,6 +290,7 @@ impl Pipeline {
     /// never repeats a `seq` of its old epoch.
     pub fn release_idle(&mut self) -> Vec<Released> {
         let released = self.windows.release_idle();
+        self.windows.shrink();
         if !released.is_empty() {
             self.epoch = new_epoch();
             self.stats
@@ -314,6 +327,12 @@ pub struct KeyState {
     /// existed: such a key starts a new epoch).
     #[serde(default)]
     pub epoch: Option<String>,
+    /// When the key last had a quote, in Unix milliseconds (absent in state
+    /// saved before keys expired: such a key is as if just used). A key
+    /// restored after a restart keeps its idle time, so restarts cannot keep
+    /// an idle key alive for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_quote_ms: Option<u64>,
 }
 
 /// One key's window and where its results go.
@@ -463,8 +482,21 @@ impl Windows {
             !symbols.is_empty()
         });
         self.len -= released.len();
-        self.stats.keys.store(self.len as u64, Relaxed);
+        if !released.is_empty() {
+            self.stats.keys.store(self.len as u64, Relaxed);
+        }
         released
+    }
+
+    /// Gives back the room of keys released: a burst of junk keys must
+    /// not keep its tables at their peak size.
+    fn shrink(&mut self) {
+        if self.public.capacity() > 4 * self.public.len().max(16) {
+            self.public.shrink_to_fit();
+        }
+        if self.private.capacity() > 4 * self.private.len().max(16) {
+            self.private.shrink_to_fit();
+        }
     }
 }
 
@@ -677,6 +709,35 @@ mod tests {
         assert_eq!(seq, 1, "a new window");
         assert_ne!(again, old_epoch, "in a new epoch");
         assert_ne!(again, epoch);
+    }
+
+    #[test]
+    fn a_restored_key_keeps_its_idle_time_across_restarts() {
+        let mut settings = Settings::defaults().expect("defaults");
+        settings.sma.emit_partial = true;
+        settings.sma.key_idle_ms = 60_000;
+        let stats = Arc::new(Stats::default());
+        let mut pipeline = Pipeline::new(&settings, stats.clone());
+        position_of(pipeline.process(br#"{"symbol":"OLD","price":1}"#));
+        position_of(pipeline.process(br#"{"symbol":"NEW","price":1}"#));
+        let saved = |symbol: &str, ago_ms: u64| {
+            let mut state = pipeline.key_state(None, symbol).expect("state");
+            state.last_quote_ms = Some(now_ms() - ago_ms);
+            serde_json::to_string(&state).expect("serializes")
+        };
+        let (old, new) = (saved("OLD", 61_000), saved("NEW", 1_000));
+        // A restart: restored from what was saved.
+        let mut restarted = Pipeline::new(&settings, stats);
+        for (symbol, state) in [("OLD", old), ("NEW", new)] {
+            let state: KeyState = serde_json::from_str(&state).expect("parses");
+            restarted.restore_key(None, symbol, state);
+        }
+        let released = restarted.release_idle();
+        assert_eq!(
+            released.iter().map(|k| &*k.symbol).collect::<Vec<_>>(),
+            ["OLD"],
+            "idle for longer than key_idle_ms before the restart"
+        );
     }
 
     fn notice(outcome: Outcome<'_>) -> Option<String> {

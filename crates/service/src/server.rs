@@ -185,6 +185,18 @@ fn admit(
             (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n").into_response(),
         ));
     }
+    // The server's limit first: a client refused for it (503) has opened
+    // nothing, and spends none of its own allowance of new sockets.
+    let Ok(permit) = app.connections.clone().try_acquire_owned() else {
+        tracing::warn!(client = %client_code, "connection limit reached; connection refused");
+        return Err(Box::new(
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too many connections (server.max_connections)\n",
+            )
+                .into_response(),
+        ));
+    };
     let admission = match app.hub.admit(client_code) {
         Ok(admission) => admission,
         Err(err) => {
@@ -198,16 +210,6 @@ fn admit(
                 (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response(),
             ));
         }
-    };
-    let Ok(permit) = app.connections.clone().try_acquire_owned() else {
-        tracing::warn!(client = %client_code, "connection limit reached; connection refused");
-        return Err(Box::new(
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too many connections (server.max_connections)\n",
-            )
-                .into_response(),
-        ));
     };
     Ok(Admitted {
         grant,

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Grant;
-use crate::hub::{Admission, Hub, Membership};
+use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
 use crate::outbox::Outbox;
 use crate::protocol::{LastSeen, ResultRoute, ServerFrame, Unrecovered};
@@ -173,9 +173,23 @@ pub fn open(
     let mut last_seen = named.clone().unwrap_or_default();
     last_seen.symbols = Some(std::mem::take(&mut request.symbols));
     // A JWT's entitled symbols may exceed websocket.max_symbols.
-    let resumed = membership
-        .resume_with_latest(&last_seen)
-        .map_err(|err| err.to_string())?;
+    let resumed = match membership.resume_with_latest(&last_seen) {
+        Ok(resumed) => resumed,
+        // The client code's resumes sent their allowance this second: the
+        // stream starts live, without recovery, rather than fail (a browser
+        // gives up on an event stream answered with an error status).
+        Err(ResumeError::RateLimited(_)) => {
+            membership.go_live();
+            Resumed {
+                unrecovered_public: named
+                    .iter()
+                    .flat_map(|seen| seen.public.values().flat_map(|keys| keys.keys().cloned()))
+                    .collect(),
+                ..Resumed::default()
+            }
+        }
+        Err(err) => return Err(err.to_string()),
+    };
     let mut first = format!("retry: {RETRY_MS}\n\n");
     if named.is_some() {
         let reply = ServerFrame::Resumed {

@@ -59,7 +59,9 @@ impl Bucket {
     fn refill(&mut self, rate: f64, cap: f64, now: Instant) {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
         self.tokens = (self.tokens + elapsed * rate).min(cap);
-        self.at = now;
+        // A caller that read the clock before waiting for the lock must not
+        // move the refill time back (the wait would be credited twice).
+        self.at = self.at.max(now);
     }
 
     fn is_full(mut self, rate: f64, cap: f64, now: Instant) -> bool {

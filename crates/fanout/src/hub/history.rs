@@ -231,7 +231,8 @@ impl History {
     }
 
     /// Starts a new sweep and releases every key whose last result came
-    /// more than `idle_sweeps` full sweeps ago; returns them as (client,
+    /// [`SWEEPS_PER_IDLE`](crate::idle::SWEEPS_PER_IDLE) whole sweeps ago or
+    /// earlier; returns them as (client,
     /// symbol). One walk over every key: for a sweep every quarter of
     /// `sma.key_idle_ms`, not for a hot path.
     pub(super) fn release_idle(&mut self) -> Vec<(Option<Box<str>>, Box<str>)> {

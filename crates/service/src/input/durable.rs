@@ -22,7 +22,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use redis::aio::MultiplexedConnection;
 use redis::streams::{
@@ -37,7 +37,7 @@ use crate::broker::{snapshot_deletes, snapshot_writes};
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::pipeline::{KeyState, Outcome, Pipeline, Sma};
+use crate::pipeline::{KeyState, Outcome, Pipeline, Sma, unix_ms};
 use crate::quote::Quote;
 use crate::stats::Stats;
 use crate::topology::Role;
@@ -91,6 +91,9 @@ pub struct DurableInput {
     feeds_gateways: bool,
     /// How often idle keys are released.
     key_sweep: Duration,
+    /// When they are next looked for; kept across reconnects, so that
+    /// failures cannot put the sweep off for ever.
+    next_sweep: Instant,
 }
 
 impl DurableInput {
@@ -128,6 +131,7 @@ impl DurableInput {
             unsharded_group,
             feeds_gateways: settings.node.role == Role::Compute,
             key_sweep: settings.key_sweep_interval(),
+            next_sweep: Instant::now() + settings.key_sweep_interval(),
         })
     }
 
@@ -171,12 +175,7 @@ impl DurableInput {
         // one is read.
         let mut held_since: Option<Instant> = None;
         let mut lag_measured: Option<Instant> = None;
-        let mut next_sweep = Instant::now() + self.key_sweep;
         while !shutdown.is_cancelled() {
-            if Instant::now() >= next_sweep {
-                self.release_idle_keys(&mut conn).await?;
-                next_sweep = Instant::now() + self.key_sweep;
-            }
             if lag_measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
                 self.measure_lag(&mut conn).await;
                 lag_measured = Some(Instant::now());
@@ -186,6 +185,12 @@ impl DurableInput {
                 Pending::Drained => {
                     if held_since.take().is_some() {
                         tracing::info!("older entries applied; reading new ones");
+                    }
+                    // Only with every older entry applied: one waiting for
+                    // another consumer must find its key's window as it was.
+                    if Instant::now() >= self.next_sweep {
+                        self.release_idle_keys(&mut conn).await?;
+                        self.next_sweep = Instant::now() + self.key_sweep;
                     }
                     let entries = self.read_group(&mut conn, ">", Some(BLOCK)).await?;
                     if !entries.is_empty() {
@@ -553,8 +558,10 @@ impl DurableInput {
         for hset in snapshot_writes(snapshots) {
             transaction.add_command(hset).ignore();
         }
+        let quoted_at = unix_ms(SystemTime::now());
         for (client, symbol) in &touched {
-            if let Some(state) = self.pipeline.key_state(client.as_deref(), symbol) {
+            if let Some(mut state) = self.pipeline.key_state(client.as_deref(), symbol) {
+                state.last_quote_ms = Some(quoted_at);
                 let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();
                 let value = serde_json::to_string(&state).unwrap_or_default();
                 transaction
