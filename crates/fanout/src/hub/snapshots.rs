@@ -34,10 +34,6 @@ impl Snapshots {
         self.latest.get(symbol).map(|(frame, _)| frame)
     }
 
-    pub(super) fn all(&self) -> impl Iterator<Item = &Utf8Bytes> {
-        self.latest.values().map(|(frame, _)| frame)
-    }
-
     /// Every symbol's snapshot, with its symbol.
     pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Utf8Bytes)> {
         self.latest

@@ -319,28 +319,34 @@ impl Sender {
     /// that live frames arriving before the session drains these still find
     /// room (past half full, `offer` wakes the session at once). Returns how
     /// many were queued. Frames are cloned only once they are queued, so the
-    /// work is bounded by the outbox's room, not by the offer.
+    /// work is bounded by the outbox's room, not by the offer. Each is the
+    /// latest public result of its symbol: a frame of that key waiting for
+    /// its rate (the same result, or an older one) is dropped, so the
+    /// socket never gets one result twice.
     pub fn offer_while_room<'f>(
         &self,
-        frames: impl IntoIterator<Item = &'f Utf8Bytes>,
+        frames: impl IntoIterator<Item = (&'f str, &'f Utf8Bytes)>,
         offered: &mut Offered,
     ) -> usize {
         let mut queue = self.shared.lock();
         if queue.abandoned {
             return 0;
         }
-        let before = queue.bytes;
+        let before = queue.held_bytes();
         let (max_frames, max_bytes) = (self.bounds.frames / 2, self.bounds.bytes / 2);
         let mut queued = 0;
-        for frame in frames {
+        for (symbol, frame) in frames {
             if queue.frames.len() >= max_frames || queue.bytes + frame.len() > max_bytes {
                 break;
             }
             queue.bytes += frame.len();
             queue.frames.push_back(Message::Text(frame.clone()));
+            if let Some(throttle) = queue.throttle.as_deref_mut() {
+                throttle.drop_waiting(symbol);
+            }
             queued += 1;
         }
-        offered.bytes += (queue.bytes - before) as i64;
+        offered.bytes += queue.held_bytes() as i64 - before as i64;
         if queued > 0
             && !queue.wake_handed_out
             && let Some(waiting) = &queue.waiting

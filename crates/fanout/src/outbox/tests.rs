@@ -451,6 +451,26 @@ async fn unsubscribing_a_symbol_that_star_still_covers_keeps_its_newest() {
     assert_eq!(waited, hour);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_snapshot_replaces_the_frame_its_key_has_waiting() {
+    let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
+    sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(3600)));
+    assert_eq!(offer_keyed(&sender, "A1", key("A")), Offer::Queued);
+    assert_eq!(
+        offer_keyed(&sender, "A2", key("A")),
+        Offer::Throttled { replaced: 0 }
+    );
+    assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
+    // A subscribe naming A queues A's latest result, which is A2 itself.
+    let latest: Utf8Bytes = "A2".into();
+    let mut offered = Offered::default();
+    assert_eq!(sender.offer_while_room([("A", &latest)], &mut offered), 1);
+    assert_eq!(sender.queued_bytes(), 2, "A2 once, not also waiting");
+    assert_eq!(next_batch(&mut outbox).await.0, ["A2"]);
+    tokio::time::advance(Duration::from_secs(7200)).await;
+    assert!(outbox.try_recv().is_none(), "and not again an hour later");
+}
+
 #[tokio::test]
 async fn closing_lets_the_session_drain_then_ends_it() {
     let (sender, mut outbox) = bounded_for_test(bounds(10, 1000));

@@ -151,6 +151,15 @@ impl Throttle {
         self.sent.remove(symbol);
     }
 
+    /// Drops the frame `symbol` has waiting, if any: a newer or equal one
+    /// (its snapshot) was just queued. Its send time stays.
+    pub(super) fn drop_waiting(&mut self, symbol: &str) {
+        if let Some((name, waiting)) = self.waiting.remove_entry(symbol) {
+            self.waiting_bytes -= payload_len(&waiting.message);
+            self.unplace(&name, waiting.place);
+        }
+    }
+
     /// Whether it limits nothing and holds nothing.
     pub(super) fn is_empty(&self) -> bool {
         self.all.is_none() && self.by_symbol.is_empty() && self.waiting.is_empty()
