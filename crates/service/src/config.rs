@@ -113,6 +113,28 @@ fn invalid(key: &'static str, message: String) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid { key, message })
 }
 
+/// `key`'s `value` must lie in `range`; the error names both ends and the value.
+fn within<T>(
+    key: &'static str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) -> Result<(), ConfigError>
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if range.contains(&value) {
+        return Ok(());
+    }
+    invalid(
+        key,
+        format!(
+            "must be between {} and {} (got {value})",
+            range.start(),
+            range.end()
+        ),
+    )
+}
+
 /// All settings.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -711,24 +733,11 @@ impl RedisSettings {
 
 impl SmaSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        if !(1..=10_000).contains(&self.window) {
-            return invalid(
-                "sma.window",
-                format!("must be between 1 and 10000 (got {})", self.window),
-            );
-        }
+        within("sma.window", self.window, 1..=10_000)?;
         if self.max_keys == 0 {
             return invalid("sma.max_keys", "must be at least 1".into());
         }
-        if !(100..=31_536_000_000).contains(&self.key_idle_ms) {
-            return invalid(
-                "sma.key_idle_ms",
-                format!(
-                    "must be between 100 and 31536000000, a year (got {})",
-                    self.key_idle_ms
-                ),
-            );
-        }
+        within("sma.key_idle_ms", self.key_idle_ms, 100..=31_536_000_000)?;
         Ok(())
     }
 }
@@ -765,24 +774,16 @@ impl WebSocketSettings {
         if self.ping_interval_ms < 10 {
             return invalid("websocket.ping_interval_ms", "must be at least 10".into());
         }
-        if !(100..=600_000).contains(&self.resume_wait_ms) {
-            return invalid(
-                "websocket.resume_wait_ms",
-                format!(
-                    "must be between 100 and 600000 (got {})",
-                    self.resume_wait_ms
-                ),
-            );
-        }
-        if !(100..=600_000).contains(&self.write_timeout_ms) {
-            return invalid(
-                "websocket.write_timeout_ms",
-                format!(
-                    "must be between 100 and 600000 (got {})",
-                    self.write_timeout_ms
-                ),
-            );
-        }
+        within(
+            "websocket.resume_wait_ms",
+            self.resume_wait_ms,
+            100..=600_000,
+        )?;
+        within(
+            "websocket.write_timeout_ms",
+            self.write_timeout_ms,
+            100..=600_000,
+        )?;
         if self.max_symbols == 0 || self.default_symbols.len() > self.max_symbols {
             return invalid(
                 "websocket.max_symbols",
@@ -798,21 +799,12 @@ impl WebSocketSettings {
                 format!("must be at least 65536 (got {})", self.history_bytes),
             );
         }
-        if !(1..=1_000_000).contains(&self.history_size) {
-            return invalid(
-                "websocket.history_size",
-                format!("must be between 1 and 1000000 (got {})", self.history_size),
-            );
-        }
-        if !(1..=100_000_000).contains(&self.resume_frames_per_second) {
-            return invalid(
-                "websocket.resume_frames_per_second",
-                format!(
-                    "must be between 1 and 100000000 (got {})",
-                    self.resume_frames_per_second
-                ),
-            );
-        }
+        within("websocket.history_size", self.history_size, 1..=1_000_000)?;
+        within(
+            "websocket.resume_frames_per_second",
+            self.resume_frames_per_second,
+            1..=100_000_000,
+        )?;
         Ok(())
     }
 }
@@ -828,39 +820,27 @@ impl ServerSettings {
                 "must be at least 1".into(),
             );
         }
-        if !(100..=600_000).contains(&self.header_read_timeout_ms) {
-            return invalid(
-                "server.header_read_timeout_ms",
-                format!(
-                    "must be between 100 and 600000 (got {})",
-                    self.header_read_timeout_ms
-                ),
-            );
-        }
+        within(
+            "server.header_read_timeout_ms",
+            self.header_read_timeout_ms,
+            100..=600_000,
+        )?;
         if self.max_connections_per_client == 0 {
             return invalid(
                 "server.max_connections_per_client",
                 "must be at least 1".into(),
             );
         }
-        if !(100..=600_000).contains(&self.answer_timeout_ms) {
-            return invalid(
-                "server.answer_timeout_ms",
-                format!(
-                    "must be between 100 and 600000 (got {})",
-                    self.answer_timeout_ms
-                ),
-            );
-        }
-        if !(1..=1_000_000).contains(&self.connects_per_client_per_second) {
-            return invalid(
-                "server.connects_per_client_per_second",
-                format!(
-                    "must be between 1 and 1000000 (got {})",
-                    self.connects_per_client_per_second
-                ),
-            );
-        }
+        within(
+            "server.answer_timeout_ms",
+            self.answer_timeout_ms,
+            100..=600_000,
+        )?;
+        within(
+            "server.connects_per_client_per_second",
+            self.connects_per_client_per_second,
+            1..=1_000_000,
+        )?;
         Ok(())
     }
 }
