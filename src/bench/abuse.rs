@@ -32,9 +32,11 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{collect, connect_sockets, publisher, spawn_readers};
+use super::clients::{
+    collect, connect_sockets, publish_and_await_results, publish_paced, publisher, spawn_readers,
+};
 use super::environment::Bridge;
-use super::{Environment, Options, Row, Scenario, feed, now_ns};
+use super::{Environment, Options, Row, Scenario, feed};
 use crate::Error;
 use crate::broker::BrokerError;
 
@@ -115,35 +117,11 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
 
 /// One result for each of [`SEEDED_KEYS`] symbols; returns their epoch.
 async fn seed(environment: &Environment, (input, output): (&str, &str)) -> Result<String, Error> {
-    let client = crate::broker::redis_client(&environment.url).map_err(BrokerError::from)?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(BrokerError::from)?;
-    pubsub.subscribe(output).await.map_err(BrokerError::from)?;
-    let mut conn = publisher(&environment.url).await?;
-    for chunk in (0..SEEDED_KEYS).collect::<Vec<_>>().chunks(1_000) {
-        let mut pipe = redis::pipe();
-        for &n in chunk {
-            let (channel, payload) = feed(environment.role, (input, output), n, SEEDED_KEYS, 0);
-            pipe.publish(channel, payload.as_ref()).ignore();
-        }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(BrokerError::from)?;
-    }
-    let mut results = pubsub.into_on_message();
-    let mut epoch = String::new();
-    for _ in 0..SEEDED_KEYS {
-        let message = tokio::time::timeout(Duration::from_secs(60), results.next())
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| Error::Input("the bridge published too few results".into()))?;
-        if epoch.is_empty() {
-            let sma: serde_json::Value = serde_json::from_slice(message.get_payload_bytes())
-                .map_err(|e| Error::Input(format!("not an SMA result: {e}")))?;
-            epoch = sma["epoch"].as_str().unwrap_or_default().to_owned();
-        }
-    }
-    Ok(epoch)
+    let role = environment.role;
+    publish_and_await_results(&environment.url, output, SEEDED_KEYS, |n| {
+        feed(role, (input, output), n, SEEDED_KEYS, 0)
+    })
+    .await
 }
 
 /// One phase: load, honest readers and (if any) the abuse, for `seconds`.
@@ -178,29 +156,9 @@ async fn phase(
     let frames = Arc::new(AtomicU64::new(0));
     let readers = spawn_readers(honest, &frames, &stop);
     let total = (RATE as f64 * options.seconds).max(1.0) as u64;
-    let begin = Instant::now();
-    let mut sent = 0u64;
-    while sent < total {
-        let due_at = begin + Duration::from_secs_f64(sent as f64 / RATE as f64);
-        tokio::time::sleep_until(due_at).await;
-        let due = ((begin.elapsed().as_secs_f64() * RATE as f64) as u64 + 1).min(total);
-        let mut pipe = redis::pipe();
-        let ts = now_ns();
-        for i in sent..due.max(sent + 1) {
-            let (channel, payload) = feed(
-                environment.role,
-                (input, output),
-                i as usize,
-                LIVE_SYMBOLS,
-                ts,
-            );
-            pipe.publish(channel, payload.as_ref()).ignore();
-        }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(BrokerError::from)?;
-        sent = due.max(sent + 1);
-    }
+    let role = environment.role;
+    let message = |i, ts| feed(role, (input, output), i, LIVE_SYMBOLS, ts);
+    let sent = publish_paced(&mut conn, RATE, total, message, || {}).await?;
     // What is still on its way gets a few seconds; a stalled bridge shows
     // as missing frames.
     let want = sent * HONEST as u64;

@@ -5,12 +5,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use tokio::time::Instant;
-
-use super::clients::{collect, publisher, rig, spawn_subscriber, wait_for};
-use super::{Environment, Options, Row, Scenario, feed, now_ns};
+use super::clients::{collect, publish_paced, publisher, rig, spawn_subscriber, wait_for};
+use super::{Environment, Options, Row, Scenario, feed};
 use crate::Error;
-use crate::broker::BrokerError;
 
 pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Result<Row, Error> {
     let sockets = options.latency_sockets;
@@ -27,30 +24,10 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let mut conn = publisher(&environment.url).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
     let cpu = rig.bridge.cpu_meter();
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while sent < total {
-        // Everything due by now goes out in one pipeline, stamped as it leaves.
-        let due_at = start + Duration::from_secs_f64(sent as f64 / rate as f64);
-        tokio::time::sleep_until(due_at).await;
-        let due = ((start.elapsed().as_secs_f64() * rate as f64) as u64 + 1).min(total);
-        let mut pipe = redis::pipe();
-        let ts = now_ns();
-        for i in sent..due.max(sent + 1) {
-            let (channel, payload) = feed(
-                role,
-                (&rig.input, &rig.output),
-                i as usize,
-                options.symbols,
-                ts,
-            );
-            pipe.publish(channel, payload.as_ref()).ignore();
-        }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(BrokerError::from)?;
-        sent = due.max(sent + 1);
-    }
+    let symbols = options.symbols;
+    let (input, output) = (&rig.input, &rig.output);
+    let message = |i, ts| feed(role, (input, output), i, symbols, ts);
+    let sent = publish_paced(&mut conn, rate, total, message, || {}).await?;
     let limit = Duration::from_secs(60);
     let complete = wait_for(&outputs, sent, limit).await
         && wait_for(&frames, sent * sockets as u64, limit).await;

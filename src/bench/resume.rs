@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{collect, connect_sockets, publisher, spawn_readers, wait_for};
+use super::clients::{
+    collect, connect_sockets, publish_and_await_results, spawn_readers, wait_for,
+};
 use super::environment::raise_file_limit;
 use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
-use crate::broker::BrokerError;
 
 pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Error> {
     let sockets = options.resume_sockets.max(1);
@@ -44,32 +45,11 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
         .await?;
 
     // The results nobody is there to see; their epoch, from the output channel.
-    let client = crate::broker::redis_client(&environment.url).map_err(BrokerError::from)?;
-    let mut pubsub = client.get_async_pubsub().await.map_err(BrokerError::from)?;
-    pubsub.subscribe(&output).await.map_err(BrokerError::from)?;
-    let mut conn = publisher(&environment.url).await?;
-    let mut pipe = redis::pipe();
-    for n in 0..missed {
-        let (channel, payload) = feed(environment.role, (&input, &output), n, symbols, now_ns());
-        pipe.publish(channel, payload.as_ref()).ignore();
-    }
-    pipe.query_async::<()>(&mut conn)
-        .await
-        .map_err(BrokerError::from)?;
-    let mut results = pubsub.into_on_message();
-    let mut epoch = String::new();
-    for _ in 0..missed {
-        let message = tokio::time::timeout(Duration::from_secs(60), results.next())
-            .await
-            .ok()
-            .flatten()
-            .ok_or_else(|| Error::Input("the bridge published too few results".into()))?;
-        if epoch.is_empty() {
-            let sma: serde_json::Value = serde_json::from_slice(message.get_payload_bytes())
-                .map_err(|e| Error::Input(format!("not an SMA result: {e}")))?;
-            epoch = sma["epoch"].as_str().unwrap_or_default().to_owned();
-        }
-    }
+    let role = environment.role;
+    let epoch = publish_and_await_results(&environment.url, &output, missed, |n| {
+        feed(role, (&input, &output), n, symbols, now_ns())
+    })
+    .await?;
     let keys: serde_json::Map<String, serde_json::Value> =
         (0..symbols).map(|i| (format!("S{i}"), 0.into())).collect();
     let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();

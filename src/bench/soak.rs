@@ -15,11 +15,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::clients::{collect, connect_sockets, publisher, spawn_readers};
+use super::clients::{collect, connect_sockets, publish_paced, publisher, spawn_readers};
 use super::environment::rss_kib;
-use super::{Environment, Options, Row, Scenario, feed, now_ns};
+use super::{Environment, Options, Row, Scenario, feed};
 use crate::Error;
-use crate::broker::BrokerError;
 
 /// Quotes a second.
 pub const RATE: u64 = 5_000;
@@ -46,28 +45,15 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let begin = Instant::now();
     let mut next_sample = begin + sample_every;
-    let mut sent = 0u64;
-    while sent < total {
-        let due_at = begin + Duration::from_secs_f64(sent as f64 / RATE as f64);
-        tokio::time::sleep_until(due_at).await;
-        let due = ((begin.elapsed().as_secs_f64() * RATE as f64) as u64 + 1).min(total);
-        let mut pipe = redis::pipe();
-        let ts = now_ns();
-        for i in sent..due.max(sent + 1) {
-            let (channel, payload) =
-                feed(environment.role, (&input, &output), i as usize, SYMBOLS, ts);
-            pipe.publish(channel, payload.as_ref()).ignore();
-        }
-        pipe.query_async::<()>(&mut conn)
-            .await
-            .map_err(BrokerError::from)?;
-        sent = due.max(sent + 1);
+    let role = environment.role;
+    let message = |i, ts| feed(role, (&input, &output), i, SYMBOLS, ts);
+    publish_paced(&mut conn, RATE, total, message, || {
         if Instant::now() >= next_sample {
-            let at = begin.elapsed().as_secs_f64();
-            samples.push((at, rss_kib(pid).unwrap_or(0)));
+            samples.push((begin.elapsed().as_secs_f64(), rss_kib(pid).unwrap_or(0)));
             next_sample += sample_every;
         }
-    }
+    })
+    .await?;
     samples.push((begin.elapsed().as_secs_f64(), rss_kib(pid).unwrap_or(0)));
     stop.cancel();
     let latency = collect(readers).await;
