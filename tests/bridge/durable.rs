@@ -13,7 +13,7 @@ use crate::support::*;
 
 const STREAM_MODE: (&str, &str) = ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream");
 
-async fn xadd_all(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>]) {
+pub(crate) async fn xadd_all(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>]) {
     for chunk in quotes.chunks(1000) {
         let mut pipe = redis::pipe();
         for quote in chunk {

@@ -4,6 +4,7 @@
 
 use serde_json::Value;
 
+use crate::durable::xadd_all;
 use crate::support::*;
 
 /// One second: a key is released one to one and a quarter seconds after its
@@ -27,19 +28,6 @@ async fn publish(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>
         .map(|q| ("quotes".to_owned(), q.clone()))
         .collect();
     publish_all(conn, &batch).await;
-}
-
-async fn xadd(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>]) {
-    let mut pipe = redis::pipe();
-    for quote in quotes {
-        pipe.cmd("XADD")
-            .arg("quotes.stream")
-            .arg("*")
-            .arg("quote")
-            .arg(quote.as_slice())
-            .ignore();
-    }
-    pipe.query_async::<()>(conn).await.expect("XADD");
 }
 
 fn too_many_keys(stats: &Value) -> u64 {
@@ -98,7 +86,7 @@ async fn in_stream_mode_a_released_key_leaves_no_saved_state() {
     let mut output = app.redis.subscribe(&["sma"]).await;
     let mut output = output.on_message();
     let mut conn = app.redis.connection().await;
-    xadd(&mut conn, &junk()).await;
+    xadd_all(&mut conn, &junk()).await;
     for _ in 0..10 {
         next_redis(&mut output).await;
     }
@@ -114,7 +102,7 @@ async fn in_stream_mode_a_released_key_leaves_no_saved_state() {
     eventually(
         "the saved state of the idle keys to be deleted",
         async || {
-            xadd(&mut conn, &[quote("TICK", 1)]).await;
+            xadd_all(&mut conn, &[quote("TICK", 1)]).await;
             (saved(&mut conn).await == 1).then_some(())
         },
     )
