@@ -232,3 +232,50 @@ async fn an_event_stream_obeys_auth_limits_and_outlives_the_request_deadline() {
     assert_eq!(events.next_json().await.1["symbol"], "AAPL");
     app.shutdown().await;
 }
+
+/// An event stream whose resume finds its client code's allowance spent is
+/// not refused (a browser would give up): it starts as a new stream does,
+/// told that its key was not recovered.
+#[tokio::test]
+async fn an_event_stream_past_the_resume_allowance_starts_live() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ("QUOTEBRIDGE__WEBSOCKET__RESUME_FRAMES_PER_SECOND", "1"),
+    ])
+    .await;
+    let mut output = app.redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    let mut conn = app.redis.connection().await;
+    publish_all(&mut conn, &[quote("AAPL", 1, None), quote("AAPL", 2, None)]).await;
+    let (_, first) = next_redis(&mut output).await;
+    next_redis(&mut output).await;
+    let first: Value = serde_json::from_str(&first).expect("json");
+    let last_id = format!("{}:1:p:AAPL", first["epoch"].as_str().expect("epoch"));
+    let path = "/sse/acme?symbols=AAPL";
+
+    // The first resume sends the one frame a second allows.
+    let (_, mut spent) = Events::open(app.address, path, Some(&last_id)).await;
+    let (resumed, reply) = spent.next_json().await;
+    assert_eq!(resumed.event.as_deref(), Some("resumed"));
+    assert_eq!(reply["replayed"], 1);
+    // The second, at once: live, not recovered, and still a stream.
+    let (head, mut refused) = Events::open(app.address, path, Some(&last_id)).await;
+    assert!(head.contains(" 200 "), "{head}");
+    let (resumed, reply) = refused.next_json().await;
+    assert_eq!(resumed.event.as_deref(), Some("resumed"));
+    assert_eq!(
+        (
+            reply["recovered"].as_bool(),
+            &reply["unrecovered"]["public"]
+        ),
+        (Some(false), &json!(["AAPL"]))
+    );
+    assert_eq!(
+        refused.next_json().await.1["price"],
+        2.0,
+        "its latest, as a new stream gets"
+    );
+    publish_all(&mut conn, &[quote("AAPL", 3, None)]).await;
+    assert_eq!(refused.next_json().await.1["price"], 3.0, "then live");
+    app.shutdown().await;
+}

@@ -32,7 +32,7 @@ use crate::auth::Grant;
 use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
 use crate::outbox::Outbox;
-use crate::protocol::{LastSeen, ResultRoute, ServerFrame, Unrecovered};
+use crate::protocol::{LastSeen, LastSeenMap, ResultRoute, ServerFrame, Unrecovered};
 use crate::session::{Limits, check_subscriptions};
 
 /// Most queued frames encoded into one chunk of the response.
@@ -179,13 +179,24 @@ pub fn open(
         // stream starts live, without recovery, rather than fail (a browser
         // gives up on an event stream answered with an error status).
         Err(ResumeError::RateLimited(_)) => {
-            membership.go_live();
+            // Still held: it starts as a stream without Last-Event-ID would
+            // (its symbols, their latest values), its key not recovered.
+            let fresh = LastSeen {
+                symbols: last_seen.symbols.clone(),
+                ..LastSeen::default()
+            };
+            let keys = |of: fn(&LastSeen) -> &LastSeenMap| -> Vec<String> {
+                let named = named.iter().map(of);
+                named
+                    .flat_map(|map| map.values().flat_map(|keys| keys.keys().cloned()))
+                    .collect()
+            };
             Resumed {
-                unrecovered_public: named
-                    .iter()
-                    .flat_map(|seen| seen.public.values().flat_map(|keys| keys.keys().cloned()))
-                    .collect(),
-                ..Resumed::default()
+                unrecovered_public: keys(|seen| &seen.public),
+                unrecovered_private: keys(|seen| &seen.private),
+                ..membership
+                    .resume_with_latest(&fresh)
+                    .map_err(|err| err.to_string())?
             }
         }
         Err(err) => return Err(err.to_string()),
