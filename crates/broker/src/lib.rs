@@ -143,20 +143,12 @@ where
 pub fn snapshot_writes<'a>(
     snapshots: impl IntoIterator<Item = (&'a SnapshotSlot, &'a [u8])>,
 ) -> Vec<::redis::Cmd> {
-    let mut writes: Vec<(&str, ::redis::Cmd)> = Vec::new();
-    for (slot, payload) in snapshots {
-        let at = match writes.iter().position(|(key, _)| *key == &*slot.key) {
-            Some(at) => at,
-            None => {
-                let mut hset = ::redis::cmd("HSET");
-                hset.arg(&*slot.key);
-                writes.push((&slot.key, hset));
-                writes.len() - 1
-            }
-        };
-        writes[at].1.arg(&*slot.field).arg(payload);
-    }
-    writes.into_iter().map(|(_, hset)| hset).collect()
+    per_hash(
+        "HSET",
+        snapshots
+            .into_iter()
+            .map(|(slot, payload)| (slot, Some(payload))),
+    )
 }
 
 /// One HDEL per snapshot hash for the fields of `slots`: the snapshots of
@@ -164,20 +156,32 @@ pub fn snapshot_writes<'a>(
 pub fn snapshot_deletes<'a>(
     slots: impl IntoIterator<Item = &'a SnapshotSlot>,
 ) -> Vec<::redis::Cmd> {
-    let mut deletes: Vec<(&str, ::redis::Cmd)> = Vec::new();
-    for slot in slots {
-        let at = match deletes.iter().position(|(key, _)| *key == &*slot.key) {
+    per_hash("HDEL", slots.into_iter().map(|slot| (slot, None)))
+}
+
+/// One `command` per hash of `fields`, in the order each hash first comes,
+/// with each field (and its value, if any) in order.
+fn per_hash<'a>(
+    command: &str,
+    fields: impl Iterator<Item = (&'a SnapshotSlot, Option<&'a [u8]>)>,
+) -> Vec<::redis::Cmd> {
+    let mut commands: Vec<(&str, ::redis::Cmd)> = Vec::new();
+    for (slot, value) in fields {
+        let at = match commands.iter().position(|(key, _)| *key == &*slot.key) {
             Some(at) => at,
             None => {
-                let mut hdel = ::redis::cmd("HDEL");
-                hdel.arg(&*slot.key);
-                deletes.push((&slot.key, hdel));
-                deletes.len() - 1
+                let mut cmd = ::redis::cmd(command);
+                cmd.arg(&*slot.key);
+                commands.push((&slot.key, cmd));
+                commands.len() - 1
             }
         };
-        deletes[at].1.arg(&*slot.field);
+        commands[at].1.arg(&*slot.field);
+        if let Some(value) = value {
+            commands[at].1.arg(value);
+        }
     }
-    deletes.into_iter().map(|(_, hdel)| hdel).collect()
+    commands.into_iter().map(|(_, cmd)| cmd).collect()
 }
 
 /// The messages of one subscription, in the order the broker delivered them.
