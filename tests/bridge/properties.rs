@@ -163,6 +163,7 @@ proptest! {
         };
         // The mean as sent (it is not always the price: -0 + 0 is 0).
         let sent: serde_json::Value = serde_json::from_str(sma.frame.as_str()).expect("JSON");
+        let position = sma.frame.position().expect("a position");
         let formatted = SmaMessage {
             symbol: "A",
             price: quote.price,
@@ -170,8 +171,8 @@ proptest! {
             window: settings.sma.window,
             count: 1,
             ts,
-            seq: sma.seq,
-            epoch: sma.position().epoch,
+            seq: position.seq,
+            epoch: position.epoch,
             client: None,
         }
         .encode();

@@ -157,7 +157,23 @@ pub struct KeyFraming {
     head: Box<str>,
     tail: Box<str>,
     epoch_len: usize,
+    /// The client code's length, for a private key.
+    client_len: Option<usize>,
 }
+
+/// Where a result framed by a [`KeyFraming`] spells its names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NameSpans {
+    /// The symbol.
+    pub symbol: std::ops::Range<usize>,
+    /// The epoch.
+    pub epoch: std::ops::Range<usize>,
+    /// The client code of a private result.
+    pub client: Option<std::ops::Range<usize>>,
+}
+
+/// What the head starts with, before the symbol itself.
+const SYMBOL_FIELD: &str = r#"{"symbol":""#;
 
 /// What the tail starts with, before the epoch itself.
 const EPOCH_FIELD: &str = r#","epoch":""#;
@@ -166,19 +182,29 @@ impl KeyFraming {
     /// The framing for `symbol`, `epoch` and `client`, which must be valid names.
     pub fn new(symbol: &str, epoch: &str, client: Option<&str>) -> Self {
         Self {
-            head: format!("{{\"symbol\":\"{symbol}\",\"price\":").into(),
+            head: format!("{SYMBOL_FIELD}{symbol}\",\"price\":").into(),
             tail: match client {
                 None => format!("{EPOCH_FIELD}{epoch}\"}}").into(),
                 Some(client) => format!("{EPOCH_FIELD}{epoch}\",\"client\":\"{client}\"}}").into(),
             },
             epoch_len: epoch.len(),
+            client_len: client.map(str::len),
         }
     }
 
-    /// Where the epoch is in a message of `len` bytes framed by this.
-    pub fn epoch_in(&self, len: usize) -> std::ops::Range<usize> {
-        let start = len - self.tail.len() + EPOCH_FIELD.len();
-        start..start + self.epoch_len
+    /// Where the names are in a message of `len` bytes framed by this.
+    pub fn spans(&self, len: usize) -> NameSpans {
+        let symbol_len = self.head.len() - SYMBOL_FIELD.len() - r#"","price":"#.len();
+        let epoch = len - self.tail.len() + EPOCH_FIELD.len();
+        let epoch = epoch..epoch + self.epoch_len;
+        NameSpans {
+            symbol: SYMBOL_FIELD.len()..SYMBOL_FIELD.len() + symbol_len,
+            client: self.client_len.map(|client_len| {
+                let start = epoch.end + r#"","client":""#.len();
+                start..start + client_len
+            }),
+            epoch,
+        }
     }
 }
 

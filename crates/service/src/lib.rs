@@ -27,7 +27,7 @@ pub use self::input::durable::QUOTE_FIELD;
 pub use self::server::raise_descriptor_limit;
 pub use quotebridge_broker as broker;
 use quotebridge_core::{idle, names, protocol, quote, sma, stats};
-use quotebridge_fanout::{hub, outbox};
+use quotebridge_fanout::{frame, hub, outbox};
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;

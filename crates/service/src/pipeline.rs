@@ -27,9 +27,10 @@ use hashbrown::hash_map::EntryRef;
 use crate::broker::Outbound;
 use crate::broker::SnapshotSlot;
 use crate::config::Settings;
+use crate::frame::{ResultFrame, SharedResult};
 use crate::idle::is_idle;
 use crate::names;
-use crate::protocol::{KeyFraming, Position, SmaMessage, WindowFraming};
+use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
@@ -86,30 +87,11 @@ pub enum Outcome<'a> {
 pub struct Sma {
     /// The output channel of its key.
     pub channel: Arc<str>,
-    /// The JSON message, shared by Redis and every socket.
-    pub frame: Utf8Bytes,
+    /// The JSON message, shared by Redis and every socket, with its key
+    /// and position.
+    pub frame: SharedResult,
     /// Where the result is kept for gateways' snapshots, if it is.
     pub snapshot: Option<Arc<SnapshotSlot>>,
-    /// Its position in its key's sequence (as in the frame).
-    pub seq: u64,
-    /// Where the frame spells its epoch: read from there, the epoch costs
-    /// no reference count per result.
-    epoch_at: std::ops::Range<usize>,
-}
-
-impl Sma {
-    /// Where the result stands in its key's sequence.
-    #[must_use]
-    pub fn position(&self) -> Position<'_> {
-        Position {
-            seq: self.seq,
-            epoch: self
-                .frame
-                .as_str()
-                .get(self.epoch_at.clone())
-                .unwrap_or_default(),
-        }
-    }
 }
 
 impl Sma {
@@ -118,7 +100,7 @@ impl Sma {
     pub fn outbound(&self) -> Outbound {
         Outbound {
             channel: self.channel.clone(),
-            payload: self.frame.clone().into(),
+            payload: self.frame.text().clone().into(),
             snapshot: self.snapshot.clone(),
         }
     }
@@ -191,13 +173,10 @@ impl Pipeline {
         }
         // The parser admitted only valid names.
         .encode_framed(&key.framing, &self.window_framing, spelled);
-        let epoch_at = key.framing.epoch_in(frame.len());
         let sma = Sma {
             channel: key.channel.clone(),
-            frame: frame.into(),
+            frame: ResultFrame::encoded(frame, &key.framing, key.seq).map_text(Utf8Bytes::from),
             snapshot: key.snapshot.clone(),
-            seq: key.seq,
-            epoch_at,
         };
         self.stats.smas_emitted.fetch_add(1, Relaxed);
         Outcome::Accepted {
@@ -613,9 +592,13 @@ mod tests {
             Outcome::Accepted { sma: Some(sma), .. } => {
                 let message: serde_json::Value =
                     serde_json::from_str(sma.frame.as_str()).expect("json");
-                assert_eq!(message["seq"], sma.seq, "the frame carries the position");
-                assert_eq!(message["epoch"], sma.position().epoch);
-                (sma.seq, sma.position().epoch.to_owned())
+                let position = sma.frame.position().expect("a position");
+                assert_eq!(
+                    message["seq"], position.seq,
+                    "the frame carries the position"
+                );
+                assert_eq!(message["epoch"], position.epoch);
+                (position.seq, position.epoch.to_owned())
             }
             _ => panic!("expected a result"),
         }

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
 use crate::config::WebSocketSettings;
+use crate::frame::{Frame, SharedResult};
 use crate::hub::Membership;
 use crate::names;
 use crate::outbox::Outbox;
@@ -107,7 +108,7 @@ pub async fn run(
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
     let mut unanswered_pings = 0u32;
     // Grows to the largest batch seen, on first use: idle sockets pay nothing.
-    let mut batch: Vec<Message> = Vec::new();
+    let mut batch: Vec<Frame> = Vec::new();
     // Registered once: a `cancelled()` per turn of the loop would lock the
     // token's waiter list, which every socket shares, twice per batch.
     let shutting_down = shutdown.cancelled();
@@ -143,14 +144,14 @@ pub async fn run(
                     // The client is told before the latest values come.
                     membership.stats().conflations.fetch_add(1, Relaxed);
                     let notice = ServerFrame::Conflated { keys: taken.frames }.encode();
-                    batch.insert(0, Message::Text(notice.into()));
+                    batch.insert(0, Frame::Direct(Message::Text(notice.into())));
                 }
                 // Everything already queued goes out with one flush (a
                 // conflated batch, one key each, a batch at a time); the
                 // batch buffer is reused, so a busy socket allocates nothing.
                 while !batch.is_empty() {
                     let chunk = batch.len().min(MAX_BATCH);
-                    write(&mut socket, batch.drain(..chunk), limits.write_timeout).await?;
+                    write(&mut socket, batch.drain(..chunk).map(Frame::into_message), limits.write_timeout).await?;
                 }
             }
             incoming = socket.next() => {
@@ -345,7 +346,7 @@ fn resume(membership: &Membership, grant: &Grant, last_seen: &LastSeen) -> Vec<U
         },
     };
     std::iter::once(reply.encode().into())
-        .chain(resumed.frames)
+        .chain(resumed.frames.into_iter().map(SharedResult::into_text))
         .collect()
 }
 

@@ -29,10 +29,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Grant;
+use crate::frame::{Frame, SharedResult};
 use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
 use crate::outbox::Outbox;
-use crate::protocol::{LastSeen, LastSeenMap, ResultRoute, ServerFrame, Unrecovered};
+use crate::protocol::{LastSeen, LastSeenMap, ServerFrame, Unrecovered};
 use crate::session::{Limits, check_subscriptions};
 
 /// Most queued frames encoded into one chunk of the response.
@@ -76,19 +77,21 @@ pub fn requested_symbols(list: &str, grant: &Grant, max: usize) -> Result<Vec<St
     Ok(symbols)
 }
 
-/// A result's event id: `{epoch}:{seq}:{p|c}:{symbol}` (`c` for the
-/// client's private key; the symbol last, as it may hold `:`).
-fn event_id(out: &mut String, route: &ResultRoute<'_>) -> bool {
-    let Some(position) = route.position() else {
-        return false;
+/// A result's event id, `{epoch}:{seq}:{p|c}:{symbol}` (`c` for the
+/// client's private key; the symbol last, as it may hold `:`), if it has a
+/// position.
+fn event_id(out: &mut String, result: &SharedResult) {
+    let Some(position) = result.position() else {
+        return;
     };
-    let kind = if route.client.is_some() { 'c' } else { 'p' };
+    let kind = if result.client().is_some() { 'c' } else { 'p' };
     let _ = writeln!(
         out,
         "id: {}:{}:{kind}:{}",
-        position.epoch, position.seq, route.symbol
+        position.epoch,
+        position.seq,
+        result.symbol()
     );
-    true
 }
 
 /// The position `Last-Event-ID` names, as a resume request for that key.
@@ -134,19 +137,21 @@ fn data_lines(out: &mut String, data: &str) {
     out.push('\n');
 }
 
-/// Appends one queued frame as an event: a result with its id, any other
-/// text (a direct message) as `event: direct`. Binary direct messages
-/// cannot be carried by an event stream and are skipped.
-fn encode(out: &mut String, frame: &Message) {
-    let Message::Text(text) = frame else {
-        return;
-    };
-    match ResultRoute::of(text.as_str()) {
-        Some(route) if event_id(out, &route) => {}
-        Some(_) => {}
-        None => out.push_str("event: direct\n"),
+/// Appends one queued frame as an event: a result with its id, a text
+/// direct message as `event: direct`. Binary direct messages cannot be
+/// carried by an event stream and are skipped.
+fn encode(out: &mut String, frame: &Frame) {
+    match frame {
+        Frame::Result(result) => {
+            event_id(out, result);
+            data_lines(out, result.as_str());
+        }
+        Frame::Direct(Message::Text(text)) => {
+            out.push_str("event: direct\n");
+            data_lines(out, text.as_str());
+        }
+        Frame::Direct(_) => {}
     }
-    data_lines(out, text.as_str());
 }
 
 /// Appends a control frame as an event of its `type`.
@@ -215,8 +220,8 @@ pub fn open(
         notice(&mut first, "resumed", &reply.encode());
     }
     let (events, body) = mpsc::channel::<Bytes>(1);
-    for frame in &resumed.frames {
-        encode(&mut first, &Message::Text(frame.clone()));
+    for result in resumed.frames {
+        encode(&mut first, &Frame::Result(result));
     }
     // The connection learns the stream ended when the task does.
     let ended = request.ended.take().map(CancellationToken::drop_guard);
@@ -260,7 +265,7 @@ async fn run(
     let mut keepalive =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
-    let mut batch: Vec<Message> = Vec::new();
+    let mut batch: Vec<Frame> = Vec::new();
     loop {
         let chunk = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -316,19 +321,31 @@ mod tests {
     fn events_carry_ids_and_keep_lines_apart() {
         let mut out = String::new();
         let result = r#"{"symbol":"A","price":1,"sma":1,"window":1,"count":1,"ts":1,"seq":7,"epoch":"e1","client":"acme"}"#;
-        encode(&mut out, &Message::Text(result.into()));
+        let read = SharedResult::read(result.into()).expect("a result");
+        encode(&mut out, &Frame::Result(read));
         assert_eq!(out, format!("id: e1:7:c:A\ndata: {result}\n\n"));
         out.clear();
-        encode(&mut out, &Message::Text("line one\r\nline two".into()));
+        encode(&mut out, &Frame::Direct(Message::Text(result.into())));
+        assert_eq!(
+            out,
+            format!("event: direct\ndata: {result}\n\n"),
+            "a direct message is one, whatever its text looks like"
+        );
+        out.clear();
+        let direct = |text: &str| Frame::Direct(Message::Text(text.into()));
+        encode(&mut out, &direct("line one\r\nline two"));
         assert_eq!(out, "event: direct\ndata: line one\ndata: line two\n\n");
         out.clear();
-        encode(&mut out, &Message::Text("a\rb\n\nc\n".into()));
+        encode(&mut out, &direct("a\rb\n\nc\n"));
         assert_eq!(
             out, "event: direct\ndata: a\ndata: b\ndata: \ndata: c\ndata: \n\n",
             "CR, LF and CRLF each end a line; empty lines are kept"
         );
         out.clear();
-        encode(&mut out, &Message::Binary(Bytes::from_static(b"\xff")));
+        encode(
+            &mut out,
+            &Frame::Direct(Message::Binary(Bytes::from_static(b"\xff"))),
+        );
         assert!(out.is_empty(), "binary is skipped");
     }
 }

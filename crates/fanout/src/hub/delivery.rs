@@ -6,35 +6,30 @@ use std::sync::MutexGuard;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Waker;
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use axum::extract::ws::Message;
 
 use super::connections::Connections;
 use super::wakes::Wakes;
 use super::{Hub, SocketId, State};
-use crate::outbox::{self, FrameKey, Offer};
-use crate::protocol::Position;
+use crate::frame::{Frame, SharedResult};
+use crate::outbox::Offer;
 
 impl Hub {
-    /// Fans out one SMA result: a public one (`client` is `None`) to every
-    /// socket subscribed to `symbol` (by name or through `"*"`), kept as the
-    /// symbol's snapshot; a private one to every socket of its client's
-    /// group. A result with a position is kept in its key's history too.
-    pub fn deliver_result(
-        &self,
-        symbol: &str,
-        client: Option<&str>,
-        position: Option<Position<'_>>,
-        frame: Utf8Bytes,
-    ) {
-        if !self.fits_a_socket(frame.len()) {
+    /// Fans out one SMA result: a public one to every socket subscribed to
+    /// its symbol (by name or through `"*"`), kept as the symbol's
+    /// snapshot; a private one to every socket of its client's group. A
+    /// result with a position is kept in its key's history too.
+    pub fn deliver_result(&self, frame: SharedResult) {
+        if !self.fits_a_socket(frame.text().len()) {
             return;
         }
+        let (symbol, client, position) = (frame.symbol(), frame.client(), frame.position());
         let mut guard = self.state();
         let state = &mut *guard;
         // A result its key already had (the output channel repeated it, or
         // a stale node published it) reaches no socket a second time.
         if let Some(position) = position
-            && !state.history.record(client, symbol, position, &frame)
+            && !state.history.record(&frame, position)
         {
             self.inner.stats.results_repeated.fetch_add(1, Relaxed);
             return;
@@ -44,28 +39,22 @@ impl Hub {
         let unseen = |id: &&SocketId| {
             floors.is_none_or(|(floors, position)| !floors.has_seen(**id, position))
         };
-        let key = Some(FrameKey {
-            private: client.is_some(),
-            symbol,
-        });
         let delivery = match client {
             None => {
                 state
                     .snapshots
-                    .remember(symbol, &frame, self.inner.limits.max_snapshots);
+                    .remember(&frame, self.inner.limits.max_snapshots);
                 offer_each(
                     &state.connections,
                     state.subscriptions.subscribers(symbol).filter(unseen),
-                    &Message::Text(frame),
-                    key,
+                    &Frame::Result(frame.clone()),
                     &mut state.wakes,
                 )
             }
             Some(code) => offer_each(
                 &state.connections,
                 state.connections.group(code).iter().filter(unseen),
-                &Message::Text(frame),
-                key,
+                &Frame::Result(frame.clone()),
                 &mut state.wakes,
             ),
         };
@@ -78,25 +67,27 @@ impl Hub {
 
     /// [`Hub::deliver_result`] for a public result without a position.
     #[cfg(test)]
-    pub fn publish_public(&self, symbol: &str, frame: Utf8Bytes) {
-        self.deliver_result(symbol, None, None, frame);
+    pub fn publish_public(&self, symbol: &str, frame: &str) {
+        self.deliver_result(SharedResult::detached(frame.into(), symbol, None, None));
     }
 
-    /// Keeps `frame` as `symbol`'s snapshot without delivering it: a
-    /// gateway seeding snapshots that compute nodes stored in Redis.
-    pub fn remember_latest(&self, symbol: &str, frame: Utf8Bytes) {
-        if !self.fits_a_socket(frame.len()) {
+    /// Keeps `frame`, a public result, as its symbol's snapshot without
+    /// delivering it: a gateway seeding snapshots that compute nodes stored
+    /// in Redis.
+    pub fn remember_latest(&self, frame: SharedResult) {
+        if frame.client().is_some() || !self.fits_a_socket(frame.text().len()) {
             return;
         }
         self.state()
             .snapshots
-            .remember(symbol, &frame, self.inner.limits.max_snapshots);
+            .remember(&frame, self.inner.limits.max_snapshots);
     }
 
     /// Delivers `message` to every socket of the group `client` — the seed's
     /// `send_message(client_code, message)`. Returns how many sockets got it.
     pub fn send_to_group(&self, client: &str, message: Message) -> usize {
-        if !self.fits_a_socket(outbox::payload_len(&message)) {
+        let frame = Frame::Direct(message);
+        if !self.fits_a_socket(frame.payload_len()) {
             return 0;
         }
         let mut guard = self.state();
@@ -105,8 +96,7 @@ impl Hub {
         let delivery = offer_each(
             &state.connections,
             state.connections.group(client),
-            &message,
-            None,
+            &frame,
             &mut state.wakes,
         );
         let queued = usize::try_from(delivery.queued).unwrap_or(usize::MAX);
@@ -223,19 +213,18 @@ impl Drop for WakeHold {
     }
 }
 
-/// Offers `message` (of `key`, if it is a result) to each socket of `ids`:
-/// the one loop both public and group delivery run.
+/// Offers `frame` to each socket of `ids`: the one loop both public and
+/// group delivery run.
 fn offer_each<'a>(
     connections: &Connections,
     ids: impl IntoIterator<Item = &'a SocketId>,
-    message: &Message,
-    key: Option<FrameKey<'_>>,
+    frame: &Frame,
     wakes: &mut Wakes,
 ) -> Delivery {
     let mut delivery = Delivery::default();
     for id in ids {
         if let Some(socket) = connections.get(*id) {
-            match socket.outbox.offer(message.clone(), key, wakes.pending()) {
+            match socket.outbox.offer(frame.clone(), wakes.pending()) {
                 Offer::Queued => delivery.queued += 1,
                 Offer::Conflated { replaced } | Offer::Throttled { replaced } => {
                     delivery.queued += 1;

@@ -16,14 +16,13 @@ use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 // per result happen under the hub's lock.
 use hashbrown::HashMap;
 
-use axum::extract::ws::Utf8Bytes;
-
+use crate::frame::SharedResult;
 use crate::idle::is_idle;
 use crate::protocol::Position;
 
 /// What one kept result costs beyond its frame's bytes: its slot in the
-/// ring and the frame's shared header.
-const ENTRY_OVERHEAD: usize = 48;
+/// ring and the shared text's header.
+const ENTRY_OVERHEAD: usize = std::mem::size_of::<(u64, SharedResult)>() + 32;
 
 /// What a key's history can do for a client that last saw `seq`.
 #[derive(Debug)]
@@ -37,14 +36,14 @@ pub(super) enum Replay<'h> {
     /// The history does not reach back to `seq`, or the key's sequence was
     /// restarted (another epoch), or the key is unknown here: its latest
     /// result, if any, stands in for what was missed.
-    Gap(Option<&'h Utf8Bytes>),
+    Gap(Option<&'h SharedResult>),
 }
 
 /// The results a key's history holds after a position, read only as far as
 /// they are taken: how many is known without reading them.
 #[derive(Debug, Clone)]
 pub(super) struct Missed<'h> {
-    frames: std::iter::Skip<std::collections::vec_deque::Iter<'h, (u64, Utf8Bytes)>>,
+    frames: std::iter::Skip<std::collections::vec_deque::Iter<'h, (u64, SharedResult)>>,
 }
 
 #[cfg(test)]
@@ -55,13 +54,13 @@ thread_local! {
 
 impl<'h> Missed<'h> {
     /// The newest of them, without reading the others.
-    pub(super) fn newest(mut self) -> Option<&'h Utf8Bytes> {
+    pub(super) fn newest(mut self) -> Option<&'h SharedResult> {
         self.frames.next_back().map(|(_, frame)| frame)
     }
 }
 
 impl<'h> Iterator for Missed<'h> {
-    type Item = &'h Utf8Bytes;
+    type Item = &'h SharedResult;
 
     fn next(&mut self) -> Option<Self::Item> {
         #[cfg(test)]
@@ -97,7 +96,7 @@ pub(super) struct History {
 struct Ring {
     epoch: Box<str>,
     /// `(seq, frame)`, oldest first, each `seq` one more than the one before.
-    entries: VecDeque<(u64, Utf8Bytes)>,
+    entries: VecDeque<(u64, SharedResult)>,
     /// The sweep during which the key last had a result.
     touched: u32,
 }
@@ -117,20 +116,14 @@ impl History {
         }
     }
 
-    /// Keeps `frame`, the result at `position` of the key (`client`,
-    /// `symbol`). A result that does not follow the key's last one (results
+    /// Keeps `frame`, the result at `position` of its key. A result that does not follow the key's last one (results
     /// were lost on the way here, or the sequence went back) starts the
     /// history over from it, as does a new epoch. `false` says it is one
     /// the history holds already, byte for byte: a repeat, not kept again.
     /// (Comparing bytes, not only `seq`s, keeps a forged result with a huge
     /// `seq` from silencing its key: the real ones that follow it differ.)
-    pub(super) fn record(
-        &mut self,
-        client: Option<&str>,
-        symbol: &str,
-        position: Position<'_>,
-        frame: &Utf8Bytes,
-    ) -> bool {
+    pub(super) fn record(&mut self, frame: &SharedResult, position: Position<'_>) -> bool {
+        let (client, symbol) = (frame.client(), frame.symbol());
         let room = self.keys < self.max_keys;
         let map = match client {
             None => &mut self.public,
@@ -163,7 +156,7 @@ impl History {
             self.bytes -= ring.clear();
         }
         ring.entries.push_back((position.seq, frame.clone()));
-        self.bytes += frame.len() + ENTRY_OVERHEAD;
+        self.bytes += frame.text().len() + ENTRY_OVERHEAD;
         let over_size = ring.entries.len() > self.size;
         let mut evict = usize::from(over_size);
         if self.bytes > self.max_bytes {
@@ -174,7 +167,7 @@ impl History {
                 break;
             }
             if let Some((_, old)) = ring.entries.pop_front() {
-                self.bytes -= old.len() + ENTRY_OVERHEAD;
+                self.bytes -= old.text().len() + ENTRY_OVERHEAD;
             }
         }
         self.bytes_gauge.store(self.bytes, Relaxed);
@@ -274,7 +267,7 @@ impl History {
 impl Ring {
     /// Whether the ring holds the result at `seq`, and it is `frame`.
     /// Entries are consecutive `seq`s, so that is one look.
-    fn holds(&self, seq: u64, frame: &Utf8Bytes) -> bool {
+    fn holds(&self, seq: u64, frame: &SharedResult) -> bool {
         let Some(&(oldest, _)) = self.entries.front() else {
             return false;
         };
@@ -282,7 +275,7 @@ impl Ring {
             .checked_sub(oldest)
             .and_then(|i| usize::try_from(i).ok());
         at.and_then(|i| self.entries.get(i))
-            .is_some_and(|(held, kept)| *held == seq && kept == frame)
+            .is_some_and(|(held, kept)| *held == seq && kept.text() == frame.text())
     }
 
     /// Empties the ring; returns the bytes that frees.
@@ -290,7 +283,7 @@ impl Ring {
         let freed = self
             .entries
             .drain(..)
-            .map(|(_, frame)| frame.len() + ENTRY_OVERHEAD)
+            .map(|(_, frame)| frame.text().len() + ENTRY_OVERHEAD)
             .sum();
         self.entries.shrink_to(4);
         freed
@@ -305,16 +298,28 @@ mod tests {
         Position { seq, epoch }
     }
 
+    /// Records `text` as the result at `position` of the key (`client`, `symbol`).
+    fn record(
+        history: &mut History,
+        client: Option<&str>,
+        symbol: &str,
+        position: Position<'_>,
+        text: &str,
+    ) -> bool {
+        let frame = SharedResult::detached(text.into(), symbol, client, Some(position));
+        history.record(&frame, position)
+    }
+
     fn frames(replay: Replay<'_>) -> Vec<String> {
         match replay {
-            Replay::Recovered(frames) => frames.map(|f| f.to_string()).collect(),
+            Replay::Recovered(frames) => frames.map(|f| f.as_str().to_owned()).collect(),
             other => panic!("expected a recovery, got {other:?}"),
         }
     }
 
     fn gap(replay: Replay<'_>) -> Option<String> {
         match replay {
-            Replay::Gap(latest) => latest.map(|f| f.to_string()),
+            Replay::Gap(latest) => latest.map(|f| f.as_str().to_owned()),
             other => panic!("expected a gap, got {other:?}"),
         }
     }
@@ -325,7 +330,7 @@ mod tests {
         seqs: std::ops::RangeInclusive<u64>,
     ) {
         for seq in seqs {
-            history.record(client, "A", at(seq, "e1"), &format!("A{seq}").into());
+            record(history, client, "A", at(seq, "e1"), &format!("A{seq}"));
         }
     }
 
@@ -387,7 +392,7 @@ mod tests {
     fn a_hole_or_a_new_epoch_starts_the_history_over() {
         let mut history = History::new(10, 1 << 20, 10);
         record_run(&mut history, None, 1..=4);
-        history.record(None, "A", at(6, "e1"), &"A6".into());
+        record(&mut history, None, "A", at(6, "e1"), "A6");
         assert_eq!(
             gap(history.replay(None, "A", at(3, "e1"))).as_deref(),
             Some("A6"),
@@ -395,7 +400,7 @@ mod tests {
         );
         assert_eq!(frames(history.replay(None, "A", at(5, "e1"))), ["A6"]);
         assert!(
-            !history.record(None, "A", at(6, "e1"), &"A6".into()),
+            !record(&mut history, None, "A", at(6, "e1"), "A6"),
             "a repeat"
         );
         assert_eq!(
@@ -403,13 +408,13 @@ mod tests {
             ["A6"],
             "is not kept twice"
         );
-        assert!(history.record(None, "A", at(6, "e1"), &"other".into()));
+        assert!(record(&mut history, None, "A", at(6, "e1"), "other"));
         assert_eq!(
             frames(history.replay(None, "A", at(5, "e1"))),
             ["other"],
             "another result at a seq already had: the sequence went back, and starts over"
         );
-        history.record(None, "A", at(1, "e2"), &"B1".into());
+        record(&mut history, None, "A", at(1, "e2"), "B1");
         assert_eq!(
             gap(history.replay(None, "A", at(6, "e1"))).as_deref(),
             Some("B1")
@@ -428,8 +433,8 @@ mod tests {
             gap(history.replay(None, "A", at(1, "e1"))).as_deref(),
             Some("A50")
         );
-        history.record(Some("x"), "B", at(1, "e1"), &"B1".into());
-        history.record(Some("y"), "C", at(1, "e1"), &"C1".into());
+        record(&mut history, Some("x"), "B", at(1, "e1"), "B1");
+        record(&mut history, Some("y"), "C", at(1, "e1"), "C1");
         assert_eq!(
             gap(history.replay(Some("y"), "C", at(0, "e1"))),
             None,

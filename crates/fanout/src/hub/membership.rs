@@ -56,9 +56,7 @@ impl Hub {
                 .outbox
                 .offer_while_room(latest.iter(), state.wakes.pending())
         } else {
-            let frames = new
-                .iter()
-                .filter_map(|s| Some((s.as_str(), latest.get(s.as_str())?)));
+            let frames = new.iter().filter_map(|s| latest.get(s.as_str()));
             socket
                 .outbox
                 .offer_while_room(frames, state.wakes.pending())

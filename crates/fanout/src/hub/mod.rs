@@ -34,7 +34,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::SharedResult;
 
 use self::admissions::Admissions;
 use self::connections::Connections;
@@ -175,7 +175,7 @@ pub struct Resumed {
     /// The frames to send before anything live, in per-key order: every
     /// missed result of each recovered key, and the latest result of each
     /// key that could not be recovered.
-    pub frames: Vec<Utf8Bytes>,
+    pub frames: Vec<SharedResult>,
     /// How many of `frames` are missed results (the rest stand in for gaps).
     pub replayed: usize,
     /// Public symbols whose missed results could not all be sent.

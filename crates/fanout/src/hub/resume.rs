@@ -2,7 +2,7 @@
 //! under the lock, within the socket's queue bounds and its client code's
 //! allowance.
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::SharedResult;
 
 use super::floors;
 use super::history::Replay;
@@ -111,13 +111,12 @@ impl Hub {
                     .any(|symbols| symbols.contains_key(symbol))
             };
             // Taken lazily: the bounds, not the number of symbols, bound the work.
-            let latest: Box<dyn Iterator<Item = &Utf8Bytes>> = if everything {
+            let latest: Box<dyn Iterator<Item = &SharedResult>> = if everything {
                 Box::new(
                     state
                         .snapshots
                         .iter()
-                        .filter(|(symbol, _)| !named(symbol))
-                        .map(|(_, frame)| frame),
+                        .filter(|frame| !named(frame.symbol())),
                 )
             } else {
                 Box::new(
@@ -128,7 +127,7 @@ impl Hub {
                 )
             };
             for frame in latest {
-                if !budget.take(1, frame.len()) {
+                if !budget.take(1, frame.text().len()) {
                     break;
                 }
                 resumed.frames.push(frame.clone());
@@ -185,7 +184,7 @@ impl Budget {
         replay: Replay<'_>,
         symbol: &str,
         private: bool,
-        stand_in: Option<&Utf8Bytes>,
+        stand_in: Option<&SharedResult>,
     ) {
         let mut spent = false;
         let latest = match replay {
@@ -195,7 +194,7 @@ impl Budget {
                 let count = missed.len();
                 // Read only when the count fits, and no further than it.
                 let bytes = if self.replaying && count <= self.frames {
-                    missed.clone().map(|frame| frame.len()).sum()
+                    missed.clone().map(|frame| frame.text().len()).sum()
                 } else {
                     usize::MAX
                 };
@@ -216,7 +215,7 @@ impl Budget {
         };
         unrecovered.push(symbol.to_owned());
         if let Some(latest) = latest
-            && self.take(1, latest.len())
+            && self.take(1, latest.text().len())
         {
             resumed.frames.push(latest.clone());
         }

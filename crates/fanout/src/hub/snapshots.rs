@@ -5,20 +5,21 @@ use hashbrown::HashMap;
 
 use crate::idle::is_idle;
 
-use axum::extract::ws::Utf8Bytes;
+use crate::frame::SharedResult;
 
 #[derive(Debug, Default)]
 pub(super) struct Snapshots {
     /// Each symbol's latest result, and the sweep it came in.
-    latest: HashMap<Box<str>, (Utf8Bytes, u32)>,
+    latest: HashMap<Box<str>, (SharedResult, u32)>,
     /// Sweeps so far (see [`Snapshots::release_idle`]).
     sweep: u32,
 }
 
 impl Snapshots {
-    /// Keeps `frame` as `symbol`'s snapshot, unless that would make more
+    /// Keeps `frame` as its symbol's snapshot, unless that would make more
     /// than `max` symbols (the result is still delivered, just not kept).
-    pub(super) fn remember(&mut self, symbol: &str, frame: &Utf8Bytes, max: usize) {
+    pub(super) fn remember(&mut self, frame: &SharedResult, max: usize) {
+        let symbol = frame.symbol();
         let room = self.latest.len() < max;
         match self.latest.get_mut(symbol) {
             Some(latest) => *latest = (frame.clone(), self.sweep),
@@ -30,15 +31,13 @@ impl Snapshots {
         }
     }
 
-    pub(super) fn get(&self, symbol: &str) -> Option<&Utf8Bytes> {
+    pub(super) fn get(&self, symbol: &str) -> Option<&SharedResult> {
         self.latest.get(symbol).map(|(frame, _)| frame)
     }
 
-    /// Every symbol's snapshot, with its symbol.
-    pub(super) fn iter(&self) -> impl Iterator<Item = (&str, &Utf8Bytes)> {
-        self.latest
-            .iter()
-            .map(|(symbol, (frame, _))| (&**symbol, frame))
+    /// Every symbol's snapshot.
+    pub(super) fn iter(&self) -> impl Iterator<Item = &SharedResult> {
+        self.latest.values().map(|(frame, _)| frame)
     }
 
     /// Starts a new sweep and forgets every symbol whose latest result came
@@ -65,12 +64,12 @@ mod tests {
     #[test]
     fn the_latest_replaces_and_new_symbols_stop_at_the_bound() {
         let mut snapshots = Snapshots::default();
-        snapshots.remember("A", &"a1".into(), 2);
-        snapshots.remember("B", &"b1".into(), 2);
-        snapshots.remember("C", &"c1".into(), 2);
-        snapshots.remember("A", &"a2".into(), 2);
+        snapshots.remember(&SharedResult::detached("a1".into(), "A", None, None), 2);
+        snapshots.remember(&SharedResult::detached("b1".into(), "B", None, None), 2);
+        snapshots.remember(&SharedResult::detached("c1".into(), "C", None, None), 2);
+        snapshots.remember(&SharedResult::detached("a2".into(), "A", None, None), 2);
         assert_eq!(snapshots.len(), 2);
-        assert_eq!(snapshots.get("A").map(Utf8Bytes::as_str), Some("a2"));
+        assert_eq!(snapshots.get("A").map(SharedResult::as_str), Some("a2"));
         assert!(snapshots.get("C").is_none(), "over the bound: not kept");
     }
 }

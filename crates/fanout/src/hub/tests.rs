@@ -7,6 +7,7 @@ use futures_util::FutureExt;
 
 use super::history::Replay;
 use super::*;
+use crate::frame::Frame;
 use crate::protocol::{LastSeen, Position};
 
 fn limits(send_queue: usize) -> HubLimits {
@@ -37,11 +38,27 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
-fn text(message: Message) -> String {
-    match message {
+fn text(frame: Frame) -> String {
+    match frame.into_message() {
         Message::Text(t) => t.to_string(),
         other => panic!("expected text, got {other:?}"),
     }
+}
+
+/// Delivers `text` as the result at `position` of the key (`client`, `symbol`).
+fn deliver(
+    hub: &Hub,
+    symbol: &str,
+    client: Option<&str>,
+    position: Option<Position<'_>>,
+    text: &str,
+) {
+    hub.deliver_result(SharedResult::detached(
+        text.into(),
+        symbol,
+        client,
+        position,
+    ));
 }
 
 #[tokio::test]
@@ -50,7 +67,7 @@ async fn public_frames_reach_subscribers_once() {
     let (_all, mut all_rx) = join(&hub, "a", &["*", "AAPL"]);
     let (_aapl, mut aapl_rx) = join(&hub, "b", &["AAPL"]);
     let (_msft, mut msft_rx) = join(&hub, "c", &["MSFT"]);
-    hub.publish_public("AAPL", "f1".into());
+    hub.publish_public("AAPL", "f1");
     assert_eq!(text(all_rx.recv().await.expect("frame")), "f1");
     assert!(
         all_rx.try_recv().is_none(),
@@ -94,8 +111,8 @@ fn queued(outbox: &mut Outbox) -> Vec<String> {
 #[test]
 fn subscribe_returns_sorted_set_and_queues_snapshots_of_new_symbols() {
     let hub = hub(8);
-    hub.publish_public("MSFT", "m".into());
-    hub.publish_public("AAPL", "a".into());
+    hub.publish_public("MSFT", "m");
+    hub.publish_public("AAPL", "a");
     let (socket, mut rx) = join(&hub, "acme", &["MSFT"]);
     let got = socket
         .subscribe_now(&strings(&["ZZZ", "AAPL", "MSFT"]))
@@ -117,10 +134,10 @@ fn snapshots_are_kept_for_at_most_max_snapshots_symbols() {
         Arc::new(Stats::default()),
     );
     for symbol in ["A", "B", "C"] {
-        hub.publish_public(symbol, Utf8Bytes::from_static("old"));
+        hub.publish_public(symbol, "old");
     }
-    hub.publish_public("A", Utf8Bytes::from_static("new"));
-    hub.remember_latest("D", Utf8Bytes::from_static("stored"));
+    hub.publish_public("A", "new");
+    hub.remember_latest(SharedResult::detached("stored".into(), "D", None, None));
     let (socket, mut rx) = join(&hub, "acme", &[]);
     socket
         .subscribe_now(&strings(&["A", "B", "C", "D"]))
@@ -145,7 +162,7 @@ fn snapshots_stay_within_the_outbox_bounds_however_often_asked() {
         stats.clone(),
     );
     for i in 0..100 {
-        hub.publish_public(&format!("S{i}"), format!("snapshot {i}").into());
+        hub.publish_public(&format!("S{i}"), &format!("snapshot {i}"));
     }
     let (socket, mut rx) = join(&hub, "acme", &[]);
     for _ in 0..20 {
@@ -185,7 +202,7 @@ fn a_frame_larger_than_any_outbox_is_refused_without_evicting_anyone() {
         hub.send_to_group("acme", Message::Text(huge.as_str().into())),
         0
     );
-    hub.publish_public("A", huge.as_str().into());
+    hub.publish_public("A", &huge);
     assert_eq!(stats.frames_too_large.load(Relaxed), 2);
     assert_eq!(stats.slow_consumer_closes.load(Relaxed), 0);
     assert_eq!(hub.group_size("acme"), 2, "nobody evicted");
@@ -223,7 +240,7 @@ async fn a_full_outbox_evicts_only_that_socket() {
     let (_slow, mut slow_rx) = join(&hub, "acme", &["*"]);
     let (_fast, mut fast_rx) = join(&hub, "acme", &["*"]);
     for i in 0..3 {
-        hub.publish_public("A", format!("{i}").into());
+        hub.publish_public("A", &format!("{i}"));
         // The fast socket keeps up.
         assert_eq!(text(fast_rx.recv().await.expect("frame")), format!("{i}"));
     }
@@ -286,7 +303,7 @@ async fn the_byte_bound_evicts_too() {
     );
     let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
     for _ in 0..3 {
-        hub.publish_public("A", "123456".into());
+        hub.publish_public("A", "123456");
     }
     assert_eq!(stats.slow_consumer_closes.load(Relaxed), 1, "18 bytes > 16");
     assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
@@ -306,7 +323,7 @@ async fn draining_the_outbox_frees_its_byte_budget() {
     let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
     // Two frames fit, three do not: only draining lets a hundred through.
     for _ in 0..100 {
-        hub.publish_public("A", "123456".into());
+        hub.publish_public("A", "123456");
         assert_eq!(text(outbox.recv().await.expect("frame")), "123456");
     }
     assert_eq!(hub.socket_count(), 1);
@@ -323,8 +340,8 @@ async fn a_hold_defers_waking_sessions_until_it_is_dropped() {
     });
     tokio::task::yield_now().await;
     let hold = hub.hold_wakes();
-    hub.publish_public("A", "1".into());
-    hub.publish_public("B", "2".into());
+    hub.publish_public("A", "1");
+    hub.publish_public("B", "2");
     for _ in 0..10 {
         tokio::task::yield_now().await;
     }
@@ -345,7 +362,7 @@ impl Membership {
 
 fn result(hub: &Hub, client: Option<&str>, seq: u64, epoch: &str) {
     let frame = format!("{}{seq}", client.unwrap_or("A"));
-    hub.deliver_result("A", client, Some(Position { seq, epoch }), frame.into());
+    deliver(hub, "A", client, Some(Position { seq, epoch }), &frame);
 }
 
 fn last_seen(public: &[(&str, u64)], private: &[(&str, u64)]) -> LastSeen {
@@ -382,7 +399,7 @@ fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
     let resumed = socket
         .resume(&last_seen(&[("e1", 2)], &[("e1", 1)]))
         .expect("it was held");
-    let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+    let frames: Vec<&str> = resumed.frames.iter().map(SharedResult::as_str).collect();
     assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
     assert_eq!(resumed.replayed, 4);
     assert_eq!(
@@ -403,7 +420,7 @@ fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
     let resumed = socket
         .resume(&last_seen(&[("e1", 3)], &[("e0", 9)]))
         .expect("it was held");
-    assert_eq!(resumed.frames, Vec::<Utf8Bytes>::new());
+    assert!(resumed.frames.is_empty());
     assert_eq!(resumed.unrecovered_private, ["A"], "unknown here");
     assert!(resumed.unrecovered_public.is_empty(), "ahead is not a gap");
     for seq in 2..=4 {
@@ -438,7 +455,7 @@ fn a_forged_result_far_ahead_does_not_silence_its_key() {
         seq: u64::MAX,
         epoch: "e1",
     };
-    hub.deliver_result("A", None, Some(forged), "forged".into());
+    deliver(&hub, "A", None, Some(forged), "forged");
     result(&hub, None, 2, "e1");
     result(&hub, None, 3, "e1");
     assert_eq!(queued(&mut outbox), ["A1", "forged", "A2", "A3"]);
@@ -463,15 +480,11 @@ fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
     let symbols: Vec<String> = (0..keys).map(|k| format!("S{k}")).collect();
     for symbol in &symbols {
         let frame = format!("{symbol}-1");
-        hub.deliver_result(
-            symbol,
-            None,
-            Some(Position {
-                seq: 1,
-                epoch: "e1",
-            }),
-            frame.into(),
-        );
+        let position = Position {
+            seq: 1,
+            epoch: "e1",
+        };
+        deliver(&hub, symbol, None, Some(position), &frame);
     }
     let admission = hub.admit("acme").expect("admitted");
     let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
@@ -510,7 +523,7 @@ fn a_resume_stops_reading_history_once_its_budget_is_spent() {
         for seq in 1..=4 {
             let frame = format!("{symbol}-{seq}");
             let epoch = "e1";
-            hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+            deliver(&hub, symbol, None, Some(Position { seq, epoch }), &frame);
         }
     }
     let admission = hub.admit("acme").expect("admitted");
@@ -524,14 +537,14 @@ fn a_resume_stops_reading_history_once_its_budget_is_spent() {
         for seq in 1..=4 {
             let frame = format!("{symbol}-{seq}");
             let epoch = "e1";
-            hub.deliver_result(symbol, None, Some(Position { seq, epoch }), frame.into());
+            deliver(&hub, symbol, None, Some(Position { seq, epoch }), &frame);
         }
     }
     let named = behind.chain([up_to_date, ahead]);
     claimed.public.insert("e1".to_owned(), named.collect());
     let reads_before = history::FRAMES_READ.with(std::cell::Cell::get);
     let resumed = socket.resume(&claimed).expect("it was held");
-    let frames: Vec<&str> = resumed.frames.iter().map(Utf8Bytes::as_str).collect();
+    let frames: Vec<&str> = resumed.frames.iter().map(SharedResult::as_str).collect();
     assert_eq!(
         frames,
         [
@@ -557,7 +570,7 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
         result(&hub, None, seq, epoch);
         result(&hub, Some("acme"), seq, epoch);
     }
-    hub.deliver_result("B", None, Some(Position { seq: 1, epoch }), "B1".into());
+    deliver(&hub, "B", None, Some(Position { seq: 1, epoch }), "B1");
     // A socket ahead on A (from another gateway) holds a floor on it.
     let admission = hub.admit("acme").expect("admitted");
     let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
@@ -569,7 +582,7 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     for sweep in 1..=crate::idle::SWEEPS_PER_IDLE {
         assert_eq!(hub.release_idle(), 0, "sweep {sweep}: not idle yet");
         let seq = u64::from(sweep) + 1;
-        hub.deliver_result("B", None, Some(Position { seq, epoch }), "B".into());
+        deliver(&hub, "B", None, Some(Position { seq, epoch }), "B");
     }
     assert_eq!(hub.release_idle(), 2, "A, public and private");
     let state = hub.state();

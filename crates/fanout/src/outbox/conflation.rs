@@ -3,49 +3,49 @@
 
 use std::collections::HashMap;
 
-use axum::extract::ws::Message;
-
-use super::{FrameKey, payload_len};
+use crate::frame::{Frame, SharedResult};
 
 /// The latest frame of each key of a conflating outbox.
 #[derive(Debug, Default)]
 pub(super) struct Latest {
-    public: HashMap<Box<str>, Message>,
-    private: HashMap<Box<str>, Message>,
+    public: HashMap<Box<str>, SharedResult>,
+    private: HashMap<Box<str>, SharedResult>,
     /// Payload bytes held.
     pub(super) bytes: usize,
 }
 
 impl Latest {
-    /// Keeps `message` as its key's latest; returns how many it replaced.
-    pub(super) fn keep(&mut self, key: FrameKey<'_>, message: Message) -> u64 {
-        let map = if key.private {
+    /// Keeps `result` as its key's latest; returns how many it replaced.
+    pub(super) fn keep(&mut self, result: SharedResult) -> u64 {
+        let map = if result.client().is_some() {
             &mut self.private
         } else {
             &mut self.public
         };
-        self.bytes += payload_len(&message);
-        match map.get_mut(key.symbol) {
+        self.bytes += result.text().len();
+        match map.get_mut(result.symbol()) {
             Some(older) => {
-                self.bytes -= payload_len(older);
-                *older = message;
+                self.bytes -= older.text().len();
+                *older = result;
                 1
             }
             None => {
-                map.insert(key.symbol.into(), message);
+                map.insert(result.symbol().into(), result);
                 0
             }
         }
     }
 
-    /// The bytes held once a frame of `len` bytes of `key` is kept.
-    pub(super) fn bytes_with(&self, key: FrameKey<'_>, len: usize) -> usize {
-        let map = if key.private {
+    /// The bytes held once `result` (of `len` bytes) is kept as its key's latest.
+    pub(super) fn bytes_with(&self, result: &SharedResult, len: usize) -> usize {
+        let map = if result.client().is_some() {
             &self.private
         } else {
             &self.public
         };
-        let older = map.get(key.symbol).map_or(0, payload_len);
+        let older = map
+            .get(result.symbol())
+            .map_or(0, |older| older.text().len());
         self.bytes - older + len
     }
 
@@ -53,7 +53,8 @@ impl Latest {
         self.public.len() + self.private.len()
     }
 
-    pub(super) fn into_frames(self) -> impl Iterator<Item = Message> {
-        self.public.into_values().chain(self.private.into_values())
+    pub(super) fn into_frames(self) -> impl Iterator<Item = Frame> {
+        let all = self.public.into_values().chain(self.private.into_values());
+        all.map(Frame::Result)
     }
 }

@@ -34,11 +34,11 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use axum::extract::ws::{Message, Utf8Bytes};
 use tokio::time::{Instant, Sleep};
 
 use self::conflation::Latest;
 use self::throttle::{Hold, Throttle};
+use crate::frame::{Frame, SharedResult};
 
 /// How much one outbox may hold before its socket is a slow consumer.
 #[derive(Debug, Clone, Copy)]
@@ -75,16 +75,6 @@ pub enum Offer {
     Full,
     /// The session has ended; nobody will take the frame.
     Gone,
-}
-
-/// Which key a result belongs to, for conflation: the socket's client is
-/// fixed, so a private flag and the symbol name it.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameKey<'a> {
-    /// A private result of the socket's client (else a public one).
-    pub private: bool,
-    /// Its symbol.
-    pub symbol: &'a str,
 }
 
 /// Payload bytes waiting in every outbox that shares it: queued, conflated
@@ -138,7 +128,7 @@ pub struct Taken {
 
 #[derive(Debug)]
 struct Queue {
-    frames: VecDeque<Message>,
+    frames: VecDeque<Frame>,
     /// Payload bytes in `frames`.
     bytes: usize,
     /// While conflating: the latest frame of each key that did not fit,
@@ -228,21 +218,16 @@ impl Sender {
         self.shared.lock().held_bytes()
     }
 
-    /// Queues `message` unless the outbox is full or its session has ended.
+    /// Queues `frame` unless the outbox is full or its session has ended.
     /// When the session must be woken to take it, its waker is added to
     /// `offered`: the caller wakes it, once it has queued all it has; so are
     /// the bytes it added. An outbox past half of either bound wakes its
     /// session at once instead, so deferring never makes a socket that keeps
     /// up a slow consumer.
-    pub fn offer(
-        &self,
-        message: Message,
-        key: Option<FrameKey<'_>>,
-        offered: &mut Offered,
-    ) -> Offer {
+    pub fn offer(&self, frame: Frame, offered: &mut Offered) -> Offer {
         let mut queue = self.shared.lock();
         let before = queue.held_bytes();
-        let (offer, wake_now) = self.offer_locked(&mut queue, message, key, &mut offered.wakes);
+        let (offer, wake_now) = self.offer_locked(&mut queue, frame, &mut offered.wakes);
         offered.bytes += queue.held_bytes() as i64 - before as i64;
         drop(queue);
         if let Some(waker) = wake_now {
@@ -256,45 +241,49 @@ impl Sender {
     fn offer_locked(
         &self,
         queue: &mut Queue,
-        message: Message,
-        key: Option<FrameKey<'_>>,
+        frame: Frame,
         wakes: &mut Vec<Waker>,
     ) -> (Offer, Option<Waker>) {
-        let len = payload_len(&message);
+        let len = frame.payload_len();
         if queue.abandoned {
             return (Offer::Gone, None);
         }
-        let message = match (queue.throttle.as_deref_mut(), key) {
-            (Some(throttle), Some(key)) => match throttle.hold(key, message, self.bounds.bytes) {
-                Ok(Hold::Waiting { replaced }) => return (Offer::Throttled { replaced }, None),
-                Ok(Hold::First { due }) => {
-                    // A deadline before the armed one: the session re-arms.
-                    let sooner = throttle.armed.is_none_or(|armed| due < armed);
-                    let wake = if sooner { queue.waiting.take() } else { None };
-                    return (Offer::Throttled { replaced: 0 }, wake);
+        let frame = match (queue.throttle.as_deref_mut(), frame) {
+            (Some(throttle), Frame::Result(result)) => {
+                match throttle.hold(result, self.bounds.bytes) {
+                    Ok(Hold::Waiting { replaced }) => return (Offer::Throttled { replaced }, None),
+                    Ok(Hold::First { due }) => {
+                        // A deadline before the armed one: the session re-arms.
+                        let sooner = throttle.armed.is_none_or(|armed| due < armed);
+                        let wake = if sooner { queue.waiting.take() } else { None };
+                        return (Offer::Throttled { replaced: 0 }, wake);
+                    }
+                    Err(result) => Frame::Result(result),
                 }
-                Err(message) => message,
-            },
-            _ => message,
+            }
+            (_, frame) => frame,
         };
         let full =
             queue.frames.len() >= self.bounds.frames || queue.bytes + len > self.bounds.bytes;
         // Once a key's frame waits among the latest, every keyed frame goes
         // there too, so none overtakes an older one of its key.
         let conflating = queue.latest.is_some();
-        if let Some(key) = key.filter(|_| self.bounds.conflate && (full || conflating)) {
+        if self.bounds.conflate
+            && (full || conflating)
+            && let Frame::Result(result) = frame
+        {
             let latest = queue.latest.get_or_insert_default();
-            if latest.bytes_with(key, len) > self.bounds.bytes {
+            if latest.bytes_with(&result, len) > self.bounds.bytes {
                 return (Offer::Full, None);
             }
-            let replaced = latest.keep(key, message);
+            let replaced = latest.keep(result);
             // It is behind: wake it now, not at the end of the burst.
             return (Offer::Conflated { replaced }, queue.waiting.take());
         }
         if full {
             return (Offer::Full, None);
         }
-        queue.frames.push_back(message);
+        queue.frames.push_back(frame);
         queue.bytes += len;
         // Only a parked session needs waking: once by the caller, and once
         // more, directly, should the queue fill up before the caller does.
@@ -325,7 +314,7 @@ impl Sender {
     /// socket never gets one result twice.
     pub fn offer_while_room<'f>(
         &self,
-        frames: impl IntoIterator<Item = (&'f str, &'f Utf8Bytes)>,
+        frames: impl IntoIterator<Item = &'f SharedResult>,
         offered: &mut Offered,
     ) -> usize {
         let mut queue = self.shared.lock();
@@ -335,15 +324,16 @@ impl Sender {
         let before = queue.held_bytes();
         let (max_frames, max_bytes) = (self.bounds.frames / 2, self.bounds.bytes / 2);
         let mut queued = 0;
-        for (symbol, frame) in frames {
-            if queue.frames.len() >= max_frames || queue.bytes + frame.len() > max_bytes {
+        for frame in frames {
+            let len = frame.text().len();
+            if queue.frames.len() >= max_frames || queue.bytes + len > max_bytes {
                 break;
             }
-            queue.bytes += frame.len();
-            queue.frames.push_back(Message::Text(frame.clone()));
+            queue.bytes += len;
             if let Some(throttle) = queue.throttle.as_deref_mut() {
-                throttle.drop_waiting(symbol);
+                throttle.drop_waiting(frame.symbol());
             }
+            queue.frames.push_back(Frame::Result(frame.clone()));
             queued += 1;
         }
         offered.bytes += queue.held_bytes() as i64 - before as i64;
@@ -468,7 +458,7 @@ impl Outbox {
     /// taken unless it returns.
     /// Once the queue is drained, the latest frames of a conflating outbox
     /// come all at once, marked [`Taken::conflated`].
-    pub async fn recv_many(&mut self, batch: &mut Vec<Message>, max: usize) -> Taken {
+    pub async fn recv_many(&mut self, batch: &mut Vec<Frame>, max: usize) -> Taken {
         let Self { shared, due } = self;
         poll_fn(|cx| {
             let mut queue = shared.lock();
@@ -480,7 +470,7 @@ impl Outbox {
                     queue
                         .frames
                         .drain(..take)
-                        .inspect(|m| freed += payload_len(m)),
+                        .inspect(|frame| freed += frame.payload_len()),
                 );
                 queue.bytes -= freed;
                 queue.freed(freed);
@@ -562,7 +552,7 @@ impl Outbox {
 #[cfg(test)]
 impl Outbox {
     /// The next frame; `None` once closed and drained.
-    pub async fn recv(&mut self) -> Option<Message> {
+    pub async fn recv(&mut self) -> Option<Frame> {
         let mut one = Vec::with_capacity(1);
         self.recv_many(&mut one, 1).await;
         assert!(one.len() <= 1, "recv is for outboxes that do not conflate");
@@ -570,7 +560,7 @@ impl Outbox {
     }
 
     /// A frame queued now, if any.
-    pub fn try_recv(&mut self) -> Option<Message> {
+    pub fn try_recv(&mut self) -> Option<Frame> {
         use futures_util::FutureExt;
         self.recv().now_or_never().flatten()
     }
@@ -587,15 +577,6 @@ impl Drop for Outbox {
         queue.bytes = 0;
         queue.latest = None;
         queue.throttle = None;
-    }
-}
-
-/// What a frame counts against the byte bound.
-pub(crate) fn payload_len(message: &Message) -> usize {
-    match message {
-        Message::Text(text) => text.len(),
-        Message::Binary(data) => data.len(),
-        _ => 0,
     }
 }
 

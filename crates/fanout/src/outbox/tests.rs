@@ -2,6 +2,8 @@
 //! paused clock where time matters.
 
 use super::*;
+use crate::frame::FrameKey;
+use axum::extract::ws::{Message, Utf8Bytes};
 
 fn bounds(frames: usize, bytes: usize) -> Bounds {
     Bounds {
@@ -16,9 +18,22 @@ fn offer(sender: &Sender, text: &str) -> Offer {
     offer_keyed(sender, text, None)
 }
 
+/// `text` as a result of `key`, or as a direct message (no key).
+fn frame(text: &str, key: Option<FrameKey<'_>>) -> Frame {
+    match key {
+        None => Frame::Direct(Message::Text(text.to_owned().into())),
+        Some(key) => Frame::Result(SharedResult::detached(
+            text.into(),
+            key.symbol,
+            key.private.then_some("acme"),
+            None,
+        )),
+    }
+}
+
 fn offer_keyed(sender: &Sender, text: &str, key: Option<FrameKey<'_>>) -> Offer {
     let mut offered = Offered::default();
-    let offer = sender.offer(Message::Text(text.to_owned().into()), key, &mut offered);
+    let offer = sender.offer(frame(text, key), &mut offered);
     offered.wakes.into_iter().for_each(Waker::wake);
     offer
 }
@@ -27,9 +42,10 @@ fn bounded_for_test(bounds: Bounds) -> (Sender, Outbox) {
     bounded(bounds, QueuedBytes::default())
 }
 
-fn text(message: &Message) -> &str {
-    match message {
-        Message::Text(t) => t.as_str(),
+fn text(frame: &Frame) -> &str {
+    match frame {
+        Frame::Result(result) => result.as_str(),
+        Frame::Direct(Message::Text(t)) => t.as_str(),
         other => panic!("expected text, got {other:?}"),
     }
 }
@@ -81,7 +97,7 @@ fn key(symbol: &str) -> Option<FrameKey<'_>> {
     })
 }
 
-fn texts(batch: &[Message]) -> Vec<&str> {
+fn texts(batch: &[Frame]) -> Vec<&str> {
     let mut texts: Vec<&str> = batch.iter().map(text).collect();
     texts.sort_unstable();
     texts
@@ -255,11 +271,10 @@ async fn the_gauge_sums_what_every_outbox_holds() {
     let (a, mut a_out) = bounded(conflating, gauge.clone());
     let (b, b_out) = bounded(bounds(10, 100), gauge.clone());
     let mut offered = Offered::default();
-    let msg = |t: &str| Message::Text(t.to_owned().into());
-    a.offer(msg("a1"), key("A"), &mut offered);
-    a.offer(msg("a22"), key("A"), &mut offered);
-    a.offer(msg("a333"), key("A"), &mut offered);
-    b.offer(msg("b1"), None, &mut offered);
+    a.offer(frame("a1", key("A")), &mut offered);
+    a.offer(frame("a22", key("A")), &mut offered);
+    a.offer(frame("a333", key("A")), &mut offered);
+    b.offer(frame("b1", None), &mut offered);
     assert_eq!(gauge.get(), 0, "added once the caller settles");
     offered.settle(&gauge);
     assert_eq!(
@@ -462,9 +477,9 @@ async fn a_snapshot_replaces_the_frame_its_key_has_waiting() {
     );
     assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
     // A subscribe naming A queues A's latest result, which is A2 itself.
-    let latest: Utf8Bytes = "A2".into();
+    let latest = SharedResult::detached(Utf8Bytes::from("A2"), "A", None, None);
     let mut offered = Offered::default();
-    assert_eq!(sender.offer_while_room([("A", &latest)], &mut offered), 1);
+    assert_eq!(sender.offer_while_room([&latest], &mut offered), 1);
     assert_eq!(sender.queued_bytes(), 2, "A2 once, not also waiting");
     assert_eq!(next_batch(&mut outbox).await.0, ["A2"]);
     tokio::time::advance(Duration::from_secs(7200)).await;
@@ -499,10 +514,7 @@ async fn an_outbox_past_half_full_wakes_its_session_at_once() {
     tokio::task::yield_now().await;
     let mut offered = Offered::default();
     for text in ["1", "2", "3"] {
-        assert_eq!(
-            sender.offer(Message::Text(text.into()), None, &mut offered),
-            Offer::Queued
-        );
+        assert_eq!(sender.offer(frame(text, None), &mut offered), Offer::Queued);
     }
     assert_eq!(offered.wakes.len(), 1, "the first frame's wake is deferred");
     // 3 of 4 frames: the session is woken directly, while the deferred

@@ -20,10 +20,9 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::ws::Message;
 use tokio::time::Instant;
 
-use super::{FrameKey, payload_len};
+use crate::frame::{Frame, SharedResult};
 
 /// Bytes one remembered send time is counted as (its map entry and name):
 /// the throttle remembers at most a byte bound's worth of them.
@@ -61,7 +60,7 @@ pub(super) struct Throttle {
 
 #[derive(Debug)]
 struct Waiting {
-    message: Message,
+    result: SharedResult,
     place: Place,
 }
 
@@ -145,7 +144,7 @@ impl Throttle {
     /// Forgets the waiting frame of `symbol`: it is no longer subscribed.
     pub(super) fn forget(&mut self, symbol: &str) {
         if let Some((name, waiting)) = self.waiting.remove_entry(symbol) {
-            self.waiting_bytes -= payload_len(&waiting.message);
+            self.waiting_bytes -= waiting.result.text().len();
             self.unplace(&name, waiting.place);
         }
         self.sent.remove(symbol);
@@ -155,7 +154,7 @@ impl Throttle {
     /// (its snapshot) was just queued. Its send time stays.
     pub(super) fn drop_waiting(&mut self, symbol: &str) {
         if let Some((name, waiting)) = self.waiting.remove_entry(symbol) {
-            self.waiting_bytes -= payload_len(&waiting.message);
+            self.waiting_bytes -= waiting.result.text().len();
             self.unplace(&name, waiting.place);
         }
     }
@@ -255,43 +254,43 @@ impl Throttle {
     /// once, as if its key were not limited.
     pub(super) fn hold(
         &mut self,
-        key: FrameKey<'_>,
-        message: Message,
+        result: SharedResult,
         max_bytes: usize,
-    ) -> Result<Hold, Message> {
-        if key.private {
-            return Err(message);
+    ) -> Result<Hold, SharedResult> {
+        if result.client().is_some() {
+            return Err(result);
         }
-        let len = payload_len(&message);
-        if let Some(waiting) = self.waiting.get_mut(key.symbol) {
-            self.waiting_bytes = self.waiting_bytes + len - payload_len(&waiting.message);
-            waiting.message = message;
+        let len = result.text().len();
+        let symbol = result.symbol();
+        if let Some(waiting) = self.waiting.get_mut(symbol) {
+            self.waiting_bytes = self.waiting_bytes + len - waiting.result.text().len();
+            waiting.result = result;
             return Ok(Hold::Waiting { replaced: 1 });
         }
-        let Some(interval) = self.interval_of(key.symbol) else {
-            return Err(message);
+        let Some(interval) = self.interval_of(symbol) else {
+            return Err(result);
         };
         let now = Instant::now();
-        let sent = self.last_sent(key.symbol);
+        let sent = self.last_sent(symbol);
         let due = sent.map(|sent| sent + interval).filter(|due| now < *due);
         let Some(due) = due else {
-            self.remember(key.symbol, now);
-            return Err(message);
+            self.remember(symbol, now);
+            return Err(result);
         };
         if self.waiting_bytes + len > max_bytes {
-            return Err(message);
+            return Err(result);
         }
-        let name: Arc<str> = key.symbol.into();
+        let name: Arc<str> = symbol.into();
         let place = self.place_for(&name, sent);
         self.put(&name, place);
         self.waiting_bytes += len;
-        self.waiting.insert(name, Waiting { message, place });
+        self.waiting.insert(name, Waiting { result, place });
         Ok(Hold::First { due })
     }
 
     /// Moves every waiting frame that is due into `batch`, in the order
     /// they fell due; returns how many.
-    pub(super) fn release_due(&mut self, now: Instant, batch: &mut Vec<Message>) -> usize {
+    pub(super) fn release_due(&mut self, now: Instant, batch: &mut Vec<Frame>) -> usize {
         let mut released = 0;
         loop {
             let by_sent = self
@@ -320,8 +319,8 @@ impl Throttle {
             let Some(waiting) = self.waiting.remove(&name) else {
                 continue;
             };
-            self.waiting_bytes -= payload_len(&waiting.message);
-            batch.push(waiting.message);
+            self.waiting_bytes -= waiting.result.text().len();
+            batch.push(Frame::Result(waiting.result));
             released += 1;
             if self.interval_of(&name).is_some() {
                 self.remember(&name, now);

@@ -38,7 +38,6 @@ use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::pipeline::{KeyState, Outcome, Pipeline, Sma, unix_ms};
-use crate::quote::Quote;
 use crate::stats::Stats;
 use crate::topology::Role;
 
@@ -521,7 +520,7 @@ impl DurableInput {
         let mut transaction = redis::pipe();
         transaction.atomic();
         let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
-        let mut deliveries: Vec<(Quote<'_>, Sma)> = Vec::new();
+        let mut deliveries: Vec<Sma> = Vec::new();
         let mut notices = 0u64;
         for entry in entries {
             let payload = match entry.map.get(QUOTE_FIELD) {
@@ -537,7 +536,7 @@ impl DurableInput {
                     ));
                     if let Some(sma) = sma {
                         self.add_output(&mut transaction, &sma);
-                        deliveries.push((quote, sma));
+                        deliveries.push(sma);
                     }
                 }
                 Outcome::Rejected {
@@ -554,7 +553,7 @@ impl DurableInput {
         // Inside MULTI/EXEC, so the latest results land with the publishes.
         let snapshots = deliveries
             .iter()
-            .filter_map(|(_, sma)| Some((sma.snapshot.as_deref()?, sma.frame.as_bytes())));
+            .filter_map(|sma| Some((sma.snapshot.as_deref()?, sma.frame.as_str().as_bytes())));
         for hset in snapshot_writes(snapshots) {
             transaction.add_command(hset).ignore();
         }
@@ -584,14 +583,9 @@ impl DurableInput {
             .fetch_add(deliveries.len() as u64 + notices, Relaxed);
         let latency = arrived.elapsed();
         let _hold = self.hub.hold_wakes();
-        for (quote, sma) in &deliveries {
+        for sma in deliveries {
             self.metrics.record_publish_latency(latency);
-            self.hub.deliver_result(
-                &quote.symbol,
-                quote.client.as_deref(),
-                Some(sma.position()),
-                sma.frame.clone(),
-            );
+            self.hub.deliver_result(sma.frame);
         }
         Ok(())
     }
@@ -599,7 +593,7 @@ impl DurableInput {
     fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
         if self.redis.output_stream.is_empty() || self.feeds_gateways {
             transaction
-                .publish(&*sma.channel, sma.frame.as_bytes())
+                .publish(&*sma.channel, sma.frame.as_str().as_bytes())
                 .ignore();
         }
         if !self.redis.output_stream.is_empty() {
@@ -611,7 +605,7 @@ impl DurableInput {
                 .arg(self.redis.output_stream_maxlen)
                 .arg("*")
                 .arg(SMA_FIELD)
-                .arg(sma.frame.as_bytes())
+                .arg(sma.frame.as_str().as_bytes())
                 .ignore();
         }
     }

@@ -27,11 +27,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backoff::Backoff;
 use crate::broker::{Broker, Inbound, SnapshotSlot, Topic};
 use crate::config::{InputMode, Settings};
+use crate::frame::SharedResult;
 use crate::hub::Hub;
 use crate::names;
 use crate::output::Queued;
 use crate::pipeline::{Outcome, Pipeline, unix_ms};
-use crate::protocol::ResultRoute;
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
 
@@ -308,15 +308,15 @@ impl<B: Broker> PubSubInput<B> {
             Ok(snapshots) => {
                 let mut loaded = 0usize;
                 for (symbol, frame) in snapshots {
-                    let Ok(frame) = Utf8Bytes::try_from(frame) else {
+                    let Ok(text) = Utf8Bytes::try_from(frame) else {
                         continue;
                     };
                     // Only a public result of the field's own symbol: the
                     // snapshot is sent to every subscriber of that symbol.
-                    let own = ResultRoute::of(frame.as_str())
-                        .is_some_and(|route| route.symbol == symbol && route.client.is_none());
-                    if own {
-                        self.hub.remember_latest(&symbol, frame);
+                    let own = SharedResult::read(text)
+                        .filter(|frame| frame.symbol() == symbol && frame.client().is_none());
+                    if let Some(frame) = own {
+                        self.hub.remember_latest(frame);
                         loaded += 1;
                     }
                 }
@@ -331,40 +331,30 @@ impl<B: Broker> PubSubInput<B> {
     /// A result a compute node published: fanned out as `all` would, with
     /// the very bytes the compute node encoded.
     fn on_result(&mut self, payload: Bytes) {
-        let Ok(frame) = Utf8Bytes::try_from(payload) else {
+        let Ok(text) = Utf8Bytes::try_from(payload) else {
             self.stats.results_unroutable.fetch_add(1, Relaxed);
             return;
         };
-        let Some(route) = ResultRoute::of(frame.as_str()) else {
+        // The one place a result's route is read from JSON: where its bytes
+        // come in from Redis.
+        let Some(frame) = SharedResult::read(text.clone()) else {
             self.stats.results_unroutable.fetch_add(1, Relaxed);
-            tracing::debug!(message = %frame.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
+            tracing::debug!(message = %text.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
             return;
         };
         self.stats.results_relayed.fetch_add(1, Relaxed);
-        self.hub.deliver_result(
-            &route.symbol,
-            route.client.as_deref(),
-            route.position(),
-            frame.clone(),
-        );
+        self.hub.deliver_result(frame);
     }
 
     /// quote → SMA → one encoding → sockets, and queued for Redis.
     fn on_quote(&mut self, payload: &[u8]) {
         let arrived = Instant::now();
         match self.pipeline.process(payload) {
-            Outcome::Accepted {
-                quote,
-                sma: Some(sma),
-            } => {
-                self.hub.deliver_result(
-                    &quote.symbol,
-                    quote.client.as_deref(),
-                    Some(sma.position()),
-                    sma.frame.clone(),
-                );
+            Outcome::Accepted { sma: Some(sma), .. } => {
+                let outbound = sma.outbound();
+                self.hub.deliver_result(sma.frame);
                 self.queue_publish(Queued {
-                    outbound: sma.outbound(),
+                    outbound,
                     since: Some(arrived),
                 });
             }

@@ -1,0 +1,69 @@
+//! What the hub hands a socket: a result, typed (its key and position
+//! travel beside its bytes, see [`ResultFrame`]), or a direct message.
+
+use axum::extract::ws::{Message, Utf8Bytes};
+
+pub use quotebridge_core::frame::ResultFrame;
+
+/// A result as every socket shares it: one text, reference-counted.
+pub type SharedResult = ResultFrame<Utf8Bytes>;
+
+/// One frame queued for a socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A result of a key.
+    Result(SharedResult),
+    /// A message for a client code's group (the seed's `send_message`):
+    /// no key, never conflated or rate-limited.
+    Direct(Message),
+}
+
+/// Which key a result belongs to, for conflation and rate limits: the
+/// socket's client is fixed, so a private flag and the symbol name it.
+#[derive(Debug, Clone, Copy)]
+pub struct FrameKey<'a> {
+    /// A private result of the socket's client (else a public one).
+    pub private: bool,
+    /// Its symbol.
+    pub symbol: &'a str,
+}
+
+impl Frame {
+    /// What the frame counts against an outbox's byte bound.
+    #[must_use]
+    pub fn payload_len(&self) -> usize {
+        match self {
+            Self::Result(result) => result.text().len(),
+            Self::Direct(Message::Text(text)) => text.len(),
+            Self::Direct(Message::Binary(data)) => data.len(),
+            Self::Direct(_) => 0,
+        }
+    }
+
+    /// The key of a result; `None` for a direct message.
+    #[must_use]
+    pub fn key(&self) -> Option<FrameKey<'_>> {
+        match self {
+            Self::Result(result) => Some(FrameKey {
+                private: result.client().is_some(),
+                symbol: result.symbol(),
+            }),
+            Self::Direct(_) => None,
+        }
+    }
+
+    /// The WebSocket message that carries it.
+    #[must_use]
+    pub fn into_message(self) -> Message {
+        match self {
+            Self::Result(result) => Message::Text(result.into_text()),
+            Self::Direct(message) => message,
+        }
+    }
+}
+
+impl From<SharedResult> for Frame {
+    fn from(result: SharedResult) -> Self {
+        Self::Result(result)
+    }
+}
