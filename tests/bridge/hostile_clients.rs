@@ -256,6 +256,44 @@ async fn a_closed_flooder_reads_its_close_frame_and_no_reset() {
     app.shutdown().await;
 }
 
+/// One message sent as 200,000 empty continuation frames: the engine hands
+/// the session nothing until the message ends, so the frames are counted as
+/// they arrive, under it.
+#[tokio::test]
+async fn continuation_frames_count_toward_the_client_frame_rate() {
+    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "50")]).await;
+    let (mut calm, _) = app.connect("acme").await;
+    let (mut fragmenter, _) = app.connect("acme").await;
+    let first = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
+    fragmenter
+        .feed(Message::Frame(first))
+        .await
+        .expect("first fragment");
+    let mut sent = 1;
+    while sent < 200_000 {
+        let empty = Frame::message(Vec::new(), OpCode::Data(Data::Continue), false);
+        if fragmenter.feed(Message::Frame(empty)).await.is_err() {
+            break;
+        }
+        sent += 1;
+    }
+    let _ = fragmenter.flush().await;
+    assert_eq!(
+        close_frame(&mut fragmenter).await,
+        (1008, "rate limit exceeded".into())
+    );
+    assert_ends_cleanly(&mut fragmenter).await;
+    app.wait_for_stats("the close to be counted", |s| s["rate_limited_closes"] == 1)
+        .await;
+    // Its neighbour in the same group is untouched.
+    send_json(&mut calm, json!({"op": "subscribe", "symbols": ["B"]})).await;
+    assert_eq!(next_json(&mut calm).await["type"], "subscribed");
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn pings_count_toward_the_client_frame_rate() {
     let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "5")]).await;

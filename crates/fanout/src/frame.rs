@@ -1,7 +1,7 @@
 //! What the hub hands a socket: a result, typed (its key and position
 //! travel beside its bytes, see [`ResultFrame`]), or a direct message.
 
-use axum::extract::ws::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 pub use quotebridge_core::frame::ResultFrame;
 

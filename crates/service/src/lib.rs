@@ -22,6 +22,7 @@ pub mod shutdown;
 pub(crate) mod sse;
 pub mod telemetry;
 pub mod topology;
+pub(crate) mod websocket;
 
 pub use self::input::durable::QUOTE_FIELD;
 pub use self::server::raise_descriptor_limit;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::Utf8Bytes;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
 // hashbrown for `entry_ref` (look up by &str, allocate only on insert) and its
 // fast, randomly seeded default hasher. Keys come from publishers, so the
 // number of keys is capped by sma.max_keys as well.

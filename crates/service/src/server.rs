@@ -5,7 +5,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +14,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -25,6 +25,7 @@ use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::names;
 use crate::stats::{Gauges, Stats};
+use crate::websocket::{Upgrade, UpgradeRejection};
 use crate::{session, sse};
 
 /// Everything a request handler needs; cheap to clone.
@@ -224,7 +225,7 @@ async fn upgrade(
     Path(client_code): Path<String>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
-    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    upgrade: Result<Upgrade, UpgradeRejection>,
 ) -> Response {
     if !names::is_client_code(&client_code) {
         return (StatusCode::BAD_REQUEST, INVALID_CLIENT_CODE).into_response();
@@ -242,38 +243,40 @@ async fn upgrade(
         Err(refusal) => return *refusal,
     };
     let limit = app.settings.websocket.max_message_bytes;
-    let hold = query.resumes();
-    upgrade
+    let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
-        .max_message_size(limit)
-        .max_frame_size(limit)
-        .on_upgrade(move |socket| {
-            let session = async move {
-                let _permit = permit;
-                let websocket = &app.settings.websocket;
-                let initial = grant.initial_subscriptions(&websocket.default_symbols);
-                let (membership, outbox) = app.hub.join(admission, &initial, hold);
-                let limits = session::Limits::from_settings(websocket);
-                let outcome = session::run(
-                    socket,
-                    &client_code,
-                    membership,
-                    grant,
-                    outbox,
-                    limits,
-                    app.shutdown,
-                )
-                .await;
-                if let Err(err) = outcome {
-                    if matches!(err, session::SessionError::WriteTimeout(_)) {
-                        app.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
-                    }
-                    tracing::info!(client = %client_code, cause = %err, "session ended with an error");
+        .max_message_size(Some(limit))
+        .max_frame_size(Some(limit));
+    let frames_per_second = app.settings.websocket.client_messages_per_second;
+    let hold = query.resumes();
+    let sessions = app.sessions.clone();
+    let (response, session) =
+        upgrade.on_upgrade(config, frames_per_second, move |socket| async move {
+            let _permit = permit;
+            let websocket = &app.settings.websocket;
+            let initial = grant.initial_subscriptions(&websocket.default_symbols);
+            let (membership, outbox) = app.hub.join(admission, &initial, hold);
+            let limits = session::Limits::from_settings(websocket);
+            let outcome = session::run(
+                socket,
+                &client_code,
+                membership,
+                grant,
+                outbox,
+                limits,
+                app.shutdown,
+            )
+            .await;
+            if let Err(err) = outcome {
+                if matches!(err, session::SessionError::WriteTimeout(_)) {
+                    app.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
                 }
-            };
-            app.sessions.track_future(session)
-        })
+                tracing::info!(client = %client_code, cause = %err, "session ended with an error");
+            }
+        });
+    tokio::spawn(sessions.track_future(session));
+    response
 }
 
 /// `GET /sse/{client_code}?symbols=AAPL,MSFT`: the results a socket of

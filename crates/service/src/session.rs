@@ -7,10 +7,12 @@
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code};
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::time::{Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Grant;
@@ -20,6 +22,7 @@ use crate::hub::Membership;
 use crate::names;
 use crate::outbox::Outbox;
 use crate::protocol::{ClientOp, LastSeen, ServerFrame, Unrecovered};
+use crate::websocket::{FrameRateExceeded, Socket};
 
 /// Most queued frames written before one flush; bounds the time one busy
 /// socket spends away from reading its client.
@@ -28,8 +31,6 @@ const MAX_BATCH: usize = 256;
 /// What one socket may do.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Client frames per second (and the burst allowed).
-    pub client_messages_per_second: u32,
     /// Time between keepalive pings.
     pub ping_interval: Duration,
     /// How long one batch of writes may take. A client that stops reading
@@ -46,7 +47,6 @@ impl Limits {
     #[must_use]
     pub fn from_settings(settings: &WebSocketSettings) -> Self {
         Self {
-            client_messages_per_second: settings.client_messages_per_second,
             ping_interval: Duration::from_millis(settings.ping_interval_ms),
             write_timeout: Duration::from_millis(settings.write_timeout_ms),
             resume_wait: Duration::from_millis(settings.resume_wait_ms),
@@ -65,7 +65,7 @@ const MAX_UNANSWERED_PINGS: u32 = 2;
 pub enum SessionError {
     /// The socket failed.
     #[error("websocket: {0}")]
-    Socket(#[from] axum::Error),
+    Socket(#[from] tungstenite::Error),
     /// The client stopped reading and writes did not complete in time.
     #[error("write timed out after {0:?}; client is not reading")]
     WriteTimeout(Duration),
@@ -75,7 +75,7 @@ pub enum SessionError {
 /// broken, or shutdown.
 #[tracing::instrument(name = "session", skip_all, fields(client = %client, socket = membership.id()))]
 pub async fn run(
-    mut socket: WebSocket,
+    mut socket: Socket,
     client: &str,
     membership: Membership,
     grant: Grant,
@@ -102,7 +102,6 @@ pub async fn run(
     .await?;
     tracing::debug!("socket opened");
 
-    let mut rate = TokenBucket::new(limits.client_messages_per_second, Instant::now());
     let mut keepalive =
         tokio::time::interval_at(Instant::now() + limits.ping_interval, limits.ping_interval);
     keepalive.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -116,7 +115,7 @@ pub async fn run(
     loop {
         tokio::select! {
             () = &mut shutting_down => {
-                close(&mut socket, close_code::AWAY, "going away").await;
+                close(&mut socket, CloseCode::Away, "going away").await;
                 return Ok(());
             }
             () = async { if let Some(timer) = hold_ends.as_mut() { timer.await } }, if held => {
@@ -128,7 +127,7 @@ pub async fn run(
                 if unanswered_pings >= MAX_UNANSWERED_PINGS {
                     tracing::info!("no pong to the last two pings; closing");
                     membership.stats().keepalive_timeouts.fetch_add(1, Relaxed);
-                    close(&mut socket, close_code::AWAY, "keepalive timeout").await;
+                    close(&mut socket, CloseCode::Away, "keepalive timeout").await;
                     return Ok(());
                 }
                 unanswered_pings += 1;
@@ -137,7 +136,7 @@ pub async fn run(
             taken = outbox.recv_many(&mut batch, MAX_BATCH) => {
                 if taken.frames == 0 {
                     // The hub closed our outbox: we fell behind.
-                    close(&mut socket, close_code::POLICY, "slow consumer").await;
+                    close(&mut socket, CloseCode::Policy, "slow consumer").await;
                     return Ok(());
                 }
                 if taken.conflated {
@@ -160,7 +159,7 @@ pub async fn run(
                         tracing::debug!("client went away");
                         return Ok(());
                     }
-                    Some(Err(err)) => return end_on_read_error(&mut socket, err).await,
+                    Some(Err(err)) => return end_on_read_error(&mut socket, err, &membership).await,
                     Some(Ok(Message::Close(_))) => {
                         // The engine has queued the reply Close (RFC 6455
                         // §5.5.1); flushing sends it before the TCP
@@ -171,14 +170,6 @@ pub async fn run(
                     }
                     Some(Ok(message)) => message,
                 };
-                // Every frame counts, control frames too: a flood of pings
-                // costs a pong each.
-                if !rate.take(Instant::now()) {
-                    tracing::info!("client exceeded websocket.client_messages_per_second; closing");
-                    membership.stats().rate_limited_closes.fetch_add(1, Relaxed);
-                    close(&mut socket, close_code::POLICY, "rate limit exceeded").await;
-                    return Ok(());
-                }
                 match message {
                     Message::Text(text) => {
                         let replies = answer(&membership, &grant, &text, &mut held);
@@ -199,41 +190,9 @@ pub async fn run(
                     Message::Pong(_) => unanswered_pings = 0,
                     // The WebSocket engine answers pings itself; reading
                     // never yields raw frames or (here) a Close.
-                    Message::Ping(_) | Message::Close(_) => {}
+                    Message::Ping(_) | Message::Close(_) | Message::Frame(_) => {}
                 }
             }
-        }
-    }
-}
-
-/// A token bucket: `rate` tokens per second, holding at most `rate`.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, now: Instant) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            tokens: rate,
-            refilled: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
         }
     }
 }
@@ -409,7 +368,7 @@ pub(crate) fn check_subscriptions(symbols: &[String], grant: Option<&Grant>) -> 
 
 /// Feeds every message, then flushes once, within `timeout`.
 async fn write(
-    socket: &mut WebSocket,
+    socket: &mut Socket,
     messages: impl IntoIterator<Item = Message>,
     timeout: Duration,
 ) -> Result<(), SessionError> {
@@ -436,7 +395,7 @@ async fn write(
 /// reply, best effort: the peer may already be gone. Reading to the reply
 /// also drains what the client sent meanwhile, so the TCP connection ends
 /// with a FIN the client can read up to, not a reset over unread data.
-async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
+async fn close(socket: &mut Socket, code: CloseCode, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
@@ -447,69 +406,52 @@ async fn close(socket: &mut WebSocket, code: u16, reason: &'static str) {
     {
         return;
     }
-    let reply = async { while let Some(Ok(_)) = socket.next().await {} };
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, reply).await;
+    // Read under the engine: after a read error it reads no more.
+    socket.get_mut().drain_until_close(CLOSE_TIMEOUT).await;
 }
 
-/// Sorts a read error into an ordinary disconnect, a client that broke the
-/// size limit (closed with 1009) or the protocol (1002, or 1007 for text
-/// that is not UTF-8), or a real failure.
-async fn end_on_read_error(socket: &mut WebSocket, err: axum::Error) -> Result<(), SessionError> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    use tokio_tungstenite::tungstenite::error::ProtocolError;
+/// Sorts a read error into an ordinary disconnect, a client past its
+/// frame rate (closed with 1008) or the size limit (1009), one that broke the
+/// protocol (1002, or 1007 for text that is not UTF-8), or a real failure.
+async fn end_on_read_error(
+    socket: &mut Socket,
+    err: tungstenite::Error,
+    membership: &Membership,
+) -> Result<(), SessionError> {
+    use tungstenite::Error as WsError;
+    use tungstenite::error::ProtocolError;
 
-    let inner = err.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(_)) => {
-            tracing::info!("client sent a frame over websocket.max_message_bytes; closing");
-            close(socket, close_code::SIZE, "message too big").await;
+    match err {
+        WsError::Io(io) if FrameRateExceeded::is(&io) => {
+            // Every frame counts, continuations and control frames too: a
+            // flood of pings costs a pong each, a flood of fragments a turn each.
+            tracing::info!("client exceeded websocket.client_messages_per_second; closing");
+            membership.stats().rate_limited_closes.fetch_add(1, Relaxed);
+            close(socket, CloseCode::Policy, "rate limit exceeded").await;
             Ok(())
         }
-        Some(
-            WsError::ConnectionClosed
-            | WsError::AlreadyClosed
-            | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
-            | WsError::Io(_),
-        ) => {
+        WsError::Capacity(_) => {
+            tracing::info!("client sent a frame over websocket.max_message_bytes; closing");
+            close(socket, CloseCode::Size, "message too big").await;
+            Ok(())
+        }
+        WsError::ConnectionClosed
+        | WsError::AlreadyClosed
+        | WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+        | WsError::Io(_) => {
             tracing::debug!("client went away");
             Ok(())
         }
-        Some(WsError::Utf8(_)) => {
+        WsError::Utf8(_) => {
             tracing::info!("client sent a text frame that is not UTF-8; closing");
-            close(socket, close_code::INVALID, "text frame is not UTF-8").await;
+            close(socket, CloseCode::Invalid, "text frame is not UTF-8").await;
             Ok(())
         }
-        Some(WsError::Protocol(violation)) => {
+        WsError::Protocol(violation) => {
             tracing::info!(violation = ?violation, "client broke the WebSocket protocol; closing");
-            close(socket, close_code::PROTOCOL, "protocol error").await;
+            close(socket, CloseCode::Protocol, "protocol error").await;
             Ok(())
         }
-        _ => Err(SessionError::Socket(axum::Error::new(inner))),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(5, start);
-        for _ in 0..5 {
-            assert!(bucket.take(start));
-        }
-        assert!(!bucket.take(start), "burst spent");
-        assert!(
-            !bucket.take(start + Duration::from_millis(100)),
-            "half a token"
-        );
-        assert!(
-            bucket.take(start + Duration::from_millis(200)),
-            "one token after 1/5 s"
-        );
-        // A long pause refills to the burst, not beyond.
-        let later = start + Duration::from_secs(60);
-        assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
+        other => Err(SessionError::Socket(other)),
     }
 }

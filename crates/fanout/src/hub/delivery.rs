@@ -6,7 +6,7 @@ use std::sync::MutexGuard;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Waker;
 
-use axum::extract::ws::Message;
+use tokio_tungstenite::tungstenite::Message;
 
 use super::connections::Connections;
 use super::wakes::Wakes;

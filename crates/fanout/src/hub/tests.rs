@@ -2,8 +2,8 @@
 
 use std::sync::atomic::Ordering::Relaxed;
 
-use axum::extract::ws::Message;
 use futures_util::FutureExt;
+use tokio_tungstenite::tungstenite::Message;
 
 use super::history::Replay;
 use super::*;

@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::frame::FrameKey;
-use axum::extract::ws::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 fn bounds(frames: usize, bytes: usize) -> Bounds {
     Bounds {
