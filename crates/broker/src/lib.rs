@@ -9,7 +9,6 @@
 mod cluster;
 mod glob;
 mod memory;
-mod pushes;
 mod queue;
 mod redis;
 mod subscriber;

@@ -9,7 +9,7 @@ use std::task::Waker;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::connections::Connections;
-use super::wakes::Wakes;
+use super::pending_wakes::PendingWakes;
 use super::{Hub, SocketId, State};
 use crate::frame::{Frame, SharedResult};
 use crate::outbox::Offer;
@@ -35,7 +35,7 @@ impl Hub {
             return;
         }
         // The key's floors, looked up once: each subscriber is then one probe.
-        let floors = position.and_then(|at| Some((state.floors.of(client, symbol)?, at)));
+        let floors = position.and_then(|at| Some((state.seen_ahead.of(client, symbol)?, at)));
         let unseen = |id: &&SocketId| {
             floors.is_none_or(|(floors, position)| !floors.has_seen(**id, position))
         };
@@ -58,8 +58,8 @@ impl Hub {
                 &mut state.wakes,
             ),
         };
-        if let Some(position) = position.filter(|_| !state.floors.is_empty()) {
-            state.floors.passed(client, symbol, position);
+        if let Some(position) = position.filter(|_| !state.seen_ahead.is_empty()) {
+            state.seen_ahead.passed(client, symbol, position);
         }
         self.finish_delivery(state, delivery);
         self.wake_unless_held(guard);
@@ -144,7 +144,7 @@ impl Hub {
         }
     }
 
-    /// Wakes the sessions frames were queued for, unless a hold defers it.
+    /// PendingWakes the sessions frames were queued for, unless a hold defers it.
     /// Outside the hub's lock: thousands of wakes would keep joins and
     /// subscribes waiting.
     pub(super) fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
@@ -219,7 +219,7 @@ fn offer_each<'a>(
     connections: &Connections,
     ids: impl IntoIterator<Item = &'a SocketId>,
     frame: &Frame,
-    wakes: &mut Wakes,
+    wakes: &mut PendingWakes,
 ) -> Delivery {
     let mut delivery = Delivery::default();
     for id in ids {

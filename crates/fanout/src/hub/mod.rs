@@ -11,9 +11,9 @@
 //! [connections](connections) by client group, the
 //! [subscriptions](subscriptions) by symbol, the [snapshots](snapshots), the
 //! [history](history) of each key for sockets that resume (with the
-//! [floors](floors) of sockets that saw further elsewhere), the
+//! [floors](seen_ahead) of sockets that saw further elsewhere), the
 //! [admissions](admissions) per client (sockets, new sockets a second,
-//! resume allowance), and the [wakes](wakes) it batches. They live under one
+//! resume allowance), and the [wakes](pending_wakes) it batches. They live under one
 //! lock, because a subscribe and its snapshots must be one step; every
 //! request's work under it is bounded by the request's own size, and the
 //! gauges `/stats` reads are kept outside it.
@@ -21,13 +21,13 @@
 mod admissions;
 mod connections;
 mod delivery;
-mod floors;
 mod history;
 mod membership;
+mod pending_wakes;
 mod resume;
+mod seen_ahead;
 mod snapshots;
 mod subscriptions;
-mod wakes;
 
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
@@ -39,12 +39,12 @@ use crate::frame::SharedResult;
 use self::admissions::Admissions;
 use self::connections::Connections;
 pub use self::delivery::WakeHold;
-use self::floors::Floors;
 use self::history::History;
 pub use self::membership::Membership;
+use self::pending_wakes::PendingWakes;
+use self::seen_ahead::SeenAhead;
 use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
-use self::wakes::Wakes;
 use crate::outbox::{self, Outbox, QueuedBytes};
 use crate::stats::Stats;
 
@@ -114,9 +114,9 @@ struct State {
     /// which take effect with the resume (or with any other first request).
     held: HashMap<SocketId, Vec<String>>,
     /// What resumed sockets saw elsewhere that has not arrived here yet.
-    floors: Floors,
+    seen_ahead: SeenAhead,
     admissions: Admissions,
-    wakes: Wakes,
+    wakes: PendingWakes,
 }
 
 /// Why a socket was not admitted.
@@ -212,13 +212,13 @@ impl Hub {
                 limits.max_snapshots,
             ),
             held: HashMap::new(),
-            floors: Floors::default(),
+            seen_ahead: SeenAhead::default(),
             admissions: Admissions::new(admissions::Rates {
                 connects_per_second: limits.connects_per_client_per_second,
                 max_sockets: limits.max_sockets_per_client,
                 replay_frames_per_second: limits.resume_frames_per_second,
             }),
-            wakes: Wakes::default(),
+            wakes: PendingWakes::default(),
         };
         let counts = state.connections.counts();
         let history_bytes = state.history.bytes_gauge();
@@ -323,9 +323,9 @@ impl Hub {
         let mut state = self.state();
         let released = state.history.release_idle();
         state.snapshots.release_idle();
-        if !state.floors.is_empty() {
+        if !state.seen_ahead.is_empty() {
             for (client, symbol) in &released {
-                state.floors.forget(client.as_deref(), symbol);
+                state.seen_ahead.forget(client.as_deref(), symbol);
             }
         }
         drop(state);
@@ -368,7 +368,7 @@ impl State {
     /// code, or `None` when it was already gone.
     fn remove(&mut self, id: SocketId) -> Option<Box<str>> {
         self.held.remove(&id);
-        self.floors.remove(id);
+        self.seen_ahead.remove(id);
         self.subscriptions.remove_all(id);
         self.connections.remove(id)
     }

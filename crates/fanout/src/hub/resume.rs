@@ -4,8 +4,8 @@
 
 use crate::frame::SharedResult;
 
-use super::floors;
 use super::history::Replay;
+use super::seen_ahead;
 use super::{Hub, ResumeError, Resumed, SocketId};
 use crate::names::ALL_SYMBOLS;
 use crate::protocol::{LastSeen, Position};
@@ -101,7 +101,7 @@ impl Hub {
         }
         for (private, symbol, seen) in ahead {
             let owner = private.then_some(&*client);
-            state.floors.add(id, owner, symbol, seen);
+            state.seen_ahead.add(id, owner, symbol, seen);
         }
         if with_latest {
             let named = |symbol: &str| {
@@ -227,7 +227,7 @@ impl Budget {
 }
 
 /// A key the client is ahead on needs a floor. Past
-/// [`floors::MAX_PER_SOCKET`] of them, `None`: the key is reported not
+/// [`seen_ahead::MAX_PER_SOCKET`] of them, `None`: the key is reported not
 /// recovered and nothing of it is sent (this node's latest is older than
 /// what the client has; what comes live may repeat what it saw).
 fn floored<'a>(
@@ -238,7 +238,7 @@ fn floored<'a>(
     if !matches!(replay, Replay::Ahead) {
         return Some(replay);
     }
-    if ahead.len() >= floors::MAX_PER_SOCKET {
+    if ahead.len() >= seen_ahead::MAX_PER_SOCKET {
         return None;
     }
     ahead.push(key);

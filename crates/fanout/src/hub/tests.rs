@@ -427,7 +427,10 @@ fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
         result(&hub, None, seq, "e1");
     }
     assert_eq!(queued(&mut outbox), ["A4"], "2 and 3 it had seen");
-    assert!(hub.state().floors.is_empty(), "the floor went once passed");
+    assert!(
+        hub.state().seen_ahead.is_empty(),
+        "the floor went once passed"
+    );
 }
 
 #[test]
@@ -476,7 +479,7 @@ fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
         ..limits(1024)
     };
     let hub = Hub::new(limits, Arc::new(Stats::default()));
-    let keys = floors::MAX_PER_SOCKET + 10;
+    let keys = seen_ahead::MAX_PER_SOCKET + 10;
     let symbols: Vec<String> = (0..keys).map(|k| format!("S{k}")).collect();
     for symbol in &symbols {
         let frame = format!("{symbol}-1");
@@ -502,12 +505,12 @@ fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
         "and this node's latest, older than what it saw, is not sent"
     );
     assert_eq!(
-        hub.state().floors.by_socket_len(),
-        floors::MAX_PER_SOCKET,
+        hub.state().seen_ahead.by_socket_len(),
+        seen_ahead::MAX_PER_SOCKET,
         "and no floor"
     );
     drop(socket);
-    assert!(hub.state().floors.is_empty(), "they go with the socket");
+    assert!(hub.state().seen_ahead.is_empty(), "they go with the socket");
 }
 
 #[test]
@@ -554,7 +557,7 @@ fn a_resume_stops_reading_history_once_its_budget_is_spent() {
     );
     assert_eq!(resumed.replayed, 6);
     assert_eq!(resumed.unrecovered_public.len(), 48, "S02 to S49 only");
-    assert_eq!(hub.state().floors.by_socket_len(), 1, "U2's floor");
+    assert_eq!(hub.state().seen_ahead.by_socket_len(), 1, "U2's floor");
     let read = history::FRAMES_READ.with(std::cell::Cell::get) - reads_before;
     assert!(
         read <= 2 * 8,
@@ -577,7 +580,7 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     socket
         .resume(&last_seen(&[(epoch, 4)], &[]))
         .expect("it was held");
-    assert!(!hub.state().floors.is_empty());
+    assert!(!hub.state().seen_ahead.is_empty());
     // B has a result in every sweep; A (public and private) none.
     for sweep in 1..=crate::idle::SWEEPS_PER_IDLE {
         assert_eq!(hub.release_idle(), 0, "sweep {sweep}: not idle yet");
@@ -588,7 +591,7 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     let state = hub.state();
     assert!(state.snapshots.get("A").is_none(), "its snapshot went");
     assert!(state.snapshots.get("B").is_some());
-    assert!(state.floors.is_empty(), "and the floor on it");
+    assert!(state.seen_ahead.is_empty(), "and the floor on it");
     let seen = Position { seq: 2, epoch };
     assert!(matches!(
         state.history.replay(None, "A", seen),

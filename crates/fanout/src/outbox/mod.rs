@@ -446,7 +446,7 @@ impl Drop for Sender {
 #[derive(Debug)]
 pub struct Outbox {
     shared: Arc<Shared>,
-    /// Wakes the session when a rate-limited key's waiting frame is due.
+    /// PendingWakes the session when a rate-limited key's waiting frame is due.
     due: Option<Pin<Box<Sleep>>>,
 }
 

@@ -1,7 +1,7 @@
 //! A RESP3 connection's subscription pushes, queued bounded.
 //!
 //! redis-rs hands every push (message, confirmation, disconnection) to a
-//! sender of our choosing: here a [`bounded`](super::queue::bounded) queue,
+//! sender of our choosing: here a [`bounded`](crate::queue::bounded) queue,
 //! whose receiving side routes each message to its topic. The cluster broker
 //! subscribes this way.
 
@@ -12,8 +12,8 @@ use bytes::Bytes;
 use futures_util::Stream;
 use redis::{PushInfo, PushKind, Value};
 
-use super::queue::{self, OVERHEAD_BYTES, Queue, Step, SubscriptionBuffer, TopicIndex, Weighed};
-use super::{Inbound, Topic};
+use crate::queue::{self, OVERHEAD_BYTES, Queue, Step, SubscriptionBuffer, TopicIndex, Weighed};
+use crate::{Inbound, Topic};
 
 impl Weighed for PushInfo {
     fn bytes(&self) -> usize {

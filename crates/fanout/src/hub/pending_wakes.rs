@@ -6,7 +6,7 @@ use std::task::Waker;
 use crate::outbox::{Offered, QueuedBytes};
 
 #[derive(Debug, Default)]
-pub(super) struct Wakes {
+pub(super) struct PendingWakes {
     /// Sessions with newly queued frames, not yet woken, and the bytes
     /// queued for them, not yet in the gauge.
     pending: Offered,
@@ -14,7 +14,7 @@ pub(super) struct Wakes {
     holds: usize,
 }
 
-impl Wakes {
+impl PendingWakes {
     /// Where an offer notes the session it queued for.
     pub(super) fn pending(&mut self) -> &mut Offered {
         &mut self.pending
@@ -55,7 +55,7 @@ mod tests {
 
     #[test]
     fn nothing_is_due_while_held() {
-        let mut wakes = Wakes::default();
+        let mut wakes = PendingWakes::default();
         assert!(wakes.take_due().is_none(), "nothing pending");
         wakes.pending().wakes.push(Waker::noop().clone());
         wakes.hold();

@@ -29,9 +29,11 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use tokio::sync::OnceCell;
 
+mod push_queue;
+
 use super::queue::SubscriptionBuffer;
 use super::{
-    Broker, BrokerError, HealthCheck, Outbound, SnapshotSlot, Subscription, Topic, pushes,
+    Broker, BrokerError, HealthCheck, Outbound, SnapshotSlot, Subscription, Topic,
     snapshot_deletes, snapshot_writes, until_unanswered,
 };
 
@@ -132,7 +134,7 @@ impl Broker for ClusterBroker {
     /// been lost: a slot moved, a node connection dropped, the cluster
     /// stopped answering, or this side fell a [`SubscriptionBuffer`] behind.
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
-        let (push_sender, pushes) = pushes::bounded(self.buffer);
+        let (push_sender, pushes) = push_queue::bounded(self.buffer);
         let client = Self::builder(&self.nodes)
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_sender)

@@ -3,7 +3,7 @@
 //! subscriber trails another) names positions this gateway has not
 //! reached; the results up to them must not reach the socket a second time
 //! when they arrive. A floor goes once its key's sequence passes it (or
-//! restarts in another epoch), or with its socket. Floors are kept by key,
+//! restarts in another epoch), or with its socket. SeenAhead are kept by key,
 //! so a result looks only at its own key's floors.
 
 use hashbrown::HashMap;
@@ -11,7 +11,7 @@ use hashbrown::HashMap;
 use super::SocketId;
 use crate::protocol::Position;
 
-/// Floors one socket may have. A client that moved from a gateway ahead of
+/// SeenAhead one socket may have. A client that moved from a gateway ahead of
 /// this one is ahead on the few keys that had a result within the lag
 /// between the two; a resume that claims more is treated as a gap on the
 /// rest (recovered: false, the latest value), so no client can make the
@@ -20,11 +20,11 @@ use crate::protocol::Position;
 pub(super) const MAX_PER_SOCKET: usize = 128;
 
 #[derive(Debug, Default)]
-pub(super) struct Floors {
+pub(super) struct SeenAhead {
     /// Public symbol → its floors.
-    public: HashMap<Box<str>, KeyFloors>,
+    public: HashMap<Box<str>, SeenOnKey>,
     /// Client code → private symbol → its floors.
-    private: HashMap<Box<str>, HashMap<Box<str>, KeyFloors>>,
+    private: HashMap<Box<str>, HashMap<Box<str>, SeenOnKey>>,
     /// Each socket's floored keys (client, symbol): its floors go with it
     /// without a scan of everyone's.
     by_socket: HashMap<SocketId, Vec<KeyName>>,
@@ -36,7 +36,7 @@ type KeyName = (Option<Box<str>>, Box<str>);
 /// The floors of one key, by socket: a result looks its key up once, and
 /// then each subscriber in constant time.
 #[derive(Debug, Default)]
-pub(super) struct KeyFloors(HashMap<SocketId, Floor>);
+pub(super) struct SeenOnKey(HashMap<SocketId, Floor>);
 
 /// The last result of one key one socket has seen.
 #[derive(Debug)]
@@ -45,7 +45,7 @@ struct Floor {
     seq: u64,
 }
 
-impl KeyFloors {
+impl SeenOnKey {
     /// Whether `socket` has already seen the result at `position`.
     pub(super) fn has_seen(&self, socket: SocketId, position: Position<'_>) -> bool {
         self.0
@@ -54,7 +54,7 @@ impl KeyFloors {
     }
 }
 
-impl Floors {
+impl SeenAhead {
     /// Records that `socket` has seen the key (`client`, `symbol`) up to
     /// `seen`. The caller keeps to [`MAX_PER_SOCKET`].
     pub(super) fn add(
@@ -96,7 +96,7 @@ impl Floors {
     }
 
     /// The floors of the key (`client`, `symbol`), if it has any.
-    pub(super) fn of(&self, client: Option<&str>, symbol: &str) -> Option<&KeyFloors> {
+    pub(super) fn of(&self, client: Option<&str>, symbol: &str) -> Option<&SeenOnKey> {
         match client {
             None => self.public.get(symbol),
             Some(code) => self.private.get(code)?.get(symbol),
@@ -205,9 +205,9 @@ mod tests {
 
     #[test]
     fn a_floor_hides_what_was_seen_and_goes_once_passed() {
-        let mut floors = Floors::default();
+        let mut floors = SeenAhead::default();
         let at = |seq| Position { seq, epoch: "e1" };
-        let has_seen = |floors: &Floors, socket, client, position| {
+        let has_seen = |floors: &SeenAhead, socket, client, position| {
             floors
                 .of(client, "A")
                 .is_some_and(|key| key.has_seen(socket, position))
@@ -242,7 +242,7 @@ mod tests {
 
     #[test]
     fn a_passed_floor_leaves_its_sockets_list_and_others_stay() {
-        let mut floors = Floors::default();
+        let mut floors = SeenAhead::default();
         let at = |seq| Position { seq, epoch: "e1" };
         floors.add(1, None, "A", at(5));
         floors.add(1, None, "B", at(9));
