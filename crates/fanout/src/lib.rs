@@ -8,5 +8,6 @@
 pub mod frame;
 pub mod hub;
 pub mod outbox;
+mod sync;
 
 use quotebridge_core::{idle, names, protocol, stats};

@@ -2,7 +2,7 @@
 //! wants it, each session woken once per burst, and a socket whose outbox is
 //! full evicted as a slow consumer.
 
-use std::sync::MutexGuard;
+use crate::sync::MutexGuard;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Waker;
 

@@ -32,7 +32,7 @@ mod subscriptions;
 use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 
 use crate::frame::SharedResult;
 
@@ -47,6 +47,7 @@ use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
 use crate::outbox::{self, Outbox, QueuedBytes};
 use crate::stats::Stats;
+use crate::sync::{Mutex, MutexGuard};
 
 /// Identifies one socket for the lifetime of the process.
 pub type SocketId = u64;

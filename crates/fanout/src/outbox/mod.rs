@@ -30,7 +30,7 @@ use std::future::{Future, poll_fn};
 use std::pin::Pin;
 use std::sync::atomic::AtomicI64;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, PoisonError};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -39,6 +39,7 @@ use tokio::time::{Instant, Sleep};
 use self::conflation::Latest;
 use self::throttle::{Hold, Throttle};
 use crate::frame::{Frame, SharedResult};
+use crate::sync::{Mutex, MutexGuard};
 
 /// How much one outbox may hold before its socket is a slow consumer.
 #[derive(Debug, Clone, Copy)]

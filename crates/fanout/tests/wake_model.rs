@@ -1,0 +1,147 @@
+//! A model check (loom) of how sessions are woken, over the crate's own code
+//! built with loom's locks (the `model-check` feature):
+//!
+//! - the outbox's wake protocol: an offer hands the parked session's waker
+//!   to its caller at most once, to be woken after the lock is released (or
+//!   wakes it at once when the outbox fills past half); the session parks
+//!   and re-arms under the same lock;
+//! - the hub's wake hold: while any hold is open, wakes wait, and the last
+//!   hold to end wakes what waited, whoever delivered it.
+//!
+//! loom runs each test once per interleaving of its threads; a session
+//! that is never woken for a frame it was queued shows up as a deadlock,
+//! which loom reports. Run it with
+//! `cargo test -p quotebridge-fanout --features model-check --test wake_model`
+//! (`script/test` does).
+
+use std::sync::Arc;
+use std::task::Waker;
+
+use loom::future::block_on;
+use loom::thread;
+use quotebridge_core::stats::Stats;
+use quotebridge_fanout::frame::{Frame, SharedResult};
+use quotebridge_fanout::hub::{Hub, HubLimits};
+use quotebridge_fanout::outbox::{self, Bounds, Offer, Offered, Outbox, QueuedBytes};
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+
+/// Runs `test` once per interleaving of its threads that preempts a thread
+/// at most three times: the bound loom's authors suggest, which finds
+/// nearly every bug such a protocol has in seconds, where an unbounded
+/// search over the hub's locks runs for hours.
+fn model(test: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = Some(3);
+    builder.check(test);
+}
+
+fn direct(text: &'static str) -> Frame {
+    Frame::Direct(Message::Text(Utf8Bytes::from_static(text)))
+}
+
+fn text(frame: Frame) -> String {
+    match frame.into_message() {
+        Message::Text(text) => text.to_string(),
+        other => panic!("expected text, got {other:?}"),
+    }
+}
+
+/// What the session takes until it has `expected` frames, or until the
+/// outbox closes when `expected` is `None`.
+fn take(outbox: &mut Outbox, expected: Option<usize>) -> Vec<String> {
+    let mut batch = Vec::new();
+    block_on(async {
+        while expected.is_none_or(|expected| batch.len() < expected) {
+            if outbox.recv_many(&mut batch, 8).await.frames == 0 {
+                break;
+            }
+        }
+    });
+    batch.into_iter().map(text).collect()
+}
+
+/// Offers two frames from another thread, waking what each offer hands
+/// out after it returns (as the hub does, outside its lock). The outbox
+/// stays open until the session has both: closing would wake it anyway.
+fn offered_from_another_thread(frames: usize) {
+    model(move || {
+        let bounds = Bounds {
+            frames,
+            bytes: 1 << 10,
+            conflate: false,
+        };
+        let (sender, mut outbox) = outbox::bounded(bounds, QueuedBytes::default());
+        let hub = thread::spawn(move || {
+            for frame in ["a", "b"] {
+                let mut offered = Offered::default();
+                assert_eq!(sender.offer(direct(frame), &mut offered), Offer::Queued);
+                offered.wakes.drain(..).for_each(Waker::wake);
+            }
+            sender
+        });
+        assert_eq!(take(&mut outbox, Some(2)), ["a", "b"]);
+        let sender = hub.join().expect("the hub's thread");
+        drop(sender);
+        assert!(
+            take(&mut outbox, None).is_empty(),
+            "closed once the hub lets go"
+        );
+    });
+}
+
+#[test]
+fn a_parked_session_is_woken_by_the_wake_an_offer_hands_out() {
+    offered_from_another_thread(8);
+}
+
+#[test]
+fn an_outbox_filling_past_half_wakes_its_session_at_once() {
+    // Two frames: the first's wake is handed out, the second fills the
+    // outbox past half and wakes the session directly.
+    offered_from_another_thread(2);
+}
+
+fn limits() -> HubLimits {
+    HubLimits {
+        send_queue: 8,
+        send_queue_bytes: 1 << 10,
+        conflate: false,
+        max_symbols: 4,
+        max_sockets_per_client: 4,
+        max_snapshots: 4,
+        history_size: 4,
+        history_bytes: 1 << 10,
+        resume_frames_per_second: 100,
+        connects_per_client_per_second: 100,
+    }
+}
+
+fn result(symbol: &str, text: &'static str) -> SharedResult {
+    SharedResult::detached(Utf8Bytes::from_static(text), symbol, None, None)
+}
+
+#[test]
+fn a_result_delivered_during_another_threads_hold_is_woken_when_it_ends() {
+    model(|| {
+        let hub = Hub::new(limits(), Arc::new(Stats::default()));
+        let admission = hub.admit("acme").expect("admitted");
+        let (_membership, mut outbox) = hub.join(admission, &["*".to_owned()], false);
+        let holding = {
+            let hub = hub.clone();
+            thread::spawn(move || {
+                let hold = hub.hold_wakes();
+                hub.deliver_result(result("A", "held"));
+                drop(hold);
+            })
+        };
+        let unheld = {
+            let hub = hub.clone();
+            thread::spawn(move || hub.deliver_result(result("B", "unheld")))
+        };
+        let mut got = take(&mut outbox, Some(2));
+        got.sort();
+        assert_eq!(got, ["held", "unheld"]);
+        holding.join().expect("the holding thread");
+        unheld.join().expect("the other thread");
+    });
+}
