@@ -12,7 +12,9 @@
 //! that is never woken for a frame it was queued shows up as a deadlock,
 //! which loom reports. Run it with
 //! `cargo test -p quotebridge-fanout --features model-check --test wake_model`
-//! (`script/test` does).
+//! (`script/test` does); without the feature this file is empty.
+
+#![cfg(feature = "model-check")]
 
 use std::sync::Arc;
 use std::task::Waker;
