@@ -103,9 +103,13 @@ async fn security_headers(mut response: Response) -> Response {
     response
 }
 
-/// Bytes read from a socket at a time. Clients send only small requests, and
-/// an idle socket should cost little (tungstenite's default is 128 KiB).
-const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes read from a socket at a time, and the read buffer every socket
+/// allocates up front. Clients send small requests (a subscribe is well
+/// under 1 KiB; the buffer grows for a larger frame, up to
+/// `websocket.max_message_bytes`), and an idle socket should cost little
+/// (tungstenite's default is 128 KiB; 4 KiB made a third of an idle
+/// socket's memory).
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// Bytes fed before a write reaches the socket without a flush; sessions
 /// flush after every batch anyway.

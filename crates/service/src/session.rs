@@ -396,6 +396,12 @@ async fn write(
 /// also drains what the client sent meanwhile, so the TCP connection ends
 /// with a FIN the client can read up to, not a reset over unread data.
 async fn close(socket: &mut Socket, code: CloseCode, reason: &'static str) {
+    // Boxed: inline, the closing handshake's state would make every
+    // session's future, idle or not, that much larger.
+    Box::pin(close_now(socket, code, reason)).await;
+}
+
+async fn close_now(socket: &mut Socket, code: CloseCode, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),

@@ -91,7 +91,7 @@ impl<S: AsyncRead + Unpin> FrameMeter<S> {
     /// passed (it may have already), the connection ends, or `within`.
     pub async fn drain_until_close(&mut self, within: Duration) {
         let drain = async {
-            let mut scratch = [0u8; 1024];
+            let mut scratch = vec![0u8; 1024];
             while !self.close_seen {
                 match self.inner.read(&mut scratch).await {
                     Ok(0) | Err(_) => return,
