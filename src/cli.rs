@@ -137,6 +137,11 @@ pub struct BenchArgs {
     /// Fan-out: frames to deliver per socket count.
     #[arg(long, default_value_t = 5_000_000)]
     fanout_frames: u64,
+    /// Fan-out: results per round, each sent to every socket (default: as
+    /// many as make 200,000 frames, e.g. 20 at 10,000 sockets; at most
+    /// `websocket.send_queue`/2 fit a socket's queue).
+    #[arg(long)]
+    fanout_round: Option<u64>,
     /// Slow fan-out: percent of the sockets that never read.
     #[arg(long, default_value_t = 10)]
     slow_percent: usize,
@@ -184,6 +189,7 @@ impl BenchArgs {
             fanout_sockets: self.fanout_sockets,
             groups: self.groups,
             fanout_frames: self.fanout_frames,
+            fanout_round: self.fanout_round,
             slow_percent: self.slow_percent,
             resume_sockets: self.resume_sockets,
             resume_missed: self.resume_missed,

@@ -39,7 +39,10 @@ pub async fn run(
     let frames = rig.frames.clone();
 
     let mut conn = publisher(&environment.url).await?;
-    let per_round = (ROUND_FRAMES / sockets.max(1) as u64).max(1);
+    let per_round = options
+        .fanout_round
+        .unwrap_or(ROUND_FRAMES / sockets.max(1) as u64)
+        .max(1);
     let rounds = options
         .fanout_frames
         .div_ceil(per_round * sockets.max(1) as u64)
@@ -96,7 +99,10 @@ pub async fn run(
     } else {
         (
             Scenario::Fanout,
-            format!("{sockets} sockets / {groups} groups, {}", environment.role),
+            format!(
+                "{sockets} sockets / {groups} groups, {}, {per_round} a round",
+                environment.role
+            ),
         )
     };
     let mut row = Row::new(scenario, parameters)

@@ -81,6 +81,9 @@ pub struct Options {
     pub groups: usize,
     /// Fan-out: frames to deliver per socket count.
     pub fanout_frames: u64,
+    /// Fan-out: results per round, each to every socket (`None`: 200,000
+    /// frames' worth).
+    pub fanout_round: Option<u64>,
     /// Slow fan-out: the share of sockets (percent) that never read.
     pub slow_percent: usize,
     /// Resume: sockets coming back at once.
@@ -124,6 +127,7 @@ impl Default for Options {
             fanout_sockets: vec![100, 1_000, 10_000],
             groups: 10,
             fanout_frames: 5_000_000,
+            fanout_round: None,
             slow_percent: 10,
             resume_sockets: 1_000,
             resume_missed: 1_000,
