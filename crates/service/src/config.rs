@@ -49,6 +49,113 @@ const LIST_KEYS: [&str; 4] = [
     "redis.cluster_nodes",
 ];
 
+/// `value` as the type of `like`, the same key's compiled-in default:
+/// text that reads as that type becomes it, lists of text are trimmed.
+fn typed_like(value: config::Value, like: &config::Value) -> config::Value {
+    use config::{Value, ValueKind};
+    let origin = value.origin().map(str::to_owned);
+    let new = |kind: ValueKind| Value::new(origin.as_ref(), kind);
+    match (&like.kind, &value.kind) {
+        (ValueKind::Table(template), ValueKind::Table(table)) => new(ValueKind::Table(
+            table
+                .iter()
+                .map(|(key, value)| {
+                    let typed = match template.get(key) {
+                        Some(like) => typed_like(value.clone(), like),
+                        None => value.clone(),
+                    };
+                    (key.clone(), typed)
+                })
+                .collect(),
+        )),
+        (ValueKind::I64(_) | ValueKind::U64(_), ValueKind::String(_)) => value
+            .clone()
+            .into_int()
+            .map_or(value, |n| new(ValueKind::I64(n))),
+        (ValueKind::Boolean(_), ValueKind::String(_)) => value
+            .clone()
+            .into_bool()
+            .map_or(value, |b| new(ValueKind::Boolean(b))),
+        (ValueKind::Float(_), ValueKind::String(_)) => value
+            .clone()
+            .into_float()
+            .map_or(value, |f| new(ValueKind::Float(f))),
+        (ValueKind::Array(_), ValueKind::Array(items)) => {
+            let mut texts: Vec<String> = items
+                .iter()
+                .filter_map(|item| item.clone().into_string().ok())
+                .collect();
+            if texts.len() != items.len() {
+                return value;
+            }
+            tidy(&mut texts);
+            new(ValueKind::Array(
+                texts
+                    .into_iter()
+                    .map(|text| new(ValueKind::String(text)))
+                    .collect(),
+            ))
+        }
+        _ => value,
+    }
+}
+
+/// What `server.listen` takes, for its error message.
+const LISTEN_FORMS: &str = "write host:port, the host an IP address or a name: 127.0.0.1:8080 (this machine only), 0.0.0.0:8080 (every interface), [::1]:8080 or localhost:8080";
+
+/// `server.listen`: an address, or a host name and port resolved to the
+/// first address it names. A port alone (`8080`, as a number or text) is
+/// refused, saying which forms are taken: which interface it means is a
+/// choice the operator should make.
+fn listen_address<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    use serde::de::Error;
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Given {
+        Port(u64),
+        Text(String),
+    }
+    let text = match Given::deserialize(deserializer)? {
+        Given::Port(port) => {
+            return Err(D::Error::custom(format!(
+                "{port} is a port alone; {LISTEN_FORMS}"
+            )));
+        }
+        Given::Text(text) => text,
+    };
+    let text = text.trim();
+    if let Ok(address) = text.parse::<SocketAddr>() {
+        return Ok(address);
+    }
+    if !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(D::Error::custom(format!(
+            "{text} is a port alone; {LISTEN_FORMS}"
+        )));
+    }
+    let resolved = std::net::ToSocketAddrs::to_socket_addrs(text).map(|mut all| all.next());
+    match resolved {
+        Ok(Some(address)) => Ok(address),
+        Ok(None) => Err(D::Error::custom(format!(
+            "{text:?} names no address; {LISTEN_FORMS}"
+        ))),
+        Err(err) => Err(D::Error::custom(format!(
+            "{text:?} is not an address ({err}); {LISTEN_FORMS}"
+        ))),
+    }
+}
+
+/// Trims every item of a list setting and drops the empty ones.
+fn tidy(list: &mut Vec<String>) {
+    for item in list.iter_mut() {
+        if item.trim().len() != item.len() {
+            *item = item.trim().to_owned();
+        }
+    }
+    list.retain(|item| !item.is_empty());
+}
+
 /// What a Redis URL looks like, for error messages.
 const REDIS_URL_FORMS: &str =
     "redis://[[user]:password@]host[:port][/db] or unix:///path/to/redis.sock";
@@ -345,7 +452,9 @@ pub struct WebSocketSettings {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerSettings {
-    /// Listen address for HTTP and WebSocket.
+    /// Listen address for HTTP and WebSocket: `host:port`, the host an IP
+    /// address or a name (resolved when the settings are read).
+    #[serde(deserialize_with = "listen_address")]
     pub listen: SocketAddr,
     /// Most concurrent WebSocket connections.
     pub max_connections: usize,
@@ -392,17 +501,38 @@ impl Settings {
         err.with_origin(&self.origins)
     }
 
-    /// The merged sources, not yet turned into settings: what `config
-    /// show` prints.
+    /// The merged sources as the settings read them: what `config show`
+    /// prints. Each value has its key's type (a variable's `20` is the
+    /// number 20, `true` the boolean), and lists are trimmed as loading
+    /// trims them. The settings are checked first, so what is shown is
+    /// what would run.
     pub fn merged(
         file: Option<&Path>,
         env: HashMap<String, String>,
     ) -> Result<config::Map<String, config::Value>, ConfigError> {
+        Self::load_with_env(file, Some(env.clone()))?;
         let origins = Origins::new(file, &env);
-        Self::sources(file, env)
-            .and_then(|sources| sources.build())
-            .and_then(|merged| merged.try_deserialize::<config::Map<String, config::Value>>())
-            .map_err(|err| explain::explain(err, file, &origins))
+        let read = |sources: Result<
+            config::ConfigBuilder<config::builder::DefaultState>,
+            config::ConfigError,
+        >| {
+            sources
+                .and_then(|sources| sources.build())
+                .and_then(|merged| merged.try_deserialize::<config::Map<String, config::Value>>())
+                .map_err(|err| explain::explain(err, file, &origins))
+        };
+        let template = read(Self::sources(None, HashMap::new()))?;
+        let merged = read(Self::sources(file, env))?;
+        Ok(merged
+            .into_iter()
+            .map(|(key, value)| {
+                let typed = match template.get(&key) {
+                    Some(like) => typed_like(value, like),
+                    None => value,
+                };
+                (key, typed)
+            })
+            .collect())
     }
 
     /// The defaults, then the file, then the environment. A variable's
@@ -425,6 +555,7 @@ impl Settings {
         for (key, value) in vars {
             builder = if LIST_KEYS.contains(&key.as_str()) {
                 let items: Vec<String> = value.split(',').map(str::to_owned).collect();
+                // Trimmed below, with the file's lists.
                 builder.set_override(key, items)?
             } else {
                 builder.set_override(key, value)?
@@ -442,10 +573,18 @@ impl Settings {
             .and_then(|sources| sources.build())
             .and_then(Config::try_deserialize)
             .map_err(|err| explain::explain(err, file, origins))?;
-        // `QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` (empty) means "none".
-        settings.websocket.default_symbols.retain(|s| !s.is_empty());
-        settings.auth.tokens.retain(|s| !s.is_empty());
-        settings.redis.cluster_nodes.retain(|s| !s.is_empty());
+        // Every list, from the environment or a file, the same way: items
+        // trimmed (`quotes, ticks.*` is two channels, not " ticks.*", which
+        // nothing would match), empty ones dropped
+        // (`QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS=` means "none").
+        for list in [
+            &mut settings.redis.input,
+            &mut settings.websocket.default_symbols,
+            &mut settings.auth.tokens,
+            &mut settings.redis.cluster_nodes,
+        ] {
+            tidy(list);
+        }
         settings.validate()?;
         Ok(settings)
     }
@@ -933,6 +1072,92 @@ mod tests {
         assert!(err.contains("redis.url"), "{err}");
         let err = error_with_env(&[("QUOTEBRIDGE__SERVER__LISTEN", "localhost")]);
         assert!(err.contains("server.listen"), "{err}");
+    }
+
+    #[test]
+    fn every_list_is_trimmed_from_the_environment_and_from_files() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[
+                ("QUOTEBRIDGE__REDIS__INPUT", "quotes, ticks.* ,"),
+                ("QUOTEBRIDGE__WEBSOCKET__DEFAULT_SYMBOLS", " AAPL , MSFT"),
+                ("QUOTEBRIDGE__AUTH__TOKENS", "alpha, beta"),
+            ]),
+        )
+        .expect("valid");
+        assert_eq!(s.redis.input, ["quotes", "ticks.*"]);
+        assert_eq!(s.websocket.default_symbols, ["AAPL", "MSFT"]);
+        assert_eq!(s.auth.tokens, ["alpha", "beta"]);
+        let path =
+            std::env::temp_dir().join(format!("quotebridge-lists-{}.toml", std::process::id()));
+        std::fs::write(&path, "[redis]\ninput = [\"quotes \", \" ticks.*\"]\n").expect("write");
+        let loaded = Settings::load_with_env(Some(&path), env(&[]));
+        std::fs::remove_file(&path).ok();
+        assert_eq!(loaded.expect("valid").redis.input, ["quotes", "ticks.*"]);
+    }
+
+    #[test]
+    fn whole_numbers_out_of_their_type_say_the_bound() {
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOW", "-5")]);
+        assert!(
+            err.contains("sma.window") && err.ends_with("must not be negative (got -5)"),
+            "{err}"
+        );
+        let err = error_with_env(&[(
+            "QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND",
+            "99999999999",
+        )]);
+        assert!(
+            err.ends_with("must be at most 4294967295 (got 99999999999)"),
+            "{err}"
+        );
+        let err = error_with_env(&[("QUOTEBRIDGE__SMA__WINDOW", "ten")]);
+        assert!(
+            err.ends_with(r#"expected an integer, got string "ten""#),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn listen_takes_host_names_and_says_which_forms_it_takes() {
+        let s = Settings::load_with_env(
+            None,
+            env(&[("QUOTEBRIDGE__SERVER__LISTEN", "localhost:9001")]),
+        )
+        .expect("a host name resolves");
+        assert!(s.server.listen.ip().is_loopback(), "{}", s.server.listen);
+        assert_eq!(s.server.listen.port(), 9001);
+        let err = error_with_env(&[("QUOTEBRIDGE__SERVER__LISTEN", "8080")]);
+        assert!(
+            err.contains("8080 is a port alone") && err.contains("0.0.0.0:8080"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn merged_settings_have_their_keys_types() {
+        let merged = Settings::merged(
+            None,
+            env(&[
+                ("QUOTEBRIDGE__SMA__WINDOW", "20"),
+                ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+                ("QUOTEBRIDGE__REDIS__INPUT", "quotes, ticks.*"),
+            ])
+            .expect("pairs"),
+        )
+        .expect("valid");
+        let sma = merged["sma"].clone().into_table().expect("a table");
+        assert_eq!(sma["window"].kind, config::ValueKind::I64(20));
+        assert_eq!(sma["emit_partial"].kind, config::ValueKind::Boolean(true));
+        let redis = merged["redis"].clone().into_table().expect("a table");
+        let input: Vec<String> = redis["input"]
+            .clone()
+            .into_array()
+            .expect("a list")
+            .into_iter()
+            .map(|item| item.into_string().expect("text"))
+            .collect();
+        assert_eq!(input, ["quotes", "ticks.*"]);
     }
 
     #[test]

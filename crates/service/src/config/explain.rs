@@ -35,6 +35,8 @@ pub(super) fn explain(
             // A secret's value is never repeated, even a wrongly typed one.
             let message = if is_secret(&key) {
                 format!("expected {expected}")
+            } else if let Some(message) = out_of_type(&unexpected.to_string(), expected) {
+                message
             } else {
                 format!("expected {expected}, got {unexpected}")
             };
@@ -57,6 +59,34 @@ pub(super) fn explain(
         Raw::Message(message) => message_explained(&message, origins),
         other => ConfigError::Other(one_line(&other.to_string())),
     }
+}
+
+/// A whole number the key's type cannot hold, said as a bound rather than
+/// as types: a negative one for a count ("must not be negative", not
+/// "expected an unsigned integer, got string"), or one past the type's
+/// largest ("must be at most 4294967295"). `None` for any other mismatch.
+fn out_of_type(unexpected: &str, expected: &str) -> Option<String> {
+    // Every whole-number setting is unsigned; a variable's text that does
+    // not read as one is reported as "expected an integer".
+    if !expected.contains("integer") {
+        return None;
+    }
+    // The config crate writes what it found as "64-bit integer `-3`" or,
+    // for a variable's text, "string \"-5\"".
+    let number = unexpected
+        .split(['`', '"'])
+        .nth(1)
+        .filter(|_| unexpected.contains("integer") || unexpected.starts_with("string"))?;
+    let value: i128 = number.trim().parse().ok()?;
+    if value < 0 {
+        return Some(format!("must not be negative (got {value})"));
+    }
+    let bits: u32 = expected
+        .split_whitespace()
+        .find_map(|word| word.parse().ok())
+        .filter(|_| expected.contains("unsigned"))?;
+    let max = 1i128.checked_shl(bits)? - 1;
+    (value > max).then(|| format!("must be at most {max} (got {value})"))
 }
 
 fn keyed(key: &str, origins: &Origins, message: String) -> ConfigError {
