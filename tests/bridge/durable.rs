@@ -453,7 +453,9 @@ async fn a_takeover_under_another_name_keeps_per_key_order() {
 }
 
 /// `stream_lag` (the gauge the stream-lag alert watches) counts what the
-/// group has yet to acknowledge, and falls to zero once it is applied.
+/// group has yet to acknowledge, and falls to zero once it is applied: it
+/// is measured again after every batch while it is not zero, so it does not
+/// go on showing entries that are done.
 #[tokio::test]
 async fn stream_lag_counts_what_is_waiting_and_falls_to_zero() {
     let redis = RedisServer::start().await;
@@ -462,10 +464,32 @@ async fn stream_lag_counts_what_is_waiting_and_falls_to_zero() {
         .map(|i| format!(r#"{{"symbol":"L{}","price":{i},"ts":{i}}}"#, i % 7).into_bytes())
         .collect();
     xadd_all(&mut conn, &quotes).await;
-    // Measured before the first read: all 100 are waiting.
-    let app = spawn_app_on(redis, &[STREAM_MODE]);
-    app.wait_for_stats("the lag of what was there before", |s| {
-        s["stream_lag"] == 100
+    // A consumer that went away holds all 100: the bridge waits
+    // claim_idle_ms before it may take them, and shows them meanwhile.
+    let _: () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg("quotes.stream")
+        .arg("quotebridge")
+        .arg("0")
+        .query_async(&mut conn)
+        .await
+        .expect("the group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("quotebridge")
+        .arg("gone")
+        .arg("STREAMS")
+        .arg("quotes.stream")
+        .arg(">")
+        .query_async(&mut conn)
+        .await
+        .expect("read by a consumer that then went away");
+    let app = spawn_app_on(
+        redis,
+        &[STREAM_MODE, ("QUOTEBRIDGE__REDIS__CLAIM_IDLE_MS", "3000")],
+    );
+    app.wait_for_stats("the lag of what another consumer holds", |s| {
+        s["stream_lag"] == 100 && s["quotes_received"] == 0
     })
     .await;
     let stats = app

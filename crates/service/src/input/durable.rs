@@ -50,7 +50,8 @@ pub const SMA_FIELD: &str = "sma";
 /// How long one XREADGROUP waits for new entries; also how often shutdown is noticed.
 const BLOCK: Duration = Duration::from_millis(1000);
 
-/// How often the group's lag (`stream_lag`) is measured.
+/// How often the group's lag (`stream_lag`) is measured while it is zero
+/// (while it is not, after every batch).
 const LAG_EVERY: Duration = Duration::from_secs(5);
 
 /// Where the group's pending entries stand.
@@ -174,10 +175,16 @@ impl DurableInput {
         // one is read.
         let mut held_since: Option<Instant> = None;
         let mut lag_measured: Option<Instant> = None;
+        let mut batches_measured = 0;
         while !shutdown.is_cancelled() {
-            if lag_measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
+            // A lag shown must not outlive the entries it counted: while it
+            // is not zero, it is measured again after every batch applied.
+            let batches = self.stats.stream_batches.load(Relaxed);
+            let stale = self.stats.stream_lag.load(Relaxed) > 0 && batches != batches_measured;
+            if stale || lag_measured.is_none_or(|at| at.elapsed() >= LAG_EVERY) {
                 self.measure_lag(&mut conn).await;
                 lag_measured = Some(Instant::now());
+                batches_measured = batches;
             }
             match self.drain_pending(&mut conn, shutdown).await? {
                 Pending::Stopped => break,
