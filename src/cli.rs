@@ -62,9 +62,23 @@ pub enum Command {
         /// Subscribe to these symbols instead of the defaults (comma-separated).
         #[arg(long, value_delimiter = ',', value_name = "A,B")]
         symbols: Option<Vec<String>>,
-        /// Base WebSocket URL (default: ws:// + server.listen).
+        /// Base WebSocket URL (default: ws:// + server.listen); a query
+        /// (`?x=1`) is kept.
         #[arg(long, value_name = "URL")]
         url: Option<String>,
+        /// Token to connect with (sent as `Authorization: Bearer`), when
+        /// the bridge requires one.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "QUOTEBRIDGE_TOKEN",
+            hide_env_values = true
+        )]
+        token: Option<String>,
+        /// Reconnect after a dropped connection or a bridge restart, and
+        /// resume where it left off (each key's last position).
+        #[arg(long)]
+        resume: bool,
     },
     /// Ask the bridge at server.listen whether it is alive (exit 0) or not
     /// (exit 1): for container health checks.
@@ -264,11 +278,20 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
             client_code,
             symbols,
             url,
+            token,
+            resume,
         } => {
-            let url = url.unwrap_or_else(|| {
+            let base_url = url.unwrap_or_else(|| {
                 format!("ws://{}", health::local_address(settings.server.listen))
             });
-            tail::run(&url, &client_code, symbols, shutdown).await
+            let options = tail::Options {
+                base_url,
+                client_code,
+                symbols,
+                token,
+                resume,
+            };
+            tail::run(options, shutdown).await
         }
         Command::Config { action } => {
             let file = cli.config.as_deref();

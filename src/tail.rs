@@ -1,49 +1,226 @@
 //! `quotebridge tail`: a WebSocket client that prints what a client group
-//! receives, one JSON document per line.
+//! receives, one JSON document per line. With `--resume` it is the
+//! reference client of the resume protocol: it remembers each key's last
+//! position, and when the connection drops or the bridge restarts it
+//! reconnects with `?resume=1` and asks for what it missed.
 
+use std::collections::BTreeMap;
 use std::io::Write;
+use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::json;
-use tokio_tungstenite::tungstenite::Message;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
 
-/// Connects to `{base_url}/ws/{client_code}`; with `symbols`, replaces the
-/// default subscriptions by them. Prints every text frame until the server
-/// closes the socket or `shutdown`.
-pub async fn run(
-    base_url: &str,
-    client_code: &str,
-    symbols: Option<Vec<String>>,
-    shutdown: CancellationToken,
-) -> Result<(), Error> {
-    if !crate::names::is_client_code(client_code) {
+/// Longest wait between two reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// What `tail` connects to and how.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Base WebSocket URL, e.g. `ws://127.0.0.1:8080` (a query is kept).
+    pub base_url: String,
+    /// The client code to connect as.
+    pub client_code: String,
+    /// Subscribe to these instead of the default subscriptions.
+    pub symbols: Option<Vec<String>>,
+    /// Sent as `Authorization: Bearer`.
+    pub token: Option<String>,
+    /// Reconnect after a drop and resume where it left off.
+    pub resume: bool,
+}
+
+/// Each key's last position: key → (epoch, seq), public and private.
+#[derive(Debug, Default)]
+struct Positions {
+    public: BTreeMap<String, (String, u64)>,
+    private: BTreeMap<String, (String, u64)>,
+}
+
+impl Positions {
+    /// Notes the position of `frame` if it is a result.
+    fn note(&mut self, frame: &Value) {
+        let (Some(symbol), Some(seq), Some(epoch)) = (
+            frame["symbol"].as_str(),
+            frame["seq"].as_u64(),
+            frame["epoch"].as_str(),
+        ) else {
+            return;
+        };
+        let keys = if frame["client"].is_string() {
+            &mut self.private
+        } else {
+            &mut self.public
+        };
+        keys.insert(symbol.to_owned(), (epoch.to_owned(), seq));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.public.is_empty() && self.private.is_empty()
+    }
+
+    /// The resume request naming every key's last position, grouped by
+    /// epoch as the protocol asks.
+    fn resume_request(&self, symbols: Option<&[String]>) -> Value {
+        let grouped = |keys: &BTreeMap<String, (String, u64)>| {
+            let mut by_epoch: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
+            for (symbol, (epoch, seq)) in keys {
+                by_epoch.entry(epoch).or_default().insert(symbol, *seq);
+            }
+            json!(by_epoch)
+        };
+        let mut request = json!({
+            "op": "resume",
+            "public": grouped(&self.public),
+            "private": grouped(&self.private),
+        });
+        if let Some(symbols) = symbols {
+            request["symbols"] = json!(symbols);
+        }
+        request
+    }
+}
+
+/// How one connection ended.
+enum Ended {
+    /// Asked to stop.
+    Shutdown,
+    /// Stdout is gone (piped into `head`): nothing left to do.
+    StdoutClosed,
+    /// The bridge closed the socket, with this code and reason.
+    Closed(u16, String),
+    /// The connection dropped without a close frame.
+    Dropped(String),
+}
+
+/// Connects to `{base_url}/ws/{client_code}` and prints every text frame
+/// until the server closes the socket or `shutdown`. A close by the
+/// server is an error (its code and reason), unless `--resume` makes it a
+/// reason to reconnect (a bridge going away, a dropped connection).
+pub async fn run(options: Options, shutdown: CancellationToken) -> Result<(), Error> {
+    if !crate::names::is_client_code(&options.client_code) {
         return Err(Error::Input(format!(
-            "invalid client code {client_code:?}: expected 1-64 characters from [A-Za-z0-9_-]"
+            "invalid client code {:?}: expected 1-64 characters from [A-Za-z0-9_-]",
+            options.client_code
         )));
     }
-    let url = format!("{}/ws/{client_code}", base_url.trim_end_matches('/'));
-    let (mut socket, _) = tokio_tungstenite::connect_async(url.as_str())
+    let url = socket_url(&options.base_url, &options.client_code, options.resume);
+    let mut positions = Positions::default();
+    let mut connected_once = false;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        let ended = match connect(&url, options.token.as_deref()).await {
+            Ok(socket) => {
+                connected_once = true;
+                backoff = Duration::from_millis(250);
+                tracing::info!(%url, "connected");
+                follow(socket, &options, &mut positions, &shutdown).await?
+            }
+            // The first connection must work: a wrong URL should fail at once.
+            Err(err) if !options.resume || !connected_once => return Err(err),
+            Err(err) => Ended::Dropped(err.to_string()),
+        };
+        match ended {
+            Ended::Shutdown | Ended::StdoutClosed => return Ok(()),
+            Ended::Closed(code, reason) if options.resume && code == u16::from(CloseCode::Away) => {
+                eprintln!(
+                    "quotebridge tail: the bridge closed the socket ({code} {reason}); reconnecting to resume"
+                );
+            }
+            Ended::Closed(code, reason) => {
+                return Err(Error::Closed { code, reason });
+            }
+            Ended::Dropped(why) if options.resume => {
+                eprintln!("quotebridge tail: connection lost ({why}); reconnecting to resume");
+            }
+            Ended::Dropped(why) => {
+                return Err(Error::Closed {
+                    code: u16::from(CloseCode::Abnormal),
+                    reason: format!("connection lost: {why}"),
+                });
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// `{base}/ws/{code}`, any query of `base` kept after it (and `resume=1`
+/// added when resuming): `ws://host:8080/?x=1` becomes
+/// `ws://host:8080/ws/acme?x=1`.
+fn socket_url(base: &str, client_code: &str, resume: bool) -> String {
+    let (base, query) = base.split_once('?').unwrap_or((base, ""));
+    let mut query: Vec<&str> = query.split('&').filter(|part| !part.is_empty()).collect();
+    if resume && !query.iter().any(|part| part.starts_with("resume=")) {
+        query.push("resume=1");
+    }
+    let mut url = format!("{}/ws/{client_code}", base.trim_end_matches('/'));
+    if !query.is_empty() {
+        url.push('?');
+        url.push_str(&query.join("&"));
+    }
+    url
+}
+
+async fn connect(url: &str, token: Option<&str>) -> Result<Socket, Error> {
+    let unreachable = |reason: String| Error::Unreachable {
+        url: url.to_owned(),
+        reason,
+    };
+    let mut request = url
+        .into_client_request()
+        .map_err(|err| unreachable(err.to_string()))?;
+    if let Some(token) = token {
+        let value = HeaderValue::from_str(&format!("Bearer {token}"))
+            .map_err(|_| Error::Input("--token: not usable in an HTTP header".into()))?;
+        request.headers_mut().insert("authorization", value);
+    }
+    let (socket, _) = tokio_tungstenite::connect_async(request)
         .await
-        .map_err(|err| Error::Unreachable {
-            url: url.clone(),
-            reason: err.to_string(),
-        })?;
-    tracing::info!(%url, "connected");
-    let mut pending_subscription = symbols;
+        .map_err(|err| unreachable(err.to_string()))?;
+    Ok(socket)
+}
+
+/// Prints what one connection receives until it ends. After the welcome:
+/// on a resumed connection, the resume request; otherwise the requested
+/// subscriptions in place of the defaults.
+async fn follow(
+    mut socket: Socket,
+    options: &Options,
+    positions: &mut Positions,
+    shutdown: &CancellationToken,
+) -> Result<Ended, Error> {
+    let mut welcomed = false;
     loop {
         let frame = tokio::select! {
             () = shutdown.cancelled() => {
                 let _ = socket.close(None).await;
-                return Ok(());
+                return Ok(Ended::Shutdown);
             }
             frame = socket.next() => frame,
         };
-        let text = match frame {
-            None | Some(Ok(Message::Close(_))) => return Ok(()),
-            Some(Err(err)) => return Err(err.into()),
+        let text: Utf8Bytes = match frame {
+            None => return Ok(Ended::Dropped("closed without a close frame".into())),
+            Some(Ok(Message::Close(close))) => {
+                let (code, reason) = close
+                    .map_or((u16::from(CloseCode::Status), String::new()), |close| {
+                        (u16::from(close.code), close.reason.to_string())
+                    });
+                return Ok(Ended::Closed(code, reason));
+            }
+            Some(Err(err)) => return Ok(Ended::Dropped(err.to_string())),
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Binary(data))) => format!(
                 "{{\"binary_base16\":\"{}\"}}",
@@ -58,17 +235,71 @@ pub async fn run(
         };
         // stdout is locked per line, never across an await.
         if written.is_err() {
-            // stdout closed (e.g. piped into `head`): nothing left to do.
-            return Ok(());
+            return Ok(Ended::StdoutClosed);
         }
-        // After the welcome, swap the default subscriptions for the requested ones.
-        if let Some(symbols) = pending_subscription.take() {
-            let welcome: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            let defaults = welcome["subscriptions"].clone();
-            let unsubscribe = json!({"op": "unsubscribe", "symbols": defaults});
-            let subscribe = json!({"op": "subscribe", "symbols": symbols});
-            socket.send(Message::text(unsubscribe.to_string())).await?;
-            socket.send(Message::text(subscribe.to_string())).await?;
+        let frame: Value = serde_json::from_str(&text).unwrap_or_default();
+        positions.note(&frame);
+        if std::mem::replace(&mut welcomed, true) {
+            continue;
         }
+        // The first frame is the welcome.
+        let requests = if options.resume && !positions.is_empty() {
+            vec![positions.resume_request(options.symbols.as_deref())]
+        } else if let Some(symbols) = &options.symbols {
+            let defaults = frame["subscriptions"].clone();
+            vec![
+                json!({"op": "unsubscribe", "symbols": defaults}),
+                json!({"op": "subscribe", "symbols": symbols}),
+            ]
+        } else if options.resume {
+            // Held until a first request: an empty resume makes it live.
+            vec![json!({"op": "resume"})]
+        } else {
+            Vec::new()
+        };
+        for request in requests {
+            socket.send(Message::text(request.to_string())).await?;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_socket_url_keeps_a_query_and_adds_resume() {
+        assert_eq!(socket_url("ws://h:1/", "acme", false), "ws://h:1/ws/acme");
+        assert_eq!(
+            socket_url("ws://h:1?token=abc", "acme", false),
+            "ws://h:1/ws/acme?token=abc"
+        );
+        assert_eq!(
+            socket_url("ws://h:1/?token=abc", "acme", true),
+            "ws://h:1/ws/acme?token=abc&resume=1"
+        );
+    }
+
+    #[test]
+    fn the_resume_request_groups_each_keys_last_position_by_epoch() {
+        let mut positions = Positions::default();
+        for frame in [
+            json!({"symbol": "A", "seq": 1, "epoch": "e1", "sma": 1.0}),
+            json!({"symbol": "A", "seq": 2, "epoch": "e1", "sma": 1.0}),
+            json!({"symbol": "B", "seq": 7, "epoch": "e2", "sma": 1.0}),
+            json!({"symbol": "A", "seq": 3, "epoch": "e1", "sma": 1.0, "client": "acme"}),
+            json!({"type": "subscribed", "symbols": ["A"]}),
+        ] {
+            positions.note(&frame);
+        }
+        assert_eq!(
+            positions.resume_request(Some(&["A".to_owned(), "B".to_owned()])),
+            json!({
+                "op": "resume",
+                "public": {"e1": {"A": 2}, "e2": {"B": 7}},
+                "private": {"e1": {"A": 3}},
+                "symbols": ["A", "B"],
+            })
+        );
     }
 }

@@ -45,7 +45,11 @@ impl Serve {
     /// Runs the binary with `args` (which must serve) and `env`, on a free
     /// port, and waits until `/readyz` says it is ready.
     pub async fn launch(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Self {
-        let port = free_port();
+        Self::launch_on(free_port(), args, env, stderr).await
+    }
+
+    /// [`Serve::launch`] on `port`: a bridge restarted where clients knew it.
+    pub async fn launch_on(port: u16, args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> Self {
         let child = Command::new(BIN)
             .args(args)
             .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
@@ -579,7 +583,7 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
             &format!("ws://{}", app.address),
         ])
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start quotebridge tail");
@@ -616,13 +620,132 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
     .await;
     assert_eq!(next_line().await["note"], "hi");
     app.shutdown().await;
-    let status = within("tail to exit when the server closes", tail.wait())
-        .await
-        .expect("wait");
-    assert!(
-        status.success(),
-        "tail exits 0 when the bridge closes the socket"
+    let out = within(
+        "tail to exit when the server closes",
+        tail.wait_with_output(),
+    )
+    .await
+    .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "a close it did not ask for: {stderr}"
     );
+    assert!(
+        stderr.contains("the bridge closed the connection: 1001 going away"),
+        "{stderr}"
+    );
+}
+
+/// `tail --token`: the token goes in the Authorization header; without it
+/// the bridge's refusal is what tail reports.
+#[tokio::test]
+async fn tail_connects_with_a_token() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__AUTH__MODE", "token"),
+        ("QUOTEBRIDGE__AUTH__TOKENS", "acme=s3cret-acme"),
+    ])
+    .await;
+    let url = format!("ws://{}", app.address);
+    // The bridge runs on this test's runtime: the refused tail is awaited.
+    let out = tokio::process::Command::new(BIN)
+        .args(["tail", "acme", "--url", &url])
+        .output();
+    let out = within("tail to be refused", out).await.expect("run tail");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("401"), "{stderr}");
+
+    let mut tail = tokio::process::Command::new(BIN)
+        .args(["tail", "acme", "--url", &url, "--token", "s3cret-acme"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start quotebridge tail");
+    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let line = within("the welcome", lines.next_line())
+        .await
+        .expect("read stdout")
+        .expect("tail is still running");
+    let welcome: Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(welcome["type"], "welcome");
+    assert_eq!(welcome["client"], "acme");
+    app.shutdown().await;
+}
+
+/// `tail --resume` follows a bridge that restarts: it reconnects, asks for
+/// what it missed after each key's last position, and goes on printing.
+#[tokio::test]
+async fn tail_resumes_after_the_bridge_restarts() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let redis = RedisServer::start().await;
+    let port = free_port();
+    let url = redis.url();
+    let env = [
+        ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+    ];
+    let mut first = Serve::launch_on(port, &["serve"], &env, Stdio::null()).await;
+    let mut tail = tokio::process::Command::new(BIN)
+        .args([
+            "tail",
+            "acme",
+            "--resume",
+            "--url",
+            &format!("ws://127.0.0.1:{port}"),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start quotebridge tail");
+    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
+    let mut next_line = async || -> Value {
+        let line = within("a line from tail", lines.next_line())
+            .await
+            .expect("read stdout")
+            .expect("tail is still running");
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+    };
+    assert_eq!(next_line().await["type"], "welcome");
+    assert_eq!(
+        next_line().await["type"],
+        "resumed",
+        "an empty resume makes it live"
+    );
+    let mut conn = redis.connection().await;
+    let quote = |price: u32| {
+        (
+            "quotes".to_owned(),
+            format!(r#"{{"symbol":"AAPL","price":{price},"ts":{price}}}"#).into_bytes(),
+        )
+    };
+    publish_all(&mut conn, &[quote(1)]).await;
+    assert_eq!(next_line().await["seq"], 1);
+
+    first.terminate().await;
+    let _second = Serve::launch_on(port, &["serve"], &env, Stdio::null()).await;
+    assert_eq!(next_line().await["type"], "welcome", "reconnected");
+    let resumed = next_line().await;
+    assert_eq!(resumed["type"], "resumed", "{resumed}");
+    // A restarted pub/sub bridge starts AAPL over in a new epoch: the gap
+    // is reported, as the protocol says, not hidden.
+    assert_eq!(
+        resumed["unrecovered"]["public"],
+        serde_json::json!(["AAPL"])
+    );
+    publish_all(&mut conn, &[quote(2)]).await;
+    let sma = next_line().await;
+    assert_eq!(
+        (sma["symbol"].as_str(), sma["seq"].as_u64()),
+        (Some("AAPL"), Some(1))
+    );
+    assert!(tail.try_wait().expect("poll").is_none(), "tail goes on");
 }
 
 #[tokio::test]

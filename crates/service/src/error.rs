@@ -29,6 +29,14 @@ pub enum Error {
     /// A WebSocket connection failed (the `tail` command).
     #[error("websocket: {0}")]
     WebSocket(#[from] tokio_tungstenite::tungstenite::Error),
+    /// The bridge closed a WebSocket the `tail` command did not mean to end.
+    #[error("the bridge closed the connection: {code} {reason}")]
+    Closed {
+        /// The close code (1006 when the connection dropped without one).
+        code: u16,
+        /// The close frame's reason, or what happened.
+        reason: String,
+    },
     /// A server could not be reached: the URL tried (password hidden) and why.
     #[error("cannot reach {url}: {reason}")]
     Unreachable {
