@@ -35,7 +35,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Publish quotes from a CSV (symbol,price[,ts][,client]) or JSON-lines file.
     Publish {
-        /// The file to read.
+        /// The file to read; `-` reads standard input (CSV or JSON lines,
+        /// told apart by the first line).
         file: PathBuf,
         /// Quotes per second (default: as fast as Redis takes them, pipelined).
         #[arg(long, value_name = "N")]
@@ -354,8 +355,13 @@ async fn publish(
         return Err(Error::Usage("--rate must be a positive number".into()));
     }
     let loaded = publish::load(file, client)?;
+    let source = if file == std::path::Path::new("-") {
+        "stdin".to_owned()
+    } else {
+        file.display().to_string()
+    };
     for (line, reason) in &loaded.rejected {
-        eprintln!("{}:{line}: {reason}", file.display());
+        eprintln!("{source}:{line}: {reason}");
     }
     if loaded.quotes.is_empty() {
         return Err(Error::Input(format!(

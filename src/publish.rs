@@ -52,11 +52,17 @@ impl Summary {
     }
 }
 
-/// Reads `path`: CSV when it ends in `.csv` or its first line does not start
-/// with `{`, JSON lines otherwise. `client` makes every quote private to it.
+/// Reads `path` (`-`: standard input, to its end): CSV when it ends in
+/// `.csv` or its first line does not start with `{`, JSON lines otherwise.
+/// `client` makes every quote private to it.
 pub fn load(path: &Path, client: Option<&str>) -> Result<Loaded, crate::Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?;
+    let text = if path == Path::new("-") {
+        std::io::read_to_string(std::io::stdin())
+            .map_err(|e| crate::Error::io("cannot read standard input", e))?
+    } else {
+        std::fs::read_to_string(path)
+            .map_err(|e| crate::Error::io(format!("cannot read {}", path.display()), e))?
+    };
     let csv = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"))

@@ -258,8 +258,29 @@ async fn publishing_a_csv_into_serve_produces_the_expected_smas_and_sigterm_stop
         "rejected line is reported with its number: {stderr}"
     );
 
-    // Window 3: AAPL 1,2,3 → 2; then 2,3,7 → 4.
-    for (sma, ts) in [(2.0, 14), (4.0, 15)] {
+    // `publish -` reads standard input: JSON lines here.
+    let mut piped = Command::new(BIN)
+        .args(["publish", "-"])
+        .env("QUOTEBRIDGE__REDIS__URL", redis.url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run quotebridge publish -");
+    std::io::Write::write_all(
+        &mut piped.stdin.take().expect("stdin"),
+        b"{\"symbol\":\"AAPL\",\"price\":9,\"ts\":16}\nnot json\n",
+    )
+    .expect("write stdin");
+    let piped = piped.wait_with_output().expect("publish - exits");
+    let stdout = String::from_utf8_lossy(&piped.stdout);
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "publish - failed: {stderr}");
+    assert!(stdout.contains("published 1 quotes"), "summary: {stdout}");
+    assert!(stderr.contains("stdin:2:"), "{stderr}");
+
+    // Window 3: AAPL 1,2,3 → 2; then 2,3,7 → 4; then 3,7,9 → 6.33.
+    for (sma, ts) in [(2.0, 14), (4.0, 15), (19.0 / 3.0, 16)] {
         let (_, payload) = next_redis(&mut output).await;
         let got: Value = serde_json::from_str(&payload).expect("json");
         assert_eq!(
