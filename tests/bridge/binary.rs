@@ -769,6 +769,45 @@ async fn tail_resumes_after_the_bridge_restarts() {
     assert!(tail.try_wait().expect("poll").is_none(), "tail goes on");
 }
 
+/// A refusal that retrying cannot cure ends `publish` at once, in one line
+/// of Redis's words: an ACL user without PUBLISH, a wrong password.
+#[tokio::test]
+async fn publish_stops_at_a_permanent_refusal_in_one_line() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&["SETUSER", "limited", "on", ">pw", "~*", "-@all", "+ping"])
+        .query_async(&mut conn)
+        .await
+        .expect("an ACL user without PUBLISH");
+    for (credentials, words) in [
+        (
+            "limited:pw",
+            "NOPERM this user has no permissions to run the 'publish' command (each of",
+        ),
+        (
+            "limited:wrong",
+            "authentication failed: Redis refused the user name and password in the URL",
+        ),
+    ] {
+        let url = redis
+            .url()
+            .replace("redis://", &format!("redis://{credentials}@"));
+        let out = tokio::process::Command::new(BIN)
+            .args(["publish", "data/quotes.csv"])
+            .env("QUOTEBRIDGE__REDIS__URL", url)
+            .output();
+        let out = within("publish to give up", out)
+            .await
+            .expect("run publish");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(words), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(stderr.len() < 300, "one short line: {stderr}");
+    }
+}
+
 #[tokio::test]
 async fn json_logs_are_one_object_per_line_with_stable_fields() {
     let redis = RedisServer::start().await;

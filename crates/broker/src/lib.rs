@@ -191,7 +191,7 @@ pub type Subscription = BoxStream<'static, Inbound>;
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
     /// The Redis server failed or could not be reached.
-    #[error("redis: {0}")]
+    #[error("redis: {}", RedisWords(.0))]
     Redis(#[from] ::redis::RedisError),
     /// The broker is gone (the in-process broker was shut down).
     #[error("broker closed")]
@@ -199,6 +199,38 @@ pub enum BrokerError {
     /// The broker cannot do what was asked.
     #[error("{0}")]
     Unsupported(&'static str),
+}
+
+/// A Redis error in Redis's own words, once: a pipeline whose every command
+/// was refused (NOPERM for each of 1,000 publishes) is one line, not a
+/// thousand.
+struct RedisWords<'a>(&'a ::redis::RedisError);
+
+impl std::fmt::Display for RedisWords<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.kind() == ::redis::ErrorKind::AuthenticationFailed {
+            // The client library keeps no more of what Redis said than this.
+            return f.write_str(
+                "authentication failed: Redis refused the user name and password in the URL",
+            );
+        }
+        let Some(refused) = self.0.clone().into_server_errors() else {
+            return self.0.fmt(f);
+        };
+        let Some((_, first)) = refused.first() else {
+            return self.0.fmt(f);
+        };
+        f.write_str(first.code())?;
+        if let Some(details) = first.details() {
+            write!(f, " {details}")?;
+        }
+        if refused.len() > 1 {
+            let same = refused.iter().all(|(_, err)| err.code() == first.code());
+            let how = if same { "each" } else { "the first" };
+            write!(f, " ({how} of {} commands refused)", refused.len())?;
+        }
+        Ok(())
+    }
 }
 
 /// A publish/subscribe broker.

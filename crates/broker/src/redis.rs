@@ -109,7 +109,21 @@ impl RedisBroker {
     }
 
     /// Whether the server answers PING (connecting the publisher if needed).
+    /// A first connection is tried once, directly: a permanent refusal
+    /// (a wrong password, an ACL user without the right) is answered at
+    /// once, in Redis's words, not after the publisher's reconnection
+    /// attempts.
     pub async fn ping(&self) -> Result<(), BrokerError> {
+        if self.publisher.get().is_none() {
+            let config = redis::AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                .set_response_timeout(Some(RESPONSE_TIMEOUT));
+            let mut once = self
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await?;
+            redis::cmd("PING").query_async::<()>(&mut once).await?;
+        }
         let mut conn = self.publisher().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
