@@ -23,6 +23,13 @@ pub struct Cli {
     /// Log line format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Redis to use (sets redis.url, over the file and the environment).
+    #[arg(long, global = true, value_name = "URL")]
+    pub redis_url: Option<String>,
+    /// Address to serve HTTP and WebSockets on, host:port (sets
+    /// server.listen, over the file and the environment).
+    #[arg(long, global = true, value_name = "HOST:PORT")]
+    pub listen: Option<String>,
     /// What to do (default: serve).
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -218,9 +225,41 @@ impl BenchArgs {
     }
 }
 
+impl Cli {
+    /// The settings given by flags of their own.
+    fn setting_flags(&self) -> Vec<crate::config::Flag> {
+        let flag = |key, flag, value: &Option<String>| {
+            value
+                .clone()
+                .map(|value| crate::config::Flag { key, flag, value })
+        };
+        [
+            flag("redis.url", "--redis-url", &self.redis_url),
+            flag("server.listen", "--listen", &self.listen),
+        ]
+        .into_iter()
+        .flatten()
+        .collect()
+    }
+}
+
+/// Binds `serve`'s and `demo`'s listener; a failure says how to choose
+/// another address, whichever command it was.
+pub(crate) async fn listen(address: std::net::SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(address).await.map_err(|e| {
+        Error::io(
+            format!(
+                "cannot listen on {address} (choose another address with --listen HOST:PORT or QUOTEBRIDGE__SERVER__LISTEN)"
+            ),
+            e,
+        )
+    })
+}
+
 /// Runs the command `cli` names until it finishes or SIGINT/SIGTERM.
 pub async fn execute(cli: Cli) -> Result<(), Error> {
-    let settings = Settings::load(cli.config.as_deref())?;
+    let flags = cli.setting_flags();
+    let settings = Settings::load_with_flags(cli.config.as_deref(), &flags)?;
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -236,10 +275,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
         Command::Serve(args) => {
             let settings = settings.with_node(args.role, args.shard)?;
             quotebridge_service::raise_descriptor_limit(&settings);
-            let address = settings.server.listen;
-            let listener = TcpListener::bind(address)
-                .await
-                .map_err(|e| Error::io(format!("cannot listen on {address}"), e))?;
+            let listener = listen(settings.server.listen).await?;
             crate::run(settings, listener, shutdown).await
         }
         Command::Publish {
@@ -309,9 +345,8 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                     println!("configuration ok ({from})");
                 }
                 ConfigAction::Show => {
-                    let env = crate::config::env_settings();
-                    let origins = crate::config::Origins::new(file, &env);
-                    let merged = Settings::merged(file, env)?;
+                    let (env, origins) = Settings::inputs(file, &flags);
+                    let merged = Settings::merged(file, env, &origins)?;
                     print!("{}", crate::config::show::render(&merged, &origins));
                 }
             }

@@ -28,12 +28,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     settings.node.role = crate::topology::Role::All;
     settings.node.shard = crate::topology::Shard::WHOLE;
     let address = settings.server.listen;
-    let listener = TcpListener::bind(address).await.map_err(|e| {
-        Error::io(
-            format!("cannot listen on {address} (set QUOTEBRIDGE__SERVER__LISTEN)"),
-            e,
-        )
-    })?;
+    let listener = crate::cli::listen(address).await?;
     let local = listener
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;

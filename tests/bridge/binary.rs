@@ -769,6 +769,59 @@ async fn tail_resumes_after_the_bridge_restarts() {
     assert!(tail.try_wait().expect("poll").is_none(), "tail goes on");
 }
 
+/// `--redis-url` and `--listen` set their keys over the environment, for
+/// every command.
+#[tokio::test]
+async fn flags_set_the_redis_url_and_the_listen_address() {
+    let redis = RedisServer::start().await;
+    let (env_port, flag_port) = (free_port(), free_port());
+    let listen = format!("127.0.0.1:{flag_port}");
+    let mut serve = Command::new(BIN)
+        .args(["serve", "--redis-url", &redis.url(), "--listen", &listen])
+        .env(
+            "QUOTEBRIDGE__SERVER__LISTEN",
+            format!("127.0.0.1:{env_port}"),
+        )
+        .env("QUOTEBRIDGE__REDIS__URL", "redis://127.0.0.1:1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start serve");
+    let address: std::net::SocketAddr = listen.parse().expect("address");
+    eventually("serve to be ready where --listen says", async || {
+        tokio::net::TcpStream::connect(address).await.ok()?;
+        (http_get(address, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    let published = tokio::process::Command::new(BIN)
+        .args(["publish", "data/quotes.csv", "--redis-url", &redis.url()])
+        .env("QUOTEBRIDGE__REDIS__URL", "redis://127.0.0.1:1")
+        .output();
+    let published = within("publish", published).await.expect("run publish");
+    let stderr = String::from_utf8_lossy(&published.stderr);
+    assert!(published.status.success(), "{stderr}");
+    let _ = serve.kill();
+    let _ = serve.wait();
+}
+
+/// A port in use: `serve` and `demo` both say how to choose another.
+#[test]
+fn a_port_in_use_is_reported_with_how_to_choose_another() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = taken.local_addr().expect("address").to_string();
+    for command in ["serve", "demo"] {
+        let out = run_with_env(&[command, "--listen", &address], &[]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{command}: {stderr}");
+        assert!(
+            stderr.contains(&format!(
+                "cannot listen on {address} (choose another address with --listen HOST:PORT or QUOTEBRIDGE__SERVER__LISTEN)"
+            )),
+            "{command}: {stderr}"
+        );
+    }
+}
+
 /// A refusal that retrying cannot cure ends `publish` at once, in one line
 /// of Redis's words: an ACL user without PUBLISH, a wrong password.
 #[tokio::test]

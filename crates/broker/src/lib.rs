@@ -208,8 +208,9 @@ struct RedisWords<'a>(&'a ::redis::RedisError);
 
 impl std::fmt::Display for RedisWords<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.0.kind() == ::redis::ErrorKind::AuthenticationFailed {
-            // The client library keeps no more of what Redis said than this.
+        if self.0.kind() == ::redis::ErrorKind::AuthenticationFailed && self.0.detail().is_none() {
+            // The client library kept no more of what Redis said than this
+            // (our own subscriber keeps Redis's words, in the detail).
             return f.write_str(
                 "authentication failed: Redis refused the user name and password in the URL",
             );

@@ -26,6 +26,17 @@ pub fn env_settings() -> HashMap<String, String> {
         .collect()
 }
 
+/// A setting given on the command line.
+#[derive(Debug, Clone)]
+pub struct Flag {
+    /// The key it sets, e.g. `redis.url`.
+    pub key: &'static str,
+    /// The flag, e.g. `--redis-url`.
+    pub flag: &'static str,
+    /// Its value.
+    pub value: String,
+}
+
 /// `url`, the value of `key`, parses as a Redis URL; the error shows it
 /// with its password hidden, and the forms expected.
 fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
@@ -480,6 +491,35 @@ impl Settings {
         Self::load_with_env(file, None)
     }
 
+    /// Like [`Settings::load`], with command-line flags over everything:
+    /// each sets its key as its variable would, and errors and `config
+    /// show` name the flag.
+    pub fn load_with_flags(file: Option<&Path>, flags: &[Flag]) -> Result<Self, ConfigError> {
+        let (env, origins) = Self::inputs(file, flags);
+        let mut settings =
+            Self::load_from(file, env, &origins).map_err(|err| err.with_origin(&origins))?;
+        settings.origins = Arc::new(origins);
+        Ok(settings)
+    }
+
+    /// The environment with `flags` over it, and where each key came from.
+    pub fn inputs(file: Option<&Path>, flags: &[Flag]) -> (HashMap<String, String>, Origins) {
+        let mut env = env_settings();
+        for flag in flags {
+            let var = format!(
+                "{}__{}",
+                origins::ENV_PREFIX,
+                flag.key.replace('.', "__").to_uppercase()
+            );
+            env.insert(var, flag.value.clone());
+        }
+        let mut origins = Origins::new(file, &env);
+        for flag in flags {
+            origins.set_flag(flag.key, flag.flag);
+        }
+        (env, origins)
+    }
+
     /// Like [`Settings::load`], with the environment given as a map (for tests).
     pub fn load_with_env(
         file: Option<&Path>,
@@ -509,9 +549,9 @@ impl Settings {
     pub fn merged(
         file: Option<&Path>,
         env: HashMap<String, String>,
+        origins: &Origins,
     ) -> Result<config::Map<String, config::Value>, ConfigError> {
-        Self::load_with_env(file, Some(env.clone()))?;
-        let origins = Origins::new(file, &env);
+        Self::load_from(file, env.clone(), origins).map_err(|err| err.with_origin(origins))?;
         let read = |sources: Result<
             config::ConfigBuilder<config::builder::DefaultState>,
             config::ConfigError,
@@ -519,7 +559,7 @@ impl Settings {
             sources
                 .and_then(|sources| sources.build())
                 .and_then(|merged| merged.try_deserialize::<config::Map<String, config::Value>>())
-                .map_err(|err| explain::explain(err, file, &origins))
+                .map_err(|err| explain::explain(err, file, origins))
         };
         let template = read(Self::sources(None, HashMap::new()))?;
         let merged = read(Self::sources(file, env))?;
@@ -1136,16 +1176,14 @@ mod tests {
 
     #[test]
     fn merged_settings_have_their_keys_types() {
-        let merged = Settings::merged(
-            None,
-            env(&[
-                ("QUOTEBRIDGE__SMA__WINDOW", "20"),
-                ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
-                ("QUOTEBRIDGE__REDIS__INPUT", "quotes, ticks.*"),
-            ])
-            .expect("pairs"),
-        )
-        .expect("valid");
+        let env = env(&[
+            ("QUOTEBRIDGE__SMA__WINDOW", "20"),
+            ("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true"),
+            ("QUOTEBRIDGE__REDIS__INPUT", "quotes, ticks.*"),
+        ])
+        .expect("pairs");
+        let origins = Origins::new(None, &env);
+        let merged = Settings::merged(None, env, &origins).expect("valid");
         let sma = merged["sma"].clone().into_table().expect("a table");
         assert_eq!(sma["window"].kind, config::ValueKind::I64(20));
         assert_eq!(sma["emit_partial"].kind, config::ValueKind::Boolean(true));

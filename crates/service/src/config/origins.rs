@@ -20,6 +20,8 @@ pub enum Origin {
     File(PathBuf),
     /// This environment variable.
     Env(String),
+    /// This command-line flag (`--redis-url`, `--listen`).
+    Flag(&'static str),
 }
 
 impl fmt::Display for Origin {
@@ -28,6 +30,7 @@ impl fmt::Display for Origin {
             Origin::Default => f.write_str("the defaults"),
             Origin::File(path) => write!(f, "{}", path.display()),
             Origin::Env(var) => f.write_str(var),
+            Origin::Flag(flag) => f.write_str(flag),
         }
     }
 }
@@ -62,6 +65,11 @@ impl Origins {
             }
         }
         Self { keys }
+    }
+
+    /// Notes that `key`'s value came from the command-line `flag`.
+    pub fn set_flag(&mut self, key: &str, flag: &'static str) {
+        self.keys.insert(key.to_owned(), Origin::Flag(flag));
     }
 
     /// Where the value of `key` (`section.key`) came from; for a section,
