@@ -243,6 +243,32 @@ impl Cli {
     }
 }
 
+/// Warns when no bridge in stream mode reads `key`: the stream has no
+/// consumer group at all (entries would wait there until one starts).
+/// Any group will do: shards read under groups of their own.
+async fn warn_if_nobody_reads(client: &redis::Client, key: &str) {
+    let groups: Result<Vec<std::collections::HashMap<String, redis::Value>>, _> = async {
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+    }
+    .await;
+    let read = match groups {
+        Ok(groups) => !groups.is_empty(),
+        // No such key yet: nobody has created the group either. Other
+        // failures are left to the appending, which reports them.
+        Err(err) => err.code() != Some("ERR"),
+    };
+    if !read {
+        eprintln!(
+            "quotebridge publish: warning: stream {key:?} has no consumer group: no bridge in stream mode reads it yet (the entries wait until one starts: QUOTEBRIDGE__REDIS__INPUT_MODE=stream quotebridge serve)"
+        );
+    }
+}
+
 /// Binds `serve`'s and `demo`'s listener; a failure says how to choose
 /// another address, whichever command it was.
 pub(crate) async fn listen(address: std::net::SocketAddr) -> Result<TcpListener, Error> {
@@ -413,6 +439,7 @@ async fn publish(
         }
         let client = crate::broker::redis_client(&redis.url).map_err(BrokerError::from)?;
         let key = &redis.input_stream;
+        warn_if_nobody_reads(&client, key).await;
         let maxlen = redis.output_stream_maxlen;
         let summary =
             publish::append_to_stream(&client, key, maxlen, &loaded.quotes, rate, repeat, shutdown)

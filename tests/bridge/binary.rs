@@ -804,6 +804,46 @@ async fn flags_set_the_redis_url_and_the_listen_address() {
     let _ = serve.wait();
 }
 
+/// `publish --stream` into a stream nobody reads says so (and appends
+/// anyway: a bridge started later applies what waits); once a consumer
+/// group exists it says nothing.
+#[tokio::test]
+async fn publish_to_a_stream_nobody_reads_warns() {
+    let redis = RedisServer::start().await;
+    let publish = async || {
+        let out = tokio::process::Command::new(BIN)
+            .args([
+                "publish",
+                "data/quotes.csv",
+                "--stream",
+                "--redis-url",
+                &redis.url(),
+            ])
+            .output();
+        let out = within("publish --stream", out).await.expect("run publish");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = publish().await;
+    assert!(
+        stderr.contains("stream \"quotes.stream\" has no consumer group")
+            && stderr.contains("QUOTEBRIDGE__REDIS__INPUT_MODE=stream quotebridge serve"),
+        "{stderr}"
+    );
+    let mut conn = redis.connection().await;
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", "quotes.stream", "quotebridge", "0"])
+        .query_async(&mut conn)
+        .await
+        .expect("a group");
+    let stderr = publish().await;
+    assert!(!stderr.contains("no consumer group"), "{stderr}");
+}
+
 /// A port in use: `serve` and `demo` both say how to choose another.
 #[test]
 fn a_port_in_use_is_reported_with_how_to_choose_another() {
