@@ -252,7 +252,9 @@ pub async fn append_to_stream(
 }
 
 /// Hands out `quotes` in batches: [`MAX_PIPELINE`] at a time when unpaced,
-/// else, at `rate` quotes per second, as many as are due.
+/// else, at `rate` quotes per second, as many as are due. On a terminal it
+/// shows its progress (count, rate, time left); elsewhere (a pipe, CI) it
+/// draws nothing, and the summary line says it all.
 struct Pacer<'q, T> {
     quotes: &'q [T],
     rate: Option<f64>,
@@ -261,6 +263,27 @@ struct Pacer<'q, T> {
     handed_out: u64,
     next: usize,
     batch: Vec<T>,
+    progress: indicatif::ProgressBar,
+}
+
+/// The progress of a run: a bar to the end of the file, or, looping, a
+/// count and a rate.
+fn progress(total: u64, repeat: bool) -> indicatif::ProgressBar {
+    let (bar, template) = if repeat {
+        (
+            indicatif::ProgressBar::no_length(),
+            "{spinner} {human_pos} quotes published ({elapsed})",
+        )
+    } else {
+        (
+            indicatif::ProgressBar::new(total),
+            "{bar:30} {human_pos}/{human_len} quotes, {eta} left",
+        )
+    };
+    if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar
 }
 
 impl<'q, T: Clone> Pacer<'q, T> {
@@ -273,6 +296,7 @@ impl<'q, T: Clone> Pacer<'q, T> {
             handed_out: 0,
             next: 0,
             batch: Vec::with_capacity(MAX_PIPELINE),
+            progress: progress(quotes.len() as u64, repeat),
         }
     }
 
@@ -306,11 +330,13 @@ impl<'q, T: Clone> Pacer<'q, T> {
             self.next = (self.next + 1) % self.quotes.len();
         }
         self.handed_out += room;
+        self.progress.set_position(self.handed_out);
         Some(&self.batch)
     }
 
     /// What was handed out, and over how long.
     fn summary(&self) -> Summary {
+        self.progress.finish_and_clear();
         Summary {
             published: self.handed_out,
             elapsed: self.start.elapsed(),

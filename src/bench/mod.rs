@@ -23,7 +23,7 @@ mod soak;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
@@ -247,8 +247,19 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
     )
     .await?;
     let mut rows = Vec::new();
+    // On a terminal: which scenario runs, and for how long (a pipe or CI
+    // gets the log lines and the table only).
+    let progress = indicatif::ProgressBar::new(options.scenarios.len() as u64);
+    if let Ok(style) =
+        indicatif::ProgressStyle::with_template("{spinner} scenario {pos}/{len}: {msg} ({elapsed})")
+    {
+        progress.set_style(style);
+    }
+    progress.enable_steady_tick(Duration::from_millis(250));
     for &scenario in &options.scenarios {
         tracing::info!(?scenario, %role, "running");
+        progress.set_message(format!("{scenario:?}").to_lowercase());
+        progress.inc(1);
         let applies = match scenario {
             Scenario::Micro => true,
             Scenario::Ingest => role.computes(),
@@ -292,6 +303,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             Scenario::Soak => rows.push(soak::run(&environment, options).await?),
         }
     }
+    progress.finish_and_clear();
     Ok(Report {
         machine: environment::describe_machine(),
         rows,
