@@ -589,37 +589,48 @@ async fn health_answers_for_a_running_bridge_and_fails_naming_the_url_for_none()
     );
 }
 
-#[tokio::test]
-async fn tail_prints_what_the_group_receives_one_json_per_line() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
+/// `quotebridge tail ARGS` running, its standard output read a JSON line
+/// at a time.
+struct Tail {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
 
-    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
-    let mut tail = tokio::process::Command::new(BIN)
-        .args([
-            "tail",
-            "acme",
-            "--symbols",
-            "AAPL",
-            "--url",
-            &format!("ws://{}", app.address),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start quotebridge tail");
-    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
-    let mut next_line = async || -> Value {
-        let line = within("a line from tail", lines.next_line())
+impl Tail {
+    fn start(args: &[&str]) -> Self {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(BIN)
+            .arg("tail")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start quotebridge tail");
+        let stdout = child.stdout.take().expect("stdout");
+        let lines = tokio::io::BufReader::new(stdout).lines();
+        Self { child, lines }
+    }
+
+    /// The next line it prints, as JSON.
+    async fn next(&mut self) -> Value {
+        let line = within("a line from tail", self.lines.next_line())
             .await
             .expect("read stdout")
             .expect("tail is still running");
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-    };
-    assert_eq!(next_line().await["type"], "welcome");
+    }
+}
+
+#[tokio::test]
+async fn tail_prints_what_the_group_receives_one_json_per_line() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]).await;
+    let url = format!("ws://{}", app.address);
+    let mut tail = Tail::start(&["acme", "--symbols", "AAPL", "--url", &url]);
+    assert_eq!(tail.next().await["type"], "welcome");
     // tail swaps the default "*" for AAPL: two replies, the last one final.
-    assert_eq!(next_line().await["type"], "subscribed");
-    assert_eq!(next_line().await["symbols"], serde_json::json!(["AAPL"]));
+    assert_eq!(tail.next().await["type"], "subscribed");
+    assert_eq!(tail.next().await["symbols"], serde_json::json!(["AAPL"]));
 
     let mut conn = app.redis.connection().await;
     let quote = |s: &str| {
@@ -629,7 +640,7 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
         )
     };
     publish_all(&mut conn, &[quote("MSFT"), quote("AAPL")]).await;
-    let sma = next_line().await;
+    let sma = tail.next().await;
     assert_eq!(
         (sma["symbol"].as_str(), sma["sma"].as_f64()),
         (Some("AAPL"), Some(3.0))
@@ -639,11 +650,11 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
         &[("client.acme".to_owned(), br#"{"note":"hi"}"#.to_vec())],
     )
     .await;
-    assert_eq!(next_line().await["note"], "hi");
+    assert_eq!(tail.next().await["note"], "hi");
     app.shutdown().await;
     let out = within(
         "tail to exit when the server closes",
-        tail.wait_with_output(),
+        tail.child.wait_with_output(),
     )
     .await
     .expect("wait");
@@ -663,8 +674,6 @@ async fn tail_prints_what_the_group_receives_one_json_per_line() {
 /// the bridge's refusal is what tail reports.
 #[tokio::test]
 async fn tail_connects_with_a_token() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let app = spawn_app_with(&[
         ("QUOTEBRIDGE__AUTH__MODE", "token"),
         ("QUOTEBRIDGE__AUTH__TOKENS", "acme=s3cret-acme"),
@@ -680,19 +689,8 @@ async fn tail_connects_with_a_token() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("401"), "{stderr}");
 
-    let mut tail = tokio::process::Command::new(BIN)
-        .args(["tail", "acme", "--url", &url, "--token", "s3cret-acme"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start quotebridge tail");
-    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
-    let line = within("the welcome", lines.next_line())
-        .await
-        .expect("read stdout")
-        .expect("tail is still running");
-    let welcome: Value = serde_json::from_str(&line).expect("JSON");
+    let mut tail = Tail::start(&["acme", "--url", &url, "--token", "s3cret-acme"]);
+    let welcome = tail.next().await;
     assert_eq!(welcome["type"], "welcome");
     assert_eq!(welcome["client"], "acme");
     app.shutdown().await;
@@ -702,8 +700,6 @@ async fn tail_connects_with_a_token() {
 /// what it missed after each key's last position, and goes on printing.
 #[tokio::test]
 async fn tail_resumes_after_the_bridge_restarts() {
-    use tokio::io::{AsyncBufReadExt, BufReader};
-
     let redis = RedisServer::start().await;
     let port = free_port();
     let url = redis.url();
@@ -712,30 +708,11 @@ async fn tail_resumes_after_the_bridge_restarts() {
         ("QUOTEBRIDGE__SMA__WINDOW", "1"),
     ];
     let mut first = Serve::launch_on(port, &["serve"], &env, Stdio::null()).await;
-    let mut tail = tokio::process::Command::new(BIN)
-        .args([
-            "tail",
-            "acme",
-            "--resume",
-            "--url",
-            &format!("ws://127.0.0.1:{port}"),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start quotebridge tail");
-    let mut lines = BufReader::new(tail.stdout.take().expect("stdout")).lines();
-    let mut next_line = async || -> Value {
-        let line = within("a line from tail", lines.next_line())
-            .await
-            .expect("read stdout")
-            .expect("tail is still running");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
-    };
-    assert_eq!(next_line().await["type"], "welcome");
+    let url = format!("ws://127.0.0.1:{port}");
+    let mut tail = Tail::start(&["acme", "--resume", "--url", &url]);
+    assert_eq!(tail.next().await["type"], "welcome");
     assert_eq!(
-        next_line().await["type"],
+        tail.next().await["type"],
         "resumed",
         "an empty resume makes it live"
     );
@@ -747,12 +724,12 @@ async fn tail_resumes_after_the_bridge_restarts() {
         )
     };
     publish_all(&mut conn, &[quote(1)]).await;
-    assert_eq!(next_line().await["seq"], 1);
+    assert_eq!(tail.next().await["seq"], 1);
 
     first.terminate().await;
     let _second = Serve::launch_on(port, &["serve"], &env, Stdio::null()).await;
-    assert_eq!(next_line().await["type"], "welcome", "reconnected");
-    let resumed = next_line().await;
+    assert_eq!(tail.next().await["type"], "welcome", "reconnected");
+    let resumed = tail.next().await;
     assert_eq!(resumed["type"], "resumed", "{resumed}");
     // A restarted pub/sub bridge starts AAPL over in a new epoch: the gap
     // is reported, as the protocol says, not hidden.
@@ -761,12 +738,15 @@ async fn tail_resumes_after_the_bridge_restarts() {
         serde_json::json!(["AAPL"])
     );
     publish_all(&mut conn, &[quote(2)]).await;
-    let sma = next_line().await;
+    let sma = tail.next().await;
     assert_eq!(
         (sma["symbol"].as_str(), sma["seq"].as_u64()),
         (Some("AAPL"), Some(1))
     );
-    assert!(tail.try_wait().expect("poll").is_none(), "tail goes on");
+    assert!(
+        tail.child.try_wait().expect("poll").is_none(),
+        "tail goes on"
+    );
 }
 
 /// `--redis-url` and `--listen` set their keys over the environment, for

@@ -13,6 +13,29 @@ use crate::support::*;
 
 const STREAM_MODE: (&str, &str) = ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream");
 
+/// Creates the bridge's consumer group and reads every entry as
+/// `consumer`, acknowledging none: what a consumer that crashed (or went
+/// away) between XREADGROUP and EXEC leaves pending.
+async fn read_without_acknowledging(conn: &mut redis::aio::MultiplexedConnection, consumer: &str) {
+    let _: () = redis::cmd("XGROUP")
+        .arg(&["CREATE", "quotes.stream", "quotebridge", "0"])
+        .query_async(conn)
+        .await
+        .expect("the group");
+    let _: redis::Value = redis::cmd("XREADGROUP")
+        .arg(&[
+            "GROUP",
+            "quotebridge",
+            consumer,
+            "STREAMS",
+            "quotes.stream",
+            ">",
+        ])
+        .query_async(conn)
+        .await
+        .expect("read, never acknowledged");
+}
+
 pub(crate) async fn xadd_all(conn: &mut redis::aio::MultiplexedConnection, quotes: &[Vec<u8>]) {
     for chunk in quotes.chunks(1000) {
         let mut pipe = redis::pipe();
@@ -158,24 +181,7 @@ async fn entries_read_but_never_applied_are_replayed_on_start() {
         .map(|p| format!(r#"{{"symbol":"A","price":{p},"ts":{p}}}"#).into_bytes())
         .collect();
     xadd_all(&mut conn, &quotes).await;
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("quotes.stream")
-        .arg("quotebridge")
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .expect("group");
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("quotebridge")
-        .arg("bridge-1")
-        .arg("STREAMS")
-        .arg("quotes.stream")
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .expect("read as the bridge would");
+    read_without_acknowledging(&mut conn, "bridge-1").await;
     assert_eq!(pending(&mut conn).await, 3);
 
     let mut output = redis.subscribe(&["sma"]).await;
@@ -466,24 +472,7 @@ async fn stream_lag_counts_what_is_waiting_and_falls_to_zero() {
     xadd_all(&mut conn, &quotes).await;
     // A consumer that went away holds all 100: the bridge waits
     // claim_idle_ms before it may take them, and shows them meanwhile.
-    let _: () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg("quotes.stream")
-        .arg("quotebridge")
-        .arg("0")
-        .query_async(&mut conn)
-        .await
-        .expect("the group");
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg("quotebridge")
-        .arg("gone")
-        .arg("STREAMS")
-        .arg("quotes.stream")
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .expect("read by a consumer that then went away");
+    read_without_acknowledging(&mut conn, "gone").await;
     let app = spawn_app_on(
         redis,
         &[STREAM_MODE, ("QUOTEBRIDGE__REDIS__CLAIM_IDLE_MS", "3000")],
