@@ -414,6 +414,38 @@ async fn silent_and_trickling_http_clients_are_bounded_and_timed_out() {
     );
 }
 
+/// A connection asking `/healthz` in a loop as fast as it can is paced to
+/// 20 requests a second: every request is answered, the ones past the
+/// burst only later, and they are counted.
+#[tokio::test]
+async fn a_kept_alive_connection_asking_in_a_loop_is_paced() {
+    let app = spawn_app().await;
+    let mut client = TcpStream::connect(app.address).await.expect("connect");
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {}\r\n\r\n", app.address);
+    let mut answered = 0;
+    within("30 answers", async {
+        let mut buf = [0u8; 4096];
+        while answered < 30 {
+            client.write_all(request.as_bytes()).await.expect("ask");
+            let read = client.read(&mut buf).await.expect("answer");
+            assert!(
+                buf[..read].starts_with(b"HTTP/1.1 200"),
+                "{:?}",
+                String::from_utf8_lossy(&buf[..read])
+            );
+            answered += 1;
+        }
+    })
+    .await;
+    let stats = app
+        .wait_for_stats("the paced requests to be counted", |s| {
+            s["http_requests_paced"].as_u64() >= Some(1)
+        })
+        .await;
+    assert!(stats["http_requests_paced"].as_u64() <= Some(10), "{stats}");
+    app.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_kept_alive_http_connection_cannot_hold_its_slot_for_ever() {
     let app = spawn_app_with(&[

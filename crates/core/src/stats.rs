@@ -57,6 +57,8 @@ pub struct Stats {
     pub subscription_overflows: AtomicU64,
     /// HTTP connections closed for not sending a complete request head within server.header_read_timeout_ms.
     pub http_header_timeouts: AtomicU64,
+    /// HTTP requests held back because their connection asked faster than the per-connection pace.
+    pub http_requests_paced: AtomicU64,
     /// Stream mode: batches applied with MULTI/EXEC.
     pub stream_batches: AtomicU64,
     /// Stream mode: entries replayed after a restart or claimed from another consumer.
@@ -265,6 +267,11 @@ pub const COUNTERS: &[Counter] = &[
         name: "http_header_timeouts",
         help: "HTTP connections closed for not sending request headers in time",
         value: |stats| stats.http_header_timeouts.load(Relaxed),
+    },
+    Counter {
+        name: "http_requests_paced",
+        help: "HTTP requests held back because their connection asked faster than 20 a second",
+        value: |stats| stats.http_requests_paced.load(Relaxed),
     },
     Counter {
         name: "redis_resubscribes",

@@ -16,6 +16,7 @@ pub(crate) mod input;
 pub mod metrics;
 pub(crate) mod output;
 pub mod pipeline;
+pub(crate) mod rate;
 pub(crate) mod server;
 pub(crate) mod session;
 pub mod shutdown;

@@ -24,6 +24,7 @@ use crate::hub::Admission;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::names;
+use crate::rate::TokenBucket;
 use crate::stats::{Gauges, Stats};
 use crate::websocket::{Upgrade, UpgradeRejection};
 use crate::{session, sse};
@@ -73,8 +74,52 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), pace))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
+}
+
+/// HTTP requests one kept-alive connection may make a second (after a burst
+/// of as many). A monitor asks every few seconds and a browser loads the
+/// dashboard in four requests; a client asking `/stats` in a loop as fast as
+/// it can would otherwise take a core from everyone else. Faster requests
+/// wait: the connection is slowed, not refused.
+const REQUESTS_PER_CONNECTION_PER_SECOND: u32 = 20;
+
+/// One connection's request pace, shared by its requests.
+#[derive(Clone)]
+struct Pace(Arc<std::sync::Mutex<TokenBucket>>);
+
+impl Pace {
+    fn new() -> Self {
+        Self(Arc::new(std::sync::Mutex::new(TokenBucket::new(
+            REQUESTS_PER_CONNECTION_PER_SECOND,
+            tokio::time::Instant::now(),
+        ))))
+    }
+}
+
+/// Holds a request back until its connection is within its pace.
+async fn pace(
+    State(app): State<AppState>,
+    paced: Option<axum::Extension<Pace>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(axum::Extension(Pace(bucket))) = paced {
+        let now = tokio::time::Instant::now();
+        let wait = bucket
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .reserve(now);
+        if !wait.is_zero() {
+            app.stats
+                .http_requests_paced
+                .fetch_add(1, Ordering::Relaxed);
+            tokio::time::sleep(wait).await;
+        }
+    }
+    next.run(request).await
 }
 
 /// What any response may make a browser do: nothing but this origin's own
@@ -514,6 +559,7 @@ pub async fn serve_http(
         }
         let started = StreamStarted::default();
         let service = tower::Layer::layer(&axum::Extension(started.clone()), app.clone());
+        let service = tower::Layer::layer(&axum::Extension(Pace::new()), service);
         let connection = http
             .serve_connection(TokioIo::new(tcp), TowerToHyperService::new(service))
             .with_upgrades();

@@ -18,6 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use crate::rate::TokenBucket;
+
 /// The read error a client past its frame rate gets.
 #[derive(Debug, thiserror::Error)]
 #[error("client sent more frames a second than websocket.client_messages_per_second")]
@@ -237,38 +239,6 @@ impl HeaderReader {
     }
 }
 
-/// A token bucket: `rate` tokens per second, holding at most `rate`.
-#[derive(Debug)]
-struct TokenBucket {
-    rate: f64,
-    tokens: f64,
-    refilled: Instant,
-}
-
-impl TokenBucket {
-    fn new(rate: u32, now: Instant) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self {
-            rate,
-            tokens: rate,
-            refilled: now,
-        }
-    }
-
-    /// Takes one token if there is one.
-    fn take(&mut self, now: Instant) -> bool {
-        let elapsed = now.saturating_duration_since(self.refilled).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * self.rate).min(self.rate);
-        self.refilled = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -354,26 +324,5 @@ mod tests {
         meter.drain_until_close(Duration::from_secs(1)).await;
         assert!(meter.close_seen);
         assert_eq!(meter.frames(), 13);
-    }
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_the_rate() {
-        let start = Instant::now();
-        let mut bucket = TokenBucket::new(5, start);
-        for _ in 0..5 {
-            assert!(bucket.take(start));
-        }
-        assert!(!bucket.take(start), "burst spent");
-        assert!(
-            !bucket.take(start + Duration::from_millis(100)),
-            "half a token"
-        );
-        assert!(
-            bucket.take(start + Duration::from_millis(200)),
-            "one token after 1/5 s"
-        );
-        // A long pause refills to the burst, not beyond.
-        let later = start + Duration::from_secs(60);
-        assert_eq!((0..10).filter(|_| bucket.take(later)).count(), 5);
     }
 }
