@@ -18,16 +18,6 @@ pub enum Frame {
     Direct(Message),
 }
 
-/// Which key a result belongs to, for conflation and rate limits: the
-/// socket's client is fixed, so a private flag and the symbol name it.
-#[derive(Debug, Clone, Copy)]
-pub struct FrameKey<'a> {
-    /// A private result of the socket's client (else a public one).
-    pub private: bool,
-    /// Its symbol.
-    pub symbol: &'a str,
-}
-
 // By hand, to be inlined: fan-out clones a frame once per socket.
 impl Clone for Frame {
     #[inline]
@@ -48,18 +38,6 @@ impl Frame {
             Self::Direct(Message::Text(text)) => text.len(),
             Self::Direct(Message::Binary(data)) => data.len(),
             Self::Direct(_) => 0,
-        }
-    }
-
-    /// The key of a result; `None` for a direct message.
-    #[must_use]
-    pub fn key(&self) -> Option<FrameKey<'_>> {
-        match self {
-            Self::Result(result) => Some(FrameKey {
-                private: result.client().is_some(),
-                symbol: result.symbol(),
-            }),
-            Self::Direct(_) => None,
         }
     }
 

@@ -2,7 +2,6 @@
 //! paused clock where time matters.
 
 use super::*;
-use crate::frame::FrameKey;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 fn bounds(frames: usize, bytes: usize) -> Bounds {
@@ -16,6 +15,14 @@ fn bounds(frames: usize, bytes: usize) -> Bounds {
 /// Offers `text` (a frame of no key) and wakes the session at once.
 fn offer(sender: &Sender, text: &str) -> Offer {
     offer_keyed(sender, text, None)
+}
+
+/// Which key a test frame is a result of: the socket's client's private
+/// key, or a public one.
+#[derive(Debug, Clone, Copy)]
+struct FrameKey<'a> {
+    private: bool,
+    symbol: &'a str,
 }
 
 /// `text` as a result of `key`, or as a direct message (no key).
