@@ -145,12 +145,15 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
     }
 
     /// Reads the key and position of a result that came in as bytes (a
-    /// compute node's, relayed by a gateway, or a stored snapshot); `None`
-    /// for anything that is not a result ([`ResultRoute::of`]).
-    pub fn read(text: T) -> Option<Self> {
+    /// compute node's, relayed by a gateway, or a stored snapshot); the
+    /// text back for anything that is not a result ([`ResultRoute::of`]),
+    /// so a caller can say what it was without keeping a copy of every one.
+    pub fn read(text: T) -> Result<Self, T> {
         let route = {
             let whole = &*text;
-            let parsed = ResultRoute::of(whole)?;
+            let Some(parsed) = ResultRoute::of(whole) else {
+                return Err(text);
+            };
             let position = parsed.position();
             let in_text = |part: Option<&str>| match part {
                 None => Some(Span::default()),
@@ -172,7 +175,7 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
                 }))
             })
         };
-        Some(Self { text, route })
+        Ok(Self { text, route })
     }
 
     /// A frame whose key and position are given rather than read from
@@ -331,7 +334,7 @@ mod tests {
         assert_eq!(read.as_str(), escaped, "the bytes are relayed as they came");
         let old = ResultFrame::read(r#"{"symbol":"A","sma":null}"#).expect("a result");
         assert_eq!((old.symbol(), old.position()), ("A", None));
-        assert!(ResultFrame::read(r#"{"symbol":"A"}"#).is_none(), "no sma");
+        assert!(ResultFrame::read(r#"{"symbol":"A"}"#).is_err(), "no sma");
     }
 
     proptest! {

@@ -314,6 +314,7 @@ impl<B: Broker> PubSubInput<B> {
                     // Only a public result of the field's own symbol: the
                     // snapshot is sent to every subscriber of that symbol.
                     let own = SharedResult::read(text)
+                        .ok()
                         .filter(|frame| frame.symbol() == symbol && frame.client().is_none());
                     if let Some(frame) = own {
                         self.hub.remember_latest(frame);
@@ -337,10 +338,13 @@ impl<B: Broker> PubSubInput<B> {
         };
         // The one place a result's route is read from JSON: where its bytes
         // come in from Redis.
-        let Some(frame) = SharedResult::read(text.clone()) else {
-            self.stats.results_unroutable.fetch_add(1, Relaxed);
-            tracing::debug!(message = %text.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
-            return;
+        let frame = match SharedResult::read(text) {
+            Ok(frame) => frame,
+            Err(text) => {
+                self.stats.results_unroutable.fetch_add(1, Relaxed);
+                tracing::debug!(message = %text.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
+                return;
+            }
         };
         self.stats.results_relayed.fetch_add(1, Relaxed);
         self.hub.deliver_result(frame);
