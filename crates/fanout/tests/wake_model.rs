@@ -6,7 +6,9 @@
 //!   wakes it at once when the outbox fills past half); the session parks
 //!   and re-arms under the same lock;
 //! - the hub's wake hold: while any hold is open, wakes wait, and the last
-//!   hold to end wakes what waited, whoever delivered it.
+//!   hold to end wakes what waited, whoever delivered it;
+//! - the burst a hold collects: offered when the hold ends, or earlier by
+//!   any other request that reads the hub, and woken either way.
 //!
 //! loom runs each test once per interleaving of its threads; a session
 //! that is never woken for a frame it was queued shows up as a deadlock,
@@ -145,5 +147,35 @@ fn a_result_delivered_during_another_threads_hold_is_woken_when_it_ends() {
         assert_eq!(got, ["held", "unheld"]);
         holding.join().expect("the holding thread");
         unheld.join().expect("the other thread");
+    });
+}
+
+#[test]
+fn a_burst_offered_by_another_threads_request_is_woken_when_the_hold_ends() {
+    // A direct message to the group reads the hub, which offers the held
+    // burst first: its wake must still come, from the hold's end.
+    model(|| {
+        let hub = Hub::new(limits(), Arc::new(Stats::default()));
+        let admission = hub.admit("acme").expect("admitted");
+        let (_membership, mut outbox) = hub.join(admission, &["*".to_owned()], false);
+        let holding = {
+            let hub = hub.clone();
+            thread::spawn(move || {
+                let hold = hub.hold_wakes();
+                hub.deliver_result(result("A", "held"));
+                drop(hold);
+            })
+        };
+        let direct = {
+            let hub = hub.clone();
+            thread::spawn(move || {
+                hub.send_to_group("acme", Message::Text(Utf8Bytes::from_static("direct")));
+            })
+        };
+        let mut got = take(&mut outbox, Some(2));
+        got.sort();
+        assert_eq!(got, ["direct", "held"]);
+        holding.join().expect("the holding thread");
+        direct.join().expect("the other thread");
     });
 }

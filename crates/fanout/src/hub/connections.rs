@@ -1,9 +1,12 @@
 //! Every open socket by id, and the sockets of each client group: the
 //! hub's connections by client, as centrifuge keeps connections by user.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+// hashbrown's default hasher (foldhash, seeded at random), as in
+// subscriptions: a delivery looks up every socket it offers to.
+use hashbrown::HashMap;
 
 use super::SocketId;
 use crate::outbox;

@@ -10,59 +10,124 @@ use tokio_tungstenite::tungstenite::Message;
 
 use super::connections::Connections;
 use super::pending_wakes::PendingWakes;
+use super::seen_ahead::SeenOnKey;
 use super::{Hub, SocketId, State};
 use crate::frame::{Frame, SharedResult};
-use crate::outbox::Offer;
+use crate::outbox::Offers;
 
 impl Hub {
     /// Fans out one SMA result: a public one to every socket subscribed to
     /// its symbol (by name or through `"*"`), kept as the symbol's
     /// snapshot; a private one to every socket of its client's group. A
     /// result with a position is kept in its key's history too.
+    ///
+    /// While a [`WakeHold`] is open the result joins the hold's burst, and
+    /// is offered with the rest of it (see [`super::burst`]).
     pub fn deliver_result(&self, frame: SharedResult) {
         if !self.fits_a_socket(frame.text().len()) {
             return;
         }
-        let (symbol, client, position) = (frame.symbol(), frame.client(), frame.position());
-        let mut guard = self.state();
-        let state = &mut *guard;
-        // A result its key already had (the output channel repeated it, or
-        // a stale node published it) reaches no socket a second time.
-        if let Some(position) = position
-            && !state.history.record(&frame, position)
-        {
-            self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+        let mut state = self.lock();
+        state.burst.push(frame);
+        if state.wakes.is_held() && !state.burst.is_full(self.inner.limits.send_queue_bytes) {
             return;
         }
-        // The key's floors, looked up once: each subscriber is then one probe.
-        let floors = position.and_then(|at| Some((state.seen_ahead.of(client, symbol)?, at)));
-        let unseen = |id: &&SocketId| {
-            floors.is_none_or(|(floors, position)| !floors.has_seen(**id, position))
-        };
-        let delivery = match client {
-            None => {
-                state
-                    .snapshots
-                    .remember(&frame, self.inner.limits.max_snapshots);
-                offer_each(
-                    &state.connections,
-                    state.subscriptions.subscribers(symbol).filter(unseen),
-                    &Frame::Result(frame.clone()),
-                    &mut state.wakes,
-                )
+        self.offer_burst(&mut state);
+        self.wake_unless_held(state);
+    }
+
+    /// Offers the results of the burst, in order, to the sockets that want
+    /// them, socket by socket: each socket subscribed to every symbol takes
+    /// all the burst's public results under one lock of its outbox; the
+    /// rest (sockets subscribed by name, a client's group) are offered
+    /// each result in turn. Per key, every socket gets results in order.
+    pub(super) fn offer_burst(&self, state: &mut State) {
+        let mut burst = state.burst.take();
+        // A result its key already had (the output channel repeated it, or
+        // a stale node published it) reaches no socket a second time.
+        burst.retain(|frame| {
+            let Some(position) = frame.position() else {
+                return true;
+            };
+            let new = state.history.record(frame, position);
+            if !new {
+                self.inner.stats.results_repeated.fetch_add(1, Relaxed);
             }
-            Some(code) => offer_each(
-                &state.connections,
-                state.connections.group(code).iter().filter(unseen),
-                &Frame::Result(frame.clone()),
-                &mut state.wakes,
-            ),
-        };
-        if let Some(position) = position.filter(|_| !state.seen_ahead.is_empty()) {
-            state.seen_ahead.passed(client, symbol, position);
+            new
+        });
+        let limits = &self.inner.limits;
+        for frame in burst.iter().filter(|frame| frame.client().is_none()) {
+            state.snapshots.remember(frame, limits.max_snapshots);
         }
+        let mut delivery = Delivery::default();
+        // Each result's floors, looked up once: each socket is then one
+        // probe. Sockets resumed from a gateway ahead of this one are rare:
+        // without any, nothing is looked up (or allocated).
+        let floors: Vec<Option<&SeenOnKey>> = if state.seen_ahead.is_empty() {
+            Vec::new()
+        } else {
+            burst
+                .iter()
+                .map(|frame| {
+                    frame.position()?;
+                    state.seen_ahead.of(frame.client(), frame.symbol())
+                })
+                .collect()
+        };
+        let unseen = |index: usize, frame: &SharedResult, id: SocketId| {
+            let (Some(Some(floors)), Some(position)) = (floors.get(index), frame.position()) else {
+                return true;
+            };
+            !floors.has_seen(id, position)
+        };
+        let public = |frame: &&SharedResult| frame.client().is_none();
+        if burst.iter().any(|frame| public(&frame)) {
+            for &id in state.subscriptions.to_everything() {
+                let Some(socket) = state.connections.get(id) else {
+                    continue;
+                };
+                let wanted = burst
+                    .iter()
+                    .enumerate()
+                    .filter(|(index, frame)| public(frame) && unseen(*index, frame, id))
+                    .map(|(_, frame)| frame);
+                let offers = socket.outbox.offer_results(wanted, state.wakes.pending());
+                delivery.count(id, offers);
+            }
+        }
+        for (index, frame) in burst.iter().enumerate() {
+            let message = Frame::Result(frame.clone());
+            let connections = &state.connections;
+            let pending = state.wakes.pending();
+            let mut offer_to = |id: SocketId| {
+                if !unseen(index, frame, id) || delivery.slow.contains(&id) {
+                    return;
+                }
+                if let Some(socket) = connections.get(id) {
+                    let offer = socket.outbox.offer(message.clone(), pending);
+                    delivery.count(id, Offers::from(offer));
+                }
+            };
+            match frame.client() {
+                None => state
+                    .subscriptions
+                    .by_name_only(frame.symbol())
+                    .for_each(|&id| offer_to(id)),
+                Some(code) => connections.group(code).iter().for_each(|&id| offer_to(id)),
+            }
+        }
+        drop(floors);
+        if !state.seen_ahead.is_empty() {
+            for frame in &burst {
+                if let Some(position) = frame.position() {
+                    state
+                        .seen_ahead
+                        .passed(frame.client(), frame.symbol(), position);
+                }
+            }
+        }
+        state.burst.give_back(burst);
         self.finish_delivery(state, delivery);
-        self.wake_unless_held(guard);
     }
 
     /// [`Hub::deliver_result`] for a public result without a position.
@@ -174,13 +239,23 @@ impl Hub {
     }
 }
 
-/// What one offer loop did: frames queued, frames a newer one of their key
+/// What one delivery did: frames queued, frames a newer one of their key
 /// replaced, and the sockets found full.
 #[derive(Debug, Default)]
 struct Delivery {
     queued: u64,
     conflated: u64,
     slow: Vec<SocketId>,
+}
+
+impl Delivery {
+    fn count(&mut self, id: SocketId, offers: Offers) {
+        self.queued += offers.queued;
+        self.conflated += offers.conflated;
+        if offers.full {
+            self.slow.push(id);
+        }
+    }
 }
 
 /// Keeps sessions from being woken until it is dropped; see [`Hub::hold_wakes`].
@@ -213,8 +288,7 @@ impl Drop for WakeHold {
     }
 }
 
-/// Offers `frame` to each socket of `ids`: the one loop both public and
-/// group delivery run.
+/// Offers `frame` to each socket of `ids`.
 fn offer_each<'a>(
     connections: &Connections,
     ids: impl IntoIterator<Item = &'a SocketId>,
@@ -222,17 +296,10 @@ fn offer_each<'a>(
     wakes: &mut PendingWakes,
 ) -> Delivery {
     let mut delivery = Delivery::default();
-    for id in ids {
-        if let Some(socket) = connections.get(*id) {
-            match socket.outbox.offer(frame.clone(), wakes.pending()) {
-                Offer::Queued => delivery.queued += 1,
-                Offer::Conflated { replaced } | Offer::Throttled { replaced } => {
-                    delivery.queued += 1;
-                    delivery.conflated += replaced;
-                }
-                Offer::Full => delivery.slow.push(*id),
-                Offer::Gone => {}
-            }
+    for &id in ids {
+        if let Some(socket) = connections.get(id) {
+            let offer = socket.outbox.offer(frame.clone(), wakes.pending());
+            delivery.count(id, Offers::from(offer));
         }
     }
     delivery

@@ -19,6 +19,7 @@
 //! gauges `/stats` reads are kept outside it.
 
 mod admissions;
+mod burst;
 mod connections;
 mod delivery;
 mod history;
@@ -37,6 +38,7 @@ use std::sync::{Arc, PoisonError};
 use crate::frame::SharedResult;
 
 use self::admissions::Admissions;
+use self::burst::Burst;
 use self::connections::Connections;
 pub use self::delivery::WakeHold;
 use self::history::History;
@@ -118,6 +120,8 @@ struct State {
     seen_ahead: SeenAhead,
     admissions: Admissions,
     wakes: PendingWakes,
+    /// Results delivered during a wake hold, not yet offered.
+    burst: Burst,
 }
 
 /// Why a socket was not admitted.
@@ -220,6 +224,7 @@ impl Hub {
                 replay_frames_per_second: limits.resume_frames_per_second,
             }),
             wakes: PendingWakes::default(),
+            burst: Burst::default(),
         };
         let counts = state.connections.counts();
         let history_bytes = state.history.bytes_gauge();
@@ -247,7 +252,18 @@ impl Hub {
         })
     }
 
+    /// The hub's state, with any burst of results offered first: whatever
+    /// reads or changes the hub sees every result delivered before it.
     fn state(&self) -> MutexGuard<'_, State> {
+        let mut state = self.lock();
+        if !state.burst.is_empty() {
+            self.offer_burst(&mut state);
+        }
+        state
+    }
+
+    /// The hub's state as it is, burst and all: for delivery itself.
+    fn lock(&self) -> MutexGuard<'_, State> {
         // Every mutation below completes before it can panic, so a poisoned
         // lock still guards consistent data.
         self.inner

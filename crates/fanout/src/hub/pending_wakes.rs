@@ -25,6 +25,11 @@ impl PendingWakes {
         self.pending.settle(gauge);
     }
 
+    /// Whether a hold is open.
+    pub(super) fn is_held(&self) -> bool {
+        self.holds > 0
+    }
+
     pub(super) fn hold(&mut self) {
         self.holds += 1;
     }

@@ -656,3 +656,77 @@ fn admission_limits_sockets_per_client_and_is_released_on_drop() {
         "no entry outlives its sockets"
     );
 }
+
+#[test]
+fn a_burst_is_offered_when_its_hold_ends_in_per_key_order_to_every_kind_of_subscriber() {
+    let hub = hub(64);
+    let (_everything, mut everything) = join(&hub, "acme", &["*"]);
+    let (_named, mut named) = join(&hub, "other", &["A"]);
+    let (_both, mut both) = join(&hub, "third", &["*", "A"]);
+    let hold = hub.hold_wakes();
+    for seq in 1..=3 {
+        result(&hub, None, seq, "e1");
+        result(&hub, Some("acme"), seq, "e1");
+    }
+    deliver(&hub, "B", None, None, "B");
+    result(&hub, None, 1, "e2");
+    assert_eq!(hub.lock().burst.len(), 8, "held: nothing offered yet");
+    assert!(everything.try_recv().is_none());
+    drop(hold);
+    assert_eq!(
+        queued(&mut everything),
+        ["A1", "A2", "A3", "B", "A1", "acme1", "acme2", "acme3"],
+        "each key in order: the public burst in one offer, then its group's"
+    );
+    assert_eq!(queued(&mut named), ["A1", "A2", "A3", "A1"]);
+    assert_eq!(
+        queued(&mut both),
+        ["A1", "A2", "A3", "B", "A1"],
+        "once each, though in * and A"
+    );
+}
+
+#[test]
+fn whatever_reads_the_hub_during_a_hold_sees_the_burst_first() {
+    let hub = hub(64);
+    let (_early, mut early) = join(&hub, "acme", &["A"]);
+    let hold = hub.hold_wakes();
+    result(&hub, None, 1, "e1");
+    result(&hub, None, 2, "e1");
+    // A subscribe in the middle of the burst: its snapshot is the newest
+    // result, and the socket that was there before gets both, in order.
+    let (late, mut late_rx) = join(&hub, "other", &[]);
+    late.subscribe_now(&strings(&["A"])).expect("subscribe");
+    result(&hub, None, 3, "e1");
+    drop(hold);
+    assert_eq!(queued(&mut early), ["A1", "A2", "A3"]);
+    assert_eq!(queued(&mut late_rx), ["A2", "A3"], "snapshot, then live");
+}
+
+#[test]
+fn a_burst_past_its_bound_is_offered_without_waiting_for_the_hold() {
+    let hub = hub(4096);
+    let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
+    let _hold = hub.hold_wakes();
+    for seq in 1..=300 {
+        result(&hub, None, seq, "e1");
+    }
+    let offered = std::iter::from_fn(|| outbox.try_recv()).count();
+    assert_eq!(offered, 256, "the first 256 went at once; the rest wait");
+    assert_eq!(hub.lock().burst.len(), 44);
+}
+
+#[test]
+fn a_socket_that_cannot_take_a_burst_is_a_slow_consumer_and_gets_no_more() {
+    let hub = hub(2);
+    let (_slow, mut slow) = join(&hub, "acme", &["*"]);
+    let hold = hub.hold_wakes();
+    for seq in 1..=3 {
+        result(&hub, None, seq, "e1");
+        result(&hub, Some("acme"), seq, "e1");
+    }
+    drop(hold);
+    assert_eq!(queued(&mut slow), ["A1", "A2"], "what fitted, then nothing");
+    assert_eq!(hub.socket_count(), 0, "evicted");
+    assert_eq!(hub.inner.stats.slow_consumer_closes.load(Relaxed), 1);
+}

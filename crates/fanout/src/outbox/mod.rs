@@ -78,6 +78,38 @@ pub enum Offer {
     Gone,
 }
 
+/// What offering one or more frames to one outbox did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers {
+    /// Frames queued (throttled and conflated ones included).
+    pub queued: u64,
+    /// Older frames of their keys that queued ones replaced.
+    pub conflated: u64,
+    /// Whether the outbox was found full: the socket is a slow consumer.
+    pub full: bool,
+}
+
+impl From<Offer> for Offers {
+    fn from(offer: Offer) -> Self {
+        match offer {
+            Offer::Queued => Self {
+                queued: 1,
+                ..Self::default()
+            },
+            Offer::Conflated { replaced } | Offer::Throttled { replaced } => Self {
+                queued: 1,
+                conflated: replaced,
+                full: false,
+            },
+            Offer::Full => Self {
+                full: true,
+                ..Self::default()
+            },
+            Offer::Gone => Self::default(),
+        }
+    }
+}
+
 /// Payload bytes waiting in every outbox that shares it: queued, conflated
 /// and held back by rate limits. Cheap to clone; clones see one sum.
 #[derive(Debug, Clone, Default)]
@@ -235,6 +267,46 @@ impl Sender {
             waker.wake();
         }
         offer
+    }
+
+    /// [`Sender::offer`] for several results under one lock of the outbox:
+    /// a burst, for a socket that wants all of it. Stops at the first that
+    /// finds the outbox full (the socket is then a slow consumer) or its
+    /// session gone.
+    pub fn offer_results<'f>(
+        &self,
+        results: impl IntoIterator<Item = &'f SharedResult>,
+        offered: &mut Offered,
+    ) -> Offers {
+        let mut offers = Offers::default();
+        let mut results = results.into_iter().peekable();
+        if results.peek().is_none() {
+            return offers;
+        }
+        let mut queue = self.shared.lock();
+        let before = queue.held_bytes();
+        let mut wake_now = None;
+        for result in results {
+            let (offer, wake) = self.offer_locked(
+                &mut queue,
+                Frame::Result(result.clone()),
+                &mut offered.wakes,
+            );
+            wake_now = wake_now.or(wake);
+            let offer = Offers::from(offer);
+            offers.queued += offer.queued;
+            offers.conflated += offer.conflated;
+            if offer.full || offer.queued == 0 {
+                offers.full = offer.full;
+                break;
+            }
+        }
+        offered.bytes += queue.held_bytes() as i64 - before as i64;
+        drop(queue);
+        if let Some(waker) = wake_now {
+            waker.wake();
+        }
+        offers
     }
 
     /// [`Sender::offer`] under the outbox's lock; also returns a session to
