@@ -38,9 +38,11 @@ impl Hub {
 
     /// Offers the results of the burst, in order, to the sockets that want
     /// them, socket by socket: each socket subscribed to every symbol takes
-    /// all the burst's public results under one lock of its outbox; the
+    /// all the burst's public results, and its group's private ones, under
+    /// one lock of its outbox; the
     /// rest (sockets subscribed by name, a client's group) are offered
-    /// each result in turn. Per key, every socket gets results in order.
+    /// each result in turn. Every socket gets its results in the order they
+    /// were delivered.
     pub(super) fn offer_burst(&self, state: &mut State) {
         let mut burst = state.burst.take();
         // A result its key already had (the output channel repeated it, or
@@ -80,8 +82,12 @@ impl Hub {
             };
             !floors.has_seen(id, position)
         };
-        let public = |frame: &&SharedResult| frame.client().is_none();
-        if burst.iter().any(|frame| public(&frame)) {
+        // A socket subscribed to every symbol gets each public result of
+        // the burst and its own group's private ones: in one offer, in the
+        // burst's order. Only when there is a public result: otherwise its
+        // group's results find it below, without a pass over everyone.
+        let to_everything = burst.iter().any(|frame| frame.client().is_none());
+        if to_everything {
             for &id in state.subscriptions.to_everything() {
                 let Some(socket) = state.connections.get(id) else {
                     continue;
@@ -89,15 +95,20 @@ impl Hub {
                 let wanted = burst
                     .iter()
                     .enumerate()
-                    .filter(|(index, frame)| public(frame) && unseen(*index, frame, id))
+                    .filter(|(index, frame)| {
+                        frame.client().is_none_or(|code| *code == *socket.group)
+                            && unseen(*index, frame, id)
+                    })
                     .map(|(_, frame)| frame);
                 let offers = socket.outbox.offer_results(wanted, state.wakes.pending());
                 delivery.count(id, offers);
             }
         }
+        // Everyone else, result by result: sockets subscribed by name, and
+        // the group of a private result.
         for (index, frame) in burst.iter().enumerate() {
             let message = Frame::Result(frame.clone());
-            let connections = &state.connections;
+            let (connections, subscriptions) = (&state.connections, &state.subscriptions);
             let pending = state.wakes.pending();
             let mut offer_to = |id: SocketId| {
                 if !unseen(index, frame, id) || delivery.slow.contains(&id) {
@@ -109,11 +120,14 @@ impl Hub {
                 }
             };
             match frame.client() {
-                None => state
-                    .subscriptions
+                None => subscriptions
                     .by_name_only(frame.symbol())
                     .for_each(|&id| offer_to(id)),
-                Some(code) => connections.group(code).iter().for_each(|&id| offer_to(id)),
+                Some(code) => connections
+                    .group(code)
+                    .iter()
+                    .filter(|&&id| !(to_everything && subscriptions.is_to_everything(id)))
+                    .for_each(|&id| offer_to(id)),
             }
         }
         drop(floors);

@@ -93,6 +93,11 @@ impl Subscriptions {
         self.everything.iter()
     }
 
+    /// Whether `id` is subscribed to every public symbol.
+    pub(super) fn is_to_everything(&self, id: SocketId) -> bool {
+        self.everything.contains(&id)
+    }
+
     /// The sockets subscribed to `symbol` by name and not to every symbol:
     /// with [`Self::to_everything`], each socket a public result for
     /// `symbol` goes to, once.

@@ -675,8 +675,8 @@ fn a_burst_is_offered_when_its_hold_ends_in_per_key_order_to_every_kind_of_subsc
     drop(hold);
     assert_eq!(
         queued(&mut everything),
-        ["A1", "A2", "A3", "B", "A1", "acme1", "acme2", "acme3"],
-        "each key in order: the public burst in one offer, then its group's"
+        ["A1", "acme1", "A2", "acme2", "A3", "acme3", "B", "A1"],
+        "in the order delivered: public and its group's, in one offer"
     );
     assert_eq!(queued(&mut named), ["A1", "A2", "A3", "A1"]);
     assert_eq!(
@@ -726,7 +726,23 @@ fn a_socket_that_cannot_take_a_burst_is_a_slow_consumer_and_gets_no_more() {
         result(&hub, Some("acme"), seq, "e1");
     }
     drop(hold);
-    assert_eq!(queued(&mut slow), ["A1", "A2"], "what fitted, then nothing");
+    assert_eq!(queued(&mut slow), ["A1", "acme1"], "what fitted, then nothing");
     assert_eq!(hub.socket_count(), 0, "evicted");
     assert_eq!(hub.inner.stats.slow_consumer_closes.load(Relaxed), 1);
+}
+
+#[test]
+fn a_burst_of_private_results_reaches_its_group_whatever_it_subscribed_to() {
+    let hub = hub(64);
+    let (_everything, mut everything) = join(&hub, "acme", &["*"]);
+    let (_plain, mut plain) = join(&hub, "acme", &[]);
+    let (_stranger, mut stranger) = join(&hub, "other", &["*"]);
+    let hold = hub.hold_wakes();
+    for seq in 1..=2 {
+        result(&hub, Some("acme"), seq, "e1");
+    }
+    drop(hold);
+    assert_eq!(queued(&mut everything), ["acme1", "acme2"]);
+    assert_eq!(queued(&mut plain), ["acme1", "acme2"]);
+    assert!(stranger.try_recv().is_none(), "not its group's");
 }
