@@ -377,7 +377,11 @@ async fn event_stream(
         permit,
         ended,
     };
-    let stream = match sse::open(&app.hub, admission, request, &app.sessions) {
+    // Opening a stream resumes it (see `Hub::resume_turn`).
+    let turn = app.hub.resume_turn().await;
+    let opened = sse::open(&app.hub, admission, request, &app.sessions);
+    drop(turn);
+    let stream = match opened {
         Ok(stream) => stream,
         Err(message) => return (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response(),
     };

@@ -172,7 +172,11 @@ pub async fn run(
                 };
                 match message {
                     Message::Text(text) => {
+                        // A held socket's first request may be a resume:
+                        // it waits for its turn (see `Hub::resume_turn`).
+                        let turn = if held { Some(membership.resume_turn().await) } else { None };
                         let replies = answer(&membership, &grant, &text, &mut held);
+                        drop(turn);
                         // A resume's replay can be long: written a batch at
                         // a time, each within the write timeout.
                         let mut replies = replies.into_iter().map(Message::Text).peekable();

@@ -128,6 +128,11 @@ impl Membership {
         unsubscribed
     }
 
+    /// Waits for this socket's turn to resume; see [`Hub::resume_turn`].
+    pub async fn resume_turn(&self) -> super::ResumeTurn<'_> {
+        self.hub.resume_turn().await
+    }
+
     /// Ends the hold of a socket joined to resume: it goes live, subscribed
     /// to `last_seen.symbols` (else its initial set), and the returned
     /// frames (what it missed since `last_seen`) must be sent before

@@ -74,6 +74,8 @@ struct Inner {
     /// Whether a frame too large for any socket has been logged (once is
     /// enough: the counter tells how often).
     logged_too_large: AtomicBool,
+    /// One resume at a time: see [`Hub::resume_turn`].
+    resumes: tokio::sync::Semaphore,
 }
 
 /// Bounds on what one socket or one client may hold.
@@ -148,6 +150,14 @@ impl Drop for Admission {
         let now = std::time::Instant::now();
         self.hub.state().admissions.release(&self.client, now);
     }
+}
+
+/// A socket's turn to resume, from [`Hub::resume_turn`]; the next resume
+/// may go once it is dropped.
+#[derive(Debug)]
+#[must_use = "the turn ends when it is dropped"]
+pub struct ResumeTurn<'a> {
+    _permit: tokio::sync::SemaphorePermit<'a>,
 }
 
 /// Why a resume was refused.
@@ -237,6 +247,7 @@ impl Hub {
                 stats,
                 queued: QueuedBytes::default(),
                 logged_too_large: AtomicBool::new(false),
+                resumes: tokio::sync::Semaphore::new(1),
             }),
         }
     }
@@ -310,6 +321,20 @@ impl Hub {
             _admission: admission,
         };
         (membership, outbox)
+    }
+
+    /// Waits for this socket's turn to resume: resumes take the hub's lock
+    /// one at a time, in the order they asked. A resume's work under the
+    /// lock is bounded (its request and the queue bounds: a few
+    /// milliseconds for thousands of keys), but twenty sockets resuming at
+    /// once would otherwise take the lock back to back while live delivery
+    /// waits behind them; taking turns, each resume waits without holding a
+    /// thread, and live delivery gets the lock between any two.
+    pub async fn resume_turn(&self) -> ResumeTurn<'_> {
+        let permit = self.inner.resumes.acquire().await;
+        ResumeTurn {
+            _permit: permit.expect("the hub never closes its resume semaphore"),
+        }
     }
 
     /// How many sockets are open.

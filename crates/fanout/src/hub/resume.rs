@@ -78,16 +78,19 @@ impl Hub {
             for (symbol, &seq) in symbols {
                 if !wants(symbol) {
                     // Named but not subscribed: not recovered, and not sent.
-                    budget.answer(&mut resumed, Replay::Gap(None), symbol, false, None);
+                    budget.answer(&mut resumed, Replay::Gap(None), symbol, false);
                     continue;
                 }
                 let seen = Position { seq, epoch };
                 let replay = history.replay(None, symbol, seen);
-                let replay = floored(replay, &mut ahead, (false, symbol, seen));
-                // Past the floor cap: not recovered, and nothing sent.
-                let stand_in = replay.is_some().then(|| state.snapshots.get(symbol));
-                let replay = replay.unwrap_or(Replay::Gap(None));
-                budget.answer(&mut resumed, replay, symbol, false, stand_in.flatten());
+                let replay = match floored(replay, &mut ahead, (false, symbol, seen)) {
+                    // A key with no history here: its snapshot stands in.
+                    Some(Replay::Gap(None)) => Replay::Gap(state.snapshots.get(symbol)),
+                    Some(replay) => replay,
+                    // Past the floor cap: not recovered, and nothing sent.
+                    None => Replay::Gap(None),
+                };
+                budget.answer(&mut resumed, replay, symbol, false);
             }
         }
         for (epoch, symbols) in &last_seen.private {
@@ -96,7 +99,7 @@ impl Hub {
                 let replay = history.replay(Some(&client), symbol, seen);
                 let replay = floored(replay, &mut ahead, (true, symbol, seen));
                 let replay = replay.unwrap_or(Replay::Gap(None));
-                budget.answer(&mut resumed, replay, symbol, true, None);
+                budget.answer(&mut resumed, replay, symbol, true);
             }
         }
         for (private, symbol, seen) in ahead {
@@ -175,17 +178,9 @@ impl Budget {
     }
 
     /// Answers one named key: its missed results if they fit; otherwise the
-    /// key is not recovered, and its latest result (else `stand_in`, the
-    /// symbol's snapshot) is sent if that fits. Missed results that do not
+    /// key is not recovered, and its latest result is sent if that fits. Missed results that do not
     /// fit spend the budget: the keys after are not read (see `resume`).
-    fn answer(
-        &mut self,
-        resumed: &mut Resumed,
-        replay: Replay<'_>,
-        symbol: &str,
-        private: bool,
-        stand_in: Option<&SharedResult>,
-    ) {
+    fn answer(&mut self, resumed: &mut Resumed, replay: Replay<'_>, symbol: &str, private: bool) {
         let mut spent = false;
         let latest = match replay {
             Replay::Ahead => return,
@@ -206,7 +201,7 @@ impl Budget {
                 spent = true;
                 missed.newest()
             }
-            Replay::Gap(latest) => latest.or(stand_in),
+            Replay::Gap(latest) => latest,
         };
         let unrecovered = if private {
             &mut resumed.unrecovered_private

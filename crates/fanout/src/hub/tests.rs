@@ -726,7 +726,11 @@ fn a_socket_that_cannot_take_a_burst_is_a_slow_consumer_and_gets_no_more() {
         result(&hub, Some("acme"), seq, "e1");
     }
     drop(hold);
-    assert_eq!(queued(&mut slow), ["A1", "acme1"], "what fitted, then nothing");
+    assert_eq!(
+        queued(&mut slow),
+        ["A1", "acme1"],
+        "what fitted, then nothing"
+    );
     assert_eq!(hub.socket_count(), 0, "evicted");
     assert_eq!(hub.inner.stats.slow_consumer_closes.load(Relaxed), 1);
 }
@@ -745,4 +749,19 @@ fn a_burst_of_private_results_reaches_its_group_whatever_it_subscribed_to() {
     assert_eq!(queued(&mut everything), ["acme1", "acme2"]);
     assert_eq!(queued(&mut plain), ["acme1", "acme2"]);
     assert!(stranger.try_recv().is_none(), "not its group's");
+}
+
+#[tokio::test]
+async fn resumes_take_turns_in_the_order_they_asked() {
+    let hub = hub(8);
+    let first = hub.resume_turn().await;
+    let mut second = Box::pin(hub.resume_turn());
+    let mut third = Box::pin(hub.resume_turn());
+    assert!(second.as_mut().now_or_never().is_none(), "the first has the turn");
+    assert!(third.as_mut().now_or_never().is_none());
+    drop(first);
+    let second = second.await;
+    assert!(third.as_mut().now_or_never().is_none(), "then the second");
+    drop(second);
+    drop(third.await);
 }
