@@ -38,7 +38,6 @@ use super::clients::{
 use super::environment::Bridge;
 use super::{Environment, Options, Row, Scenario, feed};
 use crate::Error;
-use crate::broker::BrokerError;
 
 /// Symbols the bridge has seen before the phases start.
 pub const SEEDED_KEYS: usize = 20_000;
@@ -139,15 +138,15 @@ async fn phase(
     if let Some(abuse) = abuse {
         start(abuse, bridge, epoch, &stop, &mut abusers).await?;
         if abuse == Abuse::MaxRate {
-            // Every seeded key once more, now that the abusers subscribe.
-            let mut pipe = redis::pipe();
-            for n in 0..SEEDED_KEYS {
-                let (channel, payload) = feed(environment.role, (input, output), n, SEEDED_KEYS, 0);
-                pipe.publish(channel, payload.as_ref()).ignore();
-            }
-            pipe.query_async::<()>(&mut conn)
-                .await
-                .map_err(BrokerError::from)?;
+            // Every seeded key once more, now that the abusers subscribe;
+            // the phase starts once the bridge has put out every one (its
+            // sockets then hold them), not after a guessed pause that a
+            // busy machine outlasts.
+            let role = environment.role;
+            publish_and_await_results(&environment.url, output, SEEDED_KEYS, |n| {
+                feed(role, (input, output), n, SEEDED_KEYS, 0)
+            })
+            .await?;
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
