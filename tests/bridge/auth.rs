@@ -222,3 +222,106 @@ async fn jwt_with_asymmetric_keys_from_pem_files() {
         app.shutdown().await;
     }
 }
+
+/// A socket lives as long as its token: closed with 4001 when it expires,
+/// unless a refresh with a fresh token for its own client code extends it
+/// (what it may see narrowing to what both tokens allow, never widening).
+#[tokio::test]
+async fn a_socket_closes_when_its_token_expires_unless_a_refresh_extends_it() {
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+        ("QUOTEBRIDGE__AUTH__JWT_SECRET", SECRET),
+        // The grant ends at exp plus the leeway (30 s by default).
+        ("QUOTEBRIDGE__AUTH__JWT_LEEWAY_SECONDS", "0"),
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+    ])
+    .await;
+    let soon = now() + 2;
+    let short = hs256(json!({"sub": "acme", "exp": soon}));
+    let (mut expiring, welcome) = open_with_header(&app, "acme", &short)
+        .await
+        .expect("admitted");
+    assert_eq!(welcome["expires_at"], soon, "the welcome says when");
+    crate::schemas::assert_valid("welcome", &welcome);
+    let (mut refreshed, _) = open_with_header(&app, "acme", &short)
+        .await
+        .expect("admitted");
+
+    // Refused refreshes leave the socket as it was.
+    let foreign = hs256(json!({"sub": "beta", "exp": now() + 300}));
+    let stale = hs256(json!({"sub": "acme", "exp": now() - 60}));
+    for (token, reason) in [
+        (foreign.as_str(), "another client code"),
+        (stale.as_str(), "expired"),
+        ("not-a-jwt", "invalid token"),
+    ] {
+        send_json(&mut refreshed, json!({"op": "refresh", "token": token})).await;
+        let reply = next_json(&mut refreshed).await;
+        assert_eq!(reply["type"], "error", "{reply}");
+        let message = reply["message"].as_str().unwrap_or_default();
+        assert!(
+            message.contains("refresh refused") && message.contains(reason),
+            "{message}"
+        );
+    }
+
+    // A fresh token naming fewer symbols: the socket lasts until it
+    // expires, and "*" narrows to what the new token allows.
+    let later = now() + 300;
+    let fresh = hs256(json!({"sub": "acme", "exp": later, "symbols": ["AAPL"]}));
+    let request = json!({"op": "refresh", "token": fresh});
+    crate::schemas::assert_valid("client-request", &request);
+    send_json(&mut refreshed, request).await;
+    let reply = next_json(&mut refreshed).await;
+    assert_eq!(reply, json!({"type": "refreshed", "expires_at": later}));
+    crate::schemas::assert_valid("refreshed", &reply);
+    assert_eq!(
+        next_json(&mut refreshed).await,
+        json!({"type": "subscribed", "symbols": ["AAPL"]})
+    );
+    // A second refresh cannot widen it again.
+    let wide = hs256(json!({"sub": "acme", "exp": later}));
+    send_json(&mut refreshed, json!({"op": "refresh", "token": wide})).await;
+    assert_eq!(next_json(&mut refreshed).await["type"], "refreshed");
+    send_json(
+        &mut refreshed,
+        json!({"op": "subscribe", "symbols": ["TSLA"]}),
+    )
+    .await;
+    let reply = next_json(&mut refreshed).await;
+    assert!(
+        reply["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not entitled")),
+        "{reply}"
+    );
+
+    // The unrefreshed socket is closed once its token expires (a second
+    // or two from now), with the documented code and reason.
+    assert_eq!(
+        close_frame(&mut expiring).await,
+        (4001, "token expired".to_owned())
+    );
+    let mut conn = app.redis.connection().await;
+    let quote = |s: &str| {
+        (
+            "quotes".to_owned(),
+            format!(r#"{{"symbol":"{s}","price":1,"ts":1}}"#).into_bytes(),
+        )
+    };
+    publish_all(&mut conn, &[quote("TSLA"), quote("AAPL")]).await;
+    assert_eq!(
+        next_json(&mut refreshed).await["symbol"],
+        "AAPL",
+        "the refreshed socket outlives the old token, narrowed"
+    );
+    let stats = app.stats().await;
+    assert_eq!(
+        (
+            stats["token_expiry_closes"].as_u64(),
+            stats["token_refreshes"].as_u64()
+        ),
+        (Some(1), Some(2))
+    );
+    app.shutdown().await;
+}

@@ -279,3 +279,41 @@ async fn an_event_stream_past_the_resume_allowance_starts_live() {
     assert_eq!(refused.next_json().await.1["price"], 3.0, "then live");
     app.shutdown().await;
 }
+
+/// An event stream ends when its token expires, with an `expired` event:
+/// the client connects again with a fresh token and its `Last-Event-ID`.
+#[tokio::test]
+async fn an_event_stream_ends_when_its_token_expires() {
+    const SECRET: &str = "a-test-secret-of-32-bytes-length";
+    let app = spawn_app_with(&[
+        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ("QUOTEBRIDGE__AUTH__MODE", "jwt"),
+        ("QUOTEBRIDGE__AUTH__JWT_SECRET", SECRET),
+        // The grant ends at exp plus the leeway (30 s by default).
+        ("QUOTEBRIDGE__AUTH__JWT_LEEWAY_SECONDS", "0"),
+    ])
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &json!({"sub": "acme", "exp": now + 2}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("sign");
+    let path = format!("/sse/acme?token={token}&symbols=AAPL");
+    let (head, mut events) = Events::open(app.address, &path, None).await;
+    assert!(head.contains(" 200 "), "{head}");
+    let (event, data) = events.next_json().await;
+    assert_eq!(event.event.as_deref(), Some("expired"));
+    assert_eq!(data, json!({"type": "error", "message": "token expired"}));
+    let mut rest = String::new();
+    let read = within("the end of the stream", events.reader.read_line(&mut rest))
+        .await
+        .expect("read");
+    assert_eq!((read, rest.as_str()), (0, ""), "and the stream ends");
+    assert_eq!(app.stats().await["token_expiry_closes"], 1);
+    app.shutdown().await;
+}

@@ -271,6 +271,13 @@ pub enum ClientOp {
     /// The first request of a socket opened with `?resume=1`: what the
     /// client last saw, so it is sent what it missed.
     Resume(LastSeen),
+    /// A fresh token for the socket's client code, before the one it
+    /// connected with expires: checked like a new connection's, the socket
+    /// then lasts until the new one expires, and may see what both allow.
+    Refresh {
+        /// The new token (a JWT in `auth.mode = "jwt"`).
+        token: String,
+    },
 }
 
 /// What a client that comes back says it last saw: per epoch, the last
@@ -297,7 +304,7 @@ impl ClientOp {
     pub fn parse(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|err| {
             format!(
-                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} (subscribe may add \"max_rate\":N) or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}}"
+                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} (subscribe may add \"max_rate\":N) or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}} or {{\"op\":\"refresh\",\"token\":\"...\"}}"
             )
         })
     }
@@ -495,6 +502,17 @@ pub enum ServerFrame<'a> {
         client: &'a str,
         /// The socket's initial subscriptions, sorted.
         subscriptions: &'a [String],
+        /// When the socket's token expires (seconds since the Unix epoch;
+        /// absent for tokens that do not): the socket is closed then, unless
+        /// a `refresh` extends it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
+    },
+    /// Reply to a refresh: when the socket now expires (absent: never).
+    Refreshed {
+        /// Seconds since the Unix epoch.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expires_at: Option<u64>,
     },
     /// Reply to subscribe and unsubscribe: the socket's whole current set, sorted.
     Subscribed {
@@ -784,11 +802,34 @@ mod tests {
             as_json(
                 &ServerFrame::Welcome {
                     client: "acme",
-                    subscriptions: &subs
+                    subscriptions: &subs,
+                    expires_at: None,
                 }
                 .encode()
             ),
             json!({"type":"welcome","client":"acme","subscriptions":["*"]})
+        );
+        let expiring = ServerFrame::Welcome {
+            client: "acme",
+            subscriptions: &subs,
+            expires_at: Some(1_800_000_000),
+        };
+        assert_eq!(
+            as_json(&expiring.encode()),
+            json!({"type":"welcome","client":"acme","subscriptions":["*"],"expires_at":1_800_000_000})
+        );
+        assert_eq!(
+            as_json(
+                &ServerFrame::Refreshed {
+                    expires_at: Some(7)
+                }
+                .encode()
+            ),
+            json!({"type":"refreshed","expires_at":7})
+        );
+        assert_eq!(
+            ClientOp::parse(r#"{"op":"refresh","token":"t"}"#),
+            Ok(ClientOp::Refresh { token: "t".into() })
         );
         assert_eq!(
             as_json(&ServerFrame::Subscribed { symbols: &subs }.encode()),

@@ -47,6 +47,10 @@ pub struct Stats {
     pub rate_limited_closes: AtomicU64,
     /// Sockets closed for not answering pings.
     pub keepalive_timeouts: AtomicU64,
+    /// Sockets and event streams closed because their token expired.
+    pub token_expiry_closes: AtomicU64,
+    /// Tokens sockets renewed in place (`{"op":"refresh"}`).
+    pub token_refreshes: AtomicU64,
     /// Times the Redis subscription was re-established after a loss.
     pub redis_resubscribes: AtomicU64,
     /// Frames (direct messages, relayed results) refused because one alone exceeds a socket's byte bound (websocket.send_queue_bytes).
@@ -247,6 +251,16 @@ pub const COUNTERS: &[Counter] = &[
         name: "keepalive_timeouts",
         help: "Sockets closed for not answering pings",
         value: |stats| stats.keepalive_timeouts.load(Relaxed),
+    },
+    Counter {
+        name: "token_expiry_closes",
+        help: "Sockets and event streams closed because their token expired",
+        value: |stats| stats.token_expiry_closes.load(Relaxed),
+    },
+    Counter {
+        name: "token_refreshes",
+        help: "Tokens sockets renewed in place with a refresh request",
+        value: |stats| stats.token_refreshes.load(Relaxed),
     },
     Counter {
         name: "frames_too_large",

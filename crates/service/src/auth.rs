@@ -14,12 +14,16 @@ use subtle::ConstantTimeEq;
 use crate::config::{AuthMode, AuthSettings, ConfigError};
 use crate::names;
 
-/// What an authenticated socket may do.
+/// What an authenticated socket may do, and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Grant {
     /// The public symbols it may subscribe to; `None` means all of them.
     /// `"*"` in the set also means all.
     pub symbols: Option<BTreeSet<String>>,
+    /// When the grant ends, in seconds since the Unix epoch: a JWT's `exp`
+    /// plus `auth.jwt_leeway_seconds` (the moment a new connection with the
+    /// token would be refused). `None` for tokens that do not expire.
+    pub expires_at: Option<u64>,
 }
 
 impl Grant {
@@ -30,6 +34,32 @@ impl Grant {
             None => true,
             Some(set) => set.contains(names::ALL_SYMBOLS) || set.contains(symbol),
         }
+    }
+
+    /// This grant renewed by `fresh` (a new token for the same client code):
+    /// it ends when `fresh` does, and it allows what both allow, so a
+    /// refresh can narrow what a connection may see, never widen it.
+    #[must_use]
+    pub fn renewed_by(&self, fresh: Grant) -> Grant {
+        let symbols = match (&self.symbols, fresh.symbols) {
+            (None, fresh) => fresh,
+            (Some(own), None) => Some(own.clone()),
+            (Some(own), Some(fresh)) if own.contains(names::ALL_SYMBOLS) => Some(fresh),
+            (Some(own), Some(fresh)) if fresh.contains(names::ALL_SYMBOLS) => Some(own.clone()),
+            (Some(own), Some(fresh)) => Some(own.intersection(&fresh).cloned().collect()),
+        };
+        Grant {
+            symbols,
+            expires_at: fresh.expires_at,
+        }
+    }
+
+    /// How long until the grant ends, from `now` (seconds since the Unix
+    /// epoch); `None` when it does not expire.
+    #[must_use]
+    pub fn remaining(&self, now: u64) -> Option<std::time::Duration> {
+        self.expires_at
+            .map(|at| std::time::Duration::from_secs(at.saturating_sub(now)))
     }
 
     /// The initial subscriptions for this grant: the configured defaults the
@@ -99,6 +129,14 @@ pub struct JwtCheck {
     validation: Validation,
 }
 
+/// Seconds since the Unix epoch, as `exp` counts them.
+#[must_use]
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_secs())
+}
+
 impl std::fmt::Debug for Authenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -116,6 +154,8 @@ impl std::fmt::Debug for Authenticator {
 #[derive(Debug, Deserialize)]
 struct Claims {
     sub: String,
+    /// Required (and checked) by the validation.
+    exp: u64,
     #[serde(default)]
     symbols: Option<Vec<String>>,
 }
@@ -262,6 +302,7 @@ impl Authenticator {
                 }
                 Ok(Grant {
                     symbols: claims.symbols.map(|s| s.into_iter().collect()),
+                    expires_at: Some(claims.exp.saturating_add(check.validation.leeway)),
                 })
             }
         }
@@ -344,12 +385,13 @@ mod tests {
         );
         let skewed = jwt(json!({"sub": "acme", "exp": now() + 7200, "nbf": now() + 10}));
         assert_eq!(
-            auth.authenticate("acme", Some(&skewed)),
-            Ok(Grant::default()),
+            auth.authenticate("acme", Some(&skewed))
+                .map(|grant| grant.symbols),
+            Ok(None),
             "within the leeway"
         );
         let past = jwt(json!({"sub": "acme", "exp": now() + 60, "nbf": now() - 60}));
-        assert_eq!(auth.authenticate("acme", Some(&past)), Ok(Grant::default()));
+        assert!(auth.authenticate("acme", Some(&past)).is_ok());
     }
 
     #[test]
@@ -372,10 +414,7 @@ mod tests {
         let both = jwt(json!({
             "sub": "acme", "exp": now() + 60, "iss": "https://idp", "aud": ["other", "quotebridge"]
         }));
-        assert_eq!(
-            strict.authenticate("acme", Some(&both)),
-            Ok(Grant::default())
-        );
+        assert!(strict.authenticate("acme", Some(&both)).is_ok());
         let other_iss = jwt(json!({
             "sub": "acme", "exp": now() + 60, "iss": "https://evil", "aud": "quotebridge"
         }));
@@ -399,8 +438,13 @@ mod tests {
     #[test]
     fn jwt_checks_signature_expiry_and_subject() {
         let auth = Authenticator::from_settings(&settings(AuthMode::Jwt)).expect("valid");
-        let good = jwt(json!({"sub": "acme", "exp": now() + 60}));
-        assert_eq!(auth.authenticate("acme", Some(&good)), Ok(Grant::default()));
+        let exp = now() + 60;
+        let good = jwt(json!({"sub": "acme", "exp": exp}));
+        let grant = Grant {
+            expires_at: Some(exp),
+            ..Grant::default()
+        };
+        assert_eq!(auth.authenticate("acme", Some(&good)), Ok(grant));
         assert_eq!(
             auth.authenticate("beta", Some(&good)),
             Err(AuthError::WrongClient)
@@ -439,6 +483,56 @@ mod tests {
         assert_eq!(
             Grant::default().initial_subscriptions(&defaults),
             vec!["*", "TSLA"]
+        );
+    }
+
+    #[test]
+    fn a_grant_ends_with_its_token_plus_the_leeway() {
+        let mut lenient = settings(AuthMode::Jwt);
+        lenient.jwt_leeway_seconds = 30;
+        let auth = Authenticator::from_settings(&lenient).expect("valid");
+        let exp = now() + 60;
+        let grant = auth
+            .authenticate("acme", Some(&jwt(json!({"sub": "acme", "exp": exp}))))
+            .expect("valid");
+        assert_eq!(grant.expires_at, Some(exp + 30));
+        assert_eq!(
+            grant.remaining(exp),
+            Some(std::time::Duration::from_secs(30))
+        );
+        assert_eq!(grant.remaining(exp + 31), Some(std::time::Duration::ZERO));
+        let tokens = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
+        let fixed = tokens.authenticate("acme", Some("s3cret"));
+        assert_eq!(fixed.map(|grant| grant.expires_at), Ok(None), "never ends");
+    }
+
+    #[test]
+    fn a_renewed_grant_narrows_and_never_widens() {
+        let set = |symbols: &[&str]| Some(symbols.iter().map(|s| (*s).to_owned()).collect());
+        let grant = |symbols: Option<BTreeSet<String>>, expires_at| Grant {
+            symbols,
+            expires_at: Some(expires_at),
+        };
+        let all = grant(None, 10);
+        let some = grant(set(&["AAPL", "MSFT"]), 10);
+        let renewed = some.renewed_by(grant(None, 20));
+        assert_eq!(
+            renewed,
+            grant(set(&["AAPL", "MSFT"]), 20),
+            "not widened to all"
+        );
+        let renewed = some.renewed_by(grant(set(&["MSFT", "TSLA"]), 20));
+        assert_eq!(renewed, grant(set(&["MSFT"]), 20), "what both allow");
+        let renewed = all.renewed_by(grant(set(&["TSLA"]), 20));
+        assert_eq!(renewed, grant(set(&["TSLA"]), 20), "narrowed");
+        let star = grant(set(&["*"]), 10);
+        assert_eq!(
+            star.renewed_by(grant(set(&["TSLA"]), 20)),
+            grant(set(&["TSLA"]), 20)
+        );
+        assert_eq!(
+            some.renewed_by(grant(set(&["*"]), 20)),
+            grant(set(&["AAPL", "MSFT"]), 20)
         );
     }
 

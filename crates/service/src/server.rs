@@ -307,11 +307,15 @@ async fn upgrade(
             let initial = grant.initial_subscriptions(&websocket.default_symbols);
             let (membership, outbox) = app.hub.join(admission, &initial, hold);
             let limits = session::Limits::from_settings(websocket);
+            let access = session::Access {
+                grant,
+                authenticator: app.auth.clone(),
+            };
             let outcome = session::run(
                 socket,
                 &client_code,
                 membership,
-                grant,
+                access,
                 outbox,
                 limits,
                 app.shutdown,
@@ -376,6 +380,7 @@ async fn event_stream(
         shutdown: app.shutdown.clone(),
         permit,
         ended,
+        expires_at: grant.expires_at,
     };
     // Opening a stream resumes it (see `Hub::resume_turn`).
     let turn = app.hub.resume_turn().await;

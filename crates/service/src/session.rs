@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Grant;
+use std::sync::Arc;
+
+use crate::auth::{self, Authenticator, Grant};
 use crate::config::WebSocketSettings;
 use crate::frame::{Frame, SharedResult};
 use crate::hub::Membership;
@@ -60,6 +62,20 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Pings sent without a pong since; at this many the peer is gone.
 const MAX_UNANSWERED_PINGS: u32 = 2;
 
+/// What a socket may see, until when, and how a fresh token is checked.
+#[derive(Debug)]
+pub struct Access {
+    /// Its entitlements and their end.
+    pub grant: Grant,
+    /// Checks a token sent with `{"op":"refresh"}`, as at connection.
+    pub authenticator: Arc<Authenticator>,
+}
+
+/// The close code of a socket whose token expired: in the range RFC 6455
+/// leaves to applications, so a client can tell it from any other close
+/// and connect again with a fresh token.
+pub const TOKEN_EXPIRED: u16 = 4001;
+
 /// Why a session ended abnormally. Ordinary disconnects are not errors.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -78,7 +94,7 @@ pub async fn run(
     mut socket: Socket,
     client: &str,
     membership: Membership,
-    grant: Grant,
+    mut access: Access,
     mut outbox: Outbox,
     limits: Limits,
     shutdown: CancellationToken,
@@ -93,7 +109,13 @@ pub async fn run(
     let welcome = ServerFrame::Welcome {
         client,
         subscriptions: &subscriptions,
+        expires_at: access.grant.expires_at,
     };
+    // Boxed, and only for a token that expires, like the hold's timer.
+    let mut expiry = access
+        .grant
+        .remaining(auth::unix_now())
+        .map(|left| Box::pin(tokio::time::sleep(left)));
     write(
         &mut socket,
         [Message::Text(welcome.encode().into())],
@@ -122,6 +144,12 @@ pub async fn run(
                 tracing::debug!("no resume request in time; live without one");
                 held = false;
                 membership.go_live();
+            }
+            () = async { if let Some(timer) = expiry.as_mut() { timer.await } }, if expiry.is_some() => {
+                tracing::info!("token expired; closing");
+                membership.stats().token_expiry_closes.fetch_add(1, Relaxed);
+                close(&mut socket, CloseCode::from(TOKEN_EXPIRED), "token expired").await;
+                return Ok(());
             }
             _ = keepalive.tick() => {
                 if unanswered_pings >= MAX_UNANSWERED_PINGS {
@@ -175,8 +203,15 @@ pub async fn run(
                         // A held socket's first request may be a resume:
                         // it waits for its turn (see `Hub::resume_turn`).
                         let turn = if held { Some(membership.resume_turn().await) } else { None };
-                        let replies = answer(&membership, &grant, &text, &mut held);
+                        let replies = answer(&membership, client, &mut access, &text, &mut held);
                         drop(turn);
+                        if let Some(left) = access.grant.remaining(auth::unix_now()) {
+                            // A refresh may have moved the end (no other request does).
+                            match expiry.as_mut() {
+                                Some(timer) => timer.as_mut().reset(Instant::now() + left),
+                                None => expiry = Some(Box::pin(tokio::time::sleep(left))),
+                            }
+                        }
                         // A resume's replay can be long: written a batch at
                         // a time, each within the write timeout.
                         let mut replies = replies.into_iter().map(Message::Text).peekable();
@@ -204,7 +239,13 @@ pub async fn run(
 /// Handles one text frame from the client; returns the frames to send back.
 /// The first request of a `held` socket ends the hold: a resume resumes,
 /// anything else makes it live as it is.
-fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -> Vec<Utf8Bytes> {
+fn answer(
+    membership: &Membership,
+    client: &str,
+    access: &mut Access,
+    text: &str,
+    held: &mut bool,
+) -> Vec<Utf8Bytes> {
     let error = |message: &str| vec![ServerFrame::Error { message }.encode().into()];
     let parsed = ClientOp::parse(text);
     let resuming = matches!(parsed, Ok(ClientOp::Resume(_)));
@@ -227,9 +268,11 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
             ));
         }
     }
+    let grant = &access.grant;
     let symbols = match &op {
         ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } => symbols,
         ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),
+        ClientOp::Refresh { token } => return refresh(membership, client, access, token),
     };
     let entitlement = matches!(op, ClientOp::Subscribe { .. }).then_some(grant);
     if let Err(message) = check_subscriptions(symbols, entitlement) {
@@ -247,7 +290,7 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
             }
         }
         ClientOp::Unsubscribe { symbols } => membership.unsubscribe(&symbols),
-        ClientOp::Resume(_) => unreachable!("answered above"),
+        ClientOp::Resume(_) | ClientOp::Refresh { .. } => unreachable!("answered above"),
     };
     // The snapshots wait in the outbox, which the session drains after
     // writing this reply.
@@ -255,6 +298,60 @@ fn answer(membership: &Membership, grant: &Grant, text: &str, held: &mut bool) -
         symbols: &outcome.symbols,
     };
     vec![reply.encode().into()]
+}
+
+/// Answers a refresh: a fresh token for the socket's own client code,
+/// checked as at connection. The socket then lasts until it expires and may
+/// see what both tokens allow; subscriptions the new one does not allow
+/// end (a `subscribed` frame with the set that is left follows the reply).
+/// A token refused leaves the socket as it was, ending when the old one does.
+fn refresh(
+    membership: &Membership,
+    client: &str,
+    access: &mut Access,
+    token: &str,
+) -> Vec<Utf8Bytes> {
+    let fresh = match access.authenticator.authenticate(client, Some(token)) {
+        Ok(fresh) => fresh,
+        Err(err) => {
+            tracing::info!(reason = %err, "token refresh refused");
+            let message =
+                format!("refresh refused: {err}; the socket still ends when its token expires");
+            return vec![ServerFrame::Error { message: &message }.encode().into()];
+        }
+    };
+    access.grant = access.grant.renewed_by(fresh);
+    membership.stats().token_refreshes.fetch_add(1, Relaxed);
+    let grant = &access.grant;
+    let mut replies = vec![
+        ServerFrame::Refreshed {
+            expires_at: grant.expires_at,
+        }
+        .encode()
+        .into(),
+    ];
+    let subscribed = membership.subscriptions();
+    let disallowed: Vec<String> = subscribed
+        .iter()
+        .filter(|symbol| !grant.allows(symbol))
+        .cloned()
+        .collect();
+    if !disallowed.is_empty() {
+        let mut outcome = membership.unsubscribe(&disallowed);
+        // `"*"` no longer allowed stands for every symbol that still is,
+        // as it does at connection.
+        let entitled = grant.initial_subscriptions(&disallowed);
+        if !entitled.is_empty()
+            && let Ok(subscribed) = membership.subscribe(&entitled, None)
+        {
+            outcome = subscribed;
+        }
+        let reply = ServerFrame::Subscribed {
+            symbols: &outcome.symbols,
+        };
+        replies.push(reply.encode().into());
+    }
+    replies
 }
 
 /// The most results a second a subscription may ask for per key (and the

@@ -19,6 +19,7 @@
 use std::convert::Infallible;
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
@@ -28,7 +29,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::Grant;
+use crate::auth::{self, Grant};
 use crate::frame::{Frame, SharedResult};
 use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
@@ -57,6 +58,10 @@ pub struct Request {
     pub permit: OwnedSemaphorePermit,
     /// Cancelled when the stream ends (the connection then closes).
     pub ended: Option<CancellationToken>,
+    /// When its token expires (seconds since the Unix epoch): the stream
+    /// ends then, with an `expired` event, and the client connects again
+    /// with a fresh token and its `Last-Event-ID`.
+    pub expires_at: Option<u64>,
 }
 
 /// The subscriptions of `?symbols=A,B,*`, checked like a subscribe.
@@ -248,8 +253,18 @@ async fn run(
         limits,
         shutdown,
         permit: _held_until_the_stream_ends,
+        expires_at,
         ..
     } = request;
+    let expired = async {
+        match expires_at {
+            Some(at) => {
+                tokio::time::sleep(Duration::from_secs(at.saturating_sub(auth::unix_now()))).await
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     let send = async |chunk: String| {
         // A client that stops reading fills its TCP window; past the write
         // timeout it is dropped, as a socket would be.
@@ -270,6 +285,14 @@ async fn run(
         let chunk = tokio::select! {
             () = shutdown.cancelled() => return,
             () = events.closed() => return,
+            () = &mut expired => {
+                membership.stats().token_expiry_closes.fetch_add(1, Relaxed);
+                let mut chunk = String::new();
+                let message = ServerFrame::Error { message: "token expired" }.encode();
+                notice(&mut chunk, "expired", &message);
+                send(chunk).await;
+                return;
+            }
             _ = keepalive.tick() => ": keepalive\n\n".to_owned(),
             taken = outbox.recv_many(&mut batch, MAX_BATCH) => {
                 if taken.frames == 0 {

@@ -757,7 +757,10 @@ async fn resumes_take_turns_in_the_order_they_asked() {
     let first = hub.resume_turn().await;
     let mut second = Box::pin(hub.resume_turn());
     let mut third = Box::pin(hub.resume_turn());
-    assert!(second.as_mut().now_or_never().is_none(), "the first has the turn");
+    assert!(
+        second.as_mut().now_or_never().is_none(),
+        "the first has the turn"
+    );
     assert!(third.as_mut().now_or_never().is_none());
     drop(first);
     let second = second.await;
