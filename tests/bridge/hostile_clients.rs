@@ -136,6 +136,28 @@ async fn requests_that_are_not_websocket_upgrades_get_clean_http_errors() {
         response.is_empty() || response.starts_with("HTTP/1.1 400"),
         "garbage got {response:?}"
     );
+    // An upgrade (or any HTTP/1.1 request) without exactly one Host header
+    // is malformed: 400, not 101.
+    let upgrade = |hosts: &str| {
+        format!(
+            "GET /ws/acme HTTP/1.1\r\n{hosts}Connection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        )
+    };
+    let host = format!("Host: {}\r\n", app.address);
+    for request in [
+        upgrade(""),
+        upgrade(&format!("{host}{host}")),
+        "GET /stats HTTP/1.1\r\n\r\n".to_owned(),
+    ] {
+        let mut stream = TcpStream::connect(app.address).await.expect("connect");
+        stream.write_all(request.as_bytes()).await.expect("write");
+        let mut status = [0u8; 12];
+        within("the answer", stream.read_exact(&mut status))
+            .await
+            .expect("read");
+        assert_eq!(&status, b"HTTP/1.1 400", "{request:?}");
+    }
     // The server is unharmed.
     let (_socket, welcome) = app.connect("acme").await;
     assert_eq!(welcome["client"], "acme");

@@ -75,6 +75,7 @@ pub fn router(state: AppState) -> Router {
         .route("/stats", get(stats))
         .route("/metrics", get(metrics))
         .layer(axum::middleware::from_fn_with_state(state.clone(), pace))
+        .layer(axum::middleware::from_fn(require_host))
         .layer(axum::middleware::map_response(security_headers))
         .with_state(state)
 }
@@ -118,6 +119,21 @@ async fn pace(
                 .fetch_add(1, Ordering::Relaxed);
             tokio::time::sleep(wait).await;
         }
+    }
+    next.run(request).await
+}
+
+/// Refuses an HTTP/1.1 request without exactly one `Host` header with 400,
+/// as RFC 9112 §3.2 requires: a WebSocket upgrade included, before anything
+/// else looks at it.
+async fn require_host(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if request.version() == axum::http::Version::HTTP_11 && hosts != 1 {
+        return (
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request names its host in exactly one Host header\n",
+        )
+            .into_response();
     }
     next.run(request).await
 }
