@@ -8,6 +8,9 @@ const HISTORY = 300;
 const MAX_SERIES = 2000;
 const series = new Map();   // key -> { symbol, client, points: [{t, price, sma}], row }
 let selected = null, socket = null, retryMs = 500, retryTimer = null, dirty = false, manualClose = false;
+// Everything keyed by names from the wire (epochs, symbols, client codes) is
+// a Map, a Set or an Object.create(null) object: a name like "__proto__"
+// must stay a plain key, never reach Object.prototype.
 // The last position seen of each key, to resume after a reconnect:
 // "public"/"private" -> symbol -> { epoch, seq }; reset when the client code changes.
 let positions = { public: new Map(), private: new Map() }, positionsOf = null;
@@ -56,7 +59,9 @@ function connect() {
   setStatus("connecting", "connecting…");
   const ws = new WebSocket(url);
   socket = ws;
+  let openedAt = null;
   ws.onopen = () => {
+    openedAt = Date.now();
     retryMs = 500; setStatus("open", `open as ${code}`);
     if (resuming) ws.send(request);
   };
@@ -68,16 +73,46 @@ function connect() {
     const wait = retryMs; retryMs = Math.min(retryMs * 2, 10000);
     setStatus("closed", `closed (${event.code || "no code"}); retrying in ${(wait / 1000).toFixed(1)} s`);
     retryTimer = setTimeout(connect, wait * (0.5 + Math.random() / 2));
+    // A socket refused before it opened shows only as 1006: ask whether the
+    // token was refused, and if so stop retrying what cannot succeed.
+    if (openedAt === null || (event.code === 1006 && Date.now() - openedAt < 2000)) {
+      authenticationRefused(code).then((refused) => {
+        if (!refused || socket !== ws || manualClose) return;
+        clearTimeout(retryTimer);
+        setStatus("auth-failed", "authentication failed");
+      });
+    }
   };
 }
 
+// Whether the bridge refuses this page's token for `code` (HTTP 401/403).
+// The WebSocket's own refusal cannot be read, and a plain GET of /ws/ is
+// answered 400 before authentication, so this asks /sse/, which
+// authenticates alike; its invalid ?symbols= makes an admitted request end
+// at 400 without opening a stream.
+async function authenticationRefused(code) {
+  const query = new URLSearchParams({ symbols: "!" });
+  if (token) query.set("token", token);
+  try {
+    const response = await fetch(`/sse/${encodeURIComponent(code)}?${query}`, { cache: "no-store" });
+    response.body?.cancel();
+    return response.status === 401 || response.status === 403;
+  } catch {
+    return false; // no answer from the bridge: retry as for any drop
+  }
+}
+
 // {"op":"resume","public":{epoch:{symbol:seq}},"private":{...}}
+// Null-prototype objects: an epoch or symbol "__proto__" is set as an own
+// key (serialized like any other), not as the object's prototype.
 function resumeRequest() {
-  const request = { op: "resume", public: {}, private: {} };
+  const request = { op: "resume", public: Object.create(null), private: Object.create(null) };
   if (Array.isArray(subscriptions)) request.symbols = subscriptions;
   for (const kind of ["public", "private"]) {
+    const epochs = request[kind];
     for (const [symbol, { epoch, seq }] of positions[kind]) {
-      (request[kind][epoch] ??= {})[symbol] = seq;
+      if (!Object.hasOwn(epochs, epoch)) epochs[epoch] = Object.create(null);
+      epochs[epoch][symbol] = seq;
     }
   }
   return request;
@@ -91,6 +126,20 @@ function showRecovery(m) {
   r.textContent = m.recovered === true
     ? `resumed: ${Number(m.replayed)} missed updates recovered`
     : `resumed with a gap: ${missed} ${missed === 1 ? "symbol" : "symbols"} could not be recovered (latest shown)`;
+  markStale(m.unrecovered);
+}
+
+// The rows of keys a resume could not recover are greyed (class "stale")
+// until their next result; a resume clears what an earlier one marked.
+function markStale(unrecovered) {
+  for (const s of series.values()) s.row.classList.remove("stale");
+  const names = (list) => new Set(Array.isArray(list) ? list.map(String) : []);
+  const lost = { public: names(unrecovered?.public), private: names(unrecovered?.private) };
+  for (const s of series.values()) {
+    // Private keys are the resuming client code's own.
+    const kind = !s.client ? "public" : s.client === positionsOf ? "private" : null;
+    if (kind && lost[kind].has(s.symbol)) s.row.classList.add("stale");
+  }
 }
 
 function send(op) {
@@ -154,6 +203,7 @@ function onSma(m) {
     series.set(key, s);
     if (!selected) select(key);
   }
+  s.row.classList.remove("stale");
   const last = s.points[s.points.length - 1];
   s.points.push({ t: m.ts, price: m.price, sma: m.sma });
   if (s.points.length > HISTORY) s.points.shift();

@@ -298,6 +298,31 @@ async fn the_dashboard_resumes_after_a_drop_and_shows_whether_it_recovered() {
         &format!("{price}.textContent === '14.000'"),
     )
     .await;
+
+    // A key the resume could not recover is greyed until its next result.
+    // (The bridge sends its latest value at once, which clears the mark:
+    // the reply is given to the page here as the socket would.)
+    let row = "document.querySelector('tr[data-symbol=\"AAPL\"]')";
+    browser
+        .execute(
+            r#"onFrame('{"type":"resumed","recovered":false,"replayed":0,"unrecovered":{"public":["AAPL"],"private":[]}}');"#,
+            vec![],
+        )
+        .await
+        .expect("a resume reply");
+    wait_until(
+        &browser,
+        "the row to be stale",
+        &format!("{row}.classList.contains('stale')"),
+    )
+    .await;
+    publish_all(&mut app.redis.connection().await, &quotes(15..16)).await;
+    wait_until(
+        &browser,
+        "a fresh value to clear it",
+        &format!("{price}.textContent === '15.000' && !{row}.classList.contains('stale')"),
+    )
+    .await;
     browser.close().await.expect("close the browser");
     let _ = std::fs::remove_dir_all(&profile);
     app.shutdown().await;
@@ -497,6 +522,64 @@ async fn hostile_frames_render_as_text_and_the_token_leaves_the_address_bar() {
         .await
         .expect("read");
     assert_eq!(pwned, json!(0), "an inline handler ran despite the CSP");
+
+    // An epoch named "__proto__" (valid by the name rules) stays a plain
+    // key: the resume after a drop names it, and nothing reaches
+    // Object.prototype.
+    let proto = json!({"symbol": "client", "sma": 1, "window": 1, "price": 1, "count": 1, "ts": 0, "seq": 1, "epoch": "__proto__"});
+    publish_all(
+        &mut conn,
+        &[("client.acme".to_owned(), proto.to_string().into_bytes())],
+    )
+    .await;
+    wait_until(
+        &browser,
+        "the __proto__ row",
+        "document.querySelector('tr[data-symbol=\"client\"]') !== null",
+    )
+    .await;
+    let request = browser
+        .execute("return JSON.stringify(resumeRequest());", vec![])
+        .await
+        .expect("the resume request");
+    assert!(
+        request
+            .as_str()
+            .is_some_and(|r| r.contains(r#""__proto__":{"client":1}"#)),
+        "{request}"
+    );
+    browser
+        .execute("manualClose = true; socket.close(); connect();", vec![])
+        .await
+        .expect("reconnect");
+    wait_until(
+        &browser,
+        "the resume's answer",
+        "document.getElementById('recovery').dataset.state === 'gap'",
+    )
+    .await;
+    let polluted = browser
+        .execute(
+            "return Object.prototype.hasOwnProperty('client') || ({}).client !== undefined;",
+            vec![],
+        )
+        .await
+        .expect("read");
+    assert_eq!(polluted, json!(false), "Object.prototype was polluted");
+
+    // A wrong token: the page says so and stops retrying, rather than show
+    // `closed (1006)` for ever.
+    browser
+        .goto(&format!("http://{}/?client=acme&token=wrong", app.address))
+        .await
+        .expect("open with a wrong token");
+    wait_until(
+        &browser,
+        "authentication failed to be shown",
+        "document.getElementById('status').dataset.state === 'auth-failed' \
+         && document.getElementById('status').textContent === 'authentication failed'",
+    )
+    .await;
 
     browser.close().await.expect("close the browser");
     let _ = std::fs::remove_dir_all(&profile);
