@@ -441,7 +441,8 @@ async fn a_restarted_compute_shard_resumes_its_symbols_and_a_new_gateway_has_sna
 }
 
 /// Anyone who may publish on the output channel can forge a result; one
-/// padded past what the bridge ever writes is not relayed (a gateway keeps
+/// that is not a result by the schema, or is padded past what the bridge
+/// ever writes, is not relayed (a gateway keeps
 /// a frame per key in its history and snapshots, so size is what counts).
 #[tokio::test]
 async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
@@ -462,9 +463,24 @@ async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
         ("sma".to_owned(), frame.into_bytes())
     };
     let padded = result(quotebridge::protocol::MAX_RESULT_BYTES, 1);
-    publish_all(&mut redis.connection().await, &[padded, result(0, 2)]).await;
+    // Not results by the schema: no position, a wrong type, an epoch with
+    // a newline (escaped, as JSON must), a count past the window.
+    let junk = [
+        r#"{"symbol":"X","sma":null}"#,
+        r#"{"symbol":"X","price":"1","sma":1,"window":1,"count":1,"ts":1,"seq":3,"epoch":"e1"}"#,
+        r#"{"symbol":"X","price":1,"sma":1,"window":1,"count":1,"ts":1,"seq":3,"epoch":"e\n1"}"#,
+        r#"{"symbol":"X","price":1,"sma":1,"window":1,"count":2,"ts":1,"seq":3,"epoch":"e1"}"#,
+    ]
+    .map(|text| ("sma".to_owned(), text.as_bytes().to_vec()));
+    let mut messages = vec![padded];
+    messages.extend(junk);
+    messages.push(result(0, 2));
+    publish_all(&mut redis.connection().await, &messages).await;
     let frame = next_json(&mut socket).await;
-    assert_eq!(frame["seq"], 2, "the padded one was dropped: {frame}");
+    assert_eq!(
+        frame["seq"], 2,
+        "the padded one and the junk were dropped: {frame}"
+    );
     let stats = gateway.stats().await;
-    assert_eq!(stats["results_unroutable"], 1, "{stats}");
+    assert_eq!(stats["results_unroutable"], 5, "{stats}");
 }

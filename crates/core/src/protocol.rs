@@ -319,17 +319,53 @@ pub struct ResultRoute<'a> {
     /// The client code of a private result: it goes to that group.
     #[serde(borrow, default)]
     pub client: Option<std::borrow::Cow<'a, str>>,
-    /// The result's position in its key's sequence (absent from results of
-    /// a compute node that predates positions: those are delivered, not kept).
-    #[serde(default)]
+    /// The result's position in its key's sequence (1 or more).
     pub seq: Option<u64>,
     /// The epoch of `seq`.
-    #[serde(borrow, default)]
+    #[serde(borrow)]
     pub epoch: Option<std::borrow::Cow<'a, str>>,
     /// Present in every SMA message (a number, or `null` while a window's
     /// sum overflows); required so other JSON is not taken for one.
     #[serde(rename = "sma")]
     _sma: SmaValue,
+    /// The window and how many prices the mean covers: each required, an
+    /// integer, checked against the result schema's range.
+    window: u64,
+    count: u64,
+    /// Required numbers whose values a route does not need.
+    #[serde(rename = "price")]
+    _price: JsonNumber,
+    #[serde(rename = "ts")]
+    _ts: u64,
+}
+
+/// The largest `sma.window`: a result naming a larger one is not one.
+pub const MAX_WINDOW: usize = 10_000;
+
+/// A member that must be a JSON number, whatever its value.
+#[derive(Debug, PartialEq)]
+struct JsonNumber;
+
+impl<'de> Deserialize<'de> for JsonNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Number;
+        impl serde::de::Visitor<'_> for Number {
+            type Value = JsonNumber;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<JsonNumber, E> {
+                Ok(JsonNumber)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<JsonNumber, E> {
+                Ok(JsonNumber)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<JsonNumber, E> {
+                Ok(JsonNumber)
+            }
+        }
+        deserializer.deserialize_any(Number)
+    }
 }
 
 /// The `sma` member of a result: a number or `null`, but never absent.
@@ -377,8 +413,13 @@ impl<'a> ResultRoute<'a> {
         // reads each one's position: results as this bridge writes them
         // take one scan; anything else, serde_json.
         let route = Self::scanned(message).or_else(|| Self::parsed(message))?;
+        // What docs/schemas/sma.schema.json requires of a result (members
+        // it does not name are let through: a newer compute node's).
         let valid = names::is_symbol(&route.symbol)
-            && route.client.as_deref().is_none_or(names::is_client_code);
+            && route.client.as_deref().is_none_or(names::is_client_code)
+            && route.position().is_some_and(|at| at.seq >= 1)
+            && (1..=MAX_WINDOW as u64).contains(&route.window)
+            && (1..=route.window).contains(&route.count);
         valid.then_some(route)
     }
 
@@ -408,10 +449,10 @@ impl<'a> ResultRoute<'a> {
             Some(after) => rest = after,
             None => scan::plain_number(&mut rest)?,
         }
-        for member in [r#","window":"#, r#","count":"#, r#","ts":"#] {
+        let [window, count, _ts] = [r#","window":"#, r#","count":"#, r#","ts":"#].map(|member| {
             rest = rest.strip_prefix(member)?;
-            scan::integer(&mut rest)?;
-        }
+            scan::integer(&mut rest)
+        });
         rest = rest.strip_prefix(r#","seq":"#)?;
         let seq = scan::integer(&mut rest)?;
         rest = rest.strip_prefix(r#","epoch":""#)?;
@@ -429,6 +470,10 @@ impl<'a> ResultRoute<'a> {
             seq: Some(seq),
             epoch: Some(Borrowed(epoch)),
             _sma: SmaValue,
+            window: window?,
+            count: count?,
+            _price: JsonNumber,
+            _ts: _ts?,
         })
     }
 
@@ -606,8 +651,8 @@ mod tests {
             symbol: &"S".repeat(names::MAX_SYMBOL_LEN),
             price: -1.797_693_134_862_315_7e308,
             sma: -2.225_073_858_507_201_4e-308,
-            window: usize::MAX,
-            count: usize::MAX - 1,
+            window: MAX_WINDOW,
+            count: MAX_WINDOW - 1,
             ts: u64::MAX,
             seq: u64::MAX,
             epoch: &"e".repeat(names::MAX_EPOCH_LEN),
@@ -680,9 +725,31 @@ mod tests {
             r#"{"symbol":"AAPL","price":1}"#,
             r#"{"symbol":"bad symbol","sma":1}"#,
             r#"{"symbol":"AAPL","sma":1,"client":"no/slash"}"#,
+            // Not results by the schema, though close: no position, a
+            // wrong type, an epoch with a newline, impossible counts.
+            r#"{"symbol":"AAPL","sma":null}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":3,"count":3,"ts":4}"#,
+            r#"{"symbol":"AAPL","price":"1","sma":1,"window":3,"count":3,"ts":4,"seq":7,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":"3","count":3,"ts":4,"seq":7,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":3,"count":3,"ts":-4,"seq":7,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":3,"count":3,"ts":4,"seq":7,"epoch":"e\n1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":3,"count":3,"ts":4,"seq":0,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":3,"count":4,"ts":4,"seq":7,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":0,"count":0,"ts":4,"seq":7,"epoch":"e1"}"#,
+            r#"{"symbol":"AAPL","price":1,"sma":1,"window":10001,"count":3,"ts":4,"seq":7,"epoch":"e1"}"#,
         ] {
             assert!(ResultRoute::of(junk).is_none(), "{junk:?} is not routable");
         }
+        // Members the schema does not name are let through (a newer
+        // compute node's), in any order and spelling.
+        let reordered = r#"{"epoch":"e1","seq":7,"ts":4.0e0,"count":3,"window":3,"sma":2,"price":1,"symbol":"A\u0041PL","series":"sma.10"}"#;
+        assert!(
+            ResultRoute::of(reordered).is_none(),
+            "ts 4.0e0 is not an integer"
+        );
+        let reordered = reordered.replace("4.0e0", "4");
+        let route = ResultRoute::of(&reordered).expect("routable");
+        assert_eq!(&*route.symbol, "AAPL");
     }
 
     fn as_json(bytes: &str) -> Value {

@@ -912,7 +912,7 @@ impl RedisSettings {
 
 impl SmaSettings {
     fn validate(&self) -> Result<(), ConfigError> {
-        within("sma.window", self.window, 1..=10_000)?;
+        within("sma.window", self.window, 1..=crate::protocol::MAX_WINDOW)?;
         if self.max_keys == 0 {
             return invalid("sma.max_keys", "must be at least 1".into());
         }
