@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{BrokerError, ClusterBroker, RedisBroker};
+use crate::broker::{ClusterBroker, RedisBroker};
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
 use crate::topology::{Role, Shard};
@@ -437,7 +437,7 @@ async fn publish(
                 "--stream needs a single Redis server (redis.cluster_nodes is set)".into(),
             ));
         }
-        let client = crate::broker::redis_client(&redis.url).map_err(BrokerError::from)?;
+        let client = crate::broker::redis_client(&redis.url, &redis.tls_files())?;
         let key = &redis.input_stream;
         warn_if_nobody_reads(&client, key).await;
         let maxlen = redis.output_stream_maxlen;
@@ -455,14 +455,14 @@ async fn publish(
         let channels = redis.channels();
         let quotes = publish::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
-            let broker = RedisBroker::new(&redis.url)?;
+            let broker = RedisBroker::with_tls(&redis.url, &redis.tls_files())?;
             broker.ping().await.map_err(|err| Error::Unreachable {
                 url: crate::config::redact_url(&redis.url),
                 reason: err.to_string(),
             })?;
             publish::publish(&broker, &quotes, rate, repeat, shutdown).await?
         } else {
-            let broker = ClusterBroker::new(&redis.cluster_nodes)?;
+            let broker = ClusterBroker::with_tls(&redis.cluster_nodes, &redis.tls_files())?;
             publish::publish(&broker, &quotes, rate, repeat, shutdown).await?
         };
         let target = if channels.is_partitioned() {

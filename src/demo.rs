@@ -33,7 +33,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
 
-    let broker = RedisBroker::new(&settings.redis.url)?
+    let broker = RedisBroker::with_tls(&settings.redis.url, &settings.redis.tls_files())?
         .with_health_check(settings.health_check())
         .with_subscription_buffer(settings.subscription_buffer());
     match tokio::time::timeout(REDIS_PROBE_TIMEOUT, broker.ping()).await {

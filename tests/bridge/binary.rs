@@ -392,6 +392,10 @@ fn config_check_names_the_key_where_it_came_from_and_what_is_allowed() {
             ("QUOTEBRIDGE__REDIS__URL", "redis://:hunter2@host:notaport"),
             r#"redis.url (from QUOTEBRIDGE__REDIS__URL): "redis://:***@host:notaport" is not a Redis URL; expected redis://"#,
         ),
+        (
+            ("QUOTEBRIDGE__REDIS__TLS_CA_FILE", "/etc/ca.pem"),
+            "redis.tls_ca_file (from QUOTEBRIDGE__REDIS__TLS_CA_FILE): is for TLS, which a rediss:// URL turns on",
+        ),
     ];
     for ((var, value), want) in from_env {
         let stderr = config_check_error(&[], &[(var, value)]);

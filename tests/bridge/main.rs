@@ -26,5 +26,6 @@ mod scale_out;
 mod schemas;
 mod sse;
 mod support;
+mod tls;
 mod walkthrough;
 mod websocket;

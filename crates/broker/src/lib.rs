@@ -12,6 +12,7 @@ mod memory;
 mod queue;
 mod redis;
 mod subscriber;
+mod tls;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +24,8 @@ pub use self::cluster::ClusterBroker;
 pub use self::glob::{glob_match, is_pattern};
 pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
-pub use self::redis::{HealthCheck, RedisBroker, client as redis_client};
+pub use self::redis::{HealthCheck, RedisBroker, client_with_tls as redis_client};
+pub use self::tls::{Tls, TlsError, TlsFiles};
 
 /// Something to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +201,9 @@ pub enum BrokerError {
     /// The broker cannot do what was asked.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The TLS settings cannot be used.
+    #[error("{0}")]
+    Tls(#[from] tls::TlsError),
 }
 
 /// A Redis error in Redis's own words, once: a pipeline whose every command

@@ -15,6 +15,7 @@ use tokio::sync::OnceCell;
 
 use super::queue::SubscriptionBuffer;
 use super::subscriber::{Subscriber, Timeouts};
+use super::tls::{Tls, TlsFiles};
 use super::{
     Broker, BrokerError, Outbound, SnapshotSlot, Subscription, Topic, snapshot_deletes,
     snapshot_writes,
@@ -24,17 +25,49 @@ use super::{
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A client for `url` whose connections send small writes at once.
+/// A client for `url`; a `rediss://` URL connects over TLS as `files` say
+/// (read now).
+pub fn client_with_tls(url: &str, files: &TlsFiles) -> Result<redis::Client, BrokerError> {
+    let tls = url
+        .starts_with("rediss:")
+        .then(|| Tls::load(files))
+        .transpose()?;
+    client(url, tls.as_ref())
+}
+
+/// A client for `url` whose connections send small writes at once; a
+/// `rediss://` URL connects over TLS as `tls` says (the system's roots when
+/// `tls` is `None`).
 ///
 /// redis-rs leaves Nagle's algorithm on; every message here is small and
 /// latency-sensitive, so a publish would otherwise wait for the previous
 /// one's ACK (tens of milliseconds with delayed ACKs).
-pub fn client(url: &str) -> redis::RedisResult<redis::Client> {
+fn client(url: &str, tls: Option<&Tls>) -> Result<redis::Client, BrokerError> {
     use redis::IntoConnectionInfo;
     let info = url
         .into_connection_info()?
         .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
-    redis::Client::open(info)
+    let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() else {
+        return Ok(redis::Client::open(info)?);
+    };
+    let loaded;
+    let tls = match tls {
+        Some(tls) => tls,
+        None => {
+            loaded = Tls::load(&TlsFiles::default())?;
+            &loaded
+        }
+    };
+    if tls.is_insecure() {
+        tracing::warn!(address = %format!("{host}:{port}"), "TLS to Redis WITHOUT verifying the server (redis.tls_insecure): for test setups only");
+    }
+    let info = info.set_addr(redis::ConnectionAddr::TcpTls {
+        host,
+        port,
+        insecure: tls.is_insecure(),
+        tls_params: None,
+    });
+    Ok(redis::Client::build_with_tls(info, tls.certificates())?)
 }
 
 /// A broker backed by a Redis server.
@@ -49,6 +82,8 @@ pub struct RedisBroker {
     publisher: Arc<OnceCell<ConnectionManager>>,
     address: String,
     health_check: HealthCheck,
+    /// For a `rediss://` URL: TLS for the subscriber connection.
+    tls: Option<Tls>,
 }
 
 /// How the subscriber connection is checked for a silent (half-open) death:
@@ -82,9 +117,20 @@ impl std::fmt::Debug for RedisBroker {
 impl RedisBroker {
     /// A broker for the server at `url`. Nothing is connected yet.
     pub fn new(url: &str) -> Result<Self, BrokerError> {
-        let client = client(url)?;
+        Self::with_tls(url, &TlsFiles::default())
+    }
+
+    /// A broker for the server at `url`; a `rediss://` URL connects over
+    /// TLS as `files` say. Nothing is connected yet; the files are read now.
+    pub fn with_tls(url: &str, files: &TlsFiles) -> Result<Self, BrokerError> {
+        let tls = url
+            .starts_with("rediss:")
+            .then(|| Tls::load(files))
+            .transpose()?;
+        let client = client(url, tls.as_ref())?;
         let address = client.get_connection_info().addr().to_string();
         Ok(Self {
+            tls,
             client,
             overflows: Arc::default(),
             buffer: SubscriptionBuffer::default(),
@@ -121,12 +167,30 @@ impl RedisBroker {
             let mut once = self
                 .client
                 .get_multiplexed_async_connection_with_config(&config)
-                .await?;
+                .await
+                .map_err(|err| self.explain(err))?;
             redis::cmd("PING").query_async::<()>(&mut once).await?;
         }
         let mut conn = self.publisher().await?;
         redis::cmd("PING").query_async::<()>(&mut conn).await?;
         Ok(())
+    }
+
+    /// A connection over TLS that times out has most likely reached a
+    /// plain-text port, which waits for a command the handshake never
+    /// sends: said so, rather than a bare "timed out".
+    fn explain(&self, err: redis::RedisError) -> redis::RedisError {
+        if self.tls.is_none() || !err.is_timeout() {
+            return err;
+        }
+        redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "no TLS handshake",
+            format!(
+                "{} did not answer one within {CONNECT_TIMEOUT:?}; is it redis-server's TLS port (--tls-port)?",
+                self.address
+            ),
+        ))
     }
 
     async fn publisher(&self) -> Result<ConnectionManager, BrokerError> {
@@ -156,6 +220,7 @@ impl Broker for RedisBroker {
             buffer: self.buffer,
             health_check: self.health_check,
             overflows: self.overflows.clone(),
+            tls: self.tls.as_ref(),
         };
         Ok(subscriber.subscribe(topics).await?)
     }

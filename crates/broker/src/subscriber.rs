@@ -23,6 +23,7 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::queue::{self, QueueSender, Step, SubscriptionBuffer, TopicIndex};
+use super::tls::Tls;
 use super::{HealthCheck, Inbound, Subscription, Topic, until_unanswered};
 
 /// How long connecting and subscribing may take.
@@ -38,6 +39,8 @@ pub(super) struct Subscriber<'a> {
     pub buffer: SubscriptionBuffer,
     pub health_check: HealthCheck,
     pub overflows: Arc<AtomicU64>,
+    /// TLS, for a `rediss://` URL.
+    pub tls: Option<&'a Tls>,
 }
 
 type Reading = Box<dyn AsyncRead + Send + Unpin>;
@@ -66,7 +69,7 @@ impl Subscriber<'_> {
     /// connection.
     pub(super) async fn subscribe(self, topics: &[Topic]) -> RedisResult<Subscription> {
         let (reading, writing) =
-            tokio::time::timeout(self.timeouts.connect, connect(self.info.addr()))
+            tokio::time::timeout(self.timeouts.connect, connect(self.info.addr(), self.tls))
                 .await
                 .map_err(|_| timed_out("connecting"))??;
         let (sender, queue) = queue::bounded(self.buffer);
@@ -108,12 +111,31 @@ impl Subscriber<'_> {
     }
 }
 
-async fn connect(addr: &ConnectionAddr) -> RedisResult<(Reading, Writing)> {
+async fn connect(addr: &ConnectionAddr, tls: Option<&Tls>) -> RedisResult<(Reading, Writing)> {
     match addr {
         ConnectionAddr::Tcp(host, port) => {
             let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
             stream.set_nodelay(true)?;
             let (reading, writing) = stream.into_split();
+            Ok((Box::new(reading), Box::new(writing)))
+        }
+        ConnectionAddr::TcpTls { host, port, .. } => {
+            let Some(tls) = tls else {
+                return Err(RedisError::from((
+                    ErrorKind::InvalidClientConfig,
+                    "a rediss:// URL needs the broker's TLS settings",
+                )));
+            };
+            let stream = tokio::net::TcpStream::connect((host.as_str(), *port)).await?;
+            stream.set_nodelay(true)?;
+            let stream = tls.connect(host, stream).await.map_err(|err| {
+                RedisError::from((
+                    ErrorKind::Io,
+                    "TLS handshake with Redis failed",
+                    err.to_string(),
+                ))
+            })?;
+            let (reading, writing) = tokio::io::split(stream);
             Ok((Box::new(reading), Box::new(writing)))
         }
         #[cfg(unix)]

@@ -169,7 +169,7 @@ fn tidy(list: &mut Vec<String>) {
 
 /// What a Redis URL looks like, for error messages.
 const REDIS_URL_FORMS: &str =
-    "redis://[[user]:password@]host[:port][/db] or unix:///path/to/redis.sock";
+    "redis://[[user]:password@]host[:port][/db], rediss://... (TLS) or unix:///path/to/redis.sock";
 
 /// The compiled-in defaults; every key is documented there.
 pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
@@ -411,6 +411,29 @@ pub struct RedisSettings {
     pub cluster_nodes: Vec<String>,
     /// Cluster only: sharded channels per input/output channel.
     pub partitions: u32,
+    /// `rediss://` only: PEM CA certificates the server's must chain to;
+    /// empty: the system's roots.
+    pub tls_ca_file: String,
+    /// `rediss://` only: the client certificate (PEM) for mutual TLS.
+    pub tls_cert_file: String,
+    /// `rediss://` only: its private key (PEM).
+    pub tls_key_file: String,
+    /// `rediss://` only: accept any server certificate (test setups only).
+    pub tls_insecure: bool,
+}
+
+impl RedisSettings {
+    /// The TLS files of a `rediss://` URL or cluster.
+    #[must_use]
+    pub fn tls_files(&self) -> crate::broker::TlsFiles {
+        let path = |value: &str| (!value.is_empty()).then(|| value.into());
+        crate::broker::TlsFiles {
+            ca_file: path(&self.tls_ca_file),
+            cert_file: path(&self.tls_cert_file),
+            key_file: path(&self.tls_key_file),
+            insecure: self.tls_insecure,
+        }
+    }
 }
 
 /// The moving average.
@@ -814,6 +837,28 @@ impl RedisSettings {
 impl RedisSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         check_redis_url("redis.url", &self.url)?;
+        let tls = |url: &String| url.starts_with("rediss:");
+        let uses_tls = if self.cluster_nodes.is_empty() {
+            tls(&self.url)
+        } else {
+            self.cluster_nodes.iter().any(tls)
+        };
+        let files = self.tls_files();
+        if !uses_tls && files != crate::broker::TlsFiles::default() {
+            let key = [
+                ("redis.tls_ca_file", files.ca_file.is_some()),
+                ("redis.tls_cert_file", files.cert_file.is_some()),
+                ("redis.tls_key_file", files.key_file.is_some()),
+                ("redis.tls_insecure", files.insecure),
+            ]
+            .into_iter()
+            .find_map(|(key, set)| set.then_some(key))
+            .unwrap_or("redis.tls_ca_file");
+            return invalid(
+                key,
+                "is for TLS, which a rediss:// URL turns on; redis.url (or every redis.cluster_nodes entry) is redis:// here".into(),
+            );
+        }
         if self.input.is_empty() || self.input.iter().any(String::is_empty) {
             return invalid(
                 "redis.input",

@@ -39,7 +39,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, BrokerError, ClusterBroker, RedisBroker};
+use crate::broker::{Broker, ClusterBroker, RedisBroker};
 use crate::config::{InputMode, Settings};
 use crate::hub::{Hub, HubLimits};
 use crate::input::pubsub::PubSubInput;
@@ -54,14 +54,15 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     if settings.redis.cluster_nodes.is_empty() {
-        let broker = RedisBroker::new(&settings.redis.url)?
+        let broker = RedisBroker::with_tls(&settings.redis.url, &settings.redis.tls_files())?
             .with_health_check(settings.health_check())
             .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
     } else {
-        let broker = ClusterBroker::new(&settings.redis.cluster_nodes)?
-            .with_health_check(settings.health_check())
-            .with_subscription_buffer(settings.subscription_buffer());
+        let broker =
+            ClusterBroker::with_tls(&settings.redis.cluster_nodes, &settings.redis.tls_files())?
+                .with_health_check(settings.health_check())
+                .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
     }
 }
@@ -110,8 +111,7 @@ pub async fn serve<B: Broker>(
                 hub.clone(),
                 stats.clone(),
                 consuming,
-            )
-            .map_err(BrokerError::from)?;
+            )?;
             Some(tokio::spawn(consumer.run(shutdown.clone())))
         }
         InputMode::Stream | InputMode::PubSub => None,

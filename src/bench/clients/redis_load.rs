@@ -22,7 +22,7 @@ pub async fn spawn_subscriber(
     stop: &CancellationToken,
     measure_latency: bool,
 ) -> Result<JoinHandle<Latency>, Error> {
-    let client = crate::broker::redis_client(url).map_err(crate::broker::BrokerError::from)?;
+    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
     let mut pubsub = client
         .get_async_pubsub()
         .await
@@ -57,7 +57,7 @@ pub async fn spawn_subscriber(
 /// A connection for publishing load. Its timeouts are generous: a machine
 /// saturated on purpose answers slowly, and that is a result, not an error.
 pub async fn publisher(url: &str) -> Result<redis::aio::MultiplexedConnection, Error> {
-    let client = crate::broker::redis_client(url).map_err(crate::broker::BrokerError::from)?;
+    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(10)))
         .set_response_timeout(Some(Duration::from_secs(60)));
@@ -109,7 +109,7 @@ pub async fn publish_and_await_results<'c>(
     mut message: impl FnMut(usize) -> (&'c str, bytes::Bytes),
 ) -> Result<String, Error> {
     use crate::broker::BrokerError;
-    let client = crate::broker::redis_client(url).map_err(BrokerError::from)?;
+    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
     let mut pubsub = client.get_async_pubsub().await.map_err(BrokerError::from)?;
     pubsub.subscribe(output).await.map_err(BrokerError::from)?;
     let mut conn = publisher(url).await?;

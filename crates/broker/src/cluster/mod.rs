@@ -32,6 +32,7 @@ use tokio::sync::OnceCell;
 mod push_queue;
 
 use super::queue::SubscriptionBuffer;
+use super::tls::{Tls, TlsFiles};
 use super::{
     Broker, BrokerError, HealthCheck, Outbound, SnapshotSlot, Subscription, Topic,
     snapshot_deletes, snapshot_writes, until_unanswered,
@@ -51,6 +52,8 @@ pub struct ClusterBroker {
     /// Subscriptions ended because the listener fell behind.
     overflows: Arc<AtomicU64>,
     buffer: SubscriptionBuffer,
+    /// For `rediss://` nodes: the certificates every connection uses.
+    tls: Option<Tls>,
 }
 
 impl std::fmt::Debug for ClusterBroker {
@@ -65,15 +68,28 @@ impl std::fmt::Debug for ClusterBroker {
 impl ClusterBroker {
     /// A broker for the cluster that `nodes` (seed URLs) belong to. Nothing is connected yet.
     pub fn new(nodes: &[String]) -> Result<Self, BrokerError> {
-        // Fails early on malformed URLs.
-        Self::builder(nodes).build()?;
-        Ok(Self {
+        Self::with_tls(nodes, &TlsFiles::default())
+    }
+
+    /// A broker for the cluster of `nodes`; `rediss://` nodes connect over
+    /// TLS as `files` say (read now).
+    pub fn with_tls(nodes: &[String], files: &TlsFiles) -> Result<Self, BrokerError> {
+        let tls = nodes
+            .iter()
+            .any(|node| node.starts_with("rediss:"))
+            .then(|| Tls::load(files))
+            .transpose()?;
+        let broker = Self {
             nodes: nodes.into(),
             health_check: HealthCheck::default(),
             publisher: Arc::new(OnceCell::new()),
             overflows: Arc::default(),
             buffer: SubscriptionBuffer::default(),
-        })
+            tls,
+        };
+        // Fails early on malformed URLs.
+        broker.builder().build()?;
+        Ok(broker)
     }
 
     /// Uses `health_check` on every subscription.
@@ -90,21 +106,23 @@ impl ClusterBroker {
         self
     }
 
-    fn builder(nodes: &[String]) -> ClusterClientBuilder {
-        ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+    fn builder(&self) -> ClusterClientBuilder {
+        let builder = ClusterClientBuilder::new(self.nodes.iter().map(String::as_str))
             .connection_timeout(CONNECT_TIMEOUT)
             .response_timeout(RESPONSE_TIMEOUT)
             // Small, latency-sensitive writes: no Nagle delay (see `redis_client`).
-            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true))
+            .tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+        match &self.tls {
+            None => builder,
+            Some(tls) if tls.is_insecure() => builder
+                .tls(redis::TlsMode::Insecure)
+                .certs(tls.certificates()),
+            Some(tls) => builder.certs(tls.certificates()),
+        }
     }
 
     async fn publisher(&self) -> Result<ClusterConnection, BrokerError> {
-        let connect = || async {
-            Self::builder(&self.nodes)
-                .build()?
-                .get_async_connection()
-                .await
-        };
+        let connect = || async { self.builder().build()?.get_async_connection().await };
         Ok(self.publisher.get_or_try_init(connect).await?.clone())
     }
 }
@@ -135,7 +153,8 @@ impl Broker for ClusterBroker {
     /// stopped answering, or this side fell a [`SubscriptionBuffer`] behind.
     async fn subscribe(&self, topics: &[Topic]) -> Result<Subscription, BrokerError> {
         let (push_sender, pushes) = push_queue::bounded(self.buffer);
-        let client = Self::builder(&self.nodes)
+        let client = self
+            .builder()
             .use_protocol(redis::ProtocolVersion::RESP3)
             .push_sender(push_sender)
             .build()?;

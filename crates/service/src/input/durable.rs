@@ -104,7 +104,7 @@ impl DurableInput {
         hub: Hub,
         stats: Arc<Stats>,
         consuming: Arc<AtomicBool>,
-    ) -> RedisResult<Self> {
+    ) -> Result<Self, crate::broker::BrokerError> {
         let mut redis = settings.redis.clone();
         let shard = settings.node.shard;
         let unsharded_group = (shard.count() > 1).then(|| redis.consumer_group.clone());
@@ -120,7 +120,7 @@ impl DurableInput {
             );
         }
         Ok(Self {
-            client: crate::broker::redis_client(&settings.redis.url)?,
+            client: crate::broker::redis_client(&settings.redis.url, &settings.redis.tls_files())?,
             redis,
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
