@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{ClusterBroker, RedisBroker};
+use crate::broker::ClusterBroker;
 use crate::config::Settings;
 use crate::telemetry::LogFormat;
 use crate::topology::{Role, Shard};
@@ -455,7 +455,7 @@ async fn publish(
         let channels = redis.channels();
         let quotes = publish::address(&loaded, &channels)?;
         let summary = if redis.cluster_nodes.is_empty() {
-            let broker = RedisBroker::with_tls(&redis.url, &redis.tls_files())?;
+            let broker = crate::redis_broker(redis)?;
             broker.ping().await.map_err(|err| Error::Unreachable {
                 url: crate::config::redact_url(&redis.url),
                 reason: err.to_string(),

@@ -6,7 +6,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::broker::{Broker, MemoryBroker, RedisBroker};
+use crate::broker::{Broker, MemoryBroker};
 use crate::config::Settings;
 use crate::{Error, publish};
 
@@ -33,7 +33,7 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
         .local_addr()
         .map_err(|e| Error::io("cannot read the listen address", e))?;
 
-    let broker = RedisBroker::with_tls(&settings.redis.url, &settings.redis.tls_files())?
+    let broker = crate::redis_broker(&settings.redis)?
         .with_health_check(settings.health_check())
         .with_subscription_buffer(settings.subscription_buffer());
     match tokio::time::timeout(REDIS_PROBE_TIMEOUT, broker.ping()).await {

@@ -24,6 +24,7 @@ mod rejected_input;
 mod resume;
 mod scale_out;
 mod schemas;
+mod sentinel;
 mod sse;
 mod support;
 mod tls;

@@ -11,6 +11,7 @@ mod glob;
 mod memory;
 mod queue;
 mod redis;
+mod sentinel;
 mod subscriber;
 mod tls;
 
@@ -25,6 +26,7 @@ pub use self::glob::{glob_match, is_pattern};
 pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client_with_tls as redis_client};
+pub use self::sentinel::Sentinels;
 pub use self::tls::{Tls, TlsError, TlsFiles};
 
 /// Something to subscribe to.
@@ -201,6 +203,9 @@ pub enum BrokerError {
     /// The broker cannot do what was asked.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// No sentinel named a primary, or the server named is not one.
+    #[error("no Redis primary: {0}")]
+    NoPrimary(String),
     /// The TLS settings cannot be used.
     #[error("{0}")]
     Tls(#[from] tls::TlsError),

@@ -11,9 +11,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use tokio::sync::OnceCell;
+use tokio::sync::Mutex;
 
 use super::queue::SubscriptionBuffer;
+use super::sentinel::{self, Sentinels};
 use super::subscriber::{Subscriber, Timeouts};
 use super::tls::{Tls, TlsFiles};
 use super::{
@@ -44,9 +45,12 @@ pub fn client_with_tls(url: &str, files: &TlsFiles) -> Result<redis::Client, Bro
 /// one's ACK (tens of milliseconds with delayed ACKs).
 fn client(url: &str, tls: Option<&Tls>) -> Result<redis::Client, BrokerError> {
     use redis::IntoConnectionInfo;
-    let info = url
-        .into_connection_info()?
-        .set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
+    client_of(url.into_connection_info()?, tls)
+}
+
+/// [`client`] for a parsed URL.
+fn client_of(info: redis::ConnectionInfo, tls: Option<&Tls>) -> Result<redis::Client, BrokerError> {
+    let info = info.set_tcp_settings(redis::io::tcp::TcpSettings::default().set_nodelay(true));
     let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() else {
         return Ok(redis::Client::open(info)?);
     };
@@ -79,11 +83,14 @@ pub struct RedisBroker {
     buffer: SubscriptionBuffer,
     /// Connected on first use, so the bridge can start before Redis does;
     /// afterwards the manager reconnects by itself.
-    publisher: Arc<OnceCell<ConnectionManager>>,
+    publisher: Arc<Mutex<Option<ConnectionManager>>>,
     address: String,
     health_check: HealthCheck,
     /// For a `rediss://` URL: TLS for the subscriber connection.
     tls: Option<Tls>,
+    /// With Sentinel: who to ask where the primary is, before each
+    /// connection (`client` then stands for the URL's other parts).
+    sentinels: Option<Sentinels>,
 }
 
 /// How the subscriber connection is checked for a silent (half-open) death:
@@ -134,10 +141,40 @@ impl RedisBroker {
             client,
             overflows: Arc::default(),
             buffer: SubscriptionBuffer::default(),
-            publisher: Arc::new(OnceCell::new()),
+            publisher: Arc::default(),
             address,
             health_check: HealthCheck::default(),
+            sentinels: None,
         })
+    }
+
+    /// Connects to the primary `sentinels` name, not to `url`'s host: the
+    /// URL still gives the user, password, database and TLS.
+    #[must_use]
+    pub fn with_sentinels(mut self, sentinels: Sentinels) -> Self {
+        self.address = "the primary Sentinel names".into();
+        self.sentinels = Some(sentinels);
+        self
+    }
+
+    /// The client to connect with now: the URL's, or, with Sentinel, the
+    /// primary's as the sentinels say.
+    async fn client_now(&self) -> Result<redis::Client, BrokerError> {
+        let Some(sentinels) = &self.sentinels else {
+            return Ok(self.client.clone());
+        };
+        let (host, port) = sentinels.primary().await?;
+        let info = self.client.get_connection_info().clone();
+        let addr = match info.addr() {
+            redis::ConnectionAddr::TcpTls { .. } => redis::ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: false,
+                tls_params: None,
+            },
+            _ => redis::ConnectionAddr::Tcp(host, port),
+        };
+        client_of(info.set_addr(addr), self.tls.as_ref())
     }
 
     /// Uses `health_check` on every subscription.
@@ -160,20 +197,21 @@ impl RedisBroker {
     /// once, in Redis's words, not after the publisher's reconnection
     /// attempts.
     pub async fn ping(&self) -> Result<(), BrokerError> {
-        if self.publisher.get().is_none() {
+        if self.publisher.lock().await.is_none() {
             let config = redis::AsyncConnectionConfig::new()
                 .set_connection_timeout(Some(CONNECT_TIMEOUT))
                 .set_response_timeout(Some(RESPONSE_TIMEOUT));
             let mut once = self
-                .client
+                .client_now()
+                .await?
                 .get_multiplexed_async_connection_with_config(&config)
                 .await
                 .map_err(|err| self.explain(err))?;
             redis::cmd("PING").query_async::<()>(&mut once).await?;
         }
         let mut conn = self.publisher().await?;
-        redis::cmd("PING").query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.after(redis::cmd("PING").query_async::<()>(&mut conn).await)
+            .await
     }
 
     /// A connection over TLS that times out has most likely reached a
@@ -193,14 +231,38 @@ impl RedisBroker {
         ))
     }
 
+    /// The publishing connection, connected on first use. redis-rs's
+    /// manager reconnects by itself to the address it has; with Sentinel
+    /// the address may change, so a failed request drops the manager
+    /// ([`Self::after`]) and the next one asks the sentinels again, and
+    /// connects only to a server whose `ROLE` is `master`.
     async fn publisher(&self) -> Result<ConnectionManager, BrokerError> {
-        let connect = || {
-            let config = ConnectionManagerConfig::new()
-                .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                .set_response_timeout(Some(RESPONSE_TIMEOUT));
-            ConnectionManager::new_with_config(self.client.clone(), config)
-        };
-        Ok(self.publisher.get_or_try_init(connect).await?.clone())
+        let mut publisher = self.publisher.lock().await;
+        if let Some(manager) = publisher.as_ref() {
+            return Ok(manager.clone());
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT));
+        let client = self.client_now().await?;
+        let mut manager = ConnectionManager::new_with_config(client.clone(), config).await?;
+        if self.sentinels.is_some() && !sentinel::is_primary(&mut manager).await? {
+            return Err(BrokerError::NoPrimary(format!(
+                "{} is not a primary (ROLE); a failover is under way",
+                client.get_connection_info().addr()
+            )));
+        }
+        *publisher = Some(manager.clone());
+        Ok(manager)
+    }
+
+    /// Passes `outcome` on; with Sentinel, a failure forgets the publishing
+    /// connection, so the next request finds the primary anew.
+    async fn after<T>(&self, outcome: redis::RedisResult<T>) -> Result<T, BrokerError> {
+        if outcome.is_err() && self.sentinels.is_some() {
+            self.publisher.lock().await.take();
+        }
+        Ok(outcome?)
     }
 }
 
@@ -211,8 +273,9 @@ impl Broker for RedisBroker {
                 "sharded channels need redis.cluster_nodes",
             ));
         }
+        let client = self.client_now().await?;
         let subscriber = Subscriber {
-            info: self.client.get_connection_info(),
+            info: client.get_connection_info(),
             timeouts: Timeouts {
                 connect: CONNECT_TIMEOUT,
                 response: RESPONSE_TIMEOUT,
@@ -234,8 +297,7 @@ impl Broker for RedisBroker {
             pipe.add_command(hdel).ignore();
         }
         let mut conn = self.publisher().await?;
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.after(pipe.query_async::<()>(&mut conn).await).await
     }
 
     async fn publish(&self, batch: &[Outbound]) -> Result<(), BrokerError> {
@@ -253,8 +315,7 @@ impl Broker for RedisBroker {
                 .ignore();
         }
         let mut conn = self.publisher().await?;
-        pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        self.after(pipe.query_async::<()>(&mut conn).await).await
     }
 
     async fn read_snapshots(&self, keys: &[String]) -> Result<Vec<(String, Bytes)>, BrokerError> {
@@ -263,7 +324,8 @@ impl Broker for RedisBroker {
         for key in keys {
             pipe.hgetall(key);
         }
-        let hashes: Vec<Vec<(String, Vec<u8>)>> = pipe.query_async(&mut conn).await?;
+        let hashes: Vec<Vec<(String, Vec<u8>)>> =
+            self.after(pipe.query_async(&mut conn).await).await?;
         Ok(hashes
             .into_iter()
             .flatten()

@@ -53,11 +53,12 @@ fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// The keys whose environment variables hold comma-separated lists.
-const LIST_KEYS: [&str; 4] = [
+const LIST_KEYS: [&str; 5] = [
     "redis.input",
     "websocket.default_symbols",
     "auth.tokens",
     "redis.cluster_nodes",
+    "redis.sentinels",
 ];
 
 /// `value` as the type of `like`, the same key's compiled-in default:
@@ -420,6 +421,11 @@ pub struct RedisSettings {
     pub tls_key_file: String,
     /// `rediss://` only: accept any server certificate (test setups only).
     pub tls_insecure: bool,
+    /// Redis Sentinel addresses (`host:port`); non-empty: connect to the
+    /// primary they name, following failovers.
+    pub sentinels: Vec<String>,
+    /// The name the sentinels monitor the primary by.
+    pub sentinel_master: String,
 }
 
 impl RedisSettings {
@@ -837,6 +843,33 @@ impl RedisSettings {
 impl RedisSettings {
     fn validate(&self) -> Result<(), ConfigError> {
         check_redis_url("redis.url", &self.url)?;
+        if !self.sentinels.is_empty() {
+            if !self.cluster_nodes.is_empty() {
+                return invalid(
+                    "redis.sentinels",
+                    "a Redis Cluster fails over by itself; set redis.sentinels or redis.cluster_nodes, not both".into(),
+                );
+            }
+            if self.input_mode == InputMode::Stream {
+                return invalid(
+                    "redis.sentinels",
+                    "stream mode does not follow Sentinel yet; use input_mode = \"pubsub\", or point redis.url at the primary".into(),
+                );
+            }
+            if self.sentinel_master.is_empty() {
+                return invalid(
+                    "redis.sentinel_master",
+                    "must name the primary the sentinels monitor".into(),
+                );
+            }
+            if let Err(err) = crate::broker::Sentinels::new(&self.sentinels, &self.sentinel_master)
+            {
+                return invalid(
+                    "redis.sentinels",
+                    format!("expected host:port entries: {err}"),
+                );
+            }
+        }
         let tls = |url: &String| url.starts_with("rediss:");
         let uses_tls = if self.cluster_nodes.is_empty() {
             tls(&self.url)

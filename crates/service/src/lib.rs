@@ -39,7 +39,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{Broker, ClusterBroker, RedisBroker};
+use crate::broker::{Broker, BrokerError, ClusterBroker, RedisBroker};
 use crate::config::{InputMode, Settings};
 use crate::hub::{Hub, HubLimits};
 use crate::input::pubsub::PubSubInput;
@@ -54,7 +54,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     if settings.redis.cluster_nodes.is_empty() {
-        let broker = RedisBroker::with_tls(&settings.redis.url, &settings.redis.tls_files())?
+        let broker = redis_broker(&settings.redis)?
             .with_health_check(settings.health_check())
             .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
@@ -65,6 +65,17 @@ pub async fn run(
                 .with_subscription_buffer(settings.subscription_buffer());
         serve(settings, listener, broker, shutdown).await
     }
+}
+
+/// The broker `[redis]` describes for a single server: its URL, TLS, and
+/// Sentinel when `redis.sentinels` is set.
+pub fn redis_broker(redis: &config::RedisSettings) -> Result<RedisBroker, BrokerError> {
+    let broker = RedisBroker::with_tls(&redis.url, &redis.tls_files())?;
+    if redis.sentinels.is_empty() {
+        return Ok(broker);
+    }
+    let sentinels = crate::broker::Sentinels::new(&redis.sentinels, &redis.sentinel_master)?;
+    Ok(broker.with_sentinels(sentinels))
 }
 
 /// Runs the bridge on any broker until `shutdown` is cancelled, then closes
