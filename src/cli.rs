@@ -195,8 +195,9 @@ pub struct BenchArgs {
 }
 
 impl BenchArgs {
-    fn into_options(self) -> bench::Options {
+    fn into_options(self, redis_tls: crate::broker::TlsFiles) -> bench::Options {
         bench::Options {
+            redis_tls,
             scenarios: if self.scenario.is_empty() {
                 bench::Options::default().scenarios
             } else {
@@ -325,7 +326,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
         }
         Command::Bench(args) => {
             let json = args.json;
-            let options = args.into_options();
+            let options = args.into_options(settings.redis.tls_files());
             let report = bench::run(&options).await?;
             if json {
                 println!(

@@ -117,7 +117,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
 /// One result for each of [`SEEDED_KEYS`] symbols; returns their epoch.
 async fn seed(environment: &Environment, (input, output): (&str, &str)) -> Result<String, Error> {
     let role = environment.role;
-    publish_and_await_results(&environment.url, output, SEEDED_KEYS, |n| {
+    publish_and_await_results(&environment.redis, output, SEEDED_KEYS, |n| {
         feed(role, (input, output), n, SEEDED_KEYS, 0)
     })
     .await
@@ -134,7 +134,7 @@ async fn phase(
 ) -> Result<Row, Error> {
     let stop = CancellationToken::new();
     let mut abusers = JoinSet::new();
-    let mut conn = publisher(&environment.url).await?;
+    let mut conn = publisher(&environment.redis).await?;
     if let Some(abuse) = abuse {
         start(abuse, bridge, epoch, &stop, &mut abusers).await?;
         if abuse == Abuse::MaxRate {
@@ -143,7 +143,7 @@ async fn phase(
             // sockets then hold them), not after a guessed pause that a
             // busy machine outlasts.
             let role = environment.role;
-            publish_and_await_results(&environment.url, output, SEEDED_KEYS, |n| {
+            publish_and_await_results(&environment.redis, output, SEEDED_KEYS, |n| {
                 feed(role, (input, output), n, SEEDED_KEYS, 0)
             })
             .await?;

@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use super::clients::RedisAt;
 use crate::Error;
 use crate::config::Settings;
 use crate::topology::Role;
@@ -18,8 +19,8 @@ use crate::topology::Role;
 /// The Redis server the benchmark uses (a throwaway one is killed on drop),
 /// and how bridges are run.
 pub struct Environment {
-    /// Its URL.
-    pub url: String,
+    /// Its URL and TLS.
+    pub redis: RedisAt,
     spawned: Option<Child>,
     /// Run bridges as child processes of this binary; in-process when `None`.
     bridge_binary: Option<PathBuf>,
@@ -32,13 +33,13 @@ impl Environment {
     /// children of `bridge_binary` when given, so their memory and
     /// descriptors are their own.
     pub async fn start(
-        url: Option<&str>,
+        redis: Option<RedisAt>,
         bridge_binary: Option<PathBuf>,
         role: Role,
     ) -> Result<Self, Error> {
-        if let Some(url) = url {
+        if let Some(redis) = redis {
             return Ok(Self {
-                url: url.to_owned(),
+                redis,
                 spawned: None,
                 bridge_binary,
                 role,
@@ -62,7 +63,10 @@ impl Environment {
                 )
             })?;
         let environment = Self {
-            url: format!("redis://127.0.0.1:{port}"),
+            redis: RedisAt::new(
+                &format!("redis://127.0.0.1:{port}"),
+                &crate::broker::TlsFiles::default(),
+            ),
             spawned: Some(child),
             bridge_binary,
             role,
@@ -86,7 +90,7 @@ impl Environment {
             .into_iter()
             .map(|(k, v)| (format!("QUOTEBRIDGE__{k}"), v))
             .collect();
-        env.insert("QUOTEBRIDGE__REDIS__URL".into(), self.url.clone());
+        env.insert("QUOTEBRIDGE__REDIS__URL".into(), self.redis.url.clone());
         Ok(Settings::load_with_env(None, Some(env))?)
     }
 
@@ -121,7 +125,7 @@ impl Environment {
         let mut command = Command::new(binary);
         command
             .arg("serve")
-            .env("QUOTEBRIDGE__REDIS__URL", &self.url)
+            .env("QUOTEBRIDGE__REDIS__URL", &self.redis.url)
             .env("QUOTEBRIDGE__SERVER__LISTEN", format!("127.0.0.1:{port}"))
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())

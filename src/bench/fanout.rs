@@ -38,7 +38,7 @@ pub async fn run(
     let rig = rig(environment, "fanout", sockets, groups, stalled).await?;
     let frames = rig.frames.clone();
 
-    let mut conn = publisher(&environment.url).await?;
+    let mut conn = publisher(&environment.redis).await?;
     let per_round = options
         .fanout_round
         .unwrap_or(ROUND_FRAMES / sockets.max(1) as u64)

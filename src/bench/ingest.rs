@@ -59,8 +59,8 @@ async fn pump(
     let received = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
     let subscriber =
-        spawn_subscriber(&environment.url, receive_from, &received, &stop, false).await?;
-    let mut conn = publisher(&environment.url).await?;
+        spawn_subscriber(&environment.redis, receive_from, &received, &stop, false).await?;
+    let mut conn = publisher(&environment.redis).await?;
 
     let start = Instant::now();
     let mut published = 0u64;

@@ -14,14 +14,15 @@ pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Res
     let rig = rig(environment, "latency", sockets, 10, 0).await?;
     let (frames, stop) = (rig.frames.clone(), rig.stop.clone());
     let outputs = Arc::new(AtomicU64::new(0));
-    let subscriber = spawn_subscriber(&environment.url, &rig.output, &outputs, &stop, true).await?;
+    let subscriber =
+        spawn_subscriber(&environment.redis, &rig.output, &outputs, &stop, true).await?;
     // The baseline: the same messages straight from Redis, no bridge in between.
     let role = environment.role;
     let fed = feed(role, (&rig.input, &rig.output), 0, 1, 0).0.to_owned();
     let inputs = Arc::new(AtomicU64::new(0));
-    let baseline = spawn_subscriber(&environment.url, &fed, &inputs, &stop, true).await?;
+    let baseline = spawn_subscriber(&environment.redis, &fed, &inputs, &stop, true).await?;
 
-    let mut conn = publisher(&environment.url).await?;
+    let mut conn = publisher(&environment.redis).await?;
     let total = (rate as f64 * options.seconds).max(1.0) as u64;
     let cpu = rig.bridge.cpu_meter();
     let symbols = options.symbols;

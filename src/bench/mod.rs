@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use self::clients::RedisAt;
 pub use self::environment::Environment;
 use crate::Error;
 use crate::topology::Role;
@@ -65,6 +66,8 @@ pub struct Options {
     pub scenarios: Vec<Scenario>,
     /// Redis to use; `None` starts a throwaway redis-server.
     pub redis_url: Option<String>,
+    /// TLS for a `rediss://` `redis_url` (the `redis.tls_*` settings).
+    pub redis_tls: crate::broker::TlsFiles,
     /// Ingest: quotes to push.
     pub quotes: usize,
     /// Ingest and latency: distinct symbols.
@@ -119,6 +122,7 @@ impl Default for Options {
                 Scenario::Connections,
             ],
             redis_url: None,
+            redis_tls: crate::broker::TlsFiles::default(),
             quotes: 1_000_000,
             symbols: 1_000,
             rates: vec![10_000, 50_000],
@@ -241,7 +245,10 @@ fn human(value: f64) -> String {
 pub async fn run(options: &Options) -> Result<Report, Error> {
     let role = options.role;
     let environment = Environment::start(
-        options.redis_url.as_deref(),
+        options
+            .redis_url
+            .as_deref()
+            .map(|url| RedisAt::new(url, &options.redis_tls)),
         options.bridge_binary.clone(),
         role,
     )

@@ -46,7 +46,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
 
     // The results nobody is there to see; their epoch, from the output channel.
     let role = environment.role;
-    let epoch = publish_and_await_results(&environment.url, &output, missed, |n| {
+    let epoch = publish_and_await_results(&environment.redis, &output, missed, |n| {
         feed(role, (&input, &output), n, symbols, now_ns())
     })
     .await?;

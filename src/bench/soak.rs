@@ -38,7 +38,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
     let frames = Arc::new(AtomicU64::new(0));
     let stop = tokio_util::sync::CancellationToken::new();
     let readers = spawn_readers(sockets, &frames, &stop);
-    let mut conn = publisher(&environment.url).await?;
+    let mut conn = publisher(&environment.redis).await?;
     let seconds = options.soak_seconds.max(1.0);
     let total = (RATE as f64 * seconds) as u64;
     let sample_every = Duration::from_secs_f64(seconds / 10.0);

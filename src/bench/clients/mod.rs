@@ -10,5 +10,7 @@ mod rig;
 pub use self::connect::connect_sockets;
 pub use self::histogram::collect;
 pub use self::reader::spawn_readers;
-pub use self::redis_load::{publish_and_await_results, publish_paced, publisher, spawn_subscriber};
+pub use self::redis_load::{
+    RedisAt, publish_and_await_results, publish_paced, publisher, spawn_subscriber,
+};
 pub use self::rig::{rig, wait_for};

@@ -13,16 +13,38 @@ use super::histogram::Latency;
 use crate::Error;
 use crate::bench::ts_of;
 
+/// The Redis the benchmark talks to: its URL, and TLS for a `rediss://` one.
+#[derive(Debug, Clone)]
+pub struct RedisAt {
+    /// The URL.
+    pub url: String,
+    tls: crate::broker::TlsFiles,
+}
+
+impl RedisAt {
+    /// `url`, with `tls` for a `rediss://` one.
+    pub fn new(url: &str, tls: &crate::broker::TlsFiles) -> Self {
+        Self {
+            url: url.to_owned(),
+            tls: tls.clone(),
+        }
+    }
+
+    fn client(&self) -> Result<redis::Client, Error> {
+        Ok(crate::broker::redis_client(&self.url, &self.tls)?)
+    }
+}
+
 /// A Redis subscriber on `channel` counting messages into `received` and
 /// recording their latency, until `stop`.
 pub async fn spawn_subscriber(
-    url: &str,
+    redis: &RedisAt,
     channel: &str,
     received: &Arc<AtomicU64>,
     stop: &CancellationToken,
     measure_latency: bool,
 ) -> Result<JoinHandle<Latency>, Error> {
-    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
+    let client = redis.client()?;
     let mut pubsub = client
         .get_async_pubsub()
         .await
@@ -56,8 +78,8 @@ pub async fn spawn_subscriber(
 
 /// A connection for publishing load. Its timeouts are generous: a machine
 /// saturated on purpose answers slowly, and that is a result, not an error.
-pub async fn publisher(url: &str) -> Result<redis::aio::MultiplexedConnection, Error> {
-    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
+pub async fn publisher(redis: &RedisAt) -> Result<redis::aio::MultiplexedConnection, Error> {
+    let client = redis.client()?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_secs(10)))
         .set_response_timeout(Some(Duration::from_secs(60)));
@@ -103,16 +125,16 @@ pub async fn publish_paced<'c>(
 /// them, and waits until the bridge has published a result for each on
 /// `output`; returns the epoch of the first.
 pub async fn publish_and_await_results<'c>(
-    url: &str,
+    redis: &RedisAt,
     output: &str,
     count: usize,
     mut message: impl FnMut(usize) -> (&'c str, bytes::Bytes),
 ) -> Result<String, Error> {
     use crate::broker::BrokerError;
-    let client = crate::broker::redis_client(url, &crate::broker::TlsFiles::default())?;
+    let client = redis.client()?;
     let mut pubsub = client.get_async_pubsub().await.map_err(BrokerError::from)?;
     pubsub.subscribe(output).await.map_err(BrokerError::from)?;
-    let mut conn = publisher(url).await?;
+    let mut conn = publisher(redis).await?;
     for chunk in (0..count).collect::<Vec<_>>().chunks(1_000) {
         let mut pipe = redis::pipe();
         for &i in chunk {
