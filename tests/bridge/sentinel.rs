@@ -76,88 +76,117 @@ async fn info(port: u16, section: &str) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test]
-async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
-    let dir = std::env::temp_dir().join(format!("quotebridge-sentinel-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("dir");
-    let mut primary = RedisServer::start().await;
-    let primary_port_number: u16 = primary
-        .url()
-        .rsplit(':')
-        .next()
-        .and_then(|port| port.parse().ok())
-        .expect("port");
-    let replica_port = free_port();
-    let mut replica = spawn_redis_server(
-        replica_port,
-        &["--replicaof", "127.0.0.1", &primary_port_number.to_string()],
-        None,
-    );
-    assert!(
-        wait_until_ready(&mut replica, replica_port).await,
-        "replica up"
-    );
-    eventually("the replica to sync", async || {
-        info(replica_port, "replication")
-            .await
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
-    let sentinels: Vec<SentinelProcess> = (0..3)
-        .map(|_| start_sentinel(&dir, primary_port_number))
-        .collect();
-    for sentinel in &sentinels {
-        eventually(
-            "each sentinel to know the replica and the others",
-            async || {
-                let text = info(sentinel.port, "sentinel").await;
-                (text.contains("slaves=1") && text.contains("sentinels=3")).then_some(())
-            },
-        )
+/// A primary, a synced replica and three sentinels that know both and each
+/// other, in a directory of their own.
+struct Deployment {
+    dir: std::path::PathBuf,
+    primary: RedisServer,
+    replica: Child,
+    replica_port: u16,
+    sentinels: Vec<SentinelProcess>,
+}
+
+impl Deployment {
+    async fn start(name: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("quotebridge-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let primary = RedisServer::start().await;
+        let primary_port: u16 = primary
+            .url()
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .expect("port");
+        let replica_port = free_port();
+        let mut replica = spawn_redis_server(
+            replica_port,
+            &["--replicaof", "127.0.0.1", &primary_port.to_string()],
+            None,
+        );
+        assert!(
+            wait_until_ready(&mut replica, replica_port).await,
+            "replica up"
+        );
+        eventually("the replica to sync", async || {
+            info(replica_port, "replication")
+                .await
+                .contains("master_link_status:up")
+                .then_some(())
+        })
         .await;
+        let sentinels: Vec<SentinelProcess> =
+            (0..3).map(|_| start_sentinel(&dir, primary_port)).collect();
+        for sentinel in &sentinels {
+            eventually(
+                "each sentinel to know the replica and the others",
+                async || {
+                    let text = info(sentinel.port, "sentinel").await;
+                    (text.contains("slaves=1") && text.contains("sentinels=3")).then_some(())
+                },
+            )
+            .await;
+        }
+        Self {
+            dir,
+            primary,
+            replica,
+            replica_port,
+            sentinels,
+        }
     }
 
-    // A sentinel that names a replica as the primary (as one that has not
-    // seen a failover yet would): the bridge will not publish there.
-    let misled = start_sentinel_of(&dir, "misled", replica_port);
-    let misled_address = format!("127.0.0.1:{}", misled.port);
-    let sentinels_of_misled =
-        quotebridge::broker::Sentinels::new(&[misled_address], "misled").expect("address");
-    let broker = quotebridge::broker::RedisBroker::new("redis://127.0.0.1:1")
-        .expect("url")
-        .with_sentinels(sentinels_of_misled);
-    let refused = eventually("the misled sentinel to answer", async || {
-        match broker.ping().await {
-            Err(err) if err.to_string().contains("not a primary") => Some(err.to_string()),
-            _ => None,
-        }
-    })
-    .await;
-    assert!(refused.contains(&replica_port.to_string()), "{refused}");
-    drop(misled);
-
-    let addresses: Vec<String> = sentinels
+    /// The bridge's settings: this deployment's sentinels, and `env`.
+    fn settings(&self, env: &[(&str, &str)]) -> quotebridge::config::Settings {
+        let addresses: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        let addresses = addresses.join(",");
+        let vars: std::collections::HashMap<String, String> = [
+            // The host is unused with Sentinel; the URL's other parts apply.
+            ("QUOTEBRIDGE__REDIS__URL", "redis://127.0.0.1:1"),
+            ("QUOTEBRIDGE__REDIS__SENTINELS", addresses.as_str()),
+            ("QUOTEBRIDGE__REDIS__SENTINEL_MASTER", MASTER),
+        ]
         .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
+        .chain(env)
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    let addresses = addresses.join(",");
-    let env = [
-        // The host is unused with Sentinel; the URL's other parts apply.
-        ("QUOTEBRIDGE__REDIS__URL", "redis://127.0.0.1:1"),
-        ("QUOTEBRIDGE__REDIS__SENTINELS", addresses.as_str()),
-        ("QUOTEBRIDGE__REDIS__SENTINEL_MASTER", MASTER),
-        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
-    ];
-    let settings = quotebridge::config::Settings::load_with_env(
-        None,
-        Some(
-            env.iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-    )
-    .expect("valid settings");
+        quotebridge::config::Settings::load_with_env(None, Some(vars)).expect("valid settings")
+    }
+
+    /// A client of the replica (the primary after a failover).
+    fn replica_client(&self) -> redis::Client {
+        redis::Client::open(format!("redis://127.0.0.1:{}", self.replica_port)).expect("url")
+    }
+
+    /// Kills the primary (`kill -9`) and waits until the sentinels have
+    /// promoted the replica.
+    async fn fail_over(&mut self) {
+        self.primary.kill();
+        let (sentinel, replica) = (self.sentinels[0].port, self.replica_port);
+        eventually("the sentinels to promote the replica", async || {
+            (primary_port(sentinel).await == Some(replica)).then_some(())
+        })
+        .await;
+    }
+}
+
+impl Drop for Deployment {
+    fn drop(&mut self) {
+        self.sentinels.clear();
+        let _ = self.replica.kill();
+        let _ = self.replica.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[tokio::test]
+async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
+    let mut deployment = Deployment::start("sentinel").await;
+    let replica_port = deployment.replica_port;
+    let settings = deployment.settings(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]);
     let mut bridge = Running::on_redis(settings);
     bridge.wait_until_ready().await;
     let (mut socket, _) = connect_ws(&format!("ws://{}/ws/acme", bridge.address)).await;
@@ -165,21 +194,19 @@ async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
         let quote = json!({"symbol": "AAPL", "price": price, "ts": price});
         ("quotes".to_owned(), quote.to_string().into_bytes())
     };
-    publish_all(&mut primary.connection().await, &[quote(1)]).await;
+    publish_all(&mut deployment.primary.connection().await, &[quote(1)]).await;
     assert_eq!(next_json(&mut socket).await["ts"], 1);
 
     // kill -9 the primary: not ready while there is none, then the
     // promoted replica, and the socket that stayed open gets results again.
-    primary.kill();
     let killed = Instant::now();
-    eventually("the bridge to say it has no primary", async || {
-        (http_get(bridge.address, "/readyz").await.0 == 503).then_some(())
-    })
-    .await;
-    eventually("the sentinels to promote the replica", async || {
-        (primary_port(sentinels[0].port).await == Some(replica_port)).then_some(())
-    })
-    .await;
+    let not_ready = async {
+        eventually("the bridge to say it has no primary", async || {
+            (http_get(bridge.address, "/readyz").await.0 == 503).then_some(())
+        })
+        .await;
+    };
+    let ((), ()) = tokio::join!(not_ready, deployment.fail_over());
     bridge.wait_until_ready().await;
     let new_primary =
         redis::Client::open(format!("redis://127.0.0.1:{replica_port}")).expect("url");
@@ -202,8 +229,79 @@ async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
         killed.elapsed().as_secs_f64()
     );
     bridge.stop().await;
-    drop(sentinels);
-    let _ = replica.kill();
-    let _ = replica.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Stream mode under Sentinel: quotes applied before the primary dies (and
+/// replicated) are not applied again, and the ones after the failover
+/// continue every key's window and sequence on the promoted replica.
+#[tokio::test]
+async fn stream_mode_continues_on_the_promoted_replica_without_loss_or_repeat() {
+    let mut deployment = Deployment::start("sentinel-stream").await;
+    let settings = deployment.settings(&[
+        ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream"),
+        ("QUOTEBRIDGE__SMA__WINDOW", "3"),
+    ]);
+    let mut bridge = Running::on_redis(settings);
+    bridge.wait_until_ready().await;
+    // PUBLISH is replicated: the replica's subscribers see every result,
+    // before the failover and after it.
+    let mut output = deployment
+        .replica_client()
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    output.subscribe("sma").await.expect("subscribe");
+    let mut output = output.on_message();
+    let quotes = |prices: std::ops::RangeInclusive<u32>| -> Vec<Vec<u8>> {
+        prices
+            .map(|p| {
+                json!({"symbol": "AAPL", "price": p, "ts": p})
+                    .to_string()
+                    .into_bytes()
+            })
+            .collect()
+    };
+    let mut results = Vec::new();
+    crate::durable::xadd_all(&mut deployment.primary.connection().await, &quotes(1..=20)).await;
+    // A window of 3: quotes 3 to 20 have a result.
+    for _ in 3..=20 {
+        results.push(next_redis(&mut output).await.1);
+    }
+
+    deployment.fail_over().await;
+    bridge.wait_until_ready().await;
+    // Sentinel closes the promoted replica's clients: subscribe again. A
+    // quote applied twice would shift every seq after it, so the seqs below
+    // show a repeat even if its result went out before this subscription.
+    let mut output = deployment
+        .replica_client()
+        .get_async_pubsub()
+        .await
+        .expect("pubsub");
+    output.subscribe("sma").await.expect("subscribe");
+    let mut output = output.on_message();
+    let mut conn = deployment
+        .replica_client()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the new primary");
+    crate::durable::xadd_all(&mut conn, &quotes(21..=40)).await;
+    for _ in 21..=40 {
+        results.push(next_redis(&mut output).await.1);
+    }
+    let results: Vec<serde_json::Value> = results
+        .iter()
+        .map(|text| serde_json::from_str(text).expect("JSON"))
+        .collect();
+    let seqs: Vec<u64> = results.iter().filter_map(|r| r["seq"].as_u64()).collect();
+    assert_eq!(
+        seqs,
+        (1..=38).collect::<Vec<_>>(),
+        "each once, in order, one epoch"
+    );
+    assert!(results.iter().all(|r| r["epoch"] == results[0]["epoch"]));
+    // The window went on across the failover: 21's mean is of 19, 20, 21.
+    assert_eq!(results[18]["price"], 21.0);
+    assert_eq!(results[18]["sma"], 20.0);
+    bridge.stop().await;
 }

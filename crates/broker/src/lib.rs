@@ -26,7 +26,7 @@ pub use self::glob::{glob_match, is_pattern};
 pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client_with_tls as redis_client};
-pub use self::sentinel::Sentinels;
+pub use self::sentinel::{Sentinels, is_primary};
 pub use self::tls::{Tls, TlsError, TlsFiles};
 
 /// Something to subscribe to.

@@ -157,9 +157,16 @@ impl RedisBroker {
         self
     }
 
+    /// Whether connections go to the primary Sentinel names.
+    #[must_use]
+    pub fn follows_sentinel(&self) -> bool {
+        self.sentinels.is_some()
+    }
+
     /// The client to connect with now: the URL's, or, with Sentinel, the
-    /// primary's as the sentinels say.
-    async fn client_now(&self) -> Result<redis::Client, BrokerError> {
+    /// primary's as the sentinels say (check its `ROLE` once connected:
+    /// [`is_primary`](crate::is_primary)).
+    pub async fn client_now(&self) -> Result<redis::Client, BrokerError> {
         let Some(sentinels) = &self.sentinels else {
             return Ok(self.client.clone());
         };

@@ -88,9 +88,7 @@ impl Sentinels {
 }
 
 /// Whether the server behind `conn` is a primary (`ROLE` says `master`).
-pub(crate) async fn is_primary(
-    conn: &mut impl redis::aio::ConnectionLike,
-) -> redis::RedisResult<bool> {
+pub async fn is_primary(conn: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<bool> {
     let role: Vec<redis::Value> = redis::cmd("ROLE").query_async(conn).await?;
     Ok(matches!(role.first(), Some(redis::Value::BulkString(role)) if role == b"master"))
 }

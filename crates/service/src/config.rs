@@ -850,12 +850,6 @@ impl RedisSettings {
                     "a Redis Cluster fails over by itself; set redis.sentinels or redis.cluster_nodes, not both".into(),
                 );
             }
-            if self.input_mode == InputMode::Stream {
-                return invalid(
-                    "redis.sentinels",
-                    "stream mode does not follow Sentinel yet; use input_mode = \"pubsub\", or point redis.url at the primary".into(),
-                );
-            }
             if self.sentinel_master.is_empty() {
                 return invalid(
                     "redis.sentinel_master",

@@ -76,7 +76,9 @@ fn stream_position(id: &str) -> (u64, u64) {
 
 /// The durable consumer.
 pub struct DurableInput {
-    client: redis::Client,
+    /// Where the stream is: the server of `redis.url`, or the primary
+    /// Sentinel names, asked again for every connection.
+    redis_server: crate::broker::RedisBroker,
     redis: RedisSettings,
     pipeline: Pipeline,
     hub: Hub,
@@ -120,7 +122,7 @@ impl DurableInput {
             );
         }
         Ok(Self {
-            client: crate::broker::redis_client(&settings.redis.url, &settings.redis.tls_files())?,
+            redis_server: crate::redis_broker(&settings.redis)?,
             redis,
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
@@ -160,10 +162,20 @@ impl DurableInput {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(BLOCK + Duration::from_secs(5)));
-        let mut conn = self
-            .client
+        let client = self.redis_server.client_now().await.map_err(|err| {
+            redis::RedisError::from((redis::ErrorKind::Io, "no Redis primary", err.to_string()))
+        })?;
+        let mut conn = client
             .get_multiplexed_async_connection_with_config(&config)
             .await?;
+        if self.redis_server.follows_sentinel() && !crate::broker::is_primary(&mut conn).await? {
+            // A demoted primary the sentinel asked has not heard of yet:
+            // applying a batch there would be lost to the new one.
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "not a primary (ROLE); a failover is under way",
+            )));
+        }
         self.create_group(&mut conn).await?;
         let restored = self.restore_windows(&mut conn).await?;
         self.consuming.store(true, Relaxed);
