@@ -5,7 +5,7 @@
 //! reconnects with `?resume=1` and asks for what it missed.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
@@ -85,6 +85,78 @@ impl Positions {
         }
         request
     }
+}
+
+/// The largest resume request tail sends: within the bridge's default
+/// `websocket.max_message_bytes` (64 KiB), with room to spare.
+const MAX_RESUME_BYTES: usize = 60 * 1024;
+
+/// `request` cut down to [`MAX_RESUME_BYTES`]: keys past what fits are left
+/// out (said on stderr). They are not replayed; their next results come
+/// live, as for a key the bridge could not recover.
+fn fitted(mut request: Value) -> Value {
+    let named = |request: &Value| -> usize {
+        ["public", "private"]
+            .iter()
+            .filter_map(|kind| request[kind].as_object())
+            .flat_map(|epochs| epochs.values())
+            .filter_map(Value::as_object)
+            .map(serde_json::Map::len)
+            .sum()
+    };
+    let all = named(&request);
+    while request.to_string().len() > MAX_RESUME_BYTES {
+        // Drop a tenth of what is left, from the private keys first.
+        let Some(kind) = ["private", "public"]
+            .into_iter()
+            .find(|kind| request[kind].as_object().is_some_and(|e| !e.is_empty()))
+        else {
+            break;
+        };
+        let Some(epochs) = request[kind].as_object_mut() else {
+            break;
+        };
+        let Some((epoch, keys)) = epochs.iter_mut().next() else {
+            break;
+        };
+        let epoch = epoch.clone();
+        if let Some(keys) = keys.as_object_mut() {
+            let drop = keys.len().div_ceil(10).max(1);
+            let gone: Vec<String> = keys.keys().take(drop).cloned().collect();
+            for key in gone {
+                keys.remove(&key);
+            }
+            if keys.is_empty() {
+                epochs.remove(&epoch);
+            }
+        } else {
+            epochs.remove(&epoch);
+        }
+    }
+    let kept = named(&request);
+    if kept < all {
+        eprintln!(
+            "quotebridge tail: resuming {kept} of {all} keys (a resume request is at most {} KiB); the others continue live",
+            MAX_RESUME_BYTES / 1024
+        );
+    }
+    request
+}
+
+/// `text` with its control characters written as `\u{..}` escapes.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(char::is_control) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_unicode());
+        } else {
+            shown.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(shown)
 }
 
 /// How one connection ended.
@@ -230,8 +302,17 @@ async fn follow(
             Some(Ok(_)) => continue,
         };
         let written = {
+            let terminal = std::io::stdout().is_terminal();
             let mut out = std::io::stdout().lock();
-            writeln!(out, "{text}").and_then(|()| out.flush())
+            // A terminal would act on control characters a publisher put
+            // in a direct message (escape sequences): shown escaped there,
+            // passed on as they are into a pipe.
+            let line = if terminal {
+                printable(&text)
+            } else {
+                std::borrow::Cow::Borrowed(text.as_str())
+            };
+            writeln!(out, "{line}").and_then(|()| out.flush())
         };
         // stdout is locked per line, never across an await.
         if written.is_err() {
@@ -244,7 +325,8 @@ async fn follow(
         }
         // The first frame is the welcome.
         let requests = if options.resume && !positions.is_empty() {
-            vec![positions.resume_request(options.symbols.as_deref())]
+            let request = positions.resume_request(options.symbols.as_deref());
+            vec![fitted(request)]
         } else if let Some(symbols) = &options.symbols {
             let defaults = frame["subscriptions"].clone();
             vec![
@@ -266,6 +348,42 @@ async fn follow(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(printable("plain"), "plain");
+        assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\u{a}");
+    }
+
+    #[test]
+    fn a_resume_request_is_cut_to_what_a_bridge_takes() {
+        let mut positions = Positions::default();
+        for n in 0..20_000 {
+            positions
+                .note(&json!({"symbol": format!("SYMBOL{n:05}"), "seq": 123_456, "epoch": "e1"}));
+        }
+        let request = fitted(positions.resume_request(None));
+        let text = request.to_string();
+        assert!(text.len() <= MAX_RESUME_BYTES, "{} bytes", text.len());
+        let kept = request["public"]["e1"]
+            .as_object()
+            .map_or(0, serde_json::Map::len);
+        assert!(kept > 1_000, "{kept} keys kept");
+        let small = positions_of(&["A"]).resume_request(None);
+        assert_eq!(
+            fitted(small.clone()),
+            small,
+            "a request that fits is as it was"
+        );
+    }
+
+    fn positions_of(symbols: &[&str]) -> Positions {
+        let mut positions = Positions::default();
+        for symbol in symbols {
+            positions.note(&json!({"symbol": symbol, "seq": 1, "epoch": "e1"}));
+        }
+        positions
+    }
 
     #[test]
     fn the_socket_url_keeps_a_query_and_adds_resume() {
