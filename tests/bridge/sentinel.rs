@@ -161,6 +161,17 @@ impl Deployment {
         redis::Client::open(format!("redis://127.0.0.1:{}", self.replica_port)).expect("url")
     }
 
+    /// A subscription to the results (`sma`) on the replica.
+    async fn replica_results(&self) -> redis::aio::PubSub {
+        let mut output = self
+            .replica_client()
+            .get_async_pubsub()
+            .await
+            .expect("pubsub");
+        output.subscribe("sma").await.expect("subscribe");
+        output
+    }
+
     /// Kills the primary (`kill -9`) and waits until the sentinels have
     /// promoted the replica.
     async fn fail_over(&mut self) {
@@ -245,12 +256,7 @@ async fn stream_mode_continues_on_the_promoted_replica_without_loss_or_repeat() 
     bridge.wait_until_ready().await;
     // PUBLISH is replicated: the replica's subscribers see every result,
     // before the failover and after it.
-    let mut output = deployment
-        .replica_client()
-        .get_async_pubsub()
-        .await
-        .expect("pubsub");
-    output.subscribe("sma").await.expect("subscribe");
+    let mut output = deployment.replica_results().await;
     let mut output = output.on_message();
     let quotes = |prices: std::ops::RangeInclusive<u32>| -> Vec<Vec<u8>> {
         prices
@@ -273,12 +279,7 @@ async fn stream_mode_continues_on_the_promoted_replica_without_loss_or_repeat() 
     // Sentinel closes the promoted replica's clients: subscribe again. A
     // quote applied twice would shift every seq after it, so the seqs below
     // show a repeat even if its result went out before this subscription.
-    let mut output = deployment
-        .replica_client()
-        .get_async_pubsub()
-        .await
-        .expect("pubsub");
-    output.subscribe("sma").await.expect("subscribe");
+    let mut output = deployment.replica_results().await;
     let mut output = output.on_message();
     let mut conn = deployment
         .replica_client()

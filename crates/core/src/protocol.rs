@@ -346,57 +346,56 @@ pub const MAX_WINDOW: usize = 10_000;
 #[derive(Debug, PartialEq)]
 struct JsonNumber;
 
-impl<'de> Deserialize<'de> for JsonNumber {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct Number;
-        impl serde::de::Visitor<'_> for Number {
-            type Value = JsonNumber;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a number")
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<JsonNumber, E> {
-                Ok(JsonNumber)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<JsonNumber, E> {
-                Ok(JsonNumber)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<JsonNumber, E> {
-                Ok(JsonNumber)
-            }
-        }
-        deserializer.deserialize_any(Number)
-    }
-}
-
 /// The `sma` member of a result: a number or `null`, but never absent.
 /// (An `Option<f64>` field would also accept a missing member.)
 #[derive(Debug, PartialEq)]
 struct SmaValue;
 
+/// Accepts any JSON number, and `null` when `null_too`.
+struct Numeric {
+    null_too: bool,
+}
+
+impl serde::de::Visitor<'_> for Numeric {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.null_too {
+            "a number or null"
+        } else {
+            "a number"
+        })
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        if self.null_too {
+            Ok(())
+        } else {
+            Err(E::invalid_type(serde::de::Unexpected::Unit, &self))
+        }
+    }
+}
+
+// `deserialize_any`, not `deserialize_option`: serde answers the latter for
+// a missing member with "none", which would let one pass.
+impl<'de> Deserialize<'de> for JsonNumber {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Numeric { null_too: false })?;
+        Ok(JsonNumber)
+    }
+}
+
 impl<'de> Deserialize<'de> for SmaValue {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        struct NumberOrNull;
-        impl serde::de::Visitor<'_> for NumberOrNull {
-            type Value = SmaValue;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a number or null")
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<SmaValue, E> {
-                Ok(SmaValue)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<SmaValue, E> {
-                Ok(SmaValue)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<SmaValue, E> {
-                Ok(SmaValue)
-            }
-            fn visit_unit<E>(self) -> Result<SmaValue, E> {
-                Ok(SmaValue)
-            }
-        }
-        // `deserialize_any`, not `deserialize_option`: serde answers the
-        // latter for a missing member with "none", which would let one pass.
-        deserializer.deserialize_any(NumberOrNull)
+        deserializer.deserialize_any(Numeric { null_too: true })?;
+        Ok(SmaValue)
     }
 }
 
