@@ -54,12 +54,14 @@ impl Grant {
         }
     }
 
-    /// How long until the grant ends, from `now` (seconds since the Unix
-    /// epoch); `None` when it does not expire.
+    /// How long until the grant ends, from `now`; `None` when it does not
+    /// expire.
     #[must_use]
-    pub fn remaining(&self, now: u64) -> Option<std::time::Duration> {
-        self.expires_at
-            .map(|at| std::time::Duration::from_secs(at.saturating_sub(now)))
+    pub fn remaining(&self, now: std::time::SystemTime) -> Option<std::time::Duration> {
+        self.expires_at.map(|at| {
+            let end = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at);
+            end.duration_since(now).unwrap_or_default()
+        })
     }
 
     /// The initial subscriptions for this grant: the configured defaults the
@@ -127,14 +129,6 @@ pub struct JwtCheck {
     key: DecodingKey,
     /// Algorithm, expiry and required claims.
     validation: Validation,
-}
-
-/// Seconds since the Unix epoch, as `exp` counts them.
-#[must_use]
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |since| since.as_secs())
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -496,11 +490,15 @@ mod tests {
             .authenticate("acme", Some(&jwt(json!({"sub": "acme", "exp": exp}))))
             .expect("valid");
         assert_eq!(grant.expires_at, Some(exp + 30));
+        let at = |secs: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
         assert_eq!(
-            grant.remaining(exp),
+            grant.remaining(at(exp)),
             Some(std::time::Duration::from_secs(30))
         );
-        assert_eq!(grant.remaining(exp + 31), Some(std::time::Duration::ZERO));
+        assert_eq!(
+            grant.remaining(at(exp + 31)),
+            Some(std::time::Duration::ZERO)
+        );
         let tokens = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
         let fixed = tokens.authenticate("acme", Some("s3cret"));
         assert_eq!(fixed.map(|grant| grant.expires_at), Ok(None), "never ends");

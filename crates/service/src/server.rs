@@ -396,7 +396,7 @@ async fn event_stream(
         shutdown: app.shutdown.clone(),
         permit,
         ended,
-        expires_at: grant.expires_at,
+        expires_in: grant.remaining(std::time::SystemTime::now()),
     };
     // Opening a stream resumes it (see `Hub::resume_turn`).
     let turn = app.hub.resume_turn().await;

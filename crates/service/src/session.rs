@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use std::sync::Arc;
 
-use crate::auth::{self, Authenticator, Grant};
+use crate::auth::{Authenticator, Grant};
 use crate::config::WebSocketSettings;
 use crate::frame::{Frame, SharedResult};
 use crate::hub::Membership;
@@ -114,7 +114,7 @@ pub async fn run(
     // Boxed, and only for a token that expires, like the hold's timer.
     let mut expiry = access
         .grant
-        .remaining(auth::unix_now())
+        .remaining(std::time::SystemTime::now())
         .map(|left| Box::pin(tokio::time::sleep(left)));
     write(
         &mut socket,
@@ -203,10 +203,13 @@ pub async fn run(
                         // A held socket's first request may be a resume:
                         // it waits for its turn (see `Hub::resume_turn`).
                         let turn = if held { Some(membership.resume_turn().await) } else { None };
+                        let ends = access.grant.expires_at;
                         let replies = answer(&membership, client, &mut access, &text, &mut held);
                         drop(turn);
-                        if let Some(left) = access.grant.remaining(auth::unix_now()) {
-                            // A refresh may have moved the end (no other request does).
+                        // A refresh moves the end (no other request does).
+                        if access.grant.expires_at != ends
+                            && let Some(left) = access.grant.remaining(std::time::SystemTime::now())
+                        {
                             match expiry.as_mut() {
                                 Some(timer) => timer.as_mut().reset(Instant::now() + left),
                                 None => expiry = Some(Box::pin(tokio::time::sleep(left))),

@@ -29,7 +29,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::{self, Grant};
+use crate::auth::Grant;
 use crate::frame::{Frame, SharedResult};
 use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
@@ -58,10 +58,10 @@ pub struct Request {
     pub permit: OwnedSemaphorePermit,
     /// Cancelled when the stream ends (the connection then closes).
     pub ended: Option<CancellationToken>,
-    /// When its token expires (seconds since the Unix epoch): the stream
-    /// ends then, with an `expired` event, and the client connects again
-    /// with a fresh token and its `Last-Event-ID`.
-    pub expires_at: Option<u64>,
+    /// How long until its token expires: the stream ends then, with an
+    /// `expired` event, and the client connects again with a fresh token
+    /// and its `Last-Event-ID`.
+    pub expires_in: Option<Duration>,
 }
 
 /// The subscriptions of `?symbols=A,B,*`, checked like a subscribe.
@@ -253,14 +253,12 @@ async fn run(
         limits,
         shutdown,
         permit: _held_until_the_stream_ends,
-        expires_at,
+        expires_in,
         ..
     } = request;
     let expired = async {
-        match expires_at {
-            Some(at) => {
-                tokio::time::sleep(Duration::from_secs(at.saturating_sub(auth::unix_now()))).await
-            }
+        match expires_in {
+            Some(left) => tokio::time::sleep(left).await,
             None => std::future::pending().await,
         }
     };

@@ -39,10 +39,9 @@ impl Hub {
     /// Offers the results of the burst, in order, to the sockets that want
     /// them, socket by socket: each socket subscribed to every symbol takes
     /// all the burst's public results, and its group's private ones, under
-    /// one lock of its outbox; the
-    /// rest (sockets subscribed by name, a client's group) are offered
-    /// each result in turn. Every socket gets its results in the order they
-    /// were delivered.
+    /// one lock of its outbox; the rest (sockets subscribed by name, a
+    /// client's group) are offered each result in turn. Every socket gets
+    /// its results in the order they were delivered.
     pub(super) fn offer_burst(&self, state: &mut State) {
         let mut burst = state.burst.take();
         // A result its key already had (the output channel repeated it, or
