@@ -2,7 +2,8 @@
 //! test makes (a CA, the server's, a client's, and a second CA that signed
 //! none of them). Results flow over TLS; a wrong CA, an expired server
 //! certificate and a plain-text port each fail in one line that says why;
-//! a server that asks for client certificates admits the bridge only with one.
+//! a server that asks for client certificates admits the bridge only with one;
+//! and a Redis Cluster speaking TLS carries sharded pub/sub.
 
 use std::path::{Path, PathBuf};
 use std::process::Child;
@@ -256,4 +257,115 @@ async fn a_server_that_asks_for_client_certificates_admits_only_with_one() {
     let err =
         RedisBroker::with_tls(&redis.url(), &half).expect_err("a certificate without its key");
     assert!(err.to_string().contains("together"), "{err}");
+}
+
+/// A three-master Redis Cluster speaking TLS (`tls-cluster yes`: nodes
+/// announce their TLS ports): the cluster broker subscribes to a sharded
+/// channel and publishes to it over TLS, verified against the test CA.
+#[tokio::test]
+async fn a_tls_cluster_carries_sharded_pub_sub() {
+    use futures_util::StreamExt;
+    use quotebridge::broker::{Broker, ClusterBroker, Outbound, Topic};
+
+    let certificates = Certificates::make("cluster");
+    let path = |file: &str| certificates.path(file).display().to_string();
+    let mut nodes: Vec<(Child, u16, u16)> = Vec::new();
+    for _ in 0..3 {
+        let (plain, tls, bus) = (free_port(), free_port(), free_port());
+        let table = format!("nodes-{plain}.conf");
+        let args = [
+            "--cluster-enabled".to_owned(),
+            "yes".to_owned(),
+            "--cluster-port".to_owned(),
+            bus.to_string(),
+            "--cluster-config-file".to_owned(),
+            table,
+            "--tls-port".to_owned(),
+            tls.to_string(),
+            "--tls-cluster".to_owned(),
+            "yes".to_owned(),
+            "--tls-cert-file".to_owned(),
+            path("server.pem"),
+            "--tls-key-file".to_owned(),
+            path("server.key"),
+            "--tls-ca-cert-file".to_owned(),
+            path("ca.pem"),
+            "--tls-auth-clients".to_owned(),
+            "no".to_owned(),
+        ];
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut child = spawn_redis_server(plain, &args, Some(&certificates.dir));
+        assert!(
+            wait_until_ready(&mut child, plain).await,
+            "a TLS cluster node"
+        );
+        nodes.push((child, plain, tls));
+    }
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|(_, plain, _)| format!("127.0.0.1:{plain}"))
+        .collect();
+    let created = std::process::Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .expect("redis-cli (sudo apt-get install -y redis-tools)");
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    for (_, plain, _) in &nodes {
+        eventually("the cluster to agree", async || {
+            let client = redis::Client::open(format!("redis://127.0.0.1:{plain}")).ok()?;
+            let mut conn = client.get_multiplexed_async_connection().await.ok()?;
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            info.contains("cluster_state:ok").then_some(())
+        })
+        .await;
+    }
+
+    let seeds: Vec<String> = nodes
+        .iter()
+        .map(|(_, _, tls)| format!("rediss://localhost:{tls}"))
+        .collect();
+    let broker = ClusterBroker::with_tls(&seeds, &certificates.files(false)).expect("loads");
+    let channel = "quotes.{7}";
+    let mut messages = broker
+        .subscribe(&[Topic::Sharded(channel.to_owned())])
+        .await
+        .expect("SSUBSCRIBE over TLS");
+    eventually("a message over TLS", async || {
+        let message = Outbound::new(channel.into(), bytes::Bytes::from_static(b"over tls"));
+        broker.publish(&[message]).await.expect("SPUBLISH over TLS");
+        let next = tokio::time::timeout(std::time::Duration::from_millis(200), messages.next());
+        match next.await {
+            Ok(Some(inbound)) => Some(inbound.payload),
+            _ => None,
+        }
+    })
+    .await;
+    let wrong = ClusterBroker::with_tls(
+        &seeds,
+        &TlsFiles {
+            ca_file: Some(certificates.path("other-ca.pem")),
+            ..TlsFiles::default()
+        },
+    )
+    .expect("loads");
+    let message = Outbound::new(channel.into(), bytes::Bytes::from_static(b"refused"));
+    let err = wrong.publish(&[message]).await.expect_err("an unknown CA");
+    assert!(
+        err.to_string().contains("UnknownIssuer") && !err.to_string().contains('\n'),
+        "{err}"
+    );
+    for (mut child, _, _) in nodes {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
