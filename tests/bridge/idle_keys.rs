@@ -112,3 +112,88 @@ async fn in_stream_mode_a_released_key_leaves_no_saved_state() {
     assert!(stats["keys_released"].as_u64() >= Some(10), "{stats}");
     app.shutdown().await;
 }
+
+/// A compute node whose snapshot delete is refused (here: an ACL without
+/// HDEL) deletes the released keys' snapshots at a later sweep, once it
+/// can, and leaves alone the snapshot of a key that came back meanwhile.
+#[tokio::test]
+async fn a_snapshot_delete_that_failed_is_done_at_a_later_sweep() {
+    let redis = RedisServer::start().await;
+    let mut admin = redis.connection().await;
+    let acl = |rules: &'static [&'static str]| {
+        let mut command = redis::cmd("ACL");
+        command.arg("SETUSER").arg("node").arg("on").arg(">pw");
+        for rule in rules {
+            command.arg(*rule);
+        }
+        command
+    };
+    let _: () = acl(&["~*", "&*", "+@all", "-hdel"])
+        .query_async(&mut admin)
+        .await
+        .expect("ACL SETUSER");
+    let port = redis
+        .url()
+        .rsplit(':')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    let url = format!("redis://node:pw@127.0.0.1:{port}");
+    let env = [
+        IDLE,
+        PARTIAL,
+        ("QUOTEBRIDGE__NODE__ROLE", "compute"),
+        ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
+    ];
+    let settings = quotebridge::config::Settings::load_with_env(
+        None,
+        Some(
+            env.iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+    )
+    .expect("valid settings");
+    let mut bridge = Running::on_redis(settings);
+    bridge.wait_until_ready().await;
+    let stats = async |what: &str, check: &dyn Fn(&Value) -> bool| {
+        eventually(what, async || {
+            let (_, body) = http_get(bridge.address, "/stats").await;
+            let stats: Value = serde_json::from_str(&body).ok()?;
+            check(&stats).then_some(())
+        })
+        .await;
+    };
+    let mut conn = redis.connection().await;
+    publish(&mut conn, &[quote("GONE", 1), quote("BACK", 1)]).await;
+    let fields = async |conn: &mut redis::aio::MultiplexedConnection| -> Vec<String> {
+        let mut fields: Vec<String> = redis::cmd("HKEYS")
+            .arg("quotebridge:latest")
+            .query_async(conn)
+            .await
+            .expect("HKEYS");
+        fields.sort();
+        fields
+    };
+    eventually("both snapshots to be stored", async || {
+        (fields(&mut conn).await == ["BACK", "GONE"]).then_some(())
+    })
+    .await;
+    stats("both keys to be released", &|s| s["keys_released"] == 2).await;
+    assert_eq!(
+        fields(&mut conn).await,
+        ["BACK", "GONE"],
+        "HDEL was refused"
+    );
+
+    // BACK comes back (a new snapshot, to be kept); then HDEL is allowed.
+    publish(&mut conn, &[quote("BACK", 2)]).await;
+    stats("BACK to be alive again", &|s| s["keys"] == 1).await;
+    let _: () = acl(&["+hdel"]).query_async(&mut conn).await.expect("ACL");
+    eventually(
+        "GONE's snapshot to be deleted at a later sweep",
+        async || (fields(&mut conn).await == ["BACK"]).then_some(()),
+    )
+    .await;
+    bridge.stop().await;
+}

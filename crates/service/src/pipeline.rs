@@ -209,6 +209,18 @@ impl Pipeline {
         self.shard.owns(symbol)
     }
 
+    /// Whether the key (`client`, `symbol`) is alive.
+    #[must_use]
+    pub fn has_key(&self, client: Option<&str>, symbol: &str) -> bool {
+        self.windows.get(client, symbol).is_some()
+    }
+
+    /// The most keys alive at once (`sma.max_keys`).
+    #[must_use]
+    pub fn max_keys(&self) -> usize {
+        self.windows.max_keys
+    }
+
     /// The state of one key (its window and its position), if the key exists.
     #[must_use]
     pub fn key_state(&self, client: Option<&str>, symbol: &str) -> Option<KeyState> {

@@ -31,7 +31,7 @@ use crate::frame::SharedResult;
 use crate::hub::Hub;
 use crate::names;
 use crate::output::Queued;
-use crate::pipeline::{Outcome, Pipeline, unix_ms};
+use crate::pipeline::{Outcome, Pipeline, Released, unix_ms};
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
 
@@ -79,6 +79,9 @@ pub struct PubSubInput<B> {
     backoff: Backoff,
     /// How often the pipeline's idle keys are released.
     key_sweep: Duration,
+    /// Released keys whose snapshots Redis did not delete (it was down, or
+    /// refused): tried again at the next sweep, unless the key is back.
+    unforgotten: Vec<Released>,
 }
 
 impl<B: Broker> PubSubInput<B> {
@@ -120,6 +123,7 @@ impl<B: Broker> PubSubInput<B> {
             feeds,
             channels,
             snapshot_keys,
+            unforgotten: Vec::new(),
             pipeline: Pipeline::new(settings, stats.clone()),
             hub,
             publish,
@@ -241,22 +245,36 @@ impl<B: Broker> PubSubInput<B> {
 
     /// Releases the pipeline's idle keys, and their snapshots in Redis.
     /// Awaited in the input loop: a key created again after this sweep
-    /// stores its first snapshot after the old one is deleted.
+    /// stores its first snapshot after the old one is deleted. Deletes that
+    /// failed are tried again at the next sweep, for the keys that have not
+    /// come back since (a key that has has a new snapshot, to be kept).
     async fn release_idle_keys(&mut self) {
         let released = self.pipeline.release_idle();
-        if released.is_empty() {
+        if !released.is_empty() {
+            tracing::info!(
+                keys = released.len(),
+                "released keys idle for sma.key_idle_ms"
+            );
+        }
+        let pipeline = &self.pipeline;
+        let mut forget: Vec<Released> = std::mem::take(&mut self.unforgotten)
+            .into_iter()
+            .filter(|key| !pipeline.has_key(key.client.as_deref(), &key.symbol))
+            .chain(released)
+            .filter(|key| key.snapshot.is_some())
+            .collect();
+        if forget.is_empty() {
             return;
         }
-        tracing::info!(
-            keys = released.len(),
-            "released keys idle for sma.key_idle_ms"
-        );
-        let slots: Vec<&SnapshotSlot> = released
+        let slots: Vec<&SnapshotSlot> = forget
             .iter()
             .filter_map(|key| key.snapshot.as_deref())
             .collect();
         if let Err(err) = self.broker.forget_snapshots(&slots).await {
-            tracing::warn!(cause = %err, "could not delete the snapshots of released keys");
+            tracing::warn!(cause = %err, keys = slots.len(), "could not delete the snapshots of released keys; trying again at the next sweep");
+            // At most sma.max_keys wait: what the pipeline itself may hold.
+            forget.truncate(self.pipeline.max_keys());
+            self.unforgotten = forget;
         }
     }
 
