@@ -216,10 +216,16 @@ pub async fn run(
                             }
                         }
                         // A resume's replay can be long: written a batch at
-                        // a time, each within the write timeout.
+                        // a time, each within the write timeout, giving the
+                        // thread to other sessions between batches (a write
+                        // into a socket with room never yields by itself, and
+                        // 4,096 frames would hold it for a millisecond or more).
                         let mut replies = replies.into_iter().map(Message::Text).peekable();
                         while replies.peek().is_some() {
                             write(&mut socket, replies.by_ref().take(MAX_BATCH), limits.write_timeout).await?;
+                            if replies.peek().is_some() {
+                                tokio::task::yield_now().await;
+                            }
                         }
                     }
                     Message::Binary(_) => {
