@@ -55,13 +55,13 @@ impl Grant {
     }
 
     /// How long until the grant ends, from `now`; `None` when it does not
-    /// expire.
+    /// expire, or ends past what the clock can count (an `exp` near
+    /// `u64::MAX`, on which `SystemTime` addition would panic).
     #[must_use]
     pub fn remaining(&self, now: std::time::SystemTime) -> Option<std::time::Duration> {
-        self.expires_at.map(|at| {
-            let end = std::time::UNIX_EPOCH + std::time::Duration::from_secs(at);
-            end.duration_since(now).unwrap_or_default()
-        })
+        let at = std::time::Duration::from_secs(self.expires_at?);
+        let end = std::time::UNIX_EPOCH.checked_add(at)?;
+        Some(end.duration_since(now).unwrap_or_default())
     }
 
     /// The initial subscriptions for this grant: the configured defaults the
@@ -499,6 +499,11 @@ mod tests {
             grant.remaining(at(exp + 31)),
             Some(std::time::Duration::ZERO)
         );
+        let forever = Grant {
+            expires_at: Some(u64::MAX),
+            ..Grant::default()
+        };
+        assert_eq!(forever.remaining(at(exp)), None, "past the clock: no end, no panic");
         let tokens = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
         let fixed = tokens.authenticate("acme", Some("s3cret"));
         assert_eq!(fixed.map(|grant| grant.expires_at), Ok(None), "never ends");

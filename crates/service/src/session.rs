@@ -207,13 +207,13 @@ pub async fn run(
                         let replies = answer(&membership, client, &mut access, &text, &mut held);
                         drop(turn);
                         // A refresh moves the end (no other request does).
-                        if access.grant.expires_at != ends
-                            && let Some(left) = access.grant.remaining(std::time::SystemTime::now())
-                        {
-                            match expiry.as_mut() {
-                                Some(timer) => timer.as_mut().reset(Instant::now() + left),
-                                None => expiry = Some(Box::pin(tokio::time::sleep(left))),
-                            }
+                        // `sleep` takes any length (an `Instant` sum would
+                        // panic past the clock's range).
+                        if access.grant.expires_at != ends {
+                            expiry = access
+                                .grant
+                                .remaining(std::time::SystemTime::now())
+                                .map(|left| Box::pin(tokio::time::sleep(left)));
                         }
                         // A resume's replay can be long: written a batch at
                         // a time, each within the write timeout, giving the
