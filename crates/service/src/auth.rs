@@ -503,7 +503,11 @@ mod tests {
             expires_at: Some(u64::MAX),
             ..Grant::default()
         };
-        assert_eq!(forever.remaining(at(exp)), None, "past the clock: no end, no panic");
+        assert_eq!(
+            forever.remaining(at(exp)),
+            None,
+            "past the clock: no end, no panic"
+        );
         let tokens = Authenticator::from_settings(&settings(AuthMode::Token)).expect("valid");
         let fixed = tokens.authenticate("acme", Some("s3cret"));
         assert_eq!(fixed.map(|grant| grant.expires_at), Ok(None), "never ends");

@@ -258,7 +258,9 @@ impl Hub {
 struct Delivery {
     queued: u64,
     conflated: u64,
-    slow: Vec<SocketId>,
+    /// A set: the burst's per-result loop asks it once per offer, and many
+    /// sockets may fall behind in one burst (allocated only when one does).
+    slow: hashbrown::HashSet<SocketId>,
 }
 
 impl Delivery {
@@ -266,7 +268,7 @@ impl Delivery {
         self.queued += offers.queued;
         self.conflated += offers.conflated;
         if offers.full {
-            self.slow.push(id);
+            self.slow.insert(id);
         }
     }
 }
