@@ -27,7 +27,7 @@ pub use self::memory::MemoryBroker;
 pub use self::queue::SubscriptionBuffer;
 pub use self::redis::{HealthCheck, RedisBroker, client_with_tls as redis_client};
 pub use self::sentinel::{Sentinels, is_primary};
-pub use self::tls::{Tls, TlsError, TlsFiles};
+pub use self::tls::{Tls, TlsError, TlsFiles, is_tls_url};
 
 /// Something to subscribe to.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -29,16 +29,13 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A client for `url`; a `rediss://` URL connects over TLS as `files` say
 /// (read now).
 pub fn client_with_tls(url: &str, files: &TlsFiles) -> Result<redis::Client, BrokerError> {
-    let tls = url
-        .starts_with("rediss:")
-        .then(|| Tls::load(files))
-        .transpose()?;
+    let tls = Tls::for_urls([url], files)?;
     client(url, tls.as_ref())
 }
 
 /// A client for `url` whose connections send small writes at once; a
-/// `rediss://` URL connects over TLS as `tls` says (the system's roots when
-/// `tls` is `None`).
+/// `rediss://` URL connects over TLS as `tls` says ([`Tls::for_urls`]
+/// gives it for every such URL).
 ///
 /// redis-rs leaves Nagle's algorithm on; every message here is small and
 /// latency-sensitive, so a publish would otherwise wait for the previous
@@ -54,13 +51,12 @@ fn client_of(info: redis::ConnectionInfo, tls: Option<&Tls>) -> Result<redis::Cl
     let redis::ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() else {
         return Ok(redis::Client::open(info)?);
     };
-    let loaded;
-    let tls = match tls {
-        Some(tls) => tls,
-        None => {
-            loaded = Tls::load(&TlsFiles::default())?;
-            &loaded
-        }
+    let Some(tls) = tls else {
+        return Err(redis::RedisError::from((
+            redis::ErrorKind::InvalidClientConfig,
+            "a rediss:// URL needs the broker's TLS settings",
+        ))
+        .into());
     };
     if tls.is_insecure() {
         tracing::warn!(address = %format!("{host}:{port}"), "TLS to Redis WITHOUT verifying the server (redis.tls_insecure): for test setups only");
@@ -130,10 +126,7 @@ impl RedisBroker {
     /// A broker for the server at `url`; a `rediss://` URL connects over
     /// TLS as `files` say. Nothing is connected yet; the files are read now.
     pub fn with_tls(url: &str, files: &TlsFiles) -> Result<Self, BrokerError> {
-        let tls = url
-            .starts_with("rediss:")
-            .then(|| Tls::load(files))
-            .transpose()?;
+        let tls = Tls::for_urls([url], files)?;
         let client = client(url, tls.as_ref())?;
         let address = client.get_connection_info().addr().to_string();
         Ok(Self {

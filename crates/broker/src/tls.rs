@@ -72,7 +72,23 @@ impl std::fmt::Debug for Tls {
     }
 }
 
+/// Whether `url` asks for TLS (`rediss://`).
+#[must_use]
+pub fn is_tls_url(url: &str) -> bool {
+    url.starts_with("rediss:")
+}
+
 impl Tls {
+    /// TLS for connections to `urls`, loaded from `files`, when any of them
+    /// asks for it; `None` when none does (the files are not read).
+    pub fn for_urls<'u>(
+        urls: impl IntoIterator<Item = &'u str>,
+        files: &TlsFiles,
+    ) -> Result<Option<Self>, TlsError> {
+        let wanted = urls.into_iter().any(is_tls_url);
+        wanted.then(|| Self::load(files)).transpose()
+    }
+
     /// Reads the files `files` names and builds the configuration; every
     /// problem is one line naming its setting.
     pub fn load(files: &TlsFiles) -> Result<Self, TlsError> {

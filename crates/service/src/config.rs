@@ -864,7 +864,7 @@ impl RedisSettings {
                 );
             }
         }
-        let tls = |url: &String| url.starts_with("rediss:");
+        let tls = |url: &String| crate::broker::is_tls_url(url);
         let uses_tls = if self.cluster_nodes.is_empty() {
             tls(&self.url)
         } else {

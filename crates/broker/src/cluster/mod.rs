@@ -74,11 +74,7 @@ impl ClusterBroker {
     /// A broker for the cluster of `nodes`; `rediss://` nodes connect over
     /// TLS as `files` say (read now).
     pub fn with_tls(nodes: &[String], files: &TlsFiles) -> Result<Self, BrokerError> {
-        let tls = nodes
-            .iter()
-            .any(|node| node.starts_with("rediss:"))
-            .then(|| Tls::load(files))
-            .transpose()?;
+        let tls = Tls::for_urls(nodes.iter().map(String::as_str), files)?;
         let broker = Self {
             nodes: nodes.into(),
             health_check: HealthCheck::default(),
