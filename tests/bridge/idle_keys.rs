@@ -145,17 +145,7 @@ async fn a_snapshot_delete_that_failed_is_done_at_a_later_sweep() {
         ("QUOTEBRIDGE__NODE__ROLE", "compute"),
         ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
     ];
-    let settings = quotebridge::config::Settings::load_with_env(
-        None,
-        Some(
-            env.iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-    )
-    .expect("valid settings");
-    let mut bridge = Running::on_redis(settings);
-    bridge.wait_until_ready().await;
+    let mut bridge = bridge_with(&env).await;
     let stats = async |what: &str, check: &dyn Fn(&Value) -> bool| {
         eventually(what, async || {
             let (_, body) = http_get(bridge.address, "/stats").await;

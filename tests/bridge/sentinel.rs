@@ -135,25 +135,22 @@ impl Deployment {
         }
     }
 
-    /// The bridge's settings: this deployment's sentinels, and `env`.
-    fn settings(&self, env: &[(&str, &str)]) -> quotebridge::config::Settings {
+    /// The bridge on this deployment's sentinels, with `env`, ready.
+    async fn bridge(&self, env: &[(&str, &str)]) -> Running {
         let addresses: Vec<String> = self
             .sentinels
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
         let addresses = addresses.join(",");
-        let vars: std::collections::HashMap<String, String> = [
+        let mut vars = vec![
             // The host is unused with Sentinel; the URL's other parts apply.
             ("QUOTEBRIDGE__REDIS__URL", "redis://127.0.0.1:1"),
             ("QUOTEBRIDGE__REDIS__SENTINELS", addresses.as_str()),
             ("QUOTEBRIDGE__REDIS__SENTINEL_MASTER", MASTER),
-        ]
-        .iter()
-        .chain(env)
-        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-        .collect();
-        quotebridge::config::Settings::load_with_env(None, Some(vars)).expect("valid settings")
+        ];
+        vars.extend_from_slice(env);
+        bridge_with(&vars).await
     }
 
     /// A client of the replica (the primary after a failover).
@@ -197,9 +194,9 @@ impl Drop for Deployment {
 async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
     let mut deployment = Deployment::start("sentinel").await;
     let replica_port = deployment.replica_port;
-    let settings = deployment.settings(&[("QUOTEBRIDGE__SMA__WINDOW", "1")]);
-    let mut bridge = Running::on_redis(settings);
-    bridge.wait_until_ready().await;
+    let mut bridge = deployment
+        .bridge(&[("QUOTEBRIDGE__SMA__WINDOW", "1")])
+        .await;
     let (mut socket, _) = connect_ws(&format!("ws://{}/ws/acme", bridge.address)).await;
     let quote = |price: u32| {
         let quote = json!({"symbol": "AAPL", "price": price, "ts": price});
@@ -248,12 +245,12 @@ async fn the_bridge_follows_a_sentinel_failover_and_keeps_its_sockets() {
 #[tokio::test]
 async fn stream_mode_continues_on_the_promoted_replica_without_loss_or_repeat() {
     let mut deployment = Deployment::start("sentinel-stream").await;
-    let settings = deployment.settings(&[
-        ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream"),
-        ("QUOTEBRIDGE__SMA__WINDOW", "3"),
-    ]);
-    let mut bridge = Running::on_redis(settings);
-    bridge.wait_until_ready().await;
+    let mut bridge = deployment
+        .bridge(&[
+            ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream"),
+            ("QUOTEBRIDGE__SMA__WINDOW", "3"),
+        ])
+        .await;
     // PUBLISH is replicated: the replica's subscribers see every result,
     // before the failover and after it.
     let mut output = deployment.replica_results().await;
@@ -317,12 +314,12 @@ async fn stream_mode_continues_on_the_promoted_replica_without_loss_or_repeat() 
 async fn a_failover_while_quotes_flow_applies_every_replicated_quote_exactly_once() {
     const QUOTES: u64 = 400;
     let mut deployment = Deployment::start("sentinel-chaos").await;
-    let settings = deployment.settings(&[
-        ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream"),
-        ("QUOTEBRIDGE__SMA__WINDOW", "1"),
-    ]);
-    let mut bridge = Running::on_redis(settings);
-    bridge.wait_until_ready().await;
+    let mut bridge = deployment
+        .bridge(&[
+            ("QUOTEBRIDGE__REDIS__INPUT_MODE", "stream"),
+            ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ])
+        .await;
     let (mut socket, _) = connect_ws(&format!("ws://{}/ws/acme", bridge.address)).await;
     let (sentinel, replica) = (deployment.sentinels[0].port, deployment.replica_port);
 

@@ -333,14 +333,30 @@ pub async fn spawn_app_with(env: &[(&str, &str)]) -> TestApp {
     app
 }
 
-/// Starts the bridge against `redis` without waiting for it to be ready.
-pub fn spawn_app_on(redis: RedisServer, env: &[(&str, &str)]) -> TestApp {
-    let mut vars: HashMap<String, String> = env
+/// Settings from `env` alone, as `QUOTEBRIDGE__…` variables would give
+/// them (a later pair overrides an earlier one of the same key).
+pub fn settings_with(env: &[(&str, &str)]) -> Settings {
+    let vars: HashMap<String, String> = env
         .iter()
         .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
         .collect();
-    vars.insert("QUOTEBRIDGE__REDIS__URL".into(), redis.url());
-    let settings = Settings::load_with_env(None, Some(vars)).expect("test settings are valid");
+    Settings::load_with_env(None, Some(vars)).expect("test settings are valid")
+}
+
+/// The bridge on `settings_with(env)`, ready: for a Redis the test set up
+/// itself (`env` names it).
+pub async fn bridge_with(env: &[(&str, &str)]) -> Running {
+    let bridge = Running::on_redis(settings_with(env));
+    bridge.wait_until_ready().await;
+    bridge
+}
+
+/// Starts the bridge against `redis` without waiting for it to be ready.
+pub fn spawn_app_on(redis: RedisServer, env: &[(&str, &str)]) -> TestApp {
+    let url = redis.url();
+    let mut env = env.to_vec();
+    env.push(("QUOTEBRIDGE__REDIS__URL", &url));
+    let settings = settings_with(&env);
     let bridge = Running::on_redis(settings.clone());
     TestApp {
         address: bridge.address,

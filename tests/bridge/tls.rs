@@ -159,17 +159,7 @@ async fn results_flow_over_tls_and_bad_certificates_fail_in_one_line() {
         ("QUOTEBRIDGE__REDIS__TLS_CA_FILE", ca.as_str()),
         ("QUOTEBRIDGE__SMA__WINDOW", "1"),
     ];
-    let settings = quotebridge::config::Settings::load_with_env(
-        None,
-        Some(
-            env.iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect(),
-        ),
-    )
-    .expect("valid settings");
-    let mut bridge = Running::on_redis(settings);
-    bridge.wait_until_ready().await;
+    let mut bridge = bridge_with(&env).await;
     let (mut socket, _) = connect_ws(&format!("ws://{}/ws/acme", bridge.address)).await;
     let mut conn = redis.connection().await;
     let mut output = redis::Client::open(format!("redis://127.0.0.1:{}", redis.plain))

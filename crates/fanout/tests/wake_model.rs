@@ -124,9 +124,11 @@ fn result(symbol: &str, text: &'static str) -> SharedResult {
     SharedResult::detached(Utf8Bytes::from_static(text), symbol, None, None)
 }
 
-#[test]
-fn a_result_delivered_during_another_threads_hold_is_woken_when_it_ends() {
-    model(|| {
+/// One thread delivers "held" under a wake hold while another runs
+/// `beside` (which queues one frame of its own); the session, subscribed to
+/// `"*"` in group "acme", must be woken for both, `expected` once sorted.
+fn a_hold_beside(beside: fn(&Hub), expected: [&'static str; 2]) {
+    model(move || {
         let hub = Hub::new(limits(), Arc::new(Stats::default()));
         let admission = hub.admit("acme").expect("admitted");
         let (_membership, mut outbox) = hub.join(admission, &["*".to_owned()], false);
@@ -138,44 +140,34 @@ fn a_result_delivered_during_another_threads_hold_is_woken_when_it_ends() {
                 drop(hold);
             })
         };
-        let unheld = {
+        let other = {
             let hub = hub.clone();
-            thread::spawn(move || hub.deliver_result(result("B", "unheld")))
+            thread::spawn(move || beside(&hub))
         };
         let mut got = take(&mut outbox, Some(2));
         got.sort();
-        assert_eq!(got, ["held", "unheld"]);
+        assert_eq!(got, expected);
         holding.join().expect("the holding thread");
-        unheld.join().expect("the other thread");
+        other.join().expect("the other thread");
     });
+}
+
+#[test]
+fn a_result_delivered_during_another_threads_hold_is_woken_when_it_ends() {
+    a_hold_beside(
+        |hub| hub.deliver_result(result("B", "unheld")),
+        ["held", "unheld"],
+    );
 }
 
 #[test]
 fn a_burst_offered_by_another_threads_request_is_woken_when_the_hold_ends() {
     // A direct message to the group reads the hub, which offers the held
     // burst first: its wake must still come, from the hold's end.
-    model(|| {
-        let hub = Hub::new(limits(), Arc::new(Stats::default()));
-        let admission = hub.admit("acme").expect("admitted");
-        let (_membership, mut outbox) = hub.join(admission, &["*".to_owned()], false);
-        let holding = {
-            let hub = hub.clone();
-            thread::spawn(move || {
-                let hold = hub.hold_wakes();
-                hub.deliver_result(result("A", "held"));
-                drop(hold);
-            })
-        };
-        let direct = {
-            let hub = hub.clone();
-            thread::spawn(move || {
-                hub.send_to_group("acme", Message::Text(Utf8Bytes::from_static("direct")));
-            })
-        };
-        let mut got = take(&mut outbox, Some(2));
-        got.sort();
-        assert_eq!(got, ["direct", "held"]);
-        holding.join().expect("the holding thread");
-        direct.join().expect("the other thread");
-    });
+    a_hold_beside(
+        |hub| {
+            hub.send_to_group("acme", Message::Text(Utf8Bytes::from_static("direct")));
+        },
+        ["direct", "held"],
+    );
 }
