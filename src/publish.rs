@@ -150,6 +150,7 @@ pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Erro
         let quote = Quote {
             symbol: Cow::Borrowed(field(Some(symbol_col)).unwrap_or_default()),
             price,
+            decimal: None,
             ts,
             client: client.or(field(client_col)).map(Cow::Borrowed),
         };

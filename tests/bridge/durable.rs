@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
 use quotebridge::protocol::SmaMessage;
+use quotebridge::decimal::Decimal;
 use quotebridge::sma::SmaWindow;
 use redis::streams::StreamRangeReply;
 use serde_json::{Value, json};
@@ -138,7 +139,7 @@ fn uninterrupted_run(quotes: &[Value], window: usize, epoch: &str) -> Vec<String
         let (w, seq) = windows
             .entry((client.map(str::to_owned), symbol.to_owned()))
             .or_insert_with(|| (SmaWindow::new(capacity), 0));
-        let average = w.push(price);
+        let average = w.push(price, Decimal::parse(&price.to_string()));
         if w.is_full() {
             *seq += 1;
             let message = SmaMessage {

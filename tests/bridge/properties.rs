@@ -9,6 +9,7 @@ use quotebridge::config::Settings;
 use quotebridge::pipeline::{Outcome, Pipeline};
 use quotebridge::protocol::{ResultRoute, SmaMessage};
 use quotebridge::quote::{self, Quote};
+use quotebridge::decimal::Decimal;
 use quotebridge::sma::SmaWindow;
 use quotebridge::stats::Stats;
 
@@ -20,7 +21,7 @@ proptest! {
     ) {
         let mut sma = SmaWindow::new(NonZeroUsize::new(window).expect("non-zero"));
         for (i, &price) in prices.iter().enumerate() {
-            let got = sma.push(price);
+            let got = sma.push(price, None);
             let tail = &prices[(i + 1).saturating_sub(window)..=i];
             let want = tail.iter().sum::<f64>() / tail.len() as f64;
             let scale = tail.iter().map(|p| p.abs()).sum::<f64>() / tail.len() as f64;
@@ -49,12 +50,12 @@ proptest! {
     ) {
         let mut sma = SmaWindow::new(NonZeroUsize::new(window).expect("non-zero"));
         for &price in &history {
-            sma.push(price);
+            sma.push(price, None);
         }
         let tail = &ordinary[..window];
         let mut got = None;
         for &price in tail {
-            got = Some(sma.push(price));
+            got = Some(sma.push(price, None));
         }
         let got = got.expect("the window is at least 1");
         let want = tail.iter().sum::<f64>() / window as f64;
@@ -95,7 +96,8 @@ proptest! {
         ts in prop::option::of(any::<u64>()),
         client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
     ) {
-        let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
+        let decimal = Decimal::parse(&price.to_string());
+        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into) };
         let json = serde_json::to_vec(&q).expect("serialize");
         let fast = quote::parse_fast(&json).map(|(quote, _)| quote);
         prop_assert!(fast.is_some(), "declined {}", String::from_utf8_lossy(&json));
@@ -123,7 +125,7 @@ proptest! {
         // Up to 15 digits take the fast path's exact-division shortcut;
         // longer ones the general algorithm. Both must round like serde_json.
         let text = format!(r#"{{"symbol":"A","price":{price}}}"#);
-        let bits = |q: Result<quote::Quote<'_>, _>| q.map(|q| q.price.to_bits());
+        let bits = |q: Result<quote::Quote<'_>, _>| q.map(|q| (q.price.to_bits(), q.decimal));
         prop_assert_eq!(bits(quote::parse(text.as_bytes())), bits(quote::parse_fully(text.as_bytes())));
     }
 
@@ -134,7 +136,8 @@ proptest! {
         ts in prop::option::of(any::<u64>()),
         client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
     ) {
-        let q = Quote { symbol: symbol.as_str().into(), price, ts, client: client.as_deref().map(Into::into) };
+        let decimal = Decimal::parse(&price.to_string());
+        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into) };
         let json = serde_json::to_vec(&q).expect("serialize");
         prop_assert_eq!(quote::parse(&json), Ok(q));
     }

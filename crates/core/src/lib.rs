@@ -5,6 +5,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod decimal;
 pub mod frame;
 pub mod idle;
 pub mod names;

@@ -8,7 +8,9 @@ use std::fmt;
 
 use serde::Serialize;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, Visitor};
+use serde_json::value::RawValue;
 
+use crate::decimal::Decimal;
 use crate::names;
 
 /// Largest quote payload accepted, in bytes.
@@ -19,8 +21,12 @@ pub const MAX_QUOTE_BYTES: usize = 64 * 1024;
 pub struct Quote<'a> {
     /// 1–32 characters of `[A-Za-z0-9._:/-]`.
     pub symbol: Cow<'a, str>,
-    /// A finite price.
+    /// A finite price: the nearest `f64` to what the payload wrote.
     pub price: f64,
+    /// The price exactly as the payload wrote it, when that lies in the
+    /// exact decimal domain (see [`crate::decimal`]).
+    #[serde(skip)]
+    pub decimal: Option<Decimal>,
     /// Milliseconds since the Unix epoch; `None` when the payload had none
     /// (the listener then stamps the arrival time).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -239,7 +245,7 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(mut self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut symbol: Option<Cow<'de, str>> = None;
-        let mut price: Option<f64> = None;
+        let mut price: Option<(f64, Option<Decimal>)> = None;
         let mut ts: Option<Option<u64>> = None;
         let mut client: Option<Option<Cow<'de, str>>> = None;
 
@@ -258,11 +264,16 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
                     if price.is_some() {
                         return Err(self.fail(Reject::DuplicateField("price")));
                     }
-                    // JSON has no NaN or Infinity, but an exponent can
-                    // overflow f64; serde_json reports that as an error.
-                    match map.next_value::<f64>() {
-                        Ok(p) if p.is_finite() => price = Some(p),
-                        _ => return Err(self.fail(Reject::InvalidPrice)),
+                    // The number's text, to read the decimal it spells as
+                    // well as its nearest f64. JSON has no NaN or Infinity,
+                    // but an exponent can overflow f64.
+                    let text = map.next_value::<&'de RawValue>().map(RawValue::get);
+                    match text.ok().filter(|t| t.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])) {
+                        Some(text) => match text.parse::<f64>() {
+                            Ok(p) if p.is_finite() => price = Some((p, Decimal::parse(text))),
+                            _ => return Err(self.fail(Reject::InvalidPrice)),
+                        },
+                        None => return Err(self.fail(Reject::InvalidPrice)),
                     }
                 }
                 "ts" => {
@@ -293,12 +304,13 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
         let Some(symbol) = symbol else {
             return Err(self.fail(Reject::MissingField("symbol")));
         };
-        let Some(price) = price else {
+        let Some((price, decimal)) = price else {
             return Err(self.fail(Reject::MissingField("price")));
         };
         Ok(Quote {
             symbol,
             price,
+            decimal,
             ts: ts.flatten(),
             client: client.flatten(),
         })
@@ -310,6 +322,7 @@ mod fast {
     use std::borrow::Cow;
 
     use super::{Quote, Spelling};
+    use crate::decimal::Decimal;
     use crate::names;
 
     /// The quote, if `payload` is a flat JSON object whose only members are
@@ -353,10 +366,11 @@ mod fast {
         if scan.at != payload.len() {
             return None;
         }
-        let (price, price_text) = price?;
+        let (price, decimal, price_text) = price?;
         let quote = Quote {
             symbol: Cow::Borrowed(symbol?),
             price,
+            decimal,
             ts: ts.map(|(value, _)| value),
             client: client.map(Cow::Borrowed),
         };
@@ -511,9 +525,10 @@ mod fast {
             Some((value, text))
         }
 
-        /// A finite number in strict JSON grammar, correctly rounded, and
-        /// its text where that is the value's shortest round-trip form.
-        fn number(&mut self) -> Option<(f64, Option<&'a str>)> {
+        /// A finite number in strict JSON grammar, correctly rounded, the
+        /// decimal it spells when that is exact, and its text where that is
+        /// the value's shortest round-trip form.
+        fn number(&mut self) -> Option<(f64, Option<Decimal>, Option<&'a str>)> {
             let start = self.at;
             let negative = self.bytes().get(self.at) == Some(&b'-');
             if negative {
@@ -541,10 +556,14 @@ mod fast {
                 let mantissa = int_value * POWERS_OF_TEN[fraction.len()] + fraction_value;
                 let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
                 let value = if negative { -value } else { value };
+                // Below 10^15 and at most 15 places: inside the domain.
+                let units = mantissa as i64;
+                let scale = fraction.len() as u8;
+                let decimal = Decimal::new(if negative { -units } else { units }, scale);
                 let text = is_shortest(int, fraction)
                     .then(|| self.text_from(start))
                     .flatten();
-                return Some((value, text));
+                return Some((value, decimal, text));
             }
             if exponent {
                 self.at += 1;
@@ -555,8 +574,9 @@ mod fast {
                     return None;
                 }
             }
-            let value = self.text_from(start)?.parse::<f64>().ok();
-            Some((value.filter(|p| p.is_finite())?, None))
+            let text = self.text_from(start)?;
+            let value = text.parse::<f64>().ok().filter(|p| p.is_finite())?;
+            Some((value, Decimal::parse(text), None))
         }
     }
 

@@ -7,27 +7,64 @@ use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
 
+use crate::decimal::{self, Decimal, MAX_SCALE};
+
 /// How much larger than what it leaves behind (the new total and the new
-/// price, in magnitude) a leaving price may be before the running sum is
-/// rebuilt; see [`SmaWindow::push`]. Within it the compensation's own
-/// rounding stays below 2^16 ulps of those (~1e-11 of them).
+/// price, in magnitude) a leaving price may be before the compensated sum
+/// is rebuilt; see [`CompensatedSum::replace`]. Within it the
+/// compensation's own rounding stays below 2^16 ulps of those (~1e-11 of
+/// them).
 const CANCELLATION_RATIO: f64 = 65_536.0;
+
+/// A slot's scale when its price lies outside the exact domain: the slot
+/// holds the price's `f64` bits instead of decimal units.
+const INEXACT: u8 = u8::MAX;
 
 /// A fixed-size window of prices with an O(1) mean.
 ///
-/// A plain running sum (`sum += new; sum -= old`) accumulates rounding error
-/// with every update, so after millions of quotes it no longer equals the mean
-/// of the prices it claims to hold. The sum here is Neumaier-compensated: the
-/// low-order bits lost by each addition are carried in `compensation`, which
-/// keeps the error at a few ulps of the window's own sum no matter how many
-/// updates have gone through it.
+/// Prices inside the exact decimal domain (see [`crate::decimal`]) are kept
+/// as integer units and summed in an `i128` at the window's scale (the most
+/// decimal places of any price in it): adding and removing them is exact,
+/// so after any number of quotes the mean is the exact mean of the prices
+/// in the window, rounded once. That holds while every price in the window
+/// is exact; while one is not (`1e-30`, a 20-digit price), the mean comes
+/// from a Neumaier-compensated `f64` sum over the whole window, which keeps
+/// the error at a few ulps of the window's sum, and [`Average::exact`] is
+/// false. Once that price has left the window the mean is exact again.
 #[derive(Debug, Clone)]
 pub struct SmaWindow {
     capacity: NonZeroUsize,
     /// A ring once full: the newest price overwrites the oldest in place.
-    prices: Vec<f64>,
+    /// A slot holds a price's units of `10^-scale`, or its `f64` bits when
+    /// its scale is [`INEXACT`].
+    slots: Vec<i64>,
+    /// Each slot's scale.
+    scales: Vec<u8>,
     /// Where the oldest price is (0 until the window is full).
     oldest: usize,
+    exact: ExactSum,
+    /// Kept only while the window holds an inexact price.
+    compensated: Option<CompensatedSum>,
+}
+
+/// The exact sum of a window's exact prices.
+#[derive(Debug, Clone, Default)]
+struct ExactSum {
+    /// The sum in units of `10^-scale`. Below 10^15 × 10^18 a price and
+    /// 10^4 prices a window, so far from the `i128` limit (1.7 × 10^38).
+    sum: i128,
+    /// The largest scale among the window's exact prices.
+    scale: u8,
+    /// How many exact prices the window holds at each scale, to find the
+    /// new largest when the last price at the largest leaves.
+    per_scale: [u32; MAX_SCALE as usize + 1],
+    /// How many inexact prices the window holds.
+    inexact: u32,
+}
+
+/// A Neumaier-compensated sum of `f64`s.
+#[derive(Debug, Clone, Copy, Default)]
+struct CompensatedSum {
     sum: f64,
     compensation: f64,
 }
@@ -37,11 +74,17 @@ pub struct SmaWindow {
 pub struct WindowState {
     /// The prices, oldest first.
     pub prices: Vec<f64>,
-    /// The running sum (`null` in JSON when it overflowed; the sum is then
-    /// rebuilt from the prices on restore).
+    /// Each price's decimal places, or 255 for a price outside the exact
+    /// domain (absent in state saved before prices were exact: every
+    /// price is then taken as inexact until it leaves the window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scales: Option<Vec<u8>>,
+    /// The compensated sum over the prices while the window holds an
+    /// inexact price, else 0 (`null` in JSON when it overflowed; the sum
+    /// is then rebuilt from the prices on restore).
     #[serde(deserialize_with = "number_or_nan")]
     pub sum: f64,
-    /// The running sum's compensation term (likewise).
+    /// The compensated sum's compensation term (likewise).
     #[serde(deserialize_with = "number_or_nan")]
     pub compensation: f64,
 }
@@ -58,6 +101,9 @@ pub struct Average {
     pub mean: f64,
     /// How many prices the window holds (at most its capacity).
     pub count: usize,
+    /// Whether `mean` is the exact mean rounded once: false while the
+    /// window holds a price outside the exact decimal domain.
+    pub exact: bool,
 }
 
 impl SmaWindow {
@@ -69,10 +115,11 @@ impl SmaWindow {
     pub fn new(capacity: NonZeroUsize) -> Self {
         Self {
             capacity,
-            prices: Vec::new(),
+            slots: Vec::new(),
+            scales: Vec::new(),
             oldest: 0,
-            sum: 0.0,
-            compensation: 0.0,
+            exact: ExactSum::default(),
+            compensated: None,
         }
     }
 
@@ -85,148 +132,233 @@ impl SmaWindow {
     /// How many prices the window holds now.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.prices.len()
+        self.slots.len()
     }
 
     /// True before the first push.
     #[must_use]
     pub fn is_empty(&self) -> bool {
-        self.prices.is_empty()
+        self.slots.is_empty()
     }
 
     /// True once the window holds `capacity` prices.
     #[must_use]
     pub fn is_full(&self) -> bool {
-        self.prices.len() == self.capacity.get()
+        self.slots.len() == self.capacity.get()
     }
 
-    /// Adds `price` (evicting the oldest price when full) and returns the new mean.
+    /// Adds a price (evicting the oldest price when full) and returns the
+    /// new mean. `decimal` is the price as the decimal it was written as,
+    /// when that lies in the exact domain; `price` is its nearest `f64`.
     ///
     /// The caller guarantees `price` is finite; the quote parser rejects
     /// anything else before it reaches a window.
-    pub fn push(&mut self, price: f64) -> Average {
+    pub fn push(&mut self, price: f64, decimal: Option<Decimal>) -> Average {
         debug_assert!(price.is_finite(), "non-finite price reached the SMA");
-        let mut evicted = 0.0f64;
-        if self.is_full() {
-            evicted = std::mem::replace(&mut self.prices[self.oldest], price);
-            self.oldest += 1;
-            if self.oldest == self.prices.len() {
-                self.oldest = 0;
-            }
-            self.add(-evicted);
+        debug_assert!(decimal.is_none_or(|d| d.to_f64() == price));
+        let (slot, scale) = match decimal {
+            Some(d) => (d.units(), d.scale()),
+            None => (price.to_bits() as i64, INEXACT),
+        };
+        let was_inexact = self.exact.inexact > 0;
+        let evicted = if self.is_full() {
+            let at = self.oldest;
+            let evicted = (
+                std::mem::replace(&mut self.slots[at], slot),
+                std::mem::replace(&mut self.scales[at], scale),
+            );
+            self.oldest = if at + 1 == self.slots.len() { 0 } else { at + 1 };
+            Some(evicted)
         } else {
-            self.prices.push(price);
+            self.slots.push(slot);
+            self.scales.push(scale);
+            None
+        };
+        self.exact.add(slot, scale);
+        if let Some((slot, scale)) = evicted {
+            self.exact.remove(slot, scale);
         }
-        self.add(price);
-        let total = self.sum + self.compensation;
-        // Two cases the running sum cannot come back from, so the window is
-        // summed afresh (O(window), and only then):
-        // - An overflowing price made it inf (or NaN, once inf - inf). Once
-        //   such prices have left the window the fresh sum is finite again;
-        //   while they are in it the mean stays non-finite (`null` on the
-        //   wire), which is the truth.
-        // - A price far larger than all that remains just left: the
-        //   remainder then lives in the compensation term, which itself has
-        //   only 53 bits and may have rounded away the smaller prices added
-        //   since. (The new price counts too: prices that cancel, +x and -x,
-        //   leave a total of 0 but lose nothing, and cost no rebuild.)
-        if !total.is_finite() || evicted.abs() > CANCELLATION_RATIO * (total.abs() + price.abs()) {
-            self.resum();
+        if self.exact.inexact == 0 {
+            self.compensated = None;
+        } else if was_inexact && let Some(compensated) = &mut self.compensated {
+            let evicted = evicted.map_or(0.0, |(slot, scale)| value(slot, scale));
+            if !compensated.replace(evicted, price) {
+                self.compensated = Some(self.resum());
+            }
+        } else {
+            // The first inexact price: from here the window is summed in
+            // f64 as well, until it has left. Entering costs O(window), at
+            // most once per `capacity` pushes.
+            self.compensated = Some(self.resum());
         }
-        Average {
-            mean: self.mean(),
-            count: self.prices.len(),
-        }
+        self.average_now()
     }
 
     /// The mean of the prices in the window, or `None` when it is empty.
     #[must_use]
     pub fn average(&self) -> Option<Average> {
-        (!self.is_empty()).then(|| Average {
-            mean: self.mean(),
-            count: self.prices.len(),
-        })
+        (!self.is_empty()).then(|| self.average_now())
     }
 
-    /// Everything needed to continue this window elsewhere bit for bit: the
-    /// prices and the running sum with its compensation (a mean recomputed
-    /// from the prices could differ in the last bits).
+    fn average_now(&self) -> Average {
+        let count = self.slots.len();
+        match &self.compensated {
+            Some(compensated) => Average {
+                mean: (compensated.sum + compensated.compensation) / count as f64,
+                count,
+                exact: false,
+            },
+            None => Average {
+                mean: decimal::ratio_to_f64(
+                    self.exact.sum,
+                    count as u128 * decimal::pow10(self.exact.scale).unsigned_abs(),
+                ),
+                count,
+                exact: true,
+            },
+        }
+    }
+
+    /// Everything needed to continue this window elsewhere bit for bit:
+    /// the prices with their decimal places, and the compensated sum while
+    /// one is kept (a sum recomputed from the prices could differ in the
+    /// last bits).
     #[must_use]
     pub fn state(&self) -> WindowState {
+        let compensated = self.compensated.unwrap_or_default();
+        let (newer, older) = self.scales.split_at(self.oldest);
         WindowState {
             prices: self.prices().collect(),
-            sum: self.sum,
-            compensation: self.compensation,
+            scales: Some(older.iter().chain(newer).copied().collect()),
+            sum: compensated.sum,
+            compensation: compensated.compensation,
         }
     }
 
     /// A window continuing from `state`. When `state` came from a window of
-    /// another capacity (the configuration changed), the sum is rebuilt from
-    /// the newest `capacity` prices instead.
+    /// another capacity (the configuration changed), or does not hold
+    /// together, the window is rebuilt from its newest `capacity` prices.
     #[must_use]
     pub fn restore(capacity: NonZeroUsize, state: WindowState) -> Self {
+        let scales = state
+            .scales
+            .filter(|scales| scales.len() == state.prices.len());
+        let decimals: Vec<Option<Decimal>> = state
+            .prices
+            .iter()
+            .enumerate()
+            .map(|(i, &price)| {
+                let scale = *scales.as_ref()?.get(i)?;
+                Decimal::from_f64(price, scale)
+            })
+            .collect();
         let consistent = state.prices.len() <= capacity.get()
             && state.prices.iter().all(|p| p.is_finite())
             && state.sum.is_finite()
             && state.compensation.is_finite();
-        if consistent {
-            return Self {
-                capacity,
-                prices: state.prices,
-                oldest: 0,
-                sum: state.sum,
-                compensation: state.compensation,
-            };
-        }
         let mut window = Self::new(capacity);
         let skip = state.prices.len().saturating_sub(capacity.get());
-        for price in state
-            .prices
-            .into_iter()
-            .skip(skip)
-            .filter(|p| p.is_finite())
-        {
-            window.push(price);
+        for (&price, &decimal) in state.prices.iter().zip(&decimals).skip(skip) {
+            if price.is_finite() {
+                window.push(price, decimal);
+            }
+        }
+        // The pushes summed the window afresh; a saved compensated sum is
+        // what the window had, to the last bit.
+        if consistent && let Some(compensated) = &mut window.compensated {
+            compensated.sum = state.sum;
+            compensated.compensation = state.compensation;
         }
         window
     }
 
     /// The prices in the window, oldest first.
     pub fn prices(&self) -> impl Iterator<Item = f64> + '_ {
-        let (newer, older) = self.prices.split_at(self.oldest);
-        older.iter().chain(newer).copied()
+        let (newer, older) = self.slots.split_at(self.oldest);
+        let (newer_scales, older_scales) = self.scales.split_at(self.oldest);
+        older
+            .iter()
+            .zip(older_scales)
+            .chain(newer.iter().zip(newer_scales))
+            .map(|(&slot, &scale)| value(slot, scale))
     }
 
-    /// Rebuilds the running sum from the prices in the window. O(window);
-    /// only called when the running sum is no longer finite.
-    fn resum(&mut self) {
-        let prices = std::mem::take(&mut self.prices);
-        self.sum = 0.0;
-        self.compensation = 0.0;
-        for &price in &prices {
-            self.add_unchecked(price);
+    /// The compensated sum of every price in the window, afresh: O(window).
+    fn resum(&self) -> CompensatedSum {
+        let mut sum = CompensatedSum::default();
+        for price in self.prices() {
+            sum.add(price);
         }
-        self.prices = prices;
+        sum
+    }
+}
+
+/// The price a slot holds.
+fn value(slot: i64, scale: u8) -> f64 {
+    if scale == INEXACT {
+        f64::from_bits(slot as u64)
+    } else {
+        decimal::ratio_to_f64(i128::from(slot), decimal::pow10(scale).unsigned_abs())
+    }
+}
+
+impl ExactSum {
+    fn add(&mut self, units: i64, scale: u8) {
+        if scale == INEXACT {
+            self.inexact += 1;
+            return;
+        }
+        if scale > self.scale {
+            self.sum *= decimal::pow10(scale - self.scale);
+            self.scale = scale;
+        }
+        self.sum += i128::from(units) * decimal::pow10(self.scale - scale);
+        self.per_scale[usize::from(scale)] += 1;
     }
 
-    fn mean(&self) -> f64 {
-        (self.sum + self.compensation) / self.prices.len() as f64
+    fn remove(&mut self, units: i64, scale: u8) {
+        if scale == INEXACT {
+            self.inexact -= 1;
+            return;
+        }
+        self.sum -= i128::from(units) * decimal::pow10(self.scale - scale);
+        self.per_scale[usize::from(scale)] -= 1;
+        if scale == self.scale && self.per_scale[usize::from(scale)] == 0 {
+            // Every price left is a whole number of units at a smaller
+            // scale, so the sum divides exactly.
+            let largest = self.per_scale.iter().rposition(|&n| n > 0).unwrap_or(0);
+            let largest = largest as u8;
+            let divisor = decimal::pow10(self.scale - largest);
+            debug_assert_eq!(self.sum % divisor, 0);
+            self.sum /= divisor;
+            self.scale = largest;
+        }
+    }
+}
+
+impl CompensatedSum {
+    /// Replaces `evicted` (0 when nothing left) by `price`: false when the
+    /// running sum cannot come back from it and must be summed afresh:
+    /// - An overflowing price made it inf (or NaN, once inf - inf). Once
+    ///   such prices have left the window the fresh sum is finite again;
+    ///   while they are in it the mean stays non-finite (`null` on the
+    ///   wire), which is the truth.
+    /// - A price far larger than all that remains just left: the
+    ///   remainder then lives in the compensation term, which itself has
+    ///   only 53 bits and may have rounded away the smaller prices added
+    ///   since. (The new price counts too: prices that cancel, +x and -x,
+    ///   leave a total of 0 but lose nothing, and cost no rebuild.)
+    fn replace(&mut self, evicted: f64, price: f64) -> bool {
+        self.add(-evicted);
+        self.add(price);
+        let total = self.sum + self.compensation;
+        total.is_finite() && evicted.abs() <= CANCELLATION_RATIO * (total.abs() + price.abs())
     }
 
     /// Neumaier's variant of Kahan summation: also exact when the addend is
     /// larger than the running sum, which happens whenever prices move by
     /// orders of magnitude.
     fn add(&mut self, value: f64) {
-        self.add_unchecked(value);
-        if self.prices.is_empty() {
-            // An empty window must read exactly zero, not the residue of
-            // earlier rounding.
-            self.sum = 0.0;
-            self.compensation = 0.0;
-        }
-    }
-
-    fn add_unchecked(&mut self, value: f64) {
         let total = self.sum + value;
         if self.sum.abs() >= value.abs() {
             self.compensation += (self.sum - total) + value;
@@ -242,6 +374,18 @@ mod tests {
     use std::collections::VecDeque;
 
     use super::*;
+
+    /// Pushing a price as a quote would: exact when its shortest decimal
+    /// form lies in the exact domain.
+    trait PushText {
+        fn push_text(&mut self, price: f64) -> Average;
+    }
+
+    impl PushText for SmaWindow {
+        fn push_text(&mut self, price: f64) -> Average {
+            self.push(price, Decimal::parse(&price.to_string()))
+        }
+    }
 
     fn window(capacity: usize) -> SmaWindow {
         SmaWindow::new(NonZeroUsize::new(capacity).expect("test capacity is non-zero"))
@@ -264,17 +408,19 @@ mod tests {
     fn partial_window_averages_what_it_holds() {
         let mut w = window(3);
         assert_eq!(
-            w.push(10.0),
+            w.push_text(10.0),
             Average {
                 mean: 10.0,
-                count: 1
+                count: 1,
+                exact: true
             }
         );
         assert_eq!(
-            w.push(20.0),
+            w.push_text(20.0),
             Average {
                 mean: 15.0,
-                count: 2
+                count: 2,
+                exact: true
             }
         );
         assert!(!w.is_full());
@@ -284,14 +430,15 @@ mod tests {
     fn full_window_evicts_the_oldest_price() {
         let mut w = window(3);
         for p in [1.0, 2.0, 3.0] {
-            w.push(p);
+            w.push_text(p);
         }
         assert!(w.is_full());
         assert_eq!(
-            w.push(10.0),
+            w.push_text(10.0),
             Average {
                 mean: 5.0,
-                count: 3
+                count: 3,
+                exact: true
             }
         );
         assert_eq!(w.prices().collect::<Vec<_>>(), vec![2.0, 3.0, 10.0]);
@@ -301,33 +448,34 @@ mod tests {
     fn window_of_one_is_the_last_price() {
         let mut w = window(1);
         for p in [5.5, -3.25, 1e12, 0.0] {
-            assert_eq!(w.push(p), Average { mean: p, count: 1 });
+            assert_eq!(w.push_text(p), Average { mean: p, count: 1,
+                exact: true });
         }
     }
 
     #[test]
     fn large_price_leaving_the_window_leaves_no_residue() {
         let mut w = window(2);
-        w.push(1e16);
-        w.push(1.0);
+        w.push_text(1e16);
+        w.push_text(1.0);
         // 1e16 leaves: a naive sum would read 0 or 2 here.
-        let avg = w.push(1.0);
+        let avg = w.push_text(1.0);
         assert_eq!(avg.mean, 1.0);
     }
 
     #[test]
     fn an_overflowing_sum_recovers_once_its_prices_leave_the_window() {
         let mut w = window(3);
-        w.push(f64::MAX);
+        w.push_text(f64::MAX);
         assert!(
-            !w.push(f64::MAX).mean.is_finite(),
+            !w.push_text(f64::MAX).mean.is_finite(),
             "the window's own sum overflows"
         );
-        assert!(!w.push(1.0).mean.is_finite(), "still two MAX in the window");
+        assert!(!w.push_text(1.0).mean.is_finite(), "still two MAX in the window");
         // One MAX left: the sum is representable again.
-        assert_eq!(w.push(2.0).mean, (f64::MAX + 3.0) / 3.0);
-        assert_eq!(w.push(3.0).mean, 2.0);
-        assert_eq!(w.push(4.0).mean, 3.0);
+        assert_eq!(w.push_text(2.0).mean, (f64::MAX + 3.0) / 3.0);
+        assert_eq!(w.push_text(3.0).mean, 2.0);
+        assert_eq!(w.push_text(4.0).mean, 3.0);
     }
 
     #[test]
@@ -335,7 +483,7 @@ mod tests {
         let mut w = window(4);
         for i in 0..1_000 {
             let price = if i % 2 == 0 { 1e6 } else { -1e6 };
-            let mean = w.push(price).mean;
+            let mean = w.push_text(price).mean;
             if i >= 3 {
                 assert_eq!(mean, 0.0);
             }
@@ -345,8 +493,8 @@ mod tests {
     #[test]
     fn an_overflowed_state_survives_json_and_is_rebuilt_on_restore() {
         let mut w = window(3);
-        w.push(f64::MAX);
-        w.push(f64::MAX);
+        w.push_text(f64::MAX);
+        w.push_text(f64::MAX);
         let json = serde_json::to_string(&w.state()).expect("serialize");
         assert!(
             json.contains("null"),
@@ -354,9 +502,9 @@ mod tests {
         );
         let state: WindowState = serde_json::from_str(&json).expect("readable");
         let mut restored = SmaWindow::restore(w.capacity, state);
-        restored.push(1.0);
-        assert_eq!(restored.push(2.0).mean, (f64::MAX + 3.0) / 3.0);
-        assert_eq!(restored.push(3.0).mean, 2.0);
+        restored.push_text(1.0);
+        assert_eq!(restored.push_text(2.0).mean, (f64::MAX + 3.0) / 3.0);
+        assert_eq!(restored.push_text(3.0).mean, 2.0);
     }
 
     #[test]
@@ -382,7 +530,7 @@ mod tests {
                 recent.pop_front();
             }
             recent.push_back(price);
-            let got = w.push(price).mean;
+            let got = w.push_text(price).mean;
             if i % 1000 == 0 || i > 9_999_990 {
                 let prices: Vec<f64> = recent.iter().copied().collect();
                 let want = from_scratch(&prices);
@@ -396,13 +544,13 @@ mod tests {
     fn a_restored_window_continues_bit_for_bit() {
         let mut original = window(3);
         for p in [0.1, 0.7, 1e9, 0.3, 0.2] {
-            original.push(p);
+            original.push_text(p);
         }
         let mut restored = SmaWindow::restore(original.capacity, original.state());
         for p in [0.9, 1e-7, 3.3, 0.1] {
             assert_eq!(
-                original.push(p).mean.to_bits(),
-                restored.push(p).mean.to_bits()
+                original.push_text(p).mean.to_bits(),
+                restored.push_text(p).mean.to_bits()
             );
         }
     }
@@ -411,7 +559,7 @@ mod tests {
     fn a_state_from_a_larger_window_is_trimmed_and_resummed() {
         let mut big = window(5);
         for p in [1.0, 2.0, 3.0, 4.0, 5.0] {
-            big.push(p);
+            big.push_text(p);
         }
         let small = SmaWindow::restore(NonZeroUsize::new(2).expect("non-zero"), big.state());
         assert_eq!(small.prices().collect::<Vec<_>>(), vec![4.0, 5.0]);
@@ -419,7 +567,8 @@ mod tests {
             small.average(),
             Some(Average {
                 mean: 4.5,
-                count: 2
+                count: 2,
+                exact: true
             })
         );
     }
@@ -428,7 +577,7 @@ mod tests {
     fn repeated_price_does_not_drift() {
         let mut w = window(4);
         for _ in 0..100_000 {
-            let mean = w.push(0.1).mean;
+            let mean = w.push_text(0.1).mean;
             assert!(
                 (mean - 0.1).abs() <= f64::EPSILON * 0.1,
                 "mean drifted to {mean}"

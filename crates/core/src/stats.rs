@@ -27,6 +27,10 @@ pub struct Stats {
     pub results_repeated: AtomicU64,
     /// SMA results computed and handed to Redis and the sockets.
     pub smas_emitted: AtomicU64,
+    /// SMA results whose window held a price outside the exact decimal
+    /// domain: their mean is a compensated `f64` sum's, not the exact mean
+    /// rounded once.
+    pub smas_inexact: AtomicU64,
     /// Messages (SMA and rejected) Redis acknowledged.
     pub published: AtomicU64,
     /// Messages lost because a publish to Redis failed.
@@ -201,6 +205,11 @@ pub const COUNTERS: &[Counter] = &[
         name: "smas_emitted",
         help: "SMA results computed and sent to Redis and sockets",
         value: |stats| stats.smas_emitted.load(Relaxed),
+    },
+    Counter {
+        name: "smas_inexact",
+        help: "SMA results whose window held a price outside the exact decimal domain (more than 15 significant digits or 18 decimal places): a compensated f64 mean, not the exact mean rounded once",
+        value: |stats| stats.smas_inexact.load(Relaxed),
     },
     Counter {
         name: "published",

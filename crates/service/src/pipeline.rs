@@ -155,7 +155,7 @@ impl Pipeline {
         else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
-        let average = key.window.push(quote.price);
+        let average = key.window.push(quote.price, quote.decimal);
         if !self.emit_partial && !key.window.is_full() {
             return Outcome::Accepted { quote, sma: None };
         }
@@ -179,6 +179,9 @@ impl Pipeline {
             snapshot: key.snapshot.clone(),
         };
         self.stats.smas_emitted.fetch_add(1, Relaxed);
+        if !average.exact {
+            self.stats.smas_inexact.fetch_add(1, Relaxed);
+        }
         Outcome::Accepted {
             quote,
             sma: Some(sma),
@@ -561,17 +564,17 @@ mod tests {
             .get_or_insert(None, "A", &output, &epoch)
             .expect("key")
             .window
-            .push(1.0);
+            .push(1.0, None);
         windows
             .get_or_insert(Some("c1"), "A", &output, &epoch)
             .expect("key")
             .window
-            .push(5.0);
+            .push(5.0, None);
         let public = windows
             .get_or_insert(None, "A", &output, &epoch)
             .expect("key");
         assert_eq!(
-            public.window.push(3.0).mean,
+            public.window.push(3.0, None).mean,
             2.0,
             "private prices do not mix in"
         );

@@ -1,0 +1,205 @@
+//! The means we publish against an exact rational oracle: every price
+//! inside the exact decimal domain is held as the rational it spells, the
+//! window's mean is computed in unbounded rationals, and the published
+//! `f64` must be that rational rounded once to nearest, ties to even.
+
+use std::collections::VecDeque;
+use std::num::NonZeroUsize;
+
+use num_bigint::BigInt;
+use num_rational::BigRational;
+use num_traits::{Signed, Zero};
+use proptest::prelude::*;
+use quotebridge_core::decimal::{Decimal, MAX_SCALE, ratio_to_f64};
+use quotebridge_core::sma::SmaWindow;
+
+/// The exact value of a finite `f64`.
+fn exact(value: f64) -> BigRational {
+    BigRational::from_float(value).expect("finite")
+}
+
+/// The exact value of a decimal.
+fn rational(decimal: Decimal) -> BigRational {
+    BigRational::new(
+        BigInt::from(decimal.units()),
+        BigInt::from(10u8).pow(u32::from(decimal.scale())),
+    )
+}
+
+/// Whether `got` is `want` rounded to the nearest `f64`, ties to even:
+/// no neighbour of `got` is nearer, and an equally near one loses only to
+/// an even mantissa.
+fn is_correctly_rounded(got: f64, want: &BigRational) -> bool {
+    if !got.is_finite() {
+        return false;
+    }
+    let distance = (exact(got) - want).abs();
+    [got.next_down(), got.next_up()]
+        .into_iter()
+        .filter(|n| n.is_finite())
+        .all(|neighbour| {
+            let other = (exact(neighbour) - want).abs();
+            distance < other || (distance == other && got.to_bits() & 1 == 0)
+        })
+}
+
+/// A price in the exact domain, drawn to hit the hard cases: any digits at
+/// any scale, the largest and smallest magnitudes the domain holds, and a
+/// few values over and over (cancellation, repeated prices).
+fn decimal() -> impl Strategy<Value = Decimal> {
+    let limit = 999_999_999_999_999i64;
+    prop_oneof![
+        4 => (-limit..=limit, 0..=MAX_SCALE),
+        1 => (prop_oneof![Just(limit), Just(-limit)], 0..=2u8),
+        1 => (-9i64..=9, MAX_SCALE - 2..=MAX_SCALE),
+        2 => (prop_oneof![Just(1i64), Just(-1), Just(3), Just(1_000_001)], 0..=MAX_SCALE),
+        2 => (10_000i64..=20_000, 2..=3u8),
+    ]
+    .prop_map(|(units, scale)| Decimal::new(units, scale).expect("drawn inside the domain"))
+}
+
+/// A price as a quote carries it: exact, or (rarely) one outside the
+/// domain that only its `f64` describes.
+#[derive(Debug, Clone, Copy)]
+enum Price {
+    Exact(Decimal),
+    Inexact(f64),
+}
+
+fn price() -> impl Strategy<Value = Price> {
+    prop_oneof![
+        12 => decimal().prop_map(Price::Exact),
+        1 => prop_oneof![Just(1e-30), Just(1.234_567_890_123_456_7e20), Just(-7e300), Just(0.1 + 0.2)]
+            .prop_map(Price::Inexact),
+    ]
+}
+
+impl Price {
+    fn push(self, window: &mut SmaWindow) -> quotebridge_core::sma::Average {
+        match self {
+            Price::Exact(d) => window.push(d.to_f64(), Some(d)),
+            Price::Inexact(p) => window.push(p, None),
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    #[test]
+    fn quotients_round_once(
+        numerator in -(1i128 << 126)..(1i128 << 126),
+        denominator in 1u128..(1u128 << 100),
+    ) {
+        let got = ratio_to_f64(numerator, denominator);
+        let want = BigRational::new(BigInt::from(numerator), BigInt::from(denominator));
+        prop_assert!(is_correctly_rounded(got, &want), "{numerator}/{denominator} gave {got:e}");
+    }
+
+    #[test]
+    fn small_quotients_round_once(numerator in -(1i128 << 60)..(1i128 << 60), denominator in 1u128..100_000) {
+        let got = ratio_to_f64(numerator, denominator);
+        let want = BigRational::new(BigInt::from(numerator), BigInt::from(denominator));
+        prop_assert!(is_correctly_rounded(got, &want), "{numerator}/{denominator} gave {got:e}");
+    }
+
+    #[test]
+    fn a_decimal_spells_the_value_its_text_has(d in decimal(), exponent in -3i32..=3) {
+        // The same value written with an exponent: units e(exponent - scale).
+        let text = format!("{}e{}", d.units(), -i32::from(d.scale()));
+        prop_assert_eq!(Decimal::parse(&text), Some(d));
+        prop_assert_eq!(d.to_f64(), text.parse::<f64>().expect("a number"));
+        prop_assert!(is_correctly_rounded(d.to_f64(), &rational(d)));
+        let shifted = format!("{}e{}", d.units(), exponent - i32::from(d.scale()));
+        if let Some(other) = Decimal::parse(&shifted) {
+            let ten = BigRational::from_integer(BigInt::from(10));
+            let factor = if exponent >= 0 { ten.pow(exponent) } else { ten.pow(-exponent).recip() };
+            prop_assert_eq!(rational(other), rational(d) * factor);
+        }
+    }
+
+    #[test]
+    fn every_exact_mean_is_the_rational_mean_rounded_once(
+        capacity in 1usize..=24,
+        prices in prop::collection::vec(price(), 1..300),
+    ) {
+        let mut window = SmaWindow::new(NonZeroUsize::new(capacity).expect("non-zero"));
+        let mut recent: VecDeque<Price> = VecDeque::new();
+        for price in prices {
+            if recent.len() == capacity {
+                recent.pop_front();
+            }
+            recent.push_back(price);
+            let average = price.push(&mut window);
+            prop_assert_eq!(average.count, recent.len());
+            let exact_prices: Option<Vec<Decimal>> = recent
+                .iter()
+                .map(|p| match p {
+                    Price::Exact(d) => Some(*d),
+                    Price::Inexact(_) => None,
+                })
+                .collect();
+            match exact_prices {
+                Some(decimals) => {
+                    prop_assert!(average.exact);
+                    let sum = decimals.iter().fold(BigRational::zero(), |sum, d| sum + rational(*d));
+                    let mean = sum / BigRational::from_integer(BigInt::from(decimals.len()));
+                    prop_assert!(
+                        is_correctly_rounded(average.mean, &mean),
+                        "mean {:e} of {:?} is not {} rounded", average.mean, decimals, mean
+                    );
+                }
+                None => prop_assert!(!average.exact, "an inexact price is in the window"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_restored_window_continues_bit_for_bit(
+        capacity in 1usize..=16,
+        before in prop::collection::vec(price(), 0..40),
+        after in prop::collection::vec(price(), 1..40),
+    ) {
+        let capacity = NonZeroUsize::new(capacity).expect("non-zero");
+        let mut original = SmaWindow::new(capacity);
+        for price in before {
+            price.push(&mut original);
+        }
+        let state = serde_json::to_string(&original.state()).expect("serializes");
+        let mut restored = SmaWindow::restore(capacity, serde_json::from_str(&state).expect("reads"));
+        for price in after {
+            let want = price.push(&mut original);
+            let got = price.push(&mut restored);
+            prop_assert_eq!(want.mean.to_bits(), got.mean.to_bits());
+            prop_assert_eq!(want.exact, got.exact);
+        }
+    }
+}
+
+#[test]
+fn a_mean_that_floats_cannot_print_prints_as_its_decimal() {
+    let mut window = SmaWindow::new(NonZeroUsize::new(3).expect("non-zero"));
+    let mut last = 0.0;
+    for text in ["168.8", "168.8", "168.83"] {
+        let d = Decimal::parse(text).expect("exact");
+        last = window.push(d.to_f64(), Some(d)).mean;
+    }
+    // (168.8 + 168.8 + 168.83) / 3 = 168.81; a float sum says 168.81000000000003.
+    assert_eq!(((168.8f64 + 168.8 + 168.83) / 3.0).to_string(), "168.81000000000003");
+    assert_eq!(last.to_string(), "168.81");
+}
+
+#[test]
+fn huge_then_tiny_prices_leave_no_residue() {
+    let mut window = SmaWindow::new(NonZeroUsize::new(2).expect("non-zero"));
+    let huge = Decimal::parse("999999999999999").expect("exact");
+    let tiny = Decimal::parse("0.000000000000000001").expect("exact");
+    window.push(huge.to_f64(), Some(huge));
+    window.push(tiny.to_f64(), Some(tiny));
+    let mean = window.push(tiny.to_f64(), Some(tiny));
+    assert!(mean.exact);
+    assert_eq!(mean.mean, 1e-18);
+    // The scale fell back with the huge price gone, and rises again.
+    let cents = Decimal::parse("0.01").expect("exact");
+    assert_eq!(window.push(cents.to_f64(), Some(cents)).mean, 0.005_000_000_000_000_000_5);
+}
