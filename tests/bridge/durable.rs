@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 use std::num::NonZeroUsize;
 
-use quotebridge::protocol::SmaMessage;
 use quotebridge::decimal::Decimal;
+use quotebridge::protocol::SmaMessage;
 use quotebridge::sma::SmaWindow;
 use redis::streams::StreamRangeReply;
 use serde_json::{Value, json};

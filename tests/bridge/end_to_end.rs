@@ -177,3 +177,36 @@ fn now_ms() -> u64 {
         .expect("clock after 1970")
         .as_millis() as u64
 }
+
+/// A mean is the exact mean of the decimals the producers wrote, rounded
+/// once: `(168.8 + 168.8 + 168.83) / 3` is written `168.81` where a float
+/// sum would say `168.81000000000003`. A price outside the exact domain is
+/// still averaged, and the result is counted as inexact.
+#[tokio::test]
+async fn means_are_the_exact_decimal_means() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__WINDOW", "3")]).await;
+    let mut output = app.redis.subscribe(&["sma"]).await;
+    let mut output = output.on_message();
+    let mut conn = app.redis.connection().await;
+    let quotes = [
+        r#"{"symbol":"X","price":168.8,"ts":1}"#,
+        r#"{"symbol":"X","price":168.80,"ts":2}"#,
+        r#"{"symbol":"X","price":1.6883e2,"ts":3}"#,
+        // Twenty significant digits: outside the exact domain.
+        r#"{"symbol":"X","price":168.81000000000000001,"ts":4}"#,
+    ];
+    let messages: Vec<_> = quotes
+        .iter()
+        .map(|q| ("quotes".to_owned(), q.as_bytes().to_vec()))
+        .collect();
+    publish_all(&mut conn, &messages).await;
+    let (_, third) = next_redis(&mut output).await;
+    assert!(third.contains(r#""sma":168.81,"#), "{third}");
+    let (_, fourth) = next_redis(&mut output).await;
+    let fourth: Value = serde_json::from_str(&fourth).expect("JSON");
+    assert!((fourth["sma"].as_f64().expect("a mean") - 168.8133).abs() < 1e-3);
+    let stats = app
+        .wait_for_stats("one inexact mean", |s| s["smas_emitted"] == 2)
+        .await;
+    assert_eq!(stats["smas_inexact"], 1, "{stats}");
+}

@@ -6,10 +6,10 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use quotebridge::config::Settings;
+use quotebridge::decimal::Decimal;
 use quotebridge::pipeline::{Outcome, Pipeline};
 use quotebridge::protocol::{ResultRoute, SmaMessage};
 use quotebridge::quote::{self, Quote};
-use quotebridge::decimal::Decimal;
 use quotebridge::sma::SmaWindow;
 use quotebridge::stats::Stats;
 

@@ -16,6 +16,9 @@
 //! price) is still a valid price: it is averaged by the compensated `f64`
 //! path instead, and the result says so (see `crate::sma`).
 
+use std::fmt;
+use std::num::NonZeroI64;
+
 /// The most decimal places an exact price may have.
 pub const MAX_SCALE: u8 = 18;
 
@@ -36,6 +39,42 @@ const POWERS_OF_TEN: [i128; 39] = {
     table
 };
 
+/// `10^0 ..= 10^18`, the powers of ten between two scales.
+const SMALL_POWERS_OF_TEN: [i64; MAX_SCALE as usize + 1] = {
+    let mut table = [1i64; MAX_SCALE as usize + 1];
+    let mut i = 1;
+    while i < table.len() {
+        table[i] = table[i - 1] * 10;
+        i += 1;
+    }
+    table
+};
+
+/// `units × 10^shift` for a `shift` of at most [`MAX_SCALE`]: one widening
+/// multiply of two 64-bit numbers.
+#[inline]
+#[must_use]
+pub fn shifted(units: i64, shift: u8) -> i128 {
+    i128::from(units) * i128::from(SMALL_POWERS_OF_TEN[usize::from(shift)])
+}
+
+/// `sum / (count × 10^scale)` rounded once, as [`ratio_to_f64`], for the
+/// mean of `count` prices whose units of `10^-scale` add up to `sum`. The
+/// usual case (both below 2^53) takes 64-bit arithmetic and one division.
+#[inline]
+#[must_use]
+pub fn mean(sum: i128, count: usize, scale: u8) -> f64 {
+    const EXACT: u64 = 1 << 53;
+    let divisor = (count as u64).checked_mul(SMALL_POWERS_OF_TEN[usize::from(scale)] as u64);
+    if let (Ok(sum), Some(divisor)) = (i64::try_from(sum), divisor)
+        && sum.unsigned_abs() <= EXACT
+        && divisor <= EXACT
+    {
+        return sum as f64 / divisor as f64;
+    }
+    ratio_to_f64(sum, count as u128 * pow10(scale).unsigned_abs())
+}
+
 /// `10^n` for `n <= 38`.
 #[must_use]
 pub fn pow10(n: u8) -> i128 {
@@ -45,17 +84,48 @@ pub fn pow10(n: u8) -> i128 {
 /// A decimal number `units × 10^-scale`, inside the exact domain:
 /// `|units| < 10^15` and `scale <= 18`, with no trailing zero in `units`
 /// unless `scale` is 0 (so each value has one representation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Decimal {
-    units: i64,
-    scale: u8,
+///
+/// Packed in one word, `units << 5 | (scale + 1)`, never zero: a quote
+/// carries an `Option<Decimal>` for the cost of an `i64`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Decimal(NonZeroI64);
+
+impl fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}e-{}", self.units(), self.scale())
+    }
 }
 
 impl Decimal {
     /// The decimal `units × 10^-scale`, if it lies in the exact domain.
     #[must_use]
-    pub fn new(units: i64, scale: u8) -> Option<Self> {
-        Self::normalized(i128::from(units), i32::from(scale))
+    #[inline]
+    pub fn new(mut units: i64, mut scale: u8) -> Option<Self> {
+        // The parser's hot path: 64-bit arithmetic only (an i128 remainder
+        // is a library call).
+        while scale > 0 && units % 10 == 0 {
+            units /= 10;
+            scale -= 1;
+        }
+        let inside = units.unsigned_abs() < UNITS_LIMIT.unsigned_abs() && scale <= MAX_SCALE;
+        inside.then(|| Self::pack(units, if units == 0 { 0 } else { scale }))
+    }
+
+    /// The decimal `units × 10^-scale`, for a caller that knows it lies in
+    /// the domain and `units` has no trailing zero (or `scale` is 0).
+    #[inline]
+    #[must_use]
+    pub fn from_normalized(units: i64, scale: u8) -> Self {
+        debug_assert!(scale == 0 || units % 10 != 0);
+        Self::pack(units, if units == 0 { 0 } else { scale })
+    }
+
+    /// Units and scale already normalized and inside the domain.
+    #[inline]
+    fn pack(units: i64, scale: u8) -> Self {
+        debug_assert!(units.unsigned_abs() < UNITS_LIMIT.unsigned_abs() && scale <= MAX_SCALE);
+        let packed = (units << 5) | i64::from(scale + 1);
+        Self(NonZeroI64::new(packed).unwrap_or(NonZeroI64::MIN))
     }
 
     /// The value a JSON number's text spells exactly (`-12.5`, `1.25e2`,
@@ -124,7 +194,7 @@ impl Decimal {
             .min(total - leading);
         let significant = total - leading - trailing;
         if significant == 0 {
-            return Some(Self { units: 0, scale: 0 });
+            return Some(Self::pack(0, 0));
         }
         if significant > MAX_DIGITS as usize {
             return None;
@@ -145,7 +215,7 @@ impl Decimal {
     /// a negative scale multiplies the units out.
     fn normalized(mut units: i128, mut scale: i32) -> Option<Self> {
         if units == 0 {
-            return Some(Self { units: 0, scale: 0 });
+            return Some(Self::pack(0, 0));
         }
         while scale > 0 && units % 10 == 0 {
             units /= 10;
@@ -162,33 +232,43 @@ impl Decimal {
         let units = i64::try_from(units)
             .ok()
             .filter(|u| u.unsigned_abs() < UNITS_LIMIT.unsigned_abs())?;
-        Some(Self { units, scale })
+        Some(Self::pack(units, scale))
     }
 
     /// The value in units of `10^-scale`.
     #[must_use]
+    #[inline]
     pub fn units(self) -> i64 {
-        self.units
+        self.0.get() >> 5
     }
 
     /// The number of decimal places.
     #[must_use]
+    #[inline]
     pub fn scale(self) -> u8 {
-        self.scale
+        (self.0.get() & 31) as u8 - 1
     }
 
-    /// The value in units of `10^-scale`, for a `scale` at least this one's:
-    /// below `10^33` in magnitude, so a window's worth sums in an `i128`.
+    /// The decimal in one nonzero word, for storing many compactly.
     #[must_use]
-    pub fn units_at(self, scale: u8) -> i128 {
-        debug_assert!(scale >= self.scale && scale <= MAX_SCALE);
-        i128::from(self.units) * pow10(scale - self.scale)
+    #[inline]
+    pub fn to_bits(self) -> i64 {
+        self.0.get()
+    }
+
+    /// The decimal whose [`Decimal::to_bits`] are `bits`; `None` for 0.
+    #[must_use]
+    #[inline]
+    pub fn from_bits(bits: i64) -> Option<Self> {
+        let decimal = Self(NonZeroI64::new(bits)?);
+        debug_assert!(decimal.scale() <= MAX_SCALE);
+        Some(decimal)
     }
 
     /// The nearest `f64` (the value the price's text parses to).
     #[must_use]
     pub fn to_f64(self) -> f64 {
-        ratio_to_f64(i128::from(self.units), pow10(self.scale).unsigned_abs())
+        ratio_to_f64(i128::from(self.units()), pow10(self.scale()).unsigned_abs())
     }
 
     /// The decimal of `scale` places that `value` is the nearest `f64` to,
@@ -203,7 +283,7 @@ impl Decimal {
             return None;
         }
         if value == 0.0 {
-            return Some(Self { units: 0, scale: 0 });
+            return Some(Self::pack(0, 0));
         }
         let bits = value.to_bits();
         let biased = ((bits >> 52) & 0x7ff) as i32;
@@ -244,7 +324,8 @@ pub fn ratio_to_f64(numerator: i128, denominator: u128) -> f64 {
     const EXACT: u128 = 1 << 53;
     let magnitude = numerator.unsigned_abs();
     if magnitude <= EXACT && denominator <= EXACT {
-        return numerator as f64 / denominator as f64;
+        // Through 64 bits: converting an i128 to f64 is a library call.
+        return numerator as i64 as f64 / denominator as u64 as f64;
     }
     let value = positive_ratio_to_f64(magnitude, denominator);
     if numerator < 0 { -value } else { value }
@@ -344,10 +425,7 @@ mod tests {
             Decimal::parse("123456789012345"),
             Some(decimal(123_456_789_012_345, 0))
         );
-        assert_eq!(
-            Decimal::parse("0.000000000000000001"),
-            Some(decimal(1, 18))
-        );
+        assert_eq!(Decimal::parse("0.000000000000000001"), Some(decimal(1, 18)));
         assert_eq!(Decimal::parse("0e99999999999"), Some(decimal(0, 0)));
     }
 
@@ -370,7 +448,14 @@ mod tests {
 
     #[test]
     fn a_decimal_is_found_again_from_its_f64_and_scale() {
-        for text in ["168.912", "0.1", "-3.3", "999999999999999", "1e-18", "-0.000007"] {
+        for text in [
+            "168.912",
+            "0.1",
+            "-3.3",
+            "999999999999999",
+            "1e-18",
+            "-0.000007",
+        ] {
             let d = Decimal::parse(text).expect("in the domain");
             assert_eq!(Decimal::from_f64(d.to_f64(), d.scale()), Some(d), "{text}");
         }

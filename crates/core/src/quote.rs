@@ -268,7 +268,9 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
                     // well as its nearest f64. JSON has no NaN or Infinity,
                     // but an exponent can overflow f64.
                     let text = map.next_value::<&'de RawValue>().map(RawValue::get);
-                    match text.ok().filter(|t| t.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])) {
+                    match text.ok().filter(|t| {
+                        t.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
+                    }) {
                         Some(text) => match text.parse::<f64>() {
                             Ok(p) if p.is_finite() => price = Some((p, Decimal::parse(text))),
                             _ => return Err(self.fail(Reject::InvalidPrice)),
@@ -556,10 +558,14 @@ mod fast {
                 let mantissa = int_value * POWERS_OF_TEN[fraction.len()] + fraction_value;
                 let value = mantissa as f64 / EXACT_POWERS_OF_TEN[fraction.len()];
                 let value = if negative { -value } else { value };
-                // Below 10^15 and at most 15 places: inside the domain.
+                // Below 10^15 and at most 15 places: inside the domain,
+                // and normalized unless the fraction ends in a zero.
                 let units = mantissa as i64;
-                let scale = fraction.len() as u8;
-                let decimal = Decimal::new(if negative { -units } else { units }, scale);
+                let units = if negative { -units } else { units };
+                let decimal = match fraction.last() {
+                    Some(b'0') => Decimal::new(units, fraction.len() as u8),
+                    _ => Some(Decimal::from_normalized(units, fraction.len() as u8)),
+                };
                 let text = is_shortest(int, fraction)
                     .then(|| self.text_from(start))
                     .flatten();

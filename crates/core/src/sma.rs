@@ -3,6 +3,7 @@
 //! Pure and synchronous: no I/O, no clock. The listener owns one [`SmaWindow`]
 //! per (client, symbol) key.
 
+use std::collections::VecDeque;
 use std::num::NonZeroUsize;
 
 use serde::{Deserialize, Serialize};
@@ -16,9 +17,13 @@ use crate::decimal::{self, Decimal, MAX_SCALE};
 /// them).
 const CANCELLATION_RATIO: f64 = 65_536.0;
 
-/// A slot's scale when its price lies outside the exact domain: the slot
-/// holds the price's `f64` bits instead of decimal units.
-const INEXACT: u8 = u8::MAX;
+/// The slot of a price outside the exact domain: its value waits, in
+/// order, in [`SmaWindow::inexact_prices`]. (A [`Decimal`]'s bits are
+/// never 0.)
+const INEXACT: i64 = 0;
+
+/// A saved price's scale when it lies outside the exact domain.
+const INEXACT_SCALE: u8 = u8::MAX;
 
 /// A fixed-size window of prices with an O(1) mean.
 ///
@@ -35,13 +40,13 @@ const INEXACT: u8 = u8::MAX;
 pub struct SmaWindow {
     capacity: NonZeroUsize,
     /// A ring once full: the newest price overwrites the oldest in place.
-    /// A slot holds a price's units of `10^-scale`, or its `f64` bits when
-    /// its scale is [`INEXACT`].
+    /// A slot holds a price's [`Decimal`] bits, or [`INEXACT`].
     slots: Vec<i64>,
-    /// Each slot's scale.
-    scales: Vec<u8>,
     /// Where the oldest price is (0 until the window is full).
     oldest: usize,
+    /// The prices of the [`INEXACT`] slots, oldest first: they enter and
+    /// leave in the ring's order.
+    inexact_prices: VecDeque<f64>,
     exact: ExactSum,
     /// Kept only while the window holds an inexact price.
     compensated: Option<CompensatedSum>,
@@ -116,8 +121,8 @@ impl SmaWindow {
         Self {
             capacity,
             slots: Vec::new(),
-            scales: Vec::new(),
             oldest: 0,
+            inexact_prices: VecDeque::new(),
             exact: ExactSum::default(),
             compensated: None,
         }
@@ -153,36 +158,45 @@ impl SmaWindow {
     ///
     /// The caller guarantees `price` is finite; the quote parser rejects
     /// anything else before it reaches a window.
+    #[inline]
     pub fn push(&mut self, price: f64, decimal: Option<Decimal>) -> Average {
         debug_assert!(price.is_finite(), "non-finite price reached the SMA");
         debug_assert!(decimal.is_none_or(|d| d.to_f64() == price));
-        let (slot, scale) = match decimal {
-            Some(d) => (d.units(), d.scale()),
-            None => (price.to_bits() as i64, INEXACT),
-        };
+        let slot = decimal.map_or(INEXACT, Decimal::to_bits);
         let was_inexact = self.exact.inexact > 0;
         let evicted = if self.is_full() {
             let at = self.oldest;
-            let evicted = (
-                std::mem::replace(&mut self.slots[at], slot),
-                std::mem::replace(&mut self.scales[at], scale),
-            );
-            self.oldest = if at + 1 == self.slots.len() { 0 } else { at + 1 };
+            let evicted = std::mem::replace(&mut self.slots[at], slot);
+            self.oldest = if at + 1 == self.slots.len() {
+                0
+            } else {
+                at + 1
+            };
             Some(evicted)
         } else {
             self.slots.push(slot);
-            self.scales.push(scale);
             None
         };
-        self.exact.add(slot, scale);
-        if let Some((slot, scale)) = evicted {
-            self.exact.remove(slot, scale);
+        self.exact.add(decimal);
+        if slot == INEXACT {
+            self.inexact_prices.push_back(price);
+        }
+        // The evicted price, as an f64 only where the compensated sum
+        // needs it.
+        let mut evicted_price = 0.0;
+        if let Some(evicted) = evicted {
+            let evicted = Decimal::from_bits(evicted);
+            self.exact.remove(evicted);
+            evicted_price = match evicted {
+                None => self.inexact_prices.pop_front().unwrap_or_default(),
+                Some(d) if was_inexact => d.to_f64(),
+                Some(_) => 0.0,
+            };
         }
         if self.exact.inexact == 0 {
             self.compensated = None;
         } else if was_inexact && let Some(compensated) = &mut self.compensated {
-            let evicted = evicted.map_or(0.0, |(slot, scale)| value(slot, scale));
-            if !compensated.replace(evicted, price) {
+            if !compensated.replace(evicted_price, price) {
                 self.compensated = Some(self.resum());
             }
         } else {
@@ -200,6 +214,7 @@ impl SmaWindow {
         (!self.is_empty()).then(|| self.average_now())
     }
 
+    #[inline]
     fn average_now(&self) -> Average {
         let count = self.slots.len();
         match &self.compensated {
@@ -209,10 +224,7 @@ impl SmaWindow {
                 exact: false,
             },
             None => Average {
-                mean: decimal::ratio_to_f64(
-                    self.exact.sum,
-                    count as u128 * decimal::pow10(self.exact.scale).unsigned_abs(),
-                ),
+                mean: decimal::mean(self.exact.sum, count, self.exact.scale),
                 count,
                 exact: true,
             },
@@ -226,10 +238,13 @@ impl SmaWindow {
     #[must_use]
     pub fn state(&self) -> WindowState {
         let compensated = self.compensated.unwrap_or_default();
-        let (newer, older) = self.scales.split_at(self.oldest);
         WindowState {
             prices: self.prices().collect(),
-            scales: Some(older.iter().chain(newer).copied().collect()),
+            scales: Some(
+                self.slots_in_order()
+                    .map(|slot| Decimal::from_bits(slot).map_or(INEXACT_SCALE, Decimal::scale))
+                    .collect(),
+            ),
             sum: compensated.sum,
             compensation: compensated.compensation,
         }
@@ -274,13 +289,18 @@ impl SmaWindow {
 
     /// The prices in the window, oldest first.
     pub fn prices(&self) -> impl Iterator<Item = f64> + '_ {
+        let mut inexact = self.inexact_prices.iter();
+        self.slots_in_order()
+            .map(move |slot| match Decimal::from_bits(slot) {
+                Some(decimal) => decimal.to_f64(),
+                None => inexact.next().copied().unwrap_or_default(),
+            })
+    }
+
+    /// The slots, oldest first.
+    fn slots_in_order(&self) -> impl Iterator<Item = i64> + '_ {
         let (newer, older) = self.slots.split_at(self.oldest);
-        let (newer_scales, older_scales) = self.scales.split_at(self.oldest);
-        older
-            .iter()
-            .zip(older_scales)
-            .chain(newer.iter().zip(newer_scales))
-            .map(|(&slot, &scale)| value(slot, scale))
+        older.iter().chain(newer).copied()
     }
 
     /// The compensated sum of every price in the window, afresh: O(window).
@@ -293,35 +313,39 @@ impl SmaWindow {
     }
 }
 
-/// The price a slot holds.
-fn value(slot: i64, scale: u8) -> f64 {
-    if scale == INEXACT {
-        f64::from_bits(slot as u64)
-    } else {
-        decimal::ratio_to_f64(i128::from(slot), decimal::pow10(scale).unsigned_abs())
-    }
-}
-
 impl ExactSum {
-    fn add(&mut self, units: i64, scale: u8) {
-        if scale == INEXACT {
+    #[inline]
+    fn add(&mut self, price: Option<Decimal>) {
+        let Some(price) = price else {
             self.inexact += 1;
             return;
+        };
+        let (units, scale) = (price.units(), price.scale());
+        if scale == self.scale {
+            // The usual case: every price of a key has as many places.
+            self.sum += i128::from(units);
+        } else {
+            if scale > self.scale {
+                self.sum *= decimal::pow10(scale - self.scale);
+                self.scale = scale;
+            }
+            self.sum += decimal::shifted(units, self.scale - scale);
         }
-        if scale > self.scale {
-            self.sum *= decimal::pow10(scale - self.scale);
-            self.scale = scale;
-        }
-        self.sum += i128::from(units) * decimal::pow10(self.scale - scale);
         self.per_scale[usize::from(scale)] += 1;
     }
 
-    fn remove(&mut self, units: i64, scale: u8) {
-        if scale == INEXACT {
+    #[inline]
+    fn remove(&mut self, price: Option<Decimal>) {
+        let Some(price) = price else {
             self.inexact -= 1;
             return;
-        }
-        self.sum -= i128::from(units) * decimal::pow10(self.scale - scale);
+        };
+        let (units, scale) = (price.units(), price.scale());
+        self.sum -= if scale == self.scale {
+            i128::from(units)
+        } else {
+            decimal::shifted(units, self.scale - scale)
+        };
         self.per_scale[usize::from(scale)] -= 1;
         if scale == self.scale && self.per_scale[usize::from(scale)] == 0 {
             // Every price left is a whole number of units at a smaller
@@ -448,8 +472,14 @@ mod tests {
     fn window_of_one_is_the_last_price() {
         let mut w = window(1);
         for p in [5.5, -3.25, 1e12, 0.0] {
-            assert_eq!(w.push_text(p), Average { mean: p, count: 1,
-                exact: true });
+            assert_eq!(
+                w.push_text(p),
+                Average {
+                    mean: p,
+                    count: 1,
+                    exact: true
+                }
+            );
         }
     }
 
@@ -471,7 +501,10 @@ mod tests {
             !w.push_text(f64::MAX).mean.is_finite(),
             "the window's own sum overflows"
         );
-        assert!(!w.push_text(1.0).mean.is_finite(), "still two MAX in the window");
+        assert!(
+            !w.push_text(1.0).mean.is_finite(),
+            "still two MAX in the window"
+        );
         // One MAX left: the sum is representable again.
         assert_eq!(w.push_text(2.0).mean, (f64::MAX + 3.0) / 3.0);
         assert_eq!(w.push_text(3.0).mean, 2.0);

@@ -185,7 +185,10 @@ fn a_mean_that_floats_cannot_print_prints_as_its_decimal() {
         last = window.push(d.to_f64(), Some(d)).mean;
     }
     // (168.8 + 168.8 + 168.83) / 3 = 168.81; a float sum says 168.81000000000003.
-    assert_eq!(((168.8f64 + 168.8 + 168.83) / 3.0).to_string(), "168.81000000000003");
+    assert_eq!(
+        ((168.8f64 + 168.8 + 168.83) / 3.0).to_string(),
+        "168.81000000000003"
+    );
     assert_eq!(last.to_string(), "168.81");
 }
 
@@ -201,5 +204,13 @@ fn huge_then_tiny_prices_leave_no_residue() {
     assert_eq!(mean.mean, 1e-18);
     // The scale fell back with the huge price gone, and rises again.
     let cents = Decimal::parse("0.01").expect("exact");
-    assert_eq!(window.push(cents.to_f64(), Some(cents)).mean, 0.005_000_000_000_000_000_5);
+    let mean = window.push(cents.to_f64(), Some(cents));
+    let want = BigRational::new(
+        BigInt::from(50_000_000_000_000_005_u64),
+        BigInt::from(10u8).pow(19),
+    );
+    assert!(
+        mean.exact && is_correctly_rounded(mean.mean, &want),
+        "{mean:?}"
+    );
 }
