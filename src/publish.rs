@@ -84,10 +84,18 @@ pub fn parse_json_lines(text: &str, client: Option<&str>) -> Loaded {
         }
         let line_number = index as u64 + 1;
         match quote::parse(line.as_bytes()) {
+            // The line as written: its numbers keep the digits the file
+            // gave them, which are what the bridge averages exactly.
+            Ok(quote) if client.is_none() => {
+                loaded.symbols.push(quote.symbol.into());
+                loaded
+                    .quotes
+                    .push(Bytes::copy_from_slice(line.trim().as_bytes()));
+            }
+            // Re-encoded for the new client: numbers in their shortest
+            // round-trip form, the same decimal for any of 15 digits or fewer.
             Ok(mut quote) => {
-                if let Some(code) = client {
-                    quote.client = Some(Cow::Borrowed(code));
-                }
+                quote.client = client.map(Cow::Borrowed);
                 loaded.accept(line_number, &quote);
             }
             Err(reason) => loaded.rejected.push((line_number, reason.to_string())),
@@ -96,8 +104,9 @@ pub fn parse_json_lines(text: &str, client: Option<&str>) -> Loaded {
     loaded
 }
 
-/// Parses CSV with a header naming `symbol` and `price`, and optionally `ts`
-/// and `client`, in any order.
+/// Parses CSV with a header naming `symbol` and `price`, and optionally `ts`,
+/// `client` and `volume`, in any order. Prices and volumes written as JSON
+/// numbers are published with the very digits the file gave them.
 pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Error> {
     let mut reader = csv::ReaderBuilder::new()
         .trim(csv::Trim::All)
@@ -110,11 +119,11 @@ pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Erro
     let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
     let (Some(symbol_col), Some(price_col)) = (column("symbol"), column("price")) else {
         return Err(crate::Error::Input(
-            "the CSV header must name the columns symbol and price (optionally ts and client)"
+            "the CSV header must name the columns symbol and price (optionally ts, client and volume)"
                 .into(),
         ));
     };
-    let (ts_col, client_col) = (column("ts"), column("client"));
+    let (ts_col, client_col, volume_col) = (column("ts"), column("client"), column("volume"));
 
     let mut loaded = Loaded::default();
     for record in reader.records() {
@@ -130,11 +139,21 @@ pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Erro
         };
         let line = record.position().map_or(0, csv::Position::line);
         let field = |col: Option<usize>| col.and_then(|c| record.get(c)).filter(|f| !f.is_empty());
-        let Some(price) = field(Some(price_col)).and_then(|p| p.parse::<f64>().ok()) else {
+        let Some(price) = field(Some(price_col)).and_then(number_text) else {
             loaded
                 .rejected
                 .push((line, "invalid price: expected a finite number".into()));
             continue;
+        };
+        let volume = match field(volume_col).map(number_text) {
+            None => None,
+            Some(Some(volume)) => Some(volume),
+            Some(None) => {
+                loaded
+                    .rejected
+                    .push((line, "invalid volume: expected a finite number >= 0".into()));
+                continue;
+            }
         };
         let ts = match field(ts_col).map(str::parse::<u64>) {
             None => None,
@@ -147,28 +166,62 @@ pub fn parse_csv(text: &str, client: Option<&str>) -> Result<Loaded, crate::Erro
                 continue;
             }
         };
-        let quote = Quote {
-            symbol: Cow::Borrowed(field(Some(symbol_col)).unwrap_or_default()),
-            price,
-            decimal: None,
-            ts,
-            client: client.or(field(client_col)).map(Cow::Borrowed),
-        };
-        loaded.accept(line, &quote);
+        let symbol = field(Some(symbol_col)).unwrap_or_default();
+        let client = client.or(field(client_col));
+        loaded.accept_payload(
+            line,
+            csv_payload(symbol, &price, ts, client, volume.as_deref()),
+        );
     }
     Ok(loaded)
+}
+
+/// A CSV number as JSON number text: the field itself when it is one
+/// (`189.50`, `1.5e3`), so its digits reach the bridge unchanged; else the
+/// shortest form of the finite number Rust reads in it (`12.`, `+3`).
+fn number_text(field: &str) -> Option<Cow<'_, str>> {
+    if serde_json::from_str::<serde_json::Number>(field).is_ok() {
+        return Some(Cow::Borrowed(field));
+    }
+    let value = field.parse::<f64>().ok().filter(|v| v.is_finite())?;
+    serde_json::to_string(&value).ok().map(Cow::Owned)
+}
+
+/// The quote payload of one CSV row; names are JSON-escaped, numbers are
+/// JSON number text already.
+fn csv_payload(
+    symbol: &str,
+    price: &str,
+    ts: Option<u64>,
+    client: Option<&str>,
+    volume: Option<&str>,
+) -> Vec<u8> {
+    let string = |s: &str| serde_json::to_string(s).unwrap_or_default();
+    let mut payload = format!(r#"{{"symbol":{},"price":{price}"#, string(symbol));
+    if let Some(ts) = ts {
+        payload.push_str(&format!(r#","ts":{ts}"#));
+    }
+    if let Some(client) = client {
+        payload.push_str(&format!(r#","client":{}"#, string(client)));
+    }
+    if let Some(volume) = volume {
+        payload.push_str(&format!(r#","volume":{volume}"#));
+    }
+    payload.push('}');
+    payload.into_bytes()
 }
 
 impl Loaded {
     /// Encodes `quote` and keeps it if the bridge itself would accept it.
     fn accept(&mut self, line: u64, quote: &Quote<'_>) {
-        let payload = match serde_json::to_vec(quote) {
-            Ok(payload) => payload,
-            Err(err) => {
-                self.rejected.push((line, format!("cannot encode: {err}")));
-                return;
-            }
-        };
+        match serde_json::to_vec(quote) {
+            Ok(payload) => self.accept_payload(line, payload),
+            Err(err) => self.rejected.push((line, format!("cannot encode: {err}"))),
+        }
+    }
+
+    /// Keeps `payload` if the bridge itself would accept it.
+    fn accept_payload(&mut self, line: u64, payload: Vec<u8>) {
         match quote::parse(&payload) {
             Ok(parsed) => {
                 self.symbols.push(parsed.symbol.into());
@@ -401,7 +454,7 @@ mod tests {
             payloads(&loaded),
             vec![
                 r#"{"symbol":"AAPL","price":1.5}"#,
-                r#"{"symbol":"MSFT","price":2.0,"ts":17,"client":"acme"}"#
+                r#"{"symbol":"MSFT","price":2,"ts":17,"client":"acme"}"#
             ]
         );
         assert!(loaded.rejected.is_empty());
@@ -419,6 +472,34 @@ mod tests {
     }
 
     #[test]
+    fn csv_numbers_keep_their_digits_and_volumes_are_read() {
+        let text = "symbol,price,volume\nA,189.50,1200\nB,12.,0.5\nC,1,-3\nD,1,many\n";
+        let loaded = parse_csv(text, None).expect("valid CSV");
+        assert_eq!(
+            payloads(&loaded),
+            vec![
+                r#"{"symbol":"A","price":189.50,"volume":1200}"#,
+                r#"{"symbol":"B","price":12.0,"volume":0.5}"#,
+            ]
+        );
+        let lines: Vec<u64> = loaded.rejected.iter().map(|(l, _)| *l).collect();
+        assert_eq!(lines, vec![4, 5]);
+        assert!(
+            loaded
+                .rejected
+                .iter()
+                .all(|(_, why)| why.contains("volume"))
+        );
+    }
+
+    #[test]
+    fn json_lines_are_published_as_written() {
+        let line = r#"{"symbol":"A","price":168.80,"volume":5,"venue":"X"}"#;
+        let loaded = parse_json_lines(&format!("  {line}  \n"), None);
+        assert_eq!(payloads(&loaded), vec![line]);
+    }
+
+    #[test]
     fn csv_without_required_columns_is_an_error() {
         assert!(parse_csv("sym,px\nA,1\n", None).is_err());
     }
@@ -428,7 +509,7 @@ mod tests {
         let loaded = parse_csv("symbol,price,client\nA,1,other\n", Some("acme")).expect("valid");
         assert_eq!(
             payloads(&loaded),
-            vec![r#"{"symbol":"A","price":1.0,"client":"acme"}"#]
+            vec![r#"{"symbol":"A","price":1,"client":"acme"}"#]
         );
         let loaded = parse_json_lines("{\"symbol\":\"A\",\"price\":1}\n", Some("acme"));
         assert_eq!(

@@ -95,9 +95,11 @@ proptest! {
         price in prop::num::f64::NORMAL | prop::num::f64::SUBNORMAL | prop::num::f64::ZERO,
         ts in prop::option::of(any::<u64>()),
         client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+        volume in prop::option::of(0.0f64..1e12),
     ) {
         let decimal = Decimal::parse(&price.to_string());
-        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into) };
+        let volume_decimal = volume.and_then(|v| Decimal::parse(&v.to_string()));
+        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into), volume, volume_decimal };
         let json = serde_json::to_vec(&q).expect("serialize");
         let fast = quote::parse_fast(&json).map(|(quote, _)| quote);
         prop_assert!(fast.is_some(), "declined {}", String::from_utf8_lossy(&json));
@@ -135,9 +137,11 @@ proptest! {
         price in prop::num::f64::NORMAL | prop::num::f64::ZERO,
         ts in prop::option::of(any::<u64>()),
         client in prop::option::of("[A-Za-z0-9_-]{1,64}"),
+        volume in prop::option::of(0.0f64..1e12),
     ) {
         let decimal = Decimal::parse(&price.to_string());
-        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into) };
+        let volume_decimal = volume.and_then(|v| Decimal::parse(&v.to_string()));
+        let q = Quote { symbol: symbol.as_str().into(), price, decimal, ts, client: client.as_deref().map(Into::into), volume, volume_decimal };
         let json = serde_json::to_vec(&q).expect("serialize");
         prop_assert_eq!(quote::parse(&json), Ok(q));
     }

@@ -11,5 +11,6 @@ pub mod idle;
 pub mod names;
 pub mod protocol;
 pub mod quote;
+pub mod series;
 pub mod sma;
 pub mod stats;

@@ -34,6 +34,13 @@ pub struct Quote<'a> {
     /// The client code of a private quote; `None` for a public one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client: Option<Cow<'a, str>>,
+    /// The traded volume (a finite number ≥ 0), if the payload had one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub volume: Option<f64>,
+    /// The volume exactly as the payload wrote it, when that lies in the
+    /// exact decimal domain.
+    #[serde(skip)]
+    pub volume_decimal: Option<Decimal>,
 }
 
 /// Why a payload was rejected. [`Reject::label`] is the stable short form used
@@ -67,6 +74,9 @@ pub enum Reject {
     /// `client` is not a valid client code.
     #[error("invalid client: expected a string of 1-64 characters from [A-Za-z0-9_-]")]
     InvalidClient,
+    /// `volume` is not a finite number ≥ 0.
+    #[error("invalid volume: expected a finite number >= 0")]
+    InvalidVolume,
     /// The quote would open a new SMA key beyond `sma.max_keys`.
     #[error("too many distinct keys: sma.max_keys reached")]
     TooManyKeys,
@@ -78,7 +88,7 @@ pub enum Reject {
 
 impl Reject {
     /// Every label, in a fixed order (for metrics that list them all).
-    pub const LABELS: [&'static str; 11] = [
+    pub const LABELS: [&'static str; 12] = [
         "too_large",
         "malformed",
         "not_object",
@@ -90,6 +100,7 @@ impl Reject {
         "invalid_client",
         "too_many_keys",
         "wrong_partition",
+        "invalid_volume",
     ];
 
     /// The position of this reason's label in [`Reject::LABELS`].
@@ -107,6 +118,7 @@ impl Reject {
             Reject::InvalidClient => 8,
             Reject::TooManyKeys => 9,
             Reject::WrongPartition => 10,
+            Reject::InvalidVolume => 11,
         }
     }
 
@@ -248,6 +260,7 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
         let mut price: Option<(f64, Option<Decimal>)> = None;
         let mut ts: Option<Option<u64>> = None;
         let mut client: Option<Option<Cow<'de, str>>> = None;
+        let mut volume: Option<Option<(f64, Option<Decimal>)>> = None;
 
         while let Some(CowStr(key)) = map.next_key::<CowStr<'de>>()? {
             match key.as_ref() {
@@ -264,18 +277,9 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
                     if price.is_some() {
                         return Err(self.fail(Reject::DuplicateField("price")));
                     }
-                    // The number's text, to read the decimal it spells as
-                    // well as its nearest f64. JSON has no NaN or Infinity,
-                    // but an exponent can overflow f64.
-                    let text = map.next_value::<&'de RawValue>().map(RawValue::get);
-                    match text.ok().filter(|t| {
-                        t.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9'])
-                    }) {
-                        Some(text) => match text.parse::<f64>() {
-                            Ok(p) if p.is_finite() => price = Some((p, Decimal::parse(text))),
-                            _ => return Err(self.fail(Reject::InvalidPrice)),
-                        },
-                        None => return Err(self.fail(Reject::InvalidPrice)),
+                    match map.next_value::<&'de RawValue>().ok().and_then(number) {
+                        Some(Some(number)) => price = Some(number),
+                        _ => return Err(self.fail(Reject::InvalidPrice)),
                     }
                 }
                 "ts" => {
@@ -285,6 +289,16 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
                     match map.next_value::<Option<u64>>() {
                         Ok(t) => ts = Some(t),
                         Err(_) => return Err(self.fail(Reject::InvalidTs)),
+                    }
+                }
+                "volume" => {
+                    if volume.is_some() {
+                        return Err(self.fail(Reject::DuplicateField("volume")));
+                    }
+                    match map.next_value::<&'de RawValue>().ok().and_then(number) {
+                        Some(Some((v, decimal))) if v >= 0.0 => volume = Some(Some((v, decimal))),
+                        Some(None) => volume = Some(None),
+                        _ => return Err(self.fail(Reject::InvalidVolume)),
                     }
                 }
                 "client" => {
@@ -315,8 +329,26 @@ impl<'de> Visitor<'de> for QuoteSeed<'_> {
             decimal,
             ts: ts.flatten(),
             client: client.flatten(),
+            volume: volume.flatten().map(|(v, _)| v),
+            volume_decimal: volume.flatten().and_then(|(_, d)| d),
         })
     }
+}
+
+/// A JSON value read as a number: `Some(None)` for `null`, `None` for
+/// anything but a finite number. The text is kept to read the decimal it
+/// spells as well as its nearest `f64`. JSON has no NaN or Infinity, but an
+/// exponent can overflow `f64`.
+fn number(raw: &RawValue) -> Option<Option<(f64, Option<Decimal>)>> {
+    let text = raw.get();
+    if text == "null" {
+        return Some(None);
+    }
+    if !text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
+        return None;
+    }
+    let value = text.parse::<f64>().ok().filter(|v| v.is_finite())?;
+    Some(Some((value, Decimal::parse(text))))
 }
 
 /// The single-scan parser for the common shape of a quote.
@@ -338,11 +370,12 @@ mod fast {
         let text = std::str::from_utf8(payload).ok()?;
         let mut scan = Scan { text, at: 0 };
         let (mut symbol, mut price, mut ts, mut client) = (None, None, None, None);
+        let mut volume = None;
         scan.skip_whitespace();
         scan.expect(b'{')?;
         loop {
             scan.skip_whitespace();
-            // A key is compared with the four known ones, quotes included,
+            // A key is compared with the five known ones, quotes included,
             // rather than scanned: anything else goes to the full parser.
             let key = scan.known_key()?;
             scan.skip_whitespace();
@@ -354,6 +387,10 @@ mod fast {
                 Key::Ts if ts.is_none() => ts = Some(scan.digits()?),
                 Key::Client if client.is_none() => {
                     client = Some(scan.plain_string().filter(|s| names::is_client_code(s))?)
+                }
+                // A negative volume is for the full parser to reject.
+                Key::Volume if volume.is_none() => {
+                    volume = Some(scan.number().filter(|(v, _, _)| *v >= 0.0)?)
                 }
                 _ => return None,
             }
@@ -375,6 +412,8 @@ mod fast {
             decimal,
             ts: ts.map(|(value, _)| value),
             client: client.map(Cow::Borrowed),
+            volume: volume.map(|(value, _, _)| value),
+            volume_decimal: volume.and_then(|(_, decimal, _)| decimal),
         };
         let spelling = Spelling {
             price: price_text,
@@ -395,6 +434,7 @@ mod fast {
         Price,
         Ts,
         Client,
+        Volume,
     }
 
     /// 10^0 ..= 10^15, for the fast path's mantissas.
@@ -475,6 +515,8 @@ mod fast {
                 (Key::Ts, 4)
             } else if rest.starts_with(b"\"client\"") {
                 (Key::Client, 8)
+            } else if rest.starts_with(b"\"volume\"") {
+                (Key::Volume, 8)
             } else {
                 return None;
             };
@@ -638,6 +680,35 @@ mod tests {
         assert_eq!(q.price, 420.0);
         assert_eq!(q.ts, Some(1_700_000_000_123));
         assert_eq!(q.client.as_deref(), Some("acme"));
+    }
+
+    #[test]
+    fn a_volume_is_read_with_its_decimal_on_both_paths() {
+        for payload in [
+            r#"{"symbol":"X","price":1.5,"volume":120.50}"#,
+            r#"{"volume": 1.205e2, "symbol":"X","price":1.5, "venue":"x"}"#,
+        ] {
+            let q = ok(payload);
+            assert_eq!(q.volume, Some(120.5), "{payload}");
+            assert_eq!(q.volume_decimal, Decimal::new(1205, 1), "{payload}");
+            assert_eq!(parse_fully(payload.as_bytes()), Ok(q));
+        }
+        let q = ok(r#"{"symbol":"X","price":1.5,"volume":null}"#);
+        assert_eq!((q.volume, q.volume_decimal), (None, None));
+        let q = ok(r#"{"symbol":"X","price":1.5,"volume":0}"#);
+        assert_eq!(q.volume, Some(0.0));
+    }
+
+    #[test]
+    fn a_volume_that_is_not_a_finite_number_at_least_zero_is_refused() {
+        for volume in ["-1", "\"12\"", "true", "1e999", "[1]"] {
+            let payload = format!(r#"{{"symbol":"X","price":1.5,"volume":{volume}}}"#);
+            assert_eq!(rejected(&payload), Reject::InvalidVolume, "{payload}");
+        }
+        assert_eq!(
+            rejected(r#"{"symbol":"X","price":1,"volume":1,"volume":2}"#),
+            Reject::DuplicateField("volume")
+        );
     }
 
     #[test]

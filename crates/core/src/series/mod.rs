@@ -1,0 +1,4 @@
+//! Indicators beyond the moving average of `crate::sma`, each a pure,
+//! synchronous computation over one key's quotes: no I/O, no clock.
+
+pub mod ema;
