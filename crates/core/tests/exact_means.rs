@@ -214,3 +214,111 @@ fn huge_then_tiny_prices_leave_no_residue() {
         "{mean:?}"
     );
 }
+
+/// A trade for the candle property: `ts` advances by `gap`.
+#[derive(Debug, Clone, Copy)]
+struct Step {
+    gap: u64,
+    price: Decimal,
+    volume: Option<Decimal>,
+}
+
+/// `realistic`: prices and volumes of up to 10 digits and 6 places, whose
+/// products a bucket sums exactly (each below 10^32 at 12 places). Otherwise anything in the exact domain,
+/// where a bucket's Σ price × volume may outgrow 38 digits.
+fn step(realistic: bool) -> impl Strategy<Value = Step> {
+    let prices = if realistic {
+        (1i64..10_000_000_000, 0..=6u8)
+            .prop_map(|(u, s)| Decimal::new(u, s).expect("inside the domain"))
+            .boxed()
+    } else {
+        decimal().boxed()
+    };
+    let volumes = if realistic {
+        (0i64..10_000_000_000, 0..=6u8).boxed()
+    } else {
+        (0i64..=999_999_999_999_999, 0..=MAX_SCALE).boxed()
+    };
+    (
+        prop_oneof![3 => 0u64..2_000, 1 => 2_000u64..200_000],
+        prices,
+        prop::option::of(volumes),
+    )
+        .prop_map(|(gap, price, volume)| Step {
+            gap,
+            price,
+            volume: volume.map(|(u, s)| Decimal::new(u, s).expect("inside the domain")),
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every candle's open, high, low and close are input prices exactly;
+    /// its volume and VWAP are the exact sums and quotient rounded once.
+    #[test]
+    fn candles_are_exact(
+        (realistic, steps) in any::<bool>()
+            .prop_flat_map(|r| (Just(r), prop::collection::vec(step(r), 1..200))),
+    ) {
+        use quotebridge_core::series::candles::{Bar, Candles, Pushed, Trade};
+        let interval = 60_000u64;
+        let mut candles = Candles::new(std::num::NonZeroU64::new(interval).expect("non-zero"));
+        let mut bars: Vec<Bar> = Vec::new();
+        let mut ts = 1_764_599_400_000u64;
+        // The oracle: the steps grouped by bucket, in order.
+        let mut buckets: Vec<(u64, Vec<Step>)> = Vec::new();
+        for step in &steps {
+            ts += step.gap;
+            let trade = Trade {
+                ts,
+                price: step.price.to_f64(),
+                decimal: Some(step.price),
+                volume: step.volume.map(|v| (v.to_f64(), Some(v))),
+            };
+            match candles.push(&trade) {
+                Pushed::Taken { closed, .. } => bars.extend(closed),
+                Pushed::Late => prop_assert!(false, "time only advances"),
+            }
+            let bucket = ts - ts % interval;
+            match buckets.last_mut() {
+                Some((start, steps)) if *start == bucket => steps.push(*step),
+                _ => buckets.push((bucket, vec![*step])),
+            }
+        }
+        bars.extend(candles.open().cloned());
+        prop_assert_eq!(bars.len(), buckets.len());
+        for (bar, (start, steps)) in bars.iter().zip(&buckets) {
+            prop_assert_eq!(bar.start_ms, *start);
+            prop_assert_eq!(bar.trades, steps.len() as u64);
+            let prices: Vec<f64> = steps.iter().map(|s| s.price.to_f64()).collect();
+            prop_assert_eq!(bar.open, prices[0]);
+            prop_assert_eq!(bar.close, prices[prices.len() - 1]);
+            prop_assert_eq!(bar.high, prices.iter().copied().fold(f64::MIN, f64::max));
+            prop_assert_eq!(bar.low, prices.iter().copied().fold(f64::MAX, f64::min));
+            let zero = || Decimal::new(0, 0).expect("zero");
+            let volume = steps.iter().fold(BigRational::zero(), |sum, s| {
+                sum + rational(s.volume.unwrap_or_else(zero))
+            });
+            let turnover = steps.iter().fold(BigRational::zero(), |sum, s| {
+                sum + rational(s.price) * rational(s.volume.unwrap_or_else(zero))
+            });
+            let got = bar.volume();
+            prop_assert!(got.exact && is_correctly_rounded(got.value, &volume), "volume {:?} of {}", got, volume);
+            match bar.vwap() {
+                None => prop_assert!(volume.is_zero()),
+                Some(vwap) => {
+                    let want = turnover / volume;
+                    prop_assert!(vwap.exact || !realistic, "realistic inputs give an exact VWAP");
+                    if vwap.exact {
+                        prop_assert!(is_correctly_rounded(vwap.value, &want), "vwap {:?} is not {}", vwap, want);
+                    } else {
+                        // Outside the exact sums: compensated, and said so.
+                        let error = (exact(vwap.value) - &want).abs() / want.abs();
+                        prop_assert!(error < BigRational::new(BigInt::from(1), BigInt::from(1_000_000_000u64)));
+                    }
+                }
+            }
+        }
+    }
+}
