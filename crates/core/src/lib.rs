@@ -14,3 +14,4 @@ pub mod quote;
 pub mod series;
 pub mod sma;
 pub mod stats;
+mod sum;

@@ -322,3 +322,68 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// Every time-window mean covers exactly the accepted quotes whose `ts`
+    /// lies in `(t − window, t]`, and is their exact mean rounded once;
+    /// quotes more than `lateness` behind are refused; a mean that lost
+    /// points to `max_points` says so.
+    #[test]
+    fn time_window_means_are_exact(
+        window in 1u64..5_000,
+        lateness in 0u64..3_000,
+        max_points in prop_oneof![Just(100_000usize), 1usize..20],
+        quotes in prop::collection::vec((-2_500i64..1_500, price()), 1..150),
+    ) {
+        use quotebridge_core::series::timed::{TimePushed, TimeSma};
+        let mut sma = TimeSma::new(std::num::NonZeroU64::new(window).expect("non-zero"), lateness, max_points);
+        let mut clock = 10_000u64;
+        let mut accepted: Vec<(u64, Price)> = Vec::new();
+        let mut newest: Option<u64> = None;
+        for (step, price) in quotes {
+            // Mostly forward; a negative step is a quote that comes late.
+            let ts = clock.saturating_add_signed(step);
+            clock = clock.max(ts);
+            let pushed = match price {
+                Price::Exact(d) => sma.push(ts, d.to_f64(), Some(d)),
+                Price::Inexact(p) => sma.push(ts, p, None),
+            };
+            let late = newest.is_some_and(|n| ts + lateness < n);
+            let TimePushed::Mean(mean) = pushed else {
+                prop_assert!(late, "{} refused with newest {:?}", ts, newest);
+                continue;
+            };
+            prop_assert!(!late, "{} taken with newest {:?}", ts, newest);
+            newest = Some(newest.map_or(ts, |n| n.max(ts)));
+            accepted.push((ts, price));
+            let in_window: Vec<Price> = accepted
+                .iter()
+                .filter(|(at, _)| *at <= ts && at + window > ts)
+                .map(|(_, p)| *p)
+                .collect();
+            if !mean.complete {
+                prop_assert!(mean.count < in_window.len());
+                continue;
+            }
+            prop_assert_eq!(mean.count, in_window.len());
+            let decimals: Option<Vec<Decimal>> = in_window
+                .iter()
+                .map(|p| match p {
+                    Price::Exact(d) => Some(*d),
+                    Price::Inexact(_) => None,
+                })
+                .collect();
+            match decimals {
+                Some(decimals) => {
+                    prop_assert!(mean.exact);
+                    let sum = decimals.iter().fold(BigRational::zero(), |s, d| s + rational(*d));
+                    let want = sum / BigRational::from_integer(BigInt::from(decimals.len()));
+                    prop_assert!(is_correctly_rounded(mean.mean, &want), "{:?} is not {}", mean, want);
+                }
+                None => prop_assert!(!mean.exact),
+            }
+        }
+    }
+}

@@ -3,4 +3,5 @@
 
 pub mod candles;
 pub mod ema;
+pub mod timed;
 pub mod total;
