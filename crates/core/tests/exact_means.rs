@@ -387,3 +387,58 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// The rolling ticker covers exactly the accepted quotes in
+    /// `[from, newest]`, `from` the first step boundary inside the window:
+    /// open and last by `ts` (ties by arrival), high, low, trades, and the
+    /// volume and change exact.
+    #[test]
+    fn rolling_tickers_cover_what_they_say(
+        window in 100u64..5_000,
+        step in 1u64..500,
+        lateness in 0u64..1_000,
+        quotes in prop::collection::vec((-1_200i64..400, decimal(), 0i64..1_000_000, 0..=6u8), 1..150),
+    ) {
+        use quotebridge_core::series::rolling::{Rolling, RollingPushed};
+        let nz = |v: u64| std::num::NonZeroU64::new(v).expect("non-zero");
+        let mut rolling = Rolling::new(nz(window), nz(step), lateness);
+        let step = step.min(window);
+        let mut clock = 100_000u64;
+        let mut accepted: Vec<(u64, Decimal, Decimal)> = Vec::new();
+        for (delta, price, volume_units, volume_scale) in quotes {
+            let ts = clock.saturating_add_signed(delta);
+            clock = clock.max(ts);
+            let volume = Decimal::new(volume_units, volume_scale).expect("inside the domain");
+            let pushed = rolling.push(ts, price.to_f64(), Some(price), Some((volume.to_f64(), Some(volume))));
+            let newest = accepted.iter().map(|q| q.0).max();
+            let from_of = |n: u64| n.checked_sub(window).map_or(0, |s| (s / step + 1) * step);
+            let late = newest.is_some_and(|n| ts + lateness < n || ts < from_of(n.max(ts)));
+            let RollingPushed::Ticker(ticker) = pushed else {
+                prop_assert!(late, "{} refused", ts);
+                continue;
+            };
+            prop_assert!(!late, "{} taken", ts);
+            accepted.push((ts, price, volume));
+            let newest = newest.map_or(ts, |n| n.max(ts));
+            let from = from_of(newest);
+            prop_assert_eq!(ticker.from_ms, from);
+            let covered: Vec<&(u64, Decimal, Decimal)> =
+                accepted.iter().filter(|q| q.0 >= from && q.0 <= newest).collect();
+            prop_assert_eq!(ticker.trades, covered.len() as u64);
+            let open = covered.iter().min_by_key(|q| q.0).expect("the quote itself");
+            let last = covered.iter().max_by_key(|q| q.0).expect("the quote itself");
+            prop_assert_eq!(ticker.open, open.1.to_f64());
+            prop_assert_eq!(ticker.last, last.1.to_f64());
+            let high = covered.iter().map(|q| q.1.to_f64()).fold(f64::MIN, f64::max);
+            let low = covered.iter().map(|q| q.1.to_f64()).fold(f64::MAX, f64::min);
+            prop_assert_eq!((ticker.high, ticker.low), (high, low));
+            let volume = covered.iter().fold(BigRational::zero(), |s, q| s + rational(q.2));
+            prop_assert!(ticker.volume.exact && is_correctly_rounded(ticker.volume.value, &volume));
+            let change = rational(last.1) - rational(open.1);
+            prop_assert!(ticker.change.exact && is_correctly_rounded(ticker.change.value, &change));
+        }
+    }
+}

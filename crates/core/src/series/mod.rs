@@ -3,5 +3,6 @@
 
 pub mod candles;
 pub mod ema;
+pub mod rolling;
 pub mod timed;
 pub mod total;

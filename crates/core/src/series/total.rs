@@ -82,6 +82,17 @@ impl Total {
 
     fn add_units(&mut self, value: f64, exact: Option<(i128, u8)>) {
         self.add_float(value);
+        self.add_exact(exact);
+    }
+
+    /// Adds another total.
+    pub fn merge(&mut self, other: &Total) {
+        self.add_float(other.float);
+        self.add_float(other.compensation);
+        self.add_exact(other.units.map(|units| (units, other.scale)));
+    }
+
+    fn add_exact(&mut self, exact: Option<(i128, u8)>) {
         let (Some(sum), Some((units, scale))) = (self.units, exact) else {
             self.units = None;
             return;
