@@ -18,7 +18,7 @@ pub(crate) mod publish;
 pub(crate) mod tail;
 
 pub use quotebridge_broker as broker;
-pub use quotebridge_core::{decimal, names, protocol, quote, sma, stats};
+pub use quotebridge_core::{decimal, names, protocol, quote, series, sma, stats};
 pub use quotebridge_service::{
     Error, config, metrics, pipeline, redis_broker, run, serve, shutdown, telemetry, topology,
 };

@@ -18,6 +18,7 @@ mod ingest;
 mod latency;
 mod micro;
 mod resume;
+mod series;
 mod soak;
 
 use std::fmt::Write as _;
@@ -57,6 +58,8 @@ pub enum Scenario {
     /// Resident memory under steady load for minutes, nobody scraping
     /// `/metrics` (not in the default run: `--soak-seconds`, 120).
     Soak,
+    /// What each indicator kind costs per quote, computation alone.
+    Series,
 }
 
 /// What to run, and how big.
@@ -114,6 +117,7 @@ impl Default for Options {
         Self {
             scenarios: vec![
                 Scenario::Micro,
+                Scenario::Series,
                 Scenario::Ingest,
                 Scenario::Latency,
                 Scenario::Fanout,
@@ -268,7 +272,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
         progress.set_message(format!("{scenario:?}").to_lowercase());
         progress.inc(1);
         let applies = match scenario {
-            Scenario::Micro => true,
+            Scenario::Micro | Scenario::Series => true,
             Scenario::Ingest => role.computes(),
             Scenario::Latency
             | Scenario::Fanout
@@ -285,6 +289,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
         }
         match scenario {
             Scenario::Micro => rows.push(micro::run(options.micro_quotes, options.symbols)),
+            Scenario::Series => rows.extend(series::run(options.micro_quotes, options.symbols)),
             Scenario::Ingest => {
                 rows.push(ingest::run(&environment, options.quotes, options.symbols).await?)
             }

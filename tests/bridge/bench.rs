@@ -32,6 +32,7 @@ async fn every_scenario_runs_and_reports() {
     let table = report.table();
     for (scenario, metric) in [
         (Scenario::Micro, "ns_per_quote"),
+        (Scenario::Series, "ns_per_quote"),
         (Scenario::Ingest, "bridge_quotes_per_s"),
         (Scenario::Ingest, "ceiling_msgs_per_s"),
         (Scenario::Latency, "socket_p99_us"),
@@ -56,6 +57,12 @@ async fn every_scenario_runs_and_reports() {
             "{table}"
         );
     }
+    let kinds = report
+        .rows
+        .iter()
+        .filter(|r| r.scenario == Scenario::Series)
+        .count();
+    assert_eq!(kinds, 8, "one row per indicator kind in\n{table}");
     let latency = report
         .rows
         .iter()
@@ -67,7 +74,12 @@ async fn every_scenario_runs_and_reports() {
         "every frame reached every socket"
     );
     let json = serde_json::to_value(&report).expect("report serializes");
-    assert!(json["rows"].as_array().is_some_and(|rows| rows.len() == 7));
+    // One row per scenario, and one per indicator kind.
+    assert!(
+        json["rows"]
+            .as_array()
+            .is_some_and(|rows| rows.len() == 7 + 8)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

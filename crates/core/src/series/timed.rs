@@ -118,7 +118,13 @@ impl TimeSma {
             return TimePushed::Late;
         }
         let point = Point { ts, price, decimal };
-        let at = self.points.partition_point(|p| p.ts <= ts);
+        // In order, the usual case, the point goes at the end: no search
+        // through a window of cold memory.
+        let at = if self.points.back().is_none_or(|p| p.ts <= ts) {
+            self.points.len()
+        } else {
+            self.points.partition_point(|p| p.ts <= ts)
+        };
         self.points.insert(at, point);
         if self.newest.is_none() || !self.before_window(ts, newest) {
             self.enter(point);
