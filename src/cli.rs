@@ -40,7 +40,7 @@ pub struct Cli {
 pub enum Command {
     /// Run the bridge (the default).
     Serve(ServeArgs),
-    /// Publish quotes from a CSV (symbol,price[,ts][,client]) or JSON-lines file.
+    /// Publish quotes from a CSV (symbol,price[,ts][,client][,volume]) or JSON-lines file.
     Publish {
         /// The file to read; `-` reads standard input (CSV or JSON lines,
         /// told apart by the first line).

@@ -25,6 +25,7 @@ mod resume;
 mod scale_out;
 mod schemas;
 mod sentinel;
+mod series;
 mod sse;
 mod support;
 mod tls;

@@ -31,6 +31,14 @@ pub struct Stats {
     /// domain: their mean is a compensated `f64` sum's, not the exact mean
     /// rounded once.
     pub smas_inexact: AtomicU64,
+    /// `[[series]]` results computed and published.
+    pub series_results: AtomicU64,
+    /// Quotes a time-based series left out: more than its lateness behind
+    /// the key's newest `ts`, or in a candle already closed.
+    pub series_late: AtomicU64,
+    /// Quotes a time-based series refused: `ts` more than its
+    /// `max_future_ms` ahead of the clock.
+    pub series_future: AtomicU64,
     /// Messages (SMA and rejected) Redis acknowledged.
     pub published: AtomicU64,
     /// Messages lost because a publish to Redis failed.
@@ -210,6 +218,21 @@ pub const COUNTERS: &[Counter] = &[
         name: "smas_inexact",
         help: "SMA results whose window held a price outside the exact decimal domain (more than 15 significant digits or 18 decimal places): a compensated f64 mean, not the exact mean rounded once",
         value: |stats| stats.smas_inexact.load(Relaxed),
+    },
+    Counter {
+        name: "series_results",
+        help: "Results of the [[series]] computed and published",
+        value: |stats| stats.series_results.load(Relaxed),
+    },
+    Counter {
+        name: "series_late",
+        help: "Quotes a time-based series left out as late (behind its lateness, or for a closed candle)",
+        value: |stats| stats.series_late.load(Relaxed),
+    },
+    Counter {
+        name: "series_future",
+        help: "Quotes a time-based series refused for a ts more than its max_future_ms ahead of the clock",
+        value: |stats| stats.series_future.load(Relaxed),
     },
     Counter {
         name: "published",

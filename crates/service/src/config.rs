@@ -177,6 +177,7 @@ pub const DEFAULTS: &str = include_str!("../../../config/default.toml");
 
 mod explain;
 mod origins;
+pub mod series;
 pub mod show;
 
 pub use self::explain::redact_url;
@@ -270,6 +271,12 @@ pub struct Settings {
     pub auth: AuthSettings,
     /// The `[node]` section.
     pub node: NodeSettings,
+    /// The `[[series]]` tables, as written.
+    #[serde(default, rename = "series")]
+    pub series_tables: Vec<series::SeriesSettings>,
+    /// Those series, checked and ready to compute.
+    #[serde(skip)]
+    pub series: Vec<series::Series>,
     /// Where each value came from, to name it in errors found later.
     #[serde(skip)]
     origins: Arc<Origins>,
@@ -655,6 +662,7 @@ impl Settings {
             tidy(list);
         }
         settings.validate()?;
+        settings.series = series::resolve(&settings.series_tables, &settings.redis)?;
         Ok(settings)
     }
 

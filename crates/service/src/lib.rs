@@ -28,7 +28,7 @@ pub(crate) mod websocket;
 pub use self::input::durable::QUOTE_FIELD;
 pub use self::server::raise_descriptor_limit;
 pub use quotebridge_broker as broker;
-use quotebridge_core::{idle, names, protocol, quote, sma, stats};
+use quotebridge_core::{idle, names, protocol, quote, series, sma, stats};
 use quotebridge_fanout::{frame, hub, outbox};
 
 use std::sync::Arc;

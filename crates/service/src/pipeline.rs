@@ -27,11 +27,13 @@ use hashbrown::hash_map::EntryRef;
 use crate::broker::Outbound;
 use crate::broker::SnapshotSlot;
 use crate::config::Settings;
+use crate::config::series::Series;
 use crate::frame::{ResultFrame, SharedResult};
 use crate::idle::is_idle;
 use crate::names;
 use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
+use crate::series;
 use crate::sma::{SmaWindow, WindowState};
 use crate::stats::Stats;
 use crate::topology::{Channels, Shard};
@@ -59,6 +61,8 @@ pub struct Pipeline {
     /// Whether each input channel carries only this shard's symbols (a
     /// cluster's partitions), so a stranger is misaddressed, not another's.
     partitioned: bool,
+    /// The `[[series]]` computed beside the SMA, in configuration order.
+    series: Arc<[Series]>,
     stats: Arc<Stats>,
     reject_log: RejectLog,
 }
@@ -72,6 +76,9 @@ pub enum Outcome<'a> {
         quote: Quote<'a>,
         /// The result to publish and fan out.
         sma: Option<Sma>,
+        /// The `[[series]]` results to publish, in order (none unless
+        /// series are configured).
+        series: Vec<Outbound>,
     },
     /// A valid quote for a symbol another compute shard handles: ignored.
     OtherShard,
@@ -129,6 +136,7 @@ impl Pipeline {
             },
             emit_partial: settings.sma.emit_partial,
             shard,
+            series: settings.series.clone().into(),
             stats,
             reject_log: RejectLog::default(),
         }
@@ -149,15 +157,28 @@ impl Pipeline {
             return Outcome::OtherShard;
         }
         let client = quote.client.as_deref();
-        let Some(key) =
-            self.windows
-                .get_or_insert(client, &quote.symbol, &self.addressing, &self.epoch)
-        else {
+        let Some(key) = self.windows.get_or_insert(
+            client,
+            &quote.symbol,
+            &self.addressing,
+            &self.epoch,
+            &self.series,
+        ) else {
             return self.reject(&Reject::TooManyKeys, payload);
+        };
+        let ts = quote.ts.unwrap_or_else(now_ms);
+        let series = if self.series.is_empty() {
+            Vec::new()
+        } else {
+            series_results(&self.series, key, &quote, ts, &self.stats)
         };
         let average = key.window.push(quote.price, quote.decimal);
         if !self.emit_partial && !key.window.is_full() {
-            return Outcome::Accepted { quote, sma: None };
+            return Outcome::Accepted {
+                quote,
+                sma: None,
+                series,
+            };
         }
         key.seq += 1;
         let frame = SmaMessage {
@@ -166,7 +187,7 @@ impl Pipeline {
             sma: average.mean,
             window: key.window.capacity(),
             count: average.count,
-            ts: quote.ts.unwrap_or_else(now_ms),
+            ts,
             seq: key.seq,
             epoch: &key.epoch,
             client,
@@ -185,6 +206,7 @@ impl Pipeline {
         Outcome::Accepted {
             quote,
             sma: Some(sma),
+            series,
         }
     }
 
@@ -249,9 +271,9 @@ impl Pipeline {
         let capacity = self.windows.window;
         let sweep = self.windows.sweep;
         let epoch = &self.epoch;
-        if let Some(key) = self
-            .windows
-            .get_or_insert(client, symbol, &self.addressing, epoch)
+        if let Some(key) =
+            self.windows
+                .get_or_insert(client, symbol, &self.addressing, epoch, &self.series)
         {
             key.window = SmaWindow::restore(capacity, state.window);
             // A saved seq at the end of u64 could not be continued.
@@ -332,6 +354,8 @@ pub struct KeyState {
 /// One key's window and where its results go.
 struct Key {
     window: SmaWindow,
+    /// The key's state of each `[[series]]`, in configuration order.
+    series: Vec<SeriesKey>,
     channel: Arc<str>,
     snapshot: Option<Arc<SnapshotSlot>>,
     /// The key's last `seq`.
@@ -357,9 +381,18 @@ impl ResultAddressing {
         symbol: &str,
         window: NonZeroUsize,
         epoch: &Arc<str>,
+        series: &[Series],
     ) -> Key {
         Key {
             window: SmaWindow::new(window),
+            series: series
+                .iter()
+                .map(|series| SeriesKey {
+                    state: series.spec.start(),
+                    channel: series.channel.replace("{symbol}", symbol).into(),
+                    seq: 0,
+                })
+                .collect(),
             channel: self.channels.output_channel(symbol),
             snapshot: (self.snapshots && client.is_none())
                 .then(|| Arc::new(self.channels.snapshot_slot(symbol))),
@@ -369,6 +402,62 @@ impl ResultAddressing {
             touched: 0,
         }
     }
+}
+
+/// One key's state of one `[[series]]`, and where its results go.
+struct SeriesKey {
+    state: series::State,
+    channel: Arc<str>,
+    /// The series key's last `seq` (in the key's epoch).
+    seq: u64,
+}
+
+/// Runs one quote through every series of its key: the results to publish,
+/// each with its own position. A time-based series refuses a quote that is
+/// late for it, or whose `ts` is further ahead of the clock than its
+/// `max_future_ms` (one bad timestamp must not close every candle).
+fn series_results(
+    configured: &[Series],
+    key: &mut Key,
+    quote: &Quote<'_>,
+    ts: u64,
+    stats: &Stats,
+) -> Vec<Outbound> {
+    let input = series::Input {
+        ts,
+        price: quote.price,
+        decimal: quote.decimal,
+        volume: quote.volume.map(|v| (v, quote.volume_decimal)),
+    };
+    let mut now = None;
+    let mut outbound = Vec::new();
+    for (config, own) in configured.iter().zip(&mut key.series) {
+        if config.spec.is_timed() {
+            let now = *now.get_or_insert_with(now_ms);
+            if ts > now.saturating_add(config.max_future_ms) {
+                stats.series_future.fetch_add(1, Relaxed);
+                continue;
+            }
+        }
+        let outputs = own.state.push(&config.spec, &input);
+        if outputs.late {
+            stats.series_late.fetch_add(1, Relaxed);
+        }
+        for output in outputs.results {
+            own.seq += 1;
+            let position = series::Position {
+                symbol: &quote.symbol,
+                client: quote.client.as_deref(),
+                ts,
+                seq: own.seq,
+                epoch: &key.epoch,
+            };
+            let text = output.encode(&config.spec, quote.price, &position);
+            stats.series_results.fetch_add(1, Relaxed);
+            outbound.push(Outbound::new(own.channel.clone(), text.into()));
+        }
+    }
+    outbound
 }
 
 /// A fresh epoch: 8 random hex digits. Two runs share one with odds of
@@ -420,6 +509,7 @@ impl Windows {
         symbol: &str,
         addressing: &ResultAddressing,
         epoch: &Arc<str>,
+        series: &[Series],
     ) -> Option<&mut Key> {
         let full = self.len >= self.max_keys;
         let map = match client {
@@ -436,7 +526,7 @@ impl Windows {
             EntryRef::Vacant(entry) => {
                 self.len += 1;
                 self.stats.keys.store(self.len as u64, Relaxed);
-                entry.insert(addressing.key(client, symbol, self.window, epoch))
+                entry.insert(addressing.key(client, symbol, self.window, epoch, series))
             }
         };
         key.touched = self.sweep;
@@ -561,17 +651,17 @@ mod tests {
         let mut windows = Windows::new(NonZeroUsize::new(2).expect("non-zero"), 3, stats);
         let epoch = new_epoch();
         windows
-            .get_or_insert(None, "A", &output, &epoch)
+            .get_or_insert(None, "A", &output, &epoch, &[])
             .expect("key")
             .window
             .push(1.0, None);
         windows
-            .get_or_insert(Some("c1"), "A", &output, &epoch)
+            .get_or_insert(Some("c1"), "A", &output, &epoch, &[])
             .expect("key")
             .window
             .push(5.0, None);
         let public = windows
-            .get_or_insert(None, "A", &output, &epoch)
+            .get_or_insert(None, "A", &output, &epoch, &[])
             .expect("key");
         assert_eq!(
             public.window.push(3.0, None).mean,
@@ -580,23 +670,23 @@ mod tests {
         );
         assert!(
             windows
-                .get_or_insert(Some("c2"), "A", &output, &epoch)
+                .get_or_insert(Some("c2"), "A", &output, &epoch, &[])
                 .is_some()
         );
         assert!(
             windows
-                .get_or_insert(Some("c2"), "B", &output, &epoch)
+                .get_or_insert(Some("c2"), "B", &output, &epoch, &[])
                 .is_none(),
             "fourth key refused"
         );
         assert!(
             windows
-                .get_or_insert(Some("c3"), "A", &output, &epoch)
+                .get_or_insert(Some("c3"), "A", &output, &epoch, &[])
                 .is_none()
         );
         assert!(
             windows
-                .get_or_insert(Some("c1"), "A", &output, &epoch)
+                .get_or_insert(Some("c1"), "A", &output, &epoch, &[])
                 .is_some(),
             "known keys still work"
         );

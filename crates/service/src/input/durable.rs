@@ -548,7 +548,9 @@ impl DurableInput {
                 _ => b"".as_slice(),
             };
             match self.pipeline.process(payload) {
-                Outcome::Accepted { quote, sma } => {
+                // Series are computed in pub/sub mode only (the configuration
+                // refuses them here), so `series` is empty.
+                Outcome::Accepted { quote, sma, .. } => {
                     touched.insert((
                         quote.client.as_deref().map(str::to_owned),
                         quote.symbol.to_string(),

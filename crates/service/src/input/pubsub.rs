@@ -372,17 +372,24 @@ impl<B: Broker> PubSubInput<B> {
     fn on_quote(&mut self, payload: &[u8]) {
         let arrived = Instant::now();
         match self.pipeline.process(payload) {
-            Outcome::Accepted { sma: Some(sma), .. } => {
-                let outbound = sma.outbound();
-                self.hub.deliver_result(sma.frame);
-                self.queue_publish(Queued {
-                    outbound,
-                    since: Some(arrived),
-                });
+            Outcome::Accepted { sma, series, .. } => {
+                if let Some(sma) = sma {
+                    let outbound = sma.outbound();
+                    self.hub.deliver_result(sma.frame);
+                    self.queue_publish(Queued {
+                        outbound,
+                        since: Some(arrived),
+                    });
+                }
+                // Published to Redis only: sockets do not take series yet.
+                for outbound in series {
+                    self.queue_publish(Queued {
+                        outbound,
+                        since: Some(arrived),
+                    });
+                }
             }
-            Outcome::Accepted { sma: None, .. }
-            | Outcome::Rejected { notice: None }
-            | Outcome::OtherShard => {}
+            Outcome::Rejected { notice: None } | Outcome::OtherShard => {}
             Outcome::Rejected {
                 notice: Some(notice),
             } => self.queue_publish(Queued {

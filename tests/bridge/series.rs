@@ -1,0 +1,253 @@
+//! `[[series]]` through real Redis: every kind's results on its own
+//! channel, each with its own positions, late quotes left out of the
+//! time-based kinds and counted, and nothing of it on the sockets.
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+
+use quotebridge::config::Settings;
+use quotebridge::series::ema::Ema;
+use serde_json::Value;
+
+use crate::support::*;
+
+const SERIES: &str = r#"
+[[series]]
+name = "sma.3"
+kind = "sma"
+window = 3
+
+[[series]]
+name = "sma.1s"
+kind = "sma"
+window = "1s"
+
+[[series]]
+name = "ema.2"
+kind = "ema"
+span = 2
+
+[[series]]
+name = "candles.1m"
+kind = "candles"
+interval = "1m"
+update_ms = 0
+channel = "candles.{symbol}"
+
+[[series]]
+name = "ticker.1h"
+kind = "ticker"
+window = "1h"
+step = "1m"
+"#;
+
+/// Settings from a configuration file holding `toml`, and `env`.
+fn settings_from_file(toml: &str, env: &[(&str, &str)]) -> Settings {
+    let path = std::env::temp_dir().join(format!(
+        "quotebridge-series-{}-{}.toml",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, toml).expect("config file written");
+    let vars: HashMap<String, String> = env
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+    let settings = Settings::load_with_env(Some(&path), Some(vars));
+    let _ = std::fs::remove_file(&path);
+    settings.expect("test settings are valid")
+}
+
+#[tokio::test]
+async fn every_kind_publishes_on_its_own_channel() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let settings = settings_from_file(
+        SERIES,
+        &[
+            ("QUOTEBRIDGE__REDIS__URL", &url),
+            ("QUOTEBRIDGE__SMA__WINDOW", "2"),
+        ],
+    );
+    let bridge = Running::on_redis(settings);
+    bridge.wait_until_ready().await;
+    let channels = ["sma", "sma.3", "sma.1s", "ema.2", "candles.X", "ticker.1h"];
+    let mut output = redis.subscribe(&channels).await;
+    let mut output = output.on_message();
+    let (mut socket, _) = connect_ws(&format!("ws://{}/ws/c1", bridge.address)).await;
+
+    let quotes = [
+        (60_000, "10", "1"),
+        (60_500, "11", "2"),
+        (61_000, "12", "1"),
+        (120_000, "13", "1"),
+        // Late for the time-based kinds: two minutes behind.
+        (1_000, "99", "5"),
+    ];
+    let messages: Vec<_> = quotes
+        .iter()
+        .map(|(ts, price, volume)| {
+            let q = format!(r#"{{"symbol":"X","price":{price},"volume":{volume},"ts":{ts}}}"#);
+            ("quotes".to_owned(), q.into_bytes())
+        })
+        .collect();
+    let mut conn = redis.connection().await;
+    publish_all(&mut conn, &messages).await;
+
+    // 4 SMA + 5 + 4 + 5 + 5 (4 candles, one of them closing) + 4.
+    let mut by_channel: HashMap<String, Vec<Value>> = HashMap::new();
+    for _ in 0..4 + 5 + 4 + 5 + 5 + 4 {
+        let (channel, payload) = next_redis(&mut output).await;
+        let value: Value = serde_json::from_str(&payload).expect("JSON");
+        by_channel.entry(channel).or_default().push(value);
+    }
+    let got = |channel: &str, field: &str| -> Vec<Value> {
+        by_channel[channel]
+            .iter()
+            .map(|v| v[field].clone())
+            .collect()
+    };
+    for channel in channels.into_iter().skip(1) {
+        let seqs: Vec<u64> = got(channel, "seq")
+            .iter()
+            .filter_map(Value::as_u64)
+            .collect();
+        let want: Vec<u64> = (1..=seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "{channel}: its own sequence");
+        assert!(
+            by_channel[channel]
+                .iter()
+                .all(|v| v["symbol"] == "X" && v["series"].is_string()),
+            "{channel}"
+        );
+    }
+    // Exact means of the decimals: 124 / 3, rounded once.
+    assert_eq!(got("sma.3", "sma"), [10.0, 10.5, 11.0, 12.0, 124.0 / 3.0]);
+    assert_eq!(got("sma.3", "count"), [1, 2, 3, 3, 3]);
+    // (59.5 s, 60.5 s] holds 10 and 11; (60 s, 61 s] only 11 and 12.
+    assert_eq!(got("sma.1s", "sma"), [10.0, 10.5, 11.5, 13.0]);
+    assert_eq!(got("sma.1s", "complete"), [true, true, true, true]);
+    let mut ema = Ema::new(NonZeroU32::new(2).expect("non-zero"));
+    let want: Vec<f64> = [10.0, 11.0, 12.0, 13.0, 99.0].map(|p| ema.push(p)).into();
+    assert_eq!(got("ema.2", "ema"), want);
+    let candles = &by_channel["candles.X"];
+    assert_eq!(
+        got("candles.X", "closed"),
+        [false, false, false, true, false]
+    );
+    let first = &candles[3];
+    assert_eq!(
+        (first["start"].as_u64(), first["end"].as_u64()),
+        (Some(60_000), Some(120_000))
+    );
+    assert_eq!(
+        [
+            &first["open"],
+            &first["high"],
+            &first["low"],
+            &first["close"]
+        ],
+        [10.0, 12.0, 10.0, 12.0]
+    );
+    // (10 × 1 + 11 × 2 + 12 × 1) / 4
+    assert_eq!(
+        (&first["volume"], &first["vwap"], &first["trades"]),
+        (&4.0.into(), &11.0.into(), &3.into())
+    );
+    assert_eq!(candles[4]["start"], 120_000);
+    assert_eq!(got("ticker.1h", "last"), [10.0, 11.0, 12.0, 13.0]);
+    assert_eq!(got("ticker.1h", "change"), [0.0, 1.0, 2.0, 3.0]);
+    assert_eq!(got("ticker.1h", "volume"), [1.0, 3.0, 4.0, 5.0]);
+
+    let (_, stats) = http_get(bridge.address, "/stats").await;
+    let stats: Value = serde_json::from_str(&stats).expect("JSON");
+    assert_eq!(stats["series_results"], 5 + 4 + 5 + 5 + 4, "{stats}");
+    assert_eq!(
+        stats["series_late"], 3,
+        "one quote, three time-based series"
+    );
+
+    // The socket had the SMA only: its four results, then the direct
+    // message published after them.
+    let mut direct = redis.connection().await;
+    redis::cmd("PUBLISH")
+        .arg("client.c1")
+        .arg("fence")
+        .query_async::<i64>(&mut direct)
+        .await
+        .expect("published");
+    for _ in 0..4 {
+        let frame: Value = serde_json::from_str(&next_text(&mut socket).await).expect("JSON");
+        assert!(
+            frame["sma"].is_number() && frame.get("series").is_none(),
+            "{frame}"
+        );
+    }
+    assert_eq!(next_text(&mut socket).await, "fence");
+}
+
+#[test]
+fn a_bad_series_table_fails_in_one_line_naming_what_to_change() {
+    for (toml, says) in [
+        (
+            "[[series]]\nname = \"sma\"\nkind = \"sma\"\nwindow = 5\n",
+            "not \"sma\"",
+        ),
+        ("[[series]]\nname = \"e\"\nkind = \"ema\"\n", "needs `span`"),
+        (
+            "[[series]]\nname = \"c\"\nkind = \"candles\"\ninterval = \"5 minutes\"\n",
+            "not a duration",
+        ),
+        (
+            "[[series]]\nname = \"s\"\nkind = \"sma\"\nwindow = 3\nchannel = \"sma\"\n",
+            "channel \"sma\"",
+        ),
+        (
+            "[[series]]\nname = \"t\"\nkind = \"ticker\"\nwindow = 24\n",
+            "a time",
+        ),
+        (
+            "[[series]]\nname = \"a\"\nkind = \"ema\"\nspan = 2\n[[series]]\nname = \"a\"\nkind = \"ema\"\nspan = 3\n",
+            "named twice",
+        ),
+    ] {
+        let path =
+            std::env::temp_dir().join(format!("quotebridge-bad-series-{}.toml", free_port()));
+        std::fs::write(&path, toml).expect("written");
+        let err = Settings::load_with_env(Some(&path), Some(HashMap::new()))
+            .expect_err(toml)
+            .to_string();
+        let _ = std::fs::remove_file(&path);
+        assert!(err.contains(says) && !err.contains('\n'), "{toml}: {err}");
+    }
+    let path = std::env::temp_dir().join(format!("quotebridge-stream-series-{}.toml", free_port()));
+    std::fs::write(&path, format!("[redis]\ninput_mode = \"stream\"\n{SERIES}")).expect("written");
+    let err = Settings::load_with_env(Some(&path), Some(HashMap::new()))
+        .expect_err("stream mode refuses series")
+        .to_string();
+    let _ = std::fs::remove_file(&path);
+    assert!(err.contains("pubsub"), "{err}");
+}
+
+#[test]
+fn the_example_configuration_loads_every_series() {
+    let path = std::path::Path::new(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/series.example.toml"
+    ));
+    let settings = Settings::load_with_env(Some(path), Some(HashMap::new())).expect("valid");
+    let names: Vec<&str> = settings.series.iter().map(|s| &*s.spec.name).collect();
+    assert_eq!(
+        names,
+        [
+            "sma.20",
+            "sma.50",
+            "sma.200",
+            "sma.5m",
+            "ema.20",
+            "candles.1m",
+            "candles.5m",
+            "ticker.24h"
+        ]
+    );
+}
