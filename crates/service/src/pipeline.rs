@@ -12,6 +12,7 @@
 //! One task owns a pipeline, so per-key order is input order and no lock
 //! guards the windows.
 
+use std::collections::BTreeMap;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -246,7 +247,8 @@ impl Pipeline {
         self.windows.max_keys
     }
 
-    /// The state of one key (its window and its position), if the key exists.
+    /// The state of one key (its window, its series and its positions), if
+    /// the key exists.
     #[must_use]
     pub fn key_state(&self, client: Option<&str>, symbol: &str) -> Option<KeyState> {
         self.windows.get(client, symbol).map(|key| KeyState {
@@ -254,6 +256,18 @@ impl Pipeline {
             seq: Some(key.seq),
             epoch: Some(key.epoch.to_string()),
             last_quote_ms: None,
+            series: self
+                .series
+                .iter()
+                .zip(&key.series)
+                .map(|(config, own)| {
+                    let saved = SavedSeries {
+                        state: own.state.save(),
+                        seq: own.seq,
+                    };
+                    (config.spec.name.to_string(), saved)
+                })
+                .collect(),
         })
     }
 
@@ -279,11 +293,25 @@ impl Pipeline {
             // A saved seq at the end of u64 could not be continued.
             let saved = state.epoch.filter(|e| names::is_epoch(e)).zip(state.seq);
             let saved = saved.filter(|(_, seq)| *seq < u64::MAX);
+            let continued = saved.is_some();
             let (epoch, seq) = match saved {
                 Some((epoch, seq)) => (Arc::from(epoch), seq),
                 None => (new_epoch(), 0),
             };
             key.seq = seq;
+            let mut saved_series = state.series;
+            for (config, own) in self.series.iter().zip(&mut key.series) {
+                // A series added since starts afresh; one removed is gone.
+                if let Some(saved) = saved_series.remove(&*config.spec.name) {
+                    own.state = config.spec.restore(saved.state);
+                    // In a new epoch, every sequence of the key starts over.
+                    own.seq = if continued && saved.seq < u64::MAX {
+                        saved.seq
+                    } else {
+                        0
+                    };
+                }
+            }
             // Idle since its last quote: as many sweeps ago as that was.
             if let Some(last) = state.last_quote_ms {
                 let idle_ms = now_ms().saturating_sub(last);
@@ -349,6 +377,19 @@ pub struct KeyState {
     /// an idle key alive for ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_quote_ms: Option<u64>,
+    /// Each `[[series]]`' state and last `seq`, by name (absent when none
+    /// are configured).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub series: BTreeMap<String, SavedSeries>,
+}
+
+/// What durable stream mode saves of one series of a key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedSeries {
+    /// The series' state.
+    pub state: series::SavedState,
+    /// Its last `seq` (in the key's epoch).
+    pub seq: u64,
 }
 
 /// One key's window and where its results go.

@@ -13,14 +13,14 @@ pub mod total;
 
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use self::candles::{Bar, Candles, Pushed, Trade};
-use self::ema::Ema;
-use self::rolling::{Rolling, RollingPushed, Ticker};
-use self::timed::{TimeMean, TimePushed, TimeSma};
+use self::candles::{Bar, Candles, CandlesState, Pushed, Trade};
+use self::ema::{Ema, EmaState};
+use self::rolling::{Rolling, RollingPushed, RollingState, Ticker};
+use self::timed::{TimeMean, TimePushed, TimeSma, TimeSmaState};
 use crate::decimal::Decimal;
-use crate::sma::{Average, SmaWindow};
+use crate::sma::{Average, SmaWindow, WindowState};
 
 /// What a series computes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,6 +130,88 @@ pub enum State {
     },
     /// See [`Kind::Ticker`].
     Ticker(Rolling),
+}
+
+/// What a key's state of a series keeps, for persisting it (durable stream
+/// mode saves it in the batch's MULTI/EXEC).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum SavedState {
+    /// A count SMA's window.
+    Sma(WindowState),
+    /// A time SMA's points.
+    TimeSma(TimeSmaState),
+    /// An EMA's value.
+    Ema(EmaState),
+    /// Candles: the open one, and the last update sent.
+    Candles {
+        /// The candles.
+        candles: CandlesState,
+        /// The `ts` of the open candle's last update that went out.
+        last_update: Option<u64>,
+    },
+    /// A ticker's buckets.
+    Ticker(RollingState),
+}
+
+impl State {
+    /// Everything needed to continue this state elsewhere bit for bit.
+    #[must_use]
+    pub fn save(&self) -> SavedState {
+        match self {
+            State::Sma(window) => SavedState::Sma(window.state()),
+            State::TimeSma(window) => SavedState::TimeSma(window.state()),
+            State::Ema(ema) => SavedState::Ema(ema.state()),
+            State::Candles {
+                candles,
+                last_update,
+            } => SavedState::Candles {
+                candles: candles.state(),
+                last_update: *last_update,
+            },
+            State::Ticker(rolling) => SavedState::Ticker(rolling.state()),
+        }
+    }
+}
+
+impl Spec {
+    /// A key's state of this series continuing from `saved`; a state saved
+    /// for another kind (the configuration changed) starts afresh.
+    #[must_use]
+    pub fn restore(&self, saved: SavedState) -> State {
+        match (self.kind, saved) {
+            (Kind::Sma { window }, SavedState::Sma(state)) => {
+                State::Sma(SmaWindow::restore(window, state))
+            }
+            (
+                Kind::TimeSma {
+                    window_ms,
+                    max_points,
+                },
+                SavedState::TimeSma(state),
+            ) => State::TimeSma(TimeSma::restore(
+                window_ms,
+                self.lateness_ms,
+                max_points,
+                state,
+            )),
+            (Kind::Ema { span }, SavedState::Ema(state)) => State::Ema(Ema::restore(span, state)),
+            (
+                Kind::Candles { interval_ms, .. },
+                SavedState::Candles {
+                    candles,
+                    last_update,
+                },
+            ) => State::Candles {
+                candles: Candles::restore(interval_ms, candles),
+                last_update,
+            },
+            (Kind::Ticker { window_ms, step_ms }, SavedState::Ticker(state)) => State::Ticker(
+                Rolling::restore(window_ms, step_ms, self.lateness_ms, state),
+            ),
+            _ => self.start(),
+        }
+    }
 }
 
 /// What one quote made a series publish.
@@ -498,6 +580,78 @@ mod tests {
             assert!(!outputs.late);
             assert_eq!(outputs.results.len(), 1, "{}", spec.name);
             assert_eq!(outputs.results[0].encode(&spec, 189.5, &at(1)), want);
+        }
+    }
+
+    #[test]
+    fn every_kind_saved_as_json_continues_bit_for_bit() {
+        let nz64 = |v| NonZeroU64::new(v).expect("non-zero");
+        let specs = [
+            spec(
+                "sma.3",
+                Kind::Sma {
+                    window: NonZeroUsize::new(3).expect("non-zero"),
+                },
+            ),
+            spec(
+                "sma.1s",
+                Kind::TimeSma {
+                    window_ms: nz64(1_000),
+                    max_points: 5,
+                },
+            ),
+            spec(
+                "ema.3",
+                Kind::Ema {
+                    span: NonZeroU32::new(3).expect("non-zero"),
+                },
+            ),
+            spec(
+                "candles.1s",
+                Kind::Candles {
+                    interval_ms: nz64(1_000),
+                    update_ms: 300,
+                },
+            ),
+            spec(
+                "ticker.5s",
+                Kind::Ticker {
+                    window_ms: nz64(5_000),
+                    step_ms: nz64(500),
+                },
+            ),
+        ];
+        let before = [
+            (100, "1.5", "1"),
+            (400, "1e-30", "2"),
+            (900, "2.25", "0.5"),
+            (1_300, "3", "7"),
+        ];
+        let after = [
+            (1_350, "4.125", "1"),
+            (1_200, "5", "1"),
+            (2_600, "0.1", "3"),
+            (9_000, "7", "1"),
+        ];
+        for spec in specs {
+            let mut original = spec.start();
+            for (ts, price, volume) in before {
+                original.push(&spec, &input(ts, price, Some(volume)));
+            }
+            let json = serde_json::to_string(&original.save()).expect("serializes");
+            let mut restored = spec.restore(serde_json::from_str(&json).expect("reads"));
+            for (ts, price, volume) in after {
+                let want = original.push(&spec, &input(ts, price, Some(volume)));
+                let got = restored.push(&spec, &input(ts, price, Some(volume)));
+                let text = |o: &Outputs| -> Vec<String> {
+                    o.results
+                        .iter()
+                        .map(|r| r.encode(&spec, 0.0, &at(1)))
+                        .collect()
+                };
+                assert_eq!(text(&got), text(&want), "{} after {json}", spec.name);
+                assert_eq!(got.late, want.late);
+            }
         }
     }
 

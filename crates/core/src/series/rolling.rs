@@ -20,12 +20,14 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU64;
 
+use serde::{Deserialize, Serialize};
+
 use super::total::{Amount, Total};
 use crate::decimal::{self, Decimal};
 
-/// One bucket of quotes.
-#[derive(Debug, Clone, PartialEq)]
-struct Bucket {
+/// One bucket of quotes (also as saved).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Bucket {
     start: u64,
     open: Price,
     last: Price,
@@ -36,11 +38,51 @@ struct Bucket {
 }
 
 /// A price with the `ts` it was quoted at.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(from = "(u64, f64, u8)", into = "(u64, f64, u8)")]
 struct Price {
     ts: u64,
     value: f64,
     decimal: Option<Decimal>,
+}
+
+/// Saved as `[ts, price, places]`, places 255 for an inexact price.
+impl From<Price> for (u64, f64, u8) {
+    fn from(price: Price) -> Self {
+        (
+            price.ts,
+            price.value,
+            price.decimal.map_or(u8::MAX, Decimal::scale),
+        )
+    }
+}
+
+impl From<(u64, f64, u8)> for Price {
+    fn from((ts, value, scale): (u64, f64, u8)) -> Self {
+        Self {
+            ts,
+            value,
+            decimal: Decimal::from_f64(value, scale),
+        }
+    }
+}
+
+/// What a ticker keeps, for persisting it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RollingState {
+    /// The buckets, oldest first.
+    pub buckets: Vec<Bucket>,
+    /// The newest `ts`.
+    pub newest: Option<u64>,
+    /// The running high, low, volume and trades over the buckets (a volume
+    /// summed afresh could differ in the last bits once inexact).
+    pub high: f64,
+    /// See `high`.
+    pub low: f64,
+    /// See `high`.
+    pub volume: Total,
+    /// See `high`.
+    pub trades: u64,
 }
 
 /// The statistics at one quote.
@@ -108,6 +150,48 @@ impl Rolling {
             volume: Total::new(),
             trades: 0,
         }
+    }
+
+    /// Everything needed to continue these statistics elsewhere bit for bit.
+    #[must_use]
+    pub fn state(&self) -> RollingState {
+        RollingState {
+            buckets: self.buckets.iter().cloned().collect(),
+            newest: self.newest,
+            high: self.high,
+            low: self.low,
+            volume: self.volume,
+            trades: self.trades,
+        }
+    }
+
+    /// Statistics of these parameters continuing from `state`; saved
+    /// buckets of another step (the configuration changed) are summed
+    /// afresh into what they can still say: nothing, so they are dropped.
+    #[must_use]
+    pub fn restore(
+        window: NonZeroU64,
+        step: NonZeroU64,
+        lateness: u64,
+        state: RollingState,
+    ) -> Self {
+        let mut rolling = Self::new(window, step, lateness);
+        let step = rolling.step;
+        let fits = state
+            .buckets
+            .windows(2)
+            .all(|pair| pair[0].start < pair[1].start)
+            && state.buckets.iter().all(|b| b.start % step == 0);
+        if !fits {
+            return rolling;
+        }
+        rolling.buckets = state.buckets.into();
+        rolling.newest = state.newest;
+        rolling.high = state.high;
+        rolling.low = state.low;
+        rolling.volume = state.volume;
+        rolling.trades = state.trades;
+        rolling
     }
 
     /// The default step for `window`: a 1440th of it (a minute for a day),

@@ -20,6 +20,8 @@
 use std::collections::VecDeque;
 use std::num::NonZeroU64;
 
+use serde::{Deserialize, Serialize};
+
 use crate::decimal::{self, Decimal};
 use crate::sum::{CompensatedSum, ExactSum};
 
@@ -56,6 +58,22 @@ pub struct TimeMean {
     pub exact: bool,
     /// False when points of this window were dropped for `max_points`.
     pub complete: bool,
+}
+
+/// What a time SMA keeps, for persisting it: its points, by `ts`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TimeSmaState {
+    /// `[ts, price, places]`, places 255 for a price outside the exact
+    /// domain.
+    pub points: Vec<(u64, f64, u8)>,
+    /// The newest `ts`.
+    pub newest: Option<u64>,
+    /// The newest `ts` dropped for `max_points`, while windows reach it.
+    pub dropped_through: Option<u64>,
+    /// The newest window's compensated sum and its compensation, while it
+    /// holds an inexact price (a sum redone from the points could differ in
+    /// the last bits).
+    pub compensated: Option<(f64, f64)>,
 }
 
 /// One key's moving average over a time window.
@@ -96,6 +114,65 @@ impl TimeSma {
             live_float: None,
             dropped_through: None,
         }
+    }
+
+    /// Everything needed to continue this window elsewhere bit for bit.
+    #[must_use]
+    pub fn state(&self) -> TimeSmaState {
+        TimeSmaState {
+            points: self
+                .points
+                .iter()
+                .map(|p| (p.ts, p.price, p.decimal.map_or(u8::MAX, Decimal::scale)))
+                .collect(),
+            newest: self.newest,
+            dropped_through: self.dropped_through,
+            compensated: self.live_float.map(|sum| (sum.sum, sum.compensation)),
+        }
+    }
+
+    /// A time SMA of these parameters continuing from `state`.
+    #[must_use]
+    pub fn restore(
+        window: NonZeroU64,
+        lateness: u64,
+        max_points: usize,
+        state: TimeSmaState,
+    ) -> Self {
+        let mut sma = Self::new(window, lateness, max_points);
+        let mut points: Vec<Point> = state
+            .points
+            .into_iter()
+            .filter(|(_, price, _)| price.is_finite())
+            .map(|(ts, price, scale)| Point {
+                ts,
+                price,
+                decimal: Decimal::from_f64(price, scale),
+            })
+            .collect();
+        points.sort_by_key(|p| p.ts);
+        let overflow = points.len().saturating_sub(sma.max_points);
+        sma.points = points.into_iter().skip(overflow).collect();
+        sma.newest = state.newest.or(sma.points.back().map(|p| p.ts));
+        sma.dropped_through = state.dropped_through;
+        let newest = sma.newest.unwrap_or(0);
+        sma.live_from = sma
+            .points
+            .partition_point(|p| sma.before_window(p.ts, newest));
+        for index in sma.live_from..sma.points.len() {
+            let point = sma.points[index];
+            let was_inexact = sma.live.inexact > 0;
+            sma.live.add(point.decimal);
+            sma.update_float(was_inexact, 0.0, point.price);
+        }
+        if let (Some(float), Some((sum, compensation))) = (&mut sma.live_float, state.compensated)
+            && sum.is_finite()
+            && compensation.is_finite()
+        {
+            float.sum = sum;
+            float.compensation = compensation;
+        }
+        sma
     }
 
     /// How many points the key keeps now.

@@ -248,14 +248,8 @@ pub fn resolve(
     if tables.is_empty() {
         return Ok(Vec::new());
     }
-    // Served on Redis pub/sub by one bridge, for now: stream mode would have
-    // to save every series' state in its MULTI/EXEC, and a cluster to
-    // partition every series' channel.
-    if redis.input_mode != super::InputMode::PubSub {
-        return Err(fail(
-            "series are computed in redis.input_mode = \"pubsub\" only, for now".into(),
-        ));
-    }
+    // A cluster would have to partition every series' channel, as it does
+    // the output channel: not yet.
     if !redis.cluster_nodes.is_empty() {
         return Err(fail(
             "series are not yet available on a Redis Cluster".into(),

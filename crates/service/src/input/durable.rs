@@ -548,9 +548,7 @@ impl DurableInput {
                 _ => b"".as_slice(),
             };
             match self.pipeline.process(payload) {
-                // Series are computed in pub/sub mode only (the configuration
-                // refuses them here), so `series` is empty.
-                Outcome::Accepted { quote, sma, .. } => {
+                Outcome::Accepted { quote, sma, series } => {
                     touched.insert((
                         quote.client.as_deref().map(str::to_owned),
                         quote.symbol.to_string(),
@@ -558,6 +556,13 @@ impl DurableInput {
                     if let Some(sma) = sma {
                         self.add_output(&mut transaction, &sma);
                         deliveries.push(sma);
+                    }
+                    // Published in the same MULTI/EXEC as the key's state,
+                    // which holds every series' state too.
+                    for outbound in series {
+                        transaction
+                            .publish(&*outbound.channel, outbound.payload.as_ref())
+                            .ignore();
                     }
                 }
                 Outcome::Rejected {
