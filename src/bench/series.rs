@@ -8,7 +8,8 @@ use std::time::Instant;
 
 use super::{Row, Scenario};
 use crate::decimal::Decimal;
-use crate::series::candles::{Candles, Trade};
+use crate::series::Input;
+use crate::series::candles::Candles;
 use crate::series::ema::Ema;
 use crate::series::rolling::Rolling;
 use crate::series::timed::{MAX_POINTS, TimeSma};
@@ -94,7 +95,7 @@ pub fn run(quotes: usize, symbols: usize) -> Vec<Row> {
     for (name, interval) in [("candles 1m", 60_000), ("candles 5m", 300_000)] {
         let mut candles = vec![Candles::new(nz(interval)); keys];
         rows.push(measure(name, &samples, |s| {
-            let trade = Trade {
+            let trade = Input {
                 ts: s.ts,
                 price: s.price,
                 decimal: s.decimal,

@@ -27,7 +27,7 @@ pub(crate) struct ExactSum {
 }
 
 /// A Neumaier-compensated sum of `f64`s.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub(crate) struct CompensatedSum {
     pub(crate) sum: f64,
     pub(crate) compensation: f64,
@@ -81,6 +81,11 @@ impl ExactSum {
 }
 
 impl CompensatedSum {
+    /// The sum, its compensation folded in.
+    pub(crate) fn value(&self) -> f64 {
+        self.sum + self.compensation
+    }
+
     /// Replaces `evicted` (0 when nothing left) by `price`: false when the
     /// running sum cannot come back from it and must be summed afresh:
     /// - An overflowing price made it inf (or NaN, once inf - inf). Once

@@ -261,7 +261,8 @@ proptest! {
         (realistic, steps) in any::<bool>()
             .prop_flat_map(|r| (Just(r), prop::collection::vec(step(r), 1..200))),
     ) {
-        use quotebridge_core::series::candles::{Bar, Candles, Pushed, Trade};
+        use quotebridge_core::series::Input;
+        use quotebridge_core::series::candles::{Bar, Candles, Pushed};
         let interval = 60_000u64;
         let mut candles = Candles::new(std::num::NonZeroU64::new(interval).expect("non-zero"));
         let mut bars: Vec<Bar> = Vec::new();
@@ -270,7 +271,7 @@ proptest! {
         let mut buckets: Vec<(u64, Vec<Step>)> = Vec::new();
         for step in &steps {
             ts += step.gap;
-            let trade = Trade {
+            let trade = Input {
                 ts,
                 price: step.price.to_f64(),
                 decimal: Some(step.price),

@@ -14,6 +14,7 @@ use std::num::NonZeroU64;
 
 use serde::{Deserialize, Serialize};
 
+use super::Input;
 use super::total::{Amount, Total};
 use crate::decimal::Decimal;
 
@@ -58,7 +59,7 @@ impl Bar {
         }
     }
 
-    fn take(&mut self, quote: &Trade) {
+    fn take(&mut self, quote: &Input) {
         self.high = self.high.max(quote.price);
         self.low = self.low.min(quote.price);
         self.close = quote.price;
@@ -81,19 +82,6 @@ impl Bar {
     pub fn vwap(&self) -> Option<Amount> {
         self.turnover.ratio(&self.volume)
     }
-}
-
-/// One quote, as candles read it.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Trade {
-    /// Event time, Unix milliseconds.
-    pub ts: u64,
-    /// The price.
-    pub price: f64,
-    /// The price as the decimal it was written as, if exact.
-    pub decimal: Option<Decimal>,
-    /// The volume and its decimal, if the quote had one.
-    pub volume: Option<(f64, Option<Decimal>)>,
 }
 
 /// What one quote did to a key's candles.
@@ -148,7 +136,7 @@ impl Candles {
     }
 
     /// Takes one quote.
-    pub fn push(&mut self, trade: &Trade) -> Pushed<'_> {
+    pub fn push(&mut self, trade: &Input) -> Pushed<'_> {
         let start = self.bucket_of(trade.ts);
         if trade.ts < self.closed_until || self.open.as_ref().is_some_and(|b| start < b.start_ms) {
             return Pushed::Late;
@@ -216,9 +204,9 @@ impl Candles {
 mod tests {
     use super::*;
 
-    fn trade(ts: u64, price: &str, volume: Option<&str>) -> Trade {
+    fn trade(ts: u64, price: &str, volume: Option<&str>) -> Input {
         let decimal = Decimal::parse(price);
-        Trade {
+        Input {
             ts,
             price: price.parse().expect("a number"),
             decimal,

@@ -15,7 +15,7 @@ use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 
 use serde::{Deserialize, Serialize};
 
-use self::candles::{Bar, Candles, CandlesState, Pushed, Trade};
+use self::candles::{Bar, Candles, CandlesState, Pushed};
 use self::ema::{Ema, EmaState};
 use self::rolling::{Rolling, RollingPushed, RollingState, Ticker};
 use self::timed::{TimeMean, TimePushed, TimeSma, TimeSmaState};
@@ -260,13 +260,7 @@ impl State {
                     Kind::Candles { update_ms, .. } => update_ms,
                     _ => 0,
                 };
-                let trade = Trade {
-                    ts: input.ts,
-                    price: input.price,
-                    decimal: input.decimal,
-                    volume: input.volume,
-                };
-                match candles.push(&trade) {
+                match candles.push(input) {
                     Pushed::Taken { closed, open } => {
                         let opened = closed.is_some() || last_update.is_none();
                         if let Some(closed) = closed {

@@ -12,6 +12,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::decimal::{self, Decimal};
+use crate::sum::CompensatedSum;
 
 /// The most places a total keeps: a product of two exact decimals.
 pub const MAX_TOTAL_SCALE: u8 = 2 * decimal::MAX_SCALE;
@@ -23,9 +24,8 @@ pub struct Total {
     #[serde(default, skip_serializing_if = "Option::is_none", with = "exact_units")]
     units: Option<i128>,
     scale: u8,
-    /// The same sum in `f64`, compensated (Neumaier).
-    float: f64,
-    compensation: f64,
+    /// The same sum in `f64`, compensated.
+    float: CompensatedSum,
 }
 
 /// `i128` as a decimal string in JSON, which has no 128-bit integers.
@@ -81,14 +81,14 @@ impl Total {
     }
 
     fn add_units(&mut self, value: f64, exact: Option<(i128, u8)>) {
-        self.add_float(value);
+        self.float.add(value);
         self.add_exact(exact);
     }
 
     /// Adds another total.
     pub fn merge(&mut self, other: &Total) {
-        self.add_float(other.float);
-        self.add_float(other.compensation);
+        self.float.add(other.float.sum);
+        self.float.add(other.float.compensation);
         self.add_exact(other.units.map(|units| (units, other.scale)));
     }
 
@@ -107,17 +107,6 @@ impl Total {
         self.scale = target;
     }
 
-    /// Neumaier's compensated addition.
-    fn add_float(&mut self, value: f64) {
-        let total = self.float + value;
-        if self.float.abs() >= value.abs() {
-            self.compensation += (self.float - total) + value;
-        } else {
-            self.compensation += (value - total) + self.float;
-        }
-        self.float = total;
-    }
-
     /// The total.
     #[must_use]
     pub fn value(&self) -> Amount {
@@ -127,7 +116,7 @@ impl Total {
                 exact: true,
             },
             None => Amount {
-                value: self.float + self.compensation,
+                value: self.float.value(),
                 exact: false,
             },
         }
@@ -164,7 +153,7 @@ impl Total {
         Some(match exact {
             Some(value) => Amount { value, exact: true },
             None => Amount {
-                value: (self.float + self.compensation) / (divisor.float + divisor.compensation),
+                value: self.float.value() / divisor.float.value(),
                 exact: false,
             },
         })
