@@ -572,6 +572,7 @@ mod fast {
         /// A finite number in strict JSON grammar, correctly rounded, the
         /// decimal it spells when that is exact, and its text where that is
         /// the value's shortest round-trip form.
+        #[inline(always)]
         fn number(&mut self) -> Option<(f64, Option<Decimal>, Option<&'a str>)> {
             let start = self.at;
             let negative = self.bytes().get(self.at) == Some(&b'-');
