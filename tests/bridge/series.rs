@@ -207,6 +207,10 @@ fn a_bad_series_table_fails_in_one_line_naming_what_to_change() {
             "a time",
         ),
         (
+            "[redis]\noutput = \"sma.{symbol}\"\n[[series]]\nname = \"sma.50\"\nkind = \"sma\"\nwindow = 50\n",
+            "channel \"sma.50\"",
+        ),
+        (
             "[[series]]\nname = \"a\"\nkind = \"ema\"\nspan = 2\n[[series]]\nname = \"a\"\nkind = \"ema\"\nspan = 3\n",
             "named twice",
         ),

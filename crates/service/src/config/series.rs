@@ -265,14 +265,24 @@ pub fn resolve(
         seen.push(&table.name);
         let channel = one.channel.as_str();
         let pattern = channel.contains(['*', '?', '[']);
+        // Gateways take every channel the output's `{symbol}` template
+        // matches for SMA results: a series must not publish on one.
+        let in_output = redis
+            .output
+            .split_once("{symbol}")
+            .is_some_and(|(before, after)| {
+                let sample = channel.replace("{symbol}", "X");
+                sample.starts_with(before) && sample.ends_with(after)
+            });
         let clashes = channel == redis.output
+            || in_output
             || channel == redis.rejected
             || channel.starts_with(&redis.direct_prefix)
             || redis.input.iter().any(|input| input == channel)
             || series.iter().any(|s: &Series| s.channel == channel);
         if channel.is_empty() || pattern || clashes {
             return Err(fail(format!(
-                "series {:?}: channel {channel:?} must be a plain channel name of its own (not redis.output, redis.input, redis.rejected, a direct channel or another series')",
+                "series {:?}: channel {channel:?} must be a plain channel name of its own (not redis.output or one its {{symbol}} matches, redis.input, redis.rejected, a direct channel or another series')",
                 table.name
             )));
         }
