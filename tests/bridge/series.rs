@@ -207,6 +207,10 @@ fn a_bad_series_table_fails_in_one_line_naming_what_to_change() {
             "a time",
         ),
         (
+            "[[series]]\nname = \"t\"\nkind = \"ticker\"\nwindow = \"24h\"\nstep = \"1s\"\n",
+            "a 10000th",
+        ),
+        (
             "[redis]\noutput = \"sma.{symbol}\"\n[[series]]\nname = \"sma.50\"\nkind = \"sma\"\nwindow = 50\n",
             "channel \"sma.50\"",
         ),

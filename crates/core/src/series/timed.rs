@@ -29,6 +29,12 @@ use crate::sum::{CompensatedSum, ExactSum};
 /// (below 10^33 a point) stays within an `i128`.
 pub const MAX_POINTS: usize = 100_000;
 
+/// The most points a late quote may land behind, or reach back over at its
+/// window's start, and still be taken: what placing it and correcting the
+/// newest window's sum for it cost. Past that it is late however recent its
+/// `ts`, so a producer cannot make each quote walk a whole window.
+pub const MAX_LATE_SHIFT: usize = 1_024;
+
 /// One price in a time window.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Point {
@@ -200,7 +206,15 @@ impl TimeSma {
         let at = if self.points.back().is_none_or(|p| p.ts <= ts) {
             self.points.len()
         } else {
-            self.points.partition_point(|p| p.ts <= ts)
+            let at = self.points.partition_point(|p| p.ts <= ts);
+            let before = self
+                .points
+                .partition_point(|p| self.before_window(p.ts, ts));
+            let shift = self.points.len() - at;
+            if shift > MAX_LATE_SHIFT || self.live_from.saturating_sub(before) > MAX_LATE_SHIFT {
+                return TimePushed::Late;
+            }
+            at
         };
         self.points.insert(at, point);
         if self.newest.is_none() || !self.before_window(ts, newest) {
@@ -392,6 +406,30 @@ mod tests {
         assert_eq!((m.mean, m.count), (35.0, 4));
         // Past the lateness: left out.
         assert_eq!(push(&mut w, 1_599, "99"), TimePushed::Late);
+    }
+
+    #[test]
+    fn a_late_quote_behind_too_many_newer_points_is_late() {
+        let mut w = sma(60_000, 5_000, MAX_POINTS);
+        for _ in 0..MAX_LATE_SHIFT {
+            push(&mut w, 10_000, "1");
+        }
+        // Behind exactly the most it may be: placed and averaged.
+        let m = mean(push(&mut w, 9_999, "3"));
+        assert_eq!(m.count, 1);
+        // One newer point more: late, and nothing of it kept.
+        push(&mut w, 10_000, "1");
+        let kept = w.len();
+        assert_eq!(push(&mut w, 9_999, "3"), TimePushed::Late);
+        assert_eq!(w.len(), kept);
+        // Reaching back over too many points at its window's start is late
+        // too: (9_999, 10_999] would add back every point at 10_000.
+        let mut w = sma(1_000, 5_000, MAX_POINTS);
+        for _ in 0..=MAX_LATE_SHIFT {
+            push(&mut w, 10_000, "1");
+        }
+        push(&mut w, 11_000, "2");
+        assert_eq!(push(&mut w, 10_999, "2"), TimePushed::Late);
     }
 
     #[test]

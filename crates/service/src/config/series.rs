@@ -216,9 +216,11 @@ impl SeriesSettings {
                     Some(text) => duration(name, "step", text)?,
                     None => crate::series::rolling::Rolling::default_step(window),
                 };
-                if step > window || window.get() / step.get() > 100_000 {
+                // A bucket leaving the window re-sums the buckets kept
+                // (see series::rolling): at most 10,000 of them.
+                if step > window || window.get() / step.get() > 10_000 {
                     return Err(fail(format!(
-                        "series {name:?}: the step must be at most the window, and at least a 100000th of it"
+                        "series {name:?}: the step must be at most the window, and at least a 10000th of it"
                     )));
                 }
                 Kind::Ticker {
