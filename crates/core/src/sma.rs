@@ -191,7 +191,7 @@ impl SmaWindow {
         let count = self.slots.len();
         match &self.compensated {
             Some(compensated) => Average {
-                mean: (compensated.sum + compensated.compensation) / count as f64,
+                mean: compensated.value() / count as f64,
                 count,
                 exact: false,
             },

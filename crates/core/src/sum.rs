@@ -82,6 +82,7 @@ impl ExactSum {
 
 impl CompensatedSum {
     /// The sum, its compensation folded in.
+    #[inline]
     pub(crate) fn value(&self) -> f64 {
         self.sum + self.compensation
     }
@@ -100,7 +101,7 @@ impl CompensatedSum {
     pub(crate) fn replace(&mut self, evicted: f64, price: f64) -> bool {
         self.add(-evicted);
         self.add(price);
-        let total = self.sum + self.compensation;
+        let total = self.value();
         total.is_finite() && evicted.abs() <= CANCELLATION_RATIO * (total.abs() + price.abs())
     }
 

@@ -346,7 +346,7 @@ impl TimeSma {
             (exact, float, after - before)
         };
         let mean = match float {
-            Some(sum) => (sum.sum + sum.compensation) / count as f64,
+            Some(sum) => sum.value() / count as f64,
             None => decimal::mean(exact.sum, count, exact.scale),
         };
         TimeMean {
