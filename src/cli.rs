@@ -70,6 +70,10 @@ pub enum Command {
         /// Subscribe to these symbols instead of the defaults (comma-separated).
         #[arg(long, value_delimiter = ',', value_name = "A,B")]
         symbols: Option<Vec<String>>,
+        /// In these series instead of the bridge's default ones
+        /// (comma-separated: `sma` or `[[series]]` names, e.g. `sma,candles.1m`).
+        #[arg(long, value_delimiter = ',', value_name = "S,T")]
+        series: Option<Vec<String>>,
         /// Base WebSocket URL (default: ws:// + server.listen); a query
         /// (`?x=1`) is kept.
         #[arg(long, value_name = "URL")]
@@ -341,6 +345,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
         Command::Tail {
             client_code,
             symbols,
+            series,
             url,
             token,
             resume,
@@ -352,6 +357,7 @@ pub async fn execute(cli: Cli) -> Result<(), Error> {
                 base_url,
                 client_code,
                 symbols,
+                series,
                 token,
                 resume,
             };

@@ -17,6 +17,7 @@ use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use crate::names::{self, StreamName};
 
 /// Longest wait between two reconnection attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -30,6 +31,9 @@ pub struct Options {
     pub client_code: String,
     /// Subscribe to these instead of the default subscriptions.
     pub symbols: Option<Vec<String>>,
+    /// In these series (`sma`, or `[[series]]` names) instead of the
+    /// bridge's default ones.
+    pub series: Option<Vec<String>>,
     /// Sent as `Authorization: Bearer`.
     pub token: Option<String>,
     /// Reconnect after a drop and resume where it left off.
@@ -41,11 +45,21 @@ pub struct Options {
 struct Positions {
     public: BTreeMap<String, (String, u64)>,
     private: BTreeMap<String, (String, u64)>,
+    /// The socket's subscriptions, as its last `subscribed` reply listed
+    /// them: what a resume subscribes to again.
+    subscribed: Option<Vec<String>>,
 }
 
 impl Positions {
     /// Notes the position of `frame` if it is a result.
     fn note(&mut self, frame: &Value) {
+        if frame["type"] == "subscribed"
+            && let Some(entries) = frame["symbols"].as_array()
+        {
+            let entries = entries.iter().filter_map(Value::as_str);
+            self.subscribed = Some(entries.map(str::to_owned).collect());
+            return;
+        }
         let (Some(symbol), Some(seq), Some(epoch)) = (
             frame["symbol"].as_str(),
             frame["seq"].as_u64(),
@@ -58,7 +72,13 @@ impl Positions {
         } else {
             &mut self.public
         };
-        keys.insert(symbol.to_owned(), (epoch.to_owned(), seq));
+        // A series' result is a key of its own: `symbol@series`.
+        let key = StreamName {
+            symbol,
+            series: frame["series"].as_str(),
+        }
+        .joined();
+        keys.insert(key, (epoch.to_owned(), seq));
     }
 
     fn is_empty(&self) -> bool {
@@ -67,7 +87,7 @@ impl Positions {
 
     /// The resume request naming every key's last position, grouped by
     /// epoch as the protocol asks.
-    fn resume_request(&self, symbols: Option<&[String]>) -> Value {
+    fn resume_request(&self, symbols: Option<&[String]>, series: Option<&[String]>) -> Value {
         let grouped = |keys: &BTreeMap<String, (String, u64)>| {
             let mut by_epoch: BTreeMap<&str, BTreeMap<&str, u64>> = BTreeMap::new();
             for (symbol, (epoch, seq)) in keys {
@@ -82,6 +102,9 @@ impl Positions {
         });
         if let Some(symbols) = symbols {
             request["symbols"] = json!(symbols);
+        }
+        if let Some(series) = series {
+            request["series"] = json!(series);
         }
         request
     }
@@ -325,13 +348,39 @@ async fn follow(
         }
         // The first frame is the welcome.
         let requests = if options.resume && !positions.is_empty() {
-            let request = positions.resume_request(options.symbols.as_deref());
+            // The subscriptions it had, entries as they are (plain ones
+            // are the sma's); else the ones asked for.
+            let sma = [names::SMA_SERIES.to_owned()];
+            let request = match &positions.subscribed {
+                Some(entries) => positions.resume_request(Some(entries), Some(&sma)),
+                None => {
+                    positions.resume_request(options.symbols.as_deref(), options.series.as_deref())
+                }
+            };
             vec![fitted(request)]
-        } else if let Some(symbols) = &options.symbols {
-            let defaults = frame["subscriptions"].clone();
+        } else if options.symbols.is_some() || options.series.is_some() {
+            let defaults = frame["subscriptions"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            // Without --symbols, the default symbols, in the series asked for.
+            let symbols = options.symbols.clone().unwrap_or_else(|| {
+                let mut symbols: Vec<String> = (defaults.iter())
+                    .filter_map(Value::as_str)
+                    .map(|entry| StreamName::split(entry).symbol.to_owned())
+                    .collect();
+                symbols.sort();
+                symbols.dedup();
+                symbols
+            });
+            let mut subscribe = json!({"op": "subscribe", "symbols": symbols});
+            if let Some(series) = &options.series {
+                subscribe["series"] = json!(series);
+            }
+            // The welcome's entries as they are: plain ones are the sma's.
             vec![
-                json!({"op": "unsubscribe", "symbols": defaults}),
-                json!({"op": "subscribe", "symbols": symbols}),
+                json!({"op": "unsubscribe", "symbols": defaults, "series": ["sma"]}),
+                subscribe,
             ]
         } else if options.resume {
             // Held until a first request: an empty resume makes it live.
@@ -362,14 +411,14 @@ mod tests {
             positions
                 .note(&json!({"symbol": format!("SYMBOL{n:05}"), "seq": 123_456, "epoch": "e1"}));
         }
-        let request = fitted(positions.resume_request(None));
+        let request = fitted(positions.resume_request(None, None));
         let text = request.to_string();
         assert!(text.len() <= MAX_RESUME_BYTES, "{} bytes", text.len());
         let kept = request["public"]["e1"]
             .as_object()
             .map_or(0, serde_json::Map::len);
         assert!(kept > 1_000, "{kept} keys kept");
-        let small = positions_of(&["A"]).resume_request(None);
+        let small = positions_of(&["A"]).resume_request(None, None);
         assert_eq!(
             fitted(small.clone()),
             small,
@@ -411,12 +460,30 @@ mod tests {
             positions.note(&frame);
         }
         assert_eq!(
-            positions.resume_request(Some(&["A".to_owned(), "B".to_owned()])),
+            positions.resume_request(Some(&["A".to_owned(), "B".to_owned()]), None),
             json!({
                 "op": "resume",
                 "public": {"e1": {"A": 2}, "e2": {"B": 7}},
                 "private": {"e1": {"A": 3}},
                 "symbols": ["A", "B"],
+            })
+        );
+        assert_eq!(positions.subscribed, Some(vec!["A".to_owned()]));
+    }
+
+    #[test]
+    fn a_series_result_is_a_key_of_its_own() {
+        let mut positions = Positions::default();
+        positions.note(&json!({"symbol": "A", "seq": 4, "epoch": "e1", "sma": 1.0}));
+        positions.note(&json!({"symbol": "A", "series": "candles.1m", "seq": 9, "epoch": "e1"}));
+        let series = ["candles.1m".to_owned()];
+        assert_eq!(
+            positions.resume_request(None, Some(&series)),
+            json!({
+                "op": "resume",
+                "public": {"e1": {"A": 4, "A@candles.1m": 9}},
+                "private": {},
+                "series": ["candles.1m"],
             })
         );
     }

@@ -137,6 +137,22 @@ async fn real_messages_match_the_published_schemas() {
         &json!({"op": "resume", "public": {"e": {"A": -1}}}),
     );
     assert_invalid("resumed", &json!({"type": "resumed", "recovered": true}));
+    let candle = json!({"symbol": "A", "series": "candles.1m", "interval_ms": 60000, "start": 0, "end": 60000,
+        "open": 1, "high": 1, "low": 1, "close": 1, "volume": 0, "trades": 1, "vwap": null, "closed": true,
+        "ts": 1, "seq": 1, "epoch": "e1"});
+    assert_valid("series", &candle);
+    let mut open = candle.clone();
+    open.as_object_mut().map(|m| m.remove("closed"));
+    assert_invalid("series", &open);
+    assert_invalid(
+        "series",
+        &json!({"symbol": "A", "series": "ema.9", "price": 1, "ema": 1, "span": 9,
+        "ts": 1, "seq": 1, "epoch": "e1", "extra": 1}),
+    );
+    assert_invalid(
+        "client-request",
+        &json!({"op": "subscribe", "symbols": ["A@"]}),
+    );
     drop(redis_out);
     app.shutdown().await;
 }
@@ -155,7 +171,7 @@ fn every_schema_the_asyncapi_document_references_exists() {
         .skip(1)
         .filter_map(|rest| rest.split('\'').next())
         .collect();
-    assert_eq!(referenced.len(), 10, "{referenced:?}");
+    assert_eq!(referenced.len(), 11, "{referenced:?}");
     for file in referenced {
         let text = std::fs::read_to_string(format!("{docs}/schemas/{file}"))
             .unwrap_or_else(|e| panic!("{file}: {e}"));

@@ -1,6 +1,7 @@
 //! `[[series]]` through real Redis: every kind's results on its own
 //! channel, each with its own positions, late quotes left out of the
-//! time-based kinds and counted, and nothing of it on the sockets.
+//! time-based kinds and counted; on the sockets and event streams that
+//! subscribe to them (closed candles only, snapshots, resume).
 
 use std::collections::HashMap;
 use std::num::NonZeroU32;
@@ -58,8 +59,8 @@ fn settings_from_file(toml: &str, env: &[(&str, &str)]) -> Settings {
     settings.expect("test settings are valid")
 }
 
-#[tokio::test]
-async fn every_kind_publishes_on_its_own_channel() {
+/// A Redis server and a bridge on it serving [`SERIES`], with SMAs of 2.
+async fn series_bridge() -> (RedisServer, Running) {
     let redis = RedisServer::start().await;
     let url = redis.url();
     let settings = settings_from_file(
@@ -71,6 +72,12 @@ async fn every_kind_publishes_on_its_own_channel() {
     );
     let bridge = Running::on_redis(settings);
     bridge.wait_until_ready().await;
+    (redis, bridge)
+}
+
+#[tokio::test]
+async fn every_kind_publishes_on_its_own_channel() {
+    let (redis, bridge) = series_bridge().await;
     let channels = ["sma", "sma.3", "sma.1s", "ema.2", "candles.X", "ticker.1h"];
     let mut output = redis.subscribe(&channels).await;
     let mut output = output.on_message();
@@ -108,6 +115,9 @@ async fn every_kind_publishes_on_its_own_channel() {
             .collect()
     };
     for channel in channels.into_iter().skip(1) {
+        for frame in &by_channel[channel] {
+            crate::schemas::assert_valid("series", frame);
+        }
         let seqs: Vec<u64> = got(channel, "seq")
             .iter()
             .filter_map(Value::as_u64)
@@ -167,8 +177,8 @@ async fn every_kind_publishes_on_its_own_channel() {
         "one quote, three time-based series"
     );
 
-    // The socket had the SMA only: its four results, then the direct
-    // message published after them.
+    // A socket on the default subscriptions had the SMA only: its four
+    // results, then the direct message published after them.
     let mut direct = redis.connection().await;
     redis::cmd("PUBLISH")
         .arg("client.c1")
@@ -184,6 +194,174 @@ async fn every_kind_publishes_on_its_own_channel() {
         );
     }
     assert_eq!(next_text(&mut socket).await, "fence");
+}
+
+/// Frames off `socket` until `count` results have come, by series
+/// (`"sma"` for the SMA's).
+async fn results_by_series(socket: &mut Socket, count: usize) -> HashMap<String, Vec<Value>> {
+    let mut by_series: HashMap<String, Vec<Value>> = HashMap::new();
+    for _ in 0..count {
+        let frame = next_json(socket).await;
+        assert!(frame["seq"].is_u64(), "a result: {frame}");
+        let series = frame["series"].as_str().unwrap_or("sma").to_owned();
+        by_series.entry(series).or_default().push(frame);
+    }
+    by_series
+}
+
+fn field(frames: &[Value], name: &str) -> Vec<Value> {
+    frames.iter().map(|frame| frame[name].clone()).collect()
+}
+
+#[tokio::test]
+async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
+    let (redis, bridge) = series_bridge().await;
+    let ws = |code: &str| format!("ws://{}/ws/{code}", bridge.address);
+
+    // The welcome lists what may be named; a subscribe names series.
+    let (mut both, welcome) = connect_ws(&ws("c1")).await;
+    assert_eq!(
+        welcome["series"],
+        serde_json::json!(["sma", "sma.3", "sma.1s", "ema.2", "candles.1m", "ticker.1h"])
+    );
+    assert_eq!(welcome["subscriptions"], serde_json::json!(["*"]));
+    crate::schemas::assert_valid("welcome", &welcome);
+    send_json(
+        &mut both,
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["candles.1m","ema.2"]}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut both).await,
+        serde_json::json!({"type":"subscribed","symbols":["*","X@candles.1m","X@ema.2"]})
+    );
+    // Closed candles only, of every symbol, and no SMA.
+    let (mut closed, _) = connect_ws(&ws("c2")).await;
+    for request in [
+        serde_json::json!({"op":"subscribe","symbols":["*"],"series":["candles.1m"],"closed_only":true}),
+        serde_json::json!({"op":"unsubscribe","symbols":["*"],"series":["sma"]}),
+    ] {
+        crate::schemas::assert_valid("client-request", &request);
+        send_json(&mut closed, request).await;
+        crate::schemas::assert_valid("subscribed", &next_json(&mut closed).await);
+    }
+    // An unknown series is refused, naming what is served.
+    send_json(
+        &mut closed,
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["ema.9"]}),
+    )
+    .await;
+    let refused = next_json(&mut closed).await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown series \"ema.9\"")),
+        "{refused}"
+    );
+
+    let quotes = [
+        (60_000, "10"),
+        (60_500, "11"),
+        (61_000, "12"),
+        (120_000, "13"),
+    ];
+    let messages: Vec<_> = quotes
+        .iter()
+        .map(|(ts, price)| {
+            let q = format!(r#"{{"symbol":"X","price":{price},"volume":1,"ts":{ts}}}"#);
+            ("quotes".to_owned(), q.into_bytes())
+        })
+        .collect();
+    let mut conn = redis.connection().await;
+    publish_all(&mut conn, &messages).await;
+
+    // 3 SMA, 4 EMA and 5 candles (the first closes as the fourth quote opens
+    // the next): the frames Redis carries, each series in its own order.
+    let got = results_by_series(&mut both, 3 + 4 + 5).await;
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert_eq!(field(&got["ema.2"], "seq"), [1, 2, 3, 4]);
+    assert_eq!(field(&got["sma"], "seq"), [1, 2, 3]);
+    assert_eq!(
+        field(&got["candles.1m"], "closed"),
+        [false, false, false, true, false]
+    );
+    assert_eq!(field(&got["candles.1m"], "seq"), [1, 2, 3, 4, 5]);
+    let epoch = got["candles.1m"][0]["epoch"]
+        .as_str()
+        .expect("epoch")
+        .to_owned();
+
+    // The closed-only socket had the closed candle alone, then the fence.
+    let mut direct = redis.connection().await;
+    redis::cmd("PUBLISH")
+        .arg("client.c2")
+        .arg("fence")
+        .query_async::<i64>(&mut direct)
+        .await
+        .expect("published");
+    let only = next_json(&mut closed).await;
+    assert_eq!(
+        (&only["closed"], &only["seq"]),
+        (&true.into(), &4.into()),
+        "{only}"
+    );
+    assert_eq!(next_text(&mut closed).await, "fence");
+
+    // A new subscriber gets the key's latest result first.
+    let (mut late, _) = connect_ws(&ws("c3")).await;
+    send_json(
+        &mut late,
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["ticker.1h"]}),
+    )
+    .await;
+    next_json(&mut late).await;
+    let snapshot = next_json(&mut late).await;
+    assert_eq!(
+        (&snapshot["series"], &snapshot["seq"], &snapshot["last"]),
+        (&"ticker.1h".into(), &4.into(), &13.0.into()),
+        "{snapshot}"
+    );
+
+    // A socket that saw candle 2 resumes the series' key by its name.
+    let (mut resumed, _) = connect_ws(&format!("{}?resume=1", ws("c4"))).await;
+    send_json(
+        &mut resumed,
+        serde_json::json!({"op":"resume","public":{epoch.as_str():{"X@candles.1m":2}},"symbols":["X"],"series":["candles.1m"]}),
+    )
+    .await;
+    let reply = next_json(&mut resumed).await;
+    crate::schemas::assert_valid("resumed", &reply);
+    assert_eq!(
+        (&reply["recovered"], &reply["replayed"]),
+        (&true.into(), &3.into()),
+        "{reply}"
+    );
+    let replayed: Vec<Value> = [
+        next_json(&mut resumed).await,
+        next_json(&mut resumed).await,
+        next_json(&mut resumed).await,
+    ]
+    .into();
+    assert_eq!(field(&replayed, "seq"), [3, 4, 5]);
+
+    // An event stream names series too; its ids name the series' key.
+    let path = "/sse/c5?symbols=X&series=ema.2";
+    let (head, mut events) = crate::sse::Events::open(bridge.address, path, None).await;
+    assert!(
+        head.starts_with("http/1.1 200") || head.starts_with("http/1.0 200"),
+        "{head}"
+    );
+    let (event, latest) = events.next_json().await;
+    assert_eq!(
+        (&latest["series"], &latest["seq"]),
+        (&"ema.2".into(), &4.into())
+    );
+    assert_eq!(
+        event.id.as_deref(),
+        Some(format!("{epoch}:4:p:X@ema.2").as_str())
+    );
+    let (status, body) = http_get(bridge.address, "/sse/c6?series=nope").await;
+    assert_eq!(status, 400, "{body}");
 }
 
 #[test]

@@ -11,21 +11,25 @@ use crate::support::*;
 
 /// One event as a client assembles it.
 #[derive(Debug, Default, PartialEq)]
-struct Event {
-    id: Option<String>,
-    event: Option<String>,
-    data: String,
+pub(crate) struct Event {
+    pub(crate) id: Option<String>,
+    pub(crate) event: Option<String>,
+    pub(crate) data: String,
 }
 
 /// An event stream read straight off the connection (HTTP/1.0, so the body
 /// is the stream itself, as `curl -N` shows it).
-struct Events {
+pub(crate) struct Events {
     reader: BufReader<TcpStream>,
 }
 
 impl Events {
     /// Opens `path`; returns the status line and headers, and the stream.
-    async fn open(address: SocketAddr, path: &str, last_event_id: Option<&str>) -> (String, Self) {
+    pub(crate) async fn open(
+        address: SocketAddr,
+        path: &str,
+        last_event_id: Option<&str>,
+    ) -> (String, Self) {
         let mut stream = within("connect", TcpStream::connect(address))
             .await
             .expect("connect");
@@ -51,7 +55,7 @@ impl Events {
     }
 
     /// The next event with data (comments and `retry:` alone are skipped).
-    async fn next(&mut self) -> Event {
+    pub(crate) async fn next(&mut self) -> Event {
         let mut event = Event::default();
         let mut data: Vec<String> = Vec::new();
         loop {
@@ -80,7 +84,7 @@ impl Events {
     }
 
     /// The next event's data as JSON.
-    async fn next_json(&mut self) -> (Event, Value) {
+    pub(crate) async fn next_json(&mut self) -> (Event, Value) {
         let event = self.next().await;
         let json = serde_json::from_str(&event.data).expect("JSON data");
         (event, json)

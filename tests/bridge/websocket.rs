@@ -21,7 +21,7 @@ async fn welcome_lists_the_default_subscriptions() {
     let (_socket, welcome) = app.connect("acme").await;
     assert_eq!(
         welcome,
-        json!({"type": "welcome", "client": "acme", "subscriptions": ["AAPL", "MSFT"]})
+        json!({"type": "welcome", "client": "acme", "subscriptions": ["AAPL", "MSFT"], "series": ["sma"]})
     );
     app.shutdown().await;
 }

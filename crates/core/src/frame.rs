@@ -14,6 +14,7 @@
 use std::ops::{Deref, Range};
 use std::sync::Arc;
 
+use crate::names::StreamName;
 use crate::protocol::{KeyFraming, MAX_RESULT_BYTES, Position, ResultRoute};
 
 /// An encoded result with its key and position.
@@ -48,8 +49,24 @@ enum Route {
         seq: u64,
     },
     /// Held beside the text: a relayed result whose names are escaped in
-    /// its JSON (`"BRK\/B"`), so the text does not spell them as they are.
+    /// its JSON (`"BRK\/B"`), so the text does not spell them as they are;
+    /// and every `[[series]]` result, whose key is named `symbol@series`.
     Beside(Arc<Names>),
+}
+
+/// Whether a result is a candle, and if so whether it is final: a closed
+/// candle is never replaced by a later result of its key (conflation and
+/// rate limits replace only what a later result supersedes), and a
+/// subscription may ask for closed candles only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BarState {
+    /// Not a candle: the SMA and every other series.
+    #[default]
+    NotABar,
+    /// An update of a candle still open.
+    Open,
+    /// A candle's final value.
+    Closed,
 }
 
 impl Clone for Route {
@@ -74,9 +91,32 @@ impl Clone for Route {
 
 #[derive(Debug, PartialEq, Eq)]
 struct Names {
-    symbol: Box<str>,
+    /// The key's name: the symbol, then `@series` for a series' key.
+    key: Box<str>,
+    /// How much of `key` is the symbol.
+    symbol_len: usize,
     client: Option<Box<str>>,
     position: Option<(u64, Box<str>)>,
+    bar: BarState,
+}
+
+impl Names {
+    fn new(
+        symbol: &str,
+        series: Option<&str>,
+        client: Option<&str>,
+        position: Option<Position<'_>>,
+        bar: BarState,
+    ) -> Self {
+        let key = StreamName { symbol, series }.joined();
+        Self {
+            key: key.into(),
+            symbol_len: symbol.len(),
+            client: client.map(Box::from),
+            position: position.map(|at| (at.seq, at.epoch.into())),
+            bar,
+        }
+    }
 }
 
 /// A range of a result's text; results are short, so two `u16`s.
@@ -168,11 +208,13 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
                 })
             })();
             spans.unwrap_or_else(|| {
-                Route::Beside(Arc::new(Names {
-                    symbol: parsed.symbol.as_ref().into(),
-                    client: parsed.client.as_deref().map(Box::from),
-                    position: position.map(|at| (at.seq, at.epoch.into())),
-                }))
+                Route::Beside(Arc::new(Names::new(
+                    &parsed.symbol,
+                    None,
+                    parsed.client.as_deref(),
+                    position,
+                    BarState::NotABar,
+                )))
             })
         };
         Ok(Self { text, route })
@@ -189,11 +231,36 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
     ) -> Self {
         Self {
             text,
-            route: Route::Beside(Arc::new(Names {
-                symbol: symbol.into(),
-                client: client.map(Box::from),
-                position: position.map(|at| (at.seq, at.epoch.into())),
-            })),
+            route: Route::Beside(Arc::new(Names::new(
+                symbol,
+                None,
+                client,
+                position,
+                BarState::NotABar,
+            ))),
+        }
+    }
+
+    /// A `[[series]]` result this bridge encoded: its key is named
+    /// `symbol@series`, and sockets, history and snapshots keep it apart
+    /// from the symbol's SMA.
+    pub fn series(
+        text: T,
+        series: &str,
+        symbol: &str,
+        client: Option<&str>,
+        position: Position<'_>,
+        bar: BarState,
+    ) -> Self {
+        Self {
+            text,
+            route: Route::Beside(Arc::new(Names::new(
+                symbol,
+                Some(series),
+                client,
+                Some(position),
+                bar,
+            ))),
         }
     }
 
@@ -201,7 +268,33 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
     pub fn symbol(&self) -> &str {
         match &self.route {
             Route::InText { symbol, .. } => symbol.read(&self.text),
-            Route::Beside(names) => &names.symbol,
+            Route::Beside(names) => &names.key[..names.symbol_len],
+        }
+    }
+
+    /// The name of the result's key among its client's (or the public)
+    /// keys: the symbol for an SMA, `symbol@series` for a series' result.
+    /// Subscriptions, history, snapshots and conflation go by it.
+    pub fn key(&self) -> &str {
+        match &self.route {
+            Route::InText { symbol, .. } => symbol.read(&self.text),
+            Route::Beside(names) => &names.key,
+        }
+    }
+
+    /// The series of a `[[series]]` result; `None` for an SMA.
+    pub fn series_name(&self) -> Option<&str> {
+        match &self.route {
+            Route::InText { .. } => None,
+            Route::Beside(names) => names.key.get(names.symbol_len + 1..),
+        }
+    }
+
+    /// Whether the result is a candle, and a closed one.
+    pub fn bar(&self) -> BarState {
+        match &self.route {
+            Route::InText { .. } => BarState::NotABar,
+            Route::Beside(names) => names.bar,
         }
     }
 

@@ -41,10 +41,91 @@ pub fn is_epoch(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
 }
 
-/// A subscription entry is a symbol or [`ALL_SYMBOLS`].
+/// A subscription entry is a symbol or [`ALL_SYMBOLS`], optionally followed
+/// by [`SERIES_SEPARATOR`] and a series name ([`StreamName`]).
 #[must_use]
 pub fn is_subscription(s: &str) -> bool {
-    s == ALL_SYMBOLS || is_symbol(s)
+    let name = StreamName::split(s);
+    (name.symbol == ALL_SYMBOLS || is_symbol(name.symbol)) && name.series.is_none_or(is_series)
+}
+
+/// A key's name is a symbol, or a symbol, [`SERIES_SEPARATOR`] and a
+/// series name (a `[[series]]` key's).
+#[must_use]
+pub fn is_key(s: &str) -> bool {
+    let name = StreamName::split(s);
+    is_symbol(name.symbol) && name.series.is_none_or(is_series)
+}
+
+/// What joins a symbol and a series in a key's name: `AAPL@candles.1m` is
+/// the key of symbol `AAPL` in series `candles.1m` (as an exchange names
+/// its streams `btcusdt@kline_1m`). Never in a symbol or a series name, so
+/// the split is unambiguous, and a name without it is the SMA's key.
+pub const SERIES_SEPARATOR: char = '@';
+
+/// Longest series name accepted, in bytes.
+pub const MAX_SERIES_LEN: usize = 32;
+
+/// The name clients use for the `[sma]` section's own series, which keys
+/// spell without a suffix.
+pub const SMA_SERIES: &str = "sma";
+
+/// A series name is 1–32 characters of `[A-Za-z0-9._-]`.
+#[must_use]
+pub fn is_series(s: &str) -> bool {
+    (1..=MAX_SERIES_LEN).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// A key's (or a subscription entry's) name, split: the symbol (or
+/// [`ALL_SYMBOLS`]) and, for a `[[series]]` key, the series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamName<'a> {
+    /// The symbol, or `"*"` in a subscription.
+    pub symbol: &'a str,
+    /// The series; `None` for the SMA.
+    pub series: Option<&'a str>,
+}
+
+impl<'a> StreamName<'a> {
+    /// Splits `name` at its [`SERIES_SEPARATOR`], if it has one.
+    #[must_use]
+    pub fn split(name: &'a str) -> Self {
+        match name.split_once(SERIES_SEPARATOR) {
+            Some((symbol, series)) => Self {
+                symbol,
+                series: Some(series),
+            },
+            None => Self {
+                symbol: name,
+                series: None,
+            },
+        }
+    }
+
+    /// Whether this subscription entry is the wildcard of its series.
+    #[must_use]
+    pub fn is_wildcard(self) -> bool {
+        self.symbol == ALL_SYMBOLS
+    }
+
+    /// Whether the wildcard entry `wildcard` (`"*"` or `"*@series"`) covers
+    /// the key named `key`, without building the wildcard's name.
+    #[must_use]
+    pub fn wildcard_covers(wildcard: &str, key: &str) -> bool {
+        let (wildcard, key) = (StreamName::split(wildcard), StreamName::split(key));
+        wildcard.is_wildcard() && wildcard.series == key.series
+    }
+
+    /// The name written back out: `symbol` or `symbol@series`.
+    #[must_use]
+    pub fn joined(self) -> String {
+        match self.series {
+            Some(series) => format!("{}{SERIES_SEPARATOR}{series}", self.symbol),
+            None => self.symbol.to_owned(),
+        }
+    }
 }
 #[cfg(test)]
 mod tests {
@@ -83,5 +164,22 @@ mod tests {
         assert!(is_subscription("*"));
         assert!(is_subscription("AAPL"));
         assert!(!is_subscription("AA*"));
+    }
+
+    #[test]
+    fn series_keys_split_at_the_separator() {
+        for ok in ["AAPL@candles.1m", "*@ema.20", "BRK/B@sma-5m"] {
+            assert!(is_subscription(ok), "{ok:?} should be a subscription");
+        }
+        for bad in ["AAPL@", "@ema", "AAPL@a@b", "AAPL@x/y", "A*@ema"] {
+            assert!(!is_subscription(bad), "{bad:?} should not be");
+        }
+        let name = StreamName::split("ES:F@candles.1m");
+        assert_eq!((name.symbol, name.series), ("ES:F", Some("candles.1m")));
+        assert_eq!(name.joined(), "ES:F@candles.1m");
+        assert!(StreamName::wildcard_covers("*@ema", "AAPL@ema"));
+        assert!(!StreamName::wildcard_covers("*", "AAPL@ema"));
+        assert!(StreamName::wildcard_covers("*", "AAPL"));
+        assert!(!StreamName::wildcard_covers("*@ema", "AAPL"));
     }
 }

@@ -258,15 +258,25 @@ pub enum ClientOp {
     Subscribe {
         /// Symbols to add.
         symbols: Vec<String>,
+        /// The series to add them in (`"sma"`: the `[sma]` section's);
+        /// absent: the socket's default series.
+        #[serde(default)]
+        series: Option<Vec<String>>,
         /// At most this many results a second per key of these symbols,
         /// each the newest (absent: every result).
         #[serde(default)]
         max_rate: Option<f64>,
+        /// Candles of these keys only once closed (open updates skipped).
+        #[serde(default)]
+        closed_only: bool,
     },
     /// Remove symbols (or `"*"`) from the socket's subscriptions.
     Unsubscribe {
         /// Symbols to remove.
         symbols: Vec<String>,
+        /// The series to remove them from; absent: the default series.
+        #[serde(default)]
+        series: Option<Vec<String>>,
     },
     /// The first request of a socket opened with `?resume=1`: what the
     /// client last saw, so it is sent what it missed.
@@ -297,6 +307,10 @@ pub struct LastSeen {
     /// absent: its initial set.
     #[serde(default)]
     pub symbols: Option<Vec<String>>,
+    /// The series of those subscriptions, as in a subscribe; absent: the
+    /// socket's default series.
+    #[serde(default)]
+    pub series: Option<Vec<String>>,
 }
 
 impl ClientOp {
@@ -304,7 +318,7 @@ impl ClientOp {
     pub fn parse(text: &str) -> Result<Self, String> {
         serde_json::from_str(text).map_err(|err| {
             format!(
-                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} (subscribe may add \"max_rate\":N) or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}} or {{\"op\":\"refresh\",\"token\":\"...\"}}"
+                "invalid request ({err}); expected {{\"op\":\"subscribe\"|\"unsubscribe\",\"symbols\":[...]}} (may add \"series\":[...]; subscribe \"max_rate\":N and \"closed_only\":true) or {{\"op\":\"resume\",\"public\":{{...}},\"private\":{{...}}}} or {{\"op\":\"refresh\",\"token\":\"...\"}}"
             )
         })
     }
@@ -546,6 +560,9 @@ pub enum ServerFrame<'a> {
         client: &'a str,
         /// The socket's initial subscriptions, sorted.
         subscriptions: &'a [String],
+        /// The series the bridge serves (`sma` first): what subscriptions
+        /// may name.
+        series: &'a [String],
         /// When the socket's token expires (seconds since the Unix epoch;
         /// absent for tokens that do not): the socket is closed then, unless
         /// a `refresh` extends it.
@@ -841,12 +858,28 @@ mod tests {
             ClientOp::parse(r#"{"op":"subscribe","symbols":["A","B"]}"#),
             Ok(ClientOp::Subscribe {
                 symbols: vec!["A".into(), "B".into()],
+                series: None,
                 max_rate: None,
+                closed_only: false,
+            })
+        );
+        assert_eq!(
+            ClientOp::parse(
+                r#"{"op":"subscribe","symbols":["A"],"series":["sma","candles.1m"],"closed_only":true}"#
+            ),
+            Ok(ClientOp::Subscribe {
+                symbols: vec!["A".into()],
+                series: Some(vec!["sma".into(), "candles.1m".into()]),
+                max_rate: None,
+                closed_only: true,
             })
         );
         assert_eq!(
             ClientOp::parse(r#"{"op":"unsubscribe","symbols":[]}"#),
-            Ok(ClientOp::Unsubscribe { symbols: vec![] })
+            Ok(ClientOp::Unsubscribe {
+                symbols: vec![],
+                series: None
+            })
         );
         for bad in [
             "",
@@ -864,25 +897,28 @@ mod tests {
     #[test]
     fn server_frames() {
         let subs = vec!["*".to_string()];
+        let series = vec!["sma".to_string()];
         assert_eq!(
             as_json(
                 &ServerFrame::Welcome {
                     client: "acme",
                     subscriptions: &subs,
+                    series: &series,
                     expires_at: None,
                 }
                 .encode()
             ),
-            json!({"type":"welcome","client":"acme","subscriptions":["*"]})
+            json!({"type":"welcome","client":"acme","subscriptions":["*"],"series":["sma"]})
         );
         let expiring = ServerFrame::Welcome {
             client: "acme",
             subscriptions: &subs,
+            series: &series,
             expires_at: Some(1_800_000_000),
         };
         assert_eq!(
             as_json(&expiring.encode()),
-            json!({"type":"welcome","client":"acme","subscriptions":["*"],"expires_at":1_800_000_000})
+            json!({"type":"welcome","client":"acme","subscriptions":["*"],"series":["sma"],"expires_at":1_800_000_000})
         );
         assert_eq!(
             as_json(

@@ -3,7 +3,7 @@
 
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
-pub use quotebridge_core::frame::ResultFrame;
+pub use quotebridge_core::frame::{BarState, ResultFrame};
 
 /// A result as every socket shares it: one text, reference-counted.
 pub type SharedResult = ResultFrame<Utf8Bytes>;

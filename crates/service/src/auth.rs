@@ -12,7 +12,7 @@ use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
 use crate::config::{AuthMode, AuthSettings, ConfigError};
-use crate::names;
+use crate::names::{self, StreamName};
 
 /// What an authenticated socket may do, and until when.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -27,9 +27,11 @@ pub struct Grant {
 }
 
 impl Grant {
-    /// Whether the socket may subscribe to `symbol` (or `"*"`).
+    /// Whether the socket may subscribe to `symbol` (or `"*"`), in any
+    /// series (`AAPL@candles.1m` is allowed where `AAPL` is).
     #[must_use]
     pub fn allows(&self, symbol: &str) -> bool {
+        let symbol = StreamName::split(symbol).symbol;
         match &self.symbols {
             None => true,
             Some(set) => set.contains(names::ALL_SYMBOLS) || set.contains(symbol),
@@ -65,7 +67,8 @@ impl Grant {
     }
 
     /// The initial subscriptions for this grant: the configured defaults the
-    /// grant allows, with a disallowed `"*"` standing for every entitled symbol.
+    /// grant allows, with a disallowed `"*"` (or `"*@series"`) standing for
+    /// every entitled symbol (in that series).
     #[must_use]
     pub fn initial_subscriptions(&self, defaults: &[String]) -> Vec<String> {
         let mut initial: BTreeSet<String> = defaults
@@ -74,10 +77,21 @@ impl Grant {
             .cloned()
             .collect();
         if let Some(entitled) = &self.symbols
-            && defaults.iter().any(|s| s == names::ALL_SYMBOLS)
             && !self.allows(names::ALL_SYMBOLS)
         {
-            initial.extend(entitled.iter().cloned());
+            let wildcards = defaults
+                .iter()
+                .map(|s| StreamName::split(s))
+                .filter(|name| name.is_wildcard());
+            for wildcard in wildcards {
+                initial.extend(entitled.iter().map(|symbol| {
+                    StreamName {
+                        symbol,
+                        series: wildcard.series,
+                    }
+                    .joined()
+                }));
+            }
         }
         initial.into_iter().collect()
     }

@@ -53,9 +53,10 @@ fn check_redis_url(key: &'static str, url: &str) -> Result<(), ConfigError> {
 }
 
 /// The keys whose environment variables hold comma-separated lists.
-const LIST_KEYS: [&str; 5] = [
+const LIST_KEYS: [&str; 6] = [
     "redis.input",
     "websocket.default_symbols",
+    "websocket.default_series",
     "auth.tokens",
     "redis.cluster_nodes",
     "redis.sentinels",
@@ -277,6 +278,10 @@ pub struct Settings {
     /// Those series, checked and ready to compute.
     #[serde(skip)]
     pub series: Vec<series::Series>,
+    /// The series clients may name (`sma` and the `[[series]]`), and a
+    /// socket's default ones.
+    #[serde(skip)]
+    pub catalog: Arc<series::Catalog>,
     /// Where each value came from, to name it in errors found later.
     #[serde(skip)]
     origins: Arc<Origins>,
@@ -469,6 +474,9 @@ pub struct SmaSettings {
 pub struct WebSocketSettings {
     /// A new socket's subscriptions.
     pub default_symbols: Vec<String>,
+    /// The series a socket's subscriptions name when it names none (`sma`:
+    /// the `[sma]` section's).
+    pub default_series: Vec<String>,
     /// Most frames queued for one socket before it is closed as a slow consumer.
     pub send_queue: usize,
     /// Most bytes queued for one socket before it is closed as a slow consumer.
@@ -656,6 +664,7 @@ impl Settings {
         for list in [
             &mut settings.redis.input,
             &mut settings.websocket.default_symbols,
+            &mut settings.websocket.default_series,
             &mut settings.auth.tokens,
             &mut settings.redis.cluster_nodes,
         ] {
@@ -663,6 +672,18 @@ impl Settings {
         }
         settings.validate()?;
         settings.series = series::resolve(&settings.series_tables, &settings.redis)?;
+        settings.catalog = Arc::new(series::Catalog::new(
+            &settings.series,
+            &settings.websocket.default_series,
+            &settings.websocket.default_symbols,
+        )?);
+        if settings.catalog.initial().len() > settings.websocket.max_symbols {
+            return Err(ConfigError::Invalid {
+                key: "websocket.max_symbols",
+                message: "must be at least the number of default_symbols times default_series"
+                    .into(),
+            });
+        }
         Ok(settings)
     }
 

@@ -100,7 +100,8 @@ pub async fn serve<B: Broker>(
             conflate: settings.websocket.slow_consumer == config::SlowConsumer::Conflate,
             max_symbols: settings.websocket.max_symbols,
             max_sockets_per_client: settings.server.max_connections_per_client,
-            max_snapshots: settings.sma.max_keys,
+            // Each live key has one key in the SMA and one in each series.
+            max_snapshots: (settings.sma.max_keys).saturating_mul(1 + settings.series.len()),
             history_size: settings.websocket.history_size,
             history_bytes: settings.websocket.history_bytes,
             resume_frames_per_second: settings.websocket.resume_frames_per_second,

@@ -32,7 +32,7 @@ use crate::config::series::Series;
 use crate::frame::{ResultFrame, SharedResult};
 use crate::idle::is_idle;
 use crate::names;
-use crate::protocol::{KeyFraming, SmaMessage, WindowFraming};
+use crate::protocol::{KeyFraming, Position, SmaMessage, WindowFraming};
 use crate::quote::{self, Quote, Reject};
 use crate::series;
 use crate::sma::{SmaWindow, WindowState};
@@ -76,10 +76,10 @@ pub enum Outcome<'a> {
         /// The quote.
         quote: Quote<'a>,
         /// The result to publish and fan out.
-        sma: Option<Sma>,
-        /// The `[[series]]` results to publish, in order (none unless
-        /// series are configured).
-        series: Vec<Outbound>,
+        sma: Option<Emitted>,
+        /// The `[[series]]` results to publish and fan out, in order (none
+        /// unless series are configured).
+        series: Vec<Emitted>,
     },
     /// A valid quote for a symbol another compute shard handles: ignored.
     OtherShard,
@@ -91,8 +91,8 @@ pub enum Outcome<'a> {
     },
 }
 
-/// One SMA result, encoded once.
-pub struct Sma {
+/// One result (the SMA's or a series'), encoded once.
+pub struct Emitted {
     /// The output channel of its key.
     pub channel: Arc<str>,
     /// The JSON message, shared by Redis and every socket, with its key
@@ -102,7 +102,7 @@ pub struct Sma {
     pub snapshot: Option<Arc<SnapshotSlot>>,
 }
 
-impl Sma {
+impl Emitted {
     /// The message to publish on Redis (the same bytes as the frame).
     #[must_use]
     pub fn outbound(&self) -> Outbound {
@@ -195,7 +195,7 @@ impl Pipeline {
         }
         // The parser admitted only valid names.
         .encode_framed(&key.framing, &self.window_framing, spelled);
-        let sma = Sma {
+        let sma = Emitted {
             channel: key.channel.clone(),
             frame: ResultFrame::encoded(frame, &key.framing, key.seq).map_text(Utf8Bytes::from),
             snapshot: key.snapshot.clone(),
@@ -463,7 +463,7 @@ fn series_results(
     quote: &Quote<'_>,
     ts: u64,
     stats: &Stats,
-) -> Vec<Outbound> {
+) -> Vec<Emitted> {
     let input = series::Input {
         ts,
         price: quote.price,
@@ -471,7 +471,7 @@ fn series_results(
         volume: quote.volume.map(|v| (v, quote.volume_decimal)),
     };
     let mut now = None;
-    let mut outbound = Vec::new();
+    let mut emitted = Vec::new();
     for (config, own) in configured.iter().zip(&mut key.series) {
         if config.spec.is_timed() {
             let now = *now.get_or_insert_with(now_ms);
@@ -494,11 +494,26 @@ fn series_results(
                 epoch: &key.epoch,
             };
             let text = output.encode(&config.spec, quote.price, &position);
+            let frame = ResultFrame::series(
+                Utf8Bytes::from(text),
+                &config.spec.name,
+                &quote.symbol,
+                position.client,
+                Position {
+                    seq: own.seq,
+                    epoch: &key.epoch,
+                },
+                output.bar_state(),
+            );
             stats.series_results.fetch_add(1, Relaxed);
-            outbound.push(Outbound::new(own.channel.clone(), text.into()));
+            emitted.push(Emitted {
+                channel: own.channel.clone(),
+                frame,
+                snapshot: None,
+            });
         }
     }
-    outbound
+    emitted
 }
 
 /// A fresh epoch: 8 random hex digits. Two runs share one with odds of

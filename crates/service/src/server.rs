@@ -191,6 +191,7 @@ struct TokenQuery {
     token: Option<String>,
     resume: Option<String>,
     symbols: Option<String>,
+    series: Option<String>,
 }
 
 impl TokenQuery {
@@ -320,12 +321,14 @@ async fn upgrade(
         upgrade.on_upgrade(config, frames_per_second, move |socket| async move {
             let _permit = permit;
             let websocket = &app.settings.websocket;
-            let initial = grant.initial_subscriptions(&websocket.default_symbols);
+            let catalog = app.settings.catalog.clone();
+            let initial = grant.initial_subscriptions(catalog.initial());
             let (membership, outbox) = app.hub.join(admission, &initial, hold);
             let limits = session::Limits::from_settings(websocket);
             let access = session::Access {
                 grant,
                 authenticator: app.auth.clone(),
+                catalog,
             };
             let outcome = session::run(
                 socket,
@@ -378,9 +381,11 @@ async fn event_stream(
         Err(refusal) => return *refusal,
     };
     let websocket = &app.settings.websocket;
-    let symbols = match &query.symbols {
-        None => grant.initial_subscriptions(&websocket.default_symbols),
-        Some(list) => match sse::requested_symbols(list, &grant, websocket.max_symbols) {
+    let catalog = &app.settings.catalog;
+    let requested = (query.symbols.as_deref(), query.series.as_deref());
+    let symbols = match requested {
+        (None, None) => grant.initial_subscriptions(catalog.initial()),
+        _ => match sse::requested_symbols(requested, catalog, &grant, websocket.max_symbols) {
             Ok(symbols) => symbols,
             Err(message) => {
                 return (StatusCode::BAD_REQUEST, format!("{message}\n")).into_response();

@@ -15,13 +15,16 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::auth::{Authenticator, Grant};
 use crate::config::WebSocketSettings;
+use crate::config::series::Catalog;
+use crate::frame::BarState;
 use crate::frame::{Frame, SharedResult};
 use crate::hub::Membership;
-use crate::names;
+use crate::names::{self, StreamName};
 use crate::outbox::Outbox;
 use crate::protocol::{ClientOp, LastSeen, ServerFrame, Unrecovered};
 use crate::websocket::{FrameRateExceeded, Socket};
@@ -69,6 +72,8 @@ pub struct Access {
     pub grant: Grant,
     /// Checks a token sent with `{"op":"refresh"}`, as at connection.
     pub authenticator: Arc<Authenticator>,
+    /// The series a subscription may name, and the default ones.
+    pub catalog: Arc<Catalog>,
 }
 
 /// The close code of a socket whose token expired: in the range RFC 6455
@@ -109,6 +114,7 @@ pub async fn run(
     let welcome = ServerFrame::Welcome {
         client,
         subscriptions: &subscriptions,
+        series: access.catalog.served(),
         expires_at: access.grant.expires_at,
     };
     // Boxed, and only for a token that expires, like the hold's timer.
@@ -130,6 +136,8 @@ pub async fn run(
     let mut unanswered_pings = 0u32;
     // Grows to the largest batch seen, on first use: idle sockets pay nothing.
     let mut batch: Vec<Frame> = Vec::new();
+    // The keys whose open candles this socket skips: its own, outside the hub.
+    let mut closed_only = ClosedOnly::default();
     // Registered once: a `cancelled()` per turn of the loop would lock the
     // token's waiter list, which every socket shares, twice per batch.
     let shutting_down = shutdown.cancelled();
@@ -167,10 +175,13 @@ pub async fn run(
                     close(&mut socket, CloseCode::Policy, "slow consumer").await;
                     return Ok(());
                 }
+                if !closed_only.is_empty() {
+                    batch.retain(|frame| !closed_only.skips(frame));
+                }
                 if taken.conflated {
                     // The client is told before the latest values come.
                     membership.stats().conflations.fetch_add(1, Relaxed);
-                    let notice = ServerFrame::Conflated { keys: taken.frames }.encode();
+                    let notice = ServerFrame::Conflated { keys: batch.len() }.encode();
                     batch.insert(0, Frame::Direct(Message::Text(notice.into())));
                 }
                 // Everything already queued goes out with one flush (a
@@ -204,7 +215,7 @@ pub async fn run(
                         // it waits for its turn (see `Hub::resume_turn`).
                         let turn = if held { Some(membership.resume_turn().await) } else { None };
                         let ends = access.grant.expires_at;
-                        let replies = answer(&membership, client, &mut access, &text, &mut held);
+                        let replies = answer(&membership, client, &mut access, &mut closed_only, &text, &mut held);
                         drop(turn);
                         // A refresh moves the end (no other request does).
                         // `sleep` takes any length (an `Instant` sum would
@@ -252,6 +263,7 @@ fn answer(
     membership: &Membership,
     client: &str,
     access: &mut Access,
+    closed_only: &mut ClosedOnly,
     text: &str,
     held: &mut bool,
 ) -> Vec<Utf8Bytes> {
@@ -267,7 +279,24 @@ fn answer(
     };
     // Each name counts once, and a list may name at most what a socket may
     // hold: the work a request does under the hub's lock stays bounded.
-    if let ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } = &mut op {
+    // Symbols and series multiply, so a request is refused before it is
+    // spelled out when the product is over the bound.
+    if let ClientOp::Subscribe {
+        symbols, series, ..
+    }
+    | ClientOp::Unsubscribe { symbols, series } = &mut op
+    {
+        let across = series.as_ref().map_or(1, Vec::len).max(1);
+        if symbols.len().saturating_mul(across) > membership.max_symbols() {
+            return error(&format!(
+                "too many symbols in one request: at most {}",
+                membership.max_symbols()
+            ));
+        }
+        match access.catalog.subscriptions(symbols, series.as_deref()) {
+            Ok(entries) => *symbols = entries,
+            Err(message) => return error(&message),
+        }
         symbols.sort_unstable();
         symbols.dedup();
         if symbols.len() > membership.max_symbols() {
@@ -279,8 +308,10 @@ fn answer(
     }
     let grant = &access.grant;
     let symbols = match &op {
-        ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols } => symbols,
-        ClientOp::Resume(last_seen) => return resume(membership, grant, last_seen),
+        ClientOp::Subscribe { symbols, .. } | ClientOp::Unsubscribe { symbols, .. } => symbols,
+        ClientOp::Resume(last_seen) => {
+            return resume(membership, grant, &access.catalog, last_seen.clone());
+        }
         ClientOp::Refresh { token } => return refresh(membership, client, access, token),
     };
     let entitlement = matches!(op, ClientOp::Subscribe { .. }).then_some(grant);
@@ -288,17 +319,34 @@ fn answer(
         return error(&message);
     }
     let outcome = match op {
-        ClientOp::Subscribe { symbols, max_rate } => {
+        ClientOp::Subscribe {
+            symbols,
+            max_rate,
+            closed_only: only_closed,
+            ..
+        } => {
             let interval = match max_rate.map(rate_interval).transpose() {
                 Ok(interval) => interval,
                 Err(message) => return error(&message),
             };
-            match membership.subscribe(&symbols, interval) {
+            let outcome = match membership.subscribe(&symbols, interval) {
                 Ok(outcome) => outcome,
                 Err(err) => return error(&err.to_string()),
+            };
+            // Before the session writes the snapshots just queued: an open
+            // candle's snapshot is skipped too.
+            closed_only.set(&symbols, only_closed);
+            // Entries a refresh ended stay until here: the set never holds
+            // more than the socket may subscribe to.
+            if closed_only.len() > membership.max_symbols() {
+                closed_only.keep(&outcome.symbols);
             }
+            outcome
         }
-        ClientOp::Unsubscribe { symbols } => membership.unsubscribe(&symbols),
+        ClientOp::Unsubscribe { symbols, .. } => {
+            closed_only.set(&symbols, false);
+            membership.unsubscribe(&symbols)
+        }
         ClientOp::Resume(_) | ClientOp::Refresh { .. } => unreachable!("answered above"),
     };
     // The snapshots wait in the outbox, which the session drains after
@@ -382,13 +430,35 @@ fn rate_interval(max_rate: f64) -> Result<Duration, String> {
 /// request of a socket opened with `?resume=1` may be one; a request that
 /// names an invalid symbol or epoch is refused, and the socket goes live
 /// without recovery.
-fn resume(membership: &Membership, grant: &Grant, last_seen: &LastSeen) -> Vec<Utf8Bytes> {
+fn resume(
+    membership: &Membership,
+    grant: &Grant,
+    catalog: &Catalog,
+    mut last_seen: LastSeen,
+) -> Vec<Utf8Bytes> {
     let error = |message: &str| vec![ServerFrame::Error { message }.encode().into()];
-    if let Some(message) = invalid_resume(grant, last_seen) {
+    if let Some(symbols) = &mut last_seen.symbols {
+        let across = last_seen.series.as_ref().map_or(1, Vec::len).max(1);
+        if symbols.len().saturating_mul(across) > membership.max_symbols() {
+            membership.go_live();
+            return error(&format!(
+                "too many symbols in one request: at most {}",
+                membership.max_symbols()
+            ));
+        }
+        match catalog.subscriptions(symbols, last_seen.series.as_deref()) {
+            Ok(entries) => *symbols = entries,
+            Err(message) => {
+                membership.go_live();
+                return error(&message);
+            }
+        }
+    }
+    if let Some(message) = invalid_resume(grant, &last_seen) {
         membership.go_live();
         return error(&message);
     }
-    let resumed = match membership.resume(last_seen) {
+    let resumed = match membership.resume(&last_seen) {
         Ok(resumed) => resumed,
         Err(err) => {
             membership.go_live();
@@ -435,9 +505,9 @@ fn invalid_resume(grant: &Grant, last_seen: &LastSeen) -> Option<String> {
                 ));
             }
             for symbol in symbols.keys() {
-                if !names::is_symbol(symbol) {
+                if !names::is_key(symbol) {
                     return Some(format!(
-                        "invalid symbol {symbol:?}: expected 1-32 characters from [A-Za-z0-9._:/-]"
+                        "invalid key {symbol:?}: expected a symbol (1-32 characters from [A-Za-z0-9._:/-]), or symbol@series"
                     ));
                 }
                 if !named.insert(symbol) {
@@ -458,7 +528,7 @@ fn invalid_resume(grant: &Grant, last_seen: &LastSeen) -> Option<String> {
 pub(crate) fn check_subscriptions(symbols: &[String], grant: Option<&Grant>) -> Result<(), String> {
     if let Some(bad) = symbols.iter().find(|s| !names::is_subscription(s)) {
         return Err(format!(
-            "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-]"
+            "invalid symbol {bad:?}: expected \"*\" or 1-32 characters from [A-Za-z0-9._:/-], optionally followed by @series"
         ));
     }
     let Some(grant) = grant else {
@@ -473,6 +543,71 @@ pub(crate) fn check_subscriptions(symbols: &[String], grant: Option<&Grant>) -> 
         Ok(())
     } else {
         Err(format!("not entitled to {}", denied.join(", ")))
+    }
+}
+
+/// The subscriptions of one socket that asked for closed candles only
+/// (`"closed_only":true`): its open candles of those keys are skipped as
+/// they are written. Kept by the session, not the hub: at most the
+/// socket's own subscriptions.
+#[derive(Debug, Default)]
+struct ClosedOnly {
+    /// Keys named (`AAPL@candles.1m`).
+    keys: HashSet<String>,
+    /// Series whose wildcard was named (`*@candles.1m`).
+    series: HashSet<String>,
+}
+
+impl ClosedOnly {
+    /// Every subscribe sets the option of the entries it names (an
+    /// unsubscribe clears it).
+    fn set(&mut self, entries: &[String], only_closed: bool) {
+        for entry in entries {
+            let name = StreamName::split(entry);
+            let (set, item) = match (name.is_wildcard(), name.series) {
+                (true, Some(series)) => (&mut self.series, series),
+                (false, Some(_)) => (&mut self.keys, entry.as_str()),
+                // The SMA has no candles.
+                (_, None) => continue,
+            };
+            if only_closed {
+                set.insert(item.to_owned());
+            } else {
+                set.remove(item);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.keys.is_empty() && self.series.is_empty()
+    }
+
+    fn len(&self) -> usize {
+        self.keys.len() + self.series.len()
+    }
+
+    /// Forgets every entry not among `subscribed` (sorted).
+    fn keep(&mut self, subscribed: &[String]) {
+        let subscribed = |entry: &str| {
+            subscribed
+                .binary_search_by(|s| s.as_str().cmp(entry))
+                .is_ok()
+        };
+        self.keys.retain(|key| subscribed(key));
+        self.series
+            .retain(|series| subscribed(&format!("*{}{series}", names::SERIES_SEPARATOR)));
+    }
+
+    /// Whether `frame` is an open candle this socket does not want.
+    fn skips(&self, frame: &Frame) -> bool {
+        let Frame::Result(result) = frame else {
+            return false;
+        };
+        result.bar() == BarState::Open
+            && (self.keys.contains(result.key())
+                || result
+                    .series_name()
+                    .is_some_and(|series| self.series.contains(series)))
     }
 }
 

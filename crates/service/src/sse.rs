@@ -30,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Grant;
+use crate::config::series::Catalog;
 use crate::frame::{Frame, SharedResult};
 use crate::hub::{Admission, Hub, Membership, ResumeError, Resumed};
 use crate::names;
@@ -64,22 +65,41 @@ pub struct Request {
     pub expires_in: Option<Duration>,
 }
 
-/// The subscriptions of `?symbols=A,B,*`, checked like a subscribe.
-pub fn requested_symbols(list: &str, grant: &Grant, max: usize) -> Result<Vec<String>, String> {
-    let mut symbols: Vec<String> = list
-        .split(',')
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-        .map(str::to_owned)
-        .collect();
-    symbols.sort();
-    symbols.dedup();
-    if symbols.len() > max {
+/// The subscriptions of `?symbols=A,B,*` in the series of
+/// `?series=sma,candles.1m` (absent: the socket's defaults of each),
+/// checked like a subscribe.
+pub fn requested_symbols(
+    (symbols, series): (Option<&str>, Option<&str>),
+    catalog: &Catalog,
+    grant: &Grant,
+    max: usize,
+) -> Result<Vec<String>, String> {
+    let list = |text: &str| -> Vec<String> {
+        text.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect()
+    };
+    let series = series.map(list);
+    let named = symbols.map_or_else(|| catalog.default_symbols().to_vec(), list);
+    let across = series.as_ref().map_or(1, Vec::len).max(1);
+    if named.len().saturating_mul(across) > max {
         return Err(format!("too many symbols: at most {max}"));
     }
-    check_subscriptions(&symbols, Some(grant))
+    let mut entries = catalog
+        .subscriptions(&named, series.as_deref())
+        .map_err(|message| format!("?series=: {message}"))?;
+    if symbols.is_none() {
+        // The defaults, as a socket gets them: a `"*"` the grant does not
+        // allow stands for the symbols it does.
+        return Ok(grant.initial_subscriptions(&entries));
+    }
+    entries.sort();
+    entries.dedup();
+    check_subscriptions(&entries, Some(grant))
         .map_err(|message| format!("?symbols=: {message}"))?;
-    Ok(symbols)
+    Ok(entries)
 }
 
 /// A result's event id, `{epoch}:{seq}:{p|c}:{symbol}` (`c` for the
@@ -95,7 +115,7 @@ fn event_id(out: &mut String, result: &SharedResult) {
         "id: {}:{}:{kind}:{}",
         position.epoch,
         position.seq,
-        result.symbol()
+        result.key()
     );
 }
 
@@ -104,7 +124,7 @@ fn last_seen_of(last_event_id: &str) -> Option<LastSeen> {
     let mut parts = last_event_id.splitn(4, ':');
     let (epoch, seq, kind, symbol) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
     let seq: u64 = seq.parse().ok()?;
-    if !names::is_epoch(epoch) || !names::is_symbol(symbol) {
+    if !names::is_epoch(epoch) || !names::is_key(symbol) {
         return None;
     }
     let mut last_seen = LastSeen::default();

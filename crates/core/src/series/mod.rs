@@ -20,6 +20,7 @@ use self::ema::{Ema, EmaState};
 use self::rolling::{Rolling, RollingPushed, RollingState, Ticker};
 use self::timed::{TimeMean, TimePushed, TimeSma, TimeSmaState};
 use crate::decimal::Decimal;
+use crate::frame::BarState;
 use crate::sma::{Average, SmaWindow, WindowState};
 
 /// What a series computes.
@@ -306,6 +307,17 @@ pub struct Position<'a> {
 }
 
 impl Output {
+    /// Whether the result is a candle, and a closed one: what conflation,
+    /// rate limits and closed-only subscriptions go by.
+    #[must_use]
+    pub fn bar_state(&self) -> BarState {
+        match self {
+            Output::Candle(bar) if bar.closed => BarState::Closed,
+            Output::Candle(_) => BarState::Open,
+            _ => BarState::NotABar,
+        }
+    }
+
     /// The result as published: one JSON object naming the series.
     #[must_use]
     pub fn encode(&self, spec: &Spec, price: f64, at: &Position<'_>) -> String {

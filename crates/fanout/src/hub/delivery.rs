@@ -71,7 +71,7 @@ impl Hub {
                 .iter()
                 .map(|frame| {
                     frame.position()?;
-                    state.seen_ahead.of(frame.client(), frame.symbol())
+                    state.seen_ahead.of(frame.client(), frame.key())
                 })
                 .collect()
         };
@@ -85,7 +85,9 @@ impl Hub {
         // the burst and its own group's private ones: in one offer, in the
         // burst's order. Only when there is a public result: otherwise its
         // group's results find it below, without a pass over everyone.
-        let to_everything = burst.iter().any(|frame| frame.client().is_none());
+        let to_everything = burst
+            .iter()
+            .any(|frame| frame.client().is_none() && frame.series_name().is_none());
         if to_everything {
             for &id in state.subscriptions.to_everything() {
                 let Some(socket) = state.connections.get(id) else {
@@ -95,7 +97,8 @@ impl Hub {
                     .iter()
                     .enumerate()
                     .filter(|(index, frame)| {
-                        frame.client().is_none_or(|code| *code == *socket.group)
+                        frame.series_name().is_none()
+                            && frame.client().is_none_or(|code| *code == *socket.group)
                             && unseen(*index, frame, id)
                     })
                     .map(|(_, frame)| frame);
@@ -118,14 +121,28 @@ impl Hub {
                     delivery.count(id, Offers::from(offer));
                 }
             };
-            match frame.client() {
-                None => subscriptions
-                    .by_name_only(frame.symbol())
+            match (frame.client(), frame.series_name()) {
+                (None, None) => subscriptions
+                    .by_name_only(frame.key())
                     .for_each(|&id| offer_to(id)),
-                Some(code) => connections
+                (Some(code), None) => connections
                     .group(code)
                     .iter()
                     .filter(|&&id| !(to_everything && subscriptions.is_to_everything(id)))
+                    .for_each(|&id| offer_to(id)),
+                // A series' results, public or private, go to the sockets
+                // subscribed to their key (by name or through the series'
+                // wildcard); a private one only within its client's group.
+                (client, Some(series)) => subscriptions
+                    .by_name_only(frame.key())
+                    .chain(subscriptions.to_everything_in(series))
+                    .filter(|&&id| {
+                        client.is_none_or(|code| {
+                            connections
+                                .get(id)
+                                .is_some_and(|socket| *socket.group == *code)
+                        })
+                    })
                     .for_each(|&id| offer_to(id)),
             }
         }
@@ -135,7 +152,7 @@ impl Hub {
                 if let Some(position) = frame.position() {
                     state
                         .seen_ahead
-                        .passed(frame.client(), frame.symbol(), position);
+                        .passed(frame.client(), frame.key(), position);
                 }
             }
         }

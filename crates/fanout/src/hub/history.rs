@@ -123,7 +123,7 @@ impl History {
     /// (Comparing bytes, not only `seq`s, keeps a forged result with a huge
     /// `seq` from silencing its key: the real ones that follow it differ.)
     pub(super) fn record(&mut self, frame: &SharedResult, position: Position<'_>) -> bool {
-        let (client, symbol) = (frame.client(), frame.symbol());
+        let (client, symbol) = (frame.client(), frame.key());
         let room = self.keys < self.max_keys;
         let map = match client {
             None => &mut self.public,

@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use super::{Admission, Hub, ResumeError, Resumed, SocketId, SubscribeError, Subscribed};
-use crate::names::ALL_SYMBOLS;
+use crate::names::StreamName;
 use crate::outbox;
 use crate::protocol::LastSeen;
 use crate::stats::Stats;
@@ -42,25 +42,34 @@ impl Hub {
         // no newer live frame can be queued ahead of them, and within the
         // outbox's bounds: a client that subscribes to "*" again and again
         // gets no more than its queue holds, and the copying stops there.
-        let everything = new.iter().any(|s| s.as_str() == ALL_SYMBOLS);
+        // A new wildcard brings its series' every snapshot; a key named
+        // beside a new wildcard of its series is among those already.
+        let wildcards: Vec<Option<&str>> = new
+            .iter()
+            .map(|s| StreamName::split(s))
+            .filter(|name| name.is_wildcard())
+            .map(|name| name.series)
+            .collect();
         let latest = &state.snapshots;
-        let wanted = if everything {
-            latest.len()
-        } else {
-            new.iter()
+        let named = new.iter().filter(|s| {
+            let name = StreamName::split(s);
+            !name.is_wildcard() && !wildcards.contains(&name.series)
+        });
+        let wanted = wildcards
+            .iter()
+            .map(|series| latest.len_in(*series))
+            .sum::<usize>()
+            + named
+                .clone()
                 .filter(|s| latest.get(s.as_str()).is_some())
-                .count()
-        };
-        let snapshots = if everything {
-            socket
-                .outbox
-                .offer_while_room(latest.iter(), state.wakes.pending())
-        } else {
-            let frames = new.iter().filter_map(|s| latest.get(s.as_str()));
-            socket
-                .outbox
-                .offer_while_room(frames, state.wakes.pending())
-        };
+                .count();
+        let frames = wildcards
+            .iter()
+            .flat_map(|series| latest.iter_in(*series))
+            .chain(named.filter_map(|s| latest.get(s.as_str())));
+        let snapshots = socket
+            .outbox
+            .offer_while_room(frames, state.wakes.pending());
         let skipped = wanted - snapshots;
         if skipped > 0 {
             self.inner
@@ -123,8 +132,14 @@ impl Membership {
     /// Removes symbols; returns the whole remaining set.
     pub fn unsubscribe(&self, symbols: &[String]) -> Subscribed {
         let unsubscribed = self.hub.unsubscribe(self.id, symbols);
-        let everything = unsubscribed.symbols.iter().any(|s| s == ALL_SYMBOLS);
-        self.rates.unsubscribe(symbols, everything);
+        let wildcards: Vec<&String> = (unsubscribed.symbols.iter())
+            .filter(|entry| StreamName::split(entry).is_wildcard())
+            .collect();
+        self.rates.unsubscribe(symbols, |symbol| {
+            wildcards
+                .iter()
+                .any(|wildcard| StreamName::wildcard_covers(wildcard, symbol))
+        });
         unsubscribed
     }
 

@@ -2,12 +2,10 @@
 //! under the lock, within the socket's queue bounds and its client code's
 //! allowance.
 
-use crate::frame::SharedResult;
-
 use super::history::Replay;
 use super::seen_ahead;
 use super::{Hub, ResumeError, Resumed, SocketId};
-use crate::names::ALL_SYMBOLS;
+use crate::names::StreamName;
 use crate::protocol::{LastSeen, Position};
 
 impl Hub {
@@ -52,11 +50,17 @@ impl Hub {
             .make_live(id)
             .ok_or(ResumeError::NotHeld)?;
         state.subscriptions.add(id, &subscriptions);
-        let everything = subscriptions.iter().any(|s| s == ALL_SYMBOLS);
-        let wants = |symbol: &str| {
-            everything
+        // The series whose every key is subscribed (`None`: the SMA's `"*"`).
+        let wildcards: Vec<Option<&str>> = subscriptions
+            .iter()
+            .map(|s| StreamName::split(s))
+            .filter(|name| name.is_wildcard())
+            .map(|name| name.series)
+            .collect();
+        let wants = |key: &str| {
+            wildcards.contains(&StreamName::split(key).series)
                 || subscriptions
-                    .binary_search_by(|s| s.as_str().cmp(symbol))
+                    .binary_search_by(|s| s.as_str().cmp(key))
                     .is_ok()
         };
         let mut resumed = Resumed::default();
@@ -113,22 +117,22 @@ impl Hub {
                     .values()
                     .any(|symbols| symbols.contains_key(symbol))
             };
-            // Taken lazily: the bounds, not the number of symbols, bound the work.
-            let latest: Box<dyn Iterator<Item = &SharedResult>> = if everything {
-                Box::new(
-                    state
-                        .snapshots
-                        .iter()
-                        .filter(|frame| !named(frame.symbol())),
-                )
-            } else {
-                Box::new(
+            // Taken lazily: the bounds, not the number of symbols, bound the
+            // work. A key named beside its series' wildcard comes with it.
+            let snapshots = &state.snapshots;
+            let latest = (wildcards.iter())
+                .flat_map(|series| snapshots.iter_in(*series))
+                .filter(|frame| !named(frame.key()))
+                .chain(
                     subscriptions
                         .iter()
-                        .filter(|symbol| !named(symbol))
-                        .filter_map(|symbol| state.snapshots.get(symbol)),
-                )
-            };
+                        .map(|s| (s, StreamName::split(s)))
+                        .filter(|(_, name)| {
+                            !name.is_wildcard() && !wildcards.contains(&name.series)
+                        })
+                        .filter(|(s, _)| !named(s))
+                        .filter_map(|(s, _)| snapshots.get(s)),
+                );
             for frame in latest {
                 if !budget.take(1, frame.text().len()) {
                     break;

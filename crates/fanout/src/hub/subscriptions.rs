@@ -1,7 +1,8 @@
-//! Which sockets want which symbols: each socket's set, and the index from
-//! a symbol to its subscribers (with `"*"` kept apart), as centrifuge keeps
-//! subscriptions by channel. Routing looks subscribers up here; it never
-//! scans every socket.
+//! Which sockets want which keys: each socket's set, and the index from a
+//! key's name (a symbol, or `symbol@series`) to its subscribers, with the
+//! wildcards (`"*"`, and `"*@series"` per series) kept apart, as centrifuge
+//! keeps subscriptions by channel. Routing looks subscribers up here; it
+//! never scans every socket.
 
 use std::collections::BTreeSet;
 
@@ -11,16 +12,18 @@ use std::collections::BTreeSet;
 use hashbrown::{HashMap, HashSet};
 
 use super::SocketId;
-use crate::names::ALL_SYMBOLS;
+use crate::names::StreamName;
 
 #[derive(Debug, Default)]
 pub(super) struct Subscriptions {
     /// Socket → what it subscribed to, sorted.
     of_socket: HashMap<SocketId, BTreeSet<String>>,
-    /// Symbol → sockets subscribed to it by name.
+    /// Key name → sockets subscribed to it by name.
     by_symbol: HashMap<Box<str>, HashSet<SocketId>>,
-    /// Sockets subscribed to every public symbol.
+    /// Sockets subscribed to every public symbol's SMA (`"*"`).
     everything: HashSet<SocketId>,
+    /// Series → sockets subscribed to every key of it (`"*@series"`).
+    everything_in: HashMap<Box<str>, HashSet<SocketId>>,
 }
 
 impl Subscriptions {
@@ -31,8 +34,16 @@ impl Subscriptions {
             if !own.insert(symbol.clone()) {
                 continue;
             }
-            if symbol == ALL_SYMBOLS {
-                self.everything.insert(id);
+            let name = StreamName::split(symbol);
+            if name.is_wildcard() {
+                match name.series {
+                    None => self.everything.insert(id),
+                    Some(series) => self
+                        .everything_in
+                        .entry(series.into())
+                        .or_default()
+                        .insert(id),
+                };
             } else {
                 self.by_symbol
                     .entry(symbol.as_str().into())
@@ -49,12 +60,24 @@ impl Subscriptions {
         if !own.remove(symbol) {
             return;
         }
-        if symbol == ALL_SYMBOLS {
-            self.everything.remove(&id);
-        } else if let Some(subscribers) = self.by_symbol.get_mut(symbol) {
+        self.unindex(id, symbol);
+    }
+
+    /// Takes `id` out of the index entry of `entry`, one of its subscriptions.
+    fn unindex(&mut self, id: SocketId, entry: &str) {
+        let name = StreamName::split(entry);
+        let (index, key) = match (name.is_wildcard(), name.series) {
+            (true, None) => {
+                self.everything.remove(&id);
+                return;
+            }
+            (true, Some(series)) => (&mut self.everything_in, series),
+            (false, _) => (&mut self.by_symbol, entry),
+        };
+        if let Some(subscribers) = index.get_mut(key) {
             subscribers.remove(&id);
             if subscribers.is_empty() {
-                self.by_symbol.remove(symbol);
+                index.remove(key);
             }
         }
     }
@@ -64,14 +87,8 @@ impl Subscriptions {
         let Some(own) = self.of_socket.remove(&id) else {
             return;
         };
-        self.everything.remove(&id);
-        for symbol in own {
-            if let Some(subscribers) = self.by_symbol.get_mut(symbol.as_str()) {
-                subscribers.remove(&id);
-                if subscribers.is_empty() {
-                    self.by_symbol.remove(symbol.as_str());
-                }
-            }
+        for entry in own {
+            self.unindex(id, &entry);
         }
     }
 
@@ -81,6 +98,7 @@ impl Subscriptions {
         self.of_socket.values().all(BTreeSet::is_empty)
             && self.by_symbol.is_empty()
             && self.everything.is_empty()
+            && self.everything_in.is_empty()
     }
 
     /// What `id` is subscribed to.
@@ -98,21 +116,38 @@ impl Subscriptions {
         self.everything.contains(&id)
     }
 
-    /// The sockets subscribed to `symbol` by name and not to every symbol:
-    /// with [`Self::to_everything`], each socket a public result for
-    /// `symbol` goes to, once.
-    pub(super) fn by_name_only<'a>(&'a self, symbol: &str) -> impl Iterator<Item = &'a SocketId> {
+    /// The sockets subscribed to every key of `series` (`"*@series"`).
+    pub(super) fn to_everything_in<'a>(
+        &'a self,
+        series: &str,
+    ) -> impl Iterator<Item = &'a SocketId> {
+        self.everything_in.get(series).into_iter().flatten()
+    }
+
+    /// The sockets subscribed to the key `key` by name and not through its
+    /// series' wildcard: with [`Self::to_everything`] (or, for a series'
+    /// key, [`Self::to_everything_in`]), each socket a public result of the
+    /// key goes to, once.
+    pub(super) fn by_name_only<'a>(&'a self, key: &str) -> impl Iterator<Item = &'a SocketId> {
+        let wildcard = match StreamName::split(key).series {
+            None => Some(&self.everything),
+            Some(series) => self.everything_in.get(series),
+        };
         self.by_symbol
-            .get(symbol)
+            .get(key)
             .into_iter()
             .flatten()
-            .filter(|&id| !self.everything.contains(id))
+            .filter(move |&id| !wildcard.is_some_and(|sockets| sockets.contains(id)))
     }
 
     /// The sockets a public result for `symbol` goes to, each once.
     #[cfg(test)]
-    pub(super) fn subscribers<'a>(&'a self, symbol: &str) -> impl Iterator<Item = &'a SocketId> {
-        self.to_everything().chain(self.by_name_only(symbol))
+    pub(super) fn subscribers<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a SocketId> {
+        let wildcard: Box<dyn Iterator<Item = &SocketId>> = match StreamName::split(key).series {
+            None => Box::new(self.to_everything()),
+            Some(series) => Box::new(self.to_everything_in(series)),
+        };
+        wildcard.chain(self.by_name_only(key))
     }
 }
 
@@ -139,6 +174,32 @@ mod tests {
         assert_eq!(subscribers(&subscriptions, "AAPL"), [1, 2]);
         assert_eq!(subscribers(&subscriptions, "MSFT"), [1, 3]);
         assert_eq!(subscribers(&subscriptions, "TSLA"), [1]);
+    }
+
+    #[test]
+    fn a_series_key_has_its_own_subscribers_and_wildcard() {
+        let mut subscriptions = Subscriptions::default();
+        subscriptions.add(1, &symbols(&["*", "AAPL"]));
+        subscriptions.add(2, &symbols(&["*@candles.1m", "AAPL@candles.1m"]));
+        subscriptions.add(3, &symbols(&["AAPL@candles.1m", "MSFT@ema"]));
+        assert_eq!(subscribers(&subscriptions, "AAPL"), [1]);
+        assert_eq!(subscribers(&subscriptions, "AAPL@candles.1m"), [2, 3]);
+        assert_eq!(subscribers(&subscriptions, "TSLA@candles.1m"), [2]);
+        assert_eq!(subscribers(&subscriptions, "MSFT@ema"), [3]);
+        assert_eq!(
+            subscribers(&subscriptions, "AAPL@ema"),
+            Vec::<SocketId>::new()
+        );
+        subscriptions.remove(2, "*@candles.1m");
+        assert_eq!(
+            subscribers(&subscriptions, "TSLA@candles.1m"),
+            Vec::<SocketId>::new()
+        );
+        assert_eq!(subscribers(&subscriptions, "AAPL@candles.1m"), [2, 3]);
+        for id in 1..=3 {
+            subscriptions.remove_all(id);
+        }
+        assert!(subscriptions.is_empty());
     }
 
     #[test]

@@ -379,6 +379,7 @@ fn last_seen(public: &[(&str, u64)], private: &[(&str, u64)]) -> LastSeen {
         public: map(public),
         private: map(private),
         symbols: None,
+        series: None,
     }
 }
 

@@ -1,17 +1,28 @@
 //! A conflating outbox's latest frame of each key: what a socket that fell
 //! behind receives once its queue is drained, instead of everything it missed.
+//! A closed candle is never replaced: it stays, ahead of its key's latest.
 
 use std::collections::HashMap;
 
-use crate::frame::{Frame, SharedResult};
+use crate::frame::{BarState, Frame, SharedResult};
 
 /// The latest frame of each key of a conflating outbox.
 #[derive(Debug, Default)]
 pub(super) struct Latest {
-    public: HashMap<Box<str>, SharedResult>,
-    private: HashMap<Box<str>, SharedResult>,
+    public: HashMap<Box<str>, Slot>,
+    private: HashMap<Box<str>, Slot>,
+    /// Frames held (a key's latest and its closed candles).
+    frames: usize,
     /// Payload bytes held.
     pub(super) bytes: usize,
+}
+
+/// One key's frames: its latest, and before it the closed candles a later
+/// result may not replace, in order.
+#[derive(Debug)]
+struct Slot {
+    closed: Vec<SharedResult>,
+    latest: SharedResult,
 }
 
 impl Latest {
@@ -23,14 +34,27 @@ impl Latest {
             &mut self.public
         };
         self.bytes += result.text().len();
-        match map.get_mut(result.symbol()) {
-            Some(older) => {
-                self.bytes -= older.text().len();
-                *older = result;
-                1
+        match map.get_mut(result.key()) {
+            Some(slot) => {
+                let older = std::mem::replace(&mut slot.latest, result);
+                if older.bar() == BarState::Closed {
+                    slot.closed.push(older);
+                    self.frames += 1;
+                    0
+                } else {
+                    self.bytes -= older.text().len();
+                    1
+                }
             }
             None => {
-                map.insert(result.symbol().into(), result);
+                map.insert(
+                    result.key().into(),
+                    Slot {
+                        closed: Vec::new(),
+                        latest: result,
+                    },
+                );
+                self.frames += 1;
                 0
             }
         }
@@ -43,18 +67,21 @@ impl Latest {
         } else {
             &self.public
         };
-        let older = map
-            .get(result.symbol())
-            .map_or(0, |older| older.text().len());
-        self.bytes - older + len
+        let replaced = map
+            .get(result.key())
+            .filter(|slot| slot.latest.bar() != BarState::Closed)
+            .map_or(0, |slot| slot.latest.text().len());
+        self.bytes - replaced + len
     }
 
+    /// The frames held: what the `conflated` notice announces.
     pub(super) fn len(&self) -> usize {
-        self.public.len() + self.private.len()
+        self.frames
     }
 
     pub(super) fn into_frames(self) -> impl Iterator<Item = Frame> {
         let all = self.public.into_values().chain(self.private.into_values());
-        all.map(Frame::Result)
+        all.flat_map(|slot| slot.closed.into_iter().chain([slot.latest]))
+            .map(Frame::Result)
     }
 }

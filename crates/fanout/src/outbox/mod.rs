@@ -39,6 +39,7 @@ use tokio::time::{Instant, Sleep};
 use self::conflation::Latest;
 use self::throttle::{Hold, Throttle};
 use crate::frame::{Frame, SharedResult};
+use crate::names::StreamName;
 use crate::sync::{Mutex, MutexGuard};
 
 /// How much one outbox may hold before its socket is a slow consumer.
@@ -404,7 +405,7 @@ impl Sender {
             }
             queue.bytes += len;
             if let Some(throttle) = queue.throttle.as_deref_mut() {
-                throttle.drop_waiting(frame.symbol());
+                throttle.drop_waiting(frame.key());
             }
             queue.frames.push_back(Frame::Result(frame.clone()));
             queued += 1;
@@ -440,7 +441,7 @@ impl Sender {
     /// [`Rates::unsubscribe`].
     #[cfg(test)]
     pub fn unsubscribe(&self, symbols: &[String]) {
-        self.rates().unsubscribe(symbols, false);
+        self.rates().unsubscribe(symbols, |_| false);
     }
 }
 
@@ -482,17 +483,18 @@ impl Rates {
     }
 
     /// Forgets what waits for the unsubscribed `symbols` and lifts their limits.
-    /// While `"*"` stays subscribed (`everything`), a symbol unsubscribed by
-    /// name is still delivered: its own limit goes, the `"*"` rate applies,
-    /// and its waiting result stays (it is the newest it has).
-    pub fn unsubscribe(&self, symbols: &[String], everything: bool) {
+    /// While a wildcard still covers a symbol (`covered`: `"*"`, or its
+    /// series' `"*@series"`), the symbol unsubscribed by name is still
+    /// delivered: its own limit goes, the wildcard's rate applies, and its
+    /// waiting result stays (it is the newest it has).
+    pub fn unsubscribe(&self, symbols: &[String], covered: impl Fn(&str) -> bool) {
         let mut queue = self.shared.lock();
         let Some(throttle) = queue.throttle.as_deref_mut() else {
             return;
         };
         let before = throttle.waiting_bytes;
         for symbol in symbols {
-            if !everything || symbol == "*" {
+            if !covered(symbol) || StreamName::split(symbol).is_wildcard() {
                 throttle.forget(symbol);
             }
         }

@@ -467,7 +467,7 @@ async fn unsubscribing_a_symbol_that_star_still_covers_keeps_its_newest() {
         Offer::Throttled { replaced: 0 }
     );
     assert_eq!(next_batch(&mut outbox).await.0, ["A1"]);
-    sender.rates().unsubscribe(&["A".to_owned()], true);
+    sender.rates().unsubscribe(&["A".to_owned()], |_| true);
     let (got, waited, _) = next_batch(&mut outbox).await;
     assert_eq!(got, ["A2"], "still delivered through \"*\", at its rate");
     assert_eq!(waited, hour);

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use crate::frame::{Frame, SharedResult};
+use crate::frame::{BarState, Frame, SharedResult};
+use crate::names::StreamName;
 
 /// Bytes one remembered send time is counted as (its map entry and name):
 /// the throttle remembers at most a byte bound's worth of them.
@@ -39,6 +40,11 @@ pub(super) struct Throttle {
     /// Intervals of symbols limited by name (these win over `all`); at most
     /// the socket's subscriptions.
     by_symbol: HashMap<Box<str>, Duration>,
+    /// Intervals of every key of a series a `"*@series"` subscription
+    /// limited, by series (keys limited by name win). Their waiting keys
+    /// are ordered by due time, so a change applies from each key's next
+    /// result; at most the configured series.
+    in_series: HashMap<Box<str>, Duration>,
     /// When keys last sent, for at most `remembered_cap` keys.
     sent: HashMap<Arc<str>, Instant>,
     remembered_cap: usize,
@@ -88,6 +94,7 @@ impl Throttle {
         Self {
             all: None,
             by_symbol: HashMap::new(),
+            in_series: HashMap::new(),
             sent: HashMap::new(),
             remembered_cap: (max_bytes / REMEMBERED_COST).max(MIN_REMEMBERED),
             forgotten: None,
@@ -103,10 +110,18 @@ impl Throttle {
     /// by name), or lifts it (`None`). Returns whether some waiting frame
     /// may now be due sooner. Work: one key, whatever the number of keys.
     pub(super) fn set(&mut self, symbol: &str, interval: Option<Duration>) -> bool {
+        let name = StreamName::split(symbol);
+        if let (true, Some(series)) = (name.is_wildcard(), name.series) {
+            match interval {
+                Some(interval) => self.in_series.insert(series.into(), interval),
+                None => self.in_series.remove(series),
+            };
+            return false;
+        }
         if symbol == "*" {
             let before = self.all;
             self.all = interval;
-            if interval.is_none() && self.by_symbol.is_empty() {
+            if interval.is_none() && self.by_symbol.is_empty() && self.in_series.is_empty() {
                 // Nothing is limited: a key limited again later is as one
                 // never seen (with limits by name, stale times only delay).
                 self.sent.clear();
@@ -161,7 +176,10 @@ impl Throttle {
 
     /// Whether it limits nothing and holds nothing.
     pub(super) fn is_empty(&self) -> bool {
-        self.all.is_none() && self.by_symbol.is_empty() && self.waiting.is_empty()
+        self.all.is_none()
+            && self.by_symbol.is_empty()
+            && self.in_series.is_empty()
+            && self.waiting.is_empty()
     }
 
     /// Send times remembered now (the tests' view of its memory).
@@ -171,7 +189,13 @@ impl Throttle {
     }
 
     fn interval_of(&self, symbol: &str) -> Option<Duration> {
-        self.by_symbol.get(symbol).copied().or(self.all)
+        if let Some(interval) = self.by_symbol.get(symbol) {
+            return Some(*interval);
+        }
+        match StreamName::split(symbol).series {
+            None => self.all,
+            Some(series) => self.in_series.get(series).copied(),
+        }
     }
 
     fn last_sent(&self, symbol: &str) -> Option<Instant> {
@@ -182,11 +206,14 @@ impl Throttle {
     /// limits as they are now.
     fn place_for(&self, symbol: &str, sent: Option<Instant>) -> Place {
         let sent = sent.unwrap_or_else(Instant::now);
-        match self.by_symbol.get(symbol) {
-            Some(interval) => Place::Due(sent + *interval),
-            None if self.all.is_some() => Place::Sent(sent),
+        match (self.by_symbol.get(symbol), StreamName::split(symbol).series) {
+            (Some(interval), _) => Place::Due(sent + *interval),
+            (None, None) if self.all.is_some() => Place::Sent(sent),
+            (None, Some(series)) => {
+                Place::Due(sent + self.in_series.get(series).copied().unwrap_or_default())
+            }
             // Not limited any more: due at once.
-            None => Place::Due(sent),
+            (None, None) => Place::Due(sent),
         }
     }
 
@@ -228,14 +255,12 @@ impl Throttle {
             return;
         }
         if self.sent.len() >= self.remembered_cap {
-            let (by_symbol, all) = (&self.by_symbol, self.all);
-            self.sent.retain(|name, sent| {
-                by_symbol
-                    .get(&**name)
-                    .copied()
-                    .or(all)
+            let mut sent = std::mem::take(&mut self.sent);
+            sent.retain(|name, sent| {
+                self.interval_of(name)
                     .is_some_and(|interval| *sent + interval > now)
             });
+            self.sent = sent;
             if self.sent.len() * 2 >= self.remembered_cap {
                 let latest = self.sent.values().max().copied();
                 self.forgotten = self.forgotten.max(latest);
@@ -260,8 +285,20 @@ impl Throttle {
         if result.client().is_some() {
             return Err(result);
         }
+        let symbol = result.key();
+        if result.bar() == BarState::Closed {
+            // A closed candle never waits, so nothing replaces it: it goes
+            // now, in place of the open one of its key that waits, if any.
+            if let Some((name, waiting)) = self.waiting.remove_entry(symbol) {
+                self.waiting_bytes -= waiting.result.text().len();
+                self.unplace(&name, waiting.place);
+            }
+            if self.interval_of(symbol).is_some() {
+                self.remember(symbol, Instant::now());
+            }
+            return Err(result);
+        }
         let len = result.text().len();
-        let symbol = result.symbol();
         if let Some(waiting) = self.waiting.get_mut(symbol) {
             self.waiting_bytes = self.waiting_bytes + len - waiting.result.text().len();
             waiting.result = result;

@@ -6,6 +6,7 @@ use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
 use serde::Deserialize;
 
 use super::{ConfigError, RedisSettings};
+use crate::names::{SMA_SERIES, StreamName};
 use crate::series::{Kind, Spec, timed::MAX_POINTS};
 
 /// One `[[series]]` table, as written.
@@ -123,6 +124,13 @@ pub fn parse_duration_ms(text: &str) -> Option<u64> {
 
 /// The longest window or interval a series may have: a year.
 const MAX_SPAN_MS: u64 = 366 * 86_400_000;
+
+fn defaults_fail(message: String) -> ConfigError {
+    ConfigError::Invalid {
+        key: "websocket.default_series",
+        message,
+    }
+}
 
 fn fail(message: String) -> ConfigError {
     ConfigError::Invalid {
@@ -293,9 +301,167 @@ pub fn resolve(
     Ok(series)
 }
 
+/// The series sockets and event streams may name: `sma` (the `[sma]`
+/// section's own, whose keys are plain symbols) and every `[[series]]`;
+/// and what a socket subscribes to when it does not say.
+#[derive(Debug, Clone, Default)]
+pub struct Catalog {
+    /// `sma`, then each `[[series]]` in configuration order.
+    served: Vec<String>,
+    /// `websocket.default_series`.
+    defaults: Vec<String>,
+    /// `websocket.default_symbols`.
+    default_symbols: Vec<String>,
+    /// `websocket.default_symbols` in `websocket.default_series`.
+    initial: Vec<String>,
+}
+
+impl Catalog {
+    /// The series `series` serves, with `defaults` for a socket that names
+    /// none and `default_symbols` subscribed in them at connection.
+    pub fn new(
+        series: &[Series],
+        defaults: &[String],
+        default_symbols: &[String],
+    ) -> Result<Self, ConfigError> {
+        let served: Vec<String> = std::iter::once(SMA_SERIES.to_owned())
+            .chain(series.iter().map(|s| s.spec.name.to_string()))
+            .collect();
+        let mut catalog = Self {
+            served,
+            defaults: Vec::new(),
+            default_symbols: default_symbols.to_vec(),
+            initial: Vec::new(),
+        };
+        if defaults.is_empty() {
+            return Err(defaults_fail(
+                "must name at least one series (\"sma\" is the [sma] section's)".into(),
+            ));
+        }
+        if let Some(unknown) = defaults.iter().find(|name| !catalog.serves(name)) {
+            return Err(defaults_fail(format!(
+                "names {unknown:?}, which is not served: expected one of {:?}",
+                catalog.served
+            )));
+        }
+        catalog.defaults = defaults.to_vec();
+        catalog.initial = catalog
+            .subscriptions(default_symbols, None)
+            .map_err(|message| ConfigError::Invalid {
+                key: "websocket.default_symbols",
+                message,
+            })?;
+        Ok(catalog)
+    }
+
+    /// Every series served, `sma` first: what the welcome lists.
+    #[must_use]
+    pub fn served(&self) -> &[String] {
+        &self.served
+    }
+
+    /// What a new socket subscribes to (before its entitlements).
+    #[must_use]
+    pub fn initial(&self) -> &[String] {
+        &self.initial
+    }
+
+    /// `websocket.default_symbols`, in no series yet.
+    #[must_use]
+    pub fn default_symbols(&self) -> &[String] {
+        &self.default_symbols
+    }
+
+    fn serves(&self, name: &str) -> bool {
+        self.served.iter().any(|served| served == name)
+    }
+
+    /// The subscription entries `symbols` names in `series` (absent: the
+    /// socket's default series): `AAPL` in `candles.1m` is
+    /// `AAPL@candles.1m`, in `sma` plain `AAPL`; an entry that names its
+    /// series already (`AAPL@ema.20`) stands as it is. Unsorted. The error
+    /// names a series that is not served.
+    pub fn subscriptions(
+        &self,
+        symbols: &[String],
+        series: Option<&[String]>,
+    ) -> Result<Vec<String>, String> {
+        let series = series.unwrap_or(&self.defaults);
+        if let Some(unknown) = series.iter().find(|name| !self.serves(name)) {
+            return Err(format!(
+                "unknown series {unknown:?}: this bridge serves {:?}",
+                self.served
+            ));
+        }
+        let mut entries = Vec::with_capacity(symbols.len() * series.len());
+        for symbol in symbols {
+            let name = StreamName::split(symbol);
+            if let Some(own) = name.series {
+                if !self.serves(own) || own == SMA_SERIES {
+                    return Err(format!(
+                        "unknown series {own:?} in {symbol:?}: this bridge serves {:?} (the sma's keys are plain symbols)",
+                        self.served
+                    ));
+                }
+                entries.push(symbol.clone());
+                continue;
+            }
+            for series in series {
+                let series = (series != SMA_SERIES).then_some(series.as_str());
+                entries.push(StreamName { series, ..name }.joined());
+            }
+        }
+        Ok(entries)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn names(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn catalog_of(defaults: &[&str]) -> Result<Catalog, ConfigError> {
+        let candles = SeriesSettings {
+            name: "candles.1m".into(),
+            kind: SeriesKind::Candles,
+            window: None,
+            span: None,
+            interval: Some("1m".into()),
+            step: None,
+            update_ms: default_update_ms(),
+            channel: None,
+            lateness_ms: default_lateness_ms(),
+            max_future_ms: default_max_future_ms(),
+            max_points: default_max_points(),
+        };
+        Catalog::new(&[candles.series()?], &names(defaults), &names(&["*"]))
+    }
+
+    #[test]
+    fn subscriptions_name_keys_in_each_series() {
+        let catalog = catalog_of(&["sma"]).expect("valid");
+        assert_eq!(catalog.served(), ["sma", "candles.1m"]);
+        assert_eq!(catalog.initial(), ["*"]);
+        let both = names(&["sma", "candles.1m"]);
+        assert_eq!(
+            catalog.subscriptions(&names(&["AAPL", "*"]), Some(&both)),
+            Ok(names(&["AAPL", "AAPL@candles.1m", "*", "*@candles.1m"]))
+        );
+        assert_eq!(
+            catalog.subscriptions(&names(&["MSFT@candles.1m", "TSLA"]), None),
+            Ok(names(&["MSFT@candles.1m", "TSLA"]))
+        );
+        let unknown = catalog.subscriptions(&names(&["A"]), Some(&names(&["ema.9"])));
+        assert!(unknown.is_err_and(|e| e.contains("unknown series \"ema.9\"")));
+        assert!(catalog.subscriptions(&names(&["A@sma"]), None).is_err());
+        let defaults = catalog_of(&["candles.1m"]).expect("valid");
+        assert_eq!(defaults.initial(), ["*@candles.1m"]);
+        assert!(catalog_of(&["ema.9"]).is_err(), "a default must be served");
+        assert!(catalog_of(&[]).is_err());
+    }
 
     #[test]
     fn durations_read_with_their_units() {

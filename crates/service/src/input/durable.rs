@@ -37,7 +37,7 @@ use crate::broker::{snapshot_deletes, snapshot_writes};
 use crate::config::{RedisSettings, Settings};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::pipeline::{KeyState, Outcome, Pipeline, Sma, unix_ms};
+use crate::pipeline::{Emitted, KeyState, Outcome, Pipeline, unix_ms};
 use crate::stats::Stats;
 use crate::topology::Role;
 
@@ -539,7 +539,7 @@ impl DurableInput {
         let mut transaction = redis::pipe();
         transaction.atomic();
         let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
-        let mut deliveries: Vec<Sma> = Vec::new();
+        let mut deliveries: Vec<Emitted> = Vec::new();
         let mut notices = 0u64;
         for entry in entries {
             let payload = match entry.map.get(QUOTE_FIELD) {
@@ -559,10 +559,11 @@ impl DurableInput {
                     }
                     // Published in the same MULTI/EXEC as the key's state,
                     // which holds every series' state too.
-                    for outbound in series {
+                    for result in series {
                         transaction
-                            .publish(&*outbound.channel, outbound.payload.as_ref())
+                            .publish(&*result.channel, result.frame.as_str().as_bytes())
                             .ignore();
+                        deliveries.push(result);
                     }
                 }
                 Outcome::Rejected {
@@ -616,7 +617,7 @@ impl DurableInput {
         Ok(())
     }
 
-    fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Sma) {
+    fn add_output(&self, transaction: &mut redis::Pipeline, sma: &Emitted) {
         if self.redis.output_stream.is_empty() || self.feeds_gateways {
             transaction
                 .publish(&*sma.channel, sma.frame.as_str().as_bytes())

@@ -381,8 +381,9 @@ impl<B: Broker> PubSubInput<B> {
                         since: Some(arrived),
                     });
                 }
-                // Published to Redis only: sockets do not take series yet.
-                for outbound in series {
+                for result in series {
+                    let outbound = result.outbound();
+                    self.hub.deliver_result(result.frame);
                     self.queue_publish(Queued {
                         outbound,
                         since: Some(arrived),
