@@ -769,3 +769,60 @@ async fn resumes_take_turns_in_the_order_they_asked() {
     drop(second);
     drop(third.await);
 }
+
+/// Delivers `text` as a result of `symbol` in the series `ema`.
+fn deliver_series(hub: &Hub, symbol: &str, client: Option<&str>, seq: u64, text: &str) {
+    let at = Position { seq, epoch: "e1" };
+    hub.deliver_result(SharedResult::series(
+        text.into(),
+        "ema",
+        symbol,
+        client,
+        at,
+        crate::frame::BarState::NotABar,
+    ));
+}
+
+#[test]
+fn a_series_result_reaches_only_the_sockets_subscribed_to_its_key() {
+    let hub = hub(8);
+    let (_sma, mut sma_rx) = join(&hub, "acme", &["*"]);
+    let (_named, mut named_rx) = join(&hub, "other", &["AAPL@ema"]);
+    let (_every, mut every_rx) = join(&hub, "acme", &["*@ema", "AAPL@ema"]);
+    {
+        let _hold = hub.hold_wakes();
+        deliver(&hub, "AAPL", None, None, "sma");
+        deliver_series(&hub, "AAPL", None, 1, "ema-public");
+        deliver_series(&hub, "MSFT", None, 1, "ema-msft");
+        deliver_series(&hub, "AAPL", Some("acme"), 1, "ema-acme");
+    }
+    assert_eq!(queued(&mut sma_rx), ["sma"], "the SMA's wildcard only");
+    assert_eq!(
+        queued(&mut named_rx),
+        ["ema-public"],
+        "not acme's private key"
+    );
+    assert_eq!(
+        queued(&mut every_rx),
+        ["ema-public", "ema-msft", "ema-acme"],
+        "each once, in order, its own group's private one too"
+    );
+    // A new subscriber of the series' wildcard gets each key's latest public
+    // result of that series, and the resume finds the key by its name.
+    let (late, mut late_rx) = join(&hub, "late", &[]);
+    let subscribed = late
+        .subscribe(&strings(&["*@ema"]), None)
+        .expect("subscribed");
+    assert_eq!(subscribed.snapshots, 2);
+    let mut snapshots = queued(&mut late_rx);
+    snapshots.sort();
+    assert_eq!(snapshots, ["ema-msft", "ema-public"]);
+    let state = hub.state();
+    assert!(
+        matches!(
+            state.history.replay(None, "AAPL@ema", Position { seq: 0, epoch: "e1" }),
+            Replay::Recovered(missed) if missed.len() == 1
+        ),
+        "the key's history is its own"
+    );
+}

@@ -2,6 +2,7 @@
 //! paused clock where time matters.
 
 use super::*;
+use crate::frame::BarState;
 use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
 
 fn bounds(frames: usize, bytes: usize) -> Bounds {
@@ -531,4 +532,95 @@ async fn an_outbox_past_half_full_wakes_its_session_at_once() {
         .expect("woken without the deferred wake")
         .expect("session ran");
     assert!(taken >= 3);
+}
+
+/// `text` as a candle of `symbol` in the series `candles.1m`, open or closed.
+fn candle(text: &str, symbol: &str, bar: BarState) -> Frame {
+    let at = crate::protocol::Position {
+        seq: 1,
+        epoch: "e1",
+    };
+    Frame::Result(SharedResult::series(
+        text.into(),
+        "candles.1m",
+        symbol,
+        None,
+        at,
+        bar,
+    ))
+}
+
+fn offer_frame(sender: &Sender, frame: Frame) -> Offer {
+    let mut offered = Offered::default();
+    let offer = sender.offer(frame, &mut offered);
+    offered.wakes.into_iter().for_each(Waker::wake);
+    offer
+}
+
+#[tokio::test]
+async fn conflation_replaces_open_candles_and_keeps_every_closed_one_in_order() {
+    let (sender, mut outbox) = bounded_for_test(Bounds {
+        conflate: true,
+        ..bounds(1, 1000)
+    });
+    assert_eq!(offer(&sender, "fill"), Offer::Queued);
+    let offers = [
+        ("o1", BarState::Open, 0),
+        ("c1", BarState::Closed, 1),
+        ("o2", BarState::Open, 0),
+        ("o3", BarState::Open, 1),
+        ("c2", BarState::Closed, 1),
+        ("o4", BarState::Open, 0),
+    ];
+    for (text, bar, replaced) in offers {
+        assert_eq!(
+            offer_frame(&sender, candle(text, "A", bar)),
+            Offer::Conflated { replaced },
+            "{text}"
+        );
+    }
+    let mut batch = Vec::new();
+    outbox.recv_many(&mut batch, 10).await;
+    batch.clear();
+    let taken = outbox.recv_many(&mut batch, 10).await;
+    assert_eq!((taken.frames, taken.conflated), (3, true));
+    let got: Vec<&str> = batch.iter().map(text).collect();
+    assert_eq!(got, ["c1", "c2", "o4"], "closed candles first, in order");
+    assert_eq!(sender.queued_bytes(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_closed_candle_never_waits_for_a_rate_and_replaces_the_open_one_waiting() {
+    let (sender, mut outbox) = bounded_for_test(bounds(100, 1 << 20));
+    sender.set_rate(&["*@candles.1m".to_owned()], Some(Duration::from_secs(1)));
+    assert_eq!(
+        offer_frame(&sender, candle("o1", "A", BarState::Open)),
+        Offer::Queued
+    );
+    assert_eq!(
+        offer_frame(&sender, candle("o2", "A", BarState::Open)),
+        Offer::Throttled { replaced: 0 },
+        "the series' wildcard limits its keys"
+    );
+    assert_eq!(
+        offer_keyed(&sender, "sma", key("A")),
+        Offer::Queued,
+        "not the symbol's SMA"
+    );
+    assert_eq!(
+        offer_frame(&sender, candle("c1", "A", BarState::Closed)),
+        Offer::Queued
+    );
+    assert_eq!(
+        offer_frame(&sender, candle("o3", "A", BarState::Open)),
+        Offer::Throttled { replaced: 0 },
+        "the closed candle counts as the key's send"
+    );
+    let (first, _, _) = next_batch(&mut outbox).await;
+    assert_eq!(first, ["o1", "sma", "c1"]);
+    let (second, waited, _) = next_batch(&mut outbox).await;
+    assert_eq!(
+        (second, waited),
+        (vec!["o3".to_owned()], Duration::from_secs(1))
+    );
 }
