@@ -12,7 +12,7 @@
 //! One task owns a pipeline, so per-key order is input order and no lock
 //! guards the windows.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -64,22 +64,25 @@ pub struct Pipeline {
     partitioned: bool,
     /// The `[[series]]` computed beside the SMA, in configuration order.
     series: Arc<[Series]>,
+    /// The series results of the last quote, until taken
+    /// ([`Pipeline::take_series`]): a buffer kept, so the outcome of every
+    /// quote stays small whether or not series are configured.
+    series_out: Vec<Emitted>,
+    /// The keys that took a quote since [`Pipeline::take_touched`], when
+    /// tracked (stream mode saves their state): `None` otherwise.
+    touched: Option<HashSet<(Option<String>, String)>>,
     stats: Arc<Stats>,
     reject_log: RejectLog,
 }
 
 /// What one input payload produced.
-pub enum Outcome<'a> {
+pub enum Outcome {
     /// A valid quote; its key's window took the price. `sma` is set when the
-    /// key emits a result (always, once the window is full).
+    /// key emits a result (always, once the window is full). Its
+    /// `[[series]]` results, if any, follow with [`Pipeline::take_series`].
     Accepted {
-        /// The quote.
-        quote: Quote<'a>,
         /// The result to publish and fan out.
         sma: Option<Emitted>,
-        /// The `[[series]]` results to publish and fan out, in order (none
-        /// unless series are configured).
-        series: Vec<Emitted>,
     },
     /// A valid quote for a symbol another compute shard handles: ignored.
     OtherShard,
@@ -138,13 +141,15 @@ impl Pipeline {
             emit_partial: settings.sma.emit_partial,
             shard,
             series: settings.series.clone().into(),
+            series_out: Vec::new(),
+            touched: None,
             stats,
             reject_log: RejectLog::default(),
         }
     }
 
     /// Runs one payload through parse → window → encode.
-    pub fn process<'a>(&mut self, payload: &'a [u8]) -> Outcome<'a> {
+    pub fn process(&mut self, payload: &[u8]) -> Outcome {
         self.stats.quotes_received.fetch_add(1, Relaxed);
         let (quote, spelled) = match quote::parse_spelled(payload) {
             Ok(parsed) => parsed,
@@ -167,19 +172,18 @@ impl Pipeline {
         ) else {
             return self.reject(&Reject::TooManyKeys, payload);
         };
+        if let Some(touched) = &mut self.touched {
+            touched.insert((client.map(str::to_owned), quote.symbol.to_string()));
+        }
         let ts = quote.ts.unwrap_or_else(now_ms);
-        let series = if self.series.is_empty() {
-            Vec::new()
-        } else {
-            series_results(&self.series, key, &quote, ts, &self.stats)
-        };
+        if !self.series.is_empty() {
+            self.series_out.clear();
+            let out = &mut self.series_out;
+            series_results(&self.series, key, &quote, ts, &self.stats, out);
+        }
         let average = key.window.push(quote.price, quote.decimal);
         if !self.emit_partial && !key.window.is_full() {
-            return Outcome::Accepted {
-                quote,
-                sma: None,
-                series,
-            };
+            return Outcome::Accepted { sma: None };
         }
         key.seq += 1;
         let frame = SmaMessage {
@@ -204,14 +208,30 @@ impl Pipeline {
         if !average.exact {
             self.stats.smas_inexact.fetch_add(1, Relaxed);
         }
-        Outcome::Accepted {
-            quote,
-            sma: Some(sma),
-            series,
-        }
+        Outcome::Accepted { sma: Some(sma) }
     }
 
-    fn reject<'a>(&mut self, reason: &Reject, payload: &[u8]) -> Outcome<'a> {
+    /// The `[[series]]` results of the quote just processed, in order
+    /// (none unless series are configured and the quote was accepted).
+    pub fn take_series(&mut self) -> std::vec::Drain<'_, Emitted> {
+        self.series_out.drain(..)
+    }
+
+    /// From now on, notes every key that takes a quote, until taken.
+    pub fn track_touched(&mut self) {
+        self.touched.get_or_insert_with(HashSet::new);
+    }
+
+    /// The keys (client, symbol) that took a quote since the last call
+    /// (none unless [`Pipeline::track_touched`]).
+    pub fn take_touched(&mut self) -> HashSet<(Option<String>, String)> {
+        self.touched
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
+    }
+
+    fn reject(&mut self, reason: &Reject, payload: &[u8]) -> Outcome {
         self.stats.reject(reason);
         let sample = &payload[..payload.len().min(REJECTED_SAMPLE_BYTES)];
         let sample = String::from_utf8_lossy(sample);
@@ -463,7 +483,8 @@ fn series_results(
     quote: &Quote<'_>,
     ts: u64,
     stats: &Stats,
-) -> Vec<Emitted> {
+    emitted: &mut Vec<Emitted>,
+) {
     let input = series::Input {
         ts,
         price: quote.price,
@@ -471,7 +492,6 @@ fn series_results(
         volume: quote.volume.map(|v| (v, quote.volume_decimal)),
     };
     let mut now = None;
-    let mut emitted = Vec::new();
     for (config, own) in configured.iter().zip(&mut key.series) {
         if config.spec.is_timed() {
             let now = *now.get_or_insert_with(now_ms);
@@ -513,7 +533,6 @@ fn series_results(
             });
         }
     }
-    emitted
 }
 
 /// A fresh epoch: 8 random hex digits. Two runs share one with odds of
@@ -748,7 +767,7 @@ mod tests {
         );
     }
 
-    fn position_of(outcome: Outcome<'_>) -> (u64, String) {
+    fn position_of(outcome: Outcome) -> (u64, String) {
         match outcome {
             Outcome::Accepted { sma: Some(sma), .. } => {
                 let message: serde_json::Value =
@@ -884,7 +903,7 @@ mod tests {
         );
     }
 
-    fn notice(outcome: Outcome<'_>) -> Option<String> {
+    fn notice(outcome: Outcome) -> Option<String> {
         match outcome {
             Outcome::Rejected { notice } => {
                 notice.map(|n| String::from_utf8_lossy(&n.payload).into_owned())

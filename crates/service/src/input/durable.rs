@@ -121,10 +121,13 @@ impl DurableInput {
                 shard.count()
             );
         }
+        // Each batch saves the state of the keys it touched.
+        let mut pipeline = Pipeline::new(settings, stats.clone());
+        pipeline.track_touched();
         Ok(Self {
             redis_server: crate::redis_broker(&settings.redis)?,
             redis,
-            pipeline: Pipeline::new(settings, stats.clone()),
+            pipeline,
             hub,
             stats,
             consuming,
@@ -538,7 +541,9 @@ impl DurableInput {
         let arrived = Instant::now();
         let mut transaction = redis::pipe();
         transaction.atomic();
-        let mut touched: HashSet<(Option<String>, String)> = HashSet::new();
+        // A batch that failed left its keys behind: they are restored, and
+        // this batch notes its own.
+        self.pipeline.take_touched();
         let mut deliveries: Vec<Emitted> = Vec::new();
         let mut notices = 0u64;
         for entry in entries {
@@ -548,18 +553,14 @@ impl DurableInput {
                 _ => b"".as_slice(),
             };
             match self.pipeline.process(payload) {
-                Outcome::Accepted { quote, sma, series } => {
-                    touched.insert((
-                        quote.client.as_deref().map(str::to_owned),
-                        quote.symbol.to_string(),
-                    ));
+                Outcome::Accepted { sma } => {
                     if let Some(sma) = sma {
                         self.add_output(&mut transaction, &sma);
                         deliveries.push(sma);
                     }
                     // Published in the same MULTI/EXEC as the key's state,
                     // which holds every series' state too.
-                    for result in series {
+                    for result in self.pipeline.take_series() {
                         transaction
                             .publish(&*result.channel, result.frame.as_str().as_bytes())
                             .ignore();
@@ -585,7 +586,7 @@ impl DurableInput {
             transaction.add_command(hset).ignore();
         }
         let quoted_at = unix_ms(SystemTime::now());
-        for (client, symbol) in &touched {
+        for (client, symbol) in &self.pipeline.take_touched() {
             if let Some(mut state) = self.pipeline.key_state(client.as_deref(), symbol) {
                 state.last_quote_ms = Some(quoted_at);
                 let field = serde_json::to_string(&(client, symbol)).unwrap_or_default();

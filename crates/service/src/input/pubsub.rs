@@ -31,7 +31,7 @@ use crate::frame::SharedResult;
 use crate::hub::Hub;
 use crate::names;
 use crate::output::Queued;
-use crate::pipeline::{Outcome, Pipeline, Released, unix_ms};
+use crate::pipeline::{Emitted, Outcome, Pipeline, Released, unix_ms};
 use crate::stats::Stats;
 use crate::topology::{Channels, Role};
 
@@ -74,6 +74,8 @@ pub struct PubSubInput<B> {
     /// What a burst could not hand to the full publish queue; sent, with
     /// waiting, once the burst's sessions are woken.
     to_publish: Vec<Queued>,
+    /// One quote's results on their way out (kept, not allocated per quote).
+    results: Vec<Emitted>,
     stats: Arc<Stats>,
     subscribed: Arc<AtomicBool>,
     backoff: Backoff,
@@ -128,6 +130,7 @@ impl<B: Broker> PubSubInput<B> {
             hub,
             publish,
             to_publish: Vec::new(),
+            results: Vec::new(),
             stats,
             subscribed,
             backoff: settings.reconnect_backoff(),
@@ -372,16 +375,13 @@ impl<B: Broker> PubSubInput<B> {
     fn on_quote(&mut self, payload: &[u8]) {
         let arrived = Instant::now();
         match self.pipeline.process(payload) {
-            Outcome::Accepted { sma, series, .. } => {
-                if let Some(sma) = sma {
-                    let outbound = sma.outbound();
-                    self.hub.deliver_result(sma.frame);
-                    self.queue_publish(Queued {
-                        outbound,
-                        since: Some(arrived),
-                    });
-                }
-                for result in series {
+            Outcome::Accepted { sma } => {
+                // The SMA's result, then the series': a buffer kept, as the
+                // pipeline's is borrowed while results go out.
+                let mut results = std::mem::take(&mut self.results);
+                results.extend(sma);
+                results.extend(self.pipeline.take_series());
+                for result in results.drain(..) {
                     let outbound = result.outbound();
                     self.hub.deliver_result(result.frame);
                     self.queue_publish(Queued {
@@ -389,6 +389,7 @@ impl<B: Broker> PubSubInput<B> {
                         since: Some(arrived),
                     });
                 }
+                self.results = results;
             }
             Outcome::Rejected { notice: None } | Outcome::OtherShard => {}
             Outcome::Rejected {
