@@ -10,6 +10,9 @@ use quotebridge::config::Settings;
 use quotebridge::series::ema::Ema;
 use serde_json::Value;
 
+use std::process::Stdio;
+
+use crate::binary::Serve;
 use crate::support::*;
 
 const SERIES: &str = r#"
@@ -362,6 +365,89 @@ async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
     );
     let (status, body) = http_get(bridge.address, "/sse/c6?series=nope").await;
     assert_eq!(status, 400, "{body}");
+}
+
+#[tokio::test]
+async fn a_gateway_relays_every_series_to_its_sockets() {
+    let redis = RedisServer::start().await;
+    let path = std::env::temp_dir().join(format!(
+        "quotebridge-series-gateway-{}-{}.toml",
+        std::process::id(),
+        free_port()
+    ));
+    std::fs::write(&path, SERIES).expect("config file written");
+    let config = path.to_str().expect("a UTF-8 path");
+    let node = |role: &'static str| {
+        let redis = &redis;
+        async move {
+            let env = [
+                ("QUOTEBRIDGE__NODE__ROLE", role),
+                ("QUOTEBRIDGE__SMA__WINDOW", "2"),
+            ];
+            Serve::start_with(redis, &["--config", config], &env, Stdio::null()).await
+        }
+    };
+    let gateway = node("gateway").await;
+    let _compute = node("compute").await;
+    let _ = std::fs::remove_file(&path);
+
+    let (mut socket, welcome) = connect_ws(&format!("ws://{}/ws/c1", gateway.address)).await;
+    assert_eq!(welcome["series"][4], "candles.1m");
+    send_json(
+        &mut socket,
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["candles.1m","ema.2"]}),
+    )
+    .await;
+    next_json(&mut socket).await;
+    let mut conn = redis.connection().await;
+    // Not a result of the series whose channel it came on: not relayed.
+    redis::cmd("PUBLISH")
+        .arg("ema.2")
+        .arg(r#"{"symbol":"X","series":"sma.3","seq":1,"epoch":"e1"}"#)
+        .query_async::<i64>(&mut conn)
+        .await
+        .expect("published");
+    let quotes: Vec<_> = [(60_000, "10"), (61_000, "11"), (120_000, "12")]
+        .iter()
+        .map(|(ts, price)| {
+            let q = format!(r#"{{"symbol":"X","price":{price},"volume":1,"ts":{ts}}}"#);
+            ("quotes".to_owned(), q.into_bytes())
+        })
+        .collect();
+    publish_all(&mut conn, &quotes).await;
+    // 2 SMA (window 2), 3 EMA, 4 candles (the first closes at the third quote).
+    let got = results_by_series(&mut socket, 2 + 3 + 4).await;
+    assert_eq!(field(&got["ema.2"], "seq"), [1, 2, 3]);
+    assert_eq!(
+        field(&got["candles.1m"], "closed"),
+        [false, false, true, false]
+    );
+    let (_, stats) = http_get(gateway.address, "/stats").await;
+    let stats: Value = serde_json::from_str(&stats).expect("JSON");
+    assert_eq!(stats["results_unroutable"], 1, "{stats}");
+    // A closed-only socket on the gateway: the relayed candle says it closed.
+    let (mut closed, _) = connect_ws(&format!("ws://{}/ws/c2", gateway.address)).await;
+    for request in [
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["candles.1m"],"closed_only":true}),
+        serde_json::json!({"op":"unsubscribe","symbols":["*"],"series":["sma"]}),
+    ] {
+        send_json(&mut closed, request).await;
+        next_json(&mut closed).await;
+    }
+    publish_all(
+        &mut conn,
+        &[(
+            "quotes".to_owned(),
+            br#"{"symbol":"X","price":13,"volume":1,"ts":180000}"#.to_vec(),
+        )],
+    )
+    .await;
+    let candle = next_json(&mut closed).await;
+    assert_eq!(
+        (&candle["closed"], &candle["start"]),
+        (&true.into(), &120_000.into()),
+        "{candle}"
+    );
 }
 
 #[test]

@@ -15,7 +15,7 @@ use std::ops::{Deref, Range};
 use std::sync::Arc;
 
 use crate::names::StreamName;
-use crate::protocol::{KeyFraming, MAX_RESULT_BYTES, Position, ResultRoute};
+use crate::protocol::{KeyFraming, MAX_RESULT_BYTES, Position, ResultRoute, SeriesRoute};
 
 /// An encoded result with its key and position.
 #[derive(Debug, PartialEq, Eq)]
@@ -218,6 +218,34 @@ impl<T: Deref<Target = str>> ResultFrame<T> {
             })
         };
         Ok(Self { text, route })
+    }
+
+    /// Reads a `[[series]]` result that came in as bytes (a compute node's,
+    /// relayed by a gateway) from the channel of the series `series`; the
+    /// text back for anything that is not one of that series' results
+    /// ([`SeriesRoute::of`]).
+    pub fn read_series(text: T, series: &str) -> Result<Self, T> {
+        let names = {
+            let Some(route) = SeriesRoute::of(&text).filter(|route| route.series == series) else {
+                return Err(text);
+            };
+            let bar = match route.closed {
+                None => BarState::NotABar,
+                Some(false) => BarState::Open,
+                Some(true) => BarState::Closed,
+            };
+            Names::new(
+                &route.symbol,
+                Some(series),
+                route.client.as_deref(),
+                Some(route.position()),
+                bar,
+            )
+        };
+        Ok(Self {
+            text,
+            route: Route::Beside(Arc::new(names)),
+        })
     }
 
     /// A frame whose key and position are given rather than read from
@@ -432,6 +460,52 @@ mod tests {
             "not a result by the schema"
         );
         assert!(ResultFrame::read(r#"{"symbol":"A"}"#).is_err(), "no sma");
+    }
+
+    #[test]
+    fn a_relayed_series_result_is_read_with_its_key_and_candle_state() {
+        let candle = r#"{"symbol":"BRK\/B","series":"candles.1m","interval_ms":60000,"start":0,"end":60000,"open":1.0,"high":1.0,"low":1.0,"close":1.0,"volume":0.0,"trades":1,"vwap":null,"closed":true,"ts":5,"seq":7,"epoch":"e1","client":"acme"}"#;
+        let read = ResultFrame::read_series(candle, "candles.1m").expect("a series result");
+        assert_eq!(
+            (read.key(), read.symbol(), read.series_name(), read.client()),
+            (
+                "BRK/B@candles.1m",
+                "BRK/B",
+                Some("candles.1m"),
+                Some("acme")
+            )
+        );
+        assert_eq!(read.bar(), BarState::Closed);
+        assert_eq!(
+            read.position(),
+            Some(Position {
+                seq: 7,
+                epoch: "e1"
+            })
+        );
+        assert!(
+            ResultFrame::read_series(candle, "candles.5m").is_err(),
+            "another series' channel"
+        );
+        let ema = r#"{"symbol":"A","series":"ema.2","price":1.0,"ema":1.0,"span":2,"ts":1,"seq":1,"epoch":"e1"}"#;
+        let read = ResultFrame::read_series(ema, "ema.2").expect("a series result");
+        assert_eq!((read.key(), read.bar()), ("A@ema.2", BarState::NotABar));
+        for bad in [
+            r#"{"symbol":"A","series":"ema.2","seq":0,"epoch":"e1"}"#,
+            r#"{"symbol":"A B","series":"ema.2","seq":1,"epoch":"e1"}"#,
+            r#"{"symbol":"A","series":"ema.2","seq":1}"#,
+            "nonsense",
+        ] {
+            assert!(ResultFrame::read_series(bad, "ema.2").is_err(), "{bad}");
+        }
+        let long = format!(
+            r#"{{"symbol":"A","series":"ema.2","seq":1,"epoch":"e1","pad":"{}"}}"#,
+            "x".repeat(1024)
+        );
+        assert!(
+            ResultFrame::read_series(long.as_str(), "ema.2").is_err(),
+            "too long"
+        );
     }
 
     proptest! {

@@ -550,6 +550,64 @@ mod scan {
     }
 }
 
+/// The longest `[[series]]` result a gateway relays: a candle with the
+/// longest names and numbers comes to under 700 bytes. As for SMA results
+/// ([`MAX_RESULT_BYTES`]), a longer message is not relayed, so what a key's
+/// history and snapshot hold stays bounded.
+pub const MAX_SERIES_RESULT_BYTES: usize = 1024;
+
+/// Who a published `[[series]]` result is for, and where it stands: what a
+/// gateway reads of each one it relays.
+#[derive(Debug, PartialEq, Deserialize)]
+pub struct SeriesRoute<'a> {
+    /// The symbol.
+    #[serde(borrow)]
+    pub symbol: std::borrow::Cow<'a, str>,
+    /// The series' name.
+    #[serde(borrow)]
+    pub series: std::borrow::Cow<'a, str>,
+    /// The client code of a private result.
+    #[serde(borrow, default)]
+    pub client: Option<std::borrow::Cow<'a, str>>,
+    /// Its position in its series key's sequence.
+    pub seq: u64,
+    /// The run of that sequence.
+    #[serde(borrow)]
+    pub epoch: std::borrow::Cow<'a, str>,
+    /// A candle's: whether it is closed.
+    #[serde(default)]
+    pub closed: Option<bool>,
+}
+
+impl<'a> SeriesRoute<'a> {
+    /// The route of a series result as compute nodes publish it; `None` for
+    /// anything else (names the bridge would not write, no position, or
+    /// longer than [`MAX_SERIES_RESULT_BYTES`]). Members it does not name
+    /// are let through: a newer compute node's.
+    #[must_use]
+    pub fn of(message: &'a str) -> Option<Self> {
+        if message.len() > MAX_SERIES_RESULT_BYTES {
+            return None;
+        }
+        let route: Self = serde_json::from_str(message).ok()?;
+        let valid = names::is_symbol(&route.symbol)
+            && names::is_series(&route.series)
+            && route.client.as_deref().is_none_or(names::is_client_code)
+            && names::is_epoch(&route.epoch)
+            && route.seq >= 1;
+        valid.then_some(route)
+    }
+
+    /// The result's position.
+    #[must_use]
+    pub fn position(&self) -> Position<'_> {
+        Position {
+            seq: self.seq,
+            epoch: &self.epoch,
+        }
+    }
+}
+
 /// A control frame the server sends.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]

@@ -55,6 +55,9 @@ enum Feed {
     Quotes,
     /// Results compute nodes published, for a gateway's sockets.
     Results,
+    /// Results of the n-th `[[series]]` compute nodes published, for a
+    /// gateway's sockets.
+    Series(usize),
     /// Payloads for one client group.
     Direct,
 }
@@ -69,6 +72,9 @@ pub struct PubSubInput<B> {
     /// Snapshot hashes to load after subscribing (gateways only).
     snapshot_keys: Vec<String>,
     pipeline: Pipeline,
+    /// Each `[[series]]`' name, by index: what a gateway checks a relayed
+    /// series result against.
+    series_names: Vec<Box<str>>,
     hub: Hub,
     publish: mpsc::Sender<Queued>,
     /// What a burst could not hand to the full publish queue; sent, with
@@ -110,6 +116,15 @@ impl<B: Broker> PubSubInput<B> {
         }
         if role == Role::Gateway {
             add(Feed::Results, channels.output_topics());
+            // Each series' channel, a pattern where it names `{symbol}`
+            // (series are not served on a Redis Cluster).
+            for (index, series) in settings.series.iter().enumerate() {
+                let topic = match series.channel.split_once("{symbol}") {
+                    Some((before, after)) => Topic::Pattern(format!("{before}*{after}")),
+                    None => Topic::Channel(series.channel.clone()),
+                };
+                add(Feed::Series(index), vec![topic]);
+            }
         }
         if role.serves_sockets() {
             add(Feed::Direct, vec![channels.direct_topic()]);
@@ -127,6 +142,11 @@ impl<B: Broker> PubSubInput<B> {
             snapshot_keys,
             unforgotten: Vec::new(),
             pipeline: Pipeline::new(settings, stats.clone()),
+            series_names: settings
+                .series
+                .iter()
+                .map(|series| series.spec.name.clone())
+                .collect(),
             hub,
             publish,
             to_publish: Vec::new(),
@@ -312,6 +332,7 @@ impl<B: Broker> PubSubInput<B> {
         match self.feeds.get(message.topic) {
             Some(Feed::Quotes) => self.on_quote(&message.payload),
             Some(Feed::Results) => self.on_result(message.payload),
+            Some(&Feed::Series(index)) => self.on_series_result(index, message.payload),
             Some(Feed::Direct) => self.on_direct(&message.channel, message.payload),
             None => {}
         }
@@ -366,6 +387,23 @@ impl<B: Broker> PubSubInput<B> {
                 tracing::debug!(message = %text.as_str().chars().take(200).collect::<String>(), "unroutable message on an output channel ignored");
                 return;
             }
+        };
+        self.stats.results_relayed.fetch_add(1, Relaxed);
+        self.hub.deliver_result(frame);
+    }
+
+    /// A `[[series]]` result a compute node published on the channel of the
+    /// series `index`: fanned out under its key `symbol@series`, with the
+    /// very bytes the compute node encoded.
+    fn on_series_result(&mut self, index: usize, payload: Bytes) {
+        let series = self.series_names.get(index).map_or("", |name| &**name);
+        let read = Utf8Bytes::try_from(payload)
+            .ok()
+            .and_then(|text| SharedResult::read_series(text, series).ok());
+        let Some(frame) = read else {
+            self.stats.results_unroutable.fetch_add(1, Relaxed);
+            tracing::debug!(series, "unroutable message on a series channel ignored");
+            return;
         };
         self.stats.results_relayed.fetch_add(1, Relaxed);
         self.hub.deliver_result(frame);
