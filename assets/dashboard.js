@@ -18,6 +18,13 @@ let positions = { public: new Map(), private: new Map() }, positionsOf = null;
 let subscriptions = null;
 // A resume request must fit the bridge's websocket.max_message_bytes (64 KiB).
 const MAX_RESUME_BYTES = 60000;
+// Candles (with volume) and an EMA of the selected symbol, from the series
+// the bridge serves: the first whose name starts "candles" and "ema", or
+// those named by ?candles= and ?ema=. Only the charted symbol's are kept.
+const MAX_CANDLES = 60, MAX_EMA = 600;
+let served = [], candleSeries = null, emaSeries = null, charted = null, candlesDirty = false;
+const candles = new Map();   // bucket start -> bar
+let emaPoints = [];          // [{t, ema}]
 const $ = (id) => document.getElementById(id);
 const params = new URLSearchParams(location.search);
 if (params.get("client")) $("client").value = params.get("client");
@@ -154,11 +161,13 @@ function onFrame(data) {
   if (msg && msg.type === "welcome" && Array.isArray(msg.subscriptions)) {
     // A socket that resumes is subscribed to what the resume names.
     if (!(socket && socket.url.includes("resume=1") && subscriptions)) showSubscriptions(msg.subscriptions);
+    pickSeries(Array.isArray(msg.series) ? msg.series.map(String) : []);
     return;
   }
   if (msg && msg.type === "subscribed" && Array.isArray(msg.symbols)) { showSubscriptions(msg.symbols); return; }
   if (msg && msg.type === "error") { addDirect(`error: ${String(msg.message)}`); return; }
   if (msg && msg.type === "resumed") { showRecovery(msg); return; }
+  if (isSeriesResult(msg)) { onSeriesResult(msg); return; }
   if (isSma(msg)) { onSma(msg); return; }
   addDirect(data);
 }
@@ -174,6 +183,64 @@ function isSma(m) {
   return m !== null && typeof m === "object" && typeof m.symbol === "string" && number(m.sma) && number(m.price)
     && typeof m.window === "number" && typeof m.count === "number" && typeof m.ts === "number"
     && (m.client === undefined || typeof m.client === "string");
+}
+
+// The series to chart, from those the welcome lists; the charted symbol's
+// keys in them are subscribed (again, after a reconnect).
+function pickSeries(names) {
+  served = names;
+  const pick = (param, prefix) => {
+    const wanted = params.get(param);
+    return served.includes(wanted) ? wanted : served.find((n) => n.startsWith(prefix)) ?? null;
+  };
+  candleSeries = pick("candles", "candles");
+  emaSeries = pick("ema", "ema");
+  $("candle-panel").hidden = candleSeries === null;
+  $("ema-name").textContent = emaSeries ? `━ ${emaSeries}` : "";
+  $("candle-series").textContent = candleSeries ? `(${candleSeries})` : "";
+  const symbol = charted;
+  charted = null;
+  chartSeriesOf(symbol);
+}
+
+// Charts `symbol`'s candles and EMA (null: none): its keys in those series
+// are subscribed, the previous symbol's unsubscribed.
+function chartSeriesOf(symbol) {
+  const names = [candleSeries, emaSeries].filter(Boolean);
+  if (!names.length || !socket || socket.readyState !== WebSocket.OPEN || symbol === charted) return;
+  if (charted !== null) {
+    socket.send(JSON.stringify({ op: "unsubscribe", symbols: names.map((n) => `${charted}@${n}`) }));
+  }
+  charted = symbol;
+  candles.clear(); emaPoints = []; candlesDirty = true;
+  $("candles-name").textContent = symbol ?? "";
+  if (symbol !== null) socket.send(JSON.stringify({ op: "subscribe", symbols: [symbol], series: names }));
+}
+
+// A [[series]] result: it names its series (and has a position).
+function isSeriesResult(m) {
+  return m !== null && typeof m === "object" && typeof m.series === "string" && typeof m.symbol === "string"
+    && typeof m.seq === "number" && typeof m.epoch === "string";
+}
+
+function onSeriesResult(m) {
+  // Its key is symbol@series: a resume names it so.
+  const known = positions[m.client ? "private" : "public"], key = `${m.symbol}@${m.series}`;
+  if (known.has(key) || known.size < MAX_SERIES) known.set(key, { epoch: m.epoch, seq: m.seq });
+  if (m.client || m.symbol !== charted) return;
+  const finite = (v) => typeof v === "number" && Number.isFinite(v);
+  if (m.series === candleSeries && [m.start, m.end, m.open, m.high, m.low, m.close].every(finite)) {
+    candles.set(m.start, {
+      start: m.start, end: m.end, open: m.open, high: m.high, low: m.low, close: m.close,
+      volume: finite(m.volume) ? m.volume : 0, closed: m.closed === true,
+    });
+    while (candles.size > MAX_CANDLES) candles.delete(Math.min(...candles.keys()));
+    candlesDirty = true;
+  } else if (m.series === emaSeries && finite(m.ema) && finite(m.ts)) {
+    emaPoints.push({ t: m.ts, ema: m.ema });
+    if (emaPoints.length > MAX_EMA) emaPoints.shift();
+    candlesDirty = true;
+  }
 }
 
 function onSma(m) {
@@ -234,6 +301,9 @@ function select(key) {
   for (const r of $("rows").children) r.classList.toggle("selected", r.dataset.key === key);
   $("chart-symbol").textContent = key;
   dirty = true;
+  // Candles are charted for public symbols.
+  const s = series.get(key);
+  chartSeriesOf(s && !s.client ? s.symbol : null);
 }
 
 function addDirect(text) {
@@ -243,31 +313,91 @@ function addDirect(text) {
   while (list.children.length > 50) list.lastChild.remove();
 }
 
-// Drawing happens at most once per animation frame, whatever the update rate.
-function draw() {
-  requestAnimationFrame(draw);
-  if (!dirty) return;
-  dirty = false;
-  const s = series.get(selected);
-  const canvas = $("chart"), ctx = canvas.getContext("2d");
+// Sizes `canvas` to its box; returns its context, width and height.
+function fitted(canvas) {
+  const ctx = canvas.getContext("2d");
   const dpr = window.devicePixelRatio || 1, w = canvas.clientWidth, h = canvas.clientHeight;
   if (canvas.width !== w * dpr || canvas.height !== h * dpr) { canvas.width = w * dpr; canvas.height = h * dpr; }
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.clearRect(0, 0, w, h);
-  if (!s || s.points.length === 0) return;
-  const pts = s.points, left = 64, right = w - 10, top = 10, bottom = h - 24;
-  const values = pts.flatMap((p) => [p.price, p.sma]).filter((v) => v !== null);
-  let lo = Math.min(...values), hi = Math.max(...values);
-  if (hi === lo) { hi += 1; lo -= 1; }
-  const pad = (hi - lo) * 0.05; lo -= pad; hi += pad;
-  const x = (i) => left + (pts.length === 1 ? 0 : (i / (pts.length - 1)) * (right - left));
-  const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  return { ctx, w, h };
+}
+
+// Horizontal grid lines with their values, from `lo` to `hi` mapped by `y`.
+function grid(ctx, left, right, lo, hi, y) {
   ctx.strokeStyle = "#263241"; ctx.fillStyle = "#7f8ea3"; ctx.font = "11px system-ui"; ctx.lineWidth = 1;
   for (let i = 0; i <= 4; i++) {
     const v = lo + ((hi - lo) * i) / 4, yy = y(v);
     ctx.beginPath(); ctx.moveTo(left, yy); ctx.lineTo(right, yy); ctx.stroke();
     ctx.fillText(fmt(v), 4, yy + 4);
   }
+}
+
+// The padded range of `values`, never empty.
+function range(values) {
+  let lo = Math.min(...values), hi = Math.max(...values);
+  if (hi === lo) { hi += 1; lo -= 1; }
+  const pad = (hi - lo) * 0.05;
+  return [lo - pad, hi + pad];
+}
+
+// Candles (closed ones filled, the open one hollow), volume bars beneath
+// them, and the EMA over them, on a shared time axis.
+function drawCandles() {
+  candlesDirty = false;
+  const canvas = $("candles");
+  const { ctx, w, h } = fitted(canvas);
+  const bars = [...candles.values()].sort((a, b) => a.start - b.start);
+  canvas.dataset.candles = String(bars.length);
+  canvas.dataset.closed = String(bars.filter((b) => b.closed).length);
+  if (!bars.length) { canvas.dataset.ema = "0"; return; }
+  const t0 = bars[0].start, t1 = bars[bars.length - 1].end;
+  const ema = emaPoints.filter((p) => p.t >= t0 && p.t <= t1);
+  canvas.dataset.ema = String(ema.length);
+  // The lowest fifth shows volume, when the quotes carried any.
+  const maxVolume = Math.max(0, ...bars.map((b) => b.volume));
+  const left = 64, right = w - 10, top = 10, bottom = h - 24;
+  const volumeTop = maxVolume > 0 ? bottom - (bottom - top) * 0.2 : bottom;
+  const [lo, hi] = range(bars.flatMap((b) => [b.high, b.low]).concat(ema.map((p) => p.ema)));
+  const x = (t) => left + ((t - t0) / (t1 - t0)) * (right - left);
+  const y = (v) => volumeTop - 4 - ((v - lo) / (hi - lo)) * (volumeTop - 4 - top);
+  grid(ctx, left, right, lo, hi, y);
+  ctx.fillText(new Date(t0).toLocaleTimeString(), left, h - 6);
+  const end = new Date(t1).toLocaleTimeString();
+  ctx.fillText(end, right - ctx.measureText(end).width, h - 6);
+  for (const b of bars) {
+    const xa = x(b.start), xb = x(b.end), width = Math.max(1, (xb - xa) * 0.7), mid = (xa + xb) / 2;
+    if (maxVolume > 0) {
+      const tall = (b.volume / maxVolume) * (bottom - volumeTop);
+      ctx.fillStyle = "#3d4b5c"; ctx.fillRect(mid - width / 2, bottom - tall, width, tall);
+    }
+    const color = b.close >= b.open ? "#3fb950" : "#f85149";
+    ctx.strokeStyle = color; ctx.fillStyle = color; ctx.lineWidth = 1;
+    ctx.beginPath(); ctx.moveTo(mid, y(b.high)); ctx.lineTo(mid, y(b.low)); ctx.stroke();
+    const body = Math.min(y(b.open), y(b.close)), tall = Math.max(1, Math.abs(y(b.open) - y(b.close)));
+    if (b.closed) ctx.fillRect(mid - width / 2, body, width, tall);
+    else ctx.strokeRect(mid - width / 2, body, width, tall);
+  }
+  ctx.strokeStyle = "#d2a8ff"; ctx.lineWidth = 1.5; ctx.beginPath();
+  ema.forEach((p, i) => (i ? ctx.lineTo(x(p.t), y(p.ema)) : ctx.moveTo(x(p.t), y(p.ema))));
+  ctx.stroke();
+}
+
+// Drawing happens at most once per animation frame, whatever the update rate.
+function draw() {
+  requestAnimationFrame(draw);
+  if (candlesDirty) drawCandles();
+  if (!dirty) return;
+  dirty = false;
+  const s = series.get(selected);
+  const canvas = $("chart");
+  const { ctx, w, h } = fitted(canvas);
+  if (!s || s.points.length === 0) return;
+  const pts = s.points, left = 64, right = w - 10, top = 10, bottom = h - 24;
+  const [lo, hi] = range(pts.flatMap((p) => [p.price, p.sma]).filter((v) => v !== null));
+  const x = (i) => left + (pts.length === 1 ? 0 : (i / (pts.length - 1)) * (right - left));
+  const y = (v) => bottom - ((v - lo) / (hi - lo)) * (bottom - top);
+  grid(ctx, left, right, lo, hi, y);
   ctx.fillText(new Date(pts[0].t).toLocaleTimeString(), left, h - 6);
   const end = new Date(pts[pts.length - 1].t).toLocaleTimeString();
   ctx.fillText(end, right - ctx.measureText(end).width, h - 6);

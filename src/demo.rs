@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::broker::{Broker, MemoryBroker};
 use crate::config::Settings;
+use crate::config::series::{SeriesKind, SeriesSettings};
 use crate::{Error, publish};
 
 /// Sample quotes bundled into the binary: several symbols, a few thousand rows.
@@ -27,6 +28,9 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     settings.redis.cluster_nodes.clear();
     settings.node.role = crate::topology::Role::All;
     settings.node.shard = crate::topology::Shard::WHOLE;
+    if settings.series_tables.is_empty() {
+        settings = settings.with_series(demo_series())?;
+    }
     let address = settings.server.listen;
     let listener = crate::cli::listen(address).await?;
     let local = listener
@@ -51,6 +55,23 @@ pub async fn run(mut settings: Settings, shutdown: CancellationToken) -> Result<
     }
 }
 
+/// The series the demo computes when the configuration names none, so the
+/// dashboard has candles to draw within seconds: 5-second candles (an open
+/// one updated every second) and an EMA of 20 quotes.
+fn demo_series() -> Vec<SeriesSettings> {
+    vec![
+        SeriesSettings {
+            interval: Some("5s".into()),
+            update_ms: 1_000,
+            ..SeriesSettings::new("candles.5s", SeriesKind::Candles)
+        },
+        SeriesSettings {
+            span: Some(20),
+            ..SeriesSettings::new("ema.20", SeriesKind::Ema)
+        },
+    ]
+}
+
 async fn run_with<B: Broker>(
     settings: Settings,
     listener: TcpListener,
@@ -72,6 +93,13 @@ async fn run_with<B: Broker>(
     let local = crate::health::local_address(local);
     println!("  dashboard:  http://{local}/");
     println!("  WebSocket:  ws://{local}/ws/demo");
+    let served: Vec<&str> = settings
+        .catalog
+        .served()
+        .iter()
+        .map(String::as_str)
+        .collect();
+    println!("  series:     {}", served.join(", "));
     println!(
         "  watch it:   cargo run --release -- tail demo --url ws://{local}    (or: websocat ws://{local}/ws/demo)"
     );

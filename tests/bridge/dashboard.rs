@@ -203,6 +203,84 @@ async fn the_dashboard_shows_live_smas_a_chart_and_direct_messages() {
     app.shutdown().await;
 }
 
+/// The candlestick chart: the selected symbol's candles (closed ones and the
+/// open one), their volumes and an EMA line, from the series the bridge
+/// serves, subscribed as the symbol is selected.
+#[tokio::test]
+async fn the_dashboard_charts_the_selected_symbol_s_candles_volume_and_ema() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let settings = crate::series::settings_from_file(
+        crate::series::SERIES,
+        &[
+            ("QUOTEBRIDGE__REDIS__URL", &url),
+            ("QUOTEBRIDGE__SMA__WINDOW", "1"),
+        ],
+    );
+    let bridge = Running::on_redis(settings);
+    bridge.wait_until_ready().await;
+    let (_driver, browser, profile) =
+        open_dashboard(bridge.address, "quotebridge-candles", "client=acme").await;
+    let quote = |ts: u64, price: u32, volume: u32| {
+        (
+            "quotes".to_owned(),
+            json!({"symbol": "AAPL", "price": price, "volume": volume, "ts": ts})
+                .to_string()
+                .into_bytes(),
+        )
+    };
+    let mut conn = redis.connection().await;
+    // The first quote makes AAPL's row, which is selected and charted: its
+    // open candle comes as the subscription's snapshot.
+    publish_all(&mut conn, &[quote(60_000, 10, 1)]).await;
+    let candles = "document.getElementById('candles').dataset";
+    wait_until(
+        &browser,
+        "AAPL's first candle",
+        &format!("charted === 'AAPL' && {candles}.candles === '1'"),
+    )
+    .await;
+    publish_all(
+        &mut conn,
+        &[
+            quote(61_000, 12, 2),
+            quote(120_000, 11, 1),
+            quote(121_000, 9, 3),
+            quote(180_000, 10, 1),
+        ],
+    )
+    .await;
+    wait_until(
+        &browser,
+        "two closed candles, the open one and the EMA under them",
+        &format!("{candles}.candles === '3' && {candles}.closed === '2' && {candles}.ema === '5'"),
+    )
+    .await;
+    let shown = browser
+        .execute(
+            "return [document.getElementById('candle-panel').hidden, \
+             document.getElementById('candles-name').textContent, \
+             document.getElementById('candle-series').textContent, \
+             document.getElementById('ema-name').textContent, \
+             [...candles.values()].map((b) => [b.open, b.high, b.low, b.close, b.volume])];",
+            vec![],
+        )
+        .await
+        .expect("read the chart's state");
+    assert_eq!(
+        shown,
+        json!([
+            false,
+            "AAPL",
+            "(candles.1m)",
+            "━ ema.2",
+            [[10, 12, 10, 12, 3], [11, 11, 9, 9, 4], [10, 10, 10, 10, 1]]
+        ])
+    );
+    browser.close().await.expect("close the browser");
+    let _ = std::fs::remove_dir_all(&profile);
+}
+
 /// Drops the dashboard's socket while `quotes` are published (and
 /// computed), then reconnects it as its retry would.
 async fn away_while(
@@ -402,8 +480,9 @@ async fn the_demo_dashboard_as_a_user_sees_it() {
     show_margin_call(&browser, &mut conn, "demo", margin_call).await;
     wait_until(
         &browser,
-        "the chart to have run a while",
-        "Number(document.getElementById('chart').dataset.points) >= 40",
+        "the chart to have run a while, and a candle to have closed",
+        "Number(document.getElementById('chart').dataset.points) >= 40 \
+         && Number(document.getElementById('candles').dataset.closed) >= 2",
     )
     .await;
     let png = browser.screenshot().await.expect("screenshot");

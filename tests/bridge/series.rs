@@ -15,7 +15,7 @@ use std::process::Stdio;
 use crate::binary::Serve;
 use crate::support::*;
 
-const SERIES: &str = r#"
+pub(crate) const SERIES: &str = r#"
 [[series]]
 name = "sma.3"
 kind = "sma"
@@ -46,7 +46,7 @@ step = "1m"
 "#;
 
 /// Settings from a configuration file holding `toml`, and `env`.
-fn settings_from_file(toml: &str, env: &[(&str, &str)]) -> Settings {
+pub(crate) fn settings_from_file(toml: &str, env: &[(&str, &str)]) -> Settings {
     let path = std::env::temp_dir().join(format!(
         "quotebridge-series-{}-{}.toml",
         std::process::id(),

@@ -671,20 +671,28 @@ impl Settings {
             tidy(list);
         }
         settings.validate()?;
-        settings.series = series::resolve(&settings.series_tables, &settings.redis)?;
-        settings.catalog = Arc::new(series::Catalog::new(
-            &settings.series,
-            &settings.websocket.default_series,
-            &settings.websocket.default_symbols,
+        let tables = std::mem::take(&mut settings.series_tables);
+        settings.with_series(tables)
+    }
+
+    /// These settings with `tables` as their `[[series]]`, checked as a
+    /// configuration file's are (the demo's, when none are configured).
+    pub fn with_series(mut self, tables: Vec<series::SeriesSettings>) -> Result<Self, ConfigError> {
+        self.series = series::resolve(&tables, &self.redis)?;
+        self.series_tables = tables;
+        self.catalog = Arc::new(series::Catalog::new(
+            &self.series,
+            &self.websocket.default_series,
+            &self.websocket.default_symbols,
         )?);
-        if settings.catalog.initial().len() > settings.websocket.max_symbols {
+        if self.catalog.initial().len() > self.websocket.max_symbols {
             return Err(ConfigError::Invalid {
                 key: "websocket.max_symbols",
                 message: "must be at least the number of default_symbols times default_series"
                     .into(),
             });
         }
-        Ok(settings)
+        Ok(self)
     }
 
     /// The compiled-in defaults alone.

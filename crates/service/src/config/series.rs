@@ -50,6 +50,27 @@ pub struct SeriesSettings {
     pub max_points: usize,
 }
 
+impl SeriesSettings {
+    /// A table naming `name` and `kind`, every other key at its default
+    /// (what a file that writes only those two would give).
+    #[must_use]
+    pub fn new(name: &str, kind: SeriesKind) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind,
+            window: None,
+            span: None,
+            interval: None,
+            step: None,
+            update_ms: default_update_ms(),
+            channel: None,
+            lateness_ms: default_lateness_ms(),
+            max_future_ms: default_max_future_ms(),
+            max_points: default_max_points(),
+        }
+    }
+}
+
 fn default_update_ms() -> u64 {
     2_000
 }
@@ -425,17 +446,8 @@ mod tests {
 
     fn catalog_of(defaults: &[&str]) -> Result<Catalog, ConfigError> {
         let candles = SeriesSettings {
-            name: "candles.1m".into(),
-            kind: SeriesKind::Candles,
-            window: None,
-            span: None,
             interval: Some("1m".into()),
-            step: None,
-            update_ms: default_update_ms(),
-            channel: None,
-            lateness_ms: default_lateness_ms(),
-            max_future_ms: default_max_future_ms(),
-            max_points: default_max_points(),
+            ..SeriesSettings::new("candles.1m", SeriesKind::Candles)
         };
         Catalog::new(&[candles.series()?], &names(defaults), &names(&["*"]))
     }
