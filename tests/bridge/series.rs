@@ -548,7 +548,13 @@ async fn kill_dash_nine_mid_stream_continues_every_series_bit_for_bit() {
     ];
     let quotes: Vec<(String, String, String, u64)> = (0..QUOTES)
         .map(|i| {
-            let symbol = format!("S{}", i % SYMBOLS);
+            // S6 goes quiet halfway: the feed's progress closes its candles.
+            let n = if i % SYMBOLS == 6 && i > QUOTES / 2 {
+                5
+            } else {
+                i % SYMBOLS
+            };
+            let symbol = format!("S{n}");
             let price = format!("{}.{:02}", 100 + (i * 7919) % 37, (i * 31) % 100);
             let volume = format!("{}", (i * 13) % 500);
             // 50 ms apart, one in 50 a little late, one in 400 too late.
@@ -649,6 +655,8 @@ fn reference(
     use quotebridge::series::{Input, Position, State};
     let mut states: HashMap<(usize, &str), (State, u64)> = HashMap::new();
     let mut expected = Vec::new();
+    // The feed's event time, which closes the candles of quiet keys.
+    let mut feed = 0;
     for (symbol, price, volume, ts) in quotes {
         let input = Input {
             ts: *ts,
@@ -674,6 +682,41 @@ fn reference(
                     output.encode(&series.spec, input.price, &at),
                 ));
             }
+        }
+        if *ts <= feed {
+            continue;
+        }
+        feed = *ts;
+        // Every open candle whose end is `lateness_ms` behind the feed
+        // closes, by when it was due, then series, then symbol.
+        let mut due: Vec<(u64, usize, &str)> = states
+            .iter()
+            .filter_map(|(&(n, symbol), (state, _))| {
+                let at = state.closes_at(&settings.series[n].spec)?;
+                (at <= feed).then_some((at, n, symbol))
+            })
+            .collect();
+        due.sort_unstable();
+        for (_, n, symbol) in due {
+            let series = &settings.series[n];
+            let Some((state, seq)) = states.get_mut(&(n, symbol)) else {
+                continue;
+            };
+            let Some(output) = state.close_quiet(&series.spec, feed) else {
+                continue;
+            };
+            *seq += 1;
+            let at = Position {
+                symbol,
+                client: None,
+                ts: feed,
+                seq: *seq,
+                epoch,
+            };
+            expected.push((
+                series.channel.replace("{symbol}", symbol),
+                output.encode(&series.spec, 0.0, &at),
+            ));
         }
     }
     expected

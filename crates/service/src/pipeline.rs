@@ -12,7 +12,7 @@
 //! One task owns a pipeline, so per-key order is input order and no lock
 //! guards the windows.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
@@ -71,6 +71,15 @@ pub struct Pipeline {
     /// The keys that took a quote since [`Pipeline::take_touched`], when
     /// tracked (stream mode saves their state): `None` otherwise.
     touched: Option<HashSet<(Option<String>, String)>>,
+    /// The feed's event time: the newest `ts` the time-based series took
+    /// (a `ts` refused as too far ahead of the clock does not move it).
+    feed_ms: u64,
+    /// Open candles by when the feed's progress closes them (their end plus
+    /// `lateness_ms`), should their keys go quiet: (when, series index,
+    /// client, symbol). One entry per candle opened; an entry whose candle
+    /// closed otherwise (the key's own next bucket, or its release) is
+    /// dropped when due.
+    quiet_closes: BTreeSet<QuietClose>,
     stats: Arc<Stats>,
     reject_log: RejectLog,
 }
@@ -143,6 +152,8 @@ impl Pipeline {
             series: settings.series.clone().into(),
             series_out: Vec::new(),
             touched: None,
+            feed_ms: 0,
+            quiet_closes: BTreeSet::new(),
             stats,
             reject_log: RejectLog::default(),
         }
@@ -176,39 +187,101 @@ impl Pipeline {
             touched.insert((client.map(str::to_owned), quote.symbol.to_string()));
         }
         let ts = quote.ts.unwrap_or_else(now_ms);
+        let mut feed_moved = false;
         if !self.series.is_empty() {
             self.series_out.clear();
             let out = &mut self.series_out;
-            series_results(&self.series, key, &quote, ts, &self.stats, out);
+            let closes = &mut self.quiet_closes;
+            let timely = series_results(&self.series, key, &quote, ts, &self.stats, out, closes);
+            feed_moved = timely && ts > self.feed_ms;
         }
         let average = key.window.push(quote.price, quote.decimal);
-        if !self.emit_partial && !key.window.is_full() {
-            return Outcome::Accepted { sma: None };
-        }
-        key.seq += 1;
-        let frame = SmaMessage {
-            symbol: &quote.symbol,
-            price: quote.price,
-            sma: average.mean,
-            window: key.window.capacity(),
-            count: average.count,
-            ts,
-            seq: key.seq,
-            epoch: &key.epoch,
-            client,
-        }
-        // The parser admitted only valid names.
-        .encode_framed(&key.framing, &self.window_framing, spelled);
-        let sma = Emitted {
-            channel: key.channel.clone(),
-            frame: ResultFrame::encoded(frame, &key.framing, key.seq).map_text(Utf8Bytes::from),
-            snapshot: key.snapshot.clone(),
+        let sma = if !self.emit_partial && !key.window.is_full() {
+            None
+        } else {
+            key.seq += 1;
+            let frame = SmaMessage {
+                symbol: &quote.symbol,
+                price: quote.price,
+                sma: average.mean,
+                window: key.window.capacity(),
+                count: average.count,
+                ts,
+                seq: key.seq,
+                epoch: &key.epoch,
+                client,
+            }
+            // The parser admitted only valid names.
+            .encode_framed(&key.framing, &self.window_framing, spelled);
+            let sma = Emitted {
+                channel: key.channel.clone(),
+                frame: ResultFrame::encoded(frame, &key.framing, key.seq).map_text(Utf8Bytes::from),
+                snapshot: key.snapshot.clone(),
+            };
+            self.stats.smas_emitted.fetch_add(1, Relaxed);
+            if !average.exact {
+                self.stats.smas_inexact.fetch_add(1, Relaxed);
+            }
+            Some(sma)
         };
-        self.stats.smas_emitted.fetch_add(1, Relaxed);
-        if !average.exact {
-            self.stats.smas_inexact.fetch_add(1, Relaxed);
+        if feed_moved {
+            self.feed_ms = ts;
+            self.close_quiet_keys(quote.price);
         }
-        Outcome::Accepted { sma: Some(sma) }
+        Outcome::Accepted { sma }
+    }
+
+    /// Closes the open candles of keys that went quiet while the feed's
+    /// event time passed their end by `lateness_ms`, each closed candle a
+    /// result of its key (after the triggering quote's own, with its `ts`).
+    /// Deterministic: the same input closes the same candles at the same
+    /// quote, however fast it comes.
+    fn close_quiet_keys(&mut self, price: f64) {
+        while let Some(first) = self.quiet_closes.first() {
+            if first.0 > self.feed_ms {
+                break;
+            }
+            let Some((_, index, client, symbol)) = self.quiet_closes.pop_first() else {
+                break;
+            };
+            let (Some(key), Some(config)) = (
+                self.windows.get_mut(client.as_deref(), &symbol),
+                self.series.get(index),
+            ) else {
+                continue;
+            };
+            let Some(own) = key.series.get_mut(index) else {
+                continue;
+            };
+            let Some(output) = own.state.close_quiet(&config.spec, self.feed_ms) else {
+                continue;
+            };
+            let at = (symbol.as_ref(), client.as_deref(), self.feed_ms, price);
+            emit(
+                config,
+                own,
+                &key.epoch,
+                at,
+                &output,
+                &self.stats,
+                &mut self.series_out,
+            );
+            if let Some(touched) = &mut self.touched {
+                touched.insert((client.as_deref().map(str::to_owned), symbol.to_string()));
+            }
+        }
+    }
+
+    /// The feed's event time (see [`Pipeline::close_quiet_keys`]), for
+    /// stream mode to save with each batch.
+    #[must_use]
+    pub fn feed_ms(&self) -> u64 {
+        self.feed_ms
+    }
+
+    /// Continues the feed's event time from a saved one.
+    pub fn restore_feed(&mut self, feed_ms: u64) {
+        self.feed_ms = feed_ms;
     }
 
     /// The `[[series]]` results of the quote just processed, in order
@@ -320,10 +393,15 @@ impl Pipeline {
             };
             key.seq = seq;
             let mut saved_series = state.series;
-            for (config, own) in self.series.iter().zip(&mut key.series) {
+            for (index, (config, own)) in self.series.iter().zip(&mut key.series).enumerate() {
                 // A series added since starts afresh; one removed is gone.
                 if let Some(saved) = saved_series.remove(&*config.spec.name) {
                     own.state = config.spec.restore(saved.state);
+                    if let Some(at) = own.state.closes_at(&config.spec) {
+                        let key_name = (client.map(Box::from), symbol.into());
+                        self.quiet_closes
+                            .insert((at, index, key_name.0, key_name.1));
+                    }
                     // In a new epoch, every sequence of the key starts over.
                     own.seq = if continued && saved.seq < u64::MAX {
                         saved.seq
@@ -372,6 +450,8 @@ impl Pipeline {
         self.windows = Windows::new(self.windows.window, self.windows.max_keys, stats);
         self.stats.keys.store(0, Relaxed);
         self.epoch = new_epoch();
+        self.quiet_closes.clear();
+        self.feed_ms = 0;
     }
 }
 
@@ -473,18 +553,26 @@ struct SeriesKey {
     seq: u64,
 }
 
+/// An open candle that the feed's progress closes if its key goes quiet:
+/// when (its end plus `lateness_ms`), the series' index, client and symbol.
+type QuietClose = (u64, usize, Option<Box<str>>, Box<str>);
+
 /// Runs one quote through every series of its key: the results to publish,
-/// each with its own position. A time-based series refuses a quote that is
-/// late for it, or whose `ts` is further ahead of the clock than its
-/// `max_future_ms` (one bad timestamp must not close every candle).
+/// each with its own position, go to `out`, and each candle it opens to
+/// `quiet_closes`. A time-based series refuses a quote that is late for it,
+/// or whose `ts` is further ahead of the clock than its `max_future_ms`
+/// (one bad timestamp must not close every candle). Returns whether a
+/// time-based series took the quote's `ts` as on time (so the feed's event
+/// time may move to it).
 fn series_results(
     configured: &[Series],
     key: &mut Key,
     quote: &Quote<'_>,
     ts: u64,
     stats: &Stats,
-    emitted: &mut Vec<Emitted>,
-) {
+    out: &mut Vec<Emitted>,
+    quiet_closes: &mut BTreeSet<QuietClose>,
+) -> bool {
     let input = series::Input {
         ts,
         price: quote.price,
@@ -492,47 +580,79 @@ fn series_results(
         volume: quote.volume.map(|v| (v, quote.volume_decimal)),
     };
     let mut now = None;
-    for (config, own) in configured.iter().zip(&mut key.series) {
+    let mut timely = false;
+    for (index, (config, own)) in configured.iter().zip(&mut key.series).enumerate() {
         if config.spec.is_timed() {
             let now = *now.get_or_insert_with(now_ms);
             if ts > now.saturating_add(config.max_future_ms) {
                 stats.series_future.fetch_add(1, Relaxed);
                 continue;
             }
+            timely = true;
         }
+        let closes_at = own.state.closes_at(&config.spec);
         let outputs = own.state.push(&config.spec, &input);
         if outputs.late {
             stats.series_late.fetch_add(1, Relaxed);
         }
-        for output in outputs.results {
-            own.seq += 1;
-            let position = series::Position {
-                symbol: &quote.symbol,
-                client: quote.client.as_deref(),
-                ts,
-                seq: own.seq,
-                epoch: &key.epoch,
-            };
-            let text = output.encode(&config.spec, quote.price, &position);
-            let frame = ResultFrame::series(
-                Utf8Bytes::from(text),
-                &config.spec.name,
-                &quote.symbol,
-                position.client,
-                Position {
-                    seq: own.seq,
-                    epoch: &key.epoch,
-                },
-                output.bar_state(),
-            );
-            stats.series_results.fetch_add(1, Relaxed);
-            emitted.push(Emitted {
-                channel: own.channel.clone(),
-                frame,
-                snapshot: None,
-            });
+        // A new candle: the feed's progress closes it, should the key go quiet.
+        if let Some(at) = own.state.closes_at(&config.spec)
+            && closes_at != Some(at)
+        {
+            let client = quote.client.as_deref().map(Box::from);
+            quiet_closes.insert((at, index, client, quote.symbol.as_ref().into()));
+        }
+        let at = (
+            quote.symbol.as_ref(),
+            quote.client.as_deref(),
+            ts,
+            quote.price,
+        );
+        for output in &outputs.results {
+            emit(config, own, &key.epoch, at, output, stats, out);
         }
     }
+    timely
+}
+
+/// One result of a series key, at its next `seq`: encoded, and framed for
+/// the sockets under its key `symbol@series`. `at` is the key's symbol and
+/// client, and the `ts` and price of the quote that made it.
+fn emit(
+    config: &Series,
+    own: &mut SeriesKey,
+    epoch: &str,
+    (symbol, client, ts, price): (&str, Option<&str>, u64, f64),
+    output: &series::Output,
+    stats: &Stats,
+    out: &mut Vec<Emitted>,
+) {
+    own.seq += 1;
+    let position = series::Position {
+        symbol,
+        client,
+        ts,
+        seq: own.seq,
+        epoch,
+    };
+    let text = output.encode(&config.spec, price, &position);
+    let frame = ResultFrame::series(
+        Utf8Bytes::from(text),
+        &config.spec.name,
+        symbol,
+        client,
+        Position {
+            seq: own.seq,
+            epoch,
+        },
+        output.bar_state(),
+    );
+    stats.series_results.fetch_add(1, Relaxed);
+    out.push(Emitted {
+        channel: own.channel.clone(),
+        frame,
+        snapshot: None,
+    });
 }
 
 /// A fresh epoch: 8 random hex digits. Two runs share one with odds of
@@ -573,6 +693,13 @@ impl Windows {
         match client {
             None => self.public.get(symbol),
             Some(code) => self.private.get(code)?.get(symbol),
+        }
+    }
+
+    fn get_mut(&mut self, client: Option<&str>, symbol: &str) -> Option<&mut Key> {
+        match client {
+            None => self.public.get_mut(symbol),
+            Some(code) => self.private.get_mut(code)?.get_mut(symbol),
         }
     }
 
@@ -964,6 +1091,117 @@ mod tests {
         assert!(
             notice(pipeline.process(b"{")).is_some(),
             "unparseable input is reported too"
+        );
+    }
+}
+
+#[cfg(test)]
+mod quiet_candles {
+    use super::*;
+    use crate::config::series::{SeriesKind, SeriesSettings};
+
+    fn candles_pipeline() -> (Pipeline, Arc<Stats>) {
+        let minute = SeriesSettings {
+            interval: Some("1m".into()),
+            update_ms: 0,
+            ..SeriesSettings::new("candles.1m", SeriesKind::Candles)
+        };
+        let settings = Settings::defaults()
+            .expect("defaults")
+            .with_series(vec![minute])
+            .expect("a valid series");
+        let stats = Arc::new(Stats::default());
+        (Pipeline::new(&settings, stats.clone()), stats)
+    }
+
+    /// The series results of one quote: (key, closed, start, seq, ts).
+    fn candles_of(
+        pipeline: &mut Pipeline,
+        symbol: &str,
+        ts: u64,
+    ) -> Vec<(String, bool, u64, u64, u64)> {
+        let quote = format!(r#"{{"symbol":"{symbol}","price":1,"ts":{ts}}}"#);
+        assert!(matches!(
+            pipeline.process(quote.as_bytes()),
+            Outcome::Accepted { .. }
+        ));
+        pipeline
+            .take_series()
+            .map(|result| {
+                let candle: serde_json::Value =
+                    serde_json::from_str(result.frame.as_str()).expect("JSON");
+                (
+                    result.frame.key().to_owned(),
+                    candle["closed"] == true,
+                    candle["start"].as_u64().expect("start"),
+                    candle["seq"].as_u64().expect("seq"),
+                    candle["ts"].as_u64().expect("ts"),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_feed_s_progress_closes_a_quiet_key_s_candle_once() {
+        let (mut pipeline, stats) = candles_pipeline();
+        let key = |s: &str| format!("{s}@candles.1m");
+        assert_eq!(
+            candles_of(&mut pipeline, "A", 60_000),
+            [(key("A"), false, 60_000, 1, 60_000)]
+        );
+        assert_eq!(candles_of(&mut pipeline, "B", 61_000).len(), 1);
+        // The feed at 124,999 ms: A's candle [60 s, 120 s) has 5 s of
+        // lateness left, and stays open.
+        assert_eq!(
+            candles_of(&mut pipeline, "B", 124_999),
+            [
+                (key("B"), true, 60_000, 2, 124_999),
+                (key("B"), false, 120_000, 3, 124_999)
+            ]
+        );
+        // At 125,000 ms it closes, after the quote's own result.
+        assert_eq!(
+            candles_of(&mut pipeline, "B", 125_000),
+            [
+                (key("B"), false, 120_000, 4, 125_000),
+                (key("A"), true, 60_000, 2, 125_000)
+            ]
+        );
+        assert_eq!(pipeline.feed_ms(), 125_000);
+        // Once: a later feed closes nothing more of A.
+        assert_eq!(candles_of(&mut pipeline, "B", 126_000).len(), 1);
+        // A quote for A's closed bucket is late; its next bucket opens at once.
+        assert!(candles_of(&mut pipeline, "A", 119_000).is_empty());
+        assert_eq!(stats.series_late.load(Relaxed), 1);
+        assert_eq!(
+            candles_of(&mut pipeline, "A", 126_500),
+            [(key("A"), false, 120_000, 3, 126_500)]
+        );
+    }
+
+    #[test]
+    fn a_restored_pipeline_closes_what_the_uninterrupted_one_does() {
+        let (mut whole, _) = candles_pipeline();
+        let (mut first, _) = candles_pipeline();
+        for (symbol, ts) in [("A", 60_000), ("B", 61_000), ("B", 100_000)] {
+            assert_eq!(
+                candles_of(&mut whole, symbol, ts),
+                candles_of(&mut first, symbol, ts)
+            );
+        }
+        // What stream mode saves, restored into a new pipeline.
+        let (mut second, _) = candles_pipeline();
+        for symbol in ["A", "B"] {
+            let state = first.key_state(None, symbol).expect("a key");
+            let state = serde_json::from_str(&serde_json::to_string(&state).expect("JSON"))
+                .expect("a state");
+            second.restore_key(None, symbol, state);
+        }
+        second.restore_feed(first.feed_ms());
+        assert_eq!(
+            candles_of(&mut whole, "B", 130_000),
+            candles_of(&mut second, "B", 130_000),
+            "A's quiet candle closes in both"
         );
     }
 }

@@ -156,6 +156,36 @@ pub enum SavedState {
 }
 
 impl State {
+    /// When the feed's progress closes this state's open candle, should its
+    /// key go quiet: the candle's end plus `lateness_ms` of event time.
+    /// `None` for other kinds, and while no candle is open.
+    #[must_use]
+    pub fn closes_at(&self, spec: &Spec) -> Option<u64> {
+        match self {
+            State::Candles { candles, .. } => candles
+                .open()
+                .map(|bar| bar.end_ms.saturating_add(spec.lateness_ms)),
+            _ => None,
+        }
+    }
+
+    /// Closes the open candle if the feed's event time `feed_ms` is past
+    /// [`State::closes_at`]: its key went quiet while the feed went on. A
+    /// quote for that bucket is late from then on.
+    pub fn close_quiet(&mut self, spec: &Spec, feed_ms: u64) -> Option<Output> {
+        let State::Candles {
+            candles,
+            last_update,
+        } = self
+        else {
+            return None;
+        };
+        let bar = candles.close_before(feed_ms.checked_sub(spec.lateness_ms)?)?;
+        // The key's next candle is a new one, and goes out at once.
+        *last_update = None;
+        Some(Output::Candle(bar))
+    }
+
     /// Everything needed to continue this state elsewhere bit for bit.
     #[must_use]
     pub fn save(&self) -> SavedState {

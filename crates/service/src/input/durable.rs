@@ -88,6 +88,9 @@ pub struct DurableInput {
     metrics: Arc<Metrics>,
     /// For a compute shard: the unsharded group its own group takes over from.
     unsharded_group: Option<String>,
+    /// The field of `redis.state_key` holding this shard's feed event time
+    /// (which closes quiet keys' candles, see the pipeline): `feed:I/N`.
+    feed_field: String,
     /// Whether results are also published on the output channel although
     /// they go to `output_stream`: a compute node's gateways follow the channel.
     feeds_gateways: bool,
@@ -134,6 +137,7 @@ impl DurableInput {
             backoff: settings.reconnect_backoff(),
             metrics,
             unsharded_group,
+            feed_field: format!("feed:{}/{}", shard.index(), shard.count()),
             feeds_gateways: settings.node.role == Role::Compute,
             key_sweep: settings.key_sweep_interval(),
             next_sweep: Instant::now() + settings.key_sweep_interval(),
@@ -310,6 +314,16 @@ impl DurableInput {
         self.pipeline.clear();
         let mut restored = 0;
         for (field, value) in stored {
+            if field.starts_with(b"feed:") {
+                // This shard's feed event time; another's is not ours.
+                let feed = std::str::from_utf8(&value)
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+                if let (true, Some(feed)) = (field == self.feed_field.as_bytes(), feed) {
+                    self.pipeline.restore_feed(feed);
+                }
+                continue;
+            }
             let key = serde_json::from_slice::<(Option<String>, String)>(&field);
             let state = serde_json::from_slice::<KeyState>(&value);
             match (key, state) {
@@ -584,6 +598,16 @@ impl DurableInput {
             .filter_map(|sma| Some((sma.snapshot.as_deref()?, sma.frame.as_str().as_bytes())));
         for hset in snapshot_writes(snapshots) {
             transaction.add_command(hset).ignore();
+        }
+        // With the keys' states: the event time that closes quiet candles.
+        if self.pipeline.feed_ms() > 0 {
+            transaction
+                .hset(
+                    &self.redis.state_key,
+                    &self.feed_field,
+                    self.pipeline.feed_ms(),
+                )
+                .ignore();
         }
         let quoted_at = unix_ms(SystemTime::now());
         for (client, symbol) in &self.pipeline.take_touched() {
