@@ -84,25 +84,38 @@ impl Environment {
 
     /// Settings for a bridge on this Redis, with `overrides` as
     /// `QUOTEBRIDGE__…` variables would give them.
-    pub fn settings(&self, overrides: &[(&str, String)]) -> Result<Settings, Error> {
+    pub fn settings(
+        &self,
+        overrides: &[(&str, String)],
+        config: Option<&Path>,
+    ) -> Result<Settings, Error> {
         let mut env: HashMap<String, String> = self
             .overrides(overrides)
             .into_iter()
             .map(|(k, v)| (format!("QUOTEBRIDGE__{k}"), v))
             .collect();
         env.insert("QUOTEBRIDGE__REDIS__URL".into(), self.redis.url.clone());
-        Ok(Settings::load_with_env(None, Some(env))?)
+        Ok(Settings::load_with_env(config, Some(env))?)
     }
 
     /// Starts a bridge — a child process, or in this process — and waits
     /// until it is subscribed.
     pub async fn start_bridge(&self, overrides: &[(&str, String)]) -> Result<Bridge, Error> {
+        self.start_bridge_with(overrides, None).await
+    }
+
+    /// [`Environment::start_bridge`] with a configuration file too.
+    pub async fn start_bridge_with(
+        &self,
+        overrides: &[(&str, String)],
+        config: Option<&Path>,
+    ) -> Result<Bridge, Error> {
         if let Some(binary) = &self.bridge_binary {
-            let bridge = self.start_child(binary, overrides)?;
+            let bridge = self.start_child(binary, overrides, config)?;
             wait_ready(bridge.address).await?;
             return Ok(bridge);
         }
-        let settings = self.settings(overrides)?;
+        let settings = self.settings(overrides, config)?;
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .map_err(|e| Error::io("cannot bind the bridge", e))?;
@@ -118,11 +131,19 @@ impl Environment {
         })
     }
 
-    fn start_child(&self, binary: &Path, overrides: &[(&str, String)]) -> Result<Bridge, Error> {
+    fn start_child(
+        &self,
+        binary: &Path,
+        overrides: &[(&str, String)],
+        config: Option<&Path>,
+    ) -> Result<Bridge, Error> {
         // Check the overrides here, where a mistake gets a clear error.
-        self.settings(overrides)?;
+        self.settings(overrides, config)?;
         let port = free_port()?;
         let mut command = Command::new(binary);
+        if let Some(config) = config {
+            command.arg("--config").arg(config);
+        }
         command
             .arg("serve")
             .env("QUOTEBRIDGE__REDIS__URL", &self.redis.url)

@@ -17,35 +17,64 @@ use crate::broker::BrokerError;
 /// (the bridge's included) within reach of Redis's output buffers.
 const MAX_IN_FLIGHT: u64 = 100_000;
 
-pub async fn run(environment: &Environment, quotes: usize, symbols: usize) -> Result<Row, Error> {
+/// The series of the example configuration (SMA 20/50/200, SMA 5m, EMA 20,
+/// candles 1m and 5m, a 24-hour ticker): what the second row computes
+/// besides the SMA.
+const EXAMPLE_SERIES: &str = include_str!("../../config/series.example.toml");
+
+/// Two rows: the SMA alone, then with the example configuration's series
+/// (each quote then also makes a result of every series, published on its
+/// own channel), each against the same Redis ceiling.
+pub async fn run(
+    environment: &Environment,
+    quotes: usize,
+    symbols: usize,
+) -> Result<Vec<Row>, Error> {
     let payloads: Vec<Bytes> = (0..quotes).map(|i| quote(i, symbols, i as u64)).collect();
 
     let ceiling = pump(environment, "bench.ceiling", "bench.ceiling", &payloads).await?;
-
-    let bridge = environment
-        .start_bridge(&[
-            ("REDIS__INPUT", "bench.quotes".into()),
-            ("REDIS__OUTPUT", "bench.sma".into()),
-            ("SMA__EMIT_PARTIAL", "true".into()),
-            ("SMA__MAX_KEYS", (symbols + 1).to_string()),
-            ("REDIS__PUBLISH_QUEUE", "65536".into()),
-        ])
-        .await?;
-    let bridged = pump(environment, "bench.quotes", "bench.sma", &payloads).await?;
-    bridge.stop().await;
-
-    let bridge_rate = quotes as f64 / bridged.as_secs_f64();
     let ceiling_rate = quotes as f64 / ceiling.as_secs_f64();
-    Ok(Row::new(
-        Scenario::Ingest,
-        format!("{quotes} quotes / {symbols} symbols, {}", environment.role),
-    )
-    .with("bridge_quotes_per_s", bridge_rate.round())
-    .with("ceiling_msgs_per_s", ceiling_rate.round())
-    .with(
-        "ratio",
-        (bridge_rate / ceiling_rate * 100.0).round() / 100.0,
-    ))
+    let example = std::env::temp_dir().join(format!(
+        "quotebridge-bench-series-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(&example, EXAMPLE_SERIES)
+        .map_err(|e| Error::io(format!("cannot write {}", example.display()), e))?;
+    let mut rows = Vec::new();
+    for (config, what) in [(None, ""), (Some(example.as_path()), ", example series")] {
+        let bridge = environment
+            .start_bridge_with(
+                &[
+                    ("REDIS__INPUT", "bench.quotes".into()),
+                    ("REDIS__OUTPUT", "bench.sma".into()),
+                    ("SMA__EMIT_PARTIAL", "true".into()),
+                    ("SMA__MAX_KEYS", (symbols + 1).to_string()),
+                    ("REDIS__PUBLISH_QUEUE", "65536".into()),
+                ],
+                config,
+            )
+            .await?;
+        let bridged = pump(environment, "bench.quotes", "bench.sma", &payloads).await;
+        bridge.stop().await;
+        let bridge_rate = quotes as f64 / bridged?.as_secs_f64();
+        rows.push(
+            Row::new(
+                Scenario::Ingest,
+                format!(
+                    "{quotes} quotes / {symbols} symbols, {}{what}",
+                    environment.role
+                ),
+            )
+            .with("bridge_quotes_per_s", bridge_rate.round())
+            .with("ceiling_msgs_per_s", ceiling_rate.round())
+            .with(
+                "ratio",
+                (bridge_rate / ceiling_rate * 100.0).round() / 100.0,
+            ),
+        );
+    }
+    let _ = std::fs::remove_file(&example);
+    Ok(rows)
 }
 
 /// Publishes `payloads` on `publish_to`, pipelined, and times until as many

@@ -291,7 +291,7 @@ pub async fn run(options: &Options) -> Result<Report, Error> {
             Scenario::Micro => rows.push(micro::run(options.micro_quotes, options.symbols)),
             Scenario::Series => rows.extend(series::run(options.micro_quotes, options.symbols)),
             Scenario::Ingest => {
-                rows.push(ingest::run(&environment, options.quotes, options.symbols).await?)
+                rows.extend(ingest::run(&environment, options.quotes, options.symbols).await?)
             }
             Scenario::Latency => {
                 for &rate in &options.rates {

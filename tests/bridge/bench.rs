@@ -63,6 +63,15 @@ async fn every_scenario_runs_and_reports() {
         .filter(|r| r.scenario == Scenario::Series)
         .count();
     assert_eq!(kinds, 8, "one row per indicator kind in\n{table}");
+    let with_series = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == Scenario::Ingest && r.parameters.ends_with("example series"))
+        .unwrap_or_else(|| panic!("no ingest row with the example series in\n{table}"));
+    assert!(
+        with_series.get("bridge_quotes_per_s") > Some(0.0),
+        "{table}"
+    );
     let latency = report
         .rows
         .iter()
@@ -74,11 +83,11 @@ async fn every_scenario_runs_and_reports() {
         "every frame reached every socket"
     );
     let json = serde_json::to_value(&report).expect("report serializes");
-    // One row per scenario, and one per indicator kind.
+    // One row per scenario, one per indicator kind, and ingest's second.
     assert!(
         json["rows"]
             .as_array()
-            .is_some_and(|rows| rows.len() == 7 + 8)
+            .is_some_and(|rows| rows.len() == 7 + 8 + 1)
     );
 }
 
