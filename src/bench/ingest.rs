@@ -20,11 +20,12 @@ const MAX_IN_FLIGHT: u64 = 100_000;
 /// The series of the example configuration (SMA 20/50/200, SMA 5m, EMA 20,
 /// candles 1m and 5m, a 24-hour ticker): what the second row computes
 /// besides the SMA.
-const EXAMPLE_SERIES: &str = include_str!("../../config/series.example.toml");
+pub(super) const EXAMPLE_SERIES: &str = include_str!("../../config/series.example.toml");
 
 /// Two rows: the SMA alone, then with the example configuration's series
 /// (each quote then also makes a result of every series, published on its
-/// own channel), each against the same Redis ceiling.
+/// own channel), each against the same Redis ceiling, with the messages the
+/// bridge published a second (results of every series and notices).
 pub async fn run(
     environment: &Environment,
     quotes: usize,
@@ -55,8 +56,15 @@ pub async fn run(
             )
             .await?;
         let bridged = pump(environment, "bench.quotes", "bench.sma", &payloads).await;
+        // Every message the bridge published: with series, several a quote.
+        let stats = crate::health::body_of(bridge.address, "/stats").await;
+        let published = stats
+            .ok()
+            .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+            .and_then(|stats| stats["published"].as_f64());
         bridge.stop().await;
-        let bridge_rate = quotes as f64 / bridged?.as_secs_f64();
+        let elapsed = bridged?.as_secs_f64();
+        let bridge_rate = quotes as f64 / elapsed;
         rows.push(
             Row::new(
                 Scenario::Ingest,
@@ -70,6 +78,10 @@ pub async fn run(
             .with(
                 "ratio",
                 (bridge_rate / ceiling_rate * 100.0).round() / 100.0,
+            )
+            .with(
+                "published_per_s",
+                published.map_or(0.0, |n| (n / elapsed).round()),
             ),
         );
     }

@@ -117,5 +117,63 @@ pub fn run(quotes: usize, symbols: usize) -> Vec<Row> {
             crate::series::rolling::RollingPushed::Late => 0.0,
         },
     ));
+    rows.push(pipeline_with_example_series(&samples, keys));
     rows
+}
+
+/// The whole pipeline (parse, the SMA and every series of the example
+/// configuration, each result encoded and framed) over the same quotes as
+/// payloads: what the kinds cost once their results are made to go out.
+fn pipeline_with_example_series(samples: &[Sample], keys: usize) -> Row {
+    use crate::config::Settings;
+    use crate::pipeline::{Outcome, Pipeline};
+    let name = "pipeline, example series";
+    let example = std::env::temp_dir().join(format!(
+        "quotebridge-bench-pipeline-{}.toml",
+        std::process::id()
+    ));
+    let written = std::fs::write(&example, super::ingest::EXAMPLE_SERIES);
+    let settings = written
+        .ok()
+        .and_then(|()| Settings::load_with_env(Some(&example), None).ok());
+    let _ = std::fs::remove_file(&example);
+    let Some(mut settings) = settings else {
+        return Row::new(
+            Scenario::Series,
+            format!("{name}: the example did not load"),
+        );
+    };
+    settings.sma.max_keys = keys + 1;
+    let mut pipeline = Pipeline::new(&settings, std::sync::Arc::default());
+    let payloads: Vec<String> = samples
+        .iter()
+        .map(|s| {
+            format!(
+                r#"{{"symbol":"S{}","price":{},"volume":{},"ts":{}}}"#,
+                s.key, s.price, s.volume.0, s.ts
+            )
+        })
+        .collect();
+    let mut results = 0usize;
+    let start = Instant::now();
+    for payload in &payloads {
+        if let Outcome::Accepted { sma } =
+            pipeline.process(std::hint::black_box(payload.as_bytes()))
+        {
+            results += usize::from(sma.is_some()) + pipeline.take_series().len();
+        }
+    }
+    let elapsed = start.elapsed();
+    Row::new(
+        Scenario::Series,
+        format!("{name}, {} quotes", samples.len()),
+    )
+    .with(
+        "ns_per_quote",
+        elapsed.as_nanos() as f64 / samples.len().max(1) as f64,
+    )
+    .with(
+        "results_per_quote",
+        results as f64 / samples.len().max(1) as f64,
+    )
 }

@@ -62,7 +62,11 @@ async fn every_scenario_runs_and_reports() {
         .iter()
         .filter(|r| r.scenario == Scenario::Series)
         .count();
-    assert_eq!(kinds, 8, "one row per indicator kind in\n{table}");
+    assert_eq!(
+        kinds,
+        8 + 1,
+        "one row per indicator kind, and the pipeline with them all, in\n{table}"
+    );
     let with_series = report
         .rows
         .iter()
@@ -83,11 +87,11 @@ async fn every_scenario_runs_and_reports() {
         "every frame reached every socket"
     );
     let json = serde_json::to_value(&report).expect("report serializes");
-    // One row per scenario, one per indicator kind, and ingest's second.
+    // One row per scenario, the series' nine, and ingest's second.
     assert!(
         json["rows"]
             .as_array()
-            .is_some_and(|rows| rows.len() == 7 + 8 + 1)
+            .is_some_and(|rows| rows.len() == 7 + 8 + 1 + 1)
     );
 }
 
