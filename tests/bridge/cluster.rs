@@ -5,6 +5,7 @@ use std::process::{Child, Command};
 
 use quotebridge::broker::{Broker, ClusterBroker, Outbound};
 use quotebridge::config::Settings;
+use quotebridge::series::ema::Ema;
 use quotebridge::topology::Channels;
 use redis::Value as RedisValue;
 use serde_json::json;
@@ -478,4 +479,91 @@ async fn sharded_pub_sub_on_a_three_master_cluster_survives_a_slot_move_and_a_re
         (got[1]["symbol"].clone(), got[1]["price"].clone()),
         (json!("S1"), json!(200.0))
     );
+}
+
+/// `[[series]]` on a cluster: each series' channel is split into partitions
+/// as the output is (`NAME.{p}`), compute nodes SPUBLISH each result to its
+/// symbol's partition, and a gateway relays them to the sockets that
+/// subscribe to the series.
+#[tokio::test]
+async fn series_on_a_cluster_go_to_their_partitions_and_a_gateway_relays_them() {
+    let cluster = RedisCluster::start().await;
+    let urls = cluster.urls();
+    let path = std::env::temp_dir().join(format!(
+        "quotebridge-cluster-series-{}.toml",
+        std::process::id()
+    ));
+    std::fs::write(
+        &path,
+        "[[series]]\nname = \"ema.2\"\nkind = \"ema\"\nspan = 2\n",
+    )
+    .expect("config file written");
+    let config = path.to_str().expect("a UTF-8 path");
+    let env = [("QUOTEBRIDGE__REDIS__CLUSTER_NODES", urls.as_str())];
+    let node_of = |role: &'static str| {
+        let args = ["--config", config, "serve", "--role", role];
+        async move { crate::binary::Serve::launch(&args, &env, std::process::Stdio::null()).await }
+    };
+    let _compute = node_of("compute").await;
+    let gateway = node_of("gateway").await;
+    let _ = std::fs::remove_file(&path);
+
+    let mut socket = connect(&gateway, "acme").await;
+    send_json(
+        &mut socket,
+        json!({"op": "subscribe", "symbols": ["*"], "series": ["ema.2"]}),
+    )
+    .await;
+    send_json(
+        &mut socket,
+        json!({"op": "unsubscribe", "symbols": ["*"], "series": ["sma"]}),
+    )
+    .await;
+    next_json(&mut socket).await;
+    next_json(&mut socket).await;
+
+    let mut settings = Settings::defaults().expect("defaults");
+    settings.redis.cluster_nodes = urls.split(',').map(str::to_owned).collect();
+    let channels = settings.redis.channels();
+    let broker = ClusterBroker::new(&settings.redis.cluster_nodes).expect("cluster broker");
+    // Symbols in different partitions, two quotes each.
+    let symbols: Vec<String> = (0..12).map(|n| format!("S{n}")).collect();
+    for price in [10, 20] {
+        for symbol in &symbols {
+            let quote = json!({"symbol": symbol, "price": price}).to_string();
+            let channel = channels.input_channel(symbol).expect("a channel");
+            let message = Outbound::new(channel.as_str().into(), quote.into_bytes().into());
+            broker.publish(&[message]).await.expect("SPUBLISH");
+        }
+    }
+    let mut emas: std::collections::BTreeMap<String, Vec<f64>> = Default::default();
+    for _ in 0..2 * symbols.len() {
+        let frame = next_json(&mut socket).await;
+        assert_eq!(frame["series"], "ema.2", "{frame}");
+        let symbol = frame["symbol"].as_str().expect("a symbol").to_owned();
+        emas.entry(symbol)
+            .or_default()
+            .push(frame["ema"].as_f64().expect("an ema"));
+    }
+    // Bit for bit what the EMA (pandas' order of operations) gives.
+    let mut ema = Ema::new(std::num::NonZeroU32::new(2).expect("non-zero"));
+    let want = vec![ema.push(10.0), ema.push(20.0)];
+    for symbol in &symbols {
+        assert_eq!(emas[symbol], want, "{symbol}");
+    }
+    // Each result went to its symbol's partition of the series' channel.
+    let mut partitions = std::collections::BTreeSet::new();
+    for port in cluster.ports() {
+        let here: Vec<String> = redis::cmd("PUBSUB")
+            .arg("SHARDCHANNELS")
+            .arg("ema.2.*")
+            .query_async(&mut node(port).await)
+            .await
+            .expect("SHARDCHANNELS");
+        partitions.extend(here);
+    }
+    let expected: std::collections::BTreeSet<String> = (0..channels.partitions())
+        .map(|p| format!("ema.2.{{{p}}}"))
+        .collect();
+    assert_eq!(partitions, expected, "the gateway follows every partition");
 }

@@ -500,10 +500,13 @@ fn a_bad_series_table_fails_in_one_line_naming_what_to_change() {
     )
     .expect("written");
     let err = Settings::load_with_env(Some(&path), Some(HashMap::new()))
-        .expect_err("a cluster refuses series, for now")
+        .expect_err("a cluster partitions series' channels: no {symbol}")
         .to_string();
     let _ = std::fs::remove_file(&path);
-    assert!(err.contains("Redis Cluster"), "{err}");
+    assert!(
+        err.contains("candles.{symbol}") && err.contains("Redis Cluster"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -530,7 +530,7 @@ impl ResultAddressing {
                 .iter()
                 .map(|series| SeriesKey {
                     state: series.spec.start(),
-                    channel: series.channel.replace("{symbol}", symbol).into(),
+                    channel: self.channels.series_channel(&series.channel, symbol),
                     seq: 0,
                 })
                 .collect(),

@@ -276,6 +276,31 @@ impl Channels {
         }
     }
 
+    /// The channel a `[[series]]` whose channel is `template` publishes
+    /// `symbol`'s results on: `{symbol}` filled in; on a cluster, the
+    /// template's partition of the symbol (`template.{p}`, as the output's).
+    #[must_use]
+    pub fn series_channel(&self, template: &str, symbol: &str) -> Arc<str> {
+        match self.partitions {
+            None => template.replace("{symbol}", symbol).into(),
+            Some(_) => Self::partitioned(template, self.partition(symbol)).into(),
+        }
+    }
+
+    /// What a gateway subscribes to for the results of a series whose
+    /// channel is `template`: the channel, a pattern for `{symbol}`, or on a
+    /// cluster every partition of it.
+    #[must_use]
+    pub fn series_topics(&self, template: &str) -> Vec<Topic> {
+        match (self.partitions, template.split_once("{symbol}")) {
+            (Some(partitions), _) => (0..partitions)
+                .map(|p| Topic::Sharded(Self::partitioned(template, p)))
+                .collect(),
+            (None, Some((before, after))) => vec![Topic::Pattern(format!("{before}*{after}"))],
+            (None, None) => vec![Topic::Channel(template.to_owned())],
+        }
+    }
+
     /// What a gateway subscribes to for results: every output channel.
     #[must_use]
     pub fn output_topics(&self) -> Vec<Topic> {

@@ -279,13 +279,10 @@ pub fn resolve(
     if tables.is_empty() {
         return Ok(Vec::new());
     }
-    // A cluster would have to partition every series' channel, as it does
-    // the output channel: not yet.
-    if !redis.cluster_nodes.is_empty() {
-        return Err(fail(
-            "series are not yet available on a Redis Cluster".into(),
-        ));
-    }
+    // On a cluster each series' channel is partitioned as the output is
+    // (`name.{p}`): no `{symbol}`, and no brace of its own, which would move
+    // the slot away from the partition's.
+    let on_cluster = !redis.cluster_nodes.is_empty();
     let mut seen: Vec<&str> = Vec::new();
     let mut series = Vec::with_capacity(tables.len());
     for table in tables {
@@ -311,6 +308,12 @@ pub fn resolve(
             || channel.starts_with(&redis.direct_prefix)
             || redis.input.iter().any(|input| input == channel)
             || series.iter().any(|s: &Series| s.channel == channel);
+        if on_cluster && channel.contains(['{', '}']) {
+            return Err(fail(format!(
+                "series {:?}: channel {channel:?} may not hold braces or {{symbol}} on a Redis Cluster, where each series' channel is split into redis.partitions channels NAME.{{p}}",
+                table.name
+            )));
+        }
         if channel.is_empty() || pattern || clashes {
             return Err(fail(format!(
                 "series {:?}: channel {channel:?} must be a plain channel name of its own (not redis.output or one its {{symbol}} matches, redis.input, redis.rejected, a direct channel or another series')",

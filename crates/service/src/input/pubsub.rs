@@ -116,14 +116,10 @@ impl<B: Broker> PubSubInput<B> {
         }
         if role == Role::Gateway {
             add(Feed::Results, channels.output_topics());
-            // Each series' channel, a pattern where it names `{symbol}`
-            // (series are not served on a Redis Cluster).
+            // Each series' channel: a pattern where it names `{symbol}`,
+            // every partition of it on a cluster.
             for (index, series) in settings.series.iter().enumerate() {
-                let topic = match series.channel.split_once("{symbol}") {
-                    Some((before, after)) => Topic::Pattern(format!("{before}*{after}")),
-                    None => Topic::Channel(series.channel.clone()),
-                };
-                add(Feed::Series(index), vec![topic]);
+                add(Feed::Series(index), channels.series_topics(&series.channel));
             }
         }
         if role.serves_sockets() {
