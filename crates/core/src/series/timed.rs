@@ -313,6 +313,35 @@ impl TimeSma {
         }
     }
 
+    /// The compensated sum of `points[before..after]`, a late quote's
+    /// window (one holding a price outside the exact domain). Worked out
+    /// from the newest window's sum (its running compensated sum, or its
+    /// exact sum rounded once when it holds only exact prices), less its
+    /// points after `after`, plus the points before its start: at most
+    /// [`MAX_LATE_SHIFT`] each, as `push` makes sure. Summed afresh only
+    /// when taking a point away could have cancelled bits away.
+    fn float_sum_of(&self, before: usize, after: usize) -> CompensatedSum {
+        let mut sum = CompensatedSum::default();
+        match self.live_float {
+            Some(live) => sum = live,
+            None => sum.add(decimal::mean(self.live.sum, 1, self.live.scale)),
+        }
+        let mut sound = true;
+        for point in self.points.range(after.max(self.live_from)..) {
+            sound &= sum.replace(point.price, 0.0);
+        }
+        for point in self.points.range(before..after.min(self.live_from)) {
+            sound &= sum.replace(0.0, point.price);
+        }
+        if !sound {
+            sum = CompensatedSum::default();
+            for point in self.points.range(before..after) {
+                sum.add(point.price);
+            }
+        }
+        sum
+    }
+
     /// The mean over `(t − window, t]`, for `t` no more than `lateness`
     /// behind the newest `ts`.
     fn mean_at(&self, t: u64) -> TimeMean {
@@ -336,13 +365,7 @@ impl TimeSma {
             for point in self.points.range(before..after.min(self.live_from)) {
                 exact.add(point.decimal);
             }
-            let float = (exact.inexact > 0).then(|| {
-                let mut sum = CompensatedSum::default();
-                for point in self.points.range(before..after) {
-                    sum.add(point.price);
-                }
-                sum
-            });
+            let float = (exact.inexact > 0).then(|| self.float_sum_of(before, after));
             (exact, float, after - before)
         };
         let mean = match float {
@@ -430,6 +453,26 @@ mod tests {
         }
         push(&mut w, 11_000, "2");
         assert_eq!(push(&mut w, 10_999, "2"), TimePushed::Late);
+    }
+
+    #[test]
+    fn a_late_window_with_an_inexact_price_is_worked_out_from_the_newest() {
+        // The newest window holds the inexact price: its running sum, less
+        // what came after the late quote, plus what lies before the window.
+        let mut w = sma(1_000, 5_000, MAX_POINTS);
+        mean(w.push(100, 1e-30, None));
+        mean(push(&mut w, 200, "2"));
+        mean(push(&mut w, 300, "4"));
+        let m = mean(push(&mut w, 150, "6"));
+        assert_eq!((m.mean, m.count, m.exact), ((6.0 + 1e-30) / 2.0, 2, false));
+        // The newest window is exact, the late one reaches back to the
+        // inexact price: the exact sum rounded once, adjusted the same way.
+        let mut w = sma(100, 5_000, MAX_POINTS);
+        mean(w.push(100, 1e-30, None));
+        mean(push(&mut w, 160, "2"));
+        assert!(mean(push(&mut w, 250, "4")).exact, "(150, 250] is exact");
+        let m = mean(push(&mut w, 190, "6"));
+        assert_eq!((m.mean, m.count, m.exact), (8.0 / 3.0, 3, false));
     }
 
     #[test]
