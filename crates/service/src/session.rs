@@ -286,6 +286,12 @@ fn answer(
     }
     | ClientOp::Unsubscribe { symbols, series } = &mut op
     {
+        symbols.sort_unstable();
+        symbols.dedup();
+        if let Some(series) = series {
+            series.sort_unstable();
+            series.dedup();
+        }
         let across = series.as_ref().map_or(1, Vec::len).max(1);
         if symbols.len().saturating_mul(across) > membership.max_symbols() {
             return error(&format!(
