@@ -389,7 +389,6 @@ async fn a_gateway_relays_every_series_to_its_sockets() {
     };
     let gateway = node("gateway").await;
     let _compute = node("compute").await;
-    let _ = std::fs::remove_file(&path);
 
     let (mut socket, welcome) = connect_ws(&format!("ws://{}/ws/c1", gateway.address)).await;
     assert_eq!(welcome["series"][4], "candles.1m");
@@ -448,6 +447,27 @@ async fn a_gateway_relays_every_series_to_its_sockets() {
         (&true.into(), &120_000.into()),
         "{candle}"
     );
+
+    // Compute nodes keep each public series key's latest result beside the
+    // SMA's: a gateway that starts now answers a subscribe with it.
+    let latest: Option<String> = redis::cmd("HGET")
+        .arg("quotebridge:latest")
+        .arg("X@ema.2")
+        .query_async(&mut conn)
+        .await
+        .expect("HGET");
+    let latest: Value = serde_json::from_str(&latest.expect("kept")).expect("JSON");
+    assert_eq!(latest["seq"], 4, "{latest}");
+    let late_gateway = node("gateway").await;
+    let _ = std::fs::remove_file(&path);
+    let (mut socket, _) = connect_ws(&format!("ws://{}/ws/c3", late_gateway.address)).await;
+    send_json(
+        &mut socket,
+        serde_json::json!({"op":"subscribe","symbols":["X"],"series":["ema.2"]}),
+    )
+    .await;
+    next_json(&mut socket).await;
+    assert_eq!(next_json(&mut socket).await, latest, "the snapshot first");
 }
 
 #[test]

@@ -531,6 +531,12 @@ impl ResultAddressing {
                 .map(|series| SeriesKey {
                     state: series.spec.start(),
                     channel: self.channels.series_channel(&series.channel, symbol),
+                    snapshot: (self.snapshots && client.is_none()).then(|| {
+                        Arc::new(
+                            self.channels
+                                .series_snapshot_slot(symbol, &series.spec.name),
+                        )
+                    }),
                     seq: 0,
                 })
                 .collect(),
@@ -549,6 +555,8 @@ impl ResultAddressing {
 struct SeriesKey {
     state: series::State,
     channel: Arc<str>,
+    /// Where its latest public result is kept for gateways, if it is.
+    snapshot: Option<Arc<SnapshotSlot>>,
     /// The series key's last `seq` (in the key's epoch).
     seq: u64,
 }
@@ -651,7 +659,7 @@ fn emit(
     out.push(Emitted {
         channel: own.channel.clone(),
         frame,
-        snapshot: None,
+        snapshot: own.snapshot.clone(),
     });
 }
 
@@ -745,10 +753,11 @@ impl Windows {
         self.public.retain(|symbol, key| {
             let keep = !idle(key);
             if !keep {
+                let series = key.series.iter_mut().filter_map(|own| own.snapshot.take());
                 released.push(Released {
                     client: None,
                     symbol: symbol.clone(),
-                    snapshot: key.snapshot.take(),
+                    snapshots: key.snapshot.take().into_iter().chain(series).collect(),
                 });
             }
             keep
@@ -760,7 +769,7 @@ impl Windows {
                     released.push(Released {
                         client: Some(client.clone()),
                         symbol: symbol.clone(),
-                        snapshot: None,
+                        snapshots: Vec::new(),
                     });
                 }
                 keep
@@ -794,8 +803,9 @@ pub struct Released {
     pub client: Option<Box<str>>,
     /// Its symbol.
     pub symbol: Box<str>,
-    /// Where its latest result was kept for gateways, if it was.
-    pub snapshot: Option<Arc<SnapshotSlot>>,
+    /// Where its latest results (the SMA's and each series') were kept
+    /// for gateways, if they were.
+    pub snapshots: Vec<Arc<SnapshotSlot>>,
 }
 
 /// Logs rejected input at most once a second, with a sample and how many

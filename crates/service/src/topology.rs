@@ -348,6 +348,17 @@ impl Channels {
         }
     }
 
+    /// Where the latest public result of `symbol` in `series` is kept: the
+    /// symbol's hash, under the key's name `symbol@series`.
+    #[must_use]
+    pub fn series_snapshot_slot(&self, symbol: &str, series: &str) -> SnapshotSlot {
+        let slot = self.snapshot_slot(symbol);
+        SnapshotSlot {
+            field: format!("{symbol}{}{series}", crate::names::SERIES_SEPARATOR).into(),
+            ..slot
+        }
+    }
+
     /// Every hash holding latest results, for a gateway to load.
     #[must_use]
     pub fn snapshot_keys(&self) -> Vec<String> {

@@ -538,7 +538,9 @@ impl DurableInput {
             .map(|key| serde_json::to_string(&(&key.client, &key.symbol)).unwrap_or_default())
             .collect();
         transaction.hdel(&self.redis.state_key, &fields).ignore();
-        let slots = released.iter().filter_map(|key| key.snapshot.as_deref());
+        let slots = released
+            .iter()
+            .flat_map(|key| key.snapshots.iter().map(|slot| &**slot));
         for hdel in snapshot_deletes(slots) {
             transaction.add_command(hdel).ignore();
         }

@@ -280,14 +280,14 @@ impl<B: Broker> PubSubInput<B> {
             .into_iter()
             .filter(|key| !pipeline.has_key(key.client.as_deref(), &key.symbol))
             .chain(released)
-            .filter(|key| key.snapshot.is_some())
+            .filter(|key| !key.snapshots.is_empty())
             .collect();
         if forget.is_empty() {
             return;
         }
         let slots: Vec<&SnapshotSlot> = forget
             .iter()
-            .filter_map(|key| key.snapshot.as_deref())
+            .flat_map(|key| key.snapshots.iter().map(|slot| &**slot))
             .collect();
         if let Err(err) = self.broker.forget_snapshots(&slots).await {
             tracing::warn!(cause = %err, keys = slots.len(), "could not delete the snapshots of released keys; trying again at the next sweep");
@@ -349,11 +349,18 @@ impl<B: Broker> PubSubInput<B> {
                     let Ok(text) = Utf8Bytes::try_from(frame) else {
                         continue;
                     };
-                    // Only a public result of the field's own symbol: the
-                    // snapshot is sent to every subscriber of that symbol.
-                    let own = SharedResult::read(text)
-                        .ok()
-                        .filter(|frame| frame.symbol() == symbol && frame.client().is_none());
+                    // Only a public result of the field's own key (a
+                    // symbol, or `symbol@series` of a series served here):
+                    // the snapshot is sent to every subscriber of that key.
+                    let read = match names::StreamName::split(&symbol).series {
+                        None => SharedResult::read(text).ok(),
+                        Some(series) if self.series_names.iter().any(|s| **s == *series) => {
+                            SharedResult::read_series(text, series).ok()
+                        }
+                        Some(_) => None,
+                    };
+                    let own =
+                        read.filter(|frame| frame.key() == symbol && frame.client().is_none());
                     if let Some(frame) = own {
                         self.hub.remember_latest(frame);
                         loaded += 1;
