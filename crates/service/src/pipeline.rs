@@ -71,8 +71,9 @@ pub struct Pipeline {
     /// The keys that took a quote since [`Pipeline::take_touched`], when
     /// tracked (stream mode saves their state): `None` otherwise.
     touched: Option<HashSet<(Option<String>, String)>>,
-    /// The feed's event time: the newest `ts` the time-based series took
-    /// (a `ts` refused as too far ahead of the clock does not move it).
+    /// The feed's event time: the newest `ts` the time-based series took,
+    /// never past the bridge's clock (a `ts` refused as too far ahead of it
+    /// does not move it at all).
     feed_ms: u64,
     /// Open candles by when the feed's progress closes them (their end plus
     /// `lateness_ms`), should their keys go quiet: (when, series index,
@@ -187,13 +188,13 @@ impl Pipeline {
             touched.insert((client.map(str::to_owned), quote.symbol.to_string()));
         }
         let ts = quote.ts.unwrap_or_else(now_ms);
-        let mut feed_moved = false;
+        let mut feed_to = None;
         if !self.series.is_empty() {
             self.series_out.clear();
             let out = &mut self.series_out;
             let closes = &mut self.quiet_closes;
-            let timely = series_results(&self.series, key, &quote, ts, &self.stats, out, closes);
-            feed_moved = timely && ts > self.feed_ms;
+            let reached = series_results(&self.series, key, &quote, ts, &self.stats, out, closes);
+            feed_to = reached.filter(|&reached| reached > self.feed_ms);
         }
         let average = key.window.push(quote.price, quote.decimal);
         let sma = if !self.emit_partial && !key.window.is_full() {
@@ -224,8 +225,8 @@ impl Pipeline {
             }
             Some(sma)
         };
-        if feed_moved {
-            self.feed_ms = ts;
+        if let Some(reached) = feed_to {
+            self.feed_ms = reached;
             self.close_quiet_keys(quote.price);
         }
         Outcome::Accepted { sma }
@@ -569,9 +570,10 @@ type QuietClose = (u64, usize, Option<Box<str>>, Box<str>);
 /// each with its own position, go to `out`, and each candle it opens to
 /// `quiet_closes`. A time-based series refuses a quote that is late for it,
 /// or whose `ts` is further ahead of the clock than its `max_future_ms`
-/// (one bad timestamp must not close every candle). Returns whether a
-/// time-based series took the quote's `ts` as on time (so the feed's event
-/// time may move to it).
+/// (one bad timestamp must not close every candle). When a time-based
+/// series took the quote, returns how far the feed's event time may move
+/// for it: its `ts`, but never past the bridge's clock, so a quote dated
+/// ahead (within `max_future_ms`) cannot close other keys' candles early.
 fn series_results(
     configured: &[Series],
     key: &mut Key,
@@ -580,7 +582,7 @@ fn series_results(
     stats: &Stats,
     out: &mut Vec<Emitted>,
     quiet_closes: &mut BTreeSet<QuietClose>,
-) -> bool {
+) -> Option<u64> {
     let input = series::Input {
         ts,
         price: quote.price,
@@ -588,7 +590,7 @@ fn series_results(
         volume: quote.volume.map(|v| (v, quote.volume_decimal)),
     };
     let mut now = None;
-    let mut timely = false;
+    let mut reached = None;
     for (index, (config, own)) in configured.iter().zip(&mut key.series).enumerate() {
         if config.spec.is_timed() {
             let now = *now.get_or_insert_with(now_ms);
@@ -596,7 +598,7 @@ fn series_results(
                 stats.series_future.fetch_add(1, Relaxed);
                 continue;
             }
-            timely = true;
+            reached = Some(ts.min(now));
         }
         let closes_at = own.state.closes_at(&config.spec);
         let outputs = own.state.push(&config.spec, &input);
@@ -620,7 +622,7 @@ fn series_results(
             emit(config, own, &key.epoch, at, output, stats, out);
         }
     }
-    timely
+    reached
 }
 
 /// One result of a series key, at its next `seq`: encoded, and framed for
@@ -1111,8 +1113,12 @@ mod quiet_candles {
     use crate::config::series::{SeriesKind, SeriesSettings};
 
     fn candles_pipeline() -> (Pipeline, Arc<Stats>) {
+        candles_of_interval("1m")
+    }
+
+    fn candles_of_interval(interval: &str) -> (Pipeline, Arc<Stats>) {
         let minute = SeriesSettings {
-            interval: Some("1m".into()),
+            interval: Some(interval.into()),
             update_ms: 0,
             ..SeriesSettings::new("candles.1m", SeriesKind::Candles)
         };
@@ -1187,6 +1193,18 @@ mod quiet_candles {
             candles_of(&mut pipeline, "A", 126_500),
             [(key("A"), false, 120_000, 3, 126_500)]
         );
+    }
+
+    #[test]
+    fn a_quote_dated_ahead_of_the_clock_closes_no_other_key_s_candle() {
+        let (mut pipeline, _) = candles_of_interval("1s");
+        let now = now_ms();
+        assert_eq!(candles_of(&mut pipeline, "A", now).len(), 1);
+        // 30 s ahead: taken (max_future_ms is 60 s), but the feed stops at
+        // the clock, and A's second [now, now + 1 s) has 5 s of lateness left.
+        let ahead = candles_of(&mut pipeline, "B", now + 30_000);
+        assert_eq!(ahead.len(), 1, "B's own candle only: {ahead:?}");
+        assert!(pipeline.feed_ms() <= now_ms());
     }
 
     #[test]
