@@ -154,25 +154,16 @@ fn pipeline_with_example_series(samples: &[Sample], keys: usize) -> Row {
             )
         })
         .collect();
+    let mut payloads = payloads.iter();
     let mut results = 0usize;
-    let start = Instant::now();
-    for payload in &payloads {
-        if let Outcome::Accepted { sma } =
-            pipeline.process(std::hint::black_box(payload.as_bytes()))
-        {
+    let row = measure(name, samples, |_| {
+        let payload = payloads.next().map_or(&[][..], |p| p.as_bytes());
+        if let Outcome::Accepted { sma } = pipeline.process(payload) {
             results += usize::from(sma.is_some()) + pipeline.take_series().len();
         }
-    }
-    let elapsed = start.elapsed();
-    Row::new(
-        Scenario::Series,
-        format!("{name}, {} quotes", samples.len()),
-    )
-    .with(
-        "ns_per_quote",
-        elapsed.as_nanos() as f64 / samples.len().max(1) as f64,
-    )
-    .with(
+        results as f64
+    });
+    row.with(
         "results_per_quote",
         results as f64 / samples.len().max(1) as f64,
     )

@@ -182,13 +182,8 @@ async fn every_kind_publishes_on_its_own_channel() {
 
     // A socket on the default subscriptions had the SMA only: its four
     // results, then the direct message published after them.
-    let mut direct = redis.connection().await;
-    redis::cmd("PUBLISH")
-        .arg("client.c1")
-        .arg("fence")
-        .query_async::<i64>(&mut direct)
-        .await
-        .expect("published");
+    let fence = ("client.c1".to_owned(), b"fence".to_vec());
+    publish_all(&mut redis.connection().await, &[fence]).await;
     for _ in 0..4 {
         let frame: Value = serde_json::from_str(&next_text(&mut socket).await).expect("JSON");
         assert!(
@@ -295,13 +290,8 @@ async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
         .to_owned();
 
     // The closed-only socket had the closed candle alone, then the fence.
-    let mut direct = redis.connection().await;
-    redis::cmd("PUBLISH")
-        .arg("client.c2")
-        .arg("fence")
-        .query_async::<i64>(&mut direct)
-        .await
-        .expect("published");
+    let fence = ("client.c2".to_owned(), b"fence".to_vec());
+    publish_all(&mut redis.connection().await, &[fence]).await;
     let only = next_json(&mut closed).await;
     assert_eq!(
         (&only["closed"], &only["seq"]),

@@ -40,10 +40,7 @@ fn frame(text: &str, key: Option<FrameKey<'_>>) -> Frame {
 }
 
 fn offer_keyed(sender: &Sender, text: &str, key: Option<FrameKey<'_>>) -> Offer {
-    let mut offered = Offered::default();
-    let offer = sender.offer(frame(text, key), &mut offered);
-    offered.wakes.into_iter().for_each(Waker::wake);
-    offer
+    offer_frame(sender, frame(text, key))
 }
 
 fn bounded_for_test(bounds: Bounds) -> (Sender, Outbox) {
@@ -550,6 +547,7 @@ fn candle(text: &str, symbol: &str, bar: BarState) -> Frame {
     ))
 }
 
+/// Offers `frame` and wakes the session at once.
 fn offer_frame(sender: &Sender, frame: Frame) -> Offer {
     let mut offered = Offered::default();
     let offer = sender.offer(frame, &mut offered);
