@@ -256,6 +256,39 @@ async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
             .is_some_and(|m| m.contains("unknown series \"ema.9\"")),
         "{refused}"
     );
+    // Symbols times series are held to websocket.max_symbols before any is
+    // spelled out, and duplicates count once.
+    let max = Settings::defaults()
+        .expect("defaults")
+        .websocket
+        .max_symbols;
+    let symbols: Vec<String> = (0..=max / 2).map(|n| format!("S{n}")).collect();
+    let twice = [symbols.clone(), symbols.clone()].concat();
+    send_json(
+        &mut closed,
+        serde_json::json!({"op":"subscribe","symbols":symbols,"series":["sma","ema.2","ema.2"]}),
+    )
+    .await;
+    let refused = next_json(&mut closed).await;
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("too many symbols")),
+        "{refused}"
+    );
+    send_json(
+        &mut closed,
+        serde_json::json!({"op":"subscribe","symbols":twice,"series":["ema.2"]}),
+    )
+    .await;
+    let taken = next_json(&mut closed).await;
+    assert_eq!(taken["type"], "subscribed", "{taken}");
+    send_json(
+        &mut closed,
+        serde_json::json!({"op":"unsubscribe","symbols":symbols,"series":["ema.2"]}),
+    )
+    .await;
+    next_json(&mut closed).await;
 
     let quotes = [
         (60_000, "10"),
