@@ -1,55 +1,58 @@
-//! Resume: a held socket goes live and is sent what it missed, in one step
-//! under the lock, within the socket's queue bounds and its client code's
-//! allowance.
+//! Resume: a held socket goes live and is sent what it missed, within the
+//! socket's queue bounds and its client code's allowance, in short holds of
+//! the hub's lock.
+
+use std::collections::HashMap;
 
 use super::history::Replay;
 use super::seen_ahead;
 use super::{Hub, ResumeError, Resumed, SocketId};
+use crate::frame::SharedResult;
 use crate::names::StreamName;
 use crate::protocol::{LastSeen, Position};
 
+/// Named keys a resume answers in one hold of the hub's lock: a resume
+/// naming thousands of keys takes the lock many times briefly, with live
+/// delivery in between, instead of once for milliseconds.
+const KEYS_PER_HOLD: usize = 256;
+
+#[cfg(test)]
+thread_local! {
+    /// Runs before each hold that answers keys: the tests' way to deliver
+    /// live results while a resume goes on.
+    pub(super) static BETWEEN_HOLDS: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+        std::cell::RefCell::new(None);
+}
+
+/// A key named in a resume: whether it is private, its symbol, and the
+/// position the client last saw.
+type NamedKey<'a> = (bool, &'a str, Position<'a>);
+
 impl Hub {
     /// Makes a held socket live, subscribed to `last_seen.symbols` (else
-    /// its initial set), and finds what it missed since `last_seen` — in
-    /// one step under the lock, so every result is either among the frames
-    /// returned or queued to the socket after them, never both and never
-    /// neither.
+    /// its initial set), and finds what it missed since `last_seen`. Every
+    /// result is either among the frames returned or queued to the socket
+    /// after them, never both and never neither:
+    ///
+    /// - the socket goes live first, so a result delivered from then on is
+    ///   queued to it;
+    /// - the named keys are then answered from their history, a few hundred
+    ///   per hold of the lock, so one resume never keeps live delivery
+    ///   waiting for long;
+    /// - and a result queued while the resume went on that the replay holds
+    ///   too is taken back out of the socket's queue.
     pub(super) fn resume(
         &self,
         id: SocketId,
         last_seen: &LastSeen,
         with_latest: bool,
     ) -> Result<Resumed, ResumeError> {
-        let mut guard = self.state();
-        let state = &mut *guard;
-        let initial = state.held.get(&id).ok_or(ResumeError::NotHeld)?;
-        let mut subscriptions = last_seen.symbols.clone().unwrap_or_else(|| initial.clone());
-        subscriptions.sort();
-        subscriptions.dedup();
-        let max_symbols = self.inner.limits.max_symbols;
-        if subscriptions.len() > max_symbols {
-            return Err(ResumeError::TooManySymbols(max_symbols));
-        }
-        // What resumes naming keys may send, per client code: a client that
-        // resumes over and over (on new sockets, each within its limits)
-        // gets its allowance, then refusals that cost nothing.
-        let names_keys = !last_seen.public.is_empty() || !last_seen.private.is_empty();
-        let rate = self.inner.limits.resume_frames_per_second;
-        let now = std::time::Instant::now();
-        let group = state.connections.get(id).map(|socket| socket.group.clone());
-        let allowance = match &group {
-            Some(group) if names_keys => state
-                .admissions
-                .replay_allowance(group, now)
-                .ok_or(ResumeError::RateLimited(rate))?,
-            _ => usize::MAX,
-        };
-        state.held.remove(&id);
-        let client = state
-            .connections
-            .make_live(id)
-            .ok_or(ResumeError::NotHeld)?;
-        state.subscriptions.add(id, &subscriptions);
+        let Live {
+            subscriptions,
+            client,
+            group,
+            allowance,
+        } = self.go_live_to_resume(id, last_seen)?;
         // The series whose every key is subscribed (`None`: the SMA's `"*"`).
         let wildcards: Vec<Option<&str>> = subscriptions
             .iter()
@@ -63,8 +66,17 @@ impl Hub {
                     .binary_search_by(|s| s.as_str().cmp(key))
                     .is_ok()
         };
+        let named: Vec<NamedKey<'_>> = (last_seen.public.iter().map(|map| (false, map)))
+            .chain(last_seen.private.iter().map(|map| (true, map)))
+            .flat_map(|(private, (epoch, symbols))| {
+                symbols
+                    .iter()
+                    .map(move |(symbol, &seq)| (private, symbol.as_str(), Position { seq, epoch }))
+            })
+            .collect();
         let mut resumed = Resumed::default();
-        let mut ahead: Vec<(bool, &str, Position<'_>)> = Vec::new();
+        // Keys the client is ahead on, at what it has seen (see `Answered`).
+        let mut ahead_of_us: Vec<NamedKey<'_>> = Vec::new();
         // A replay bypasses the socket's queue; it is held to the queue's
         // bounds all the same (the budget). A key whose missed results would
         // pass them is not recovered, and it spends the budget: the keys
@@ -77,39 +89,41 @@ impl Hub {
             bytes: limits.send_queue_bytes,
             replaying: true,
         };
-        let history = &state.history;
-        for (epoch, symbols) in &last_seen.public {
-            for (symbol, &seq) in symbols {
-                if !wants(symbol) {
+        for keys in named.chunks(KEYS_PER_HOLD) {
+            #[cfg(test)]
+            BETWEEN_HOLDS.with_borrow_mut(|hook| hook.as_mut().map(|hook| hook()));
+            let mut guard = self.state();
+            let state = &mut *guard;
+            for &(private, symbol, seen) in keys {
+                if !private && !wants(symbol) {
                     // Named but not subscribed: not recovered, and not sent.
                     budget.answer(&mut resumed, Replay::Gap(None), symbol, false);
                     continue;
                 }
-                let seen = Position { seq, epoch };
-                let replay = history.replay(None, symbol, seen);
-                let replay = match floored(replay, &mut ahead, (false, symbol, seen)) {
-                    // A key with no history here: its snapshot stands in.
-                    Some(Replay::Gap(None)) => Replay::Gap(state.snapshots.get(symbol)),
-                    Some(replay) => replay,
-                    // Past the floor cap: not recovered, and nothing sent.
-                    None => Replay::Gap(None),
+                let owner = private.then_some(&*client);
+                let replay = match state.history.replay(owner, symbol, seen) {
+                    // A key the client is ahead on needs a floor. Past
+                    // [`seen_ahead::MAX_PER_SOCKET`] of them, it is reported
+                    // not recovered and nothing of it is sent (this node's
+                    // latest is older than what the client has; what comes
+                    // live may repeat what it saw).
+                    Replay::Ahead if ahead_of_us.len() >= seen_ahead::MAX_PER_SOCKET => {
+                        Replay::Gap(None)
+                    }
+                    Replay::Ahead => {
+                        state.seen_ahead.add(id, owner, symbol, seen);
+                        ahead_of_us.push((private, symbol, seen));
+                        continue;
+                    }
+                    // A public key with no history here: its snapshot stands in.
+                    Replay::Gap(None) if !private => Replay::Gap(state.snapshots.get(symbol)),
+                    replay => replay,
                 };
-                budget.answer(&mut resumed, replay, symbol, false);
+                budget.answer(&mut resumed, replay, symbol, private);
             }
         }
-        for (epoch, symbols) in &last_seen.private {
-            for (symbol, &seq) in symbols {
-                let seen = Position { seq, epoch };
-                let replay = history.replay(Some(&client), symbol, seen);
-                let replay = floored(replay, &mut ahead, (true, symbol, seen));
-                let replay = replay.unwrap_or(Replay::Gap(None));
-                budget.answer(&mut resumed, replay, symbol, true);
-            }
-        }
-        for (private, symbol, seen) in ahead {
-            let owner = private.then_some(&*client);
-            state.seen_ahead.add(id, owner, symbol, seen);
-        }
+        let mut guard = self.state();
+        let state = &mut *guard;
         if with_latest {
             let named = |symbol: &str| {
                 last_seen
@@ -140,11 +154,63 @@ impl Hub {
                 resumed.frames.push(frame.clone());
             }
         }
-        if names_keys && let Some(group) = &group {
-            let sent = resumed.frames.len();
-            state.admissions.spend_replay(group, sent);
+        if let Some(group) = &group {
+            state.admissions.spend_replay(group, resumed.frames.len());
+        }
+        let outbox = state
+            .connections
+            .get(id)
+            .map(|socket| socket.outbox.rates());
+        drop(guard);
+        // Outside the hub's lock: the socket's own queue, bounded by its own
+        // bounds, is what is read.
+        if let Some(outbox) = outbox {
+            let answered = Answered::new(&resumed.frames, &ahead_of_us);
+            outbox.forget_replayed(|result| answered.covers(result));
         }
         Ok(resumed)
+    }
+
+    /// The first step of a resume, under the lock: the checks, then the
+    /// socket goes live with its subscriptions.
+    fn go_live_to_resume(&self, id: SocketId, last_seen: &LastSeen) -> Result<Live, ResumeError> {
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let initial = state.held.get(&id).ok_or(ResumeError::NotHeld)?;
+        let mut subscriptions = last_seen.symbols.clone().unwrap_or_else(|| initial.clone());
+        subscriptions.sort();
+        subscriptions.dedup();
+        let max_symbols = self.inner.limits.max_symbols;
+        if subscriptions.len() > max_symbols {
+            return Err(ResumeError::TooManySymbols(max_symbols));
+        }
+        // What resumes naming keys may send, per client code: a client that
+        // resumes over and over (on new sockets, each within its limits)
+        // gets its allowance, then refusals that cost nothing.
+        let names_keys = !last_seen.public.is_empty() || !last_seen.private.is_empty();
+        let rate = self.inner.limits.resume_frames_per_second;
+        let now = std::time::Instant::now();
+        let group = state.connections.get(id).map(|socket| socket.group.clone());
+        let allowance = match &group {
+            Some(group) if names_keys => state
+                .admissions
+                .replay_allowance(group, now)
+                .ok_or(ResumeError::RateLimited(rate))?,
+            _ => usize::MAX,
+        };
+        state.held.remove(&id);
+        let client = state
+            .connections
+            .make_live(id)
+            .ok_or(ResumeError::NotHeld)?;
+        state.subscriptions.add(id, &subscriptions);
+        Ok(Live {
+            subscriptions,
+            client,
+            // Only a resume naming keys spends the allowance.
+            group: group.filter(|_| names_keys),
+            allowance,
+        })
     }
 
     /// Makes a held socket live without resuming; false when it was not held.
@@ -225,21 +291,46 @@ impl Budget {
     }
 }
 
-/// A key the client is ahead on needs a floor. Past
-/// [`seen_ahead::MAX_PER_SOCKET`] of them, `None`: the key is reported not
-/// recovered and nothing of it is sent (this node's latest is older than
-/// what the client has; what comes live may repeat what it saw).
-fn floored<'a>(
-    replay: Replay<'a>,
-    ahead: &mut Vec<(bool, &'a str, Position<'a>)>,
-    key: (bool, &'a str, Position<'a>),
-) -> Option<Replay<'a>> {
-    if !matches!(replay, Replay::Ahead) {
-        return Some(replay);
+/// A socket gone live to resume.
+struct Live {
+    /// Its subscriptions, sorted.
+    subscriptions: Vec<String>,
+    /// Its client code.
+    client: Box<str>,
+    /// Its client code when the resume names keys (and so spends the
+    /// client's replay allowance).
+    group: Option<Box<str>>,
+    /// What the resume may replay.
+    allowance: usize,
+}
+
+/// What a resume answered, key by key: the newest position the client has
+/// seen or is sent. A result queued to the socket while its resume went on
+/// at or before that position would reach the client twice.
+struct Answered<'a>(HashMap<(bool, &'a str), Position<'a>>);
+
+impl<'a> Answered<'a> {
+    fn new(sent: &'a [SharedResult], ahead: &[NamedKey<'a>]) -> Self {
+        let mut newest = HashMap::with_capacity(sent.len() + ahead.len());
+        // Each key's frames are in order: the last one is its newest.
+        for frame in sent {
+            if let Some(position) = frame.position() {
+                newest.insert((frame.client().is_some(), frame.key()), position);
+            }
+        }
+        for &(private, symbol, seen) in ahead {
+            newest.insert((private, symbol), seen);
+        }
+        Self(newest)
     }
-    if ahead.len() >= seen_ahead::MAX_PER_SOCKET {
-        return None;
+
+    /// Whether the client has `result`, or is sent it by the resume.
+    fn covers(&self, result: &SharedResult) -> bool {
+        let Some(position) = result.position() else {
+            return false;
+        };
+        self.0
+            .get(&(result.client().is_some(), result.key()))
+            .is_some_and(|newest| newest.epoch == position.epoch && position.seq <= newest.seq)
     }
-    ahead.push(key);
-    Some(replay)
 }

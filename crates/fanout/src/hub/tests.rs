@@ -413,6 +413,47 @@ fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
 }
 
 #[test]
+fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
+    let hub = hub(64);
+    for seq in 1..=3 {
+        result(&hub, None, seq, "e1");
+    }
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
+    // Live (and so queued to the socket) before its key's history is read:
+    // the replay has it, so the queue must not.
+    let live = hub.clone();
+    resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, 4, "e1"))));
+    let resumed = socket.resume(&last_seen(&[("e1", 1)], &[]));
+    resume::BETWEEN_HOLDS.set(None);
+    let frames: Vec<&str> = (resumed.as_ref().expect("it was held").frames.iter())
+        .map(SharedResult::as_str)
+        .collect();
+    assert_eq!(frames, ["A2", "A3", "A4"]);
+    assert!(queued(&mut outbox).is_empty(), "A4 is not sent twice");
+    assert_eq!(hub.queued_bytes(), 0, "and not counted as waiting");
+    result(&hub, None, 5, "e1");
+    assert_eq!(queued(&mut outbox), ["A5"], "then live");
+}
+
+#[test]
+fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
+    let hub = hub(64);
+    result(&hub, None, 1, "e1");
+    let admission = hub.admit("acme").expect("admitted");
+    let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
+    let live = hub.clone();
+    resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, 2, "e1"))));
+    let resumed = socket.resume(&last_seen(&[("e1", 3)], &[]));
+    resume::BETWEEN_HOLDS.set(None);
+    assert!(resumed.expect("it was held").frames.is_empty());
+    assert!(queued(&mut outbox).is_empty(), "it had seen 2");
+    result(&hub, None, 3, "e1");
+    result(&hub, None, 4, "e1");
+    assert_eq!(queued(&mut outbox), ["A4"], "3 it had seen too");
+}
+
+#[test]
 fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
     let hub = hub(64);
     result(&hub, None, 1, "e1");

@@ -74,6 +74,32 @@ impl Latest {
         self.bytes - replaced + len
     }
 
+    /// Drops the frames `replayed` says a resume sent already.
+    pub(super) fn forget(&mut self, replayed: impl Fn(&SharedResult) -> bool) {
+        let (mut frames, mut bytes) = (0, 0);
+        for map in [&mut self.public, &mut self.private] {
+            map.retain(|_, slot| {
+                slot.closed.retain(|result| {
+                    let keep = !replayed(result);
+                    if !keep {
+                        frames += 1;
+                        bytes += result.text().len();
+                    }
+                    keep
+                });
+                if !replayed(&slot.latest) {
+                    return true;
+                }
+                bytes += slot.latest.text().len();
+                frames += 1 + slot.closed.len();
+                bytes += slot.closed.iter().map(|r| r.text().len()).sum::<usize>();
+                false
+            });
+        }
+        self.frames -= frames;
+        self.bytes -= bytes;
+    }
+
     /// The frames held: what the `conflated` notice announces.
     pub(super) fn len(&self) -> usize {
         self.frames

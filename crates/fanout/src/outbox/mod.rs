@@ -445,8 +445,9 @@ impl Sender {
     }
 }
 
-/// A handle on one outbox's rate limits: the socket's session sets them
-/// for its own subscribe requests, without the hub's lock.
+/// A handle on one outbox, for what its own socket's requests change
+/// without the hub's lock: rate limits its session sets, and what a resume
+/// replayed.
 #[derive(Debug)]
 pub struct Rates {
     shared: Arc<Shared>,
@@ -480,6 +481,33 @@ impl Rates {
                 waiting.wake();
             }
         }
+    }
+
+    /// Drops the queued results `replayed` says a resume sent already, and
+    /// returns how many: a resume answers its keys while live results are
+    /// queued to its socket (see `Hub::resume`). Work: the socket's queue.
+    pub fn forget_replayed(&self, replayed: impl Fn(&SharedResult) -> bool) -> usize {
+        let mut queue = self.shared.lock();
+        let queue = &mut *queue;
+        let before = queue.held_bytes();
+        let mut bytes = 0;
+        queue.frames.retain(|frame| match frame {
+            Frame::Result(result) if replayed(result) => {
+                bytes += result.text().len();
+                false
+            }
+            _ => true,
+        });
+        queue.bytes -= bytes;
+        if let Some(latest) = queue.latest.as_deref_mut() {
+            latest.forget(&replayed);
+            if latest.len() == 0 {
+                queue.latest = None;
+            }
+        }
+        let freed = before - queue.held_bytes();
+        queue.freed(freed);
+        freed
     }
 
     /// Forgets what waits for the unsubscribed `symbols` and lifts their limits.

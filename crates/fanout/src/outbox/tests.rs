@@ -622,3 +622,38 @@ async fn a_closed_candle_never_waits_for_a_rate_and_replaces_the_open_one_waitin
         (vec!["o3".to_owned()], Duration::from_secs(1))
     );
 }
+
+#[tokio::test]
+async fn what_a_resume_replayed_leaves_the_queue_and_the_latest_and_their_bytes() {
+    let gauge = QueuedBytes::default();
+    let (sender, mut outbox) = bounded(
+        Bounds {
+            conflate: true,
+            ..bounds(2, 1000)
+        },
+        gauge.clone(),
+    );
+    for (text, symbol) in [("A1", "A"), ("B1", "B"), ("A2", "A"), ("B2", "B")] {
+        offer_keyed(&sender, text, key(symbol));
+    }
+    assert_eq!(
+        sender.queued_bytes(),
+        8,
+        "two queued, two as their keys' latest"
+    );
+    // What the hub adds for the offers it makes.
+    gauge.add(8);
+    let forgotten = sender
+        .rates()
+        .forget_replayed(|result| result.as_str() == "A1" || result.key() == "B");
+    assert_eq!(forgotten, 6, "A1, B1 and the latest B2");
+    assert_eq!(sender.queued_bytes(), 2);
+    assert_eq!(gauge.get(), 2, "the bridge-wide gauge follows");
+    let mut batch = Vec::new();
+    let taken = outbox.recv_many(&mut batch, 10).await;
+    assert_eq!(
+        texts(&batch),
+        ["A2"],
+        "only the latest of A is left: {taken:?}"
+    );
+}
