@@ -160,14 +160,13 @@ pub struct BenchArgs {
     /// Fan-out: client groups.
     #[arg(long, default_value_t = 10)]
     groups: usize,
-    /// Fan-out: frames to deliver per socket count.
-    #[arg(long, default_value_t = 5_000_000)]
+    /// Fan-out: frames to deliver per socket count (at least one round).
+    #[arg(long, default_value_t = 20_000_000)]
     fanout_frames: u64,
-    /// Fan-out: results per round, each sent to every socket (default: as
-    /// many as make 200,000 frames, e.g. 20 at 10,000 sockets; at most
+    /// Fan-out: results per round, each sent to every socket (at most
     /// `websocket.send_queue`/2 fit a socket's queue).
-    #[arg(long)]
-    fanout_round: Option<u64>,
+    #[arg(long, default_value_t = crate::bench::fanout::ROUND_RESULTS)]
+    fanout_round: u64,
     /// Slow fan-out: percent of the sockets that never read.
     #[arg(long, default_value_t = 10)]
     slow_percent: usize,

@@ -1,7 +1,8 @@
 //! Fan-out: many sockets in many groups, all subscribed to every symbol;
-//! frames/s delivered. Quotes go out in rounds sized so every socket's queue
-//! holds a round; each round waits until every frame has arrived at every
-//! reading socket. With `stalled` sockets (which never read), what the
+//! frames/s delivered. Quotes go out in rounds of the same number of results
+//! whatever the number of sockets, so each socket does the same work per
+//! round at every size (a socket's queue holds a round); each round waits
+//! until every frame has arrived at every reading socket. With `stalled` sockets (which never read), what the
 //! others get shows what a slow minority costs them.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -13,8 +14,10 @@ use super::{Environment, Options, Row, Scenario, feed, now_ns};
 use crate::Error;
 use crate::broker::BrokerError;
 
-/// Frames per round, across all sockets.
-const ROUND_FRAMES: u64 = 200_000;
+/// Results per round, each to every socket: as many at 10,000 sockets as at
+/// 100, so what more sockets cost is measured, not what smaller batches per
+/// socket cost (each batch costs a wake and a write whatever its size).
+pub const ROUND_RESULTS: u64 = 200;
 
 pub async fn run(
     environment: &Environment,
@@ -39,10 +42,7 @@ pub async fn run(
     let frames = rig.frames.clone();
 
     let mut conn = publisher(&environment.redis).await?;
-    let per_round = options
-        .fanout_round
-        .unwrap_or(ROUND_FRAMES / sockets.max(1) as u64)
-        .max(1);
+    let per_round = options.fanout_round.max(1);
     let rounds = options
         .fanout_frames
         .div_ceil(per_round * sockets.max(1) as u64)

@@ -13,7 +13,7 @@ mod abuse;
 mod clients;
 mod connections;
 pub mod environment;
-mod fanout;
+pub(crate) mod fanout;
 mod ingest;
 mod latency;
 mod micro;
@@ -87,9 +87,8 @@ pub struct Options {
     pub groups: usize,
     /// Fan-out: frames to deliver per socket count.
     pub fanout_frames: u64,
-    /// Fan-out: results per round, each to every socket (`None`: 200,000
-    /// frames' worth).
-    pub fanout_round: Option<u64>,
+    /// Fan-out: results per round, each to every socket.
+    pub fanout_round: u64,
     /// Slow fan-out: the share of sockets (percent) that never read.
     pub slow_percent: usize,
     /// Resume: sockets coming back at once.
@@ -134,8 +133,8 @@ impl Default for Options {
             seconds: 5.0,
             fanout_sockets: vec![100, 1_000, 10_000],
             groups: 10,
-            fanout_frames: 5_000_000,
-            fanout_round: None,
+            fanout_frames: 20_000_000,
+            fanout_round: fanout::ROUND_RESULTS,
             slow_percent: 10,
             resume_sockets: 1_000,
             resume_missed: 1_000,
