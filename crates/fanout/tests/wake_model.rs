@@ -43,10 +43,15 @@ fn direct(text: &'static str) -> Frame {
     Frame::Direct(Message::Text(Utf8Bytes::from_static(text)))
 }
 
-fn text(frame: Frame) -> String {
-    match frame.into_message() {
-        Message::Text(text) => text.to_string(),
-        other => panic!("expected text, got {other:?}"),
+/// The messages `frame` stands for (a burst, its results), as text.
+fn texts(frame: Frame) -> Vec<String> {
+    match frame {
+        Frame::Result(result) => vec![result.as_str().to_owned()],
+        Frame::Burst(burst) => (burst.results().iter())
+            .map(|result| result.as_str().to_owned())
+            .collect(),
+        Frame::Direct(Message::Text(text)) => vec![text.to_string()],
+        Frame::Direct(other) => panic!("expected text, got {other:?}"),
     }
 }
 
@@ -54,14 +59,16 @@ fn text(frame: Frame) -> String {
 /// outbox closes when `expected` is `None`.
 fn take(outbox: &mut Outbox, expected: Option<usize>) -> Vec<String> {
     let mut batch = Vec::new();
+    let mut taken = 0;
     block_on(async {
-        while expected.is_none_or(|expected| batch.len() < expected) {
-            if outbox.recv_many(&mut batch, 8).await.frames == 0 {
-                break;
+        while expected.is_none_or(|expected| taken < expected) {
+            match outbox.recv_many(&mut batch, 8).await.frames {
+                0 => break,
+                frames => taken += frames,
             }
         }
     });
-    batch.into_iter().map(text).collect()
+    batch.into_iter().flat_map(texts).collect()
 }
 
 /// Offers two frames from another thread, waking what each offer hands

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
+use tokio::io::AsyncWriteExt;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,7 +23,7 @@ use crate::auth::{Authenticator, Grant};
 use crate::config::WebSocketSettings;
 use crate::config::series::Catalog;
 use crate::frame::BarState;
-use crate::frame::{Frame, SharedResult};
+use crate::frame::{Frame, Outgoing, SharedResult};
 use crate::hub::Membership;
 use crate::names::{self, StreamName};
 use crate::outbox::Outbox;
@@ -617,15 +618,28 @@ impl ClosedOnly {
     }
 }
 
-/// Feeds every message, then flushes once, within `timeout`.
+/// Feeds every message, then flushes once, within `timeout`. A burst's
+/// frames, encoded already, go to the connection as they are, after what
+/// the engine holds: whole, since nothing else writes to the connection
+/// until this returns.
 async fn write(
     socket: &mut Socket,
-    messages: impl IntoIterator<Item = Message>,
+    messages: impl IntoIterator<Item = impl Into<Outgoing>>,
     timeout: Duration,
 ) -> Result<(), SessionError> {
     let writes = async {
         for message in messages {
-            socket.feed(message).await?;
+            match message.into() {
+                Outgoing::Message(message) => socket.feed(message).await?,
+                Outgoing::Encoded(burst) => {
+                    socket.flush().await?;
+                    socket
+                        .get_mut()
+                        .write_all(burst.wire())
+                        .await
+                        .map_err(tungstenite::Error::Io)?;
+                }
+            }
         }
         socket.flush().await
     };

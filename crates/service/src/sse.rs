@@ -171,6 +171,12 @@ fn encode(out: &mut String, frame: &Frame) {
             event_id(out, result);
             data_lines(out, result.as_str());
         }
+        Frame::Burst(burst) => {
+            for result in burst.results() {
+                event_id(out, result);
+                data_lines(out, result.as_str());
+            }
+        }
         Frame::Direct(Message::Text(text)) => {
             out.push_str("event: direct\n");
             data_lines(out, text.as_str());

@@ -3,6 +3,7 @@
 //! full evicted as a slow consumer.
 
 use crate::sync::MutexGuard;
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Waker;
 
@@ -12,7 +13,7 @@ use super::connections::Connections;
 use super::pending_wakes::PendingWakes;
 use super::seen_ahead::SeenOnKey;
 use super::{Hub, SocketId, State};
-use crate::frame::{Frame, SharedResult};
+use crate::frame::{Burst, Frame, SharedResult};
 use crate::outbox::Offers;
 
 impl Hub {
@@ -89,10 +90,29 @@ impl Hub {
             .iter()
             .any(|frame| frame.client().is_none() && frame.series_name().is_none());
         if to_everything {
+            // The public results are what every such socket takes, unless
+            // its group has private ones here or it has seen some (floors):
+            // encoded once, and queued whole to each (see [`Burst`]).
+            let mut shared: Option<Arc<Burst>> = None;
+            let mut private_for: Vec<&str> =
+                burst.iter().filter_map(|frame| frame.client()).collect();
+            private_for.sort_unstable();
+            private_for.dedup();
             for &id in state.subscriptions.to_everything() {
                 let Some(socket) = state.connections.get(id) else {
                     continue;
                 };
+                let takes_all =
+                    floors.is_empty() && private_for.binary_search(&&*socket.group).is_err();
+                if takes_all
+                    && let Some(offers) = socket.outbox.offer_burst(
+                        shared.get_or_insert_with(|| Arc::new(public_burst(&burst))),
+                        state.wakes.pending(),
+                    )
+                {
+                    delivery.count(id, offers);
+                    continue;
+                }
                 let wanted = burst
                     .iter()
                     .enumerate()
@@ -318,6 +338,15 @@ impl Drop for WakeHold {
         state.wakes.release();
         self.hub.wake_unless_held(state);
     }
+}
+
+/// The public SMA results of `burst`: what a socket subscribed to `"*"`
+/// takes of it when its group has no private result in it.
+fn public_burst(burst: &[SharedResult]) -> Burst {
+    let public = burst
+        .iter()
+        .filter(|frame| frame.client().is_none() && frame.series_name().is_none());
+    Burst::new(public.cloned().collect())
 }
 
 /// Offers `frame` to each socket of `ids`.

@@ -1,6 +1,8 @@
 //! The hub's tests: its parts together, through its public API.
 
+use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
+use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio_tungstenite::tungstenite::Message;
@@ -38,10 +40,23 @@ fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| (*s).to_owned()).collect()
 }
 
+/// The one message `frame` stands for, as text.
 fn text(frame: Frame) -> String {
-    match frame.into_message() {
-        Message::Text(t) => t.to_string(),
-        other => panic!("expected text, got {other:?}"),
+    let [text] = &texts(frame)[..] else {
+        panic!("expected one message");
+    };
+    text.clone()
+}
+
+/// The messages `frame` stands for (a burst, its results), as text.
+fn texts(frame: Frame) -> Vec<String> {
+    match frame {
+        Frame::Result(result) => vec![result.as_str().to_owned()],
+        Frame::Burst(burst) => (burst.results().iter())
+            .map(|result| result.as_str().to_owned())
+            .collect(),
+        Frame::Direct(Message::Text(text)) => vec![text.to_string()],
+        Frame::Direct(other) => panic!("expected text, got {other:?}"),
     }
 }
 
@@ -105,7 +120,9 @@ fn group_disappears_with_its_last_socket() {
 
 /// Everything queued in `outbox` now, as text.
 fn queued(outbox: &mut Outbox) -> Vec<String> {
-    std::iter::from_fn(|| outbox.try_recv()).map(text).collect()
+    std::iter::from_fn(|| outbox.try_recv())
+        .flat_map(texts)
+        .collect()
 }
 
 #[test]
@@ -335,8 +352,7 @@ async fn a_hold_defers_waking_sessions_until_it_is_dropped() {
     let (_socket, mut outbox) = join(&hub, "acme", &["*"]);
     let session = tokio::spawn(async move {
         let mut batch = Vec::new();
-        outbox.recv_many(&mut batch, 8).await;
-        batch.len()
+        outbox.recv_many(&mut batch, 8).await.frames
     });
     tokio::task::yield_now().await;
     let hold = hub.hold_wakes();
@@ -729,6 +745,53 @@ fn a_burst_is_offered_when_its_hold_ends_in_per_key_order_to_every_kind_of_subsc
 }
 
 #[test]
+fn a_socket_on_everything_takes_a_burst_s_public_results_as_one_shared_entry() {
+    let hub = hub(64);
+    let (_first, mut first) = join(&hub, "acme", &["*"]);
+    let (_second, mut second) = join(&hub, "other", &["*"]);
+    // Its group has a private result in the burst: result by result, in order.
+    let (_own, mut own) = join(&hub, "third", &["*"]);
+    // Rate-limited: each result meets its limit, so result by result.
+    let (limited, mut limited_outbox) = join(&hub, "fourth", &["*"]);
+    let rates = hub
+        .state()
+        .connections
+        .get(limited.id)
+        .map(|s| s.outbox.rates());
+    rates
+        .expect("joined")
+        .set_rate(&strings(&["B"]), Some(Duration::from_secs(60)));
+    let hold = hub.hold_wakes();
+    result(&hub, None, 1, "e1");
+    result(&hub, Some("third"), 1, "e1");
+    deliver(&hub, "B", None, None, "B");
+    drop(hold);
+    let (Some(Frame::Burst(a)), Some(Frame::Burst(b))) = (first.try_recv(), second.try_recv())
+    else {
+        panic!("each socket on * queues the burst as one entry");
+    };
+    assert!(Arc::ptr_eq(&a, &b), "one burst, encoded once, for both");
+    let public: Vec<&str> = a.results().iter().map(SharedResult::as_str).collect();
+    assert_eq!(public, ["A1", "B"]);
+    assert!(first.try_recv().is_none());
+    for (outbox, expected) in [
+        (&mut own, &["A1", "third1", "B"][..]),
+        (&mut limited_outbox, &["A1", "B"][..]),
+    ] {
+        let entries: Vec<Frame> = std::iter::from_fn(|| outbox.try_recv()).collect();
+        assert!(
+            entries
+                .iter()
+                .all(|entry| matches!(entry, Frame::Result(_)))
+        );
+        assert_eq!(
+            entries.into_iter().flat_map(texts).collect::<Vec<_>>(),
+            expected
+        );
+    }
+}
+
+#[test]
 fn whatever_reads_the_hub_during_a_hold_sees_the_burst_first() {
     let hub = hub(64);
     let (_early, mut early) = join(&hub, "acme", &["A"]);
@@ -753,7 +816,9 @@ fn a_burst_past_its_bound_is_offered_without_waiting_for_the_hold() {
     for seq in 1..=300 {
         result(&hub, None, seq, "e1");
     }
-    let offered = std::iter::from_fn(|| outbox.try_recv()).count();
+    let offered: usize = std::iter::from_fn(|| outbox.try_recv())
+        .map(|frame| frame.count())
+        .sum();
     assert_eq!(offered, 256, "the first 256 went at once; the rest wait");
     assert_eq!(hub.lock().burst.len(), 44);
 }

@@ -38,7 +38,7 @@ use tokio::time::{Instant, Sleep};
 
 use self::conflation::Latest;
 use self::throttle::{Hold, Throttle};
-use crate::frame::{Frame, SharedResult};
+use crate::frame::{Burst, Frame, SharedResult};
 use crate::names::StreamName;
 use crate::sync::{Mutex, MutexGuard};
 
@@ -163,6 +163,8 @@ pub struct Taken {
 #[derive(Debug)]
 struct Queue {
     frames: VecDeque<Frame>,
+    /// Messages in `frames`: a burst counts its results.
+    count: usize,
     /// Payload bytes in `frames`.
     bytes: usize,
     /// While conflating: the latest frame of each key that did not fit,
@@ -217,6 +219,7 @@ impl Shared {
 pub fn bounded(bounds: Bounds, gauge: QueuedBytes) -> (Sender, Outbox) {
     let shared = Arc::new(Shared(Mutex::new(Queue {
         frames: VecDeque::new(),
+        count: 0,
         bytes: 0,
         latest: None,
         throttle: None,
@@ -337,8 +340,7 @@ impl Sender {
             }
             (_, frame) => frame,
         };
-        let full =
-            queue.frames.len() >= self.bounds.frames || queue.bytes + len > self.bounds.bytes;
+        let full = queue.count >= self.bounds.frames || queue.bytes + len > self.bounds.bytes;
         // Once a key's frame waits among the latest, every keyed frame goes
         // there too, so none overtakes an older one of its key.
         let conflating = queue.latest.is_some();
@@ -357,14 +359,20 @@ impl Sender {
         if full {
             return (Offer::Full, None);
         }
+        (Offer::Queued, self.queue(queue, frame, wakes))
+    }
+
+    /// Queues `frame`, which fits; returns a session to wake at once, after
+    /// the lock is released.
+    fn queue(&self, queue: &mut Queue, frame: Frame, wakes: &mut Vec<Waker>) -> Option<Waker> {
+        queue.count += frame.count();
+        queue.bytes += frame.payload_len();
         queue.frames.push_back(frame);
-        queue.bytes += len;
         // Only a parked session needs waking: once by the caller, and once
         // more, directly, should the queue fill up before the caller does.
-        let filling =
-            queue.frames.len() * 2 > self.bounds.frames || queue.bytes * 2 > self.bounds.bytes;
+        let filling = queue.count * 2 > self.bounds.frames || queue.bytes * 2 > self.bounds.bytes;
         if filling {
-            return (Offer::Queued, queue.waiting.take());
+            return queue.waiting.take();
         }
         if !queue.wake_handed_out
             && let Some(waiting) = &queue.waiting
@@ -372,7 +380,34 @@ impl Sender {
             wakes.push(waiting.clone());
             queue.wake_handed_out = true;
         }
-        (Offer::Queued, None)
+        None
+    }
+
+    /// Queues `burst` whole, as one entry, when the outbox can take all of
+    /// it as it is: not rate-limited, not conflating, and within its
+    /// bounds. `None` otherwise: the caller offers its results one by one
+    /// (see [`Sender::offer_results`]), which queues what fits.
+    pub fn offer_burst(&self, burst: &Arc<Burst>, offered: &mut Offered) -> Option<Offers> {
+        let mut queue = self.shared.lock();
+        if queue.abandoned {
+            return Some(Offers::default());
+        }
+        let (count, bytes) = (burst.results().len(), burst.payload_len());
+        let fits =
+            queue.count + count <= self.bounds.frames && queue.bytes + bytes <= self.bounds.bytes;
+        if !fits || queue.throttle.is_some() || queue.latest.is_some() {
+            return None;
+        }
+        let wake_now = self.queue(&mut queue, Frame::Burst(burst.clone()), &mut offered.wakes);
+        drop(queue);
+        offered.bytes += bytes as i64;
+        if let Some(waker) = wake_now {
+            waker.wake();
+        }
+        Some(Offers {
+            queued: count as u64,
+            ..Offers::default()
+        })
     }
 }
 
@@ -400,10 +435,11 @@ impl Sender {
         let mut queued = 0;
         for frame in frames {
             let len = frame.text().len();
-            if queue.frames.len() >= max_frames || queue.bytes + len > max_bytes {
+            if queue.count >= max_frames || queue.bytes + len > max_bytes {
                 break;
             }
             queue.bytes += len;
+            queue.count += 1;
             if let Some(throttle) = queue.throttle.as_deref_mut() {
                 throttle.drop_waiting(frame.key());
             }
@@ -490,15 +526,21 @@ impl Rates {
         let mut queue = self.shared.lock();
         let queue = &mut *queue;
         let before = queue.held_bytes();
-        let mut bytes = 0;
-        queue.frames.retain(|frame| match frame {
-            Frame::Result(result) if replayed(result) => {
-                bytes += result.text().len();
-                false
+        let queued = std::mem::take(&mut queue.frames);
+        for frame in queued {
+            match frame {
+                Frame::Result(result) if replayed(&result) => {}
+                // A burst with a replayed result is queued result by result,
+                // less those.
+                Frame::Burst(burst) if burst.results().iter().any(&replayed) => {
+                    let kept = burst.results().iter().filter(|result| !replayed(result));
+                    queue.frames.extend(kept.cloned().map(Frame::Result));
+                }
+                frame => queue.frames.push_back(frame),
             }
-            _ => true,
-        });
-        queue.bytes -= bytes;
+        }
+        queue.count = queue.frames.iter().map(Frame::count).sum();
+        queue.bytes = queue.frames.iter().map(Frame::payload_len).sum();
         if let Some(latest) = queue.latest.as_deref_mut() {
             latest.forget(&replayed);
             if latest.len() == 0 {
@@ -567,15 +609,14 @@ impl Outbox {
             let mut queue = shared.lock();
             if !queue.frames.is_empty() {
                 let take = queue.frames.len().min(max.max(1));
-                let mut freed = 0;
+                let (mut freed, mut count) = (0, 0);
                 let queue = &mut *queue;
-                batch.extend(
-                    queue
-                        .frames
-                        .drain(..take)
-                        .inspect(|frame| freed += frame.payload_len()),
-                );
+                batch.extend(queue.frames.drain(..take).inspect(|frame| {
+                    freed += frame.payload_len();
+                    count += frame.count();
+                }));
                 queue.bytes -= freed;
+                queue.count -= count;
                 queue.freed(freed);
                 // Running now; offers need not wake it until it parks again.
                 queue.waiting = None;
@@ -593,7 +634,7 @@ impl Outbox {
                     queue.freed(freed);
                 }
                 return Poll::Ready(Taken {
-                    frames: take + released,
+                    frames: count + released,
                     conflated: false,
                 });
             }
@@ -677,6 +718,7 @@ impl Drop for Outbox {
         queue.freed(held);
         // Frees what was queued now, not when the hub drops its sender.
         queue.frames = VecDeque::new();
+        queue.count = 0;
         queue.bytes = 0;
         queue.latest = None;
         queue.throttle = None;

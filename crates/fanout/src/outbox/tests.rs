@@ -657,3 +657,34 @@ async fn what_a_resume_replayed_leaves_the_queue_and_the_latest_and_their_bytes(
         "only the latest of A is left: {taken:?}"
     );
 }
+
+#[tokio::test]
+async fn a_burst_is_one_entry_that_counts_its_results_against_the_bounds() {
+    let (sender, mut outbox) = bounded_for_test(bounds(4, 1000));
+    let results = |texts: &[&str]| {
+        let results = texts
+            .iter()
+            .map(|text| SharedResult::detached((*text).into(), &text[..1], None, None));
+        Arc::new(Burst::new(results.collect()))
+    };
+    let mut offered = Offered::default();
+    let first = sender.offer_burst(&results(&["A1", "B1", "C1"]), &mut offered);
+    assert_eq!(first.map(|offers| offers.queued), Some(3));
+    assert_eq!(offered.bytes, 6);
+    assert!(
+        sender
+            .offer_burst(&results(&["A2", "B2"]), &mut offered)
+            .is_none(),
+        "5 results would pass the bound of 4: the caller offers them one by one"
+    );
+    assert_eq!(offer_keyed(&sender, "D1", key("D")), Offer::Queued);
+    assert_eq!(offer_keyed(&sender, "D2", key("D")), Offer::Full);
+    // A resume replayed B1: the burst is queued result by result, less it.
+    sender
+        .rates()
+        .forget_replayed(|result| result.as_str() == "B1");
+    let mut batch = Vec::new();
+    let taken = outbox.recv_many(&mut batch, 10).await;
+    assert_eq!(taken.frames, 3);
+    assert_eq!(texts(&batch), ["A1", "C1", "D1"]);
+}
