@@ -1,8 +1,9 @@
 //! Fan-out: many sockets in many groups, all subscribed to every symbol;
 //! frames/s delivered. Quotes go out in rounds of the same number of results
 //! whatever the number of sockets, so each socket does the same work per
-//! round at every size (a socket's queue holds a round); each round waits
-//! until every frame has arrived at every reading socket. With `stalled` sockets (which never read), what the
+//! round at every size; a round goes out once every frame of the round
+//! before the last has arrived at every reading socket (a socket's queue
+//! holds two rounds). With `stalled` sockets (which never read), what the
 //! others get shows what a slow minority costs them.
 
 use std::sync::atomic::Ordering::Relaxed;
@@ -67,11 +68,19 @@ pub async fn run(
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(BrokerError::from)?;
-        let target = (round + 1) * per_round * reading as u64;
-        if !wait_for(&frames, target, Duration::from_secs(60)).await {
+        // One round in flight while the one before it arrives: the sockets
+        // never run dry between rounds (a round's last frames reach the
+        // last of 10,000 sockets well after its first ones), and their
+        // queues never hold more than two.
+        let delivered_before = round * per_round * reading as u64;
+        if !wait_for(&frames, delivered_before, Duration::from_secs(60)).await {
             complete = false;
             break;
         }
+    }
+    let everything = rounds * per_round * reading as u64;
+    if complete && !wait_for(&frames, everything, Duration::from_secs(60)).await {
+        complete = false;
     }
     let elapsed = start.elapsed();
     let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
