@@ -35,9 +35,12 @@ pub async fn run(
 
     let ceiling = pump(environment, "bench.ceiling", "bench.ceiling", &payloads).await?;
     let ceiling_rate = quotes as f64 / ceiling.as_secs_f64();
+    // One file per run: runs in one process (tests) must not share it.
+    static RUNS: AtomicU64 = AtomicU64::new(0);
     let example = std::env::temp_dir().join(format!(
-        "quotebridge-bench-series-{}.toml",
-        std::process::id()
+        "quotebridge-bench-series-{}-{}.toml",
+        std::process::id(),
+        RUNS.fetch_add(1, Relaxed)
     ));
     std::fs::write(&example, EXAMPLE_SERIES)
         .map_err(|e| Error::io(format!("cannot write {}", example.display()), e))?;
