@@ -4,12 +4,13 @@
 //! frames the client sent — like the seed's `handle_client_connection`
 //! raced a socket's reads against a producer.
 
+use std::io::IoSlice;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -23,7 +24,7 @@ use crate::auth::{Authenticator, Grant};
 use crate::config::WebSocketSettings;
 use crate::config::series::Catalog;
 use crate::frame::BarState;
-use crate::frame::{Frame, Outgoing, SharedResult};
+use crate::frame::{Burst, Frame, Outgoing, SharedResult};
 use crate::hub::Membership;
 use crate::names::{self, StreamName};
 use crate::outbox::Outbox;
@@ -628,18 +629,28 @@ async fn write(
     timeout: Duration,
 ) -> Result<(), SessionError> {
     let writes = async {
-        for message in messages {
-            match message.into() {
-                Outgoing::Message(message) => socket.feed(message).await?,
-                Outgoing::Encoded(burst) => {
-                    socket.flush().await?;
-                    socket
-                        .get_mut()
-                        .write_all(burst.wire())
-                        .await
-                        .map_err(tungstenite::Error::Io)?;
+        let mut messages = messages.into_iter().map(Into::into).peekable();
+        while let Some(message) = messages.next() {
+            let first = match message {
+                Outgoing::Message(message) => {
+                    socket.feed(message).await?;
+                    continue;
+                }
+                Outgoing::Encoded(burst) => burst,
+            };
+            // Bursts queued one after another go out in one write.
+            let mut run: [Option<Arc<Burst>>; MAX_BURSTS_A_WRITE] = Default::default();
+            run[0] = Some(first);
+            for slot in &mut run[1..] {
+                match messages.next_if(|next| matches!(next, Outgoing::Encoded(_))) {
+                    Some(Outgoing::Encoded(burst)) => *slot = Some(burst),
+                    _ => break,
                 }
             }
+            socket.flush().await?;
+            write_encoded(socket.get_mut(), &run)
+                .await
+                .map_err(tungstenite::Error::Io)?;
         }
         socket.flush().await
     };
@@ -653,6 +664,31 @@ async fn write(
     tokio::time::timeout(timeout, writes)
         .await
         .map_err(|_| SessionError::WriteTimeout(timeout))??;
+    Ok(())
+}
+
+/// Bursts written to a connection in one system call, at most.
+const MAX_BURSTS_A_WRITE: usize = 16;
+
+/// Writes the bursts of `run` (up to its first `None`), their frames as
+/// encoded, in as few writes as the connection takes.
+async fn write_encoded(
+    connection: &mut (impl AsyncWrite + Unpin),
+    run: &[Option<Arc<Burst>>],
+) -> std::io::Result<()> {
+    let mut slices = [IoSlice::new(&[]); MAX_BURSTS_A_WRITE];
+    let mut count = 0;
+    for (slice, burst) in slices.iter_mut().zip(run.iter().map_while(Option::as_ref)) {
+        *slice = IoSlice::new(burst.wire());
+        count += 1;
+    }
+    let mut slices = &mut slices[..count];
+    while !slices.is_empty() {
+        match connection.write_vectored(slices).await? {
+            0 => return Err(std::io::ErrorKind::WriteZero.into()),
+            written => IoSlice::advance_slices(&mut slices, written),
+        }
+    }
     Ok(())
 }
 
@@ -724,5 +760,68 @@ async fn end_on_read_error(
             Ok(())
         }
         other => Err(SessionError::Socket(other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A connection that takes at most `at_most` bytes a write, as a
+    /// socket with little room does.
+    struct Trickle {
+        written: Vec<u8>,
+        at_most: usize,
+    }
+
+    impl AsyncWrite for Trickle {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let taken = buf.len().min(self.at_most);
+            self.written.extend_from_slice(&buf[..taken]);
+            Poll::Ready(Ok(taken))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn bursts_written_together_arrive_whole_and_in_order_however_little_a_write_takes() {
+        let burst = |texts: &[&str]| {
+            let results = texts
+                .iter()
+                .map(|text| SharedResult::detached((*text).into(), "A", None, None));
+            Some(Arc::new(Burst::new(results.collect())))
+        };
+        let run = [
+            burst(&["one", "two"]),
+            burst(&["three"]),
+            None,
+            burst(&["unsent"]),
+        ];
+        let mut expected = Vec::new();
+        for burst in run[..2].iter().flatten() {
+            expected.extend_from_slice(burst.wire());
+        }
+        for at_most in [1, 3, 7, 1_000] {
+            let mut connection = Trickle {
+                written: Vec::new(),
+                at_most,
+            };
+            write_encoded(&mut connection, &run).await.expect("writes");
+            assert_eq!(connection.written, expected, "{at_most} bytes a write");
+        }
     }
 }
