@@ -520,8 +520,9 @@ impl Rates {
     }
 
     /// Drops the queued results `replayed` says a resume sent already, and
-    /// returns how many: a resume answers its keys while live results are
-    /// queued to its socket (see `Hub::resume`). Work: the socket's queue.
+    /// returns the bytes that frees: a resume answers its keys while live
+    /// results are queued to its socket (see `Hub::resume`). Work: the
+    /// socket's queue.
     pub fn forget_replayed(&self, replayed: impl Fn(&SharedResult) -> bool) -> usize {
         let mut queue = self.shared.lock();
         let queue = &mut *queue;
