@@ -8,7 +8,7 @@ mod redis_load;
 mod rig;
 
 pub use self::connect::connect_sockets;
-pub use self::histogram::collect;
+pub use self::histogram::{Latency, collect};
 pub use self::reader::spawn_readers;
 pub use self::redis_load::{
     RedisAt, publish_and_await_results, publish_paced, publisher, spawn_subscriber,
