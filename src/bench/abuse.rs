@@ -19,7 +19,9 @@
 //!   read it, and hang up, over and over.
 //!
 //! Each phase reports the honest readers' p50, p99 and maximum, and the
-//! p99 over the quiet phase's: the goal is at most 2.
+//! p99 over the quiet phase's: the goal is at most 2. The honest publisher
+//! and readers run on a thread and runtime of their own, apart from the
+//! abusive clients, as they would on another machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
