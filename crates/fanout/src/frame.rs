@@ -118,12 +118,22 @@ impl Frame {
         }
     }
 
-    /// The messages it stands for: its results for a burst, else one.
+    /// The results it carries, in order: none for a direct message.
+    #[must_use]
+    pub fn results(&self) -> &[SharedResult] {
+        match self {
+            Self::Result(result) => std::slice::from_ref(result),
+            Self::Burst(burst) => &burst.results,
+            Self::Direct(_) => &[],
+        }
+    }
+
+    /// The messages it stands for: its results, or the one direct message.
     #[must_use]
     pub fn count(&self) -> usize {
         match self {
-            Self::Burst(burst) => burst.results.len(),
-            Self::Result(_) | Self::Direct(_) => 1,
+            Self::Direct(_) => 1,
+            results => results.results().len(),
         }
     }
 

@@ -46,12 +46,11 @@ fn direct(text: &'static str) -> Frame {
 /// The messages `frame` stands for (a burst, its results), as text.
 fn texts(frame: Frame) -> Vec<String> {
     match frame {
-        Frame::Result(result) => vec![result.as_str().to_owned()],
-        Frame::Burst(burst) => (burst.results().iter())
-            .map(|result| result.as_str().to_owned())
-            .collect(),
         Frame::Direct(Message::Text(text)) => vec![text.to_string()],
         Frame::Direct(other) => panic!("expected text, got {other:?}"),
+        results => (results.results().iter())
+            .map(|result| result.as_str().to_owned())
+            .collect(),
     }
 }
 

@@ -167,21 +167,17 @@ fn data_lines(out: &mut String, data: &str) {
 /// carried by an event stream and are skipped.
 fn encode(out: &mut String, frame: &Frame) {
     match frame {
-        Frame::Result(result) => {
-            event_id(out, result);
-            data_lines(out, result.as_str());
-        }
-        Frame::Burst(burst) => {
-            for result in burst.results() {
-                event_id(out, result);
-                data_lines(out, result.as_str());
-            }
-        }
         Frame::Direct(Message::Text(text)) => {
             out.push_str("event: direct\n");
             data_lines(out, text.as_str());
         }
         Frame::Direct(_) => {}
+        results => {
+            for result in results.results() {
+                event_id(out, result);
+                data_lines(out, result.as_str());
+            }
+        }
     }
 }
 

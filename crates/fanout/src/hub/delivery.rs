@@ -86,16 +86,18 @@ impl Hub {
         // the burst and its own group's private ones: in one offer, in the
         // burst's order. Only when there is a public result: otherwise its
         // group's results find it below, without a pass over everyone.
-        let to_everything = burst
-            .iter()
-            .any(|frame| frame.client().is_none() && frame.series_name().is_none());
+        let to_everything = burst.iter().any(is_public_sma);
         if to_everything {
             // The public results are what every such socket takes, unless
             // its group has private ones here or it has seen some (floors):
             // encoded once, and queued whole to each (see [`Burst`]).
             let mut shared: Option<Arc<Burst>> = None;
-            let mut private_for: Vec<&str> =
-                burst.iter().filter_map(|frame| frame.client()).collect();
+            // The groups with a private SMA result here: their sockets on
+            // `"*"` take it too, between the public ones.
+            let mut private_for: Vec<&str> = (burst.iter())
+                .filter(|frame| frame.series_name().is_none())
+                .filter_map(|frame| frame.client())
+                .collect();
             private_for.sort_unstable();
             private_for.dedup();
             for &id in state.subscriptions.to_everything() {
@@ -340,13 +342,21 @@ impl Drop for WakeHold {
     }
 }
 
+/// Whether `frame` is a public SMA result: what every socket on `"*"` takes.
+fn is_public_sma(frame: &SharedResult) -> bool {
+    frame.client().is_none() && frame.series_name().is_none()
+}
+
 /// The public SMA results of `burst`: what a socket subscribed to `"*"`
-/// takes of it when its group has no private result in it.
+/// takes of it when its group has no private SMA result in it.
 fn public_burst(burst: &[SharedResult]) -> Burst {
-    let public = burst
-        .iter()
-        .filter(|frame| frame.client().is_none() && frame.series_name().is_none());
-    Burst::new(public.cloned().collect())
+    Burst::new(
+        burst
+            .iter()
+            .filter(|frame| is_public_sma(frame))
+            .cloned()
+            .collect(),
+    )
 }
 
 /// Offers `frame` to each socket of `ids`.

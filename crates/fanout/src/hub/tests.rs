@@ -51,12 +51,11 @@ fn text(frame: Frame) -> String {
 /// The messages `frame` stands for (a burst, its results), as text.
 fn texts(frame: Frame) -> Vec<String> {
     match frame {
-        Frame::Result(result) => vec![result.as_str().to_owned()],
-        Frame::Burst(burst) => (burst.results().iter())
-            .map(|result| result.as_str().to_owned())
-            .collect(),
         Frame::Direct(Message::Text(text)) => vec![text.to_string()],
         Frame::Direct(other) => panic!("expected text, got {other:?}"),
+        results => (results.results().iter())
+            .map(|result| result.as_str().to_owned())
+            .collect(),
     }
 }
 

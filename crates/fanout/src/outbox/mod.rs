@@ -529,15 +529,13 @@ impl Rates {
         let before = queue.held_bytes();
         let queued = std::mem::take(&mut queue.frames);
         for frame in queued {
-            match frame {
-                Frame::Result(result) if replayed(&result) => {}
-                // A burst with a replayed result is queued result by result,
-                // less those.
-                Frame::Burst(burst) if burst.results().iter().any(&replayed) => {
-                    let kept = burst.results().iter().filter(|result| !replayed(result));
-                    queue.frames.extend(kept.cloned().map(Frame::Result));
-                }
-                frame => queue.frames.push_back(frame),
+            // A frame holding a replayed result stays result by result,
+            // less those (a result alone, or a burst).
+            if frame.results().iter().any(&replayed) {
+                let kept = frame.results().iter().filter(|result| !replayed(result));
+                queue.frames.extend(kept.cloned().map(Frame::Result));
+            } else {
+                queue.frames.push_back(frame);
             }
         }
         queue.count = queue.frames.iter().map(Frame::count).sum();
