@@ -1,7 +1,7 @@
 //! The WebSocket contract: welcome, subscriptions with snapshots, group
 //! routing, direct messages, malformed frames, client-code validation.
 
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::{self, Message};
 
@@ -328,5 +328,58 @@ async fn snapshots_stay_within_the_socket_queue_and_repeating_costs_nothing_more
         .await;
     assert_eq!(stats["slow_consumer_closes"], 0, "{stats}");
     assert_eq!(stats["sockets"], 1, "{stats}");
+    app.shutdown().await;
+}
+
+/// Results for `"*"` go out as frames encoded once and written as they are,
+/// beside what the WebSocket engine writes itself: a client pinging while
+/// bursts flow gets every result, each a valid frame, in order, and a pong
+/// for every ping (a pong written into the middle of a result's frame
+/// would break the stream).
+#[tokio::test]
+async fn a_client_pinging_while_bursts_flow_gets_whole_frames_and_its_pongs() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__SMA__EMIT_PARTIAL", "true")]).await;
+    let mut conn = app.redis.connection().await;
+    let (mut socket, welcome) = app.connect("acme").await;
+    assert_eq!(
+        welcome["subscriptions"],
+        json!(["*"]),
+        "the shared bursts' path"
+    );
+    const ROUNDS: usize = 5;
+    const QUOTES: usize = 200;
+    for round in 0..ROUNDS {
+        let quotes: Vec<_> = (0..QUOTES)
+            .map(|i| quote(&format!("S{}", i % 7), (round * QUOTES + i) as f64, None))
+            .collect();
+        publish_all(&mut conn, &quotes).await;
+        socket
+            .send(Message::Ping(format!("{round}").into_bytes().into()))
+            .await
+            .expect("ping");
+    }
+    let (mut results, mut pongs) = (0, 0);
+    let mut last_seq = std::collections::HashMap::new();
+    within("every result and pong", async {
+        while results < ROUNDS * QUOTES || pongs < ROUNDS {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    let result: serde_json::Value =
+                        serde_json::from_str(&text).expect("every frame is a whole result");
+                    let symbol = result["symbol"].as_str().expect("symbol").to_owned();
+                    let seq = result["seq"].as_u64().expect("seq");
+                    let previous = last_seq.insert(symbol, seq).unwrap_or(0);
+                    assert_eq!(seq, previous + 1, "each key's results in order: {text}");
+                    results += 1;
+                }
+                Some(Ok(Message::Pong(payload))) => {
+                    assert_eq!(payload, format!("{pongs}").into_bytes(), "pongs in order");
+                    pongs += 1;
+                }
+                other => panic!("expected results and pongs, got {other:?}"),
+            }
+        }
+    })
+    .await;
     app.shutdown().await;
 }
