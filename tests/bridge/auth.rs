@@ -162,14 +162,8 @@ async fn an_entitled_socket_cannot_subscribe_outside_its_symbols() {
         "the default \"*\" narrows to the entitlement"
     );
     for symbols in [json!(["TSLA"]), json!(["*"]), json!(["AAPL", "TSLA"])] {
-        send_json(&mut socket, json!({"op": "subscribe", "symbols": symbols})).await;
-        let reply = next_json(&mut socket).await;
-        assert_eq!(reply["type"], "error", "{symbols} got {reply}");
-        assert!(
-            reply["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("not entitled"))
-        );
+        let request = json!({"op": "subscribe", "symbols": symbols});
+        assert_refused(&mut socket, request, "not entitled").await;
     }
     // Public quotes outside the entitlement never arrive; inside, they do.
     let mut conn = app.redis.connection().await;
@@ -283,18 +277,8 @@ async fn a_socket_closes_when_its_token_expires_unless_a_refresh_extends_it() {
     let wide = hs256(json!({"sub": "acme", "exp": later}));
     send_json(&mut refreshed, json!({"op": "refresh", "token": wide})).await;
     assert_eq!(next_json(&mut refreshed).await["type"], "refreshed");
-    send_json(
-        &mut refreshed,
-        json!({"op": "subscribe", "symbols": ["TSLA"]}),
-    )
-    .await;
-    let reply = next_json(&mut refreshed).await;
-    assert!(
-        reply["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("not entitled")),
-        "{reply}"
-    );
+    let request = json!({"op": "subscribe", "symbols": ["TSLA"]});
+    assert_refused(&mut refreshed, request, "not entitled").await;
 
     // The unrefreshed socket is closed once its token expires (a second
     // or two from now), with the documented code and reason.

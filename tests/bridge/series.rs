@@ -244,18 +244,12 @@ async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
         crate::schemas::assert_valid("subscribed", &next_json(&mut closed).await);
     }
     // An unknown series is refused, naming what is served.
-    send_json(
+    assert_refused(
         &mut closed,
         serde_json::json!({"op":"subscribe","symbols":["X"],"series":["ema.9"]}),
+        "unknown series \"ema.9\"",
     )
     .await;
-    let refused = next_json(&mut closed).await;
-    assert!(
-        refused["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("unknown series \"ema.9\"")),
-        "{refused}"
-    );
     // Symbols times series are held to websocket.max_symbols before any is
     // spelled out, and duplicates count once.
     let max = Settings::defaults()
@@ -264,18 +258,12 @@ async fn sockets_and_event_streams_subscribe_to_series_and_resume_them() {
         .max_symbols;
     let symbols: Vec<String> = (0..=max / 2).map(|n| format!("S{n}")).collect();
     let twice = [symbols.clone(), symbols.clone()].concat();
-    send_json(
+    assert_refused(
         &mut closed,
         serde_json::json!({"op":"subscribe","symbols":symbols,"series":["sma","ema.2","ema.2"]}),
+        "too many symbols",
     )
     .await;
-    let refused = next_json(&mut closed).await;
-    assert!(
-        refused["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("too many symbols")),
-        "{refused}"
-    );
     send_json(
         &mut closed,
         serde_json::json!({"op":"subscribe","symbols":twice,"series":["ema.2"]}),

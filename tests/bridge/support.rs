@@ -513,6 +513,18 @@ pub async fn close_frame(socket: &mut Socket) -> (u16, String) {
     .await
 }
 
+/// Sends `request` and checks that the bridge refuses it with an error
+/// whose message says `says`.
+pub async fn assert_refused(socket: &mut Socket, request: Value, says: &str) {
+    send_json(socket, request.clone()).await;
+    let reply = next_json(socket).await;
+    assert_eq!(reply["type"], "error", "{request} got {reply}");
+    assert!(
+        reply["message"].as_str().is_some_and(|m| m.contains(says)),
+        "{request} got {reply}"
+    );
+}
+
 /// Sends `value` as a text frame.
 pub async fn send_json(socket: &mut Socket, value: Value) {
     socket
