@@ -101,7 +101,9 @@ impl Deployment {
         let mut replica = spawn_redis_server(
             replica_port,
             &["--replicaof", "127.0.0.1", &primary_port.to_string()],
-            None,
+            // A replica writes the primary's snapshot to disk on a full
+            // sync, whatever `--save` says: keep it out of the checkout.
+            Some(&dir),
         );
         assert!(
             wait_until_ready(&mut replica, replica_port).await,
