@@ -222,7 +222,7 @@ impl Honest {
         let honest =
             connect_sockets(self.address, HONEST, |i| format!("honest{i}"), &[], None).await?;
         let frames = Arc::new(AtomicU64::new(0));
-        let readers = spawn_readers(honest, &frames, &stop);
+        let readers = spawn_readers(honest, &frames, &stop, 1);
         let total = (RATE as f64 * self.seconds).max(1.0) as u64;
         let (input, output) = (self.channels.0.as_str(), self.channels.1.as_str());
         let message = |i, ts| feed(self.role, (input, output), i, LIVE_SYMBOLS, ts);

@@ -3,8 +3,10 @@
 //! whatever the number of sockets, so each socket does the same work per
 //! round at every size; a round goes out once every frame of the round
 //! before the last has arrived at every reading socket (a socket's queue
-//! holds two rounds). With `stalled` sockets (which never read), what the
-//! others get shows what a slow minority costs them.
+//! holds two rounds). One round goes out first, untimed (`warm_up_ms` says
+//! how long it took), and the readers time one frame in sixteen. With
+//! `stalled` sockets (which never read), what the others get shows what a
+//! slow minority costs them.
 
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -19,6 +21,12 @@ use crate::broker::BrokerError;
 /// 100, so what more sockets cost is measured, not what smaller batches per
 /// socket cost (each batch costs a wake and a write whatever its size).
 pub const ROUND_RESULTS: u64 = 200;
+
+/// The readers record the latency of one frame in this many: tens of
+/// millions of frames leave a sample of millions, and the readers, which
+/// share the bridge's cores, spend their time reading rather than parsing
+/// timestamps.
+const LATENCY_EVERY: u64 = 16;
 
 pub async fn run(
     environment: &Environment,
@@ -39,7 +47,15 @@ pub async fn run(
         share => (sockets * share / 100).clamp(1, sockets.saturating_sub(1)),
     };
     let reading = sockets - stalled;
-    let rig = rig(environment, "fanout", sockets, groups, stalled).await?;
+    let rig = rig(
+        environment,
+        "fanout",
+        sockets,
+        groups,
+        stalled,
+        LATENCY_EVERY,
+    )
+    .await?;
     let frames = rig.frames.clone();
 
     let mut conn = publisher(&environment.redis).await?;
@@ -48,12 +64,8 @@ pub async fn run(
         .fanout_frames
         .div_ceil(per_round * sockets.max(1) as u64)
         .max(1);
-    let cpu = rig.bridge.cpu_meter();
-    let start = Instant::now();
-    let mut complete = true;
-    for round in 0..rounds {
+    let publish_round = async |conn: &mut redis::aio::MultiplexedConnection, round: u64, ts| {
         let mut pipe = redis::pipe();
-        let ts = now_ns();
         for i in 0..per_round {
             let n = (round * per_round + i) as usize;
             let (channel, payload) = feed(
@@ -65,25 +77,40 @@ pub async fn run(
             );
             pipe.publish(channel, payload.as_ref()).ignore();
         }
-        pipe.query_async::<()>(&mut conn)
+        pipe.query_async::<()>(conn)
             .await
-            .map_err(BrokerError::from)?;
+            .map_err(BrokerError::from)
+    };
+    // One round before the clock starts, stamped 0 so that the readers do
+    // not time it: its frames are the first each socket gets, and meet cold
+    // memory (the kernel's socket buffers, every task's first wake). Its
+    // time is reported on its own.
+    let warming = Instant::now();
+    publish_round(&mut conn, 0, 0).await?;
+    let warm = per_round * reading as u64;
+    let mut complete = wait_for(&frames, warm, Duration::from_secs(60)).await;
+    let warm_up = warming.elapsed();
+    let cpu = rig.bridge.cpu_meter();
+    let start = Instant::now();
+    for round in 1..=rounds {
+        if !complete {
+            break;
+        }
+        publish_round(&mut conn, round, now_ns()).await?;
         // One round in flight while the one before it arrives: the sockets
         // never run dry between rounds (a round's last frames reach the
         // last of 10,000 sockets well after its first ones), and their
         // queues never hold more than two.
         let delivered_before = round * per_round * reading as u64;
-        if !wait_for(&frames, delivered_before, Duration::from_secs(60)).await {
-            complete = false;
-            break;
-        }
+        complete = wait_for(&frames, delivered_before, Duration::from_secs(60)).await;
     }
-    let everything = rounds * per_round * reading as u64;
+    let everything = warm + rounds * per_round * reading as u64;
     if complete && !wait_for(&frames, everything, Duration::from_secs(60)).await {
         complete = false;
     }
     let elapsed = start.elapsed();
-    let cpu_per_frame = cpu.ns_per_frame(frames.load(Relaxed));
+    let delivered = frames.load(Relaxed).saturating_sub(warm);
+    let cpu_per_frame = cpu.ns_per_frame(delivered);
     let bridge_stats = if stalled_percent > 0 {
         let body = crate::health::body_of(rig.bridge.address, "/stats").await;
         body.ok()
@@ -96,7 +123,6 @@ pub async fn run(
     drop(rig.stalled);
     rig.bridge.stop().await;
 
-    let delivered = frames.load(Relaxed);
     let (scenario, parameters) = if stalled_percent > 0 {
         (
             Scenario::SlowFanout,
@@ -120,6 +146,7 @@ pub async fn run(
             (delivered as f64 / elapsed.as_secs_f64()).round(),
         )
         .with("frames", delivered as f64)
+        .with("warm_up_ms", (warm_up.as_secs_f64() * 1e3).round())
         .with("p50_us", latency.quantile_us(0.5))
         .with("p99_us", latency.quantile_us(0.99))
         .with("max_us", latency.max_us());

@@ -11,7 +11,7 @@ use crate::Error;
 
 pub async fn run(environment: &Environment, rate: u64, options: &Options) -> Result<Row, Error> {
     let sockets = options.latency_sockets;
-    let rig = rig(environment, "latency", sockets, 10, 0).await?;
+    let rig = rig(environment, "latency", sockets, 10, 0, 1).await?;
     let (frames, stop) = (rig.frames.clone(), rig.stop.clone());
     let outputs = Arc::new(AtomicU64::new(0));
     let subscriber =

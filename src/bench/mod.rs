@@ -331,7 +331,7 @@ pub(crate) fn now_ns() -> u64 {
 /// The `ts` of an SMA message, found without a full JSON parse.
 pub(crate) fn ts_of(frame: &[u8]) -> Option<u64> {
     const KEY: &[u8] = b"\"ts\":";
-    // From the end: `ts` is the last member but for `client`.
+    // From the end: only `seq`, `epoch` and `client` follow `ts`.
     let at = frame.windows(KEY.len()).rposition(|w| w == KEY)? + KEY.len();
     let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit());
     let mut ts: u64 = 0;

@@ -69,7 +69,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
     for socket in &mut open {
         socket.send(Message::text(request.clone())).await?;
     }
-    let readers = spawn_readers(open, &frames, &stop);
+    let readers = spawn_readers(open, &frames, &stop, 1);
     let target = (missed * sockets) as u64;
     let complete = wait_for(&frames, target, Duration::from_secs(120)).await;
     let elapsed = start.elapsed();

@@ -37,7 +37,7 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Row, Er
     let sockets = connect_sockets(bridge.address, 2, |i| format!("soak{i}"), &[], None).await?;
     let frames = Arc::new(AtomicU64::new(0));
     let stop = tokio_util::sync::CancellationToken::new();
-    let readers = spawn_readers(sockets, &frames, &stop);
+    let readers = spawn_readers(sockets, &frames, &stop, 1);
     let mut conn = publisher(&environment.redis).await?;
     let seconds = options.soak_seconds.max(1.0);
     let total = (RATE as f64 * seconds) as u64;

@@ -86,6 +86,17 @@ async fn every_scenario_runs_and_reports() {
         Some(250.0 * 3.0),
         "every frame reached every socket"
     );
+    let fanout = report
+        .rows
+        .iter()
+        .find(|r| r.scenario == Scenario::Fanout)
+        .expect("fanout row");
+    assert_eq!(
+        fanout.get("frames"),
+        Some(2_000.0),
+        "two timed rounds of 200 results to 5 sockets, the warm-up round not counted"
+    );
+    assert!(fanout.get("warm_up_ms").is_some(), "{table}");
     let json = serde_json::to_value(&report).expect("report serializes");
     // One row per scenario, the series' nine, and ingest's second.
     assert!(

@@ -1,10 +1,12 @@
 //! Benchmark socket readers that split the server's frames themselves
 //! (see [`spawn_readers`] for why).
 
+use std::cell::RefCell;
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -12,8 +14,23 @@ use super::connect::Socket;
 use super::histogram::Latency;
 use crate::bench::{now_ns, ts_of};
 
-/// Readers for a set of sockets: each counts SMA frames into `frames` and
-/// records their latency, until `stop`.
+/// Every result frame starts so (the control frames with `{"type"`).
+const RESULT_START: &[u8] = b"{\"symbol\":";
+
+thread_local! {
+    /// What every reader on this thread reads into, then keeps only a
+    /// partial frame of: one buffer that stays in cache, where a buffer per
+    /// socket (160 MiB at 10,000 sockets) has every read land in memory
+    /// nothing touched since that socket's last read.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; SCRATCH_BYTES]);
+}
+
+/// Room for a read of many frames after a partial one.
+const SCRATCH_BYTES: usize = 64 * 1024;
+
+/// Readers for a set of sockets: each counts result frames into `frames`
+/// and records the latency of every `latency_every`th one (1: each), until
+/// `stop`.
 ///
 /// They read frames straight off the TCP stream instead of through
 /// tungstenite. The readers stand in for clients on other machines, yet here
@@ -21,12 +38,17 @@ use crate::bench::{now_ns, ts_of};
 /// registrations, a UTF-8 check and a buffer split per frame, a clock read
 /// per frame) they used nearly as much CPU as the bridge they measure. A
 /// server's frames are unmasked and the bridge never fragments them, so
-/// reading them is a header and a length.
+/// reading them is a header and a length. For the same reason a scenario
+/// of millions of frames samples their latency: finding and reading each
+/// frame's `ts` and recording it cost the readers more than the bridge
+/// spent sending the frame.
 pub fn spawn_readers(
     sockets: Vec<Socket>,
     frames: &Arc<AtomicU64>,
     stop: &CancellationToken,
+    latency_every: u64,
 ) -> Vec<JoinHandle<Latency>> {
+    let latency_every = latency_every.max(1);
     sockets
         .into_iter()
         .map(|socket| {
@@ -39,30 +61,48 @@ pub fn spawn_readers(
             tokio::spawn(async move {
                 let mut latency = Latency::new();
                 let mut reader = FrameReader::default();
+                let mut results: u64 = 0;
                 let stopped = stop.cancelled();
                 tokio::pin!(stopped);
                 loop {
-                    let read = tokio::select! {
+                    let ready = tokio::select! {
                         biased;
-                        read = tcp.read(reader.spare()) => read,
+                        ready = tcp.readable() => ready,
                         () = &mut stopped => break,
                     };
-                    let Ok(n @ 1..) = read else { break };
-                    // Everything in one read arrived at the same moment.
-                    let now = now_ns();
-                    let mut counted = 0;
+                    if ready.is_err() {
+                        break;
+                    }
                     let mut pings = Vec::new();
-                    let scanned = reader.scan(n, |frame| match frame {
-                        Frame::Text(payload) => {
-                            if let Some(ts) = ts_of(payload) {
-                                latency.record(now.saturating_sub(ts));
-                                counted += 1;
+                    // Read, split and count without an await, so the
+                    // thread's scratch buffer is never held across one.
+                    let scanned = SCRATCH.with_borrow_mut(|scratch| {
+                        let kept = reader.restore(scratch);
+                        let n = match tcp.try_read(&mut scratch[kept..]) {
+                            Ok(0) => return Err(Ended::Closed),
+                            Ok(n) => n,
+                            Err(err) if err.kind() == ErrorKind::WouldBlock => return Ok(()),
+                            Err(_) => return Err(Ended::Closed),
+                        };
+                        // Everything in one read arrived at the same moment.
+                        let now = now_ns();
+                        let before = results;
+                        let scanned = reader.scan(&scratch[..kept + n], |frame| match frame {
+                            Frame::Text(payload) if payload.starts_with(RESULT_START) => {
+                                // A frame stamped 0 is a warm-up's: counted, not timed.
+                                if results.is_multiple_of(latency_every)
+                                    && let Some(ts @ 1..) = ts_of(payload)
+                                {
+                                    latency.record(now.saturating_sub(ts));
+                                }
+                                results += 1;
                             }
-                        }
-                        Frame::Ping(payload) => pings.push(pong(payload)),
-                        Frame::Other => {}
+                            Frame::Ping(payload) => pings.push(pong(payload)),
+                            Frame::Text(_) | Frame::Other => {}
+                        });
+                        frames.fetch_add(results - before, Relaxed);
+                        scanned
                     });
-                    frames.fetch_add(counted, Relaxed);
                     let mut answered = true;
                     for reply in pings {
                         answered = answered && tcp.write_all(&reply).await.is_ok();
@@ -98,36 +138,33 @@ enum Ended {
     Protocol,
 }
 
-/// Splits a byte stream into WebSocket frames from a server.
+/// Splits a byte stream into WebSocket frames from a server, keeping
+/// between reads only the partial frame a read ended in.
 #[derive(Default)]
 struct FrameReader {
-    buffer: Vec<u8>,
-    /// Bytes of `buffer` received and not yet scanned.
-    filled: usize,
+    partial: Vec<u8>,
 }
 
 impl FrameReader {
-    /// About a hundred SMA frames; at 10,000 sockets, 160 MiB in all.
-    const CAPACITY: usize = 16 * 1024;
+    /// The longest frame a reader takes: about a hundred SMA frames.
+    const MAX_FRAME: usize = 16 * 1024;
 
-    /// Room to read into.
-    fn spare(&mut self) -> &mut [u8] {
-        if self.buffer.len() < Self::CAPACITY {
-            self.buffer.resize(Self::CAPACITY, 0);
-        }
-        &mut self.buffer[self.filled..]
+    /// Puts the partial frame kept from the last read at the start of
+    /// `scratch`, for the next read to follow; returns its length.
+    fn restore(&self, scratch: &mut [u8]) -> usize {
+        scratch[..self.partial.len()].copy_from_slice(&self.partial);
+        self.partial.len()
     }
 
-    /// Takes `n` more bytes read into `spare()` and hands every complete
-    /// frame to `each`; a partial frame waits for the next read.
-    fn scan(&mut self, n: usize, mut each: impl FnMut(Frame<'_>)) -> Result<(), Ended> {
-        self.filled += n;
+    /// Hands every complete frame in `bytes` (what [`FrameReader::restore`]
+    /// put there, then what was read) to `each`; keeps a partial one.
+    fn scan(&mut self, bytes: &[u8], mut each: impl FnMut(Frame<'_>)) -> Result<(), Ended> {
         let mut at = 0;
         let result = loop {
-            match frame_at(&self.buffer[at..self.filled]) {
+            match frame_at(&bytes[at..]) {
                 Ok(Some((frame, len))) => {
                     let closed = matches!(frame, FrameKind::Close);
-                    let payload = &self.buffer[at + len.header..at + len.header + len.payload];
+                    let payload = &bytes[at + len.header..at + len.header + len.payload];
                     each(match frame {
                         FrameKind::Text => Frame::Text(payload),
                         FrameKind::Ping => Frame::Ping(payload),
@@ -142,12 +179,8 @@ impl FrameReader {
                 Err(ended) => break Err(ended),
             }
         };
-        self.buffer.copy_within(at..self.filled, 0);
-        self.filled -= at;
-        if self.filled == self.buffer.len() {
-            // One frame larger than the buffer: the bridge sends none.
-            return Err(Ended::Protocol);
-        }
+        self.partial.clear();
+        self.partial.extend_from_slice(&bytes[at..]);
         result
     }
 }
@@ -186,8 +219,8 @@ fn frame_at(bytes: &[u8]) -> Result<Option<(FrameKind, FrameLen)>, Ended> {
         126 | 127 => return Ok(None),
         short => (2, usize::from(short)),
     };
-    if payload > FrameReader::CAPACITY {
-        // Could never fit the buffer; the bridge's frames are ~200 bytes.
+    if payload > FrameReader::MAX_FRAME {
+        // Far longer than anything the bridge sends (~200 bytes a frame).
         return Err(Ended::Protocol);
     }
     if bytes.len() < header + payload {
@@ -237,11 +270,13 @@ mod tests {
     /// Feeds `stream` to a reader `chunk` bytes at a time; returns what it saw.
     fn scan(stream: &[u8], chunk: usize) -> (Vec<String>, Result<(), Ended>) {
         let mut reader = FrameReader::default();
+        let mut scratch = vec![0; SCRATCH_BYTES];
         let mut seen = Vec::new();
         let mut result = Ok(());
         for piece in stream.chunks(chunk) {
-            reader.spare()[..piece.len()].copy_from_slice(piece);
-            result = reader.scan(piece.len(), |frame| {
+            let kept = reader.restore(&mut scratch);
+            scratch[kept..kept + piece.len()].copy_from_slice(piece);
+            result = reader.scan(&scratch[..kept + piece.len()], |frame| {
                 seen.push(match frame {
                     Frame::Text(t) => format!("text {}", String::from_utf8_lossy(t)),
                     Frame::Ping(p) => format!("ping {}", String::from_utf8_lossy(p)),

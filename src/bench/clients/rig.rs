@@ -15,7 +15,8 @@ use crate::bench::environment::{Bridge, Environment};
 
 /// A bridge reading `bench.{name}.in` and writing `bench.{name}.out`, one SMA
 /// per quote, with `sockets` readers in `groups` client groups subscribed to
-/// every symbol, the first `stalled` of which never read. Without stalled
+/// every symbol, the first `stalled` of which never read, the others
+/// recording the latency of every `latency_every`th frame. Without stalled
 /// sockets, queues are sized so a benchmark never trips the slow-consumer
 /// bounds; with them, the bounds are the defaults, so the stalled sockets
 /// meet them as real ones would.
@@ -37,6 +38,7 @@ pub async fn rig(
     sockets: usize,
     groups: usize,
     stalled: usize,
+    latency_every: u64,
 ) -> Result<Rig, Error> {
     let (input, output) = (format!("bench.{name}.in"), format!("bench.{name}.out"));
     let mut overrides = vec![
@@ -62,7 +64,7 @@ pub async fn rig(
     let reading = connect_sockets(bridge.address, sockets - stalled, code, &[], None).await?;
     let frames = Arc::new(AtomicU64::new(0));
     let stop = CancellationToken::new();
-    let readers = spawn_readers(reading, &frames, &stop);
+    let readers = spawn_readers(reading, &frames, &stop, latency_every);
     Ok(Rig {
         bridge,
         input,
