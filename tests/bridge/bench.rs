@@ -25,6 +25,15 @@ fn tiny() -> Options {
     }
 }
 
+/// The report's first row of `scenario`.
+fn first_row(report: &bench::Report, scenario: Scenario) -> &bench::Row {
+    report
+        .rows
+        .iter()
+        .find(|r| r.scenario == scenario)
+        .unwrap_or_else(|| panic!("no {scenario:?} row in\n{}", report.table()))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_scenario_runs_and_reports() {
     let options = tiny();
@@ -41,11 +50,7 @@ async fn every_scenario_runs_and_reports() {
         (Scenario::Resume, "replayed_frames_per_s"),
         (Scenario::Connections, "rss_after_kib"),
     ] {
-        let row = report
-            .rows
-            .iter()
-            .find(|r| r.scenario == scenario)
-            .unwrap_or_else(|| panic!("no {scenario:?} row in\n{table}"));
+        let row = first_row(&report, scenario);
         let value = row
             .get(metric)
             .unwrap_or_else(|| panic!("no {metric} in\n{table}"));
@@ -76,21 +81,13 @@ async fn every_scenario_runs_and_reports() {
         with_series.get("bridge_quotes_per_s") > Some(0.0),
         "{table}"
     );
-    let latency = report
-        .rows
-        .iter()
-        .find(|r| r.scenario == Scenario::Latency)
-        .expect("latency row");
+    let latency = first_row(&report, Scenario::Latency);
     assert_eq!(
         latency.get("frames"),
         Some(250.0 * 3.0),
         "every frame reached every socket"
     );
-    let fanout = report
-        .rows
-        .iter()
-        .find(|r| r.scenario == Scenario::Fanout)
-        .expect("fanout row");
+    let fanout = first_row(&report, Scenario::Fanout);
     assert_eq!(
         fanout.get("frames"),
         Some(2_000.0),
@@ -124,14 +121,7 @@ async fn compute_and_gateway_roles_are_measured_on_their_own() {
     })
     .await
     .expect("bench runs");
-    let row = |report: &bench::Report, scenario| {
-        report
-            .rows
-            .iter()
-            .find(|r| r.scenario == scenario)
-            .cloned()
-            .expect("a row")
-    };
+    let row = first_row;
     assert!(row(&compute, Scenario::Ingest).get("bridge_quotes_per_s") > Some(0.0));
     assert!(row(&gateway, Scenario::Fanout).get("frames_per_s") > Some(0.0));
     assert_eq!(
