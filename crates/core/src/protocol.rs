@@ -1129,9 +1129,18 @@ mod tests {
             })
         );
         for (bad, says) in [
-            (r#"{"op":"resume","public":{"e1":{"A":-1}}}"#, "invalid value"),
-            (r#"{"op":"resume","public":{"e1":["A"]}}"#, "an object of symbols and seqs"),
-            (r#"{"op":"resume","public":{},"extra":1}"#, "unknown field `extra`"),
+            (
+                r#"{"op":"resume","public":{"e1":{"A":-1}}}"#,
+                "invalid value",
+            ),
+            (
+                r#"{"op":"resume","public":{"e1":["A"]}}"#,
+                "an object of symbols and seqs",
+            ),
+            (
+                r#"{"op":"resume","public":{},"extra":1}"#,
+                "unknown field `extra`",
+            ),
             (r#"{"op":"publish"}"#, "unknown variant `publish`"),
             (r#"{"symbols":["A"]}"#, "missing field `op`"),
             (r#"{"op":"resume","public":{}"#, "EOF"),

@@ -2,7 +2,7 @@
 //! wants it, each session woken once per burst, and a socket whose outbox is
 //! full evicted as a slow consumer.
 
-use crate::sync::MutexGuard;
+use crate::sync::HubGuard;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::task::Waker;
@@ -264,7 +264,7 @@ impl Hub {
     /// PendingWakes the sessions frames were queued for, unless a hold defers it.
     /// Outside the hub's lock: thousands of wakes would keep joins and
     /// subscribes waiting.
-    pub(super) fn wake_unless_held(&self, mut state: MutexGuard<'_, State>) {
+    pub(super) fn wake_unless_held(&self, mut state: HubGuard<'_, State>) {
         state.wakes.settle(&self.inner.queued);
         let Some(mut wakes) = state.wakes.take_due() else {
             return;

@@ -31,9 +31,9 @@ mod snapshots;
 mod subscriptions;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, PoisonError};
 
 use crate::frame::SharedResult;
 
@@ -49,7 +49,7 @@ use self::snapshots::Snapshots;
 use self::subscriptions::Subscriptions;
 use crate::outbox::{self, Outbox, QueuedBytes};
 use crate::stats::Stats;
-use crate::sync::{Mutex, MutexGuard};
+use crate::sync::{HubGuard, HubMutex, lock_hub};
 
 /// Identifies one socket for the lifetime of the process.
 pub type SocketId = u64;
@@ -62,7 +62,7 @@ pub struct Hub {
 
 #[derive(Debug)]
 struct Inner {
-    state: Mutex<State>,
+    state: HubMutex<State>,
     limits: HubLimits,
     stats: Arc<Stats>,
     /// What every socket's outbox holds, kept by the outboxes.
@@ -242,7 +242,7 @@ impl Hub {
             inner: Arc::new(Inner {
                 counts,
                 history_bytes,
-                state: Mutex::new(state),
+                state: HubMutex::new(state),
                 limits,
                 stats,
                 queued: QueuedBytes::default(),
@@ -265,7 +265,7 @@ impl Hub {
 
     /// The hub's state, with any burst of results offered first: whatever
     /// reads or changes the hub sees every result delivered before it.
-    fn state(&self) -> MutexGuard<'_, State> {
+    fn state(&self) -> HubGuard<'_, State> {
         let mut state = self.lock();
         if !state.burst.is_empty() {
             self.offer_burst(&mut state);
@@ -274,13 +274,8 @@ impl Hub {
     }
 
     /// The hub's state as it is, burst and all: for delivery itself.
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Every mutation below completes before it can panic, so a poisoned
-        // lock still guards consistent data.
-        self.inner
-            .state
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> HubGuard<'_, State> {
+        lock_hub(&self.inner.state)
     }
 
     /// Adds an admitted socket to its client's group, subscribed to
