@@ -202,14 +202,20 @@ impl Honest {
     /// how many they should have.
     async fn measure(self) -> Result<(Latency, u64, u64), Error> {
         let (done, result) = tokio::sync::oneshot::channel();
-        std::thread::spawn(move || {
-            let measured = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| Error::io("cannot start the honest clients' runtime", e))
-                .and_then(|runtime| runtime.block_on(self.run()));
-            let _ = done.send(measured);
-        });
+        // Named, so that a scheduler trace (`perf sched`) tells it apart.
+        let spawned = std::thread::Builder::new()
+            .name("honest-clients".into())
+            .spawn(move || {
+                let measured = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| Error::io("cannot start the honest clients' runtime", e))
+                    .and_then(|runtime| runtime.block_on(self.run()));
+                let _ = done.send(measured);
+            });
+        if let Err(err) = spawned {
+            return Err(Error::io("cannot start the honest clients' thread", err));
+        }
         result.await.unwrap_or_else(|_| {
             let ended = std::io::Error::other("it ended without a result");
             Err(Error::io("the honest clients' thread", ended))
