@@ -427,6 +427,21 @@ fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
     assert_eq!(queued(&mut outbox), ["A5"], "then live");
 }
 
+/// Resumes `socket` from `last_seen` while result `seq` of public key A
+/// (epoch e1) is delivered live between the resume's holds of the lock.
+fn resume_as_seq_arrives(
+    hub: &Hub,
+    socket: &Membership,
+    last_seen: &LastSeen,
+    seq: u64,
+) -> Result<Resumed, ResumeError> {
+    let live = hub.clone();
+    resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, seq, "e1"))));
+    let resumed = socket.resume(last_seen);
+    resume::BETWEEN_HOLDS.set(None);
+    resumed
+}
+
 #[test]
 fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
     let hub = hub(64);
@@ -437,10 +452,7 @@ fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
     let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
     // Live (and so queued to the socket) before its key's history is read:
     // the replay has it, so the queue must not.
-    let live = hub.clone();
-    resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, 4, "e1"))));
-    let resumed = socket.resume(&last_seen(&[("e1", 1)], &[]));
-    resume::BETWEEN_HOLDS.set(None);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 1)], &[]), 4);
     let frames: Vec<&str> = (resumed.as_ref().expect("it was held").frames.iter())
         .map(SharedResult::as_str)
         .collect();
@@ -457,10 +469,7 @@ fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
     result(&hub, None, 1, "e1");
     let admission = hub.admit("acme").expect("admitted");
     let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
-    let live = hub.clone();
-    resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, 2, "e1"))));
-    let resumed = socket.resume(&last_seen(&[("e1", 3)], &[]));
-    resume::BETWEEN_HOLDS.set(None);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 3)], &[]), 2);
     assert!(resumed.expect("it was held").frames.is_empty());
     assert!(queued(&mut outbox).is_empty(), "it had seen 2");
     result(&hub, None, 3, "e1");
