@@ -1142,6 +1142,15 @@ mod tests {
                 "unknown field `extra`",
             ),
             (r#"{"op":"publish"}"#, "unknown variant `publish`"),
+            // One `op` decides the shape: a second is refused, not chosen.
+            (
+                r#"{"op":"subscribe","op":"resume","symbols":["A"]}"#,
+                "duplicate field `op`",
+            ),
+            (
+                r#"{"op":"resume","public":{"e1":{"A":1}},"public":{}}"#,
+                "duplicate field `public`",
+            ),
             (r#"{"symbols":["A"]}"#, "missing field `op`"),
             (r#"{"op":"resume","public":{}"#, "EOF"),
         ] {
