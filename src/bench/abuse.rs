@@ -16,7 +16,8 @@
 //! - `stats`: 4 keep-alive connections ask `GET /stats` back to back;
 //! - `resume loop`: 100 sockets at a time resume a few keys from their
 //!   start (a small request, a reply as large as the queue bounds allow),
-//!   read it, and hang up, over and over.
+//!   read the reply and the missed results it announces, and hang up, over
+//!   and over.
 //!
 //! Each phase reports the honest readers' p50, p99 and maximum, and the
 //! p99 over the quiet phase's: the goal is at most 2. The honest publisher
@@ -35,7 +36,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use super::clients::{
-    Latency, RedisAt, collect, connect_sockets, publish_and_await_results, publish_paced,
+    Latency, RedisAt, Socket, collect, connect_sockets, publish_and_await_results, publish_paced,
     publisher, spawn_readers,
 };
 use super::environment::Bridge;
@@ -343,17 +344,35 @@ fn resume_loops(
                     continue;
                 }
                 if read {
-                    // The reply and the replay: read until quiet for 50 ms.
-                    while let Ok(Some(Ok(_))) =
-                        tokio::time::timeout(Duration::from_millis(50), socket.next()).await
-                    {
-                        if stop.is_cancelled() {
-                            break;
-                        }
-                    }
+                    read_replay(&mut socket, &stop).await;
                 }
                 drop(socket);
             }
         });
+    }
+}
+
+/// Reads a resume's reply and the missed results it says follow (live
+/// results of the keys it names arrive after them, so a socket that waited
+/// for quiet would never hang up). Gives up after a second without a frame.
+async fn read_replay(socket: &mut Socket, stop: &CancellationToken) {
+    let mut left: Option<u64> = None;
+    while left != Some(0) && !stop.is_cancelled() {
+        let Ok(Some(Ok(message))) =
+            tokio::time::timeout(Duration::from_secs(1), socket.next()).await
+        else {
+            return;
+        };
+        let Message::Text(text) = message else {
+            continue;
+        };
+        left = match left {
+            Some(left) => Some(left.saturating_sub(1)),
+            None if text.starts_with(r#"{"type":"resumed""#) => {
+                let reply: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+                Some(reply["replayed"].as_u64().unwrap_or(0))
+            }
+            None => None,
+        };
     }
 }

@@ -485,7 +485,8 @@ pub struct WebSocketSettings {
     pub slow_consumer: SlowConsumer,
     /// Most subscriptions per socket.
     pub max_symbols: usize,
-    /// Frames the resumes of one client code may send a second.
+    /// Frames the resumes of one client code may send a second (each key a
+    /// resume names counts as one).
     pub resume_frames_per_second: usize,
     /// Largest client frame, in bytes.
     pub max_message_bytes: usize,

@@ -405,7 +405,7 @@ async fn event_stream(
     };
     // Opening a stream resumes it (see `Hub::resume_turn`).
     let turn = app.hub.resume_turn().await;
-    let opened = sse::open(&app.hub, admission, request, &app.sessions);
+    let opened = sse::open(&app.hub, admission, request, &app.sessions).await;
     drop(turn);
     let stream = match opened {
         Ok(stream) => stream,

@@ -217,7 +217,7 @@ pub async fn run(
                         // it waits for its turn (see `Hub::resume_turn`).
                         let turn = if held { Some(membership.resume_turn().await) } else { None };
                         let ends = access.grant.expires_at;
-                        let replies = answer(&membership, client, &mut access, &mut closed_only, &text, &mut held);
+                        let replies = answer(&membership, client, &mut access, &mut closed_only, &text, &mut held).await;
                         drop(turn);
                         // A refresh moves the end (no other request does).
                         // `sleep` takes any length (an `Instant` sum would
@@ -261,7 +261,7 @@ pub async fn run(
 /// Handles one text frame from the client; returns the frames to send back.
 /// The first request of a `held` socket ends the hold: a resume resumes,
 /// anything else makes it live as it is.
-fn answer(
+async fn answer(
     membership: &Membership,
     client: &str,
     access: &mut Access,
@@ -325,7 +325,7 @@ fn answer(
         } => (symbols, Some((max_rate, closed_only))),
         ClientOp::Unsubscribe { symbols, .. } => (symbols, None),
         ClientOp::Resume(last_seen) => {
-            return resume(membership, &access.grant, &access.catalog, last_seen);
+            return resume(membership, &access.grant, &access.catalog, last_seen).await;
         }
         ClientOp::Refresh { token } => return refresh(membership, client, access, &token),
     };
@@ -439,7 +439,7 @@ fn rate_interval(max_rate: f64) -> Result<Duration, String> {
 /// request of a socket opened with `?resume=1` may be one; a request that
 /// names an invalid symbol or epoch is refused, and the socket goes live
 /// without recovery.
-fn resume(
+async fn resume(
     membership: &Membership,
     grant: &Grant,
     catalog: &Catalog,
@@ -467,7 +467,7 @@ fn resume(
         membership.go_live();
         return error(&message);
     }
-    let resumed = match membership.resume(&last_seen) {
+    let resumed = match membership.resume(&last_seen).await {
         Ok(resumed) => resumed,
         Err(err) => {
             membership.go_live();

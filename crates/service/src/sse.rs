@@ -194,7 +194,7 @@ fn notice(out: &mut String, kind: &str, frame: &str) {
 /// names, then the latest result of every other subscribed symbol, then
 /// live events. Returns the response body, or why the stream cannot be.
 /// `ended` is cancelled when the stream ends.
-pub fn open(
+pub async fn open(
     hub: &Hub,
     admission: Admission,
     mut request: Request,
@@ -205,7 +205,7 @@ pub fn open(
     let mut last_seen = named.clone().unwrap_or_default();
     last_seen.symbols = Some(std::mem::take(&mut request.symbols));
     // A JWT's entitled symbols may exceed websocket.max_symbols.
-    let resumed = match membership.resume_with_latest(&last_seen) {
+    let resumed = match membership.resume_with_latest(&last_seen).await {
         Ok(resumed) => resumed,
         // The client code's resumes sent their allowance this second: the
         // stream starts live, without recovery, rather than fail (a browser
@@ -228,6 +228,7 @@ pub fn open(
                 unrecovered_private: keys(|seen| &seen.private),
                 ..membership
                     .resume_with_latest(&fresh)
+                    .await
                     .map_err(|err| err.to_string())?
             }
         }

@@ -7,7 +7,7 @@ mod reader;
 mod redis_load;
 mod rig;
 
-pub use self::connect::connect_sockets;
+pub use self::connect::{Socket, connect_sockets};
 pub use self::histogram::{Latency, collect};
 pub use self::reader::spawn_readers;
 pub use self::redis_load::{

@@ -132,10 +132,16 @@ impl Admissions {
         (replay.tokens >= 1.0).then_some(replay.tokens as usize)
     }
 
-    /// Takes `frames` that `client`'s resume sent out of its allowance.
-    pub(super) fn spend_replay(&mut self, client: &str, frames: usize) {
+    /// Takes what `client`'s resume cost out of its allowance: the frames
+    /// it sent and the keys it named (answering a key costs about what
+    /// sending a frame does). A resume may cost more than was left, down to
+    /// a second's worth below zero: the client's next resume then waits
+    /// for that debt to refill too, so its resumes cost at most the rate,
+    /// however many keys each names.
+    pub(super) fn spend_replay(&mut self, client: &str, cost: usize) {
+        let (_, cap) = self.rates.replay();
         if let Some(admitted) = self.admitted.get_mut(client) {
-            admitted.replay.tokens = (admitted.replay.tokens - frames as f64).max(0.0);
+            admitted.replay.tokens = (admitted.replay.tokens - cost as f64).max(-cap);
         }
     }
 

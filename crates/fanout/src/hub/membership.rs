@@ -152,15 +152,15 @@ impl Membership {
     /// to `last_seen.symbols` (else its initial set), and the returned
     /// frames (what it missed since `last_seen`) must be sent before
     /// anything its outbox receives.
-    pub fn resume(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
-        self.hub.resume(self.id, last_seen, false)
+    pub async fn resume(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+        self.hub.resume(self.id, last_seen, false).await
     }
 
     /// [`Membership::resume`], then the latest result of every subscribed
     /// public symbol `last_seen` does not name (within the same bounds): how
     /// an event stream starts.
-    pub fn resume_with_latest(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
-        self.hub.resume(self.id, last_seen, true)
+    pub async fn resume_with_latest(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+        self.hub.resume(self.id, last_seen, true).await
     }
 
     /// Ends the hold of a socket joined to resume, without resuming; false

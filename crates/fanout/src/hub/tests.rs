@@ -398,8 +398,8 @@ fn last_seen(public: &[(&str, u64)], private: &[(&str, u64)]) -> LastSeen {
     }
 }
 
-#[test]
-fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
+#[tokio::test]
+async fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
     let hub = hub(64);
     for seq in 1..=3 {
         result(&hub, None, seq, "e1");
@@ -414,12 +414,13 @@ fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
     assert!(outbox.try_recv().is_none(), "held: nothing queued");
     let resumed = socket
         .resume(&last_seen(&[("e1", 2)], &[("e1", 1)]))
+        .await
         .expect("it was held");
     let frames: Vec<&str> = resumed.frames.iter().map(SharedResult::as_str).collect();
     assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
     assert_eq!(resumed.replayed, 4);
     assert_eq!(
-        socket.resume(&LastSeen::default()),
+        socket.resume(&LastSeen::default()).await,
         Err(ResumeError::NotHeld),
         "once only"
     );
@@ -429,7 +430,7 @@ fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first() {
 
 /// Resumes `socket` from `last_seen` while result `seq` of public key A
 /// (epoch e1) is delivered live between the resume's holds of the lock.
-fn resume_as_seq_arrives(
+async fn resume_as_seq_arrives(
     hub: &Hub,
     socket: &Membership,
     last_seen: &LastSeen,
@@ -437,13 +438,13 @@ fn resume_as_seq_arrives(
 ) -> Result<Resumed, ResumeError> {
     let live = hub.clone();
     resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, seq, "e1"))));
-    let resumed = socket.resume(last_seen);
+    let resumed = socket.resume(last_seen).await;
     resume::BETWEEN_HOLDS.set(None);
     resumed
 }
 
-#[test]
-fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
+#[tokio::test]
+async fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
     let hub = hub(64);
     for seq in 1..=3 {
         result(&hub, None, seq, "e1");
@@ -452,7 +453,7 @@ fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
     let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
     // Live (and so queued to the socket) before its key's history is read:
     // the replay has it, so the queue must not.
-    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 1)], &[]), 4);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 1)], &[]), 4).await;
     let frames: Vec<&str> = (resumed.as_ref().expect("it was held").frames.iter())
         .map(SharedResult::as_str)
         .collect();
@@ -463,13 +464,13 @@ fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order() {
     assert_eq!(queued(&mut outbox), ["A5"], "then live");
 }
 
-#[test]
-fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
+#[tokio::test]
+async fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
     let hub = hub(64);
     result(&hub, None, 1, "e1");
     let admission = hub.admit("acme").expect("admitted");
     let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
-    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 3)], &[]), 2);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 3)], &[]), 2).await;
     assert!(resumed.expect("it was held").frames.is_empty());
     assert!(queued(&mut outbox).is_empty(), "it had seen 2");
     result(&hub, None, 3, "e1");
@@ -477,14 +478,15 @@ fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
     assert_eq!(queued(&mut outbox), ["A4"], "3 it had seen too");
 }
 
-#[test]
-fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
+#[tokio::test]
+async fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
     let hub = hub(64);
     result(&hub, None, 1, "e1");
     let admission = hub.admit("acme").expect("admitted");
     let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
     let resumed = socket
         .resume(&last_seen(&[("e1", 3)], &[("e0", 9)]))
+        .await
         .expect("it was held");
     assert!(resumed.frames.is_empty());
     assert_eq!(resumed.unrecovered_private, ["A"], "unknown here");
@@ -538,8 +540,8 @@ fn a_forged_result_far_ahead_does_not_silence_its_key() {
     );
 }
 
-#[test]
-fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
+#[tokio::test]
+async fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
     let limits = HubLimits {
         max_snapshots: 1000,
         ..limits(1024)
@@ -560,7 +562,7 @@ fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
     let mut claimed = LastSeen::default();
     let ahead = symbols.iter().map(|symbol| (symbol.clone(), 2));
     claimed.public.insert("e1".to_owned(), ahead.collect());
-    let resumed = socket.resume(&claimed).expect("it was held");
+    let resumed = socket.resume(&claimed).await.expect("it was held");
     assert_eq!(
         resumed.unrecovered_public.len(),
         10,
@@ -579,8 +581,8 @@ fn a_resume_that_claims_to_be_ahead_on_many_keys_gets_few_floors() {
     assert!(hub.state().seen_ahead.is_empty(), "they go with the socket");
 }
 
-#[test]
-fn a_resume_stops_reading_history_once_its_budget_is_spent() {
+#[tokio::test]
+async fn a_resume_stops_reading_history_once_its_budget_is_spent() {
     // A budget of 8 frames; 50 keys, each 3 results behind.
     let limits = HubLimits {
         max_snapshots: 1000,
@@ -612,7 +614,7 @@ fn a_resume_stops_reading_history_once_its_budget_is_spent() {
     let named = behind.chain([up_to_date, ahead]);
     claimed.public.insert("e1".to_owned(), named.collect());
     let reads_before = history::FRAMES_READ.with(std::cell::Cell::get);
-    let resumed = socket.resume(&claimed).expect("it was held");
+    let resumed = socket.resume(&claimed).await.expect("it was held");
     let frames: Vec<&str> = resumed.frames.iter().map(SharedResult::as_str).collect();
     assert_eq!(
         frames,
@@ -631,8 +633,8 @@ fn a_resume_stops_reading_history_once_its_budget_is_spent() {
     );
 }
 
-#[test]
-fn keys_without_results_for_the_idle_period_are_released_everywhere() {
+#[tokio::test]
+async fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     let hub = hub(64);
     let epoch = "e1";
     for seq in 1..=3 {
@@ -645,6 +647,7 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
     socket
         .resume(&last_seen(&[(epoch, 4)], &[]))
+        .await
         .expect("it was held");
     assert!(!hub.state().seen_ahead.is_empty());
     // B has a result in every sweep; A (public and private) none.
@@ -670,8 +673,8 @@ fn keys_without_results_for_the_idle_period_are_released_everywhere() {
     assert_eq!(hub.inner.stats.history_keys_released.load(Relaxed), 2);
 }
 
-#[test]
-fn a_client_code_s_resumes_share_an_allowance_of_frames() {
+#[tokio::test]
+async fn a_client_code_s_resumes_share_an_allowance_of_frames() {
     // One frame a second: a second passes before the allowance refills.
     let limits = HubLimits {
         resume_frames_per_second: 1,
@@ -681,28 +684,68 @@ fn a_client_code_s_resumes_share_an_allowance_of_frames() {
     for seq in 1..=8 {
         result(&hub, None, seq, "e1");
     }
-    let resume = || {
+    let resume = async || {
         let admission = hub.admit("acme").expect("admitted");
         let (socket, _outbox) = hub.join(admission, &strings(&["A"]), true);
         socket
             .resume(&last_seen(&[("e1", 0)], &[]))
+            .await
             .map(|r| r.frames.len())
     };
     assert_eq!(
-        resume(),
+        resume().await,
         Ok(1),
         "eight missed do not fit: the latest stands in"
     );
     assert_eq!(
-        resume(),
+        resume().await,
         Err(ResumeError::RateLimited(1)),
         "spent, on a new socket as on the same"
     );
     let other = hub.admit("other").expect("admitted");
     let (socket, _outbox) = hub.join(other, &strings(&["A"]), true);
     assert!(
-        socket.resume(&last_seen(&[("e1", 0)], &[])).is_ok(),
+        socket.resume(&last_seen(&[("e1", 0)], &[])).await.is_ok(),
         "another client code has its own"
+    );
+}
+
+#[tokio::test]
+async fn the_keys_a_resume_names_are_spent_from_its_allowance_like_frames() {
+    // Ten a second, and each resume names eight keys it is up to date on:
+    // nothing is sent, yet each costs eight.
+    let limits = HubLimits {
+        resume_frames_per_second: 10,
+        ..limits(64)
+    };
+    let hub = Hub::new(limits, Arc::new(Stats::default()));
+    let symbols: Vec<String> = (0..8).map(|i| format!("S{i}")).collect();
+    for symbol in &symbols {
+        deliver(
+            &hub,
+            symbol,
+            None,
+            Some(Position {
+                seq: 1,
+                epoch: "e1",
+            }),
+            symbol,
+        );
+    }
+    let mut up_to_date = LastSeen::default();
+    let named = symbols.iter().map(|symbol| (symbol.clone(), 1));
+    up_to_date.public.insert("e1".to_owned(), named.collect());
+    let resume = async || {
+        let admission = hub.admit("acme").expect("admitted");
+        let (socket, _outbox) = hub.join(admission, &strings(&["*"]), true);
+        socket.resume(&up_to_date).await.map(|r| r.frames.len())
+    };
+    assert_eq!(resume().await, Ok(0), "ten left: admitted, nothing to send");
+    assert_eq!(resume().await, Ok(0), "two left: admitted, and in debt");
+    assert_eq!(
+        resume().await,
+        Err(ResumeError::RateLimited(10)),
+        "the keys named spent the allowance"
     );
 }
 
