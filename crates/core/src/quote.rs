@@ -377,9 +377,7 @@ mod fast {
             scan.skip_whitespace();
             // A key is compared with the five known ones, quotes included,
             // rather than scanned: anything else goes to the full parser.
-            let key = scan.known_key()?;
-            scan.skip_whitespace();
-            scan.expect(b':')?;
+            let key = scan.member_name()?;
             scan.skip_whitespace();
             match key {
                 Key::Symbol if symbol.is_none() => symbol = Some(scan.symbol()?),
@@ -461,6 +459,7 @@ mod fast {
 
         /// The text from `start` to where the scan is. Every place the scan
         /// stops at follows an ASCII byte, so this is never `None` in fact.
+        #[inline]
         fn text_from(&self, start: usize) -> Option<&'a str> {
             self.text.get(start..self.at)
         }
@@ -504,6 +503,28 @@ mod fast {
             self.text_from(start)
         }
 
+        /// One of the known member names, with its quotes, and the colon
+        /// after it.
+        fn member_name(&mut self) -> Option<Key> {
+            // Most payloads put the colon right after the name: one
+            // comparison takes both.
+            let rest = self.bytes().get(self.at..)?;
+            let (key, len) = if rest.starts_with(b"\"symbol\":") {
+                (Key::Symbol, 9)
+            } else if rest.starts_with(b"\"price\":") {
+                (Key::Price, 8)
+            } else if rest.starts_with(b"\"ts\":") {
+                (Key::Ts, 5)
+            } else {
+                let key = self.known_key()?;
+                self.skip_whitespace();
+                self.expect(b':')?;
+                return Some(key);
+            };
+            self.at += len;
+            Some(key)
+        }
+
         /// One of the known member names, with its quotes.
         fn known_key(&mut self) -> Option<Key> {
             let rest = self.bytes().get(self.at..)?;
@@ -535,10 +556,14 @@ mod fast {
         /// A run of digits and its value, in one pass. The value wraps past
         /// 19 digits; callers use it only for shorter runs.
         fn decimal(&mut self) -> (&'a [u8], u64) {
+            self.decimal_after(0, 0)
+        }
+
+        /// [`Scan::decimal`] when its first `len` digits, of value `value`,
+        /// have been read already: the rest one at a time.
+        fn decimal_after(&mut self, mut len: usize, mut value: u64) -> (&'a [u8], u64) {
             let rest = self.bytes().get(self.at..).unwrap_or_default();
-            let mut value: u64 = 0;
-            let mut len = 0;
-            for &b in rest {
+            for &b in rest.get(len..).unwrap_or_default() {
                 let digit = b.wrapping_sub(b'0');
                 if digit > 9 {
                     break;
@@ -550,11 +575,30 @@ mod fast {
             (&rest[..len], value)
         }
 
+        /// [`Scan::decimal`], eight digits at a time while eight follow, then
+        /// one at a time: a timestamp in milliseconds has 13.
+        fn long_decimal(&mut self) -> (&'a [u8], u64) {
+            let rest = self.bytes().get(self.at..).unwrap_or_default();
+            let mut value: u64 = 0;
+            let mut len = 0;
+            while let Some(&eight) = rest.get(len..).and_then(<[u8]>::first_chunk::<8>) {
+                let word = u64::from_le_bytes(eight);
+                if !are_digits(word) {
+                    break;
+                }
+                value = value
+                    .wrapping_mul(100_000_000)
+                    .wrapping_add(eight_digits(word));
+                len += 8;
+            }
+            self.decimal_after(len, value)
+        }
+
         /// An unsigned integer, as JSON writes it (no leading zeros), and its
         /// digits: exactly what itoa writes for the value.
         fn digits(&mut self) -> Option<(u64, &'a str)> {
             let start = self.at;
-            let (digits, value) = self.decimal();
+            let (digits, value) = self.long_decimal();
             if digits.is_empty() || (digits.len() > 1 && digits[0] == b'0') {
                 return None;
             }
@@ -629,6 +673,24 @@ mod fast {
         }
     }
 
+    /// Whether each of the eight bytes of `word` is an ASCII digit: its high
+    /// half is 3, and adding 6 keeps it 3 (`:` to `?` become `@` to `E`; no
+    /// byte carries into the next, as none passes 0x45).
+    fn are_digits(word: u64) -> bool {
+        const HIGH: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+        const THREES: u64 = 0x3030_3030_3030_3030;
+        word & HIGH == THREES && word.wrapping_add(0x0606_0606_0606_0606) & HIGH == THREES
+    }
+
+    /// The value of eight ASCII digits read little-endian (the first digit
+    /// in the lowest byte): neighbours combined into two digits, then
+    /// four, then eight, a multiplication each.
+    fn eight_digits(word: u64) -> u64 {
+        let pairs = ((word & 0x0F0F_0F0F_0F0F_0F0F).wrapping_mul(10 << 8 | 1)) >> 8;
+        let fours = ((pairs & 0x00FF_00FF_00FF_00FF).wrapping_mul(100 << 16 | 1)) >> 16;
+        ((fours & 0x0000_FFFF_0000_FFFF).wrapping_mul(10_000 << 32 | 1)) >> 32
+    }
+
     /// Whether a plain decimal of at most 15 digits, `int.fraction`, is
     /// written the way zmij writes its value (what a result would say):
     /// - No two decimals of 15 significant digits or fewer are the same
@@ -660,6 +722,28 @@ mod tests {
 
     fn rejected(payload: &str) -> Reject {
         parse(payload.as_bytes()).expect_err("quote should be rejected")
+    }
+
+    #[test]
+    fn a_timestamp_is_read_eight_digits_at_a_time_and_exactly() {
+        for ts in [
+            0u64,
+            7,
+            12_345_678,
+            123_456_789,
+            1_764_115_200_000,
+            9_999_999_999_999_999,
+            u64::MAX,
+        ] {
+            let payload = format!(r#"{{"symbol":"A","price":1.5,"ts":{ts}}}"#);
+            let (quote, spelling) = parse_fast(payload.as_bytes()).expect("fast path");
+            assert_eq!(quote.ts, Some(ts), "{payload}");
+            assert_eq!(spelling.ts, Some(ts.to_string().as_str()));
+        }
+        for bad in ["1764115200:00", "17641152000000000000000", "01764115200000"] {
+            let payload = format!(r#"{{"symbol":"A","price":1.5,"ts":{bad}}}"#);
+            assert!(parse_fast(payload.as_bytes()).is_none(), "{payload}");
+        }
     }
 
     #[test]
