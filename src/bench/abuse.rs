@@ -354,7 +354,8 @@ fn resume_loops(
 
 /// Reads a resume's reply and the missed results it says follow (live
 /// results of the keys it names arrive after them, so a socket that waited
-/// for quiet would never hang up). Gives up after a second without a frame.
+/// for quiet would never hang up), or the error that refused it. Gives up
+/// after a second without a frame.
 async fn read_replay(socket: &mut Socket, stop: &CancellationToken) {
     let mut left: Option<u64> = None;
     while left != Some(0) && !stop.is_cancelled() {
@@ -372,6 +373,9 @@ async fn read_replay(socket: &mut Socket, stop: &CancellationToken) {
                 let reply: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
                 Some(reply["replayed"].as_u64().unwrap_or(0))
             }
+            // Refused (its client code's allowance is spent): the socket
+            // went live without a replay.
+            None if text.starts_with(r#"{"type":"error""#) => return,
             None => None,
         };
     }
