@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::binary::{Serve, counting_sockets};
@@ -123,5 +124,54 @@ async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
             .map(drop)
     })
     .await;
+    app.shutdown().await;
+}
+
+/// A client resumes over and over naming many keys it has nothing to
+/// recover on (so nothing is sent): answering each key is work, and each
+/// costs one frame of the client code's resume allowance, so such resumes
+/// are refused once the keys named have spent it, while another client
+/// code resumes as before. Before the keys counted, every one of these
+/// resumes was answered.
+#[tokio::test]
+async fn resumes_naming_many_keys_spend_the_allowance_though_they_send_nothing() {
+    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__RESUME_FRAMES_PER_SECOND", "100")]).await;
+    let keys: serde_json::Map<String, serde_json::Value> =
+        (0..600).map(|i| (format!("K{i}"), 1.into())).collect();
+    let request = json!({"op": "resume", "public": {"e1": keys}});
+    let resume = async |code: &str| {
+        let url = format!("{}?resume=1", app.ws_url(code));
+        let (mut socket, _) = connect_ws(&url).await;
+        send_json(&mut socket, request.clone()).await;
+        next_json(&mut socket).await
+    };
+    // 100 a second: the first resume's 600 keys spend them and a second's
+    // worth more (the debt stops there), so the next waits a second.
+    let reply = resume("hoarder").await;
+    assert_eq!(
+        (reply["type"].as_str(), reply["replayed"].as_u64()),
+        (Some("resumed"), Some(0)),
+        "{reply}"
+    );
+    assert_eq!(
+        reply["unrecovered"]["public"].as_array().map(Vec::len),
+        Some(600),
+        "{reply}"
+    );
+    let refused = resume("hoarder").await;
+    assert_eq!(refused["type"], "error", "the second resume is refused");
+    assert!(
+        refused["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("resume_frames_per_second")),
+        "{refused}"
+    );
+    let neighbour = resume("neighbour").await;
+    assert_eq!(
+        neighbour["type"], "resumed",
+        "another client code has its own"
+    );
+    let stats = app.stats().await;
+    assert_eq!(stats["resumes_unrecovered"], 2, "{stats}");
     app.shutdown().await;
 }
