@@ -818,9 +818,9 @@ pub enum ServerFrame<'a> {
 #[derive(Debug, Clone, Serialize)]
 pub struct Unrecovered<'a> {
     /// Public symbols.
-    pub public: &'a [String],
+    pub public: &'a [&'a str],
     /// The client's private symbols.
-    pub private: &'a [String],
+    pub private: &'a [&'a str],
 }
 
 impl ServerFrame<'_> {

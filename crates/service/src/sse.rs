@@ -181,6 +181,13 @@ fn encode(out: &mut String, frame: &Frame) {
     }
 }
 
+/// The symbols `map` names, under any epoch.
+fn named_keys(map: &LastSeenMap) -> Vec<&str> {
+    map.values()
+        .flat_map(|symbols| symbols.keys().map(String::as_str))
+        .collect()
+}
+
 /// Appends a control frame as an event of its `type`.
 fn notice(out: &mut String, kind: &str, frame: &str) {
     out.push_str("event: ");
@@ -204,6 +211,8 @@ pub async fn open(
     let named = request.last_event_id.as_deref().and_then(last_seen_of);
     let mut last_seen = named.clone().unwrap_or_default();
     last_seen.symbols = Some(std::mem::take(&mut request.symbols));
+    // Out here: what the stream starts with borrows from it.
+    let fresh;
     // A JWT's entitled symbols may exceed websocket.max_symbols.
     let resumed = match membership.resume_with_latest(&last_seen).await {
         Ok(resumed) => resumed,
@@ -213,19 +222,13 @@ pub async fn open(
         Err(ResumeError::RateLimited(_)) => {
             // Still held: it starts as a stream without Last-Event-ID would
             // (its symbols, their latest values), its key not recovered.
-            let fresh = LastSeen {
+            fresh = LastSeen {
                 symbols: last_seen.symbols.clone(),
                 ..LastSeen::default()
             };
-            let keys = |of: fn(&LastSeen) -> &LastSeenMap| -> Vec<String> {
-                let named = named.iter().map(of);
-                named
-                    .flat_map(|map| map.values().flat_map(|keys| keys.keys().cloned()))
-                    .collect()
-            };
             Resumed {
-                unrecovered_public: keys(|seen| &seen.public),
-                unrecovered_private: keys(|seen| &seen.private),
+                unrecovered_public: named_keys(&last_seen.public),
+                unrecovered_private: named_keys(&last_seen.private),
                 ..membership
                     .resume_with_latest(&fresh)
                     .await

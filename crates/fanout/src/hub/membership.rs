@@ -152,14 +152,17 @@ impl Membership {
     /// to `last_seen.symbols` (else its initial set), and the returned
     /// frames (what it missed since `last_seen`) must be sent before
     /// anything its outbox receives.
-    pub async fn resume(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+    pub async fn resume<'a>(&self, last_seen: &'a LastSeen) -> Result<Resumed<'a>, ResumeError> {
         self.hub.resume(self.id, last_seen, false).await
     }
 
     /// [`Membership::resume`], then the latest result of every subscribed
     /// public symbol `last_seen` does not name (within the same bounds): how
     /// an event stream starts.
-    pub async fn resume_with_latest(&self, last_seen: &LastSeen) -> Result<Resumed, ResumeError> {
+    pub async fn resume_with_latest<'a>(
+        &self,
+        last_seen: &'a LastSeen,
+    ) -> Result<Resumed<'a>, ResumeError> {
         self.hub.resume(self.id, last_seen, true).await
     }
 

@@ -184,9 +184,10 @@ pub enum SubscribeError {
     TooManySymbols(usize),
 }
 
-/// What a resume did.
+/// What a resume did; the keys it names are borrowed from the request (a
+/// resume naming 5,000 keys copied each into a list of its own).
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Resumed {
+pub struct Resumed<'a> {
     /// The frames to send before anything live, in per-key order: every
     /// missed result of each recovered key, and the latest result of each
     /// key that could not be recovered.
@@ -194,9 +195,9 @@ pub struct Resumed {
     /// How many of `frames` are missed results (the rest stand in for gaps).
     pub replayed: usize,
     /// Public symbols whose missed results could not all be sent.
-    pub unrecovered_public: Vec<String>,
+    pub unrecovered_public: Vec<&'a str>,
     /// Private symbols (of the client's own keys) likewise.
-    pub unrecovered_private: Vec<String>,
+    pub unrecovered_private: Vec<&'a str>,
 }
 
 /// The outcome of a subscribe or unsubscribe.

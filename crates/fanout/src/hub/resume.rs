@@ -51,12 +51,12 @@ impl Hub {
     ///   its thread for 7 ms, and every task queued behind it waited);
     /// - and a result queued while the resume went on that the replay holds
     ///   too is taken back out of the socket's queue.
-    pub(super) async fn resume(
+    pub(super) async fn resume<'a>(
         &self,
         id: SocketId,
-        last_seen: &LastSeen,
+        last_seen: &'a LastSeen,
         with_latest: bool,
-    ) -> Result<Resumed, ResumeError> {
+    ) -> Result<Resumed<'a>, ResumeError> {
         let Live {
             subscriptions,
             client,
@@ -266,7 +266,13 @@ impl Budget {
     /// Answers one named key: its missed results if they fit; otherwise the
     /// key is not recovered, and its latest result is sent if that fits. Missed results that do not
     /// fit spend the budget: the keys after are not read (see `resume`).
-    fn answer(&mut self, resumed: &mut Resumed, replay: Replay<'_>, symbol: &str, private: bool) {
+    fn answer<'a>(
+        &mut self,
+        resumed: &mut Resumed<'a>,
+        replay: Replay<'_>,
+        symbol: &'a str,
+        private: bool,
+    ) {
         let mut spent = false;
         let latest = match replay {
             Replay::Ahead => return,
@@ -294,7 +300,7 @@ impl Budget {
         } else {
             &mut resumed.unrecovered_public
         };
-        unrecovered.push(symbol.to_owned());
+        unrecovered.push(symbol);
         if let Some(latest) = latest
             && self.take(1, latest.text().len())
         {

@@ -412,10 +412,8 @@ async fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first()
     result(&hub, None, 4, "e1");
     hub.send_to_group("acme", Message::Text("direct".into()));
     assert!(outbox.try_recv().is_none(), "held: nothing queued");
-    let resumed = socket
-        .resume(&last_seen(&[("e1", 2)], &[("e1", 1)]))
-        .await
-        .expect("it was held");
+    let seen = last_seen(&[("e1", 2)], &[("e1", 1)]);
+    let resumed = socket.resume(&seen).await.expect("it was held");
     let frames: Vec<&str> = resumed.frames.iter().map(SharedResult::as_str).collect();
     assert_eq!(frames, ["A3", "A4", "acme2", "acme3"]);
     assert_eq!(resumed.replayed, 4);
@@ -430,12 +428,12 @@ async fn a_held_socket_gets_nothing_until_it_resumes_then_what_it_missed_first()
 
 /// Resumes `socket` from `last_seen` while result `seq` of public key A
 /// (epoch e1) is delivered live between the resume's holds of the lock.
-async fn resume_as_seq_arrives(
+async fn resume_as_seq_arrives<'a>(
     hub: &Hub,
     socket: &Membership,
-    last_seen: &LastSeen,
+    last_seen: &'a LastSeen,
     seq: u64,
-) -> Result<Resumed, ResumeError> {
+) -> Result<Resumed<'a>, ResumeError> {
     let live = hub.clone();
     resume::BETWEEN_HOLDS.set(Some(Box::new(move || result(&live, None, seq, "e1"))));
     let resumed = socket.resume(last_seen).await;
@@ -453,7 +451,8 @@ async fn a_result_that_arrives_while_a_resume_goes_on_is_sent_once_and_in_order(
     let (socket, mut outbox) = hub.join(admission, &strings(&["*"]), true);
     // Live (and so queued to the socket) before its key's history is read:
     // the replay has it, so the queue must not.
-    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 1)], &[]), 4).await;
+    let seen = last_seen(&[("e1", 1)], &[]);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &seen, 4).await;
     let frames: Vec<&str> = (resumed.as_ref().expect("it was held").frames.iter())
         .map(SharedResult::as_str)
         .collect();
@@ -470,7 +469,8 @@ async fn a_result_a_resuming_client_is_ahead_of_is_dropped_from_its_queue() {
     result(&hub, None, 1, "e1");
     let admission = hub.admit("acme").expect("admitted");
     let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
-    let resumed = resume_as_seq_arrives(&hub, &socket, &last_seen(&[("e1", 3)], &[]), 2).await;
+    let seen = last_seen(&[("e1", 3)], &[]);
+    let resumed = resume_as_seq_arrives(&hub, &socket, &seen, 2).await;
     assert!(resumed.expect("it was held").frames.is_empty());
     assert!(queued(&mut outbox).is_empty(), "it had seen 2");
     result(&hub, None, 3, "e1");
@@ -484,10 +484,8 @@ async fn results_a_socket_saw_on_a_gateway_ahead_are_not_sent_again() {
     result(&hub, None, 1, "e1");
     let admission = hub.admit("acme").expect("admitted");
     let (socket, mut outbox) = hub.join(admission, &strings(&["A"]), true);
-    let resumed = socket
-        .resume(&last_seen(&[("e1", 3)], &[("e0", 9)]))
-        .await
-        .expect("it was held");
+    let seen = last_seen(&[("e1", 3)], &[("e0", 9)]);
+    let resumed = socket.resume(&seen).await.expect("it was held");
     assert!(resumed.frames.is_empty());
     assert_eq!(resumed.unrecovered_private, ["A"], "unknown here");
     assert!(resumed.unrecovered_public.is_empty(), "ahead is not a gap");
