@@ -36,6 +36,21 @@ fn spawn_node(dir: &std::path::Path, port: u16, bus: u16) -> Child {
     spawn_redis_server(port, &cluster, Some(dir))
 }
 
+/// A new cluster node on free ports, answering; other ports are tried when
+/// it exits instead (something else took one of them first).
+async fn start_cluster_node(dir: &std::path::Path) -> (Child, u16, u16) {
+    for _ in 0..5 {
+        let (port, bus) = (free_port(), free_port());
+        let mut child = spawn_node(dir, port, bus);
+        if wait_until_ready(&mut child, port).await {
+            return (child, port, bus);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!("no cluster node came up on any of five pairs of free ports");
+}
+
 /// Waits until the cluster node on `port` answers PING.
 async fn answering(child: &mut Child, port: u16) {
     assert!(
@@ -54,13 +69,9 @@ impl RedisCluster {
         std::fs::create_dir_all(&dir).expect("cluster directory");
         let mut nodes = Vec::new();
         for _ in 0..3 {
-            let (port, bus) = (free_port(), free_port());
-            nodes.push((spawn_node(&dir, port, bus), port, bus));
+            nodes.push(start_cluster_node(&dir).await);
         }
-        let mut cluster = RedisCluster { nodes, dir };
-        for (child, port, _) in &mut cluster.nodes {
-            answering(child, *port).await;
-        }
+        let cluster = RedisCluster { nodes, dir };
         let addresses: Vec<String> = cluster.ports().map(|p| format!("127.0.0.1:{p}")).collect();
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])

@@ -45,12 +45,34 @@ pub async fn eventually<T>(what: &str, mut check: impl AsyncFnMut() -> Option<T>
     .await
 }
 
-/// A port nobody listens on right now.
+/// Where [`free_port`] looks: below Linux's ephemeral range (32768 and
+/// up), from which every outgoing connection takes its local port. With
+/// hundreds of connections open during the suite, a port found free in that
+/// range could be taken before the server meant for it binds it (a cluster
+/// node then exits instead of answering).
+const TEST_PORTS: std::ops::Range<u32> = 15_000..32_000;
+
+/// A loopback port nobody listens on right now, and one no other call in
+/// this test process has returned.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    // Each process starts somewhere else in the range, so two suites on
+    // one machine rarely try the same ports.
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let span = TEST_PORTS.end - TEST_PORTS.start;
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        std::process::id().wrapping_mul(7_919) % span,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    );
+    for _ in 0..span {
+        let port = (TEST_PORTS.start + NEXT.fetch_add(1, Ordering::Relaxed) % span) as u16;
+        if StdListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in {TEST_PORTS:?}")
 }
 
 /// A redis-server of the test's own, on a free port, killed on drop.
