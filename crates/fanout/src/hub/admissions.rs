@@ -8,7 +8,9 @@
 //! such entries go once refilled, when the map has doubled since the last
 //! look (amortised: no walk per admission).
 
-use std::collections::HashMap;
+// hashbrown's default hasher (foldhash, seeded at random), and its
+// `entry_ref`: a client code already counted is found without copying it.
+use hashbrown::HashMap;
 use std::time::Instant;
 
 use super::AdmitError;
@@ -102,14 +104,11 @@ impl Admissions {
         }
         let (connect_rate, connect_cap) = self.rates.connects();
         let (_, replay_cap) = self.rates.replay();
-        let admitted = self
-            .admitted
-            .entry(client.into())
-            .or_insert_with(|| Admitted {
-                sockets: 0,
-                connects: Bucket::full(connect_cap, now),
-                replay: Bucket::full(replay_cap, now),
-            });
+        let admitted = self.admitted.entry_ref(client).or_insert_with(|| Admitted {
+            sockets: 0,
+            connects: Bucket::full(connect_cap, now),
+            replay: Bucket::full(replay_cap, now),
+        });
         let max = self.rates.max_sockets;
         if admitted.sockets >= max {
             return Err(AdmitError::TooManySockets(max));

@@ -7,16 +7,18 @@
 //! socket's requests go through its [`Membership`] ([`membership`]:
 //! subscribe, unsubscribe; [`resume`]: what it missed).
 //!
-//! Its state is six parts, each with its own small API: the
+//! Its state is five parts, each with its own small API: the
 //! [connections](connections) by client group, the
 //! [subscriptions](subscriptions) by symbol, the [snapshots](snapshots), the
 //! [history](history) of each key for sockets that resume (with the
-//! [floors](seen_ahead) of sockets that saw further elsewhere), the
-//! [admissions](admissions) per client (sockets, new sockets a second,
-//! resume allowance), and the [wakes](pending_wakes) it batches. They live under one
-//! lock, because a subscribe and its snapshots must be one step; every
-//! request's work under it is bounded by the request's own size, and the
-//! gauges `/stats` reads are kept outside it.
+//! [floors](seen_ahead) of sockets that saw further elsewhere), and the
+//! [wakes](pending_wakes) it batches. They live under one lock, because a
+//! subscribe and its snapshots must be one step; every request's work under
+//! it is bounded by the request's own size, and the gauges `/stats` reads
+//! are kept outside it. The [admissions](admissions) per client (sockets,
+//! new sockets a second, resume allowance) have a lock of their own, so
+//! that connections refused in a flood never wait for, or hold up,
+//! delivery.
 
 mod admissions;
 mod burst;
@@ -63,6 +65,12 @@ pub struct Hub {
 #[derive(Debug)]
 struct Inner {
     state: HubMutex<State>,
+    /// Sockets and allowances per client code, under a lock of their own:
+    /// a connection refused for its client's limits (a client retrying in
+    /// a loop makes thousands a second) never takes the hub's lock, which
+    /// delivery needs. Taken alone, or inside the hub's lock, never the
+    /// other way round.
+    admissions: HubMutex<Admissions>,
     limits: HubLimits,
     stats: Arc<Stats>,
     /// What every socket's outbox holds, kept by the outboxes.
@@ -120,7 +128,6 @@ struct State {
     held: HashMap<SocketId, Vec<String>>,
     /// What resumed sockets saw elsewhere that has not arrived here yet.
     seen_ahead: SeenAhead,
-    admissions: Admissions,
     wakes: PendingWakes,
     /// Results delivered during a wake hold, not yet offered.
     burst: Burst,
@@ -148,7 +155,7 @@ pub struct Admission {
 impl Drop for Admission {
     fn drop(&mut self) {
         let now = std::time::Instant::now();
-        self.hub.state().admissions.release(&self.client, now);
+        self.hub.admissions().release(&self.client, now);
     }
 }
 
@@ -229,11 +236,6 @@ impl Hub {
             ),
             held: HashMap::new(),
             seen_ahead: SeenAhead::default(),
-            admissions: Admissions::new(admissions::Rates {
-                connects_per_second: limits.connects_per_client_per_second,
-                max_sockets: limits.max_sockets_per_client,
-                replay_frames_per_second: limits.resume_frames_per_second,
-            }),
             wakes: PendingWakes::default(),
             burst: Burst::default(),
         };
@@ -244,6 +246,11 @@ impl Hub {
                 counts,
                 history_bytes,
                 state: HubMutex::new(state),
+                admissions: HubMutex::new(Admissions::new(admissions::Rates {
+                    connects_per_second: limits.connects_per_client_per_second,
+                    max_sockets: limits.max_sockets_per_client,
+                    replay_frames_per_second: limits.resume_frames_per_second,
+                })),
                 limits,
                 stats,
                 queued: QueuedBytes::default(),
@@ -257,7 +264,7 @@ impl Hub {
     /// client is at `max_sockets_per_client`.
     pub fn admit(&self, client: &str) -> Result<Admission, AdmitError> {
         let now = std::time::Instant::now();
-        self.state().admissions.admit(client, now)?;
+        self.admissions().admit(client, now)?;
         Ok(Admission {
             hub: self.clone(),
             client: client.into(),
@@ -272,6 +279,11 @@ impl Hub {
             self.offer_burst(&mut state);
         }
         state
+    }
+
+    /// The per-client counts and allowances: O(1) work under its own lock.
+    fn admissions(&self) -> HubGuard<'_, Admissions> {
+        lock_hub(&self.inner.admissions)
     }
 
     /// The hub's state as it is, burst and all: for delivery itself.

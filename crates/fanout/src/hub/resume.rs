@@ -169,15 +169,15 @@ impl Hub {
                 resumed.frames.push(frame.clone());
             }
         }
-        if let Some(group) = &group {
-            let cost = resumed.frames.len() + named.len();
-            state.admissions.spend_replay(group, cost);
-        }
         let outbox = state
             .connections
             .get(id)
             .map(|socket| socket.outbox.rates());
         drop(guard);
+        if let Some(group) = &group {
+            let cost = resumed.frames.len() + named.len();
+            self.admissions().spend_replay(group, cost);
+        }
         // Outside the hub's lock: the socket's own queue, bounded by its own
         // bounds, is what is read.
         if let Some(outbox) = outbox {
@@ -208,8 +208,8 @@ impl Hub {
         let now = std::time::Instant::now();
         let group = state.connections.get(id).map(|socket| socket.group.clone());
         let allowance = match &group {
-            Some(group) if names_keys => state
-                .admissions
+            Some(group) if names_keys => self
+                .admissions()
                 .replay_allowance(group, now)
                 .ok_or(ResumeError::RateLimited(rate))?,
             _ => usize::MAX,

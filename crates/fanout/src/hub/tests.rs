@@ -758,10 +758,7 @@ fn admission_limits_sockets_per_client_and_is_released_on_drop() {
     drop(admitted);
     let (membership, _outbox) = join(&hub, "acme", &[]);
     drop(membership);
-    assert!(
-        hub.state().admissions.is_empty(),
-        "no entry outlives its sockets"
-    );
+    assert!(hub.admissions().is_empty(), "no entry outlives its sockets");
 }
 
 #[test]
