@@ -17,12 +17,22 @@
 //! - `resume loop`: 100 sockets at a time resume a few keys from their
 //!   start (a small request, a reply as large as the queue bounds allow),
 //!   read the reply and the missed results it announces, and hang up, over
-//!   and over.
+//!   and over;
+//! - `connect flood`: the resume loop of a client that ignores its limits:
+//!   refused (429), each socket tries again 10 ms later instead of when the
+//!   bridge said.
+//!
+//! The resuming abusers of the first four open sockets as fast as their
+//! client code may: refused for opening too fast, they wait as the 429's
+//! `Retry-After` asks. The last shows what ignoring that costs everyone: the
+//! bridge refuses each try cheaply, but a TCP connection and an HTTP request
+//! are work that no per-client limit can stop (that is for a firewall or a
+//! load balancer in front, per address).
 //!
 //! Each phase reports the honest readers' p50, p99 and maximum, and the
-//! p99 over the quiet phase's: the goal is at most 2. The honest publisher
-//! and readers run on a thread and runtime of their own, apart from the
-//! abusive clients, as they would on another machine.
+//! p99 over that of a quiet phase run just before it: the goal is at most 2.
+//! The honest publisher and readers run on a thread and runtime of their
+//! own, apart from the abusive clients, as they would on another machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -60,14 +70,16 @@ enum Abuse {
     BigResume,
     Stats,
     ResumeLoop,
+    ConnectFlood,
 }
 
 impl Abuse {
-    const ALL: [Self; 4] = [
+    const ALL: [Self; 5] = [
         Self::MaxRate,
         Self::BigResume,
         Self::Stats,
         Self::ResumeLoop,
+        Self::ConnectFlood,
     ];
 
     fn name(self) -> &'static str {
@@ -76,6 +88,7 @@ impl Abuse {
             Self::BigResume => "big resume: 20 sockets x 5,000 keys, reset",
             Self::Stats => "stats: 4 keep-alive /stats loops",
             Self::ResumeLoop => "resume loop: 100 sockets",
+            Self::ConnectFlood => "connect flood: resume loop retrying 429s at once",
         }
     }
 }
@@ -90,30 +103,24 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
         ])
         .await?;
     let epoch = seed(environment, (&input, &output)).await?;
-    let mut rows = Vec::new();
-    let quiet = phase(
-        environment,
-        &bridge,
-        (&input, &output),
-        &epoch,
-        None,
-        options,
-    )
-    .await?;
-    let quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
-    rows.push(quiet);
-    for abuse in Abuse::ALL {
-        let row = phase(
-            environment,
-            &bridge,
-            (&input, &output),
-            &epoch,
-            Some(abuse),
-            options,
-        )
-        .await?;
+    let channels = (input.as_str(), output.as_str());
+    let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
+    let mut quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+    let mut rows = vec![quiet];
+    for (index, abuse) in Abuse::ALL.into_iter().enumerate() {
+        // A shared machine's own noise drifts during a run (the quiet p99
+        // has moved 3× between runs minutes apart): each abuse is compared
+        // with a quiet phase run just before it, not with the first.
+        if index > 0 {
+            let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
+            quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+        }
+        let row = phase(environment, &bridge, channels, &epoch, Some(abuse), options).await?;
         let ratio = row.get("p99_us").unwrap_or(f64::NAN) / quiet_p99;
-        rows.push(row.with("p99_vs_quiet", (ratio * 100.0).round() / 100.0));
+        rows.push(
+            row.with("quiet_p99_us", quiet_p99)
+                .with("p99_vs_quiet", (ratio * 100.0).round() / 100.0),
+        );
     }
     bridge.stop().await;
     Ok(rows)
@@ -139,8 +146,10 @@ async fn phase(
 ) -> Result<Row, Error> {
     let stop = CancellationToken::new();
     let mut abusers = JoinSet::new();
+    let opens = Arc::new(Opens::default());
+    let started = Instant::now();
     if let Some(abuse) = abuse {
-        start(abuse, bridge, epoch, &stop, &mut abusers).await?;
+        start(abuse, bridge, epoch, (&stop, &opens), &mut abusers).await?;
         if abuse == Abuse::MaxRate {
             // Every seeded key once more, now that the abusers subscribe;
             // the phase starts once the bridge has put out every one (its
@@ -169,6 +178,7 @@ async fn phase(
     stop.cancel();
     let work = abusers.len();
     while abusers.join_next().await.is_some() {}
+    let seconds = started.elapsed().as_secs_f64();
     let label = abuse.map_or("quiet", Abuse::name);
     let mut row = Row::new(
         Scenario::Abuse,
@@ -177,6 +187,15 @@ async fn phase(
     .with("p50_us", latency.quantile_us(0.5))
     .with("p99_us", latency.quantile_us(0.99))
     .with("max_us", latency.max_us());
+    // What a resume abuse amounts to: the sockets it tried to open a
+    // second, and those its client code's limits refused (429).
+    let tried = opens.tried.load(Relaxed);
+    if tried > 0 {
+        let per_second = |n: u64| (n as f64 / seconds).round();
+        row = row
+            .with("opens_per_s", per_second(tried))
+            .with("refused_per_s", per_second(opens.refused.load(Relaxed)));
+    }
     let received = frames;
     if received < want {
         row.note = Some(format!(
@@ -247,12 +266,20 @@ impl Honest {
     }
 }
 
-/// Starts `abuse`'s tasks in `tasks`, each running until `stop`.
+/// Sockets an abuse tried to open, and those refused.
+#[derive(Debug, Default)]
+struct Opens {
+    tried: AtomicU64,
+    refused: AtomicU64,
+}
+
+/// Starts `abuse`'s tasks in `tasks`, each running until `stop`; those that
+/// open sockets over and over count them in `opens`.
 async fn start(
     abuse: Abuse,
     bridge: &Bridge,
     epoch: &str,
-    stop: &CancellationToken,
+    (stop, opens): (&CancellationToken, &Arc<Opens>),
     tasks: &mut JoinSet<()>,
 ) -> Result<(), Error> {
     let address = bridge.address;
@@ -283,7 +310,13 @@ async fn start(
             let keys: serde_json::Map<String, serde_json::Value> =
                 (0..5_000).map(|i| (format!("S{i}"), 0.into())).collect();
             let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
-            resume_loops(address, (20, "resumes"), request, false, stop, tasks);
+            let loops = ResumeLoops {
+                sockets: 20,
+                code: "resumes",
+                read: false,
+                obey_retry_after: true,
+            };
+            loops.start(address, request, (stop, opens), tasks);
         }
         Abuse::Stats => {
             for _ in 0..4 {
@@ -307,48 +340,103 @@ async fn start(
                 });
             }
         }
-        Abuse::ResumeLoop => {
+        Abuse::ResumeLoop | Abuse::ConnectFlood => {
             let keys: serde_json::Map<String, serde_json::Value> = (0..LIVE_SYMBOLS)
                 .map(|i| (format!("S{i}"), 0.into()))
                 .collect();
             let request = serde_json::json!({"op": "resume", "public": {epoch: keys}}).to_string();
-            resume_loops(address, (100, "replays"), request, true, stop, tasks);
+            let loops = ResumeLoops {
+                sockets: 100,
+                code: "replays",
+                read: true,
+                obey_retry_after: abuse == Abuse::ResumeLoop,
+            };
+            loops.start(address, request, (stop, opens), tasks);
         }
     }
     Ok(())
 }
 
-/// `count` tasks, each opening a socket of client code `code` with
-/// `?resume=1`, sending `request`, reading the reply (when `read`) and
-/// hanging up, until `stop`.
-fn resume_loops(
-    address: std::net::SocketAddr,
-    (count, code): (usize, &'static str),
-    request: String,
+/// Sockets that open with `?resume=1`, resume, and hang up, over and over.
+struct ResumeLoops {
+    /// How many at a time.
+    sockets: usize,
+    /// Their client code.
+    code: &'static str,
+    /// Whether each reads the reply and the replay before hanging up.
     read: bool,
-    stop: &CancellationToken,
-    tasks: &mut JoinSet<()>,
-) {
-    let request = Arc::new(request);
-    for _ in 0..count {
-        let (stop, request) = (stop.clone(), request.clone());
-        tasks.spawn(async move {
-            while !stop.is_cancelled() {
-                let opened =
-                    connect_sockets(address, 1, |_| format!("{code}?resume=1"), &[], None).await;
-                let Some(mut socket) = opened.ok().and_then(|mut s| s.pop()) else {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                };
-                if socket.send(Message::text(request.as_str())).await.is_err() {
-                    continue;
+    /// Whether a socket refused for opening too fast waits as the 429's
+    /// `Retry-After` asks (a client within its limits), or tries again
+    /// 10 ms later (one that ignores them).
+    obey_retry_after: bool,
+}
+
+impl ResumeLoops {
+    /// One task per socket, each sending `request` once open, until `stop`.
+    fn start(
+        self,
+        address: std::net::SocketAddr,
+        request: String,
+        (stop, opens): (&CancellationToken, &Arc<Opens>),
+        tasks: &mut JoinSet<()>,
+    ) {
+        let request = Arc::new(request);
+        for _ in 0..self.sockets {
+            let (stop, request, opens) = (stop.clone(), request.clone(), opens.clone());
+            let Self {
+                code,
+                read,
+                obey_retry_after,
+                ..
+            } = self;
+            tasks.spawn(async move {
+                while !stop.is_cancelled() {
+                    opens.tried.fetch_add(1, Relaxed);
+                    let mut socket = match open_resuming(address, code).await {
+                        Ok(socket) => socket,
+                        Err(asked) => {
+                            opens.refused.fetch_add(1, Relaxed);
+                            let wait = asked
+                                .filter(|_| obey_retry_after)
+                                .unwrap_or(Duration::from_millis(10));
+                            tokio::select! {
+                                () = stop.cancelled() => break,
+                                () = tokio::time::sleep(wait) => continue,
+                            }
+                        }
+                    };
+                    if socket.send(Message::text(request.as_str())).await.is_err() {
+                        continue;
+                    }
+                    if read {
+                        read_replay(&mut socket, &stop).await;
+                    }
+                    drop(socket);
                 }
-                if read {
-                    read_replay(&mut socket, &stop).await;
-                }
-                drop(socket);
-            }
-        });
+            });
+        }
+    }
+}
+
+/// Opens a socket of client code `code` with `?resume=1`; refused, the
+/// wait its `Retry-After` asks for, if it gave one.
+async fn open_resuming(
+    address: std::net::SocketAddr,
+    code: &str,
+) -> Result<Socket, Option<Duration>> {
+    let tcp = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(|_| None)?;
+    let _ = tcp.set_nodelay(true);
+    let url = format!("ws://{address}/ws/{code}?resume=1");
+    match tokio_tungstenite::client_async(url, tcp).await {
+        Ok((socket, _)) => Ok(socket),
+        Err(tokio_tungstenite::tungstenite::Error::Http(refused)) => Err(refused
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()?.parse().ok())
+            .map(Duration::from_secs)),
+        Err(_) => Err(None),
     }
 }
 

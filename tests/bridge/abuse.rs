@@ -109,10 +109,20 @@ async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
         let (socket, _) = app.connect("churn").await;
         drop(socket);
     }
+    let refused = match tokio_tungstenite::connect_async(app.ws_url("churn")).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response,
+        other => panic!("upgrade was not refused: {other:?}"),
+    };
     assert_eq!(
-        crate::hostile_clients::refused_status(app.ws_url("churn")).await,
+        refused.status(),
         429,
         "the burst (max_connections_per_client) is spent"
+    );
+    // How long to wait before trying again: the allowance refills at least
+    // one socket a second.
+    assert_eq!(
+        refused.headers().get("retry-after").map(|v| v.as_bytes()),
+        Some(&b"1"[..])
     );
     let (_other, _) = app.connect("calm").await;
     let stats = app.stats().await;

@@ -153,7 +153,7 @@ async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
     };
     let report = bench::run(&options).await.expect("bench runs");
     let table = report.table();
-    assert_eq!(report.rows.len(), 5, "quiet and four abuses:\n{table}");
+    assert_eq!(report.rows.len(), 6, "quiet and five abuses:\n{table}");
     for row in &report.rows {
         assert!(row.get("p99_us").is_some_and(|p99| p99 > 0.0), "{table}");
     }
@@ -161,7 +161,7 @@ async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
         .rows
         .iter()
         .filter(|r| r.get("p99_vs_quiet").is_some());
-    assert_eq!(compared.count(), 4, "{table}");
+    assert_eq!(compared.count(), 5, "{table}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,8 +20,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::auth::{Authenticator, Grant};
 use crate::config::Settings;
-use crate::hub::Admission;
 use crate::hub::Hub;
+use crate::hub::{Admission, AdmitError};
 use crate::metrics::Metrics;
 use crate::names;
 use crate::rate::TokenBucket;
@@ -273,9 +273,16 @@ fn admit(
                 .client_limit_refusals
                 .fetch_add(1, Ordering::Relaxed);
             tracing::debug!(client = ?client_code, cause = %err, "per-client connection limit reached; connection refused");
-            return Err(Box::new(
-                (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response(),
-            ));
+            let mut refused = (StatusCode::TOO_MANY_REQUESTS, format!("{err}\n")).into_response();
+            // Opening too fast: the allowance refills at least one socket a
+            // second, so a client that waits as asked is admitted, and one
+            // that retries in a loop is told how long not to.
+            if matches!(err, AdmitError::TooManyConnects(_)) {
+                refused
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            return Err(Box::new(refused));
         }
     };
     Ok(Admitted {
