@@ -368,22 +368,6 @@ impl<T> ResultFrame<T> {
     pub fn into_text(self) -> T {
         self.text
     }
-
-    /// The same frame with its text converted by `convert`, which must keep
-    /// the bytes as they are (a `String` into a shared text type): the key's
-    /// spans stay where they were.
-    pub fn map_text<U: Deref<Target = str>>(self, convert: impl FnOnce(T) -> U) -> ResultFrame<U> {
-        let frame = ResultFrame {
-            text: convert(self.text),
-            route: self.route,
-        };
-        debug_assert!(
-            matches!(frame.route, Route::Beside(_))
-                || ResultRoute::of(&frame.text).is_some_and(|r| r.symbol == frame.symbol()),
-            "map_text kept the bytes"
-        );
-        frame
-    }
 }
 
 #[cfg(test)]

@@ -216,7 +216,7 @@ impl Pipeline {
             .encode_framed(&key.framing, &self.window_framing, spelled);
             let sma = Emitted {
                 channel: key.channel.clone(),
-                frame: ResultFrame::encoded(frame, &key.framing, key.seq).map_text(Utf8Bytes::from),
+                frame: ResultFrame::encoded(Utf8Bytes::from(frame), &key.framing, key.seq),
                 snapshot: key.snapshot.clone(),
             };
             self.stats.smas_emitted.fetch_add(1, Relaxed);
