@@ -109,10 +109,7 @@ async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
         let (socket, _) = app.connect("churn").await;
         drop(socket);
     }
-    let refused = match tokio_tungstenite::connect_async(app.ws_url("churn")).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => response,
-        other => panic!("upgrade was not refused: {other:?}"),
-    };
+    let refused = crate::hostile_clients::refused(app.ws_url("churn")).await;
     assert_eq!(
         refused.status(),
         429,

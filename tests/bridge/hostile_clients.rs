@@ -14,11 +14,17 @@ use tokio_tungstenite::tungstenite::{self, Message};
 use crate::binary::Serve;
 use crate::support::*;
 
-pub(crate) async fn refused_status(url: String) -> u16 {
+/// The bridge's answer to an upgrade it refuses; the test fails if the
+/// upgrade goes through.
+pub(crate) async fn refused(url: String) -> tungstenite::http::Response<Option<Vec<u8>>> {
     match tokio_tungstenite::connect_async(url).await {
-        Err(tungstenite::Error::Http(response)) => response.status().as_u16(),
+        Err(tungstenite::Error::Http(response)) => *response,
         other => panic!("upgrade was not refused: {other:?}"),
     }
+}
+
+pub(crate) async fn refused_status(url: String) -> u16 {
+    refused(url).await.status().as_u16()
 }
 
 #[tokio::test]
