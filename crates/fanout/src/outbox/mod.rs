@@ -16,8 +16,9 @@
 //!
 //! A subscription may also ask for a maximum rate per key ([`throttle`]): a
 //! result that comes sooner than `1/max_rate` after its key's last one waits,
-//! replaced by any newer one, until its key is due, so the newest value always
-//! arrives within `1/max_rate`.
+//! replaced by any newer one, until its key is due, so the newest value
+//! arrives within `1/max_rate` while what waits fits the byte bound (past it,
+//! a result that would start to wait is skipped: never more often than asked).
 //!
 //! What every outbox holds is summed in one [`QueuedBytes`] gauge, kept as
 //! frames come and go: reading it walks no socket.
@@ -65,6 +66,10 @@ pub enum Offer {
         /// Frames of the key this one replaced.
         replaced: u64,
     },
+    /// Its key is rate-limited and not yet due, and the frames waiting for
+    /// their rate are at the byte bound: the frame is dropped (its key's next
+    /// result is offered as usual), and counted as conflated.
+    Skipped,
     /// The outbox is past its bound: the frame is kept as its key's latest,
     /// replacing `replaced` older ones (0 or 1).
     Conflated {
@@ -101,6 +106,10 @@ impl From<Offer> for Offers {
                 queued: 1,
                 conflated: replaced,
                 full: false,
+            },
+            Offer::Skipped => Self {
+                conflated: 1,
+                ..Self::default()
             },
             Offer::Full => Self {
                 full: true,
@@ -297,10 +306,11 @@ impl Sender {
                 &mut offered.wakes,
             );
             wake_now = wake_now.or(wake);
+            let stop = matches!(offer, Offer::Full | Offer::Gone);
             let offer = Offers::from(offer);
             offers.queued += offer.queued;
             offers.conflated += offer.conflated;
-            if offer.full || offer.queued == 0 {
+            if stop {
                 offers.full = offer.full;
                 break;
             }
@@ -329,6 +339,7 @@ impl Sender {
             (Some(throttle), Frame::Result(result)) => {
                 match throttle.hold(result, self.bounds.bytes) {
                     Ok(Hold::Waiting { replaced }) => return (Offer::Throttled { replaced }, None),
+                    Ok(Hold::Skipped) => return (Offer::Skipped, None),
                     Ok(Hold::First { due }) => {
                         // A deadline before the armed one: the session re-arms.
                         let sooner = throttle.armed.is_none_or(|armed| due < armed);

@@ -314,20 +314,58 @@ async fn frames_held_back_by_a_rate_take_at_most_the_byte_bound() {
     }
     assert_eq!(
         offer_keyed(&sender, "D2", key("D")),
-        Offer::Queued,
-        "6 bytes wait already: D2 goes at once rather than wait too"
+        Offer::Skipped,
+        "6 bytes wait already: D2 is skipped, neither kept nor sent early"
     );
     assert_eq!(
         offer_keyed(&sender, "A3", key("A")),
         Offer::Throttled { replaced: 1 },
         "a waiting frame is still replaced"
     );
-    assert_eq!(sender.queued_bytes(), 4 + 6);
-    assert_eq!(next_batch(&mut outbox).await.0, ["D1", "D2"]);
+    assert_eq!(sender.queued_bytes(), 2 + 6);
+    assert_eq!(next_batch(&mut outbox).await.0, ["D1"]);
     let (due, waited, _) = next_batch(&mut outbox).await;
     assert_eq!(due, ["A3", "B2", "C2"], "then the waiting ones, once due");
     assert_eq!(waited, Duration::from_millis(900));
     assert_eq!(sender.queued_bytes(), 0);
+    assert_eq!(
+        offer_keyed(&sender, "D3", key("D")),
+        Offer::Queued,
+        "the skipped key's next result goes as its rate allows"
+    );
+}
+
+/// A burst offered to a socket whose held-back frames are at their bound:
+/// a skipped result does not end the burst, the results after it still go.
+#[tokio::test(start_paused = true)]
+async fn a_skipped_result_does_not_stop_the_rest_of_a_burst() {
+    let (sender, mut outbox) = bounded_for_test(bounds(100, 3));
+    sender.set_rate(&["*".to_owned()], Some(Duration::from_secs(1)));
+    for first in ["A1", "B1"] {
+        assert_eq!(offer_keyed(&sender, first, key(&first[..1])), Offer::Queued);
+        assert_eq!(next_batch(&mut outbox).await.0, [first]);
+    }
+    assert_eq!(
+        offer_keyed(&sender, "A2", key("A")),
+        Offer::Throttled { replaced: 0 }
+    );
+    let burst = [
+        SharedResult::detached("B2".into(), "B", None, None),
+        SharedResult::detached("C1".into(), "C", None, None),
+    ];
+    let mut offered = Offered::default();
+    let offers = sender.offer_results(&burst, &mut offered);
+    offered.wakes.into_iter().for_each(Waker::wake);
+    assert_eq!(
+        offers,
+        Offers {
+            queued: 1,
+            conflated: 1,
+            full: false
+        },
+        "B2 skipped, C1 (a key never sent) queued"
+    );
+    assert_eq!(next_batch(&mut outbox).await.0, ["C1"]);
 }
 
 #[tokio::test(start_paused = true)]

@@ -86,6 +86,10 @@ pub(super) enum Hold {
     First { due: Instant },
     /// It replaced `replaced` waiting frames of its key.
     Waiting { replaced: u64 },
+    /// It would have started to wait, but the frames held back are at their
+    /// byte bound: it is dropped, as a conflated frame is, and its key's
+    /// next result is held or sent as usual.
+    Skipped,
 }
 
 impl Throttle {
@@ -275,8 +279,10 @@ impl Throttle {
     /// overtake an older one of its key, whatever the limit is now);
     /// otherwise hands it back to be queued now, noting the key sent.
     /// Frames held back take at most `max_bytes` in all (one per key): past
-    /// that, a key's first waiting frame is handed back to be queued at
-    /// once, as if its key were not limited.
+    /// that, a frame that would start to wait is skipped. Sending it at once
+    /// instead would let a socket that asked for one result per key an hour
+    /// over more keys than fit receive every live result: the rate wins
+    /// over delivering a key's newest value before its next change.
     pub(super) fn hold(
         &mut self,
         result: SharedResult,
@@ -315,7 +321,7 @@ impl Throttle {
             return Err(result);
         };
         if self.waiting_bytes + len > max_bytes {
-            return Err(result);
+            return Ok(Hold::Skipped);
         }
         let name: Arc<str> = symbol.into();
         let place = self.place_for(&name, sent);
