@@ -30,7 +30,11 @@
 //! load balancer in front, per address).
 //!
 //! Each phase reports the honest readers' p50, p99 and maximum, and the
-//! p99 over that of a quiet phase run just before it: the goal is at most 2.
+//! p99 (and p50) over that of a quiet phase run just before it: the goal is
+//! a p99 at most 2 times the quiet one.
+//! A last row shows how far consecutive quiet phases' p99s are apart with
+//! no abuse at all (`largest_quiet_swing`): the machine's own noise, against
+//! which a single ratio has to be read.
 //! The honest publisher and readers run on a thread and runtime of their
 //! own, apart from the abusive clients, as they would on another machine.
 
@@ -106,6 +110,8 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
     let channels = (input.as_str(), output.as_str());
     let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
     let mut quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+    let mut quiet_p50 = quiet.get("p50_us").unwrap_or(f64::NAN);
+    let mut quiet_p99s = vec![quiet_p99];
     let mut rows = vec![quiet];
     for (index, abuse) in Abuse::ALL.into_iter().enumerate() {
         // A shared machine's own noise drifts during a run (the quiet p99
@@ -114,16 +120,49 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
         if index > 0 {
             let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
             quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+            quiet_p50 = quiet.get("p50_us").unwrap_or(f64::NAN);
+            quiet_p99s.push(quiet_p99);
         }
         let row = phase(environment, &bridge, channels, &epoch, Some(abuse), options).await?;
-        let ratio = row.get("p99_us").unwrap_or(f64::NAN) / quiet_p99;
+        let ratio =
+            |quantile: &str, quiet: f64| hundredths(row.get(quantile).unwrap_or(f64::NAN) / quiet);
+        // The p50's ratio too: where the machine's noise sets the p99, a
+        // steady cost of the abuse still shows in the median.
+        let (p99_ratio, p50_ratio) = (ratio("p99_us", quiet_p99), ratio("p50_us", quiet_p50));
         rows.push(
             row.with("quiet_p99_us", quiet_p99)
-                .with("p99_vs_quiet", (ratio * 100.0).round() / 100.0),
+                .with("p99_vs_quiet", p99_ratio)
+                .with("p50_vs_quiet", p50_ratio),
         );
     }
     bridge.stop().await;
+    rows.push(noise_floor(&quiet_p99s));
     Ok(rows)
+}
+
+/// How far apart the quiet phases' p99s are, by themselves: the ratio an
+/// abuse's `p99_vs_quiet` could show with no abuse at all.
+fn noise_floor(quiet_p99s: &[f64]) -> Row {
+    let swing = quiet_p99s
+        .windows(2)
+        .map(|pair| (pair[1] / pair[0]).max(pair[0] / pair[1]))
+        .fold(1.0, f64::max);
+    let (least, most) = quiet_p99s
+        .iter()
+        .fold((f64::INFINITY, 0.0_f64), |(least, most), p99| {
+            (least.min(*p99), most.max(*p99))
+        });
+    Row::new(
+        Scenario::Abuse,
+        format!("noise: the {} quiet phases' p99s", quiet_p99s.len()),
+    )
+    .with("quiet_p99_min_us", least)
+    .with("quiet_p99_max_us", most)
+    .with("largest_quiet_swing", hundredths(swing))
+}
+
+fn hundredths(ratio: f64) -> f64 {
+    (ratio * 100.0).round() / 100.0
 }
 
 /// One result for each of [`SEEDED_KEYS`] symbols; returns their epoch.

@@ -153,15 +153,29 @@ async fn the_abuse_scenario_measures_a_quiet_phase_and_every_abuse() {
     };
     let report = bench::run(&options).await.expect("bench runs");
     let table = report.table();
-    assert_eq!(report.rows.len(), 6, "quiet and five abuses:\n{table}");
-    for row in &report.rows {
+    assert_eq!(
+        report.rows.len(),
+        7,
+        "quiet, five abuses and the noise:\n{table}"
+    );
+    let (noise, phases) = report.rows.split_last().expect("rows");
+    for row in phases {
         assert!(row.get("p99_us").is_some_and(|p99| p99 > 0.0), "{table}");
     }
-    let compared = report
-        .rows
+    let compared = phases
         .iter()
-        .filter(|r| r.get("p99_vs_quiet").is_some());
+        .filter(|r| r.get("p99_vs_quiet").is_some() && r.get("p50_vs_quiet").is_some());
     assert_eq!(compared.count(), 5, "{table}");
+    assert!(
+        noise
+            .get("largest_quiet_swing")
+            .is_some_and(|swing| swing >= 1.0),
+        "{table}"
+    );
+    assert!(
+        noise.get("quiet_p99_min_us") <= noise.get("quiet_p99_max_us"),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
