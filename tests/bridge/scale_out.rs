@@ -484,3 +484,46 @@ async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
     let stats = gateway.stats().await;
     assert_eq!(stats["results_unroutable"], 5, "{stats}");
 }
+
+/// A gateway keeps the history and snapshots of at most `sma.max_keys`
+/// keys: the results of a key past that are still relayed to sockets, but
+/// not kept, and that is counted (the alert `QuotebridgeHistoryKeysRefused`
+/// reads the counter) beside a gauge of the keys kept.
+#[tokio::test]
+async fn a_gateway_past_max_keys_relays_a_new_key_without_keeping_it_and_counts_it() {
+    let redis = RedisServer::start().await;
+    let url = redis.url();
+    let gateway = start_node(
+        "gateway",
+        None,
+        &[
+            ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
+            ("QUOTEBRIDGE__SMA__MAX_KEYS", "2"),
+        ],
+    )
+    .await;
+    let mut socket = connect(&gateway, "acme").await;
+    let result = |symbol: &str, seq: u64| {
+        let frame = format!(
+            r#"{{"symbol":"{symbol}","price":1.0,"sma":1.0,"window":1,"count":1,"ts":1,"seq":{seq},"epoch":"e1"}}"#
+        );
+        ("sma".to_owned(), frame.into_bytes())
+    };
+    let messages = [
+        result("A", 1),
+        result("B", 1),
+        result("C", 1),
+        result("C", 2),
+    ];
+    publish_all(&mut redis.connection().await, &messages).await;
+    for (symbol, seq) in [("A", 1), ("B", 1), ("C", 1), ("C", 2)] {
+        let frame = next_json(&mut socket).await;
+        assert_eq!(
+            (frame["symbol"].as_str(), frame["seq"].as_u64()),
+            (Some(symbol), Some(seq))
+        );
+    }
+    let stats = gateway.stats().await;
+    assert_eq!(stats["history_keys"], 2, "A and B: {stats}");
+    assert_eq!(stats["history_keys_refused"], 2, "C's two results: {stats}");
+}

@@ -295,6 +295,9 @@ async fn an_event_stream_ends_when_its_token_expires() {
         ("QUOTEBRIDGE__AUTH__JWT_SECRET", SECRET),
         // The grant ends at exp plus the leeway (30 s by default).
         ("QUOTEBRIDGE__AUTH__JWT_LEEWAY_SECONDS", "0"),
+        // What is left of an ended stream has this long to be read before
+        // the connection is closed (10 s by default).
+        ("QUOTEBRIDGE__SERVER__ANSWER_TIMEOUT_MS", "500"),
     ])
     .await;
     let now = std::time::SystemTime::now()

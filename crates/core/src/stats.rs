@@ -93,6 +93,10 @@ pub struct Stats {
     /// Keys released from the history and snapshots kept for sockets, for
     /// having had no result for `sma.key_idle_ms`.
     pub history_keys_released: AtomicU64,
+    /// Results of new keys whose history and snapshot were not kept, for
+    /// `sma.max_keys` keys having them already (on a gateway, keys relayed
+    /// from Redis; a resume of such a key reports a gap).
+    pub history_keys_refused: AtomicU64,
     /// A gauge: (client, symbol) keys with a window now (at most `sma.max_keys`).
     pub keys: AtomicU64,
     /// Stream mode, a gauge: entries of the input stream the consumer group
@@ -111,6 +115,8 @@ pub struct Gauges {
     pub ready: bool,
     /// Bytes the results kept for resuming sockets hold.
     pub history_bytes: usize,
+    /// Keys whose results are kept for resuming sockets.
+    pub history_keys: usize,
     /// Payload bytes waiting in sockets' outboxes.
     pub queued_bytes: usize,
 }
@@ -360,6 +366,11 @@ pub const COUNTERS: &[Counter] = &[
         value: |stats| stats.history_keys_released.load(Relaxed),
     },
     Counter {
+        name: "history_keys_refused",
+        help: "Results of new keys not kept in the history and snapshots for sockets, because sma.max_keys keys had them (on a gateway: keys relayed from Redis); they are still delivered, but a resume of such a key reports a gap",
+        value: |stats| stats.history_keys_refused.load(Relaxed),
+    },
+    Counter {
         name: "stream_replayed",
         help: "Stream mode: entries replayed or claimed after a failure",
         value: |stats| stats.stream_replayed.load(Relaxed),
@@ -412,6 +423,11 @@ pub const GAUGES: &[Gauge] = &[
         name: "history_bytes",
         help: "Bytes held by the results kept for sockets that resume (websocket.history_bytes bounds it)",
         value: |_, gauges| gauges.history_bytes as u64,
+    },
+    Gauge {
+        name: "history_keys",
+        help: "Keys whose results are kept for sockets that resume (sma.max_keys bounds it; on a gateway, the keys relayed from Redis; idle ones are released after sma.key_idle_ms)",
+        value: |_, gauges| gauges.history_keys as u64,
     },
     Gauge {
         name: "queued_bytes",

@@ -152,6 +152,7 @@ mod tests {
             groups: 2,
             ready: true,
             history_bytes: 0,
+            history_keys: 0,
             queued_bytes: 0,
         };
         let text = metrics.render(&stats, &gauges);

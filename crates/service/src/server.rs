@@ -447,10 +447,6 @@ struct StreamStarted {
     ended: CancellationToken,
 }
 
-/// How long a connection whose event stream has ended may take to send
-/// what is left before it is closed regardless (hyper has no write timeout).
-const STREAM_END_GRACE: Duration = Duration::from_secs(3);
-
 /// Where a connection is in its life, for what bounds it.
 enum Phase {
     /// Plain requests: it holds a pending-connection slot (released by
@@ -532,6 +528,7 @@ impl AppState {
             groups: self.hub.group_count(),
             ready: self.is_ready(),
             history_bytes: self.hub.history_bytes(),
+            history_keys: self.hub.history_keys(),
             queued_bytes: self.hub.queued_bytes(),
         }
     }
@@ -622,8 +619,10 @@ pub async fn serve_http(
                         phase = Phase::Stream;
                     }
                     () = started.ended.cancelled(), if matches!(phase, Phase::Stream) => {
-                        // The stream ended: what is left gets a moment to go.
-                        let grace = tokio::time::Instant::now() + STREAM_END_GRACE;
+                        // The stream ended: what is left is like an answer,
+                        // with as long to be read before the connection is
+                        // closed regardless (hyper has no write timeout).
+                        let grace = tokio::time::Instant::now() + answer_time;
                         deadline.as_mut().reset(grace);
                         phase = Phase::Ending;
                     }

@@ -10,6 +10,7 @@ use std::task::Waker;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::connections::Connections;
+use super::history::Recorded;
 use super::pending_wakes::PendingWakes;
 use super::seen_ahead::SeenOnKey;
 use super::{Hub, SocketId, State};
@@ -51,11 +52,18 @@ impl Hub {
             let Some(position) = frame.position() else {
                 return true;
             };
-            let new = state.history.record(frame, position);
-            if !new {
-                self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+            match state.history.record(frame, position) {
+                Recorded::Kept => true,
+                Recorded::NotKept => {
+                    let stats = &self.inner.stats;
+                    stats.history_keys_refused.fetch_add(1, Relaxed);
+                    true
+                }
+                Recorded::Repeat => {
+                    self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+                    false
+                }
             }
-            new
         });
         let limits = &self.inner.limits;
         for frame in burst.iter().filter(|frame| frame.client().is_none()) {

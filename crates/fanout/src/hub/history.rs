@@ -24,6 +24,28 @@ use crate::protocol::Position;
 /// ring and the shared text's header.
 const ENTRY_OVERHEAD: usize = std::mem::size_of::<(u64, SharedResult)>() + 32;
 
+/// What the history holds, kept as it changes for readers that take no
+/// lock (`/stats`, `/metrics`).
+#[derive(Debug, Default)]
+pub(super) struct HistoryGauges {
+    /// Bytes held (frames plus their slots).
+    pub(super) bytes: AtomicUsize,
+    /// Keys with a history.
+    pub(super) keys: AtomicUsize,
+}
+
+/// What [`History::record`] did with a result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Recorded {
+    /// Kept as its key's newest.
+    Kept,
+    /// Its key holds it already, byte for byte: a repeat, not kept again.
+    Repeat,
+    /// A new key, and `max_keys` keys have a history already: not kept (the
+    /// result is still delivered; a resume of its key reports a gap).
+    NotKept,
+}
+
 /// What a key's history can do for a client that last saw `seq`.
 #[derive(Debug)]
 pub(super) enum Replay<'h> {
@@ -87,8 +109,8 @@ pub(super) struct History {
     private: HashMap<Box<str>, HashMap<Box<str>, Ring>>,
     /// Sweeps so far (see [`History::release_idle`]).
     sweep: u32,
-    /// `bytes`, for readers that take no lock.
-    bytes_gauge: Arc<AtomicUsize>,
+    /// `bytes` and `keys`, for readers that take no lock.
+    gauges: Arc<HistoryGauges>,
 }
 
 /// One key's latest results, consecutive in its sequence.
@@ -112,17 +134,17 @@ impl History {
             public: HashMap::new(),
             private: HashMap::new(),
             sweep: 0,
-            bytes_gauge: Arc::default(),
+            gauges: Arc::default(),
         }
     }
 
     /// Keeps `frame`, the result at `position` of its key. A result that does not follow the key's last one (results
     /// were lost on the way here, or the sequence went back) starts the
     /// history over from it, as does a new epoch. `false` says it is one
-    /// the history holds already, byte for byte: a repeat, not kept again.
+    /// the history holds already, byte for byte: [`Recorded::Repeat`].
     /// (Comparing bytes, not only `seq`s, keeps a forged result with a huge
     /// `seq` from silencing its key: the real ones that follow it differ.)
-    pub(super) fn record(&mut self, frame: &SharedResult, position: Position<'_>) -> bool {
+    pub(super) fn record(&mut self, frame: &SharedResult, position: Position<'_>) -> Recorded {
         let (client, symbol) = (frame.client(), frame.key());
         let room = self.keys < self.max_keys;
         let map = match client {
@@ -130,20 +152,21 @@ impl History {
             Some(code) => match self.private.get_mut(code) {
                 Some(map) => map,
                 None if room => self.private.entry(code.into()).or_default(),
-                None => return true,
+                None => return Recorded::NotKept,
             },
         };
         let ring = match map.get_mut(symbol) {
             Some(ring) => ring,
             None if room => {
                 self.keys += 1;
+                self.gauges.keys.store(self.keys, Relaxed);
                 map.entry(symbol.into()).or_insert_with(|| Ring {
                     epoch: position.epoch.into(),
                     entries: VecDeque::new(),
                     touched: 0,
                 })
             }
-            None => return true,
+            None => return Recorded::NotKept,
         };
         ring.touched = self.sweep;
         let last = ring.entries.back().map(|(seq, _)| *seq);
@@ -151,7 +174,7 @@ impl History {
             ring.epoch = position.epoch.into();
             self.bytes -= ring.clear();
         } else if ring.holds(position.seq, frame) {
-            return false;
+            return Recorded::Repeat;
         } else if last.is_some_and(|last| last.checked_add(1) != Some(position.seq)) {
             self.bytes -= ring.clear();
         }
@@ -170,12 +193,12 @@ impl History {
                 self.bytes -= old.text().len() + ENTRY_OVERHEAD;
             }
         }
-        self.bytes_gauge.store(self.bytes, Relaxed);
+        self.gauges.bytes.store(self.bytes, Relaxed);
         // A key the byte bound shrank gives back its slots too.
         if ring.entries.capacity() > 4 * ring.entries.len().max(4) {
             ring.entries.shrink_to(2 * ring.entries.len());
         }
-        true
+        Recorded::Kept
     }
 
     /// What the key's history holds after `last_seen`.
@@ -248,13 +271,15 @@ impl History {
         });
         self.bytes -= freed;
         self.keys -= released.len();
-        self.bytes_gauge.store(self.bytes, Relaxed);
+        self.gauges.bytes.store(self.bytes, Relaxed);
+        self.gauges.keys.store(self.keys, Relaxed);
         released
     }
 
-    /// The bytes held, kept as they change for readers that take no lock.
-    pub(super) fn bytes_gauge(&self) -> Arc<AtomicUsize> {
-        self.bytes_gauge.clone()
+    /// The bytes and keys held, kept as they change for readers that take
+    /// no lock.
+    pub(super) fn gauges(&self) -> Arc<HistoryGauges> {
+        self.gauges.clone()
     }
 
     /// Bytes held (frames plus their slots).
@@ -305,7 +330,7 @@ mod tests {
         symbol: &str,
         position: Position<'_>,
         text: &str,
-    ) -> bool {
+    ) -> Recorded {
         let frame = SharedResult::detached(text.into(), symbol, client, Some(position));
         history.record(&frame, position)
     }
@@ -399,16 +424,19 @@ mod tests {
             "5 never came"
         );
         assert_eq!(frames(history.replay(None, "A", at(5, "e1"))), ["A6"]);
-        assert!(
-            !record(&mut history, None, "A", at(6, "e1"), "A6"),
-            "a repeat"
+        assert_eq!(
+            record(&mut history, None, "A", at(6, "e1"), "A6"),
+            Recorded::Repeat
         );
         assert_eq!(
             frames(history.replay(None, "A", at(5, "e1"))),
             ["A6"],
             "is not kept twice"
         );
-        assert!(record(&mut history, None, "A", at(6, "e1"), "other"));
+        assert_eq!(
+            record(&mut history, None, "A", at(6, "e1"), "other"),
+            Recorded::Kept
+        );
         assert_eq!(
             frames(history.replay(None, "A", at(5, "e1"))),
             ["other"],
@@ -434,12 +462,18 @@ mod tests {
             Some("A50")
         );
         record(&mut history, Some("x"), "B", at(1, "e1"), "B1");
-        record(&mut history, Some("y"), "C", at(1, "e1"), "C1");
+        assert_eq!(
+            record(&mut history, Some("y"), "C", at(1, "e1"), "C1"),
+            Recorded::NotKept
+        );
         assert_eq!(
             gap(history.replay(Some("y"), "C", at(0, "e1"))),
             None,
             "over max_keys: not kept"
         );
+        let gauges = history.gauges();
+        assert_eq!(gauges.keys.load(Relaxed), 2, "A and B");
+        assert_eq!(gauges.bytes.load(Relaxed), history.bytes());
         let mut small = History::new(3, 1 << 20, 10);
         record_run(&mut small, None, 1..=10);
         assert_eq!(

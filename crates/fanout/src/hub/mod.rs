@@ -43,7 +43,7 @@ use self::admissions::Admissions;
 use self::burst::Burst;
 use self::connections::Connections;
 pub use self::delivery::WakeHold;
-use self::history::History;
+use self::history::{History, HistoryGauges};
 pub use self::membership::Membership;
 use self::pending_wakes::PendingWakes;
 use self::seen_ahead::SeenAhead;
@@ -77,8 +77,8 @@ struct Inner {
     queued: QueuedBytes,
     /// Open sockets and groups, kept by the connections.
     counts: Arc<connections::Counts>,
-    /// Bytes the history holds, kept by the history.
-    history_bytes: Arc<std::sync::atomic::AtomicUsize>,
+    /// Bytes and keys the history holds, kept by the history.
+    history: Arc<HistoryGauges>,
     /// Whether a frame too large for any socket has been logged (once is
     /// enough: the counter tells how often).
     logged_too_large: AtomicBool,
@@ -240,11 +240,11 @@ impl Hub {
             burst: Burst::default(),
         };
         let counts = state.connections.counts();
-        let history_bytes = state.history.bytes_gauge();
+        let history = state.history.gauges();
         Self {
             inner: Arc::new(Inner {
                 counts,
-                history_bytes,
+                history,
                 state: HubMutex::new(state),
                 admissions: HubMutex::new(Admissions::new(admissions::Rates {
                     connects_per_second: limits.connects_per_client_per_second,
@@ -389,7 +389,14 @@ impl Hub {
     /// Bytes the history of every key holds, read without the hub's lock.
     #[must_use]
     pub fn history_bytes(&self) -> usize {
-        self.inner.history_bytes.load(Relaxed)
+        self.inner.history.bytes.load(Relaxed)
+    }
+
+    /// Keys with a history kept here, read without the hub's lock: on a
+    /// gateway, the keys relayed from Redis (`sma.max_keys` bounds them).
+    #[must_use]
+    pub fn history_keys(&self) -> usize {
+        self.inner.history.keys.load(Relaxed)
     }
 
     /// How many sockets the group `client` has (the tests' view of a group).
