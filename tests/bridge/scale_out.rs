@@ -447,20 +447,11 @@ async fn a_restarted_compute_shard_resumes_its_symbols_and_a_new_gateway_has_sna
 #[tokio::test]
 async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
     let redis = RedisServer::start().await;
-    let url = redis.url();
-    let gateway = start_node(
-        "gateway",
-        None,
-        &[("QUOTEBRIDGE__REDIS__URL", url.as_str())],
-    )
-    .await;
+    let gateway = gateway_on(&redis, &[]).await;
     let mut socket = connect(&gateway, "acme").await;
     let result = |padding: usize, seq: u64| {
         let pad = "x".repeat(padding);
-        let frame = format!(
-            r#"{{"symbol":"X","price":1.0,"sma":1.0,"window":1,"count":1,"ts":1,"seq":{seq},"epoch":"e1","pad":"{pad}"}}"#
-        );
-        ("sma".to_owned(), frame.into_bytes())
+        forged_result("X", seq, &format!(r#","pad":"{pad}""#))
     };
     let padded = result(quotebridge::protocol::MAX_RESULT_BYTES, 1);
     // Not results by the schema: no position, a wrong type, an epoch with
@@ -492,23 +483,9 @@ async fn a_gateway_relays_no_result_longer_than_the_bridge_writes() {
 #[tokio::test]
 async fn a_gateway_past_max_keys_relays_a_new_key_without_keeping_it_and_counts_it() {
     let redis = RedisServer::start().await;
-    let url = redis.url();
-    let gateway = start_node(
-        "gateway",
-        None,
-        &[
-            ("QUOTEBRIDGE__REDIS__URL", url.as_str()),
-            ("QUOTEBRIDGE__SMA__MAX_KEYS", "2"),
-        ],
-    )
-    .await;
+    let gateway = gateway_on(&redis, &[("QUOTEBRIDGE__SMA__MAX_KEYS", "2")]).await;
     let mut socket = connect(&gateway, "acme").await;
-    let result = |symbol: &str, seq: u64| {
-        let frame = format!(
-            r#"{{"symbol":"{symbol}","price":1.0,"sma":1.0,"window":1,"count":1,"ts":1,"seq":{seq},"epoch":"e1"}}"#
-        );
-        ("sma".to_owned(), frame.into_bytes())
-    };
+    let result = |symbol, seq| forged_result(symbol, seq, "");
     let messages = [
         result("A", 1),
         result("B", 1),
@@ -526,4 +503,21 @@ async fn a_gateway_past_max_keys_relays_a_new_key_without_keeping_it_and_counts_
     let stats = gateway.stats().await;
     assert_eq!(stats["history_keys"], 2, "A and B: {stats}");
     assert_eq!(stats["history_keys_refused"], 2, "C's two results: {stats}");
+}
+
+/// A gateway of its own on `redis`, with `env` on top of [`NODE_ENV`].
+async fn gateway_on(redis: &RedisServer, env: &[(&str, &str)]) -> Serve {
+    let url = redis.url();
+    let mut env = env.to_vec();
+    env.push(("QUOTEBRIDGE__REDIS__URL", url.as_str()));
+    start_node("gateway", None, &env).await
+}
+
+/// A result as a compute node would publish it on `sma` (anyone who may
+/// publish there can), with `extra` members before its closing brace.
+fn forged_result(symbol: &str, seq: u64, extra: &str) -> (String, Vec<u8>) {
+    let frame = format!(
+        r#"{{"symbol":"{symbol}","price":1.0,"sma":1.0,"window":1,"count":1,"ts":1,"seq":{seq},"epoch":"e1"{extra}}}"#
+    );
+    ("sma".to_owned(), frame.into_bytes())
 }
