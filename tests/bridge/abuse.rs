@@ -109,10 +109,14 @@ async fn a_slow_rate_over_every_symbol_keeps_bounded_memory_per_socket() {
 /// handshakes in a loop cannot keep the bridge busy.
 #[tokio::test]
 async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
-    let app = spawn_app_with(&[
-        ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "3"),
-        ("QUOTEBRIDGE__SERVER__CONNECTS_PER_CLIENT_PER_SECOND", "1"),
-    ])
+    let redis = RedisServer::start().await;
+    let app = Serve::start(
+        &redis,
+        &[
+            ("QUOTEBRIDGE__SERVER__MAX_CONNECTIONS_PER_CLIENT", "3"),
+            ("QUOTEBRIDGE__SERVER__CONNECTS_PER_CLIENT_PER_SECOND", "1"),
+        ],
+    )
     .await;
     for _ in 0..3 {
         let (socket, _) = app.connect("churn").await;
@@ -140,7 +144,6 @@ async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
             .map(drop)
     })
     .await;
-    app.shutdown().await;
 }
 
 /// A client resumes over and over naming many keys it has nothing to
@@ -151,7 +154,12 @@ async fn opening_sockets_over_and_over_is_refused_after_a_burst() {
 /// resumes was answered.
 #[tokio::test]
 async fn resumes_naming_many_keys_spend_the_allowance_though_they_send_nothing() {
-    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__RESUME_FRAMES_PER_SECOND", "100")]).await;
+    let redis = RedisServer::start().await;
+    let app = Serve::start(
+        &redis,
+        &[("QUOTEBRIDGE__WEBSOCKET__RESUME_FRAMES_PER_SECOND", "100")],
+    )
+    .await;
     let keys: serde_json::Map<String, serde_json::Value> =
         (0..600).map(|i| (format!("K{i}"), 1.into())).collect();
     let request = json!({"op": "resume", "public": {"e1": keys}});
@@ -189,5 +197,90 @@ async fn resumes_naming_many_keys_spend_the_allowance_though_they_send_nothing()
     );
     let stats = app.stats().await;
     assert_eq!(stats["resumes_unrecovered"], 2, "{stats}");
-    app.shutdown().await;
+}
+
+/// Four keep-alive connections ask `/stats` back to back while 200 sockets
+/// are open. `/stats` reads counters and gauges (the socket count is a
+/// gauge the connections keep, not a walk over them), and a connection
+/// asking faster than 20 requests a second, past a burst of 20, is held
+/// back: every request is answered, and the ones held back are counted.
+#[tokio::test]
+async fn stats_asked_in_a_loop_is_paced_and_answered_from_gauges() {
+    const SOCKETS: usize = 200;
+    const LOOPS: usize = 4;
+    /// Past the burst of 20, the rest wait: only a loop slower than 50 ms
+    /// a request (the refill) could go unpaced.
+    const ASKS: usize = 60;
+
+    let redis = RedisServer::start().await;
+    let app = Serve::start(&redis, &[]).await;
+    let mut sockets = Vec::new();
+    for i in 0..SOCKETS {
+        sockets.push(app.connect(&format!("reader{i}")).await.0);
+    }
+    let mut loops = tokio::task::JoinSet::new();
+    for _ in 0..LOOPS {
+        let address = app.address;
+        loops.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(address)
+                .await
+                .expect("connect");
+            let mut stream = tokio::io::BufReader::new(stream);
+            let mut answers = Vec::new();
+            for _ in 0..ASKS {
+                answers.push(ask_kept_alive(&mut stream, address, "/stats").await);
+            }
+            answers
+        });
+    }
+    let answers = within("every /stats to be answered", loops.join_all()).await;
+    for answer in answers.iter().flatten() {
+        let stats: serde_json::Value = serde_json::from_str(answer).expect("stats are JSON");
+        assert_eq!(stats["sockets"], SOCKETS, "{stats}");
+    }
+    let paced = app.stats().await["http_requests_paced"]
+        .as_u64()
+        .expect("a count");
+    assert!(
+        (1..=(LOOPS * (ASKS - 20)) as u64).contains(&paced),
+        "{paced} requests held back"
+    );
+    drop(sockets);
+}
+
+/// One `GET path` on a kept-alive connection: its body, once the status
+/// says 200.
+async fn ask_kept_alive(
+    stream: &mut tokio::io::BufReader<tokio::net::TcpStream>,
+    address: std::net::SocketAddr,
+    path: &str,
+) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    stream
+        .get_mut()
+        .write_all(request.as_bytes())
+        .await
+        .expect("ask");
+    let mut status = String::new();
+    stream.read_line(&mut status).await.expect("status line");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut length = 0;
+    loop {
+        let mut header = String::new();
+        stream.read_line(&mut header).await.expect("a header");
+        let header = header.trim_end();
+        if header.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().expect("a length");
+        }
+    }
+    let mut body = vec![0; length];
+    stream.read_exact(&mut body).await.expect("the body");
+    String::from_utf8(body).expect("UTF-8")
 }

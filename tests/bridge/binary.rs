@@ -75,6 +75,25 @@ impl Serve {
         serde_json::from_str(&body).expect("stats are JSON")
     }
 
+    /// Asks `/stats` until `check` accepts it; returns those stats.
+    pub async fn wait_for_stats(&self, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        eventually(what, async || {
+            let stats = self.stats().await;
+            check(&stats).then_some(stats)
+        })
+        .await
+    }
+
+    /// The WebSocket URL of client code `code`.
+    pub fn ws_url(&self, code: &str) -> String {
+        format!("ws://{}/ws/{code}", self.address)
+    }
+
+    /// Opens a socket for `code` and returns it with its welcome frame.
+    pub async fn connect(&self, code: &str) -> (Socket, Value) {
+        connect_ws(&self.ws_url(code)).await
+    }
+
     /// Kills the process at once (as a crash would).
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -292,7 +292,12 @@ async fn continuation_frames_count_toward_the_client_frame_rate() {
     use tungstenite::protocol::frame::Frame;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
 
-    let app = spawn_app_with(&[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "50")]).await;
+    let redis = RedisServer::start().await;
+    let app = Serve::start(
+        &redis,
+        &[("QUOTEBRIDGE__WEBSOCKET__CLIENT_MESSAGES_PER_SECOND", "50")],
+    )
+    .await;
     let (mut calm, _) = app.connect("acme").await;
     let (mut fragmenter, _) = app.connect("acme").await;
     let first = Frame::message(b"{".to_vec(), OpCode::Data(Data::Text), false);
@@ -319,7 +324,6 @@ async fn continuation_frames_count_toward_the_client_frame_rate() {
     // Its neighbour in the same group is untouched.
     send_json(&mut calm, json!({"op": "subscribe", "symbols": ["B"]})).await;
     assert_eq!(next_json(&mut calm).await["type"], "subscribed");
-    app.shutdown().await;
 }
 
 #[tokio::test]
