@@ -4,6 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use futures_util::FutureExt;
+
 use axum::Router;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -323,10 +325,9 @@ async fn upgrade(
         .max_frame_size(Some(limit));
     let frames_per_second = app.settings.websocket.client_messages_per_second;
     let hold = query.resumes();
-    let sessions = app.sessions.clone();
-    let (response, session) =
+    let (sessions, app_sessions) = (app.sessions.clone(), app.sessions.clone());
+    let (response, upgraded) =
         upgrade.on_upgrade(config, frames_per_second, move |socket| async move {
-            let _permit = permit;
             let websocket = &app.settings.websocket;
             let catalog = app.settings.catalog.clone();
             let initial = grant.initial_subscriptions(catalog.initial());
@@ -337,24 +338,33 @@ async fn upgrade(
                 authenticator: app.auth.clone(),
                 catalog,
             };
-            let outcome = session::run(
+            let stats = app.stats.clone();
+            let session = session::run(
                 socket,
-                &client_code,
+                client_code.clone().into(),
                 membership,
                 access,
                 outbox,
                 limits,
                 app.shutdown,
             )
-            .await;
-            if let Err(err) = outcome {
-                if matches!(err, session::SessionError::WriteTimeout(_)) {
-                    app.stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+            .map(move |outcome| {
+                // The connection's place among server.max_connections, held
+                // for the session's life.
+                drop(permit);
+                if let Err(err) = outcome {
+                    if matches!(err, session::SessionError::WriteTimeout(_)) {
+                        stats.write_timeouts.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tracing::info!(client = %client_code, cause = %err, "session ended with an error");
                 }
-                tracing::info!(client = %client_code, cause = %err, "session ended with an error");
-            }
+            });
+            // A task of its own: this future, which also holds the upgrade's
+            // and the request's state, ends here instead of living as long
+            // as the socket (see `session::run`).
+            sessions.spawn(session);
         });
-    tokio::spawn(sessions.track_future(session));
+    tokio::spawn(app_sessions.track_future(upgraded));
     response
 }
 

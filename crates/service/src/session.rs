@@ -10,12 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWrite;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::{self, Message, Utf8Bytes};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -95,17 +96,37 @@ pub enum SessionError {
 }
 
 /// Runs one socket until the client leaves, the hub evicts it, a limit is
-/// broken, or shutdown.
-#[tracing::instrument(name = "session", skip_all, fields(client = %client, socket = membership.id()))]
-pub async fn run(
+/// broken, or shutdown; in a span naming its client and socket.
+///
+/// This future is what every open socket keeps for its whole life, so its
+/// size is memory per idle socket: it holds its arguments once (the
+/// `instrument` attribute would capture them a second time, for the inner
+/// future it wraps), and it is spawned as a task of its own, not awaited
+/// inside the upgrade's future, which holds the socket and the request's
+/// grant besides.
+pub fn run(
+    socket: Socket,
+    client: Box<str>,
+    membership: Membership,
+    access: Access,
+    outbox: Outbox,
+    limits: Limits,
+    shutdown: CancellationToken,
+) -> impl Future<Output = Result<(), SessionError>> + Send {
+    let span = tracing::info_span!("session", client = %client, socket = membership.id());
+    serve(socket, client, membership, access, outbox, limits, shutdown).instrument(span)
+}
+
+async fn serve(
     mut socket: Socket,
-    client: &str,
+    client: Box<str>,
     membership: Membership,
     mut access: Access,
     mut outbox: Outbox,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> Result<(), SessionError> {
+    let client = &*client;
     // Joined held (`?resume=1`): nothing is delivered until the first
     // request, or until `resume_wait` has passed.
     let mut held = membership.is_held();
@@ -213,12 +234,21 @@ pub async fn run(
                 };
                 match message {
                     Message::Text(text) => {
-                        // A held socket's first request may be a resume:
-                        // it waits for its turn (see `Hub::resume_turn`).
-                        let turn = if held { Some(membership.resume_turn().await) } else { None };
                         let ends = access.grant.expires_at;
-                        let replies = answer(&membership, client, &mut access, &mut closed_only, &text, &mut held).await;
-                        drop(turn);
+                        // Boxed: a request (a resume above all) awaits
+                        // states far larger than an idle socket's, and
+                        // every session's future would be sized for them.
+                        // One allocation per request, which the client
+                        // frame rate bounds.
+                        let replies = Box::pin(async {
+                            // A held socket's first request may be a resume:
+                            // it waits for its turn (see `Hub::resume_turn`).
+                            let turn = if held { Some(membership.resume_turn().await) } else { None };
+                            let replies = answer(&membership, client, &mut access, &mut closed_only, &text, &mut held).await;
+                            drop(turn);
+                            replies
+                        })
+                        .await;
                         // A refresh moves the end (no other request does).
                         // `sleep` takes any length (an `Instant` sum would
                         // panic past the clock's range).
@@ -677,20 +707,34 @@ async fn write_encoded(
     connection: &mut (impl AsyncWrite + Unpin),
     run: &[Option<Arc<Burst>>],
 ) -> std::io::Result<()> {
-    let mut slices = [IoSlice::new(&[]); MAX_BURSTS_A_WRITE];
-    let mut count = 0;
-    for (slice, burst) in slices.iter_mut().zip(run.iter().map_while(Option::as_ref)) {
-        *slice = IoSlice::new(burst.wire());
-        count += 1;
-    }
-    let mut slices = &mut slices[..count];
-    while !slices.is_empty() {
-        match connection.write_vectored(slices).await? {
-            0 => return Err(std::io::ErrorKind::WriteZero.into()),
-            written => IoSlice::advance_slices(&mut slices, written),
+    let count = run.iter().map_while(Option::as_ref).count();
+    let wire = |index: usize| run[index].as_deref().map_or(&[][..], Burst::wire);
+    // How far the write has got: bursts written whole, and bytes of the
+    // next. The slices are laid out afresh at each poll, so they take no
+    // room in the future that every session keeps while it waits.
+    let (mut first, mut done) = (0, 0);
+    std::future::poll_fn(|cx| {
+        while first < count {
+            let mut slices = [IoSlice::new(&[]); MAX_BURSTS_A_WRITE];
+            for (index, slice) in (first..count).zip(slices.iter_mut()) {
+                *slice = IoSlice::new(wire(index));
+            }
+            slices[0] = IoSlice::new(&wire(first)[done..]);
+            let connection = std::pin::Pin::new(&mut *connection);
+            let written =
+                std::task::ready!(connection.poll_write_vectored(cx, &slices[..count - first]))?;
+            if written == 0 {
+                return std::task::Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+            }
+            done += written;
+            while first < count && done >= wire(first).len() {
+                done -= wire(first).len();
+                first += 1;
+            }
         }
-    }
-    Ok(())
+        std::task::Poll::Ready(Ok(()))
+    })
+    .await
 }
 
 /// Sends a close frame and waits (at most [`CLOSE_TIMEOUT`]) for the client's
