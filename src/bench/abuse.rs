@@ -108,20 +108,19 @@ pub async fn run(environment: &Environment, options: &Options) -> Result<Vec<Row
         .await?;
     let epoch = seed(environment, (&input, &output)).await?;
     let channels = (input.as_str(), output.as_str());
-    let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
-    let mut quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
-    let mut quiet_p50 = quiet.get("p50_us").unwrap_or(f64::NAN);
-    let mut quiet_p99s = vec![quiet_p99];
-    let mut rows = vec![quiet];
-    for (index, abuse) in Abuse::ALL.into_iter().enumerate() {
+    let mut rows = Vec::new();
+    let mut quiet_p99s = Vec::new();
+    for abuse in Abuse::ALL {
         // A shared machine's own noise drifts during a run (the quiet p99
         // has moved 3× between runs minutes apart): each abuse is compared
-        // with a quiet phase run just before it, not with the first.
-        if index > 0 {
-            let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
-            quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
-            quiet_p50 = quiet.get("p50_us").unwrap_or(f64::NAN);
-            quiet_p99s.push(quiet_p99);
+        // with a quiet phase run just before it, not with the first. The
+        // first quiet phase is a row of its own.
+        let quiet = phase(environment, &bridge, channels, &epoch, None, options).await?;
+        let quiet_p99 = quiet.get("p99_us").unwrap_or(f64::NAN);
+        let quiet_p50 = quiet.get("p50_us").unwrap_or(f64::NAN);
+        quiet_p99s.push(quiet_p99);
+        if rows.is_empty() {
+            rows.push(quiet);
         }
         let row = phase(environment, &bridge, channels, &epoch, Some(abuse), options).await?;
         let ratio =
@@ -147,11 +146,8 @@ fn noise_floor(quiet_p99s: &[f64]) -> Row {
         .windows(2)
         .map(|pair| (pair[1] / pair[0]).max(pair[0] / pair[1]))
         .fold(1.0, f64::max);
-    let (least, most) = quiet_p99s
-        .iter()
-        .fold((f64::INFINITY, 0.0_f64), |(least, most), p99| {
-            (least.min(*p99), most.max(*p99))
-        });
+    let least = quiet_p99s.iter().copied().fold(f64::INFINITY, f64::min);
+    let most = quiet_p99s.iter().copied().fold(0.0, f64::max);
     Row::new(
         Scenario::Abuse,
         format!("noise: the {} quiet phases' p99s", quiet_p99s.len()),

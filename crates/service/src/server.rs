@@ -325,7 +325,7 @@ async fn upgrade(
         .max_frame_size(Some(limit));
     let frames_per_second = app.settings.websocket.client_messages_per_second;
     let hold = query.resumes();
-    let (sessions, app_sessions) = (app.sessions.clone(), app.sessions.clone());
+    let sessions = app.sessions.clone();
     let (response, upgraded) =
         upgrade.on_upgrade(config, frames_per_second, move |socket| async move {
             let websocket = &app.settings.websocket;
@@ -362,9 +362,9 @@ async fn upgrade(
             // A task of its own: this future, which also holds the upgrade's
             // and the request's state, ends here instead of living as long
             // as the socket (see `session::run`).
-            sessions.spawn(session);
+            app.sessions.spawn(session);
         });
-    tokio::spawn(app_sessions.track_future(upgraded));
+    tokio::spawn(sessions.track_future(upgraded));
     response
 }
 

@@ -52,15 +52,15 @@ impl Hub {
             let Some(position) = frame.position() else {
                 return true;
             };
+            let stats = &self.inner.stats;
             match state.history.record(frame, position) {
                 Recorded::Kept => true,
                 Recorded::NotKept => {
-                    let stats = &self.inner.stats;
                     stats.history_keys_refused.fetch_add(1, Relaxed);
                     true
                 }
                 Recorded::Repeat => {
-                    self.inner.stats.results_repeated.fetch_add(1, Relaxed);
+                    stats.results_repeated.fetch_add(1, Relaxed);
                     false
                 }
             }

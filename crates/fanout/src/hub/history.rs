@@ -140,8 +140,8 @@ impl History {
 
     /// Keeps `frame`, the result at `position` of its key. A result that does not follow the key's last one (results
     /// were lost on the way here, or the sequence went back) starts the
-    /// history over from it, as does a new epoch. `false` says it is one
-    /// the history holds already, byte for byte: [`Recorded::Repeat`].
+    /// history over from it, as does a new epoch. One the history holds
+    /// already, byte for byte, is a [`Recorded::Repeat`], not kept again.
     /// (Comparing bytes, not only `seq`s, keeps a forged result with a huge
     /// `seq` from silencing its key: the real ones that follow it differ.)
     pub(super) fn record(&mut self, frame: &SharedResult, position: Position<'_>) -> Recorded {
